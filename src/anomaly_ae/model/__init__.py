@@ -1,0 +1,6 @@
+"""Model and loss (plain PyTorch, no Kedro)."""
+
+from anomaly_ae.model.autoencoder import AutoencoderConfig, ConvAutoencoder, build_model, count_parameters
+from anomaly_ae.model.loss import HybridLoss
+
+__all__ = ["AutoencoderConfig", "ConvAutoencoder", "HybridLoss", "build_model", "count_parameters"]

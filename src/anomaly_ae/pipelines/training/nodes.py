@@ -1,0 +1,67 @@
+"""Nodes of the ``training`` pipeline."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from anomaly_ae.model import AutoencoderConfig, ConvAutoencoder
+from anomaly_ae.reporting.figures import loss_curve_figure
+from anomaly_ae.training.checkpoint import load_checkpoint
+from anomaly_ae.training.trainer import TrainingConfig, train_autoencoder
+
+log = logging.getLogger(__name__)
+
+
+def train_model(
+    train_images: dict[str, np.ndarray],
+    validation_images: dict[str, np.ndarray],
+    model: dict[str, Any],
+    training: dict[str, Any],
+    dataset_info: dict[str, Any],
+) -> tuple[dict, ConvAutoencoder, pd.DataFrame, dict, Figure, dict]:
+    """Train on the normal training images; validation images drive early stopping."""
+    model_config = AutoencoderConfig.from_dict(model)
+    train_config = TrainingConfig.from_dict(training)
+    images = train_images["images"]
+    if images.shape[-1] != model_config.image_size:
+        raise ValueError(
+            f"model.image_size={model_config.image_size} but the cached images are "
+            f"{images.shape[-1]}px; set preprocessing.image_size to the same value."
+        )
+    resume = load_checkpoint(train_config.resume_from) if train_config.resume_from else None
+    if dataset_info["source"] == "synthetic":
+        log.warning("Training on SYNTHETIC data: results are not comparable to the paper.")
+    result = train_autoencoder(
+        torch.from_numpy(images),
+        torch.from_numpy(validation_images["images"]) if len(validation_images["images"]) else None,
+        model_config,
+        train_config,
+        resume_checkpoint=resume,
+        metadata={"data_source": dataset_info["source"], "category": dataset_info["category"]},
+    )
+    history = pd.DataFrame(result.history)
+    log.info(
+        "Trained %d epochs on %s (best epoch %d): train loss %.5f, val loss %s",
+        len(history), result.device, result.best_epoch, history["train_loss"].iloc[-1],
+        f"{history['val_loss'].iloc[-1]:.5f}" if "val_loss" in history else "n/a",
+    )
+    metrics = {
+        name: [{"step": int(e), "value": float(v)} for e, v in zip(history["epoch"], history[name], strict=True)]
+        for name in ("train_loss", "val_loss", "images_per_second")
+        if name in history
+    }
+    tags = {
+        "device": result.device,
+        "data_source": dataset_info["source"],
+        "category": dataset_info["category"],
+        "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early,
+    }
+    figure = loss_curve_figure(history, f"Training loss ({dataset_info['source']} {dataset_info['category']})")
+    return result.checkpoint, result.model, history, metrics, figure, tags

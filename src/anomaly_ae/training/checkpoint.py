@@ -1,0 +1,61 @@
+"""Checkpoint files: atomic writes and safe (weights-only) loads."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or does not fit the requested model."""
+
+
+def save_checkpoint_atomic(checkpoint: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``checkpoint`` with ``torch.save`` to a temporary file, fsync it, then rename it.
+
+    A crash mid-write leaves the previous file untouched (``os.replace`` is atomic).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(checkpoint, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (no arbitrary code is unpickled)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"No checkpoint at {path}. Train first: `kedro run --pipeline=training`.")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file name
+        raise CheckpointError(f"Cannot read checkpoint {path}: {exc}") from exc
+    validate_checkpoint(data, str(path))
+    return data
+
+
+def validate_checkpoint(data: Any, name: str = "checkpoint") -> None:
+    """Check that ``data`` is a checkpoint dict this version of the project can use."""
+    required = ("format_version", "model_config", "model_state")
+    if not isinstance(data, dict) or any(k not in data for k in required):
+        raise CheckpointError(f"{name} is not an anomaly-ae checkpoint (needs keys {required}).")
+    if data["format_version"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{name} has format {data['format_version']}, this version reads {CHECKPOINT_FORMAT}."
+        )

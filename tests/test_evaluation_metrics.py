@@ -1,0 +1,213 @@
+"""Tests for anomaly_ae.evaluation.metrics."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from anomaly_ae.evaluation.metrics import (
+    aupro,
+    calibrate_threshold,
+    classification_report_at,
+    f1_max,
+    image_auroc,
+    pixel_auroc,
+    pro_curve,
+    summarise_ssim,
+)
+
+# ----------------------------------------------------------------------------- image level
+
+
+def test_image_auroc_perfect_inverted_and_single_class() -> None:
+    labels = np.array([0, 0, 0, 1, 1])
+    scores = np.array([0.1, 0.2, 0.3, 0.8, 0.9])
+    assert image_auroc(labels, scores) == 1.0
+    assert image_auroc(labels, -scores) == 0.0
+    assert image_auroc(labels, np.ones(5)) == 0.5
+    with pytest.raises(ValueError, match="one class"):
+        image_auroc([0, 0, 0], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="same length"):
+        image_auroc([0, 1], [0.1, 0.2, 0.3])
+
+
+def test_f1_max_perfect_and_threshold() -> None:
+    labels = [0, 0, 1, 1]
+    scores = [0.1, 0.2, 0.7, 0.9]
+    f1, thr = f1_max(labels, scores)
+    assert f1 == 1.0
+    assert thr == pytest.approx(0.7)  # sklearn: predicted anomalous iff score >= thr
+    # hand case: t=0.9 -> F1 0; t=0.3 -> P=R=1/2, F1 0.5; t=0.2 -> P=2/3, R=1, F1 0.8 (best)
+    f1, thr = f1_max([0, 1, 1], [0.9, 0.2, 0.3])
+    assert f1 == pytest.approx(0.8)
+    assert thr == pytest.approx(0.2)
+
+
+def test_classification_report_at_hand_case() -> None:
+    labels = [0, 0, 0, 1, 1, 1]
+    scores = [0.1, 0.6, 0.3, 0.7, 0.5, 0.2]
+    # threshold 0.4, strict '>': predicted anomalous = {0.6 (normal), 0.7, 0.5}
+    rep = classification_report_at(labels, scores, 0.4)
+    assert (rep["tp"], rep["fp"], rep["tn"], rep["fn"]) == (2.0, 1.0, 2.0, 1.0)
+    assert rep["accuracy"] == pytest.approx(4 / 6)
+    assert rep["precision"] == pytest.approx(2 / 3)
+    assert rep["recall"] == pytest.approx(2 / 3)
+    assert rep["f1"] == pytest.approx(2 / 3)
+    # score equal to threshold is NOT anomalous
+    assert classification_report_at([1], [0.5], 0.5)["tp"] == 0.0
+    # nothing predicted anomalous: zero division -> 0.0, no warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rep = classification_report_at(labels, scores, 10.0)
+    assert rep["precision"] == 0.0 and rep["recall"] == 0.0 and rep["f1"] == 0.0
+    assert rep["accuracy"] == pytest.approx(0.5)
+
+
+def test_calibrate_threshold_rules() -> None:
+    normal = np.arange(101, dtype=float)  # 0..100
+    assert calibrate_threshold(normal, "quantile", quantile=0.99) == pytest.approx(99.0)
+    assert calibrate_threshold(normal, "quantile", quantile=0.5) == pytest.approx(50.0)
+    vals = np.array([1.0, 2.0, 3.0, 4.0])  # mean 2.5, population std sqrt(1.25)
+    assert calibrate_threshold(vals, "mean_std", k_sigma=2.0) == pytest.approx(2.5 + 2 * np.sqrt(1.25))
+    with pytest.raises(ValueError, match="bogus"):
+        calibrate_threshold(normal, "bogus")
+    with pytest.raises(ValueError, match="empty"):
+        calibrate_threshold(np.array([]), "quantile")
+
+
+def test_summarise_ssim_population_std() -> None:
+    mean, std = summarise_ssim([0.5, 0.7, 0.9])
+    assert mean == pytest.approx(0.7)
+    assert std == pytest.approx(np.std([0.5, 0.7, 0.9]))  # ddof=0
+    with pytest.raises(ValueError):
+        summarise_ssim([])
+
+
+# ----------------------------------------------------------------------------- pixel level
+
+
+def test_pixel_auroc_hand_case() -> None:
+    masks = np.zeros((2, 2, 2), dtype=np.uint8)
+    masks[0, 0, 0] = 1
+    masks[1, 1, 1] = 1
+    maps = np.array(
+        [
+            [[0.9, 0.1], [0.2, 0.3]],
+            [[0.4, 0.5], [0.6, 0.35]],
+        ]
+    )
+    # positives {0.9, 0.35}; negatives {0.1, 0.2, 0.3, 0.4, 0.5, 0.6}
+    # pairs won: 0.9 beats 6, 0.35 beats 3 (0.1, 0.2, 0.3) -> 9 / 12
+    assert pixel_auroc(masks, maps) == pytest.approx(0.75)
+    assert pixel_auroc(masks, masks.astype(float)) == 1.0
+    with pytest.raises(ValueError, match="one class"):
+        pixel_auroc(np.zeros((1, 2, 2)), maps[:1])
+
+
+def _random_case(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((4, 32, 32), dtype=np.uint8)
+    masks[0, 2:6, 3:9] = 1
+    masks[0, 20:30, 20:22] = 1
+    masks[1, 10:12, 10:12] = 1
+    masks[2, 0:16, 0:16] = 1  # image 3 stays normal
+    maps = 0.5 * masks + rng.random(masks.shape)
+    maps = np.round(maps, 2)  # plenty of ties
+    return masks, maps
+
+
+def _brute_force_aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float) -> float:
+    """Direct definition: every distinct value is a threshold (pred = map >= t)."""
+    labeled = [ndimage.label(m, structure=np.ones((3, 3)))[0] for m in masks]
+    regions = [(i, lab == k) for i, lab in enumerate(labeled) for k in range(1, lab.max() + 1)]
+    normal = masks == 0
+    fprs, pros = [0.0], [0.0]
+    for t in np.unique(maps)[::-1]:
+        pred = maps >= t
+        fprs.append((pred & normal).sum() / normal.sum())
+        pros.append(np.mean([(pred[i] & r).sum() / r.sum() for i, r in regions]))
+    fprs, pros = np.array(fprs), np.array(pros)
+    grid_x = np.append(fprs[fprs <= fpr_limit], fpr_limit)
+    grid_y = np.append(pros[fprs <= fpr_limit], np.interp(fpr_limit, fprs, pros))
+    return float(np.trapezoid(grid_y, grid_x) / fpr_limit)
+
+
+def test_aupro_perfect_is_one() -> None:
+    masks, _ = _random_case()
+    assert aupro(masks, masks.astype(float)) == pytest.approx(1.0)
+    # also with normal-pixel scores that vary but stay below every anomaly score
+    rng = np.random.default_rng(1)
+    maps = np.where(masks > 0, 2.0 + rng.random(masks.shape), rng.random(masks.shape))
+    assert aupro(masks, maps) == pytest.approx(1.0)
+
+
+def test_aupro_constant_map_is_half_limit() -> None:
+    # all pixels tie: a single threshold takes the curve from (0, 0) to (1, 1);
+    # PRO(0.3) = 0.3 by interpolation, area = 0.5 * 0.3 * 0.3, / 0.3 -> 0.15
+    masks, _ = _random_case()
+    assert aupro(masks, np.zeros(masks.shape)) == pytest.approx(0.15)
+    assert aupro(masks, np.zeros(masks.shape), fpr_limit=1.0) == pytest.approx(0.5)
+
+
+def test_aupro_inverted_is_zero() -> None:
+    masks, _ = _random_case()
+    assert aupro(masks, 1.0 - masks) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_aupro_two_regions_hand_computed() -> None:
+    # one 10x10 image: region A = 2x2 (4 px), region B = 4x4 (16 px), 80 normal px
+    mask = np.zeros((10, 10), dtype=np.uint8)
+    mask[0:2, 0:2] = 1  # A
+    mask[5:9, 5:9] = 1  # B (not touching A, even diagonally)
+    amap = np.zeros((10, 10))
+    amap[0:2, 0:2] = 0.9  # A detected first
+    amap[9, 0:8] = 0.8  # 8 normal px: FPR step of 8 / 80 = 0.1
+    amap[5:9, 5:9] = 0.2  # B detected only at t <= 0.2
+    # remaining 72 normal px have score 0.0
+    # thresholds (pred = amap >= t):
+    #   t=0.9: FPR 0.0, PRO = (1 + 0) / 2 = 0.5   (only A; pixel-wise overlap would be 4/20)
+    #   t=0.8: FPR 0.1, PRO 0.5
+    #   t=0.2: FPR 0.1, PRO 1.0
+    #   t=0.0: FPR 1.0, PRO 1.0
+    # curve (0,0) (0,.5) (.1,.5) (.1,1) (1,1); area on [0, 0.3]:
+    #   [0, 0.1]: 0.5 * 0.1 = 0.05 ; [0.1, 0.3]: 1.0 * 0.2 = 0.2  -> 0.25 / 0.3 = 5/6
+    fpr, pro = pro_curve(mask[None], amap[None])
+    np.testing.assert_allclose(fpr, [0.0, 0.0, 0.1, 0.1, 1.0])
+    np.testing.assert_allclose(pro, [0.0, 0.5, 0.5, 1.0, 1.0])
+    assert aupro(mask[None], amap[None]) == pytest.approx(5 / 6)
+    # limit falling inside the first flat segment: [0, 0.05] at PRO 0.5 -> 0.025 / 0.05 = 0.5
+    assert aupro(mask[None], amap[None], fpr_limit=0.05) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("fpr_limit", [0.3, 0.05, 1.0])
+def test_aupro_matches_brute_force(fpr_limit: float) -> None:
+    masks, maps = _random_case()
+    assert aupro(masks, maps, fpr_limit) == pytest.approx(
+        _brute_force_aupro(masks, maps, fpr_limit), abs=1e-9
+    )
+
+
+def test_aupro_eight_connectivity() -> None:
+    # diagonal pixels (1,1),(2,2) form ONE region under 8-connectivity; (4,4) is a second one
+    mask = np.zeros((1, 5, 5), dtype=np.uint8)
+    mask[0, 1, 1] = mask[0, 2, 2] = mask[0, 4, 4] = 1
+    amap = np.zeros((1, 5, 5))
+    amap[0, 1, 1] = 1.0  # top threshold detects half of the diagonal region, nothing else
+    _, pro = pro_curve(mask, amap)
+    # 8-connectivity: (1/2 + 0) / 2 = 0.25; 4-connectivity would give (1 + 0 + 0) / 3
+    np.testing.assert_allclose(pro[1], 0.25)
+
+
+def test_aupro_errors_and_memory_dtype() -> None:
+    with pytest.raises(ValueError, match="no anomalous regions"):
+        aupro(np.zeros((2, 4, 4)), np.random.default_rng(0).random((2, 4, 4)))
+    with pytest.raises(ValueError, match="fpr_limit"):
+        aupro(np.ones((1, 2, 2)), np.ones((1, 2, 2)), fpr_limit=0.0)
+    with pytest.raises(ValueError, match="same shape"):
+        aupro(np.ones((1, 2, 2)), np.ones((1, 3, 3)))
+    # (N, 1, H, W) input accepted
+    masks, maps = _random_case()
+    assert aupro(masks[:, None], maps[:, None]) == pytest.approx(aupro(masks, maps))
