@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -10,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from PIL import Image  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 
@@ -81,13 +84,22 @@ def ssim_histogram_figure(ssim_table: pd.DataFrame, threshold_ssim: float | None
     return fig
 
 
-def heatmap_overlay(image: np.ndarray, amap: np.ndarray, title: str = "", alpha: float = 0.45) -> Figure:
-    """An input image with its anomaly map ('jet', [0, 1]) on top."""
-    fig, ax = plt.subplots(figsize=(3.2, 3.2))
-    ax.imshow(image, cmap="gray", vmin=0, vmax=1)
-    ax.imshow(np.clip(amap, 0, 1), cmap="jet", vmin=0, vmax=1, alpha=alpha)
-    ax.set_axis_off()
-    if title:
-        ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    return fig
+def figure_to_image(fig: Figure, dpi: int = 110) -> Image.Image:
+    """Render a figure to an RGB PIL image (loadable again through pillow.ImageDataset)
+    and close it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    buffer.seek(0)
+    image = Image.open(buffer)
+    image.load()
+    return image.convert("RGB")
+
+
+def heatmap_overlay_image(image: np.ndarray, amap: np.ndarray, alpha: float = 0.45) -> Image.Image:
+    """Grayscale ``image`` in [0, 1] with ``amap`` on [0, 1] in the 'jet' colormap blended on
+    top, as an RGB PIL image of the same size (fast: no matplotlib figure)."""
+    gray = np.repeat(np.clip(image, 0, 1)[..., None], 3, axis=2)
+    heat = matplotlib.colormaps["jet"](np.clip(amap, 0, 1))[..., :3]
+    blended = (1 - alpha) * gray + alpha * heat
+    return Image.fromarray((blended * 255).round().astype(np.uint8), mode="RGB")

@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib.figure import Figure
+from PIL import Image
 
 from anomaly_ae.model import AutoencoderConfig, ConvAutoencoder
-from anomaly_ae.reporting.figures import loss_curve_figure
+from anomaly_ae.reporting.figures import figure_to_image, loss_curve_figure
 from anomaly_ae.training.checkpoint import load_checkpoint
 from anomaly_ae.training.trainer import TrainingConfig, train_autoencoder
 
@@ -24,7 +24,7 @@ def train_model(
     model: dict[str, Any],
     training: dict[str, Any],
     dataset_info: dict[str, Any],
-) -> tuple[dict, ConvAutoencoder, pd.DataFrame, dict, Figure, dict]:
+) -> tuple[dict, ConvAutoencoder, pd.DataFrame, dict, Image.Image, dict]:
     """Train on the normal training images; validation images drive early stopping."""
     model_config = AutoencoderConfig.from_dict(model)
     train_config = TrainingConfig.from_dict(training)
@@ -63,5 +63,7 @@ def train_model(
         "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early,
     }
-    figure = loss_curve_figure(history, f"Training loss ({dataset_info['source']} {dataset_info['category']})")
+    figure = figure_to_image(
+        loss_curve_figure(history, f"Training loss ({dataset_info['source']} {dataset_info['category']})")
+    )
     return result.checkpoint, result.model, history, metrics, figure, tags
