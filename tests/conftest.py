@@ -1,0 +1,61 @@
+"""Shared fixtures: an isolated copy of the Kedro project and the real data location."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REAL_DATA_ROOT = REPO_ROOT.parent / "shared" / "mvtec_ad"
+REAL_BOTTLE = REAL_DATA_ROOT / "bottle"
+
+requires_real_data = pytest.mark.skipif(
+    not REAL_BOTTLE.is_dir(),
+    reason=f"real MVTec AD bottle data not found at {REAL_BOTTLE} (../shared beside the repo)",
+)
+
+
+class KedroProject:
+    """A throwaway copy of the project (conf, pyproject, empty data/) with its own
+    ``mlflow.db``, so tests never touch the user's data or runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def run(self, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+        env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+        result = subprocess.run(
+            [sys.executable, "-m", "kedro", *args],
+            cwd=self.path, env=env, capture_output=True, text=True, timeout=timeout,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"kedro {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+            )
+        return result
+
+    def latest(self, relative: str) -> Path:
+        """The newest version of a versioned dataset file (``data/.../name.ext``)."""
+        folder = self.path / relative
+        versions = sorted(p for p in folder.iterdir() if p.is_dir())
+        assert versions, f"no versions under {folder}"
+        return versions[-1] / folder.name
+
+
+@pytest.fixture
+def kedro_project(tmp_path: Path) -> KedroProject:
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copytree(REPO_ROOT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
+    (root / "conf" / "local").mkdir()
+    for name in ("pyproject.toml", ".telemetry"):
+        shutil.copy2(REPO_ROOT / name, root / name)
+    (root / "src").mkdir()  # the package itself is imported from the (editable) install
+    for layer in ("01_raw", "02_intermediate", "05_model_input", "06_models", "07_model_output", "08_reporting"):
+        (root / "data" / layer).mkdir(parents=True)
+    return KedroProject(root)
