@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,7 +61,43 @@ def model_from_checkpoint(
     return model.eval()
 
 
-@torch.no_grad()
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _score_batch_fn(model: nn.Module, settings: MapSettings, dev: torch.device, dtype, keep_maps: bool):
+    """The per-batch computation: reconstruction, anomaly map, SSIM, MSE, score (float32)."""
+
+    def score_batch(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        with autocast(dev, dtype):
+            recon = model(x)
+        recon = recon.float().contiguous()  # maps and SSIM in float32, standard layout
+        x = x.contiguous()
+        amap = anomaly_map(
+            x, recon, ssim_weight=settings.ssim_weight, l2_weight=settings.l2_weight,
+            smoothing_sigma=settings.smoothing_sigma, win_size=settings.win_size, sigma=settings.win_sigma,
+        )
+        result = {
+            "recon": recon,
+            "ssim": per_image_ssim(x, recon),
+            "mse": ((x - recon) ** 2).mean(dim=(1, 2, 3)),
+            "score": image_score(amap, settings.score_reduction, settings.topk_fraction),
+        }
+        if keep_maps:
+            result["map"] = amap[:, 0]
+        return result
+
+    return score_batch
+
+
+def _compiled_score_batch(model, settings, dev, dtype, keep_maps, mode):
+    """torch.compile the whole per-batch computation once per model and settings."""
+    key = (settings, str(dev), dtype, keep_maps, mode)
+    per_model = _COMPILED.setdefault(model, {})
+    if key not in per_model:
+        per_model[key] = torch.compile(_score_batch_fn(model, settings, dev, dtype, keep_maps), mode=mode)
+    return per_model[key]
+
+
 def reconstruct_and_score(
     model: nn.Module,
     images: np.ndarray | torch.Tensor,
@@ -69,34 +106,45 @@ def reconstruct_and_score(
     device: str = "auto",
     precision: str = "auto",
     keep_maps: bool = True,
+    *,
+    channels_last: bool = False,
+    compile: bool = False,
+    compile_mode: str = "default",
 ) -> dict[str, np.ndarray]:
     """Run ``images`` (N, 1, H, W) in [0, 1] through the model in batches.
 
     Returns float32 arrays: ``recon`` (N, 1, H, W), ``map`` (N, H, W) when ``keep_maps``,
     ``ssim`` (the paper's per-image SSIM), ``mse`` and ``score`` (N,).
     Convolutions may run under autocast; SSIM, maps and scores are float32.
+
+    Speed levers (same math): ``channels_last`` runs the network in NHWC memory format
+    (the model's parameters are converted in place); ``compile`` makes the network and
+    the map/score computation one ``torch.compile`` graph (compiled once per model and
+    settings, and per batch shape). Runs under ``torch.inference_mode``.
     """
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
     model = model.to(dev).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile:
+        score_batch = _compiled_score_batch(model, settings, dev, dtype, keep_maps, compile_mode)
+    else:
+        score_batch = _score_batch_fn(model, settings, dev, dtype, keep_maps)
     images = torch.as_tensor(images, dtype=torch.float32)
     n = len(images)
-    out: dict[str, list] = {"recon": [], "map": [], "ssim": [], "mse": [], "score": []}
-    for start in range(0, n, batch_size):
-        x = images[start : start + batch_size].to(dev)
-        with autocast(dev, dtype):
-            recon = model(x)
-        recon = recon.float()
-        amap = anomaly_map(
-            x, recon, ssim_weight=settings.ssim_weight, l2_weight=settings.l2_weight,
-            smoothing_sigma=settings.smoothing_sigma, win_size=settings.win_size, sigma=settings.win_sigma,
-        )
-        out["recon"].append(recon.cpu())
-        if keep_maps:
-            out["map"].append(amap[:, 0].cpu())
-        out["ssim"].append(per_image_ssim(x, recon).cpu())
-        out["mse"].append(((x - recon) ** 2).mean(dim=(1, 2, 3)).cpu())
-        out["score"].append(image_score(amap, settings.score_reduction, settings.topk_fraction).cpu())
+    keys = ("recon", "map", "ssim", "mse", "score") if keep_maps else ("recon", "ssim", "mse", "score")
+    out: dict[str, list] = {key: [] for key in keys}
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            x = images[start : start + batch_size].to(dev, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            result = score_batch(x)
+            for key in keys:
+                out[key].append(result[key].to("cpu", non_blocking=True))
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     return {
         key: torch.cat(values).numpy().astype(np.float32) if values else np.zeros((0,), np.float32)
         for key, values in out.items()

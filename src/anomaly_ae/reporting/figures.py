@@ -103,3 +103,28 @@ def heatmap_overlay_image(image: np.ndarray, amap: np.ndarray, alpha: float = 0.
     heat = matplotlib.colormaps["jet"](np.clip(amap, 0, 1))[..., :3]
     blended = (1 - alpha) * gray + alpha * heat
     return Image.fromarray((blended * 255).round().astype(np.uint8), mode="RGB")
+
+
+def variant_comparison_figure(comparison: pd.DataFrame) -> Figure:
+    """Left: SSIM of normal vs defective images per variant, ours and the paper's.
+    Right: image AUROC, pixel AUROC and AUPRO per variant."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    x = np.arange(len(comparison))
+    width = 0.2
+    left.bar(x - 1.5 * width, comparison["ssim_normal_mean"], width, yerr=comparison["ssim_normal_std"], label="ours normal")
+    left.bar(x - 0.5 * width, comparison["ssim_defect_mean"], width, yerr=comparison["ssim_defect_std"], label="ours defective")
+    paper = comparison["paper_ssim_normal"].astype(float)
+    left.bar(x + 0.5 * width, paper, width, alpha=0.5, label="paper normal")
+    left.bar(x + 1.5 * width, comparison["paper_ssim_defect"].astype(float), width, alpha=0.5, label="paper defective")
+    left.set_xticks(x, comparison["variant"])
+    left.set_ylabel("SSIM(original, reconstruction)")
+    left.set_title("Table II")
+    left.legend(fontsize=8)
+    for i, name in enumerate(("image_auroc", "pixel_auroc", "aupro")):
+        right.bar(x + (i - 1) * width, comparison[name], width, label=name)
+    right.set_xticks(x, comparison["variant"])
+    right.set_ylim(0, 1)
+    right.set_title("Detection metrics")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -21,6 +21,10 @@ from anomaly_ae.training.device import autocast, resolve_device, resolve_precisi
 log = logging.getLogger(__name__)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "loop")
+
+
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite."""
 
@@ -45,6 +49,19 @@ class TrainingConfig:
     precision: str = "auto"
     channels_last: bool = False
     compile: bool = False
+    # Speed levers (see benchmarks/README.md and ``python -m anomaly_ae.benchmark``).
+    # compile_mode: torch.compile mode when compile is true: "default",
+    # "max-autotune-no-cudagraphs", or "reduce-overhead" (CUDA graphs on CUDA).
+    compile_mode: str = "default"
+    # optimizer_impl: "auto" (fused Adam on CUDA and CPU when available, else foreach),
+    # "fused", "foreach" or "loop" (the reference per-tensor implementation).
+    optimizer_impl: str = "auto"
+    # num_threads / num_interop_threads: torch intra/inter-op CPU threads; 0 leaves torch's
+    # default (one per physical core). Process-wide settings.
+    num_threads: int = 0
+    num_interop_threads: int = 0
+    # deterministic: torch.use_deterministic_algorithms(True, warn_only=True) on CPU.
+    deterministic: bool = True
     eval_batch_size: int = 32
     checkpoint_every: int = 1
     checkpoint_path: str | None = None
@@ -58,6 +75,15 @@ class TrainingConfig:
                 raise ValueError(f"training.{name} must be >= 1 (got {getattr(self, name)})")
         if self.learning_rate <= 0:
             raise ValueError(f"training.learning_rate must be > 0 (got {self.learning_rate})")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"training.compile_mode must be one of {COMPILE_MODES} (got {self.compile_mode!r})")
+        if self.optimizer_impl not in OPTIMIZER_IMPLS:
+            raise ValueError(
+                f"training.optimizer_impl must be one of {OPTIMIZER_IMPLS} (got {self.optimizer_impl!r})"
+            )
+        for name in ("num_threads", "num_interop_threads"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"training.{name} must be >= 0 (got {getattr(self, name)})")
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainingConfig:
@@ -99,6 +125,145 @@ def _evaluate_loss(model, loss_fn, data, batch_size, device, dtype, channels_las
                 recon = model(x)
             total += loss_fn(x, recon) * x.shape[0]
     return float(total) / len(data)
+
+
+@dataclass
+class TrainingSetup:
+    """Everything one optimisation step needs; built by :func:`prepare_training`.
+
+    ``train_step(x)`` runs forward (under the configured autocast), the hybrid loss
+    (float32), backward and the Adam step, and returns the detached loss without a
+    host synchronisation. It is THE step of :func:`train_autoencoder`, and the one
+    ``python -m anomaly_ae.benchmark`` times.
+    """
+
+    model: nn.Module
+    loss_fn: HybridLoss
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    dtype: torch.dtype | None
+    train_step: Callable[[torch.Tensor], torch.Tensor]
+    optimizer_flags: dict[str, Any]
+
+
+def apply_thread_settings(num_threads: int = 0, num_interop_threads: int = 0) -> None:
+    """Set torch's CPU thread pools (0 keeps the current setting). Process-wide."""
+    if num_threads and torch.get_num_threads() != num_threads:
+        torch.set_num_threads(int(num_threads))
+    if num_interop_threads and torch.get_num_interop_threads() != num_interop_threads:
+        try:
+            torch.set_num_interop_threads(int(num_interop_threads))
+        except RuntimeError:  # only settable before the first inter-op parallel work
+            log.warning("num_interop_threads=%d ignored: torch's inter-op pool already started", num_interop_threads)
+
+
+def _fused_adam_available(device: torch.device) -> bool:
+    try:
+        probe = torch.zeros(1, device=device, requires_grad=True)
+        torch.optim.Adam([probe], fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    return True
+
+
+def optimizer_flags(impl: str, device: torch.device) -> dict[str, Any]:
+    """Adam implementation flags for ``impl`` (see ``TrainingConfig.optimizer_impl``).
+
+    All three compute the same Adam update; fused runs one kernel over all parameters
+    (CUDA and, since torch 2.4, CPU), foreach batches per-op, loop is per tensor.
+    """
+    if impl == "auto":
+        impl = "fused" if device.type in ("cuda", "cpu") and _fused_adam_available(device) else "foreach"
+    if impl == "fused":
+        return {"fused": True, "foreach": False}
+    if impl == "foreach":
+        return {"fused": False, "foreach": True}
+    return {"fused": False, "foreach": False}
+
+
+def _set_optimizer_impl_flags(optimizer: torch.optim.Optimizer, flags: dict[str, Any]) -> None:
+    for group in optimizer.param_groups:
+        group.update(flags)
+
+
+def make_train_step(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler | None = None,
+    compile: bool = False,
+    compile_mode: str = "default",
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One training step: forward under autocast, loss in float32, backward, optimizer step.
+
+    With ``compile`` the forward *and* the loss (the SSIM filtering included) are one
+    ``torch.compile`` graph (AOTAutograd compiles the matching backward); the optimizer
+    step stays eager (fused Adam is already a single kernel). Shapes are specialised
+    (``dynamic=False``): a differently sized final batch compiles once more.
+    Returns the detached loss; nothing here forces a host synchronisation (except the
+    fp16 GradScaler's inf check).
+    """
+    scaler = scaler if scaler is not None else torch.amp.GradScaler(device.type, enabled=False)
+
+    def forward_loss(x: torch.Tensor) -> torch.Tensor:
+        with autocast(device, dtype):
+            recon = model(x)
+        return loss_fn(x, recon)
+
+    cudagraphs = compile and device.type == "cuda" and compile_mode == "reduce-overhead"
+    if compile:
+        mode = compile_mode
+        if device.type != "cuda" and mode in ("reduce-overhead", "max-autotune"):
+            mode = "max-autotune-no-cudagraphs" if mode == "max-autotune" else "default"
+        forward_loss = torch.compile(forward_loss, mode=mode, dynamic=False)
+
+    def train_step(x: torch.Tensor) -> torch.Tensor:
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        loss = forward_loss(x)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler.is_enabled():
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        loss = loss.detach()
+        return loss.clone() if cudagraphs else loss  # a CUDA-graph output is overwritten on replay
+
+    return train_step
+
+
+def prepare_training(
+    model_config: AutoencoderConfig, config: TrainingConfig, device: torch.device | None = None
+) -> TrainingSetup:
+    """Seed, build the model (on ``device``, in the configured memory format), the loss,
+    Adam, the GradScaler and the training step, exactly as :func:`train_autoencoder` does."""
+    device = device or resolve_device(config.device)
+    dtype = resolve_precision(config.precision, device)
+    apply_thread_settings(config.num_threads, config.num_interop_threads)
+    if device.type == "cpu" and config.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(config.seed)
+    model = build_model(model_config).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = HybridLoss(config.mse_weight, config.ssim_weight)
+    flags = optimizer_flags(config.optimizer_impl, device)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, **flags
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+    step = make_train_step(
+        model, loss_fn, optimizer, device=device, dtype=dtype, scaler=scaler,
+        compile=config.compile, compile_mode=config.compile_mode,
+    )
+    return TrainingSetup(model, loss_fn, optimizer, scaler, device, dtype, step, flags)
 
 
 def build_checkpoint(
@@ -147,20 +312,10 @@ def train_autoencoder(
     A non-finite loss raises :class:`TrainingDivergedError` naming the epoch and step; the
     periodic checkpoint (``checkpoint_path``) then still holds the last good epoch.
     """
-    device = resolve_device(config.device)
-    dtype = resolve_precision(config.precision, device)
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.manual_seed(config.seed)
-    model = build_model(model_config).to(device)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    loss_fn = HybridLoss(config.mse_weight, config.ssim_weight)
-    adam_kwargs: dict[str, Any] = {"lr": config.learning_rate, "weight_decay": config.weight_decay}
-    if device.type == "cuda":
-        adam_kwargs["fused"] = True
-    optimizer = torch.optim.Adam(model.parameters(), **adam_kwargs)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+    setup = prepare_training(model_config, config)
+    device, dtype, model, loss_fn, optimizer = (
+        setup.device, setup.dtype, setup.model, setup.loss_fn, setup.optimizer
+    )
 
     history: list[dict[str, float]] = []
     start_epoch = 1
@@ -176,6 +331,8 @@ def train_autoencoder(
         model.load_state_dict(resume_checkpoint["model_state"])
         if resume_checkpoint.get("optimizer_state"):
             optimizer.load_state_dict(resume_checkpoint["optimizer_state"])
+            # load_state_dict also restores the saved implementation flags; keep the configured one.
+            _set_optimizer_impl_flags(optimizer, setup.optimizer_flags)
         history = list(resume_checkpoint.get("history", []))
         start_epoch = int(resume_checkpoint["epoch"]) + 1
         best_val = float(resume_checkpoint.get("best_val_loss", math.inf))
@@ -188,7 +345,6 @@ def train_autoencoder(
     n_train = len(train_data)
     if n_train < 2:
         raise ValueError(f"Need at least 2 training images, got {n_train}.")
-    step_model = torch.compile(model) if config.compile else model
     patience = int(config.early_stopping_patience or 0)
     use_early_stopping = val_data is not None and patience > 0
     epochs_without_improvement = (start_epoch - 1 - best_epoch) if best_epoch else 0
@@ -213,15 +369,7 @@ def train_autoencoder(
         step_losses = torch.empty(len(slices), device=device)
         model.train()
         for step, sl in enumerate(slices):
-            x = shuffled[sl]
-            with autocast(device, dtype):
-                recon = step_model(x)
-            loss = loss_fn(x, recon)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            step_losses[step] = loss.detach()
+            step_losses[step] = setup.train_step(shuffled[sl])  # no host sync per step
         finite = torch.isfinite(step_losses)
         if not bool(finite.all()):
             bad_step = int((~finite).nonzero()[0]) + 1

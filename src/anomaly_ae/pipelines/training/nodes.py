@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,11 +24,17 @@ def train_model(
     validation_images: dict[str, np.ndarray],
     model: dict[str, Any],
     training: dict[str, Any],
+    loss: dict[str, float],
     dataset_info: dict[str, Any],
 ) -> tuple[dict, ConvAutoencoder, pd.DataFrame, dict, Image.Image, dict]:
     """Train on the normal training images; validation images drive early stopping."""
     model_config = AutoencoderConfig.from_dict(model)
-    train_config = TrainingConfig.from_dict(training)
+    train_config = TrainingConfig.from_dict({**training, **loss})
+    if train_config.checkpoint_path:  # one crash-safe state file per loss variant (loss study)
+        state = Path(train_config.checkpoint_path)
+        tag = f"mse{train_config.mse_weight:g}_ssim{train_config.ssim_weight:g}"
+        train_config.checkpoint_path = str(state.with_name(f"{state.stem}_{tag}{state.suffix}"))
+        log.info("Crash-safe training state: %s (continue with training.resume_from)", train_config.checkpoint_path)
     images = train_images["images"]
     if images.shape[-1] != model_config.image_size:
         raise ValueError(

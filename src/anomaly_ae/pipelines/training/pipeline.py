@@ -2,7 +2,6 @@
 
 from kedro.pipeline import Node, Pipeline
 
-
 from .nodes import train_model
 
 
@@ -11,7 +10,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 train_model,
-                ["train_images", "validation_images", "params:model", "params:training", "dataset_info"],
+                ["train_images", "validation_images", "params:model", "params:training", "params:loss", "dataset_info"],
                 ["model_checkpoint", "trained_model", "training_history", "training_metrics", "loss_curve", "run_tags"],
                 name="train_model",
             )

@@ -1,0 +1,87 @@
+"""The loss study on the synthetic sample, checked through a real MLflow tracking server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.slow
+VARIANTS = {"mse": ("1.0", "0.0"), "ssim": ("0.0", "1.0"), "hybrid": ("0.5", "0.5")}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(kedro_project):
+    """``mlflow server`` on 127.0.0.1 over the project's sqlite store; stopped afterwards."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", "sqlite:///mlflow.db",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=kedro_project.path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start on {url} (exit code {proc.poll()})")
+            time.sleep(1)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_loss_study_gives_one_child_run_per_variant(kedro_project, request):
+    kedro_project.run("run", "--env", "quick", "--pipeline=loss_study")
+    comparison = pd.read_csv(kedro_project.latest("data/08_reporting/loss_study_comparison.csv"))
+    assert list(comparison["variant"]) == list(VARIANTS)
+    assert comparison.loc[comparison["variant"] == "hybrid", "paper_ssim_normal"].item() == pytest.approx(0.9055)
+    for variant in VARIANTS:
+        assert kedro_project.latest(f"data/06_models/{variant}/model_checkpoint.pt").is_file()
+
+    url = request.getfixturevalue("mlflow_server")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=url)
+    experiment = client.get_experiment_by_name("anomaly_ae")
+    runs = client.search_runs([experiment.experiment_id])
+    children = {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert set(children) == set(VARIANTS)
+    assert len(parents) == 1
+    parent = parents[0]
+    for name, (mse_weight, ssim_weight) in VARIANTS.items():
+        run = children[name]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.status == "FINISHED"
+        assert (run.data.params["loss.mse_weight"], run.data.params["loss.ssim_weight"]) == (mse_weight, ssim_weight)
+        for metric in ("image_auroc", "pixel_auroc", "aupro", "ssim_normal_mean", "ssim_defect_mean", "threshold"):
+            assert 0.0 <= run.data.metrics[metric] <= 1.0, (name, metric)
+        history = client.get_metric_history(run.info.run_id, "train_loss")
+        assert [m.step for m in history] == [1, 2, 3]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"checkpoints", "figures", "tables", "evaluation"} <= artifacts
+    assert "loss_study" in {a.path for a in client.list_artifacts(parent.info.run_id)}
