@@ -22,6 +22,16 @@ from anomaly_ae.training.checkpoint import (
 from anomaly_ae.training.trainer import TrainingConfig, build_checkpoint
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny tensors on 2 shared cores: one intra-op thread is several times faster than
+    two threads spinning at barriers while other processes hold the cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _checkpoint(seed: int = 0, epoch: int = 3) -> dict:
     torch.manual_seed(seed)
     model = build_model(AutoencoderConfig(image_size=64))
@@ -31,11 +41,15 @@ def _checkpoint(seed: int = 0, epoch: int = 3) -> dict:
     ((model(x) - x) ** 2).mean().backward()
     optimizer.step()
     return build_checkpoint(
-        model, optimizer, epoch=epoch,
+        model,
+        optimizer,
+        epoch=epoch,
         history=[{"epoch": e, "train_loss": 1.0 / e} for e in range(1, epoch + 1)],
         config=TrainingConfig(epochs=epoch, progress=False, device="cpu"),
         best_state={k: v.clone() for k, v in model.state_dict().items()},
-        best_epoch=2, best_val_loss=0.25, metadata={"category": "bottle"},
+        best_epoch=2,
+        best_val_loss=0.25,
+        metadata={"category": "bottle"},
     )
 
 
@@ -48,7 +62,7 @@ def _assert_same(a, b) -> None:
             _assert_same(a[key], b[key])
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b)
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):
             _assert_same(x, y)
     else:
         assert a == b
@@ -79,7 +93,9 @@ def test_round_trip(tmp_path):
 
 
 def test_checkpoint_file_is_world_readable(tmp_path):
-    path = save_checkpoint_atomic({"format_version": 1, "model_config": {}, "model_state": {}}, tmp_path / "m.pt")
+    path = save_checkpoint_atomic(
+        {"format_version": 1, "model_config": {}, "model_state": {}}, tmp_path / "m.pt"
+    )
     assert path.stat().st_mode & 0o644 == 0o644
 
 
@@ -227,8 +243,12 @@ def test_versioned_torch_dataset_new_object_per_save(tmp_path):
     filepath = tmp_path / "m.pt"
     for epoch in (1, 2, 3):
         TorchCheckpointDataset(filepath=str(filepath), version=Version(None, None)).save(
-            {"format_version": 1, "model_config": {}, "model_state": {"w": torch.full((2,), float(epoch))},
-             "epoch": epoch}
+            {
+                "format_version": 1,
+                "model_config": {},
+                "model_state": {"w": torch.full((2,), float(epoch))},
+                "epoch": epoch,
+            }
         )
         time.sleep(0.01)
     assert len(_versions(filepath)) == 3
@@ -248,7 +268,9 @@ def test_unversioned_torch_dataset(tmp_path):
 def test_torch_dataset_load_is_weights_only(tmp_path):
     filepath = tmp_path / "evil.pt"
     marker = tmp_path / "code_ran"
-    torch.save({"format_version": 1, "model_config": {}, "model_state": {}, "x": _Payload(str(marker))}, filepath)
+    torch.save(
+        {"format_version": 1, "model_config": {}, "model_state": {}, "x": _Payload(str(marker))}, filepath
+    )
     with pytest.raises(Exception) as info:  # kedro wraps it in a DatasetError
         TorchCheckpointDataset(filepath=str(filepath)).load()
     assert "evil.pt" in str(info.value)

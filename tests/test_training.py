@@ -23,6 +23,17 @@ from anomaly_ae.training.trainer import (
     train_autoencoder,
 )
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny tensors on 2 shared cores: one intra-op thread is several times faster than
+    two threads spinning at barriers while other processes hold the cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 SIZE = 64
 MODEL = AutoencoderConfig(image_size=SIZE)
 
@@ -45,7 +56,11 @@ def _states_equal(a: dict, b: dict) -> bool:
 def data(tmp_path_factory) -> dict[str, torch.Tensor]:
     root = generate_synthetic_category(
         tmp_path_factory.mktemp("train") / "bottle",
-        n_train=17, n_test_good=4, n_test_per_defect=1, size=SIZE, seed=1,
+        n_train=17,
+        n_test_good=4,
+        n_test_per_defect=1,
+        size=SIZE,
+        seed=1,
     )
 
     def load(folder: Path) -> torch.Tensor:
@@ -146,7 +161,7 @@ def test_same_seed_is_bit_identical(seeded_runs):
 
 def test_different_seed_differs(seeded_runs):
     a, c = seeded_runs["a"], seeded_runs["c"]
-    for row_a, row_c in zip(a.history, c.history):
+    for row_a, row_c in zip(a.history, c.history, strict=True):
         assert row_a["train_loss"] != row_c["train_loss"]
     assert not _states_equal(a.model.state_dict(), c.model.state_dict())
 
@@ -222,7 +237,10 @@ def test_early_stopping_and_restore_best(data, tmp_path):
     path = tmp_path / "ckpt.pt"
     # min_delta is so large that no epoch after the first can count as an improvement.
     cfg = _cfg(
-        epochs=10, early_stopping_patience=2, early_stopping_min_delta=1e9, restore_best=True,
+        epochs=10,
+        early_stopping_patience=2,
+        early_stopping_min_delta=1e9,
+        restore_best=True,
         checkpoint_path=str(path),
     )
     result = train_autoencoder(data["train"], data["val"], MODEL, cfg)
@@ -247,7 +265,10 @@ def test_early_stopping_and_restore_best(data, tmp_path):
 def test_without_restore_best_keeps_last_weights(data, tmp_path):
     path = tmp_path / "ckpt.pt"
     cfg = _cfg(
-        epochs=10, early_stopping_patience=1, early_stopping_min_delta=1e9, restore_best=False,
+        epochs=10,
+        early_stopping_patience=1,
+        early_stopping_min_delta=1e9,
+        restore_best=False,
         checkpoint_path=str(path),
     )
     result = train_autoencoder(data["train"], data["val"], MODEL, cfg)

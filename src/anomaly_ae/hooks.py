@@ -11,7 +11,6 @@ from kedro.framework.hooks import hook_impl
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_SUFFIX = "model_checkpoint"
 RUN_TAGS_SUFFIX = "run_tags"
 
 
@@ -23,27 +22,34 @@ def _mlflow_active() -> bool:
     return mlflow.active_run() is not None
 
 
+#: Inputs a pipeline may need from an earlier run, and the command that makes them.
+REQUIRED_ARTIFACTS = {
+    "model_checkpoint": ("trained model", "kedro run --pipeline=training"),
+    "decision_threshold": ("calibrated decision threshold", "kedro run --pipeline=evaluate"),
+}
+
+
 class MissingCheckpointHook:
-    """Fail before anything runs when a pipeline needs a checkpoint that does not exist."""
+    """Fail before anything runs when a pipeline needs a checkpoint (or a calibrated
+    threshold) that does not exist, saying which command makes it."""
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
-        for name in sorted(pipeline.inputs()):
-            if not name.endswith(CHECKPOINT_SUFFIX):
-                continue
+        needed = [n for n in pipeline.inputs() if n.rsplit(".", 1)[-1] in REQUIRED_ARTIFACTS]
+        order = list(REQUIRED_ARTIFACTS)
+        for name in sorted(needed, key=lambda n: (order.index(n.rsplit(".", 1)[-1]), n)):
+            base = name.rsplit(".", 1)[-1]
             try:
                 exists = catalog.exists(name)
             except Exception:  # noqa: BLE001 - a missing version also means "not there"
                 exists = False
             if not exists:
-                namespace = name[: -len(CHECKPOINT_SUFFIX)].rstrip(".")
-                how = (
-                    f"kedro run --pipeline=loss_study --namespaces={namespace}"
-                    if namespace
-                    else "kedro run --pipeline=training"
-                )
+                what, how = REQUIRED_ARTIFACTS[base]
+                namespace = name[: -len(base)].rstrip(".")
+                if namespace:
+                    how = f"kedro run --pipeline=loss_study --namespaces={namespace}"
                 raise RuntimeError(
-                    f"No trained model found for '{name}'. Train first: `{how}` "
+                    f"No {what} found for '{name}'. Make one first: `{how}` "
                     f"(or pick an existing version with --load-versions={name}:<version>)."
                 )
 

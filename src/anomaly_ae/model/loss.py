@@ -38,17 +38,18 @@ class HybridLoss(nn.Module):
 
     def components(self, target: torch.Tensor, recon: torch.Tensor) -> dict[str, torch.Tensor]:
         """The loss and its two terms (MSE and SSIM), all float32 scalars."""
-        target = target.float()
-        recon = recon.float()
-        mse = torch.mean((recon - target) ** 2)
-        similarity = ssim(
-            recon,
-            target,
-            data_range=self.data_range,
-            win_size=self.win_size,
-            win_sigma=self.win_sigma,
-            size_average=True,
-        )
+        with torch.autocast(device_type=target.device.type, enabled=False):
+            target = target.float()
+            recon = recon.float()
+            mse = torch.mean((recon - target) ** 2)
+            similarity = ssim(
+                recon,
+                target,
+                data_range=self.data_range,
+                win_size=self.win_size,
+                win_sigma=self.win_sigma,
+                size_average=True,
+            )
         loss = self.mse_weight * mse + self.ssim_weight * (1.0 - similarity)
         return {"loss": loss, "mse": mse, "ssim": similarity}
 

@@ -266,6 +266,30 @@ def prepare_training(
     return TrainingSetup(model, loss_fn, optimizer, scaler, device, dtype, step, flags)
 
 
+def train_one_epoch(
+    setup: TrainingSetup,
+    train_data: torch.Tensor,
+    slices: list[slice],
+    *,
+    epoch: int,
+    config: TrainingConfig,
+) -> torch.Tensor:
+    """One epoch over ``train_data`` (already on the device): reshuffle with a generator
+    seeded by ``seed + epoch``, then :attr:`TrainingSetup.train_step` per batch.
+    Returns the per-step losses as a device tensor (read it once per epoch: one sync)."""
+    device = setup.device
+    torch.manual_seed(config.seed + epoch)  # dropout masks: same per epoch on resume
+    order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(config.seed + epoch))
+    shuffled = train_data[order.to(device)]
+    if config.channels_last:
+        shuffled = shuffled.contiguous(memory_format=torch.channels_last)
+    step_losses = torch.empty(len(slices), device=device)
+    setup.model.train()
+    for step, sl in enumerate(slices):
+        step_losses[step] = setup.train_step(shuffled[sl])  # no host sync per step
+    return step_losses
+
+
 def build_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
@@ -361,15 +385,7 @@ def train_autoencoder(
     )
     for epoch in bar:
         started = time.perf_counter()
-        torch.manual_seed(config.seed + epoch)  # dropout masks: same per epoch on resume
-        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed + epoch))
-        shuffled = train_data[order.to(device)]
-        if config.channels_last:
-            shuffled = shuffled.contiguous(memory_format=torch.channels_last)
-        step_losses = torch.empty(len(slices), device=device)
-        model.train()
-        for step, sl in enumerate(slices):
-            step_losses[step] = setup.train_step(shuffled[sl])  # no host sync per step
+        step_losses = train_one_epoch(setup, train_data, slices, epoch=epoch, config=config)
         finite = torch.isfinite(step_losses)
         if not bool(finite.all()):
             bad_step = int((~finite).nonzero()[0]) + 1

@@ -1,0 +1,377 @@
+"""Throughput benchmark of the REAL training step and the REAL inference path.
+
+    python -m anomaly_ae.benchmark                                  # defaults of TrainingConfig
+    python -m anomaly_ae.benchmark --precision bf16 --channels-last --compile
+    python -m anomaly_ae.benchmark --compare fp32 cl cl+compile cl+bf16+compile --rounds 3
+    python -m anomaly_ae.benchmark --compare fp32 cl+compile --keras-reference /work/tfvenv/bin/python
+
+Training is timed through :func:`anomaly_ae.training.trainer.prepare_training` and
+:func:`~anomaly_ae.training.trainer.train_one_epoch` (the code train_autoencoder runs:
+autocast forward, float32 HybridLoss, backward, Adam) on random images of the real shape
+(209 x 1 x 256 x 256, batch 8 -> 26 steps, the last of 9 images). Inference is timed
+through :func:`anomaly_ae.evaluation.inference.reconstruct_and_score` (reconstruction,
+anomaly map, per-image SSIM, score). Every configuration is built and warmed up (compiled)
+first; then the timed rounds run the configurations interleaved in this one process, so
+their ratios are fair on a shared, noisy machine. Figures are medians over rounds.
+
+A configuration spec is ``+``-joined tokens: ``fp32`` | ``bf16`` | ``fp16`` | ``auto``
+(precision), ``cl`` (channels_last), ``compile``, ``ma`` (compile mode
+max-autotune-no-cudagraphs), ``ro`` (compile mode reduce-overhead: CUDA graphs on CUDA),
+``fused`` | ``foreach`` | ``loop`` (Adam implementation), ``nodet`` (no deterministic
+algorithms), ``t1``/``t2``/... (intra-op threads), ``default`` (TrainingConfig defaults).
+This is a script that prints figures, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+
+from anomaly_ae.evaluation.inference import MapSettings, reconstruct_and_score
+from anomaly_ae.model import AutoencoderConfig, count_parameters
+from anomaly_ae.training.trainer import (
+    TrainingConfig,
+    batch_slices,
+    prepare_training,
+    train_one_epoch,
+)
+
+KERAS_SCRIPT = "/work/shared/tools/seed_keras_epoch.py"
+
+
+@dataclass
+class Variant:
+    name: str
+    config: TrainingConfig
+
+
+def parse_spec(spec: str, base: TrainingConfig) -> Variant:
+    """Turn ``cl+bf16+compile`` into a TrainingConfig (starting from ``base``)."""
+    changes: dict[str, Any] = {}
+    for token in filter(None, spec.strip().split("+")):
+        if token == "default":
+            continue
+        if token in ("fp32", "bf16", "fp16", "auto"):
+            changes["precision"] = token
+        elif token == "cl":
+            changes["channels_last"] = True
+        elif token == "nocl":
+            changes["channels_last"] = False
+        elif token == "compile":
+            changes["compile"] = True
+        elif token == "nocompile":
+            changes["compile"] = False
+        elif token == "ma":
+            changes.update(compile=True, compile_mode="max-autotune-no-cudagraphs")
+        elif token == "ro":
+            changes.update(compile=True, compile_mode="reduce-overhead")
+        elif token in ("fused", "foreach", "loop"):
+            changes["optimizer_impl"] = token
+        elif token == "nodet":
+            changes["deterministic"] = False
+        elif re.fullmatch(r"t\d+", token):
+            changes["num_threads"] = int(token[1:])
+        else:
+            raise SystemExit(f"unknown token {token!r} in configuration {spec!r}")
+    return Variant(spec, replace(base, **changes))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Runner:
+    """One configuration: its training setup and its inference settings."""
+
+    def __init__(self, variant: Variant, args: argparse.Namespace, train_data: torch.Tensor, infer_data):
+        self.variant, self.args = variant, args
+        cfg = variant.config
+        started = time.perf_counter()
+        self.setup = prepare_training(AutoencoderConfig(), cfg)
+        self.device = self.setup.device
+        self.train_data = train_data.to(self.device)
+        self.infer_data = infer_data
+        self.slices = batch_slices(len(train_data), cfg.batch_size)
+        self.epoch = 0
+        self.build_seconds = time.perf_counter() - started
+        self.train_times: list[float] = []
+        self.infer_times: list[float] = []
+        self.losses: list[float] = []
+
+    def train_epoch(self) -> float:
+        self.epoch += 1
+        _sync(self.device)
+        t = time.perf_counter()
+        losses = train_one_epoch(
+            self.setup, self.train_data, self.slices, epoch=self.epoch, config=self.variant.config
+        )
+        last = float(losses[-1])  # one sync per epoch, as in train_autoencoder
+        elapsed = time.perf_counter() - t
+        self.losses.append(last)
+        return elapsed
+
+    def warm_train(self, steps: int) -> float:
+        """Run the first steps (compiles, both batch sizes) and time them."""
+        t = time.perf_counter()
+        cfg = self.variant.config
+        self.setup.model.train()
+        sizes = sorted({s.stop - s.start for s in self.slices})
+        for i in range(max(steps, 1)):
+            for size in sizes:
+                x = self.train_data[:size]
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                self.setup.train_step(x)
+        _sync(self.device)
+        return time.perf_counter() - t
+
+    def infer(self) -> float:
+        cfg = self.variant.config
+        _sync(self.device)
+        t = time.perf_counter()
+        reconstruct_and_score(
+            self.setup.model,
+            self.infer_data,
+            MapSettings(),
+            batch_size=self.args.infer_batch_size,
+            device=str(self.device),
+            precision=cfg.precision,
+            keep_maps=True,
+            channels_last=cfg.channels_last,
+            compile=cfg.compile,
+            compile_mode="default" if cfg.compile_mode == "reduce-overhead" else cfg.compile_mode,
+        )
+        _sync(self.device)
+        return time.perf_counter() - t
+
+
+def breakdown(runner: Runner, steps: int = 4) -> dict[str, float]:
+    """Eager per-phase timing (ms per step) of forward, loss, backward, optimizer step."""
+    from anomaly_ae.training.device import autocast
+
+    s, cfg = runner.setup, runner.variant.config
+    x = runner.train_data[: cfg.batch_size]
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    s.model.train()
+    totals = {"forward": 0.0, "loss": 0.0, "backward": 0.0, "optimizer": 0.0}
+    for i in range(steps + 1):
+        marks = [time.perf_counter()]
+        with autocast(s.device, s.dtype):
+            recon = s.model(x)
+        _sync(s.device)
+        marks.append(time.perf_counter())
+        loss = s.loss_fn(x, recon)
+        _sync(s.device)
+        marks.append(time.perf_counter())
+        s.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        _sync(s.device)
+        marks.append(time.perf_counter())
+        s.optimizer.step()
+        _sync(s.device)
+        marks.append(time.perf_counter())
+        if i:  # first is warm-up
+            for key, a, b in zip(totals, marks[:-1], marks[1:], strict=True):
+                totals[key] += b - a
+    return {k: 1000 * v / steps for k, v in totals.items()}
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    out = {"peak_rss_mb": rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20}
+    if device.type == "cuda":
+        out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def run_keras(python: str, script: str, n_train: int, epochs: int) -> dict[str, float]:
+    """Run the author's Keras script in a subprocess; parse its img/s lines."""
+    proc = subprocess.run(
+        [python, script, str(n_train), str(epochs)], capture_output=True, text=True, check=False
+    )
+    text = proc.stdout + proc.stderr
+    train = re.search(r"keras train ([\d.]+) img/s", text)
+    infer = re.search(r"keras infer ([\d.]+) img/s", text)
+    if not (train and infer):
+        raise RuntimeError(f"Keras reference failed (rc {proc.returncode}):\n{text[-2000:]}")
+    return {"train_img_s": float(train.group(1)), "infer_img_s": float(infer.group(1))}
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "num_threads": torch.get_num_threads(),
+        "num_interop_threads": torch.get_num_interop_threads(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m anomaly_ae.benchmark", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default=None, help="fp32 | bf16 | fp16 | auto (default: TrainingConfig's)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--compile-mode", default=None)
+    p.add_argument("--optimizer-impl", default=None, choices=("auto", "fused", "foreach", "loop"))
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (0: torch default)")
+    p.add_argument("--interop-threads", type=int, default=None)
+    p.add_argument("--compare", nargs="+", metavar="SPEC",
+                   help="configurations to run interleaved, e.g. fp32 cl cl+compile cl+bf16+compile")
+    p.add_argument("--n-train", type=int, default=209, help="training images per epoch (paper split: 209)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--n-infer", type=int, default=83, help="images scored per inference round")
+    p.add_argument("--infer-batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=2, help="timed rounds (each: one epoch + one inference pass)")
+    p.add_argument("--warmup-steps", type=int, default=2)
+    p.add_argument("--no-train", action="store_true")
+    p.add_argument("--no-infer", action="store_true")
+    p.add_argument("--breakdown", action="store_true", help="also time forward/loss/backward/optimizer (eager)")
+    p.add_argument("--keras-reference", metavar="PYTHON", help="python with tensorflow; runs the Keras script")
+    p.add_argument("--keras-script", default=KERAS_SCRIPT)
+    p.add_argument("--keras-epochs", type=int, default=2)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    overrides: dict[str, Any] = {"device": args.device, "batch_size": args.batch_size, "progress": False}
+    for arg, field in (("precision", "precision"), ("channels_last", "channels_last"), ("compile", "compile"),
+                       ("compile_mode", "compile_mode"), ("optimizer_impl", "optimizer_impl"),
+                       ("threads", "num_threads"), ("interop_threads", "num_interop_threads")):
+        if getattr(args, arg) is not None:
+            overrides[field] = getattr(args, arg)
+    base = TrainingConfig(**overrides)
+    variants = [parse_spec(s, base) for s in args.compare] if args.compare else [Variant("config", base)]
+    say = (lambda *a: None) if args.json else (lambda *a: print(*a, flush=True))
+
+    gen = torch.Generator().manual_seed(0)
+    shape = (1, args.image_size, args.image_size)
+    train_data = torch.rand((args.n_train, *shape), generator=gen)
+    infer_data = torch.rand((args.n_infer, *shape), generator=gen)
+    report: dict[str, Any] = {"environment": environment(), "settings": vars(args), "variants": []}
+    say(f"torch {torch.__version__}, threads {torch.get_num_threads()}, interop {torch.get_num_interop_threads()}, "
+        f"cpu {torch.backends.cpu.get_cpu_capability()}, load {report['environment']['load_average']}")
+
+    keras: list[dict[str, float]] = []
+    if args.keras_reference:
+        say("Keras reference (before) ...")
+        keras.append(run_keras(args.keras_reference, args.keras_script, args.n_train, args.keras_epochs))
+        say(f"  keras: {keras[-1]}")
+
+    runners = []
+    for v in variants:
+        r = Runner(v, args, train_data, infer_data)
+        if not args.no_train:
+            r.warm_seconds = r.warm_train(args.warmup_steps)
+        else:
+            r.warm_seconds = 0.0
+        t = time.perf_counter()
+        if not args.no_infer:
+            r.infer()  # warm-up / compile of the inference graph
+        r.infer_warm_seconds = time.perf_counter() - t
+        say(f"[{v.name}] device {r.device}; warm-up train {r.warm_seconds:.1f} s "
+            f"(compile included), inference {r.infer_warm_seconds:.1f} s")
+        runners.append(r)
+
+    for rnd in range(args.rounds):
+        for r in runners:
+            if not args.no_train:
+                r.train_times.append(r.train_epoch())
+            if not args.no_infer:
+                r.infer_times.append(r.infer())
+        say(f"round {rnd + 1}/{args.rounds}: " + ", ".join(
+            f"{r.variant.name} train {args.n_train / r.train_times[-1]:.1f}" if r.train_times else r.variant.name
+            for r in runners))
+
+    if keras:
+        say("Keras reference (after) ...")
+        keras.append(run_keras(args.keras_reference, args.keras_script, args.n_train, args.keras_epochs))
+        say(f"  keras: {keras[-1]}")
+
+    ref = runners[0]
+    for r in runners:
+        cfg = r.variant.config
+        row: dict[str, Any] = {
+            "name": r.variant.name,
+            "device": str(r.device),
+            "settings": {k: v for k, v in asdict(cfg).items() if k in (
+                "precision", "channels_last", "compile", "compile_mode", "optimizer_impl", "num_threads",
+                "num_interop_threads", "deterministic", "batch_size")},
+            "adam": {k: r.setup.optimizer.param_groups[0].get(k) for k in ("fused", "foreach")},
+            "parameters": count_parameters(r.setup.model),
+            "warmup_train_seconds": round(r.warm_seconds, 2),
+            "warmup_infer_seconds": round(r.infer_warm_seconds, 2),
+        }
+        if r.train_times:
+            med = statistics.median(r.train_times)
+            row.update(train_img_s=args.n_train / med, epoch_seconds=med,
+                       train_img_s_all=[args.n_train / t for t in r.train_times], last_loss=r.losses[-1])
+        if r.infer_times:
+            med = statistics.median(r.infer_times)
+            row.update(infer_img_s=args.n_infer / med, infer_img_s_all=[args.n_infer / t for t in r.infer_times])
+        if args.breakdown:
+            row["breakdown_ms"] = breakdown(r)
+        report["variants"].append(row)
+    for row in report["variants"]:
+        base_row = report["variants"][0]
+        for key in ("train_img_s", "infer_img_s"):
+            if key in row and key in base_row:
+                row[f"{key}_vs_first"] = row[key] / base_row[key]
+    report["peak_memory"] = peak_memory_mb(ref.device)
+    if keras:
+        k = {key: statistics.mean(d[key] for d in keras) for key in keras[0]}
+        report["keras"] = {"runs": keras, **k}
+        for row in report["variants"]:
+            if "train_img_s" in row:
+                row["train_vs_keras"] = row["train_img_s"] / k["train_img_s"]
+            if "infer_img_s" in row:
+                row["infer_vs_keras"] = row["infer_img_s"] / k["infer_img_s"]
+    report["environment"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(f"\n{'configuration':32s} {'train img/s':>11s} {'s/epoch':>8s} {'infer img/s':>11s} "
+              f"{'x first':>13s} {'x keras':>13s} {'warm-up s':>10s}")
+        for row in report["variants"]:
+            tr, inf = row.get("train_img_s", float("nan")), row.get("infer_img_s", float("nan"))
+            vs = f"{row.get('train_img_s_vs_first', float('nan')):.2f}/{row.get('infer_img_s_vs_first', float('nan')):.2f}"
+            vk = f"{row.get('train_vs_keras', float('nan')):.2f}/{row.get('infer_vs_keras', float('nan')):.2f}"
+            print(f"{row['name']:32s} {tr:11.1f} {row.get('epoch_seconds', float('nan')):8.2f} {inf:11.1f} "
+                  f"{vs:>13s} {vk:>13s} {row['warmup_train_seconds'] + row['warmup_infer_seconds']:10.1f}")
+            if "breakdown_ms" in row:
+                print("   eager breakdown ms/step: " + ", ".join(f"{k} {v:.0f}" for k, v in row["breakdown_ms"].items()))
+        if keras:
+            print(f"keras reference: train {report['keras']['train_img_s']:.1f} img/s, "
+                  f"infer {report['keras']['infer_img_s']:.1f} img/s (mean of {len(keras)} runs)")
+        print(f"peak RSS {report['peak_memory']['peak_rss_mb']:.0f} MB (whole process, all configurations)")
+        for row in report["variants"]:
+            print(f"  {row['name']}: {row['settings']} adam={row['adam']} device={row['device']}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Nodes of the ``predict`` pipeline: thin adapters over :class:`anomaly_ae.Inspector`."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from kedro.io.core import DatasetError, Version
+from PIL import Image
+
+from anomaly_ae.data.partitions import image_partitions
+from anomaly_ae.datasets import TorchCheckpointDataset
+from anomaly_ae.inspect import Inspector
+from anomaly_ae.reporting.figures import heatmap_overlay_image
+
+log = logging.getLogger(__name__)
+
+
+def _checkpoint(latest: dict, predict: dict[str, Any]) -> dict:
+    version = predict.get("checkpoint_version")
+    if not version:
+        return latest
+    dataset = TorchCheckpointDataset(predict["checkpoint_filepath"], version=Version(version, None))
+    try:
+        return dataset.load()
+    except DatasetError as exc:
+        raise DatasetError(f"predict.checkpoint_version={version!r} cannot be loaded: {exc}") from exc
+
+
+def _png_loader(image: Image.Image) -> Callable[[], Image.Image]:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = buffer.getvalue()  # compressed: thousands of overlays stay small in memory
+    return lambda: Image.open(io.BytesIO(data))
+
+
+def predict_folder(
+    model_checkpoint: dict, decision_threshold: dict, predict: dict[str, Any]
+) -> tuple[pd.DataFrame, dict[str, Callable[[], Image.Image]]]:
+    """Score every file below ``predict.input_dir``; one row per file, errors included."""
+    folder = predict.get("input_dir")
+    if not folder or not Path(folder).is_dir():
+        raise FileNotFoundError(
+            f"predict.input_dir={folder!r} is not a folder. Run "
+            f"`kedro run --pipeline=predict --params predict.input_dir=<folder of images>`."
+        )
+    try:
+        loaders = image_partitions(folder, suffix="")
+    except DatasetError as exc:
+        raise FileNotFoundError(f"predict.input_dir={folder!r} holds no files to inspect ({exc}).") from exc
+    inspector = Inspector(
+        _checkpoint(model_checkpoint, predict),
+        decision_threshold,
+        resample=predict["resample"],
+        batch_size=predict["batch_size"],
+        device=predict["device"],
+        precision=predict["precision"],
+        max_image_pixels=predict["max_image_pixels"],
+        min_image_side=predict["min_image_side"],
+        keep_maps=predict["save_overlays"],
+    )
+    rows, overlays = [], {}
+    for result in inspector.inspect(sorted(loaders.items())):
+        rows.append(result.row())
+        if result.anomaly_map is not None:
+            overlays[result.file] = _png_loader(  # "a/b.jpg" -> a/b.jpg.png: no name clashes
+                heatmap_overlay_image(result.image, result.anomaly_map)
+            )
+            result.image = result.anomaly_map = None  # keep only the compressed overlay
+    table = pd.DataFrame(rows, columns=["file", "score", "ssim", "is_anomalous", "error", "width", "height"])
+    failed = int(table["error"].notna().sum())
+    log.info(
+        "predict: %d files scanned, %d anomalous, %d failed (threshold %.5f)",
+        len(table), int((table["is_anomalous"] == True).sum()), failed, inspector.threshold,  # noqa: E712
+    )
+    for row in table[table["error"].notna()].itertuples():
+        log.warning("not judged: %s: %s", row.file, row.error)
+    return table, overlays

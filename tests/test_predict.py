@@ -1,0 +1,133 @@
+"""Inspecting new images: every bad input becomes a row with an error, the rest is scored."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from anomaly_ae import Inspector
+from anomaly_ae.data.synthetic import generate_synthetic_category
+from anomaly_ae.inspect import find_images
+from anomaly_ae.model import AutoencoderConfig, build_model
+from anomaly_ae.training.trainer import TrainingConfig, build_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint() -> dict:
+    torch.manual_seed(0)
+    model = build_model(AutoencoderConfig(image_size=64)).eval()
+    return build_checkpoint(model, None, epoch=1, history=[], config=TrainingConfig())
+
+
+@pytest.fixture(scope="module")
+def good_image(tmp_path_factory) -> Image.Image:
+    folder = generate_synthetic_category(tmp_path_factory.mktemp("syn") / "bottle", n_train=1, n_test_good=1,
+                                         n_test_per_defect=1, size=128)
+    return Image.open(folder / "test" / "good" / "000.png").convert("RGB")
+
+
+@pytest.fixture
+def junk_folder(tmp_path, good_image) -> dict[str, str | None]:
+    """File name -> expected error fragment (None: must be scored)."""
+    folder = tmp_path / "incoming"
+    (folder / "sub").mkdir(parents=True)
+    good_image.save(folder / "ok.png")
+    good_image.save(folder / "sub" / "ok.jpg")
+    good_image.save(folder / "ok.bmp")
+    good_image.save(folder / "ok.tiff")
+    good_image.convert("RGBA").save(folder / "rgba.png")
+    sixteen = (np.asarray(good_image.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+    Image.fromarray(sixteen).save(folder / "sixteen_bit.png")
+    data = (folder / "ok.png").read_bytes()
+    (folder / "truncated.png").write_bytes(data[: len(data) // 3])
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 50)
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image")
+    Image.new("L", (1, 1), 128).save(folder / "tiny.png")
+    Image.new("L", (10000, 10000)).save(folder / "huge.png")  # small file, 100 Mpx when decoded
+    return {
+        "ok.png": None, "sub/ok.jpg": None, "ok.bmp": None, "ok.tiff": None, "rgba.png": None,
+        "sixteen_bit.png": None, "truncated.png": "Error", "corrupt.png": "Error", "empty.png": "empty",
+        "notes.txt": "not an image", "tiny.png": "too small", "huge.png": "too large",
+    }, folder
+
+
+def test_every_file_gets_a_verdict_or_a_clear_error(checkpoint, junk_folder):
+    expected, folder = junk_folder
+    inspector = Inspector(checkpoint, threshold=0.5, batch_size=2)
+    results = {r.file: r for r in inspector.inspect((str(p.relative_to(folder)), p) for p in find_images(folder))}
+    assert set(results) == set(expected)
+    for name, error in expected.items():
+        result = results[name]
+        if error is None:
+            assert result.error is None, (name, result.error)
+            assert 0.0 <= result.score <= 1.0 and isinstance(result.is_anomalous, bool)
+            assert result.is_anomalous == (result.score > 0.5)
+        else:
+            assert result.error and error.lower() in result.error.lower(), (name, result.error)
+            assert result.score is None and result.is_anomalous is None
+
+
+def test_conversions_give_the_same_score_as_the_original(checkpoint, good_image, tmp_path):
+    inspector = Inspector(checkpoint, threshold=0.5)
+    gray = np.asarray(good_image.convert("L"), dtype=np.uint16)
+    variants = {
+        "l": good_image.convert("L"),
+        "rgba": good_image.convert("L").convert("RGBA"),
+        "sixteen": Image.fromarray((gray * 257).astype(np.uint16)),
+    }
+    scores = {name: r.score for name, r in zip(variants, inspector.inspect(variants.items()), strict=True)}
+    assert scores["rgba"] == pytest.approx(scores["l"], abs=1e-4)
+    assert scores["sixteen"] == pytest.approx(scores["l"], abs=1e-3)
+
+
+def test_streams_in_bounded_batches(checkpoint, good_image, monkeypatch):
+    import anomaly_ae.inspect as inspect_module
+
+    sizes = []
+    original = inspect_module.reconstruct_and_score
+    monkeypatch.setattr(
+        inspect_module, "reconstruct_and_score", lambda model, batch, *a, **k: sizes.append(len(batch)) or original(model, batch, *a, **k)
+    )
+    inspector = Inspector(checkpoint, threshold=0.5, batch_size=4, keep_maps=False)
+    results = list(inspector.inspect((f"{i}.png", good_image) for i in range(10)))
+    assert len(results) == 10 and sizes == [4, 4, 2]
+
+
+def test_missing_or_empty_folder_and_missing_threshold(tmp_path, checkpoint):
+    with pytest.raises(FileNotFoundError, match="predict.input_dir"):
+        find_images(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no files"):
+        find_images(tmp_path / "empty")
+    torch.save(checkpoint, tmp_path / "m.pt")
+    with pytest.raises(FileNotFoundError, match="kedro run --pipeline=evaluate"):
+        Inspector.from_files(tmp_path / "m.pt", tmp_path / "threshold.json")
+    (tmp_path / "threshold.json").write_text(json.dumps({"value": 0.3, "score": {"score_reduction": "max"}}))
+    assert Inspector.from_files(tmp_path / "m.pt", tmp_path / "threshold.json").threshold == 0.3
+
+
+@pytest.mark.slow
+def test_predict_pipeline_on_a_folder(kedro_project, junk_folder):
+    expected, folder = junk_folder
+    no_model = kedro_project.run("run", "--pipeline=predict", "--params", f"predict.input_dir={folder}", check=False)
+    assert no_model.returncode != 0 and "kedro run --pipeline=training" in no_model.stdout + no_model.stderr
+
+    kedro_project.run("run", "--env", "quick", "--params", "training.epochs=1")
+    missing = kedro_project.run("run", "--pipeline=predict", "--params", f"predict.input_dir={folder / 'nope'}", check=False)
+    assert missing.returncode != 0 and "predict.input_dir" in missing.stdout + missing.stderr
+
+    kedro_project.run("run", "--pipeline=predict", "--params", f"predict.input_dir={folder}")
+    table = pd.read_csv(kedro_project.latest("data/07_model_output/predictions.csv"))
+    assert set(table["file"]) == set(expected)
+    scored = table[table["error"].isna()]
+    assert set(scored["file"]) == {name for name, error in expected.items() if error is None}
+    overlays = kedro_project.path / "data/08_reporting/prediction_overlays"
+    assert len(list(overlays.rglob("*.png"))) == len(scored)
+    shutil.rmtree(folder)
