@@ -47,9 +47,7 @@ class KedroProject:
         return versions[-1] / folder.name
 
 
-@pytest.fixture
-def kedro_project(tmp_path: Path) -> KedroProject:
-    root = tmp_path / "project"
+def make_project(root: Path) -> KedroProject:
     root.mkdir()
     shutil.copytree(REPO_ROOT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
     (root / "conf" / "local").mkdir()
@@ -59,3 +57,8 @@ def kedro_project(tmp_path: Path) -> KedroProject:
     for layer in ("01_raw", "02_intermediate", "05_model_input", "06_models", "07_model_output", "08_reporting"):
         (root / "data" / layer).mkdir(parents=True)
     return KedroProject(root)
+
+
+@pytest.fixture
+def kedro_project(tmp_path: Path) -> KedroProject:
+    return make_project(tmp_path / "project")

@@ -8,6 +8,8 @@ import sqlite3
 import pandas as pd
 import pytest
 
+from conftest import REPO_ROOT
+
 pytestmark = pytest.mark.slow
 
 
@@ -66,6 +68,21 @@ def test_quick_run_produces_every_output(kedro_project):
     assert tags["data_source"] == "synthetic" and tags["device"] == "cpu" and tags["category"] == "bottle"
     assert {"image_auroc", "pixel_auroc", "aupro", "image_f1_max", "ssim_normal_mean", "ssim_normal_std",
             "ssim_defect_mean", "ssim_defect_std", "threshold", "val_loss"} <= logged
+
+    # the notebook loads the latest results through the Kedro catalog, top to bottom
+    import shutil
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebooks = kedro_project.path / "notebooks"
+    notebooks.mkdir()
+    shutil.copy(REPO_ROOT / "notebooks" / "results.ipynb", notebooks)
+    notebook = nbformat.read(notebooks / "results.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(notebooks)}}).execute()
+    outputs = "".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", "")) for c in notebook.cells for o in c.get("outputs", []))
+    assert "SYNTHETIC DATA" in outputs and "paper protocol" in outputs and "image_auroc" in outputs
+    assert any("image/png" in o.get("data", {}) for c in notebook.cells for o in c.get("outputs", []))
 
     # evaluate again from the saved checkpoint, without retraining
     kedro_project.run("run", "--env", "quick", "--pipeline=evaluate")
