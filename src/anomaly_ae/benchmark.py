@@ -129,7 +129,7 @@ class Runner:
         cfg = self.variant.config
         self.setup.model.train()
         sizes = sorted({s.stop - s.start for s in self.slices})
-        for i in range(max(steps, 1)):
+        for _ in range(max(steps, 1)):
             for size in sizes:
                 x = self.train_data[:size]
                 if cfg.channels_last:
@@ -243,12 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-infer", type=int, default=83, help="images scored per inference round")
     p.add_argument("--infer-batch-size", type=int, default=32)
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--rounds", type=int, default=2, help="timed rounds (each: one epoch + one inference pass)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="timed rounds (each: one epoch + one inference pass)")
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--no-infer", action="store_true")
-    p.add_argument("--breakdown", action="store_true", help="also time forward/loss/backward/optimizer (eager)")
-    p.add_argument("--keras-reference", metavar="PYTHON", help="python with tensorflow; runs the Keras script")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time forward/loss/backward/optimizer (eager)")
+    p.add_argument("--keras-reference", metavar="PYTHON",
+                   help="python with tensorflow; runs the Keras script")
     p.add_argument("--keras-script", default=KERAS_SCRIPT)
     p.add_argument("--keras-epochs", type=int, default=2)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -272,7 +275,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_data = torch.rand((args.n_train, *shape), generator=gen)
     infer_data = torch.rand((args.n_infer, *shape), generator=gen)
     report: dict[str, Any] = {"environment": environment(), "settings": vars(args), "variants": []}
-    say(f"torch {torch.__version__}, threads {torch.get_num_threads()}, interop {torch.get_num_interop_threads()}, "
+    say(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"interop {torch.get_num_interop_threads()}, "
         f"cpu {torch.backends.cpu.get_cpu_capability()}, load {report['environment']['load_average']}")
 
     keras: list[dict[str, float]] = []
@@ -303,7 +307,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if not args.no_infer:
                 r.infer_times.append(r.infer())
         say(f"round {rnd + 1}/{args.rounds}: " + ", ".join(
-            f"{r.variant.name} train {args.n_train / r.train_times[-1]:.1f}" if r.train_times else r.variant.name
+            f"{r.variant.name} train {args.n_train / r.train_times[-1]:.1f}"
+            if r.train_times else r.variant.name
             for r in runners))
 
     if keras:
@@ -331,7 +336,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        train_img_s_all=[args.n_train / t for t in r.train_times], last_loss=r.losses[-1])
         if r.infer_times:
             med = statistics.median(r.infer_times)
-            row.update(infer_img_s=args.n_infer / med, infer_img_s_all=[args.n_infer / t for t in r.infer_times])
+            row.update(infer_img_s=args.n_infer / med,
+                       infer_img_s_all=[args.n_infer / t for t in r.infer_times])
         if args.breakdown:
             row["breakdown_ms"] = breakdown(r)
         report["variants"].append(row)
@@ -358,12 +364,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{'x first':>13s} {'x keras':>13s} {'warm-up s':>10s}")
         for row in report["variants"]:
             tr, inf = row.get("train_img_s", float("nan")), row.get("infer_img_s", float("nan"))
-            vs = f"{row.get('train_img_s_vs_first', float('nan')):.2f}/{row.get('infer_img_s_vs_first', float('nan')):.2f}"
-            vk = f"{row.get('train_vs_keras', float('nan')):.2f}/{row.get('infer_vs_keras', float('nan')):.2f}"
+            nan = float("nan")
+            vs = f"{row.get('train_img_s_vs_first', nan):.2f}/{row.get('infer_img_s_vs_first', nan):.2f}"
+            vk = f"{row.get('train_vs_keras', nan):.2f}/{row.get('infer_vs_keras', nan):.2f}"
             print(f"{row['name']:32s} {tr:11.1f} {row.get('epoch_seconds', float('nan')):8.2f} {inf:11.1f} "
                   f"{vs:>13s} {vk:>13s} {row['warmup_train_seconds'] + row['warmup_infer_seconds']:10.1f}")
             if "breakdown_ms" in row:
-                print("   eager breakdown ms/step: " + ", ".join(f"{k} {v:.0f}" for k, v in row["breakdown_ms"].items()))
+                parts = ", ".join(f"{k} {v:.0f}" for k, v in row["breakdown_ms"].items())
+                print(f"   eager breakdown ms/step: {parts}")
         if keras:
             print(f"keras reference: train {report['keras']['train_img_s']:.1f} img/s, "
                   f"infer {report['keras']['infer_img_s']:.1f} img/s (mean of {len(keras)} runs)")

@@ -30,14 +30,18 @@ def resolve_device(name: str = "auto") -> torch.device:
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for the convolutions, or None for plain float32.
 
-    ``auto``: bf16 on CUDA when supported (else fp16), float32 elsewhere.
-    SSIM and the loss are always computed in float32 (see HybridLoss).
+    ``auto``: bf16 on CUDA when supported (else fp16); bf16 on a CPU with native bf16
+    instructions (AVX512-BF16 / AMX, where oneDNN runs bf16 convolutions fast); float32
+    elsewhere. SSIM and the loss are always computed in float32 (see HybridLoss); the
+    accuracy guard (tests/test_fast_path.py) bounds the difference to fp32.
     """
     if name not in PRECISIONS:
         raise ValueError(f"precision {name!r} is not one of {PRECISIONS}")
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and cpu_has_native_bf16():
+            return torch.bfloat16
         return None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
@@ -47,3 +51,11 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN reports native bf16 support on this CPU."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "loop")
+SSIM_IMPLS = ("auto", "pytorch_msssim", "separable")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -47,7 +48,7 @@ class TrainingConfig:
     restore_best: bool = True
     device: str = "auto"
     precision: str = "auto"
-    channels_last: bool = False
+    channels_last: bool = True  # NHWC for the convolutions: same math, faster oneDNN kernels
     compile: bool = False
     # Speed levers (see benchmarks/README.md and ``python -m anomaly_ae.benchmark``).
     # compile_mode: torch.compile mode when compile is true: "default",
@@ -62,6 +63,12 @@ class TrainingConfig:
     num_interop_threads: int = 0
     # deterministic: torch.use_deterministic_algorithms(True, warn_only=True) on CPU.
     deterministic: bool = True
+    # ssim_impl: how the loss's SSIM filters. "pytorch_msssim" (its depthwise conv2d) or
+    # "separable" (the same 11-tap Gaussian as shifted multiply-adds; same math, equal to
+    # ~1e-7). "auto": separable when compile is on (inductor fuses it into a few loops;
+    # oneDNN's single-channel depthwise conv and its backward are very slow on CPU),
+    # pytorch_msssim otherwise (eager shift-and-add is no faster).
+    ssim_impl: str = "auto"
     eval_batch_size: int = 32
     checkpoint_every: int = 1
     checkpoint_path: str | None = None
@@ -70,17 +77,26 @@ class TrainingConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if int(self.batch_size) < 2:
+            raise ValueError(
+                f"training.batch_size must be >= 2 (got {self.batch_size}): BatchNorm cannot "
+                "normalise a single image in training mode."
+            )
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"training.{name} must be >= 1 (got {getattr(self, name)})")
         if self.learning_rate <= 0:
             raise ValueError(f"training.learning_rate must be > 0 (got {self.learning_rate})")
         if self.compile_mode not in COMPILE_MODES:
-            raise ValueError(f"training.compile_mode must be one of {COMPILE_MODES} (got {self.compile_mode!r})")
+            raise ValueError(
+                f"training.compile_mode must be one of {COMPILE_MODES} (got {self.compile_mode!r})"
+            )
         if self.optimizer_impl not in OPTIMIZER_IMPLS:
             raise ValueError(
                 f"training.optimizer_impl must be one of {OPTIMIZER_IMPLS} (got {self.optimizer_impl!r})"
             )
+        if self.ssim_impl not in SSIM_IMPLS:
+            raise ValueError(f"training.ssim_impl must be one of {SSIM_IMPLS} (got {self.ssim_impl!r})")
         for name in ("num_threads", "num_interop_threads"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"training.{name} must be >= 0 (got {getattr(self, name)})")
@@ -127,6 +143,72 @@ def _evaluate_loss(model, loss_fn, data, batch_size, device, dtype, channels_las
     return float(total) / len(data)
 
 
+def gaussian_taps(win_size: int = 11, sigma: float = 1.5) -> tuple[float, ...]:
+    """The normalised 1-D Gaussian window of pytorch_msssim (``_fspecial_gauss_1d``), computed
+    like it in float32, as Python floats (constants for torch.compile). Call outside traced code."""
+    coords = torch.arange(win_size, dtype=torch.float32) - win_size // 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    return tuple((g / g.sum()).tolist())
+
+
+def gaussian_filter_valid(img: torch.Tensor, taps: tuple[float, ...]) -> torch.Tensor:
+    """Valid-mode separable filtering of ``(N, C, H, W)`` with the 1-D window ``taps``, rows
+    then columns, as shifted multiply-adds: the same sums as pytorch_msssim's
+    ``gaussian_filter`` (depthwise conv2d), in a form torch.compile fuses into one loop."""
+    k = len(taps)
+    h, w = img.shape[-2] - k + 1, img.shape[-1] - k + 1
+    out = taps[0] * img[..., 0:h, :]
+    for i in range(1, k):
+        out = out + taps[i] * img[..., i : i + h, :]
+    res = taps[0] * out[..., 0:w]
+    for i in range(1, k):
+        res = res + taps[i] * out[..., i : i + w]
+    return res
+
+
+def ssim_separable(
+    x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size: int = 11, win_sigma: float = 1.5,
+    k1: float = 0.01, k2: float = 0.03, taps: tuple[float, ...] | None = None,
+) -> torch.Tensor:
+    """``pytorch_msssim.ssim(x, y, data_range, size_average=True, win_size, win_sigma)``
+    (Wang et al. 2004, valid filtering, mean of the map) with :func:`gaussian_filter_valid`."""
+    win = taps if taps is not None else gaussian_taps(win_size, win_sigma)
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    mu1, mu2 = gaussian_filter_valid(x, win), gaussian_filter_valid(y, win)
+    mu1_sq, mu2_sq, mu1_mu2 = mu1.pow(2), mu2.pow(2), mu1 * mu2
+    sigma1_sq = gaussian_filter_valid(x * x, win) - mu1_sq
+    sigma2_sq = gaussian_filter_valid(y * y, win) - mu2_sq
+    sigma12 = gaussian_filter_valid(x * y, win) - mu1_mu2
+    cs_map = (2 * sigma12 + c2) / (sigma1_sq + sigma2_sq + c2)
+    ssim_map = ((2 * mu1_mu2 + c1) / (mu1_sq + mu2_sq + c1)) * cs_map
+    return ssim_map.flatten(2).mean(-1).mean()
+
+
+class SeparableHybridLoss(HybridLoss):
+    """:class:`HybridLoss` with the SSIM computed by :func:`ssim_separable` (same math)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.taps = gaussian_taps(self.win_size, self.win_sigma)
+
+    def components(self, target: torch.Tensor, recon: torch.Tensor) -> dict[str, torch.Tensor]:
+        target, recon = target.float(), recon.float()
+        mse = torch.mean((recon - target) ** 2)
+        similarity = ssim_separable(
+            recon, target, self.data_range, self.win_size, self.win_sigma, taps=self.taps
+        )
+        loss = self.mse_weight * mse + self.ssim_weight * (1.0 - similarity)
+        return {"loss": loss, "mse": mse, "ssim": similarity}
+
+
+def build_loss(config: TrainingConfig) -> HybridLoss:
+    impl = config.ssim_impl
+    if impl == "auto":
+        impl = "separable" if config.compile else "pytorch_msssim"
+    cls = SeparableHybridLoss if impl == "separable" else HybridLoss
+    return cls(config.mse_weight, config.ssim_weight)
+
+
 @dataclass
 class TrainingSetup:
     """Everything one optimisation step needs; built by :func:`prepare_training`.
@@ -155,7 +237,9 @@ def apply_thread_settings(num_threads: int = 0, num_interop_threads: int = 0) ->
         try:
             torch.set_num_interop_threads(int(num_interop_threads))
         except RuntimeError:  # only settable before the first inter-op parallel work
-            log.warning("num_interop_threads=%d ignored: torch's inter-op pool already started", num_interop_threads)
+            log.warning(
+                "num_interop_threads=%d ignored: torch's inter-op pool already started", num_interop_threads
+            )
 
 
 def _fused_adam_available(device: torch.device) -> bool:
@@ -253,7 +337,7 @@ def prepare_training(
     model = build_model(model_config).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loss_fn = HybridLoss(config.mse_weight, config.ssim_weight)
+    loss_fn = build_loss(config)
     flags = optimizer_flags(config.optimizer_impl, device)
     optimizer = torch.optim.Adam(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, **flags
@@ -446,7 +530,7 @@ def train_autoencoder(
         best_state=None, best_epoch=best_epoch, best_val_loss=best_val, metadata=metadata,
     )
     return TrainingResult(
-        model=model.cpu(),
+        model=model.cpu().to(memory_format=torch.contiguous_format),  # the layout build_model gives
         history=history,
         checkpoint=checkpoint,
         device=str(device),

@@ -19,6 +19,15 @@ from anomaly_ae.training.trainer import TrainingConfig, train_autoencoder
 log = logging.getLogger(__name__)
 
 
+def _log_epoch(row: dict[str, float], every: int = 10) -> None:
+    if row["epoch"] == 1 or row["epoch"] % every == 0:
+        log.info(
+            "epoch %d: train %.5f, val %s, %.1f img/s",
+            row["epoch"], row["train_loss"], f"{row['val_loss']:.5f}" if "val_loss" in row else "n/a",
+            row["images_per_second"],
+        )
+
+
 def train_model(
     train_images: dict[str, np.ndarray],
     validation_images: dict[str, np.ndarray],
@@ -50,6 +59,7 @@ def train_model(
         model_config,
         train_config,
         resume_checkpoint=resume,
+        on_epoch_end=_log_epoch,
         metadata={"data_source": dataset_info["source"], "category": dataset_info["category"]},
     )
     history = pd.DataFrame(result.history)
