@@ -35,3 +35,20 @@ def test_rot90_is_an_exact_permutation_of_pixels():
 def test_unknown_setting_is_named():
     with pytest.raises(ValueError, match="rotate"):
         AugmentationConfig.from_dict({"rotate": 3})
+
+
+def test_training_with_augmentation_is_seeded_and_differs_from_plain():
+    from anomaly_ae.model import AutoencoderConfig
+    from anomaly_ae.training.trainer import TrainingConfig, train_autoencoder
+
+    torch.manual_seed(0)
+    images = torch.rand(10, 1, 64, 64)
+    aug = {"hflip": True, "rot90": True, "rotation_degrees": 5}
+
+    def losses(augmentation):
+        cfg = TrainingConfig(epochs=2, batch_size=4, progress=False, device="cpu", precision="fp32",
+                             augmentation=augmentation)
+        return [r["train_loss"] for r in train_autoencoder(images, None, AutoencoderConfig(image_size=64), cfg).history]
+
+    assert losses(aug) == losses(aug)
+    assert losses(aug) != losses({})

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from anomaly_ae.model import AutoencoderConfig, HybridLoss, build_model
+from anomaly_ae.training.augment import AugmentationConfig, augment_batch
 from anomaly_ae.training.checkpoint import CHECKPOINT_FORMAT, save_checkpoint_atomic, validate_checkpoint
 from anomaly_ae.training.device import autocast, resolve_device, resolve_precision
 
@@ -69,6 +70,9 @@ class TrainingConfig:
     # oneDNN's single-channel depthwise conv and its backward are very slow on CPU),
     # pytorch_msssim otherwise (eager shift-and-add is no faster).
     ssim_impl: str = "auto"
+    # augmentation: off by default (the paper has none); see training/augment.py, e.g.
+    # {hflip: true, vflip: true, rot90: true, rotation_degrees: 10, shift_fraction: 0.03}
+    augmentation: dict = field(default_factory=dict)
     eval_batch_size: int = 32
     checkpoint_every: int = 1
     checkpoint_path: str | None = None
@@ -365,6 +369,9 @@ def train_one_epoch(
     torch.manual_seed(config.seed + epoch)  # dropout masks: same per epoch on resume
     order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(config.seed + epoch))
     shuffled = train_data[order.to(device)]
+    augmentation = AugmentationConfig.from_dict(config.augmentation)
+    if augmentation.enabled:  # a fresh random view of every image each epoch (seeded)
+        shuffled = augment_batch(shuffled, augmentation, torch.Generator().manual_seed(config.seed * 7919 + epoch))
     if config.channels_last:
         shuffled = shuffled.contiguous(memory_format=torch.channels_last)
     step_losses = torch.empty(len(slices), device=device)
