@@ -31,11 +31,16 @@ class KedroProject:
         env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
         result = subprocess.run(
             [sys.executable, "-m", "kedro", *args],
-            cwd=self.path, env=env, capture_output=True, text=True, timeout=timeout,
+            cwd=self.path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if check and result.returncode != 0:
             raise AssertionError(
-                f"kedro {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+                f"kedro {' '.join(args)} failed ({result.returncode}):\n"
+                f"{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
             )
         return result
 
@@ -54,7 +59,14 @@ def make_project(root: Path) -> KedroProject:
     for name in ("pyproject.toml", ".telemetry"):
         shutil.copy2(REPO_ROOT / name, root / name)
     (root / "src").mkdir()  # the package itself is imported from the (editable) install
-    for layer in ("01_raw", "02_intermediate", "05_model_input", "06_models", "07_model_output", "08_reporting"):
+    for layer in (
+        "01_raw",
+        "02_intermediate",
+        "05_model_input",
+        "06_models",
+        "07_model_output",
+        "08_reporting",
+    ):
         (root / "data" / layer).mkdir(parents=True)
     return KedroProject(root)
 

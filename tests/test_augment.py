@@ -46,9 +46,13 @@ def test_training_with_augmentation_is_seeded_and_differs_from_plain():
     aug = {"hflip": True, "rot90": True, "rotation_degrees": 5}
 
     def losses(augmentation):
-        cfg = TrainingConfig(epochs=2, batch_size=4, progress=False, device="cpu", precision="fp32",
-                             augmentation=augmentation)
-        return [r["train_loss"] for r in train_autoencoder(images, None, AutoencoderConfig(image_size=64), cfg).history]
+        cfg = TrainingConfig(
+            epochs=2, batch_size=4, progress=False, device="cpu", precision="fp32", augmentation=augmentation
+        )
+        return [
+            r["train_loss"]
+            for r in train_autoencoder(images, None, AutoencoderConfig(image_size=64), cfg).history
+        ]
 
     assert losses(aug) == losses(aug)
     assert losses(aug) != losses({})

@@ -59,8 +59,9 @@ def _images(n: int, seed: int = 0, size: int = 256) -> torch.Tensor:
 
 MODEL = AutoencoderConfig(dropout=0.0)
 BASE = dict(epochs=2, batch_size=8, seed=0, device="cpu", progress=False, early_stopping_patience=0)
-PLAIN = dict(precision="fp32", channels_last=False, compile=False, optimizer_impl="foreach",
-             ssim_impl="pytorch_msssim")
+PLAIN = dict(
+    precision="fp32", channels_last=False, compile=False, optimizer_impl="foreach", ssim_impl="pytorch_msssim"
+)
 
 
 def _losses(**levers) -> list[float]:

@@ -28,9 +28,24 @@ def mlflow_server(kedro_project):
     """``mlflow server`` on 127.0.0.1 over the project's sqlite store; stopped afterwards."""
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", "sqlite:///mlflow.db",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=kedro_project.path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            "sqlite:///mlflow.db",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=kedro_project.path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -58,7 +73,9 @@ def test_loss_study_gives_one_child_run_per_variant(kedro_project, request):
     kedro_project.run("run", "--env", "quick", "--pipeline=loss_study")
     comparison = pd.read_csv(kedro_project.latest("data/08_reporting/loss_study_comparison.csv"))
     assert list(comparison["variant"]) == list(VARIANTS)
-    assert comparison.loc[comparison["variant"] == "hybrid", "paper_ssim_normal"].item() == pytest.approx(0.9055)
+    assert comparison.loc[comparison["variant"] == "hybrid", "paper_ssim_normal"].item() == pytest.approx(
+        0.9055
+    )
     for variant in VARIANTS:
         assert kedro_project.latest(f"data/06_models/{variant}/model_checkpoint.pt").is_file()
 
@@ -77,8 +94,18 @@ def test_loss_study_gives_one_child_run_per_variant(kedro_project, request):
         run = children[name]
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.info.status == "FINISHED"
-        assert (run.data.params["loss.mse_weight"], run.data.params["loss.ssim_weight"]) == (mse_weight, ssim_weight)
-        for metric in ("image_auroc", "pixel_auroc", "aupro", "ssim_normal_mean", "ssim_defect_mean", "threshold"):
+        assert (run.data.params["loss.mse_weight"], run.data.params["loss.ssim_weight"]) == (
+            mse_weight,
+            ssim_weight,
+        )
+        for metric in (
+            "image_auroc",
+            "pixel_auroc",
+            "aupro",
+            "ssim_normal_mean",
+            "ssim_defect_mean",
+            "threshold",
+        ):
             assert 0.0 <= run.data.metrics[metric] <= 1.0, (name, metric)
         history = client.get_metric_history(run.info.run_id, "train_loss")
         assert [m.step for m in history] == [1, 2, 3]

@@ -7,7 +7,6 @@ import sqlite3
 
 import pandas as pd
 import pytest
-
 from conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -15,7 +14,15 @@ pytestmark = pytest.mark.slow
 
 def test_registry_lists_every_pipeline(kedro_project):
     out = kedro_project.run("registry", "list").stdout
-    for name in ("__default__", "data_ingestion", "data_processing", "training", "evaluation", "reporting", "evaluate"):
+    for name in (
+        "__default__",
+        "data_ingestion",
+        "data_processing",
+        "training",
+        "evaluation",
+        "reporting",
+        "evaluate",
+    ):
         assert f"- {name}\n" in out, out
 
 
@@ -66,8 +73,18 @@ def test_quick_run_produces_every_output(kedro_project):
     assert [s for s, _ in steps] == [1, 2, 3]
     assert [v for _, v in steps] == pytest.approx(history["train_loss"].tolist())
     assert tags["data_source"] == "synthetic" and tags["device"] == "cpu" and tags["category"] == "bottle"
-    assert {"image_auroc", "pixel_auroc", "aupro", "image_f1_max", "ssim_normal_mean", "ssim_normal_std",
-            "ssim_defect_mean", "ssim_defect_std", "threshold", "val_loss"} <= logged
+    assert {
+        "image_auroc",
+        "pixel_auroc",
+        "aupro",
+        "image_f1_max",
+        "ssim_normal_mean",
+        "ssim_normal_std",
+        "ssim_defect_mean",
+        "ssim_defect_std",
+        "threshold",
+        "val_loss",
+    } <= logged
 
     # the notebook loads the latest results through the Kedro catalog, top to bottom
     import shutil
@@ -79,8 +96,14 @@ def test_quick_run_produces_every_output(kedro_project):
     notebooks.mkdir()
     shutil.copy(REPO_ROOT / "notebooks" / "results.ipynb", notebooks)
     notebook = nbformat.read(notebooks / "results.ipynb", as_version=4)
-    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(notebooks)}}).execute()
-    outputs = "".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", "")) for c in notebook.cells for o in c.get("outputs", []))
+    NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(notebooks)}}
+    ).execute()
+    outputs = "".join(
+        str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
+        for c in notebook.cells
+        for o in c.get("outputs", [])
+    )
     assert "SYNTHETIC DATA" in outputs and "paper protocol" in outputs and "image_auroc" in outputs
     assert any("image/png" in o.get("data", {}) for c in notebook.cells for o in c.get("outputs", []))
 

@@ -27,8 +27,9 @@ def checkpoint() -> dict:
 
 @pytest.fixture(scope="module")
 def good_image(tmp_path_factory) -> Image.Image:
-    folder = generate_synthetic_category(tmp_path_factory.mktemp("syn") / "bottle", n_train=1, n_test_good=1,
-                                         n_test_per_defect=1, size=128)
+    folder = generate_synthetic_category(
+        tmp_path_factory.mktemp("syn") / "bottle", n_train=1, n_test_good=1, n_test_per_defect=1, size=128
+    )
     return Image.open(folder / "test" / "good" / "000.png").convert("RGB")
 
 
@@ -52,16 +53,27 @@ def junk_folder(tmp_path, good_image) -> dict[str, str | None]:
     Image.new("L", (1, 1), 128).save(folder / "tiny.png")
     Image.new("L", (10000, 10000)).save(folder / "huge.png")  # small file, 100 Mpx when decoded
     return {
-        "ok.png": None, "sub/ok.jpg": None, "ok.bmp": None, "ok.tiff": None, "rgba.png": None,
-        "sixteen_bit.png": None, "truncated.png": "Error", "corrupt.png": "Error", "empty.png": "empty",
-        "notes.txt": "not an image", "tiny.png": "too small", "huge.png": "too large",
+        "ok.png": None,
+        "sub/ok.jpg": None,
+        "ok.bmp": None,
+        "ok.tiff": None,
+        "rgba.png": None,
+        "sixteen_bit.png": None,
+        "truncated.png": "Error",
+        "corrupt.png": "Error",
+        "empty.png": "empty",
+        "notes.txt": "not an image",
+        "tiny.png": "too small",
+        "huge.png": "too large",
     }, folder
 
 
 def test_every_file_gets_a_verdict_or_a_clear_error(checkpoint, junk_folder):
     expected, folder = junk_folder
     inspector = Inspector(checkpoint, threshold=0.5, batch_size=2)
-    results = {r.file: r for r in inspector.inspect((str(p.relative_to(folder)), p) for p in find_images(folder))}
+    results = {
+        r.file: r for r in inspector.inspect((str(p.relative_to(folder)), p) for p in find_images(folder))
+    }
     assert set(results) == set(expected)
     for name, error in expected.items():
         result = results[name]
@@ -93,7 +105,9 @@ def test_streams_in_bounded_batches(checkpoint, good_image, monkeypatch):
     sizes = []
     original = inspect_module.reconstruct_and_score
     monkeypatch.setattr(
-        inspect_module, "reconstruct_and_score", lambda model, batch, *a, **k: sizes.append(len(batch)) or original(model, batch, *a, **k)
+        inspect_module,
+        "reconstruct_and_score",
+        lambda model, batch, *a, **k: sizes.append(len(batch)) or original(model, batch, *a, **k),
     )
     inspector = Inspector(checkpoint, threshold=0.5, batch_size=4, keep_maps=False)
     results = list(inspector.inspect((f"{i}.png", good_image) for i in range(10)))
@@ -116,11 +130,15 @@ def test_missing_or_empty_folder_and_missing_threshold(tmp_path, checkpoint):
 @pytest.mark.slow
 def test_predict_pipeline_on_a_folder(kedro_project, junk_folder):
     expected, folder = junk_folder
-    no_model = kedro_project.run("run", "--pipeline=predict", "--params", f"predict.input_dir={folder}", check=False)
+    no_model = kedro_project.run(
+        "run", "--pipeline=predict", "--params", f"predict.input_dir={folder}", check=False
+    )
     assert no_model.returncode != 0 and "kedro run --pipeline=training" in no_model.stdout + no_model.stderr
 
     kedro_project.run("run", "--env", "quick", "--params", "training.epochs=1")
-    missing = kedro_project.run("run", "--pipeline=predict", "--params", f"predict.input_dir={folder / 'nope'}", check=False)
+    missing = kedro_project.run(
+        "run", "--pipeline=predict", "--params", f"predict.input_dir={folder / 'nope'}", check=False
+    )
     assert missing.returncode != 0 and "predict.input_dir" in missing.stdout + missing.stderr
 
     kedro_project.run("run", "--pipeline=predict", "--params", f"predict.input_dir={folder}")

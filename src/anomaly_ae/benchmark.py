@@ -226,8 +226,11 @@ def environment() -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m anomaly_ae.benchmark", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m anomaly_ae.benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default=None, help="fp32 | bf16 | fp16 | auto (default: TrainingConfig's)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
@@ -236,22 +239,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer-impl", default=None, choices=("auto", "fused", "foreach", "loop"))
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (0: torch default)")
     p.add_argument("--interop-threads", type=int, default=None)
-    p.add_argument("--compare", nargs="+", metavar="SPEC",
-                   help="configurations to run interleaved, e.g. fp32 cl cl+compile cl+bf16+compile")
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="SPEC",
+        help="configurations to run interleaved, e.g. fp32 cl cl+compile cl+bf16+compile",
+    )
     p.add_argument("--n-train", type=int, default=209, help="training images per epoch (paper split: 209)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--n-infer", type=int, default=83, help="images scored per inference round")
     p.add_argument("--infer-batch-size", type=int, default=32)
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--rounds", type=int, default=2,
-                   help="timed rounds (each: one epoch + one inference pass)")
+    p.add_argument(
+        "--rounds", type=int, default=2, help="timed rounds (each: one epoch + one inference pass)"
+    )
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--no-infer", action="store_true")
-    p.add_argument("--breakdown", action="store_true",
-                   help="also time forward/loss/backward/optimizer (eager)")
-    p.add_argument("--keras-reference", metavar="PYTHON",
-                   help="python with tensorflow; runs the Keras script")
+    p.add_argument(
+        "--breakdown", action="store_true", help="also time forward/loss/backward/optimizer (eager)"
+    )
+    p.add_argument(
+        "--keras-reference", metavar="PYTHON", help="python with tensorflow; runs the Keras script"
+    )
     p.add_argument("--keras-script", default=KERAS_SCRIPT)
     p.add_argument("--keras-epochs", type=int, default=2)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -261,9 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     overrides: dict[str, Any] = {"device": args.device, "batch_size": args.batch_size, "progress": False}
-    for arg, field in (("precision", "precision"), ("channels_last", "channels_last"), ("compile", "compile"),
-                       ("compile_mode", "compile_mode"), ("optimizer_impl", "optimizer_impl"),
-                       ("threads", "num_threads"), ("interop_threads", "num_interop_threads")):
+    for arg, field in (
+        ("precision", "precision"),
+        ("channels_last", "channels_last"),
+        ("compile", "compile"),
+        ("compile_mode", "compile_mode"),
+        ("optimizer_impl", "optimizer_impl"),
+        ("threads", "num_threads"),
+        ("interop_threads", "num_interop_threads"),
+    ):
         if getattr(args, arg) is not None:
             overrides[field] = getattr(args, arg)
     base = TrainingConfig(**overrides)
@@ -275,9 +291,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_data = torch.rand((args.n_train, *shape), generator=gen)
     infer_data = torch.rand((args.n_infer, *shape), generator=gen)
     report: dict[str, Any] = {"environment": environment(), "settings": vars(args), "variants": []}
-    say(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+    say(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"interop {torch.get_num_interop_threads()}, "
-        f"cpu {torch.backends.cpu.get_cpu_capability()}, load {report['environment']['load_average']}")
+        f"cpu {torch.backends.cpu.get_cpu_capability()}, load {report['environment']['load_average']}"
+    )
 
     keras: list[dict[str, float]] = []
     if args.keras_reference:
@@ -296,8 +314,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not args.no_infer:
             r.infer()  # warm-up / compile of the inference graph
         r.infer_warm_seconds = time.perf_counter() - t
-        say(f"[{v.name}] device {r.device}; warm-up train {r.warm_seconds:.1f} s "
-            f"(compile included), inference {r.infer_warm_seconds:.1f} s")
+        say(
+            f"[{v.name}] device {r.device}; warm-up train {r.warm_seconds:.1f} s "
+            f"(compile included), inference {r.infer_warm_seconds:.1f} s"
+        )
         runners.append(r)
 
     for rnd in range(args.rounds):
@@ -306,10 +326,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 r.train_times.append(r.train_epoch())
             if not args.no_infer:
                 r.infer_times.append(r.infer())
-        say(f"round {rnd + 1}/{args.rounds}: " + ", ".join(
-            f"{r.variant.name} train {args.n_train / r.train_times[-1]:.1f}"
-            if r.train_times else r.variant.name
-            for r in runners))
+        say(
+            f"round {rnd + 1}/{args.rounds}: "
+            + ", ".join(
+                f"{r.variant.name} train {args.n_train / r.train_times[-1]:.1f}"
+                if r.train_times
+                else r.variant.name
+                for r in runners
+            )
+        )
 
     if keras:
         say("Keras reference (after) ...")
@@ -322,9 +347,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         row: dict[str, Any] = {
             "name": r.variant.name,
             "device": str(r.device),
-            "settings": {k: v for k, v in asdict(cfg).items() if k in (
-                "precision", "channels_last", "compile", "compile_mode", "optimizer_impl", "num_threads",
-                "num_interop_threads", "deterministic", "batch_size")},
+            "settings": {
+                k: v
+                for k, v in asdict(cfg).items()
+                if k
+                in (
+                    "precision",
+                    "channels_last",
+                    "compile",
+                    "compile_mode",
+                    "optimizer_impl",
+                    "num_threads",
+                    "num_interop_threads",
+                    "deterministic",
+                    "batch_size",
+                )
+            },
             "adam": {k: r.setup.optimizer.param_groups[0].get(k) for k in ("fused", "foreach")},
             "parameters": count_parameters(r.setup.model),
             "warmup_train_seconds": round(r.warm_seconds, 2),
@@ -332,12 +370,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
         if r.train_times:
             med = statistics.median(r.train_times)
-            row.update(train_img_s=args.n_train / med, epoch_seconds=med,
-                       train_img_s_all=[args.n_train / t for t in r.train_times], last_loss=r.losses[-1])
+            row.update(
+                train_img_s=args.n_train / med,
+                epoch_seconds=med,
+                train_img_s_all=[args.n_train / t for t in r.train_times],
+                last_loss=r.losses[-1],
+            )
         if r.infer_times:
             med = statistics.median(r.infer_times)
-            row.update(infer_img_s=args.n_infer / med,
-                       infer_img_s_all=[args.n_infer / t for t in r.infer_times])
+            row.update(
+                infer_img_s=args.n_infer / med, infer_img_s_all=[args.n_infer / t for t in r.infer_times]
+            )
         if args.breakdown:
             row["breakdown_ms"] = breakdown(r)
         report["variants"].append(row)
@@ -360,21 +403,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
-        print(f"\n{'configuration':32s} {'train img/s':>11s} {'s/epoch':>8s} {'infer img/s':>11s} "
-              f"{'x first':>13s} {'x keras':>13s} {'warm-up s':>10s}")
+        print(
+            f"\n{'configuration':32s} {'train img/s':>11s} {'s/epoch':>8s} {'infer img/s':>11s} "
+            f"{'x first':>13s} {'x keras':>13s} {'warm-up s':>10s}"
+        )
         for row in report["variants"]:
             tr, inf = row.get("train_img_s", float("nan")), row.get("infer_img_s", float("nan"))
             nan = float("nan")
             vs = f"{row.get('train_img_s_vs_first', nan):.2f}/{row.get('infer_img_s_vs_first', nan):.2f}"
             vk = f"{row.get('train_vs_keras', nan):.2f}/{row.get('infer_vs_keras', nan):.2f}"
-            print(f"{row['name']:32s} {tr:11.1f} {row.get('epoch_seconds', float('nan')):8.2f} {inf:11.1f} "
-                  f"{vs:>13s} {vk:>13s} {row['warmup_train_seconds'] + row['warmup_infer_seconds']:10.1f}")
+            print(
+                f"{row['name']:32s} {tr:11.1f} {row.get('epoch_seconds', float('nan')):8.2f} {inf:11.1f} "
+                f"{vs:>13s} {vk:>13s} {row['warmup_train_seconds'] + row['warmup_infer_seconds']:10.1f}"
+            )
             if "breakdown_ms" in row:
                 parts = ", ".join(f"{k} {v:.0f}" for k, v in row["breakdown_ms"].items())
                 print(f"   eager breakdown ms/step: {parts}")
         if keras:
-            print(f"keras reference: train {report['keras']['train_img_s']:.1f} img/s, "
-                  f"infer {report['keras']['infer_img_s']:.1f} img/s (mean of {len(keras)} runs)")
+            print(
+                f"keras reference: train {report['keras']['train_img_s']:.1f} img/s, "
+                f"infer {report['keras']['infer_img_s']:.1f} img/s (mean of {len(keras)} runs)"
+            )
         print(f"peak RSS {report['peak_memory']['peak_rss_mb']:.0f} MB (whole process, all configurations)")
         for row in report["variants"]:
             print(f"  {row['name']}: {row['settings']} adam={row['adam']} device={row['device']}")

@@ -90,7 +90,9 @@ class NpzDataset(AbstractDataset[dict, dict]):
         arrays = {key: np.asarray(value) for key, value in data.items()}
         objects = sorted(key for key, value in arrays.items() if value.dtype == object)
         if objects:
-            raise DatasetError(f"{self._filepath}: arrays {objects} hold Python objects; only numeric arrays are cached.")
+            raise DatasetError(
+                f"{self._filepath}: arrays {objects} hold Python objects; only numeric arrays are cached."
+            )
         _atomic_write(self._filepath, lambda handle: np.savez(handle, **arrays))
 
     def _exists(self) -> bool:

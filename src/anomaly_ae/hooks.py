@@ -89,7 +89,11 @@ def git_commit(path: str | Path = ".") -> str | None:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=path, capture_output=True, text=True, timeout=5, check=True,
+            cwd=path,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
@@ -126,7 +130,7 @@ class NamespaceRunsHook:
             log.info("MLflow child run '%s' (%s) under %s", namespace, child.info.run_id, parent.info.run_id)
         elif mlflow.active_run().info.run_id != self._children[namespace]:
             mlflow.start_run(run_id=self._children[namespace], nested=True)
-        params = {k[len("params:"):]: v for k, v in inputs.items() if k.startswith("params:")}
+        params = {k[len("params:") :]: v for k, v in inputs.items() if k.startswith("params:")}
         for key, value in _flatten(params).items():
             mlflow.log_param(key.removeprefix(f"{namespace}."), str(value)[:6000])
 

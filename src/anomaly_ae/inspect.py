@@ -45,8 +45,13 @@ class InspectionResult:
 
     def row(self) -> dict[str, Any]:
         return {
-            "file": self.file, "score": self.score, "ssim": self.ssim, "is_anomalous": self.is_anomalous,
-            "error": self.error, "width": self.width, "height": self.height,
+            "file": self.file,
+            "score": self.score,
+            "ssim": self.ssim,
+            "is_anomalous": self.is_anomalous,
+            "error": self.error,
+            "width": self.width,
+            "height": self.height,
         }
 
 
@@ -88,7 +93,9 @@ class Inspector:
         self.keep_maps = keep_maps
 
     @classmethod
-    def from_files(cls, checkpoint_path: str | os.PathLike, threshold_path: str | os.PathLike, **kwargs) -> Inspector:
+    def from_files(
+        cls, checkpoint_path: str | os.PathLike, threshold_path: str | os.PathLike, **kwargs
+    ) -> Inspector:
         """Load a checkpoint file and the threshold JSON written by the evaluate pipeline."""
         path = Path(threshold_path)
         if not path.is_file():
@@ -107,7 +114,10 @@ class Inspector:
             else:
                 path = Path(source)
                 if path.suffix.lower() not in IMAGE_SUFFIXES:
-                    raise ValueError(f"not an image file (suffix {path.suffix or 'none'}; expected {', '.join(IMAGE_SUFFIXES)})")
+                    raise ValueError(
+                        f"not an image file (suffix {path.suffix or 'none'}; "
+                        f"expected {', '.join(IMAGE_SUFFIXES)})"
+                    )
                 if path.stat().st_size == 0:
                     raise ValueError("empty file (0 bytes)")
                 image = Image.open(path)
@@ -148,8 +158,13 @@ class Inspector:
         if ready:
             batch = np.stack([array for _, array in ready])[:, None]
             scored = reconstruct_and_score(
-                self.model, batch, self.map_settings, batch_size=self.batch_size,
-                device=self.device, precision=self.precision, keep_maps=self.keep_maps,
+                self.model,
+                batch,
+                self.map_settings,
+                batch_size=self.batch_size,
+                device=self.device,
+                precision=self.precision,
+                keep_maps=self.keep_maps,
             )
             for i, (result, array) in enumerate(ready):
                 result.score = float(scored["score"][i])
@@ -170,7 +185,8 @@ def find_images(folder: str | os.PathLike) -> list[Path]:
             f"`kedro run --pipeline=predict --params predict.input_dir=<folder>`."
         )
     files = sorted(
-        p for p in root.rglob("*")
+        p
+        for p in root.rglob("*")
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
     if not files:

@@ -25,7 +25,9 @@ def split_train_validation(manifest: pd.DataFrame, validation_fraction: float, s
     train_idx = np.flatnonzero(manifest["split"].to_numpy() == TRAIN)
     n_val = int(round(validation_fraction * len(train_idx)))
     if len(train_idx) - n_val < 2:
-        raise ValueError(f"Only {len(train_idx)} training images: too few to hold out {n_val} for validation.")
+        raise ValueError(
+            f"Only {len(train_idx)} training images: too few to hold out {n_val} for validation."
+        )
     chosen = np.random.default_rng(seed).choice(train_idx, size=n_val, replace=False)
     manifest.loc[chosen, "split"] = VALIDATION
     manifest["array_index"] = manifest.groupby("split").cumcount()

@@ -37,7 +37,9 @@ class MapSettings:
     def from_dict(cls, data: dict) -> MapSettings:
         unknown = sorted(set(data) - set(cls.__dataclass_fields__))
         if unknown:
-            raise ValueError(f"Unknown anomaly map settings {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+            raise ValueError(
+                f"Unknown anomaly map settings {unknown}; known: {sorted(cls.__dataclass_fields__)}"
+            )
         return cls(**data)
 
 
@@ -125,8 +127,12 @@ def _score_batch_fn(
             amap, ssim_values = _fast_maps(x, recon, settings, map_taps, paper_taps)
         else:
             amap = anomaly_map(
-                x, recon, ssim_weight=settings.ssim_weight, l2_weight=settings.l2_weight,
-                smoothing_sigma=settings.smoothing_sigma, win_size=settings.win_size,
+                x,
+                recon,
+                ssim_weight=settings.ssim_weight,
+                l2_weight=settings.l2_weight,
+                smoothing_sigma=settings.smoothing_sigma,
+                win_size=settings.win_size,
                 sigma=settings.win_sigma,
             )
             ssim_values = per_image_ssim(x, recon)

@@ -30,7 +30,10 @@ def ssim_table(manifest: pd.DataFrame, scores: dict[str, np.ndarray], threshold:
 
 
 def table2(
-    table: pd.DataFrame, paper: dict[str, dict], loss_weights: dict[str, float], protocol_defects: Sequence[str]
+    table: pd.DataFrame,
+    paper: dict[str, dict],
+    loss_weights: dict[str, float],
+    protocol_defects: Sequence[str],
 ) -> pd.DataFrame:
     """Mean ± std of SSIM for normal and defective images (full test set, per defect type,
     and the paper's protocol), with the paper's column for the same loss weights beside."""
@@ -91,5 +94,7 @@ def format_table2(frame: pd.DataFrame) -> str:
             if isinstance(row.paper_ssim_mean, float) and not np.isnan(row.paper_ssim_mean)
             else "–"
         )
-        lines.append(f"| {row.subset} | {row.images} | {row.n} | {row.ssim_mean:.4f} ± {row.ssim_std:.4f} | {paper} |")
+        lines.append(
+            f"| {row.subset} | {row.images} | {row.n} | {row.ssim_mean:.4f} ± {row.ssim_std:.4f} | {paper} |"
+        )
     return "\n".join(lines)

@@ -111,11 +111,29 @@ def variant_comparison_figure(comparison: pd.DataFrame) -> Figure:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     x = np.arange(len(comparison))
     width = 0.2
-    left.bar(x - 1.5 * width, comparison["ssim_normal_mean"], width, yerr=comparison["ssim_normal_std"], label="ours normal")
-    left.bar(x - 0.5 * width, comparison["ssim_defect_mean"], width, yerr=comparison["ssim_defect_std"], label="ours defective")
+    left.bar(
+        x - 1.5 * width,
+        comparison["ssim_normal_mean"],
+        width,
+        yerr=comparison["ssim_normal_std"],
+        label="ours normal",
+    )
+    left.bar(
+        x - 0.5 * width,
+        comparison["ssim_defect_mean"],
+        width,
+        yerr=comparison["ssim_defect_std"],
+        label="ours defective",
+    )
     paper = comparison["paper_ssim_normal"].astype(float)
     left.bar(x + 0.5 * width, paper, width, alpha=0.5, label="paper normal")
-    left.bar(x + 1.5 * width, comparison["paper_ssim_defect"].astype(float), width, alpha=0.5, label="paper defective")
+    left.bar(
+        x + 1.5 * width,
+        comparison["paper_ssim_defect"].astype(float),
+        width,
+        alpha=0.5,
+        label="paper defective",
+    )
     left.set_xticks(x, comparison["variant"])
     left.set_ylabel("SSIM(original, reconstruction)")
     left.set_title("Table II")

@@ -75,11 +75,15 @@ def render_report(
         f"<h2>Detection metrics</h2>{_table(metric_rows)}",
     ]
     for name, image in figures.items():
-        sections.append(f'<h2>{html.escape(name)}</h2><img alt="{html.escape(name)}" src="{image_data_uri(image)}">')
+        sections.append(
+            f'<h2>{html.escape(name)}</h2><img alt="{html.escape(name)}" src="{image_data_uri(image)}">'
+        )
     for name, body in (extra_sections or {}).items():
         sections.append(f"<h2>{html.escape(name)}</h2>{body}")
     sections.append(
-        "<h2>Configuration</h2><pre>" + html.escape(json.dumps(configuration, indent=2, default=str)) + "</pre>"
+        "<h2>Configuration</h2><pre>"
+        + html.escape(json.dumps(configuration, indent=2, default=str))
+        + "</pre>"
     )
     meta = (
         f"category <b>{html.escape(str(dataset_info.get('category')))}</b> · data source "

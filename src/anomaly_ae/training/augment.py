@@ -19,15 +19,17 @@ class AugmentationConfig:
     hflip: bool = False
     vflip: bool = False
     rot90: bool = False
-    rotation_degrees: float = 0.0   # uniform in [-d, d]
-    shift_fraction: float = 0.0     # uniform shift of up to this fraction of the side
+    rotation_degrees: float = 0.0  # uniform in [-d, d]
+    shift_fraction: float = 0.0  # uniform shift of up to this fraction of the side
 
     @classmethod
     def from_dict(cls, data: dict | None) -> AugmentationConfig:
         data = dict(data or {})
         unknown = sorted(set(data) - set(cls.__dataclass_fields__))
         if unknown:
-            raise ValueError(f"Unknown training.augmentation settings {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+            raise ValueError(
+                f"Unknown training.augmentation settings {unknown}; known: {sorted(cls.__dataclass_fields__)}"
+            )
         return cls(**data)
 
     @property

@@ -109,7 +109,9 @@ class TrainingConfig:
     def from_dict(cls, data: dict) -> TrainingConfig:
         unknown = sorted(set(data) - set(cls.__dataclass_fields__))
         if unknown:
-            raise ValueError(f"Unknown training settings {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+            raise ValueError(
+                f"Unknown training settings {unknown}; known: {sorted(cls.__dataclass_fields__)}"
+            )
         return cls(**data)
 
 
@@ -171,8 +173,14 @@ def gaussian_filter_valid(img: torch.Tensor, taps: tuple[float, ...]) -> torch.T
 
 
 def ssim_separable(
-    x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size: int = 11, win_sigma: float = 1.5,
-    k1: float = 0.01, k2: float = 0.03, taps: tuple[float, ...] | None = None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    data_range: float = 1.0,
+    win_size: int = 11,
+    win_sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+    taps: tuple[float, ...] | None = None,
 ) -> torch.Tensor:
     """``pytorch_msssim.ssim(x, y, data_range, size_average=True, win_size, win_sigma)``
     (Wang et al. 2004, valid filtering, mean of the map) with :func:`gaussian_filter_valid`."""
@@ -348,8 +356,14 @@ def prepare_training(
     )
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     step = make_train_step(
-        model, loss_fn, optimizer, device=device, dtype=dtype, scaler=scaler,
-        compile=config.compile, compile_mode=config.compile_mode,
+        model,
+        loss_fn,
+        optimizer,
+        device=device,
+        dtype=dtype,
+        scaler=scaler,
+        compile=config.compile,
+        compile_mode=config.compile_mode,
     )
     return TrainingSetup(model, loss_fn, optimizer, scaler, device, dtype, step, flags)
 
@@ -371,7 +385,9 @@ def train_one_epoch(
     shuffled = train_data[order.to(device)]
     augmentation = AugmentationConfig.from_dict(config.augmentation)
     if augmentation.enabled:  # a fresh random view of every image each epoch (seeded)
-        shuffled = augment_batch(shuffled, augmentation, torch.Generator().manual_seed(config.seed * 7919 + epoch))
+        shuffled = augment_batch(
+            shuffled, augmentation, torch.Generator().manual_seed(config.seed * 7919 + epoch)
+        )
     if config.channels_last:
         shuffled = shuffled.contiguous(memory_format=torch.channels_last)
     step_losses = torch.empty(len(slices), device=device)
@@ -429,7 +445,11 @@ def train_autoencoder(
     """
     setup = prepare_training(model_config, config)
     device, dtype, model, loss_fn, optimizer = (
-        setup.device, setup.dtype, setup.model, setup.loss_fn, setup.optimizer
+        setup.device,
+        setup.dtype,
+        setup.model,
+        setup.loss_fn,
+        setup.optimizer,
     )
 
     history: list[dict[str, float]] = []
@@ -456,7 +476,11 @@ def train_autoencoder(
         log.info("Resuming from epoch %d", start_epoch)
 
     train_data = train_images.to(device=device, dtype=torch.float32)
-    val_data = val_images.to(device=device, dtype=torch.float32) if val_images is not None and len(val_images) else None
+    val_data = (
+        val_images.to(device=device, dtype=torch.float32)
+        if val_images is not None and len(val_images)
+        else None
+    )
     n_train = len(train_data)
     if n_train < 2:
         raise ValueError(f"Need at least 2 training images, got {n_train}.")
@@ -515,8 +539,14 @@ def train_autoencoder(
         if config.checkpoint_path and (epoch % max(config.checkpoint_every, 1) == 0 or last_epoch or stop):
             save_checkpoint_atomic(
                 build_checkpoint(
-                    model, optimizer, epoch=epoch, history=history, config=config,
-                    best_state=best_state, best_epoch=best_epoch, best_val_loss=best_val,
+                    model,
+                    optimizer,
+                    epoch=epoch,
+                    history=history,
+                    config=config,
+                    best_state=best_state,
+                    best_epoch=best_epoch,
+                    best_val_loss=best_val,
                     metadata=metadata,
                 ),
                 config.checkpoint_path,
@@ -533,8 +563,15 @@ def train_autoencoder(
         log.info("Restored the weights of the best epoch %d", best_epoch)
     model.eval()
     checkpoint = build_checkpoint(
-        model, optimizer, epoch=int(final_epoch), history=history, config=config,
-        best_state=None, best_epoch=best_epoch, best_val_loss=best_val, metadata=metadata,
+        model,
+        optimizer,
+        epoch=int(final_epoch),
+        history=history,
+        config=config,
+        best_state=None,
+        best_epoch=best_epoch,
+        best_val_loss=best_val,
+        metadata=metadata,
     )
     return TrainingResult(
         model=model.cpu().to(memory_format=torch.contiguous_format),  # the layout build_model gives

@@ -93,8 +93,7 @@ def resolve_dataset(data: dict[str, Any]) -> dict[str, Any]:
     try:
         if not url:
             raise DownloadError(
-                f"no download address is configured for category {category!r} "
-                f"(data.download.urls.{category})"
+                f"no download address is configured for category {category!r} (data.download.urls.{category})"
             )
         fetch_category(
             category,
@@ -122,7 +121,9 @@ def validate_dataset(dataset_info: dict[str, Any], data: dict[str, Any]) -> pd.D
     counts = manifest.groupby(["split", "defect_type"]).size()
     log.info(
         "%s data '%s' at %s: %s; %d masks",
-        dataset_info["source"], dataset_info["category"], dataset_info["path"],
+        dataset_info["source"],
+        dataset_info["category"],
+        dataset_info["path"],
         ", ".join(f"{s}/{d}={n}" for (s, d), n in counts.items()),
         int(manifest["mask_file"].notna().sum()),
     )

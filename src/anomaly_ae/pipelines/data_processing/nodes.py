@@ -35,11 +35,15 @@ def build_model_inputs(
     for split in (preprocess.TRAIN, preprocess.VALIDATION, preprocess.TEST):
         rows = image_manifest[image_manifest["split"] == split].sort_values("array_index")
         arrays = {
-            "images": preprocess.stack_images(loaders, rows["image_file"].tolist(), folder, size, resample, suffix),
+            "images": preprocess.stack_images(
+                loaders, rows["image_file"].tolist(), folder, size, resample, suffix
+            ),
             "labels": rows["label"].to_numpy(dtype=np.int64),
         }
         if split == preprocess.TEST:
-            arrays["masks"] = preprocess.stack_masks(loaders, rows["mask_file"].tolist(), folder, size, suffix)
+            arrays["masks"] = preprocess.stack_masks(
+                loaders, rows["mask_file"].tolist(), folder, size, suffix
+            )
         log.info("%s: %d images of %dx%d", split, len(rows), size, size)
         outputs.append(arrays)
     return tuple(outputs)

@@ -74,7 +74,9 @@ def build_ssim_table(
 def build_table2(
     ssim_table: pd.DataFrame, model_checkpoint: dict, paper_table2: dict, evaluation: dict[str, Any]
 ) -> pd.DataFrame:
-    frame = tables.table2(ssim_table, paper_table2, model_checkpoint["loss"], evaluation["paper_protocol_defects"])
+    frame = tables.table2(
+        ssim_table, paper_table2, model_checkpoint["loss"], evaluation["paper_protocol_defects"]
+    )
     log.info("Table II (SSIM of original vs reconstruction):\n%s", tables.format_table2(frame))
     return frame
 
@@ -99,7 +101,10 @@ def compute_metrics(
     )
     log.info(
         "image AUROC %.4f | pixel AUROC %.4f | AUPRO %.4f | F1-max %.4f | threshold %.4f",
-        metrics["image_auroc"], metrics["pixel_auroc"], metrics["aupro"], metrics["image_f1_max"],
+        metrics["image_auroc"],
+        metrics["pixel_auroc"],
+        metrics["aupro"],
+        metrics["image_f1_max"],
         metrics["threshold"],
     )
     record = {

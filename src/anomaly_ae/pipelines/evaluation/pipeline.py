@@ -14,8 +14,18 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ["test_scores", "validation_scores"],
                 name="score_images",
             ),
-            Node(calibrate, ["validation_scores", "params:evaluation"], "decision_threshold", name="calibrate_threshold"),
-            Node(build_ssim_table, ["test_scores", "image_manifest", "decision_threshold"], "ssim_table", name="build_ssim_table"),
+            Node(
+                calibrate,
+                ["validation_scores", "params:evaluation"],
+                "decision_threshold",
+                name="calibrate_threshold",
+            ),
+            Node(
+                build_ssim_table,
+                ["test_scores", "image_manifest", "decision_threshold"],
+                "ssim_table",
+                name="build_ssim_table",
+            ),
             Node(
                 build_table2,
                 ["ssim_table", "model_checkpoint", "params:paper_table2", "params:evaluation"],
@@ -24,7 +34,14 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 compute_metrics,
-                ["test_scores", "test_images", "decision_threshold", "model_checkpoint", "dataset_info", "params:evaluation"],
+                [
+                    "test_scores",
+                    "test_images",
+                    "decision_threshold",
+                    "model_checkpoint",
+                    "dataset_info",
+                    "params:evaluation",
+                ],
                 ["evaluation_metrics", "evaluation_mlflow_metrics"],
                 name="compute_metrics",
             ),

@@ -33,8 +33,19 @@ def comparison_node(variants: Sequence[str]) -> Callable[..., tuple[pd.DataFrame
             title=f"anomaly-ae loss study — {dataset_info['category']}",
             run_id=run.info.run_id if run else None,
             dataset_info=dataset_info,
-            table2=table[["variant", "ssim_normal_mean", "ssim_normal_std", "ssim_defect_mean", "ssim_defect_std",
-                          "ssim_gap", "paper_ssim_normal", "paper_ssim_defect", "paper_ssim_gap"]],
+            table2=table[
+                [
+                    "variant",
+                    "ssim_normal_mean",
+                    "ssim_normal_std",
+                    "ssim_defect_mean",
+                    "ssim_defect_std",
+                    "ssim_gap",
+                    "paper_ssim_normal",
+                    "paper_ssim_defect",
+                    "paper_ssim_gap",
+                ]
+            ],
             metrics={},
             figures={"Loss variants: Table II and detection metrics": figure},
             configuration={"variants": list(variants)},

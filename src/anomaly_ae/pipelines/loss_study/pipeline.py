@@ -1,8 +1,9 @@
 """The ``loss_study`` pipeline: ``kedro run --pipeline=loss_study [--namespaces=hybrid]``.
 
-Data preparation runs once; the training, evaluation and reporting pipelines are reused under one Kedro namespace per
-variant; catalog dataset factories (``{namespace}.model_checkpoint`` ...) give each variant
-its own files, and ``NamespaceRunsHook`` its own nested MLflow run.
+Data preparation runs once; the training, evaluation and reporting pipelines are reused
+under one Kedro namespace per variant; catalog dataset factories
+(``{namespace}.model_checkpoint`` ...) give each variant its own files, and
+``NamespaceRunsHook`` its own nested MLflow run.
 """
 
 from __future__ import annotations

@@ -75,7 +75,10 @@ def predict_folder(
     failed = int(table["error"].notna().sum())
     log.info(
         "predict: %d files scanned, %d anomalous, %d failed (threshold %.5f)",
-        len(table), int((table["is_anomalous"] == True).sum()), failed, inspector.threshold,  # noqa: E712
+        len(table),
+        int(table["is_anomalous"].fillna(False).astype(bool).sum()),
+        failed,
+        inspector.threshold,
     )
     for row in table[table["error"].notna()].itertuples():
         log.warning("not judged: %s: %s", row.file, row.error)

@@ -45,18 +45,28 @@ def make_figures(
     evaluation_metrics: dict[str, Any],
 ) -> tuple[Image.Image, Image.Image, Image.Image, Image.Image]:
     """Figure 1 of the paper, image and pixel ROC curves, and SSIM histograms."""
-    figure1 = figures.figure_to_image(figures.reconstruction_figure(_figure1_rows(test_images, test_scores, ssim_table)))
+    figure1 = figures.figure_to_image(
+        figures.reconstruction_figure(_figure1_rows(test_images, test_scores, ssim_table))
+    )
     labels = test_images["labels"]
     image_roc = figures.figure_to_image(
         figures.roc_figure(
-            {"image score": (labels, test_scores["score"], evaluation_metrics["image_auroc"]),
-             "1 - SSIM": (labels, 1 - test_scores["ssim"], _auroc(labels, 1 - test_scores["ssim"]))},
+            {
+                "image score": (labels, test_scores["score"], evaluation_metrics["image_auroc"]),
+                "1 - SSIM": (labels, 1 - test_scores["ssim"], _auroc(labels, 1 - test_scores["ssim"])),
+            },
             "Image-level ROC",
         )
     )
     pixel_roc = figures.figure_to_image(
         figures.roc_figure(
-            {"anomaly map": (test_images["masks"].ravel() > 0, test_scores["map"].ravel(), evaluation_metrics["pixel_auroc"])},
+            {
+                "anomaly map": (
+                    test_images["masks"].ravel() > 0,
+                    test_scores["map"].ravel(),
+                    evaluation_metrics["pixel_auroc"],
+                )
+            },
             "Pixel-level ROC (all test pixels)",
         )
     )
@@ -112,7 +122,11 @@ def build_report(
             "SSIM of normal vs defective test images": ssim_histogram,
             "Training loss": loss_curve,
         },
-        configuration={"model": model, "training": training, "evaluation": evaluation,
-                       "loss_weights": evaluation_metrics.get("loss_weights"),
-                       "checkpoint_epoch": evaluation_metrics.get("checkpoint_epoch")},
+        configuration={
+            "model": model,
+            "training": training,
+            "evaluation": evaluation,
+            "loss_weights": evaluation_metrics.get("loss_weights"),
+            "checkpoint_epoch": evaluation_metrics.get("checkpoint_epoch"),
+        },
     )

@@ -23,7 +23,9 @@ def _log_epoch(row: dict[str, float], every: int = 10) -> None:
     if row["epoch"] == 1 or row["epoch"] % every == 0:
         log.info(
             "epoch %d: train %.5f, val %s, %.1f img/s",
-            row["epoch"], row["train_loss"], f"{row['val_loss']:.5f}" if "val_loss" in row else "n/a",
+            row["epoch"],
+            row["train_loss"],
+            f"{row['val_loss']:.5f}" if "val_loss" in row else "n/a",
             row["images_per_second"],
         )
 
@@ -43,7 +45,9 @@ def train_model(
         state = Path(train_config.checkpoint_path)
         tag = f"mse{train_config.mse_weight:g}_ssim{train_config.ssim_weight:g}"
         train_config.checkpoint_path = str(state.with_name(f"{state.stem}_{tag}{state.suffix}"))
-        log.info("Crash-safe training state: %s (continue with training.resume_from)", train_config.checkpoint_path)
+        log.info(
+            "Crash-safe training state: %s (continue with training.resume_from)", train_config.checkpoint_path
+        )
     images = train_images["images"]
     if images.shape[-1] != model_config.image_size:
         raise ValueError(
@@ -65,11 +69,16 @@ def train_model(
     history = pd.DataFrame(result.history)
     log.info(
         "Trained %d epochs on %s (best epoch %d): train loss %.5f, val loss %s",
-        len(history), result.device, result.best_epoch, history["train_loss"].iloc[-1],
+        len(history),
+        result.device,
+        result.best_epoch,
+        history["train_loss"].iloc[-1],
         f"{history['val_loss'].iloc[-1]:.5f}" if "val_loss" in history else "n/a",
     )
     metrics = {
-        name: [{"step": int(e), "value": float(v)} for e, v in zip(history["epoch"], history[name], strict=True)]
+        name: [
+            {"step": int(e), "value": float(v)} for e, v in zip(history["epoch"], history[name], strict=True)
+        ]
         for name in ("train_loss", "val_loss", "images_per_second")
         if name in history
     }

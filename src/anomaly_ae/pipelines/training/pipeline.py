@@ -10,8 +10,22 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 train_model,
-                ["train_images", "validation_images", "params:model", "params:training", "params:loss", "dataset_info"],
-                ["model_checkpoint", "trained_model", "training_history", "training_metrics", "loss_curve", "run_tags"],
+                [
+                    "train_images",
+                    "validation_images",
+                    "params:model",
+                    "params:training",
+                    "params:loss",
+                    "dataset_info",
+                ],
+                [
+                    "model_checkpoint",
+                    "trained_model",
+                    "training_history",
+                    "training_metrics",
+                    "loss_curve",
+                    "run_tags",
+                ],
                 name="train_model",
             )
         ]
