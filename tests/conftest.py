@@ -27,7 +27,7 @@ class KedroProject:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def run(self, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    def run(self, *args: str, check: bool = True, timeout: int = 1800) -> subprocess.CompletedProcess:
         env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
         result = subprocess.run(
             [sys.executable, "-m", "kedro", *args],
