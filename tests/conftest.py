@@ -71,6 +71,18 @@ def make_project(root: Path) -> KedroProject:
     return KedroProject(root)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors on 2 shared cores: one intra-op thread is several times faster than
+    two threads spinning at barriers while other processes hold the cores."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def kedro_project(tmp_path: Path) -> KedroProject:
     return make_project(tmp_path / "project")

@@ -21,15 +21,7 @@ from anomaly_ae.training.checkpoint import (
 )
 from anomaly_ae.training.trainer import TrainingConfig, build_checkpoint
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors on 2 shared cores: one intra-op thread is several times faster than
-    two threads spinning at barriers while other processes hold the cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _checkpoint(seed: int = 0, epoch: int = 3) -> dict:

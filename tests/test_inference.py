@@ -11,8 +11,13 @@ from anomaly_ae.training.trainer import TrainingConfig, build_checkpoint
 @pytest.fixture(scope="module")
 def checkpoint():
     torch.manual_seed(0)
-    return build_checkpoint(build_model(AutoencoderConfig(image_size=64)).eval(), None, epoch=1, history=[],
-                            config=TrainingConfig())
+    return build_checkpoint(
+        build_model(AutoencoderConfig(image_size=64)).eval(),
+        None,
+        epoch=1,
+        history=[],
+        config=TrainingConfig(),
+    )
 
 
 def test_checkpoint_of_another_image_size_is_refused(checkpoint):
@@ -35,5 +40,7 @@ def test_reconstruct_and_score_outputs(checkpoint):
     assert out["recon"].shape == (5, 1, 64, 64) and out["map"].shape == (5, 64, 64)
     for key in ("ssim", "mse", "score"):
         assert out[key].shape == (5,) and np.isfinite(out[key]).all()
-    assert np.allclose(out["score"], out["map"].reshape(5, -1).max(axis=1), atol=1e-6)  # default: max of the map
+    assert np.allclose(
+        out["score"], out["map"].reshape(5, -1).max(axis=1), atol=1e-6
+    )  # default: max of the map
     assert np.allclose(out["mse"], ((images - out["recon"]) ** 2).mean(axis=(1, 2, 3)), atol=1e-6)

@@ -15,15 +15,7 @@ from anomaly_ae.data.synthetic import generate_synthetic_category
 from anomaly_ae.data.transforms import to_model_array
 from anomaly_ae.model import HybridLoss
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors on 2 shared cores: one intra-op thread is several times faster than
-    two threads spinning at barriers while other processes hold the cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SIZE = 128

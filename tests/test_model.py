@@ -10,15 +10,7 @@ from torch import nn
 
 from anomaly_ae.model import AutoencoderConfig, ConvAutoencoder, build_model, count_parameters
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors on 2 shared cores: one intra-op thread is several times faster than
-    two threads spinning at barriers while other processes hold the cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 PAPER_PARAMETERS = 9_026_241

@@ -23,15 +23,7 @@ from anomaly_ae.training.trainer import (
     train_autoencoder,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors on 2 shared cores: one intra-op thread is several times faster than
-    two threads spinning at barriers while other processes hold the cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SIZE = 64

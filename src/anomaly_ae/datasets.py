@@ -2,30 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 from kedro.io.core import AbstractDataset, AbstractVersionedDataset, DatasetError, Version
 
-from anomaly_ae.training.checkpoint import load_checkpoint, save_checkpoint_atomic
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from anomaly_ae.training.checkpoint import atomic_write, load_checkpoint, save_checkpoint_atomic
 
 
 class TorchCheckpointDataset(AbstractVersionedDataset[dict, dict]):
@@ -93,7 +76,7 @@ class NpzDataset(AbstractDataset[dict, dict]):
             raise DatasetError(
                 f"{self._filepath}: arrays {objects} hold Python objects; only numeric arrays are cached."
             )
-        _atomic_write(self._filepath, lambda handle: np.savez(handle, **arrays))
+        atomic_write(self._filepath, lambda handle: np.savez(handle, **arrays))
 
     def _exists(self) -> bool:
         return self._filepath.is_file()

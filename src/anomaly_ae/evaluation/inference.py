@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anomaly_ae.config import from_settings
 from anomaly_ae.evaluation.anomaly_map import _gaussian_blur, anomaly_map, image_score, per_image_ssim
 from anomaly_ae.model import AutoencoderConfig, build_model
 from anomaly_ae.training.checkpoint import CheckpointError, validate_checkpoint
@@ -35,12 +36,7 @@ class MapSettings:
 
     @classmethod
     def from_dict(cls, data: dict) -> MapSettings:
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(
-                f"Unknown anomaly map settings {unknown}; known: {sorted(cls.__dataclass_fields__)}"
-            )
-        return cls(**data)
+        return from_settings(cls, data, "evaluation.anomaly_map")
 
 
 def model_from_checkpoint(

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from anomaly_ae.config import from_settings
+
 
 @dataclass(frozen=True)
 class AutoencoderConfig:
@@ -49,11 +51,7 @@ class AutoencoderConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> AutoencoderConfig:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ValueError(f"Unknown model settings {unknown}; known: {sorted(known)}")
-        return cls(**known)
+        return from_settings(cls, data, "model")
 
 
 def _act_norm_drop(cfg: AutoencoderConfig, features: int, dims: int) -> list[nn.Module]:

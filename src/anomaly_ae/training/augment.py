@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from anomaly_ae.config import from_settings
+
 
 @dataclass(frozen=True)
 class AugmentationConfig:
@@ -24,13 +26,7 @@ class AugmentationConfig:
 
     @classmethod
     def from_dict(cls, data: dict | None) -> AugmentationConfig:
-        data = dict(data or {})
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(
-                f"Unknown training.augmentation settings {unknown}; known: {sorted(cls.__dataclass_fields__)}"
-            )
-        return cls(**data)
+        return from_settings(cls, data, "training.augmentation")
 
     @property
     def enabled(self) -> bool:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -16,17 +17,16 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable or does not fit the requested model."""
 
 
-def save_checkpoint_atomic(checkpoint: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``checkpoint`` with ``torch.save`` to a temporary file, fsync it, then rename it.
-
-    A crash mid-write leaves the previous file untouched (``os.replace`` is atomic).
-    """
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(handle)`` on a temporary file beside ``path``, fsync it, then rename it
+    over ``path``. A crash mid-write leaves the previous file untouched (``os.replace`` is
+    atomic) and no temporary file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(checkpoint, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)
@@ -35,6 +35,11 @@ def save_checkpoint_atomic(checkpoint: dict[str, Any], path: str | os.PathLike) 
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_checkpoint_atomic(checkpoint: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``checkpoint`` with ``torch.save`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda handle: torch.save(checkpoint, handle))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from anomaly_ae.config import from_settings
 from anomaly_ae.model import AutoencoderConfig, HybridLoss, build_model
 from anomaly_ae.training.augment import AugmentationConfig, augment_batch
 from anomaly_ae.training.checkpoint import CHECKPOINT_FORMAT, save_checkpoint_atomic, validate_checkpoint
@@ -107,12 +108,7 @@ class TrainingConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainingConfig:
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(
-                f"Unknown training settings {unknown}; known: {sorted(cls.__dataclass_fields__)}"
-            )
-        return cls(**data)
+        return from_settings(cls, data, "training")
 
 
 @dataclass
