@@ -3,7 +3,7 @@
     python -m anomaly_ae.benchmark                                  # defaults of TrainingConfig
     python -m anomaly_ae.benchmark --precision bf16 --channels-last --compile
     python -m anomaly_ae.benchmark --compare fp32 cl cl+compile cl+bf16+compile --rounds 3
-    python -m anomaly_ae.benchmark --compare fp32 cl+compile --keras-reference /work/tfvenv/bin/python
+    python -m anomaly_ae.benchmark --compare fp32 cl+compile --keras-reference /tmp/tfvenv/bin/python
 
 Training is timed through :func:`anomaly_ae.training.trainer.prepare_training` and
 :func:`~anomaly_ae.training.trainer.train_one_epoch` (the code train_autoencoder runs:
@@ -25,6 +25,7 @@ This is a script that prints figures, not a test.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import json
 import os
 import platform
@@ -48,7 +49,8 @@ from anomaly_ae.training.trainer import (
     train_one_epoch,
 )
 
-KERAS_SCRIPT = "/work/shared/tools/seed_keras_epoch.py"
+#: The author's Keras model timed on the same machine: ../shared/tools beside the repository.
+KERAS_SCRIPT = str(Path(__file__).resolve().parents[3] / "shared" / "tools" / "seed_keras_epoch.py")
 
 
 @dataclass
