@@ -25,7 +25,6 @@ This is a script that prints figures, not a test.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 import json
 import os
 import platform
@@ -36,6 +35,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
