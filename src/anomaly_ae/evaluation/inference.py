@@ -15,7 +15,7 @@ from anomaly_ae.evaluation.anomaly_map import _gaussian_blur, anomaly_map, image
 from anomaly_ae.model import AutoencoderConfig, build_model
 from anomaly_ae.training.checkpoint import CheckpointError, validate_checkpoint
 from anomaly_ae.training.device import autocast, resolve_device, resolve_precision
-from anomaly_ae.training.trainer import gaussian_filter_valid, gaussian_taps
+from anomaly_ae.training.trainer import gaussian_taps, ssim_map_separable
 
 
 @dataclass(frozen=True)
@@ -64,18 +64,6 @@ def model_from_checkpoint(
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _ssim_map_valid(x: torch.Tensor, y: torch.Tensor, taps: tuple[float, ...]) -> torch.Tensor:
-    """pytorch_msssim's valid-mode SSIM map (data_range 1, K 0.01/0.03), shift-and-add filter."""
-    c1, c2 = 0.01**2, 0.03**2
-    mu1, mu2 = gaussian_filter_valid(x, taps), gaussian_filter_valid(y, taps)
-    mu1_sq, mu2_sq, mu1_mu2 = mu1.pow(2), mu2.pow(2), mu1 * mu2
-    sigma1_sq = gaussian_filter_valid(x * x, taps) - mu1_sq
-    sigma2_sq = gaussian_filter_valid(y * y, taps) - mu2_sq
-    sigma12 = gaussian_filter_valid(x * y, taps) - mu1_mu2
-    cs_map = (2 * sigma12 + c2) / (sigma1_sq + sigma2_sq + c2)
-    return ((2 * mu1_mu2 + c1) / (mu1_sq + mu2_sq + c1)) * cs_map
-
-
 def _fast_maps(x, recon, settings: MapSettings, map_taps, paper_taps):
     """anomaly_map(...) and per_image_ssim(...) with the same math, written so torch.compile
     fuses the Gaussian filtering (the SSIM map is computed once when the windows agree:
@@ -84,7 +72,7 @@ def _fast_maps(x, recon, settings: MapSettings, map_taps, paper_taps):
     h, w = x.shape[-2:]
     mode = "reflect" if p < h and p < w else "replicate"
     pads = (p, p, p, p)
-    local = _ssim_map_valid(F.pad(x, pads, mode=mode), F.pad(recon, pads, mode=mode), map_taps)
+    local = ssim_map_separable(F.pad(x, pads, mode=mode), F.pad(recon, pads, mode=mode), map_taps)
     amap = torch.zeros_like(x)
     if settings.ssim_weight:
         amap = amap + settings.ssim_weight * (1.0 - local).clamp(0.0, 1.0)
@@ -95,7 +83,7 @@ def _fast_maps(x, recon, settings: MapSettings, map_taps, paper_taps):
     if map_taps == paper_taps and p and 2 * p < min(h, w):
         valid = local[..., p : h - p, p : w - p]
     else:
-        valid = _ssim_map_valid(x, recon, paper_taps)
+        valid = ssim_map_separable(x, recon, paper_taps)
     return amap, valid.flatten(1).mean(-1)
 
 

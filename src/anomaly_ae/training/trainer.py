@@ -181,15 +181,26 @@ def ssim_separable(
     """``pytorch_msssim.ssim(x, y, data_range, size_average=True, win_size, win_sigma)``
     (Wang et al. 2004, valid filtering, mean of the map) with :func:`gaussian_filter_valid`."""
     win = taps if taps is not None else gaussian_taps(win_size, win_sigma)
+    return ssim_map_separable(x, y, win, data_range, k1, k2).flatten(2).mean(-1).mean()
+
+
+def ssim_map_separable(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    taps: tuple[float, ...],
+    data_range: float = 1.0,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> torch.Tensor:
+    """The valid-mode SSIM map of pytorch_msssim, filtered with :func:`gaussian_filter_valid`."""
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    mu1, mu2 = gaussian_filter_valid(x, win), gaussian_filter_valid(y, win)
+    mu1, mu2 = gaussian_filter_valid(x, taps), gaussian_filter_valid(y, taps)
     mu1_sq, mu2_sq, mu1_mu2 = mu1.pow(2), mu2.pow(2), mu1 * mu2
-    sigma1_sq = gaussian_filter_valid(x * x, win) - mu1_sq
-    sigma2_sq = gaussian_filter_valid(y * y, win) - mu2_sq
-    sigma12 = gaussian_filter_valid(x * y, win) - mu1_mu2
+    sigma1_sq = gaussian_filter_valid(x * x, taps) - mu1_sq
+    sigma2_sq = gaussian_filter_valid(y * y, taps) - mu2_sq
+    sigma12 = gaussian_filter_valid(x * y, taps) - mu1_mu2
     cs_map = (2 * sigma12 + c2) / (sigma1_sq + sigma2_sq + c2)
-    ssim_map = ((2 * mu1_mu2 + c1) / (mu1_sq + mu2_sq + c1)) * cs_map
-    return ssim_map.flatten(2).mean(-1).mean()
+    return ((2 * mu1_mu2 + c1) / (mu1_sq + mu2_sq + c1)) * cs_map
 
 
 class SeparableHybridLoss(HybridLoss):

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from anomaly_ae.evaluation.anomaly_map import anomaly_map
+from anomaly_ae.evaluation.metrics import image_auroc
 from anomaly_ae.reporting import figures
 from anomaly_ae.reporting.report import render_report
 
@@ -53,7 +54,7 @@ def make_figures(
         figures.roc_figure(
             {
                 "image score": (labels, test_scores["score"], evaluation_metrics["image_auroc"]),
-                "1 - SSIM": (labels, 1 - test_scores["ssim"], _auroc(labels, 1 - test_scores["ssim"])),
+                "1 - SSIM": (labels, 1 - test_scores["ssim"], image_auroc(labels, 1 - test_scores["ssim"])),
             },
             "Image-level ROC",
         )
@@ -72,12 +73,6 @@ def make_figures(
     )
     histogram = figures.figure_to_image(figures.ssim_histogram_figure(ssim_table))
     return figure1, image_roc, pixel_roc, histogram
-
-
-def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    from anomaly_ae.evaluation.metrics import image_auroc
-
-    return image_auroc(labels, scores)
 
 
 def make_heatmaps(
