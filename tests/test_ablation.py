@@ -33,6 +33,7 @@ def inputs(tmp_path_factory):
     rng = np.random.default_rng(0)
     model_input = root / "model_input"
     model_input.mkdir()
+    np.savez(model_input / "train_images.npz", images=_images(rng, 5), labels=np.zeros(5, np.int64))
     np.savez(model_input / "validation_images.npz", images=_images(rng, 4), labels=np.zeros(4, np.int64))
     test_images = _images(rng, 6)
     labels = np.array([0, 0, 0, 1, 1, 1], np.int64)
@@ -61,7 +62,8 @@ def test_main_writes_csv_and_markdown(inputs, capsys):
         rows = list(csv.DictReader(f))
     assert tuple(rows[0].keys()) == ablation.CSV_COLUMNS
     assert [r["setting"] for r in rows] == [s.name for s in ablation.grid("small")]
-    assert len(rows) == 8
+    assert len(rows) == 16
+    assert {r["reference"] for r in rows} == {"none", "mean"}
     assert sum(r["is_default"] == "True" for r in rows) == 1
     assert sum(r["is_selected"] == "True" for r in rows) == 1
     assert rows[0]["setting"] == ablation.DEFAULT_SETTING.name and rows[0]["is_default"] == "True"
@@ -84,7 +86,8 @@ def test_selection_never_reads_test_labels(inputs):
         images, labels, masks = t["images"], t["labels"], t["masks"]
     poisoned = root / "poisoned_input"
     poisoned.mkdir()
-    (poisoned / "validation_images.npz").write_bytes((model_input / "validation_images.npz").read_bytes())
+    for name in ("train_images.npz", "validation_images.npz"):
+        (poisoned / name).write_bytes((model_input / name).read_bytes())
     np.savez(
         poisoned / "test_images.npz", images=images, labels=1 - labels, masks=np.roll(masks, 30, axis=(1, 2))
     )
@@ -142,3 +145,28 @@ def test_multiscale_and_map_settings_match_anomaly_map():
     singles = [ablation.compute_maps(x, r, ablation.AblationSetting("ssim", str(k), 0.0, "max"), 1.0)
                for k in ablation.MULTI_SCALE_WINDOWS]  # fmt: skip
     np.testing.assert_allclose(multi, np.mean(singles, axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_reference_setting_matches_the_pipeline_correction():
+    """An ablation ``ref-mean``/``ref-zscore`` map is the raw map corrected by the reference
+    fitted on the training maps, exactly as the evaluate pipeline computes it."""
+    from anomaly_ae.evaluation.reference import NormalReference
+
+    rng = np.random.default_rng(3)
+    train, x = _images(rng, 5), _images(rng, 2)
+    train_r = np.clip(train + rng.normal(0, 0.05, train.shape), 0, 1).astype(np.float32)
+    r = np.clip(x + rng.normal(0, 0.05, x.shape), 0, 1).astype(np.float32)
+    settings = [ablation.AblationSetting("ssim", "11", 2.0, "max", ref) for ref in ("none", "mean", "zscore")]
+    refs = ablation.fit_references(settings, train, train_r, 1.0)
+    assert list(refs) == [settings[0].raw_key]  # one reference per uncorrected map
+    raw = ablation.compute_maps(x, r, settings[0], 1.0)
+    fitted = NormalReference.fit(ablation.compute_maps(train, train_r, settings[0], 1.0))
+    np.testing.assert_allclose(ablation.compute_maps(x, r, settings[1], 1.0, references=refs), raw - fitted.mean,
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    expected = (raw - fitted.mean) / (fitted.std + fitted.std.mean())
+    np.testing.assert_allclose(ablation.compute_maps(x, r, settings[2], 1.0, references=refs), expected,
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    assert settings[1].map_settings(1.0).normal_reference == "mean"
+    assert settings[2].levers_changed() == 2 and "ref-zscore" in settings[2].name
+    with pytest.raises(ValueError, match="needs a normal reference"):
+        ablation.compute_maps(x, r, settings[1], 1.0)

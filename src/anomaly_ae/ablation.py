@@ -11,7 +11,10 @@ Levers (each a parameter; the paper's default first):
   (``1 - SSIM + w * squared error`` with ``w = mean(1 - SSIM) / mean(squared error)`` over
   the NORMAL validation images, so both terms weigh about the same);
 * ``window``: SSIM window ``11`` (default), ``7``, or ``ms`` = mean of the maps at 7/11/15;
-* ``smoothing_sigma``: Gaussian smoothing of the map, ``0`` (default), 2 or 4 px;
+* ``smoothing_sigma``: Gaussian smoothing of the map, ``0`` (default), 2, 4 or 8 px;
+* ``reference``: normal-reference correction (:mod:`anomaly_ae.evaluation.reference`),
+  ``none`` (default), ``mean`` (minus the per-pixel mean map of the NORMAL training images)
+  or ``zscore`` (also divided by their per-pixel spread);
 * ``reduction``: image score ``max`` (default), ``topk_mean`` (top 1% pixels) or ``mean``.
 
 Selection rule (the same for every category; test labels are never read): synthetic
@@ -42,6 +45,7 @@ import torch
 from anomaly_ae.evaluation.anomaly_map import _gaussian_blur, anomaly_map, image_score
 from anomaly_ae.evaluation.inference import MapSettings, model_from_checkpoint, reconstruct_and_score
 from anomaly_ae.evaluation.metrics import aupro, f1_max, image_auroc, pixel_auroc
+from anomaly_ae.evaluation.reference import NormalReference
 from anomaly_ae.training.checkpoint import load_checkpoint
 
 __all__ = [
@@ -63,7 +67,7 @@ TOPK_FRACTION = 0.01
 DEFECT_KINDS = ("blob", "scratch", "patch")
 
 CSV_COLUMNS = (
-    "setting", "blend", "ssim_weight", "l2_weight", "window", "smoothing_sigma", "reduction",
+    "setting", "blend", "ssim_weight", "l2_weight", "window", "smoothing_sigma", "reference", "reduction",
     "topk_fraction", "levers_changed", "syn_image_auroc", "syn_pixel_auroc", "syn_aupro",
     "selection_score", "test_image_auroc", "test_pixel_auroc", "test_aupro", "test_image_f1_max",
     "is_default", "is_selected",
@@ -79,17 +83,24 @@ class AblationSetting:
     window: str = "11"
     smoothing_sigma: float = 0.0
     reduction: str = "max"
+    reference: str = "none"
 
     @property
-    def map_key(self) -> tuple[str, str, float]:
-        """Settings that share this key share the anomaly map (only the reduction differs)."""
+    def raw_key(self) -> tuple[str, str, float]:
+        """Settings that share this key share the uncorrected map (and its normal reference)."""
         return (self.blend, self.window, float(self.smoothing_sigma))
+
+    @property
+    def map_key(self) -> tuple[str, str, float, str]:
+        """Settings that share this key share the anomaly map (only the reduction differs)."""
+        return (*self.raw_key, self.reference)
 
     @property
     def name(self) -> str:
         win = "" if self.window == "-" else f" win{self.window}"
         red = "top1%" if self.reduction == "topk_mean" else self.reduction
-        return f"{self.blend}{win} smooth{self.smoothing_sigma:g} {red}"
+        ref = "" if self.reference == "none" else f" ref-{self.reference}"
+        return f"{self.blend}{win} smooth{self.smoothing_sigma:g}{ref} {red}"
 
     def levers_changed(self, default: AblationSetting | None = None) -> int:
         """How many levers differ from the paper's default (the tie-break: fewer is simpler)."""
@@ -100,6 +111,7 @@ class AblationSetting:
             + int(window_changed)
             + int(self.smoothing_sigma != d.smoothing_sigma)
             + int(self.reduction != d.reduction)
+            + int(self.reference != d.reference)
         )
 
     def weights(self, l2_scale: float) -> tuple[float, float]:
@@ -116,33 +128,38 @@ class AblationSetting:
             ssim_weight=ssim_w, l2_weight=l2_w, smoothing_sigma=float(self.smoothing_sigma),
             win_size=11 if self.window == "-" else int(self.window),
             score_reduction=self.reduction, topk_fraction=TOPK_FRACTION,
+            normal_reference=self.reference,
         )  # fmt: skip
 
 
 #: The paper's setting: 1 - local SSIM (11x11 Gaussian window), no smoothing, max pixel.
-DEFAULT_SETTING = AblationSetting("ssim", "11", 0.0, "max")
+DEFAULT_SETTING = AblationSetting("ssim", "11", 0.0, "max", "none")
 
 _GRIDS = {
-    # blends, windows (for SSIM blends), smoothing sigmas, reductions
-    "full": (("ssim", "ssim+l2", "l2"), ("11", "7", "ms"), (0.0, 2.0, 4.0), ("max", "topk_mean", "mean")),
-    "small": (("ssim", "l2"), ("11",), (0.0, 2.0), ("max", "mean")),
-}
+    # blends, windows (for SSIM blends), smoothing sigmas, references, reductions
+    "full": (
+        ("ssim", "ssim+l2", "l2"), ("11", "7", "ms"), (0.0, 2.0, 4.0, 8.0),
+        ("none", "mean", "zscore"), ("max", "topk_mean", "mean"),
+    ),
+    "small": (("ssim", "l2"), ("11",), (0.0, 2.0), ("none", "mean"), ("max", "mean")),
+}  # fmt: skip
 
 
 def grid(name: str = "full") -> list[AblationSetting]:
-    """The settings of grid ``name`` (``full``: 63 settings over 21 distinct maps; ``small``: 8).
-    The paper's default is always the first."""
+    """The settings of grid ``name`` (``full``: 252 settings over 84 distinct maps;
+    ``small``: 16). The paper's default is always the first."""
     if name not in _GRIDS:
         raise ValueError(f"unknown grid {name!r}; choose from {sorted(_GRIDS)}")
-    blends, windows, sigmas, reductions = _GRIDS[name]
+    blends, windows, sigmas, references, reductions = _GRIDS[name]
     out = [DEFAULT_SETTING]
     for blend in blends:
         for window in windows if blend != "l2" else ("-",):
             for sigma in sigmas:
-                for reduction in reductions:
-                    s = AblationSetting(blend, window, float(sigma), reduction)
-                    if s != DEFAULT_SETTING:
-                        out.append(s)
+                for reference in references:
+                    for reduction in reductions:
+                        s = AblationSetting(blend, window, float(sigma), reduction, reference)
+                        if s != DEFAULT_SETTING:
+                            out.append(s)
     return out
 
 
@@ -288,8 +305,38 @@ def compute_maps(
     setting: AblationSetting,
     l2_scale: float,
     batch_size: int = 16,
+    references: dict[tuple, NormalReference] | None = None,
 ) -> np.ndarray:
-    """Anomaly maps ``(N, H, W)`` float32 for ``setting`` from images and reconstructions."""
+    """Anomaly maps ``(N, H, W)`` float32 for ``setting`` from images and reconstructions;
+    ``references`` (from :func:`fit_references`) when ``setting.reference`` is not ``none``."""
+    maps = _raw_maps(images, recon, setting, l2_scale, batch_size)
+    if setting.reference == "none":
+        return maps
+    if not references or setting.raw_key not in references:
+        raise ValueError(f"setting {setting.name!r} needs a normal reference; see fit_references()")
+    corrected = references[setting.raw_key].apply(torch.from_numpy(maps), setting.reference)
+    return corrected.numpy().astype(np.float32)
+
+
+def fit_references(
+    settings: Sequence[AblationSetting],
+    normal_images: np.ndarray,
+    normal_recon: np.ndarray,
+    l2_scale: float,
+    batch_size: int = 16,
+) -> dict[tuple, NormalReference]:
+    """One normal reference per uncorrected map that some setting corrects, fitted on the
+    maps of NORMAL training images (never validation or test images)."""
+    refs: dict[tuple, NormalReference] = {}
+    for s in settings:
+        if s.reference != "none" and s.raw_key not in refs:
+            refs[s.raw_key] = NormalReference.fit(_raw_maps(normal_images, normal_recon, s, l2_scale, batch_size))
+    return refs
+
+
+def _raw_maps(
+    images: np.ndarray, recon: np.ndarray, setting: AblationSetting, l2_scale: float, batch_size: int
+) -> np.ndarray:
     ssim_w, l2_w = setting.weights(l2_scale)
     out = []
     for start in range(0, len(images), batch_size):
@@ -329,6 +376,7 @@ def selection_metrics(
     defect_recon: np.ndarray,
     defect_masks: np.ndarray,
     l2_scale: float,
+    references: dict[tuple, NormalReference] | None = None,
 ) -> dict[AblationSetting, dict[str, float]]:
     """Per setting: synthetic image AUROC (normal validation vs synthetic defects), pixel
     AUROC and AUPRO on the synthetic masks, and ``selection_score`` (mean of the two AUROCs).
@@ -340,7 +388,7 @@ def selection_metrics(
     labels = np.r_[np.zeros(len(normal_images), int), np.ones(len(defect_images), int)]
     result = {}
     for _, members in _per_map(settings).items():
-        maps = compute_maps(images, recon, members[0], l2_scale)
+        maps = compute_maps(images, recon, members[0], l2_scale, references=references)
         pix = pixel_auroc(masks, maps)
         pro = aupro(masks, maps, fpr_limit=0.3)
         for s in members:
@@ -373,12 +421,13 @@ def test_metrics(
     labels: np.ndarray,
     masks: np.ndarray,
     l2_scale: float,
+    references: dict[tuple, NormalReference] | None = None,
 ) -> dict[AblationSetting, dict[str, float]]:
     """Per setting: test image AUROC, pixel AUROC, AUPRO (FPR 0.3) and image F1-max."""
     labels = np.asarray(labels).astype(int)
     result = {}
     for _, members in _per_map(settings).items():
-        maps = compute_maps(images, recon, members[0], l2_scale)
+        maps = compute_maps(images, recon, members[0], l2_scale, references=references)
         pix = pixel_auroc(masks, maps)
         pro = aupro(masks, maps, fpr_limit=0.3)
         for s in members:
@@ -426,6 +475,11 @@ def run_ablation(
     model = model_from_checkpoint(ckpt)
     settings = grid(grid_name)
 
+    # ---- normal references: training images only
+    with np.load(Path(model_input) / "train_images.npz") as train:
+        train_images = train["images"].astype(np.float32)
+    train_recon = _reconstruct(model, train_images, batch_size, device)
+
     # ---- selection: validation normals and synthetic defects only
     with np.load(Path(model_input) / "validation_images.npz") as val:
         val_images = val["images"].astype(np.float32)
@@ -435,8 +489,9 @@ def run_ablation(
     val_recon = _reconstruct(model, val_images, batch_size, device)
     defect_recon = _reconstruct(model, defect_images, batch_size, device)
     l2_scale = l2_scale_from_normals(val_images, val_recon)
+    references = fit_references(settings, train_images, train_recon, l2_scale, batch_size)
     sel = selection_metrics(
-        settings, val_images, val_recon, defect_images, defect_recon, defect_masks, l2_scale
+        settings, val_images, val_recon, defect_images, defect_recon, defect_masks, l2_scale, references
     )
     selected = select_setting(settings, sel, tie_tolerance)
 
@@ -445,14 +500,15 @@ def run_ablation(
         test_images = test["images"].astype(np.float32)
         test_labels, test_masks = test["labels"], test["masks"]
     test_recon = _reconstruct(model, test_images, batch_size, device)
-    tst = test_metrics(settings, test_images, test_recon, test_labels, test_masks, l2_scale)
+    tst = test_metrics(settings, test_images, test_recon, test_labels, test_masks, l2_scale, references)
 
     rows = []
     for s in settings:
         ssim_w, l2_w = s.weights(l2_scale)
         rows.append({
             "setting": s.name, "blend": s.blend, "ssim_weight": ssim_w, "l2_weight": l2_w,
-            "window": s.window, "smoothing_sigma": s.smoothing_sigma, "reduction": s.reduction,
+            "window": s.window, "smoothing_sigma": s.smoothing_sigma, "reference": s.reference,
+            "reduction": s.reduction,
             "topk_fraction": TOPK_FRACTION if s.reduction == "topk_mean" else "",
             "levers_changed": s.levers_changed(), **sel[s], **tst[s],
             "is_default": s == DEFAULT_SETTING, "is_selected": s == selected,
@@ -461,6 +517,7 @@ def run_ablation(
         "checkpoint": str(checkpoint),
         "epoch": ckpt.get("epoch"),
         "grid": grid_name,
+        "n_train_normal": len(train_images),
         "n_validation_normal": len(val_images),
         "n_synthetic": len(defect_images),
         "synthetic_kinds": {k: kinds.count(k) for k in DEFECT_KINDS},
@@ -517,7 +574,9 @@ def to_markdown(result: dict) -> str:
         "",
         f"`ssim+l2` weighs the squared error by {result['l2_scale']:.3g} = mean(1 - SSIM) / "
         "mean(squared error) on the normal validation images; `ms` averages the SSIM maps of "
-        "windows 7/11/15; `top1%` is the mean of the top 1% pixels.",
+        "windows 7/11/15; `top1%` is the mean of the top 1% pixels; `ref-mean` subtracts the "
+        f"per-pixel mean map of the {result['n_train_normal']} normal training images, `ref-zscore` "
+        "also divides by their per-pixel spread (+ its mean).",
         "",
         f"**Selected:** `{selected['setting']}` — test image AUROC {selected['test_image_auroc']:.3f}, "
         f"pixel AUROC {selected['test_pixel_auroc']:.3f}, AUPRO {selected['test_aupro']:.3f} "

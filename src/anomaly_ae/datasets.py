@@ -50,36 +50,46 @@ class TorchCheckpointDataset(AbstractVersionedDataset[dict, dict]):
         return {"filepath": str(self._filepath), "version": self._version}
 
 
-class NpzDataset(AbstractDataset[dict, dict]):
+class NpzDataset(AbstractVersionedDataset[dict, dict]):
     """A dict of NumPy arrays in one uncompressed ``.npz`` file (no pickled objects).
 
-    Used as the preprocessing cache in ``05_model_input``: training and evaluation read
-    these arrays instead of decoding the PNGs again.
+    Used as the preprocessing cache in ``05_model_input`` (training and evaluation read
+    these arrays instead of decoding the PNGs again) and, with ``versioned: true``, for the
+    normal-reference maps of the evaluate pipeline. Saves are atomic.
     """
 
-    def __init__(self, filepath: str, metadata: dict | None = None):
-        self._filepath = Path(filepath)
+    def __init__(self, filepath: str, version: Version | None = None, metadata: dict | None = None):
+        super().__init__(filepath=PurePosixPath(filepath), version=version, exists_function=self._file_exists)
         self.metadata = metadata
 
+    @staticmethod
+    def _file_exists(path: str) -> bool:
+        return Path(path).is_file()
+
     def load(self) -> dict[str, np.ndarray]:
-        if not self._filepath.is_file():
-            raise DatasetError(
-                f"{self._filepath} does not exist; run `kedro run --pipeline=data_processing` first."
-            )
-        with np.load(self._filepath, allow_pickle=False) as data:
+        try:
+            path = Path(self._get_load_path())
+        except DatasetError as exc:
+            raise DatasetError(f"{self._filepath}: no saved version ({exc}); run the pipeline that writes it.") from exc
+        if not path.is_file():
+            raise DatasetError(f"{path} does not exist; run `kedro run --pipeline=data_processing` first.")
+        with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
 
     def save(self, data: dict[str, np.ndarray]) -> None:
         arrays = {key: np.asarray(value) for key, value in data.items()}
         objects = sorted(key for key, value in arrays.items() if value.dtype == object)
+        path = Path(self._get_save_path())
         if objects:
-            raise DatasetError(
-                f"{self._filepath}: arrays {objects} hold Python objects; only numeric arrays are cached."
-            )
-        atomic_write(self._filepath, lambda handle: np.savez(handle, **arrays))
+            raise DatasetError(f"{path}: arrays {objects} hold Python objects; only numeric arrays are cached.")
+        atomic_write(path, lambda handle: np.savez(handle, **arrays))
 
     def _exists(self) -> bool:
-        return self._filepath.is_file()
+        try:
+            path = self._get_load_path()
+        except DatasetError:
+            return False
+        return Path(path).is_file()
 
     def _describe(self) -> dict[str, Any]:
-        return {"filepath": str(self._filepath)}
+        return {"filepath": str(self._filepath), "version": self._version}

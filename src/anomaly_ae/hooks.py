@@ -26,6 +26,7 @@ def _mlflow_active() -> bool:
 REQUIRED_ARTIFACTS = {
     "model_checkpoint": ("trained model", "kedro run --pipeline=training"),
     "decision_threshold": ("calibrated decision threshold", "kedro run --pipeline=evaluate"),
+    "normal_reference": ("normal reference (fitted anomaly-map statistics)", "kedro run --pipeline=evaluate"),
 }
 
 

@@ -1,8 +1,11 @@
 """Judge new images with a trained model: the public API for scripts and line controllers.
 
     from anomaly_ae import Inspector
-    inspector = Inspector.from_files("data/06_models/model_checkpoint.pt/<version>/model_checkpoint.pt",
-                                     "data/07_model_output/decision_threshold.json/<version>/decision_threshold.json")
+    inspector = Inspector.from_files(
+        "data/06_models/model_checkpoint.pt/<version>/model_checkpoint.pt",
+        "data/07_model_output/decision_threshold.json/<version>/decision_threshold.json",
+        "data/07_model_output/normal_reference.npz/<version>/normal_reference.npz",  # if the
+    )                                                   # threshold's map uses a normal reference
     for result in inspector.inspect_paths(["part_001.png", "part_002.png"]):
         print(result.file, result.is_anomalous, result.score, result.error)
 
@@ -24,6 +27,7 @@ from PIL import Image
 
 from anomaly_ae.data.transforms import to_model_array
 from anomaly_ae.evaluation.inference import MapSettings, model_from_checkpoint, reconstruct_and_score
+from anomaly_ae.evaluation.reference import NormalReference
 from anomaly_ae.training.checkpoint import load_checkpoint
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -66,6 +70,7 @@ class Inspector:
         checkpoint: dict,
         threshold: float | dict,
         map_settings: MapSettings | dict | None = None,
+        reference: NormalReference | dict | None = None,
         *,
         resample: str = "area",
         batch_size: int = 16,
@@ -84,6 +89,14 @@ class Inspector:
         if isinstance(map_settings, dict):
             map_settings = MapSettings.from_dict(map_settings)
         self.map_settings = map_settings or MapSettings()
+        if isinstance(reference, dict):
+            reference = NormalReference.from_arrays(reference)
+        if self.map_settings.normal_reference != "none" and reference is None:
+            raise ValueError(
+                f"The calibrated score uses normal_reference={self.map_settings.normal_reference!r}; "
+                "pass the normal_reference.npz written by `kedro run --pipeline=evaluate`."
+            )
+        self.reference = reference
         self.resample = resample
         self.batch_size = int(batch_size)
         self.device = device
@@ -94,15 +107,28 @@ class Inspector:
 
     @classmethod
     def from_files(
-        cls, checkpoint_path: str | os.PathLike, threshold_path: str | os.PathLike, **kwargs
+        cls,
+        checkpoint_path: str | os.PathLike,
+        threshold_path: str | os.PathLike,
+        reference_path: str | os.PathLike | None = None,
+        **kwargs,
     ) -> Inspector:
-        """Load a checkpoint file and the threshold JSON written by the evaluate pipeline."""
-        path = Path(threshold_path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"No decision threshold at {path}. Run `kedro run --pipeline=evaluate` to calibrate one."
-            )
-        return cls(load_checkpoint(checkpoint_path), json.loads(path.read_text()), **kwargs)
+        """Load a checkpoint file, the threshold JSON and (when its score needs one) the
+        normal reference ``.npz`` written by the evaluate pipeline."""
+        paths = [("decision threshold", threshold_path)]
+        if reference_path is not None:
+            paths.append(("normal reference", reference_path))
+        for what, path in paths:
+            if not Path(path).is_file():
+                raise FileNotFoundError(
+                    f"No {what} at {path}. Run `kedro run --pipeline=evaluate` to calibrate one."
+                )
+        reference = None
+        if reference_path is not None:
+            with np.load(reference_path, allow_pickle=False) as data:
+                reference = NormalReference.from_arrays(dict(data), source=str(reference_path))
+        threshold = json.loads(Path(threshold_path).read_text())
+        return cls(load_checkpoint(checkpoint_path), threshold, reference=reference, **kwargs)
 
     def _prepare(self, name: str, source: ImageSource) -> tuple[InspectionResult, np.ndarray | None]:
         result = InspectionResult(file=name)
@@ -165,6 +191,7 @@ class Inspector:
                 device=self.device,
                 precision=self.precision,
                 keep_maps=self.keep_maps,
+                reference=self.reference,
             )
             for i, (result, array) in enumerate(ready):
                 result.score = float(scored["score"][i])

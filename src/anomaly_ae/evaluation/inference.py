@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from anomaly_ae.config import from_settings
 from anomaly_ae.evaluation.anomaly_map import _gaussian_blur, anomaly_map, image_score, per_image_ssim
+from anomaly_ae.evaluation.reference import NormalReference, check_mode
 from anomaly_ae.model import AutoencoderConfig, build_model
 from anomaly_ae.training.checkpoint import CheckpointError, validate_checkpoint
 from anomaly_ae.training.device import autocast, resolve_device, resolve_precision
@@ -23,7 +25,9 @@ class MapSettings:
     """How a reconstruction becomes an anomaly map and an image score.
 
     Defaults give the paper's error map (1 - local SSIM, 11x11 Gaussian window, sigma 1.5)
-    and score an image by the maximum of that map.
+    and score an image by the maximum of that map. ``normal_reference`` (``none`` | ``mean``
+    | ``zscore``) compares the map with the per-pixel statistics of normal training maps
+    (:mod:`anomaly_ae.evaluation.reference`) before the score is taken.
     """
 
     ssim_weight: float = 1.0
@@ -33,6 +37,10 @@ class MapSettings:
     win_sigma: float = 1.5
     score_reduction: str = "max"
     topk_fraction: float = 0.01
+    normal_reference: str = "none"
+
+    def __post_init__(self) -> None:
+        check_mode(self.normal_reference)
 
     @classmethod
     def from_dict(cls, data: dict) -> MapSettings:
@@ -94,8 +102,15 @@ def _score_batch_fn(
     dtype,
     keep_maps: bool,
     fast_ssim: bool = False,
+    reference: NormalReference | None = None,
 ):
     """The per-batch computation: reconstruction, anomaly map, SSIM, MSE, score (float32)."""
+    use_reference = settings.normal_reference != "none"
+    if use_reference and reference is None:
+        raise ValueError(
+            f"evaluation.anomaly_map.normal_reference={settings.normal_reference!r} needs the "
+            "normal reference maps fitted by `kedro run --pipeline=evaluate` (normal_reference.npz)"
+        )
     if fast_ssim:
         map_taps = gaussian_taps(settings.win_size, settings.win_sigma)
         paper_taps = gaussian_taps(11, 1.5)
@@ -120,6 +135,8 @@ def _score_batch_fn(
                 sigma=settings.win_sigma,
             )
             ssim_values = per_image_ssim(x, recon)
+        if use_reference:
+            amap = reference.apply(amap, settings.normal_reference)
         result = {
             "recon": recon,
             "ssim": ssim_values,
@@ -133,14 +150,15 @@ def _score_batch_fn(
     return score_batch
 
 
-def _compiled_score_batch(model, settings, dev, dtype, keep_maps, mode):
-    """torch.compile the whole per-batch computation once per model and settings."""
-    key = (settings, str(dev), dtype, keep_maps, mode)
+def _compiled_score_batch(model, settings, dev, dtype, keep_maps, mode, reference):
+    """torch.compile the whole per-batch computation once per model, settings and reference
+    (the cache entry holds the reference, so its ``id`` cannot be reused while cached)."""
+    key = (settings, str(dev), dtype, keep_maps, mode, id(reference))
     per_model = _COMPILED.setdefault(model, {})
     if key not in per_model:
-        fn = _score_batch_fn(model, settings, dev, dtype, keep_maps, fast_ssim=True)
-        per_model[key] = torch.compile(fn, mode=mode)
-    return per_model[key]
+        fn = _score_batch_fn(model, settings, dev, dtype, keep_maps, fast_ssim=True, reference=reference)
+        per_model[key] = (torch.compile(fn, mode=mode), reference)
+    return per_model[key][0]
 
 
 def reconstruct_and_score(
@@ -155,12 +173,16 @@ def reconstruct_and_score(
     channels_last: bool = False,
     compile: bool = False,
     compile_mode: str = "default",
+    reference: NormalReference | None = None,
 ) -> dict[str, np.ndarray]:
     """Run ``images`` (N, 1, H, W) in [0, 1] through the model in batches.
 
     Returns float32 arrays: ``recon`` (N, 1, H, W), ``map`` (N, H, W) when ``keep_maps``,
     ``ssim`` (the paper's per-image SSIM), ``mse`` and ``score`` (N,).
-    Convolutions may run under autocast; SSIM, maps and scores are float32.
+    Convolutions may run under autocast; SSIM, maps and scores are float32. With
+    ``settings.normal_reference`` other than ``none``, ``reference`` (fitted by
+    :func:`fit_normal_reference`) corrects the map before the score is taken, and ``map`` is
+    the corrected map.
 
     Speed levers (same math): ``channels_last`` runs the network in NHWC memory format
     (the model's parameters are converted in place); ``compile`` makes the network and
@@ -176,9 +198,9 @@ def reconstruct_and_score(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile:
-        score_batch = _compiled_score_batch(model, settings, dev, dtype, keep_maps, compile_mode)
+        score_batch = _compiled_score_batch(model, settings, dev, dtype, keep_maps, compile_mode, reference)
     else:
-        score_batch = _score_batch_fn(model, settings, dev, dtype, keep_maps)
+        score_batch = _score_batch_fn(model, settings, dev, dtype, keep_maps, reference=reference)
     images = torch.as_tensor(images, dtype=torch.float32)
     n = len(images)
     keys = ("recon", "map", "ssim", "mse", "score") if keep_maps else ("recon", "ssim", "mse", "score")
@@ -198,3 +220,14 @@ def reconstruct_and_score(
         for key, values in out.items()
         if values or key != "map"
     }
+
+
+def fit_normal_reference(
+    model: nn.Module, normal_images: np.ndarray | torch.Tensor, settings: MapSettings = MapSettings(), **kwargs
+) -> NormalReference:
+    """Per-pixel mean/std of the anomaly maps (``settings`` without any reference correction)
+    of NORMAL images, normally the training images. ``kwargs`` go to
+    :func:`reconstruct_and_score`."""
+    raw = dataclasses.replace(settings, normal_reference="none")
+    maps = reconstruct_and_score(model, normal_images, raw, keep_maps=True, **kwargs)["map"]
+    return NormalReference.fit(maps)

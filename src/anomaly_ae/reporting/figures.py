@@ -96,11 +96,22 @@ def figure_to_image(fig: Figure, dpi: int = 110) -> Image.Image:
     return image.convert("RGB")
 
 
-def heatmap_overlay_image(image: np.ndarray, amap: np.ndarray, alpha: float = 0.45) -> Image.Image:
-    """Grayscale ``image`` in [0, 1] with ``amap`` on [0, 1] in the 'jet' colormap blended on
-    top, as an RGB PIL image of the same size (fast: no matplotlib figure)."""
+def overlay_vmax(threshold: float, normal_reference: str = "none") -> float:
+    """Top of the heat-map colour scale: 1 for the paper's ``1 - SSIM`` map (on [0, 1]); for a
+    reference-corrected map (any range) twice the decision threshold, so the threshold sits
+    mid-scale (green) and red means well above it."""
+    if normal_reference == "none" or not threshold > 0:
+        return 1.0
+    return 2.0 * float(threshold)
+
+
+def heatmap_overlay_image(
+    image: np.ndarray, amap: np.ndarray, alpha: float = 0.45, vmax: float = 1.0
+) -> Image.Image:
+    """Grayscale ``image`` in [0, 1] with ``amap`` on [0, ``vmax``] in the 'jet' colormap
+    blended on top, as an RGB PIL image of the same size (fast: no matplotlib figure)."""
     gray = np.repeat(np.clip(image, 0, 1)[..., None], 3, axis=2)
-    heat = matplotlib.colormaps["jet"](np.clip(amap, 0, 1))[..., :3]
+    heat = matplotlib.colormaps["jet"](np.clip(np.asarray(amap) / vmax, 0, 1))[..., :3]
     blended = (1 - alpha) * gray + alpha * heat
     return Image.fromarray((blended * 255).round().astype(np.uint8), mode="RGB")
 

@@ -9,38 +9,70 @@ import numpy as np
 import pandas as pd
 
 from anomaly_ae.evaluation import tables
-from anomaly_ae.evaluation.inference import MapSettings, model_from_checkpoint, reconstruct_and_score
+from anomaly_ae.evaluation.inference import (
+    MapSettings,
+    fit_normal_reference,
+    model_from_checkpoint,
+    reconstruct_and_score,
+)
 from anomaly_ae.evaluation.metrics import calibrate_threshold
+from anomaly_ae.evaluation.reference import NormalReference
 from anomaly_ae.evaluation.summary import HEADLINE_METRICS, detection_metrics
 from anomaly_ae.model import AutoencoderConfig
 
 log = logging.getLogger(__name__)
 
 
-def _score(model, images: np.ndarray, evaluation: dict[str, Any]) -> dict[str, np.ndarray]:
-    return reconstruct_and_score(
-        model,
-        images,
-        MapSettings.from_dict(evaluation["anomaly_map"]),
-        batch_size=evaluation["batch_size"],
-        device=evaluation["device"],
-        precision=evaluation["precision"],
+def _network(model_checkpoint: dict, model: dict[str, Any], images: dict[str, np.ndarray]):
+    return model_from_checkpoint(
+        model_checkpoint, AutoencoderConfig.from_dict(model), image_size=images["images"].shape[-1]
     )
+
+
+def _inference_options(evaluation: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "batch_size": evaluation["batch_size"],
+        "device": evaluation["device"],
+        "precision": evaluation["precision"],
+    }
+
+
+def fit_reference(
+    model_checkpoint: dict,
+    train_images: dict[str, np.ndarray],
+    model: dict[str, Any],
+    evaluation: dict[str, Any],
+) -> dict[str, np.ndarray]:
+    """Per-pixel mean/std of the anomaly maps of the NORMAL training images (never validation
+    or test images); used when ``evaluation.anomaly_map.normal_reference`` is not ``none``."""
+    network = _network(model_checkpoint, model, train_images)
+    settings = MapSettings.from_dict(evaluation["anomaly_map"])
+    reference = fit_normal_reference(network, train_images["images"], settings, **_inference_options(evaluation))
+    log.info(
+        "Normal reference from %d training images: mean map %.4f, std map %.4f (applied: %s)",
+        reference.n_images,
+        float(reference.mean.mean()),
+        float(reference.std.mean()),
+        settings.normal_reference,
+    )
+    return reference.to_arrays()
 
 
 def score_images(
     model_checkpoint: dict,
     test_images: dict[str, np.ndarray],
     validation_images: dict[str, np.ndarray],
+    normal_reference: dict[str, np.ndarray],
     model: dict[str, Any],
     evaluation: dict[str, Any],
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Reconstruct and score the test images and the held-out normal validation images."""
-    network = model_from_checkpoint(
-        model_checkpoint, AutoencoderConfig.from_dict(model), image_size=test_images["images"].shape[-1]
-    )
-    test_scores = _score(network, test_images["images"], evaluation)
-    validation_scores = _score(network, validation_images["images"], evaluation)
+    network = _network(model_checkpoint, model, test_images)
+    settings = MapSettings.from_dict(evaluation["anomaly_map"])
+    reference = NormalReference.from_arrays(normal_reference)
+    options = {**_inference_options(evaluation), "reference": reference}
+    test_scores = reconstruct_and_score(network, test_images["images"], settings, **options)
+    validation_scores = reconstruct_and_score(network, validation_images["images"], settings, **options)
     validation_scores.pop("map", None)
     return test_scores, validation_scores
 

@@ -2,15 +2,28 @@
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import build_ssim_table, build_table2, calibrate, compute_metrics, score_images
+from .nodes import build_ssim_table, build_table2, calibrate, compute_metrics, fit_reference, score_images
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
             Node(
+                fit_reference,
+                ["model_checkpoint", "train_images", "params:model", "params:evaluation"],
+                "normal_reference",
+                name="fit_normal_reference",
+            ),
+            Node(
                 score_images,
-                ["model_checkpoint", "test_images", "validation_images", "params:model", "params:evaluation"],
+                [
+                    "model_checkpoint",
+                    "test_images",
+                    "validation_images",
+                    "normal_reference",
+                    "params:model",
+                    "params:evaluation",
+                ],
                 ["test_scores", "validation_scores"],
                 name="score_images",
             ),

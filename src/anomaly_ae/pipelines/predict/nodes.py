@@ -15,7 +15,7 @@ from PIL import Image
 from anomaly_ae.data.partitions import image_partitions
 from anomaly_ae.datasets import TorchCheckpointDataset
 from anomaly_ae.inspect import Inspector
-from anomaly_ae.reporting.figures import heatmap_overlay_image
+from anomaly_ae.reporting.figures import heatmap_overlay_image, overlay_vmax
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def _png_loader(image: Image.Image) -> Callable[[], Image.Image]:
 
 
 def predict_folder(
-    model_checkpoint: dict, decision_threshold: dict, predict: dict[str, Any]
+    model_checkpoint: dict, decision_threshold: dict, normal_reference: dict, predict: dict[str, Any]
 ) -> tuple[pd.DataFrame, dict[str, Callable[[], Image.Image]]]:
     """Score every file below ``predict.input_dir``; one row per file, errors included."""
     folder = predict.get("input_dir")
@@ -55,6 +55,7 @@ def predict_folder(
     inspector = Inspector(
         _checkpoint(model_checkpoint, predict),
         decision_threshold,
+        reference=normal_reference,
         resample=predict["resample"],
         batch_size=predict["batch_size"],
         device=predict["device"],
@@ -63,12 +64,13 @@ def predict_folder(
         min_image_side=predict["min_image_side"],
         keep_maps=predict["save_overlays"],
     )
+    vmax = overlay_vmax(inspector.threshold, inspector.map_settings.normal_reference)
     rows, overlays = [], {}
     for result in inspector.inspect(sorted(loaders.items())):
         rows.append(result.row())
         if result.anomaly_map is not None:
             overlays[result.file] = _png_loader(  # "a/b.jpg" -> a/b.jpg.png: no name clashes
-                heatmap_overlay_image(result.image, result.anomaly_map)
+                heatmap_overlay_image(result.image, result.anomaly_map, vmax=vmax)
             )
             result.image = result.anomaly_map = None  # keep only the compressed overlay
     table = pd.DataFrame(rows, columns=["file", "score", "ssim", "is_anomalous", "error", "width", "height"])

@@ -10,7 +10,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 predict_folder,
-                ["model_checkpoint", "decision_threshold", "params:predict"],
+                ["model_checkpoint", "decision_threshold", "normal_reference", "params:predict"],
                 ["predictions", "prediction_overlays"],
                 name="predict_folder",
             )

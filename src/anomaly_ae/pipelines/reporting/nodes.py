@@ -76,12 +76,18 @@ def make_figures(
 
 
 def make_heatmaps(
-    test_images: dict[str, np.ndarray], test_scores: dict[str, np.ndarray], ssim_table: pd.DataFrame
+    test_images: dict[str, np.ndarray],
+    test_scores: dict[str, np.ndarray],
+    ssim_table: pd.DataFrame,
+    decision_threshold: dict[str, Any],
 ) -> dict[str, Image.Image]:
     """One overlay per test image (input with its anomaly map on top), keyed like the data."""
+    vmax = figures.overlay_vmax(
+        decision_threshold["value"], decision_threshold["score"].get("normal_reference", "none")
+    )
     return {
         str(PurePosixPath(row.file).with_suffix("")): figures.heatmap_overlay_image(
-            test_images["images"][i, 0], test_scores["map"][i]
+            test_images["images"][i, 0], test_scores["map"][i], vmax=vmax
         )
         for i, row in enumerate(ssim_table.itertuples())
     }

@@ -16,7 +16,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 make_heatmaps,
-                ["test_images", "test_scores", "ssim_table"],
+                ["test_images", "test_scores", "ssim_table", "decision_threshold"],
                 "test_heatmaps",
                 name="make_heatmaps",
             ),

@@ -1,0 +1,90 @@
+"""Normal-reference correction of anomaly maps: where does a NORMAL image usually light up?
+
+A reconstruction autoencoder does not reproduce every normal image equally well everywhere:
+edges, the object's rim and the image border light up in the ``1 - SSIM`` map of every
+image, normal or not. Those pixels dominate ``max``-scores and false-positive pixels. The
+correction fits a per-pixel reference on the anomaly maps of the NORMAL *training* images
+(objects in an inspection cell are placed consistently, so pixel position is meaningful)
+and compares each new map against it:
+
+* ``none`` — the map as it is (the paper);
+* ``mean`` — ``map - mean_map``: how much more this pixel lights up than it does on normal
+  images;
+* ``zscore`` — ``(map - mean_map) / (std_map + mean(std_map))``: the same in units of the
+  pixel's normal spread. The floor ``mean(std_map)`` (scale-free, no tuned constant) keeps
+  pixels that never vary from dividing by ~0.
+
+The reference uses training images only, so the held-out validation images that calibrate
+the decision threshold (and the ablation's synthetic defects) stay unseen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["REFERENCE_MODES", "NormalReference"]
+
+REFERENCE_MODES = ("none", "mean", "zscore")
+
+
+def check_mode(mode: str) -> str:
+    if mode not in REFERENCE_MODES:
+        raise ValueError(
+            f"evaluation.anomaly_map.normal_reference must be one of {REFERENCE_MODES}, got {mode!r}"
+        )
+    return mode
+
+
+@dataclass(frozen=True)
+class NormalReference:
+    """Per-pixel mean and standard deviation of the anomaly maps of normal images."""
+
+    mean: np.ndarray  # (H, W) float32
+    std: np.ndarray  # (H, W) float32
+    n_images: int
+
+    @classmethod
+    def fit(cls, maps: np.ndarray) -> NormalReference:
+        """Fit on ``(N, H, W)`` anomaly maps of normal images (N >= 2)."""
+        maps = np.asarray(maps, dtype=np.float64)
+        if maps.ndim != 3 or len(maps) < 2:
+            raise ValueError(
+                f"need the anomaly maps of at least 2 normal images shaped (N, H, W), got {maps.shape}"
+            )
+        return cls(maps.mean(0).astype(np.float32), maps.std(0).astype(np.float32), len(maps))
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """For :class:`anomaly_ae.datasets.NpzDataset`."""
+        return {"mean": self.mean, "std": self.std, "n_images": np.asarray(self.n_images)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], source: str = "normal_reference") -> NormalReference:
+        missing = {"mean", "std", "n_images"} - set(arrays)
+        if missing:
+            raise ValueError(
+                f"{source} lacks {sorted(missing)}; rerun `kedro run --pipeline=evaluate` to refit it."
+            )
+        mean = np.asarray(arrays["mean"], np.float32)
+        std = np.asarray(arrays["std"], np.float32)
+        if mean.ndim != 2 or mean.shape != std.shape:
+            raise ValueError(f"{source}: mean {mean.shape} and std {std.shape} must be equal (H, W) maps")
+        return cls(mean, std, int(arrays["n_images"]))
+
+    def apply(self, maps: torch.Tensor, mode: str) -> torch.Tensor:
+        """Correct ``(N, 1, H, W)`` or ``(N, H, W)`` maps (float32, any device) by ``mode``."""
+        if check_mode(mode) == "none":
+            return maps
+        if tuple(maps.shape[-2:]) != self.mean.shape:
+            raise ValueError(
+                f"anomaly maps are {tuple(maps.shape[-2:])} but the normal reference is "
+                f"{self.mean.shape}; refit it (kedro run --pipeline=evaluate) for this image size."
+            )
+        mean = torch.as_tensor(self.mean, device=maps.device)
+        corrected = maps - mean
+        if mode == "zscore":
+            std = torch.as_tensor(self.std, device=maps.device)
+            corrected = corrected / (std + std.mean()).clamp_min(torch.finfo(torch.float32).eps)
+        return corrected

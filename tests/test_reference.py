@@ -1,0 +1,132 @@
+"""Normal-reference correction of anomaly maps (evaluation.anomaly_map.normal_reference)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from anomaly_ae.datasets import NpzDataset
+from anomaly_ae.evaluation.inference import MapSettings, fit_normal_reference, reconstruct_and_score
+from anomaly_ae.evaluation.reference import NormalReference
+from anomaly_ae.inspect import Inspector
+from anomaly_ae.model import AutoencoderConfig, build_model
+from anomaly_ae.training.trainer import TrainingConfig, build_checkpoint
+
+SIZE = 32
+
+
+def _maps_with_bright_rim(rng, n, defect=False):
+    """Normal maps light up on a fixed rim (value ~0.8); a defect is a weaker blob (0.5)."""
+    maps = rng.uniform(0.0, 0.05, size=(n, SIZE, SIZE)).astype(np.float32)
+    maps[:, :, :3] += 0.8
+    if defect:
+        maps[:, 14:18, 14:18] += 0.5
+    return maps
+
+
+def test_fit_and_apply_formulas():
+    rng = np.random.default_rng(0)
+    maps = rng.random((6, SIZE, SIZE), dtype=np.float32)
+    ref = NormalReference.fit(maps)
+    np.testing.assert_allclose(ref.mean, maps.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(ref.std, maps.std(0), rtol=1e-5)
+    assert ref.n_images == 6
+    new = torch.from_numpy(rng.random((2, 1, SIZE, SIZE), dtype=np.float32))
+    assert ref.apply(new, "none") is new
+    np.testing.assert_allclose(ref.apply(new, "mean").numpy(), new.numpy() - ref.mean, rtol=1e-6)
+    z = (new.numpy() - ref.mean) / (ref.std + ref.std.mean())
+    np.testing.assert_allclose(ref.apply(new, "zscore").numpy(), z, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_removes_a_rim_every_normal_image_has():
+    rng = np.random.default_rng(1)
+    ref = NormalReference.fit(_maps_with_bright_rim(rng, 20))
+    normal = torch.from_numpy(_maps_with_bright_rim(rng, 4))
+    defective = torch.from_numpy(_maps_with_bright_rim(rng, 4, defect=True))
+    # raw: the rim is the maximum of every map, so max-scores cannot tell the two apart
+    assert (normal.amax((1, 2)) > 0.8).all() and (defective.amax((1, 2)) < 0.9).all()
+    for mode in ("mean", "zscore"):
+        n_scores = ref.apply(normal, mode).amax((1, 2))
+        d_scores = ref.apply(defective, mode).amax((1, 2))
+        assert d_scores.min() > n_scores.max(), mode
+        peak = ref.apply(defective, mode)[0].argmax()
+        assert 14 <= peak // SIZE < 18 and 14 <= peak % SIZE < 18, mode  # peak on the defect
+
+
+def test_constant_maps_do_not_divide_by_zero():
+    ref = NormalReference.fit(np.zeros((3, SIZE, SIZE), np.float32))
+    out = ref.apply(torch.ones(1, 1, SIZE, SIZE), "zscore")
+    assert torch.isfinite(out).all()
+
+
+def test_errors_name_the_setting_and_fix():
+    ref = NormalReference.fit(np.zeros((3, SIZE, SIZE), np.float32))
+    with pytest.raises(ValueError, match="evaluation.anomaly_map.normal_reference"):
+        MapSettings(normal_reference="median")
+    with pytest.raises(ValueError, match="refit it"):
+        ref.apply(torch.zeros(1, 1, 16, 16), "mean")
+    with pytest.raises(ValueError, match="at least 2 normal images"):
+        NormalReference.fit(np.zeros((1, SIZE, SIZE)))
+    with pytest.raises(ValueError, match="lacks"):
+        NormalReference.from_arrays({"mean": ref.mean})
+
+
+def test_versioned_npz_roundtrip(tmp_path):
+    ref = NormalReference.fit(np.random.default_rng(2).random((4, SIZE, SIZE), dtype=np.float32))
+    from kedro.io.core import Version
+
+    ds = NpzDataset(str(tmp_path / "normal_reference.npz"), version=Version(None, None))
+    assert not ds.exists()
+    ds.save(ref.to_arrays())
+    assert ds.exists()
+    back = NormalReference.from_arrays(NpzDataset(str(tmp_path / "normal_reference.npz"), version=Version(None, None)).load())
+    np.testing.assert_array_equal(back.mean, ref.mean)
+    np.testing.assert_array_equal(back.std, ref.std)
+    assert back.n_images == 4
+    (version_dir,) = (tmp_path / "normal_reference.npz").iterdir()  # saved under a version folder
+    assert (version_dir / "normal_reference.npz").is_file()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(AutoencoderConfig(image_size=SIZE)).eval()
+
+
+def test_scores_use_the_corrected_map(model):
+    rng = np.random.default_rng(3)
+    train = rng.random((5, 1, SIZE, SIZE), dtype=np.float32)
+    test = rng.random((3, 1, SIZE, SIZE), dtype=np.float32)
+    raw_settings = MapSettings(smoothing_sigma=1.0)
+    ref = fit_normal_reference(model, train, raw_settings, device="cpu", precision="fp32")
+    raw = reconstruct_and_score(model, train, raw_settings, device="cpu", precision="fp32")
+    np.testing.assert_allclose(ref.mean, raw["map"].mean(0), rtol=1e-5, atol=1e-6)
+
+    settings = MapSettings(smoothing_sigma=1.0, normal_reference="mean")
+    plain = reconstruct_and_score(model, test, raw_settings, device="cpu", precision="fp32")
+    corrected = reconstruct_and_score(model, test, settings, device="cpu", precision="fp32", reference=ref)
+    np.testing.assert_allclose(corrected["map"], plain["map"] - ref.mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(corrected["score"], corrected["map"].reshape(3, -1).max(1), rtol=1e-6)
+    np.testing.assert_array_equal(corrected["ssim"], plain["ssim"])  # the paper's SSIM is untouched
+    with pytest.raises(ValueError, match="normal_reference.npz"):
+        reconstruct_and_score(model, test, settings, device="cpu", precision="fp32")
+
+
+def test_inspector_needs_the_reference_its_threshold_was_calibrated_with(model, tmp_path):
+    checkpoint = build_checkpoint(model, None, epoch=1, history=[], config=TrainingConfig())
+    threshold = {"value": 0.1, "score": {"smoothing_sigma": 1.0, "normal_reference": "zscore"}}
+    with pytest.raises(ValueError, match="normal_reference.npz"):
+        Inspector(checkpoint, threshold)
+    ref = NormalReference.fit(np.random.default_rng(4).random((3, SIZE, SIZE), dtype=np.float32))
+    inspector = Inspector(checkpoint, threshold, reference=ref.to_arrays(), device="cpu", precision="fp32")
+    image = np.random.default_rng(5).random((SIZE, SIZE)).astype(np.float32)
+    from PIL import Image
+
+    (result,) = inspector.inspect([("a.png", Image.fromarray((image * 255).astype(np.uint8)))])
+    assert result.error is None and result.score is not None
+    assert result.score == pytest.approx(float(result.anomaly_map.max()), rel=1e-6)
+    raw = Inspector(checkpoint, {"value": 0.1, "score": {"smoothing_sigma": 1.0}}, device="cpu", precision="fp32")
+    (plain,) = raw.inspect([("a.png", Image.fromarray((image * 255).astype(np.uint8)))])
+    expected = (plain.anomaly_map - ref.mean) / (ref.std + ref.std.mean())
+    np.testing.assert_allclose(result.anomaly_map, expected, rtol=1e-4, atol=1e-5)
