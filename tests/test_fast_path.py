@@ -146,6 +146,20 @@ def test_compiled_inference_matches_fp32(model):
     np.testing.assert_allclose(fast["recon"], plain["recon"], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
+def test_compiled_inference_with_normal_reference_matches_eager(model):
+    from anomaly_ae.evaluation.inference import MapSettings, fit_normal_reference
+
+    settings = MapSettings(smoothing_sigma=4.0, normal_reference="zscore")
+    reference = fit_normal_reference(model, _images(6, seed=4), settings, device="cpu", precision="fp32")
+    images = _images(8, seed=5)
+    plain = _score(model, images, settings=settings, precision="fp32", reference=reference)
+    fast = _score(model, images, settings=settings, precision="fp32", compile=True, reference=reference)
+    # z-scores divide by the normal spread (mean ~1e-2 here), so absolute errors scale up ~100x
+    np.testing.assert_allclose(fast["score"], plain["score"], atol=1e-2, rtol=1e-3)
+    assert float(np.abs(fast["map"] - plain["map"]).mean()) < 1e-3
+
+
 def test_bf16_channels_last_inference_matches_fp32(model):
     images = _images(8, seed=3)
     plain = _score(model, images, precision="fp32")

@@ -130,3 +130,12 @@ def test_inspector_needs_the_reference_its_threshold_was_calibrated_with(model, 
     (plain,) = raw.inspect([("a.png", Image.fromarray((image * 255).astype(np.uint8)))])
     expected = (plain.anomaly_map - ref.mean) / (ref.std + ref.std.mean())
     np.testing.assert_allclose(result.anomaly_map, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_reference_of_another_image_size_is_refused(model):
+    ref = NormalReference.fit(np.zeros((3, 16, 16), np.float32))
+    with pytest.raises(ValueError, match="refit it"):
+        reconstruct_and_score(
+            model, np.zeros((1, 1, SIZE, SIZE), np.float32), MapSettings(normal_reference="mean"),
+            device="cpu", precision="fp32", reference=ref,
+        )  # fmt: skip

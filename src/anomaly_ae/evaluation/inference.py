@@ -13,7 +13,7 @@ from torch import nn
 
 from anomaly_ae.config import from_settings
 from anomaly_ae.evaluation.anomaly_map import _gaussian_blur, anomaly_map, image_score, per_image_ssim
-from anomaly_ae.evaluation.reference import NormalReference, check_mode
+from anomaly_ae.evaluation.reference import NormalReference, check_mode, correct
 from anomaly_ae.model import AutoencoderConfig, build_model
 from anomaly_ae.training.checkpoint import CheckpointError, validate_checkpoint
 from anomaly_ae.training.device import autocast, resolve_device, resolve_precision
@@ -111,6 +111,8 @@ def _score_batch_fn(
             f"evaluation.anomaly_map.normal_reference={settings.normal_reference!r} needs the "
             "normal reference maps fitted by `kedro run --pipeline=evaluate` (normal_reference.npz)"
         )
+    if use_reference:
+        ref_mean, ref_scale = reference.as_tensors(settings.normal_reference, dev)
     if fast_ssim:
         map_taps = gaussian_taps(settings.win_size, settings.win_sigma)
         paper_taps = gaussian_taps(11, 1.5)
@@ -136,7 +138,7 @@ def _score_batch_fn(
             )
             ssim_values = per_image_ssim(x, recon)
         if use_reference:
-            amap = reference.apply(amap, settings.normal_reference)
+            amap = correct(amap, ref_mean, ref_scale)
         result = {
             "recon": recon,
             "ssim": ssim_values,
@@ -202,6 +204,8 @@ def reconstruct_and_score(
     else:
         score_batch = _score_batch_fn(model, settings, dev, dtype, keep_maps, reference=reference)
     images = torch.as_tensor(images, dtype=torch.float32)
+    if reference is not None and settings.normal_reference != "none":
+        reference.check_shape(images.shape)
     n = len(images)
     keys = ("recon", "map", "ssim", "mse", "score") if keep_maps else ("recon", "ssim", "mse", "score")
     out: dict[str, list] = {key: [] for key in keys}

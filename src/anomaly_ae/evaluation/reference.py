@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["REFERENCE_MODES", "NormalReference"]
+__all__ = ["REFERENCE_MODES", "NormalReference", "correct"]
 
 REFERENCE_MODES = ("none", "mean", "zscore")
 
@@ -73,18 +73,34 @@ class NormalReference:
             raise ValueError(f"{source}: mean {mean.shape} and std {std.shape} must be equal (H, W) maps")
         return cls(mean, std, int(arrays["n_images"]))
 
+    def check_shape(self, map_shape: tuple[int, ...] | torch.Size) -> None:
+        """Refuse maps of another size than the reference, saying how to fix it."""
+        if tuple(map_shape[-2:]) != self.mean.shape:
+            raise ValueError(
+                f"anomaly maps are {tuple(map_shape[-2:])} but the normal reference is "
+                f"{self.mean.shape}; refit it (kedro run --pipeline=evaluate) for this image size."
+            )
+
+    def as_tensors(self, mode: str, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(mean, scale)`` float32 tensors on ``device`` for :func:`correct` (``scale`` is
+        None for ``mean``). Make them once, outside any ``torch.compile`` region."""
+        if check_mode(mode) == "none":
+            raise ValueError("normal_reference='none' needs no reference tensors")
+        mean = torch.as_tensor(self.mean, dtype=torch.float32).to(device)
+        if mode == "mean":
+            return mean, None
+        std = torch.as_tensor(self.std, dtype=torch.float32).to(device)
+        return mean, (std + std.mean()).clamp_min(torch.finfo(torch.float32).eps)
+
     def apply(self, maps: torch.Tensor, mode: str) -> torch.Tensor:
         """Correct ``(N, 1, H, W)`` or ``(N, H, W)`` maps (float32, any device) by ``mode``."""
         if check_mode(mode) == "none":
             return maps
-        if tuple(maps.shape[-2:]) != self.mean.shape:
-            raise ValueError(
-                f"anomaly maps are {tuple(maps.shape[-2:])} but the normal reference is "
-                f"{self.mean.shape}; refit it (kedro run --pipeline=evaluate) for this image size."
-            )
-        mean = torch.as_tensor(self.mean, device=maps.device)
-        corrected = maps - mean
-        if mode == "zscore":
-            std = torch.as_tensor(self.std, device=maps.device)
-            corrected = corrected / (std + std.mean()).clamp_min(torch.finfo(torch.float32).eps)
-        return corrected
+        self.check_shape(maps.shape)
+        return correct(maps, *self.as_tensors(mode, maps.device))
+
+
+def correct(maps: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """``(maps - mean) / scale`` (``scale`` None: no division); broadcasts over the batch."""
+    corrected = maps - mean
+    return corrected if scale is None else corrected / scale
