@@ -139,3 +139,28 @@ def test_reference_of_another_image_size_is_refused(model):
             model, np.zeros((1, 1, SIZE, SIZE), np.float32), MapSettings(normal_reference="mean"),
             device="cpu", precision="fp32", reference=ref,
         )  # fmt: skip
+
+
+def test_inspector_refuses_a_threshold_or_reference_of_another_model(model, tmp_path):
+    from anomaly_ae.training.checkpoint import checkpoint_fingerprint
+
+    checkpoint = build_checkpoint(model, None, epoch=1, history=[], config=TrainingConfig())
+    torch.manual_seed(1)
+    other_model = build_model(AutoencoderConfig(image_size=SIZE))
+    other = build_checkpoint(other_model, None, epoch=1, history=[], config=TrainingConfig())
+    assert checkpoint_fingerprint(checkpoint) == checkpoint_fingerprint(dict(checkpoint))
+    assert checkpoint_fingerprint(checkpoint) != checkpoint_fingerprint(other)
+    mine = {"value": 0.1, "score": {}, "checkpoint_fingerprint": checkpoint_fingerprint(checkpoint)}
+    assert Inspector(checkpoint, mine).threshold == 0.1
+    with pytest.raises(ValueError, match="decision threshold was calibrated for another model"):
+        Inspector(other, mine)
+    ref = {**NormalReference.fit(np.zeros((3, SIZE, SIZE), np.float32)).to_arrays(),
+           "checkpoint_fingerprint": np.asarray(checkpoint_fingerprint(other))}  # fmt: skip
+    with pytest.raises(ValueError, match="normal reference was calibrated for another model"):
+        Inspector(checkpoint, {**mine, "score": {"normal_reference": "mean"}}, reference=ref)
+    # files written by the evaluate pipeline carry the fingerprint through from_files
+    torch.save(checkpoint, tmp_path / "m.pt")
+    (tmp_path / "t.json").write_text(__import__("json").dumps({**mine, "score": {"normal_reference": "mean"}}))
+    np.savez(tmp_path / "r.npz", **ref)
+    with pytest.raises(ValueError, match="normal reference was calibrated for another model"):
+        Inspector.from_files(tmp_path / "m.pt", tmp_path / "t.json", tmp_path / "r.npz")

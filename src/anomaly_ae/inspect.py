@@ -28,7 +28,7 @@ from PIL import Image
 from anomaly_ae.data.transforms import to_model_array
 from anomaly_ae.evaluation.inference import MapSettings, model_from_checkpoint, reconstruct_and_score
 from anomaly_ae.evaluation.reference import NormalReference
-from anomaly_ae.training.checkpoint import load_checkpoint
+from anomaly_ae.training.checkpoint import checkpoint_fingerprint, load_checkpoint
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -82,6 +82,7 @@ class Inspector:
     ) -> None:
         self.model = model_from_checkpoint(checkpoint)
         self.image_size = self.model.config.image_size
+        _check_same_model(checkpoint, threshold, reference)
         if isinstance(threshold, dict):
             map_settings = map_settings if map_settings is not None else threshold.get("score")
             threshold = threshold["value"]
@@ -126,7 +127,7 @@ class Inspector:
         reference = None
         if reference_path is not None:
             with np.load(reference_path, allow_pickle=False) as data:
-                reference = NormalReference.from_arrays(dict(data), source=str(reference_path))
+                reference = dict(data)
         threshold = json.loads(Path(threshold_path).read_text())
         return cls(load_checkpoint(checkpoint_path), threshold, reference=reference, **kwargs)
 
@@ -201,6 +202,20 @@ class Inspector:
                     result.image = array
                     result.anomaly_map = scored["map"][i]
         yield from (result for result, _ in pending)
+
+
+def _check_same_model(checkpoint: dict, threshold: float | dict, reference: Any) -> None:
+    """Refuse a threshold or normal reference calibrated for another model version: its
+    scores would be judged against the wrong scale."""
+    expected = checkpoint_fingerprint(checkpoint)
+    for what, data in (("decision threshold", threshold), ("normal reference", reference)):
+        found = data.get("checkpoint_fingerprint") if isinstance(data, dict) else None
+        if found is not None and str(found) != expected:
+            raise ValueError(
+                f"The {what} was calibrated for another model (fingerprint {found}, this checkpoint "
+                f"{expected}). Run `kedro run --pipeline=evaluate` for this checkpoint (or pass "
+                "--load-versions to pick the matching versions)."
+            )
 
 
 def find_images(folder: str | os.PathLike) -> list[Path]:

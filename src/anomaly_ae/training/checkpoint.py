@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -64,3 +65,14 @@ def validate_checkpoint(data: Any, name: str = "checkpoint") -> None:
         raise CheckpointError(
             f"{name} has format {data['format_version']}, this version reads {CHECKPOINT_FORMAT}."
         )
+
+
+def checkpoint_fingerprint(checkpoint: dict[str, Any]) -> str:
+    """A short SHA-256 of the model weights: tells which model a calibrated threshold or
+    normal reference belongs to."""
+    validate_checkpoint(checkpoint)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(checkpoint["model_state"].items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

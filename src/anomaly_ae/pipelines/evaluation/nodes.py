@@ -19,6 +19,7 @@ from anomaly_ae.evaluation.metrics import calibrate_threshold
 from anomaly_ae.evaluation.reference import NormalReference
 from anomaly_ae.evaluation.summary import HEADLINE_METRICS, detection_metrics
 from anomaly_ae.model import AutoencoderConfig
+from anomaly_ae.training.checkpoint import checkpoint_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def fit_reference(
         float(reference.std.mean()),
         settings.normal_reference,
     )
-    return reference.to_arrays()
+    return {**reference.to_arrays(), "checkpoint_fingerprint": np.asarray(checkpoint_fingerprint(model_checkpoint))}
 
 
 def score_images(
@@ -77,8 +78,11 @@ def score_images(
     return test_scores, validation_scores
 
 
-def calibrate(validation_scores: dict[str, np.ndarray], evaluation: dict[str, Any]) -> dict[str, Any]:
-    """The decision threshold from NORMAL validation images only (never test images)."""
+def calibrate(
+    validation_scores: dict[str, np.ndarray], model_checkpoint: dict, evaluation: dict[str, Any]
+) -> dict[str, Any]:
+    """The decision threshold from NORMAL validation images only (never test images), tagged
+    with the fingerprint of the model it belongs to."""
     rule = evaluation["threshold"]
     scores = validation_scores["score"]
     if len(scores) == 0:
@@ -93,6 +97,8 @@ def calibrate(validation_scores: dict[str, np.ndarray], evaluation: dict[str, An
         **rule,
         "n_validation_images": int(len(scores)),
         "score": evaluation["anomaly_map"],
+        "checkpoint_fingerprint": checkpoint_fingerprint(model_checkpoint),
+        "checkpoint_epoch": int(model_checkpoint.get("epoch", 0)),
     }
 
 

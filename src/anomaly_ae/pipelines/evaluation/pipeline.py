@@ -29,7 +29,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 calibrate,
-                ["validation_scores", "params:evaluation"],
+                ["validation_scores", "model_checkpoint", "params:evaluation"],
                 "decision_threshold",
                 name="calibrate_threshold",
             ),
