@@ -161,11 +161,11 @@ def test_reference_setting_matches_the_pipeline_correction():
     assert list(refs) == [settings[0].raw_key]  # one reference per uncorrected map
     raw = ablation.compute_maps(x, r, settings[0], 1.0)
     fitted = NormalReference.fit(ablation.compute_maps(train, train_r, settings[0], 1.0))
-    np.testing.assert_allclose(ablation.compute_maps(x, r, settings[1], 1.0, references=refs), raw - fitted.mean,
-                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    mean_maps = ablation.compute_maps(x, r, settings[1], 1.0, references=refs)
+    np.testing.assert_allclose(mean_maps, raw - fitted.mean, rtol=1e-5, atol=1e-6)
     expected = (raw - fitted.mean) / (fitted.std + fitted.std.mean())
-    np.testing.assert_allclose(ablation.compute_maps(x, r, settings[2], 1.0, references=refs), expected,
-                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    zscore_maps = ablation.compute_maps(x, r, settings[2], 1.0, references=refs)
+    np.testing.assert_allclose(zscore_maps, expected, rtol=1e-4, atol=1e-5)
     assert settings[1].map_settings(1.0).normal_reference == "mean"
     assert settings[2].levers_changed() == 2 and "ref-zscore" in settings[2].name
     with pytest.raises(ValueError, match="needs a normal reference"):

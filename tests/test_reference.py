@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -80,7 +82,9 @@ def test_versioned_npz_roundtrip(tmp_path):
     assert not ds.exists()
     ds.save(ref.to_arrays())
     assert ds.exists()
-    back = NormalReference.from_arrays(NpzDataset(str(tmp_path / "normal_reference.npz"), version=Version(None, None)).load())
+    back = NormalReference.from_arrays(
+        NpzDataset(str(tmp_path / "normal_reference.npz"), version=Version(None, None)).load()
+    )
     np.testing.assert_array_equal(back.mean, ref.mean)
     np.testing.assert_array_equal(back.std, ref.std)
     assert back.n_images == 4
@@ -126,7 +130,9 @@ def test_inspector_needs_the_reference_its_threshold_was_calibrated_with(model, 
     (result,) = inspector.inspect([("a.png", Image.fromarray((image * 255).astype(np.uint8)))])
     assert result.error is None and result.score is not None
     assert result.score == pytest.approx(float(result.anomaly_map.max()), rel=1e-6)
-    raw = Inspector(checkpoint, {"value": 0.1, "score": {"smoothing_sigma": 1.0}}, device="cpu", precision="fp32")
+    raw = Inspector(
+        checkpoint, {"value": 0.1, "score": {"smoothing_sigma": 1.0}}, device="cpu", precision="fp32"
+    )
     (plain,) = raw.inspect([("a.png", Image.fromarray((image * 255).astype(np.uint8)))])
     expected = (plain.anomaly_map - ref.mean) / (ref.std + ref.std.mean())
     np.testing.assert_allclose(result.anomaly_map, expected, rtol=1e-4, atol=1e-5)
@@ -160,7 +166,7 @@ def test_inspector_refuses_a_threshold_or_reference_of_another_model(model, tmp_
         Inspector(checkpoint, {**mine, "score": {"normal_reference": "mean"}}, reference=ref)
     # files written by the evaluate pipeline carry the fingerprint through from_files
     torch.save(checkpoint, tmp_path / "m.pt")
-    (tmp_path / "t.json").write_text(__import__("json").dumps({**mine, "score": {"normal_reference": "mean"}}))
+    (tmp_path / "t.json").write_text(json.dumps({**mine, "score": {"normal_reference": "mean"}}))
     np.savez(tmp_path / "r.npz", **ref)
     with pytest.raises(ValueError, match="normal reference was calibrated for another model"):
         Inspector.from_files(tmp_path / "m.pt", tmp_path / "t.json", tmp_path / "r.npz")

@@ -330,7 +330,9 @@ def fit_references(
     refs: dict[tuple, NormalReference] = {}
     for s in settings:
         if s.reference != "none" and s.raw_key not in refs:
-            refs[s.raw_key] = NormalReference.fit(_raw_maps(normal_images, normal_recon, s, l2_scale, batch_size))
+            refs[s.raw_key] = NormalReference.fit(
+                _raw_maps(normal_images, normal_recon, s, l2_scale, batch_size)
+            )
     return refs
 
 
@@ -368,6 +370,13 @@ def _per_map(settings: Sequence[AblationSetting]) -> dict[tuple, list[AblationSe
 
 
 # --------------------------------------------------------------------------- selection / test
+def _maps_and_pixel_metrics(settings, images, recon, masks, l2_scale, references):
+    """Per distinct map: the settings sharing it, the maps, pixel AUROC and AUPRO (FPR 0.3)."""
+    for members in _per_map(settings).values():
+        maps = compute_maps(images, recon, members[0], l2_scale, references=references)
+        yield members, maps, pixel_auroc(masks, maps), aupro(masks, maps, fpr_limit=0.3)
+
+
 def selection_metrics(
     settings: Sequence[AblationSetting],
     normal_images: np.ndarray,
@@ -387,10 +396,9 @@ def selection_metrics(
     masks = np.concatenate([np.zeros((len(normal_images), h, w), np.uint8), defect_masks])
     labels = np.r_[np.zeros(len(normal_images), int), np.ones(len(defect_images), int)]
     result = {}
-    for _, members in _per_map(settings).items():
-        maps = compute_maps(images, recon, members[0], l2_scale, references=references)
-        pix = pixel_auroc(masks, maps)
-        pro = aupro(masks, maps, fpr_limit=0.3)
+    for members, maps, pix, pro in _maps_and_pixel_metrics(
+        settings, images, recon, masks, l2_scale, references
+    ):
         for s in members:
             img = image_auroc(labels, _scores(maps, s.reduction))
             result[s] = {
@@ -426,10 +434,9 @@ def test_metrics(
     """Per setting: test image AUROC, pixel AUROC, AUPRO (FPR 0.3) and image F1-max."""
     labels = np.asarray(labels).astype(int)
     result = {}
-    for _, members in _per_map(settings).items():
-        maps = compute_maps(images, recon, members[0], l2_scale, references=references)
-        pix = pixel_auroc(masks, maps)
-        pro = aupro(masks, maps, fpr_limit=0.3)
+    for members, maps, pix, pro in _maps_and_pixel_metrics(
+        settings, images, recon, masks, l2_scale, references
+    ):
         for s in members:
             scores = _scores(maps, s.reduction)
             result[s] = {

@@ -6,7 +6,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
-from kedro.io.core import AbstractDataset, AbstractVersionedDataset, DatasetError, Version
+from kedro.io.core import AbstractVersionedDataset, DatasetError, Version
 
 from anomaly_ae.training.checkpoint import atomic_write, load_checkpoint, save_checkpoint_atomic
 
@@ -70,7 +70,9 @@ class NpzDataset(AbstractVersionedDataset[dict, dict]):
         try:
             path = Path(self._get_load_path())
         except DatasetError as exc:
-            raise DatasetError(f"{self._filepath}: no saved version ({exc}); run the pipeline that writes it.") from exc
+            raise DatasetError(
+                f"{self._filepath}: no saved version ({exc}); run the pipeline that writes it."
+            ) from exc
         if not path.is_file():
             raise DatasetError(f"{path} does not exist; run `kedro run --pipeline=data_processing` first.")
         with np.load(path, allow_pickle=False) as data:
@@ -81,7 +83,9 @@ class NpzDataset(AbstractVersionedDataset[dict, dict]):
         objects = sorted(key for key, value in arrays.items() if value.dtype == object)
         path = Path(self._get_save_path())
         if objects:
-            raise DatasetError(f"{path}: arrays {objects} hold Python objects; only numeric arrays are cached.")
+            raise DatasetError(
+                f"{path}: arrays {objects} hold Python objects; only numeric arrays are cached."
+            )
         atomic_write(path, lambda handle: np.savez(handle, **arrays))
 
     def _exists(self) -> bool:

@@ -227,7 +227,10 @@ def reconstruct_and_score(
 
 
 def fit_normal_reference(
-    model: nn.Module, normal_images: np.ndarray | torch.Tensor, settings: MapSettings = MapSettings(), **kwargs
+    model: nn.Module,
+    normal_images: np.ndarray | torch.Tensor,
+    settings: MapSettings = MapSettings(),
+    **kwargs,
 ) -> NormalReference:
     """Per-pixel mean/std of the anomaly maps (``settings`` without any reference correction)
     of NORMAL images, normally the training images. ``kwargs`` go to

@@ -81,7 +81,9 @@ class NormalReference:
                 f"{self.mean.shape}; refit it (kedro run --pipeline=evaluate) for this image size."
             )
 
-    def as_tensors(self, mode: str, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
+    def as_tensors(
+        self, mode: str, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(mean, scale)`` float32 tensors on ``device`` for :func:`correct` (``scale`` is
         None for ``mean``). Make them once, outside any ``torch.compile`` region."""
         if check_mode(mode) == "none":

@@ -48,7 +48,9 @@ def fit_reference(
     or test images); used when ``evaluation.anomaly_map.normal_reference`` is not ``none``."""
     network = _network(model_checkpoint, model, train_images)
     settings = MapSettings.from_dict(evaluation["anomaly_map"])
-    reference = fit_normal_reference(network, train_images["images"], settings, **_inference_options(evaluation))
+    reference = fit_normal_reference(
+        network, train_images["images"], settings, **_inference_options(evaluation)
+    )
     log.info(
         "Normal reference from %d training images: mean map %.4f, std map %.4f (applied: %s)",
         reference.n_images,
@@ -56,7 +58,10 @@ def fit_reference(
         float(reference.std.mean()),
         settings.normal_reference,
     )
-    return {**reference.to_arrays(), "checkpoint_fingerprint": np.asarray(checkpoint_fingerprint(model_checkpoint))}
+    return {
+        **reference.to_arrays(),
+        "checkpoint_fingerprint": np.asarray(checkpoint_fingerprint(model_checkpoint)),
+    }
 
 
 def score_images(
