@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA_ROOT = REPO_ROOT.parent / "shared" / "mvtec_ad"
 REAL_BOTTLE = REAL_DATA_ROOT / "bottle"
+REAL_BSDATA_ROOT = REPO_ROOT.parent / "shared" / "bsdata"
 
 requires_real_data = pytest.mark.skipif(
     not REAL_BOTTLE.is_dir(),
@@ -44,12 +46,43 @@ class KedroProject:
             )
         return result
 
+    def session_run(
+        self,
+        pipeline: str | None = None,
+        env: str | None = None,
+        params: dict | None = None,
+        load_versions: dict | None = None,
+        namespaces: list[str] | None = None,
+    ) -> dict:
+        """``kedro run`` in this process (a KedroSession), from the project folder."""
+        from kedro.framework.session import KedroSession
+        from kedro.framework.startup import bootstrap_project
+
+        with _cwd(self.path):
+            bootstrap_project(self.path)
+            with KedroSession.create(project_path=self.path, env=env, runtime_params=params or {}) as session:
+                return session.run(
+                    pipeline_names=[pipeline] if pipeline else None,
+                    load_versions=load_versions,
+                    namespaces=namespaces,
+                )
+
     def latest(self, relative: str) -> Path:
         """The newest version of a versioned dataset file (``data/.../name.ext``)."""
         folder = self.path / relative
         versions = sorted(p for p in folder.iterdir() if p.is_dir())
         assert versions, f"no versions under {folder}"
         return versions[-1] / folder.name
+
+
+@contextlib.contextmanager
+def _cwd(path: Path):
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def make_project(root: Path) -> KedroProject:

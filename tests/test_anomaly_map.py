@@ -1,108 +1,342 @@
-"""Tests for anomaly_ae.evaluation.anomaly_map (SSIM maps, anomaly maps, image scores)."""
+"""Tests for the scoring core: SSIM (anomaly_ae.scoring.ssim) and anomaly maps / image scores
+(anomaly_ae.scoring.anomaly_map)."""
 
 from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
 
 import numpy as np
 import pytest
 import pytorch_msssim
 import torch
-from scipy.ndimage import gaussian_filter
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter as scipy_gaussian
 from skimage.metrics import structural_similarity
 
-from anomaly_ae.evaluation.anomaly_map import (
+from anomaly_ae.scoring import NormalReference
+from anomaly_ae.scoring.anomaly_map import (
+    MapSettings,
     anomaly_map,
-    gaussian_window,
+    blend,
+    compose,
+    error_terms,
     image_score,
+    reference_tensors,
+    score_maps,
+    smooth_terms,
+)
+from anomaly_ae.scoring.ssim import (
+    blur_taps,
+    gaussian_blur,
+    gaussian_filter,
+    gaussian_taps,
     local_ssim_map,
+    mean_ssim,
     per_image_ssim,
+    ssim_map,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-def _smooth_pair(n: int = 2, size: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random smooth images in [0, 1] and a noisy, slightly shifted 'reconstruction'."""
+# ``import pytorch_msssim.ssim`` gives the function of that name, not the module
+_msssim_module = importlib.import_module("pytorch_msssim.ssim")
+P = 11 // 2  # border of the paper's window
+
+
+def _smooth_pair(n: int = 2, size: int = 96, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random smooth images in [0, 1] and a noisy, slightly dimmed 'reconstruction'."""
     rng = np.random.default_rng(seed)
-    x = np.stack([gaussian_filter(rng.random((size, size)), 3) for _ in range(n)])
+    x = np.stack([scipy_gaussian(rng.random((size, size)), 3) for _ in range(n)])
     x = (x - x.min()) / (x.max() - x.min())
     y = np.clip(0.8 * x + 0.1 + 0.05 * rng.standard_normal(x.shape), 0.0, 1.0)
     return torch.from_numpy(x[:, None]).float(), torch.from_numpy(y[:, None]).float()
 
 
-def test_gaussian_window_normalised_and_symmetric() -> None:
-    g = gaussian_window(11, 1.5)
-    assert g.shape == (11,)
-    assert g.sum().item() == pytest.approx(1.0, abs=1e-6)
-    assert torch.allclose(g, g.flip(0))
-    assert int(g.argmax()) == 5
-    with pytest.raises(ValueError, match="win_size"):
-        gaussian_window(10)
+@pytest.fixture(scope="module")
+def pair() -> tuple[torch.Tensor, torch.Tensor]:
+    return _smooth_pair()
 
 
-def test_local_ssim_identical_is_one_and_same_shape() -> None:
-    x, _ = _smooth_pair(n=2, size=64)
-    smap = local_ssim_map(x, x)
-    assert smap.shape == x.shape
-    assert smap.dtype == torch.float32
-    assert torch.allclose(smap, torch.ones_like(smap), atol=1e-5)
-
-
-def test_local_ssim_float64_input_computed_in_float32() -> None:
-    x, y = _smooth_pair(n=1, size=32)
-    assert local_ssim_map(x.double(), y.double()).dtype == torch.float32
-
-
-def test_local_ssim_interior_matches_pytorch_msssim() -> None:
-    x, y = _smooth_pair(n=2, size=64)
-    smap = local_ssim_map(x, y, win_size=11, sigma=1.5, data_range=1.0)
-    p = 11 // 2
-    interior_mean = smap[:, :, p:-p, p:-p].mean(dim=(1, 2, 3))
-    ref = pytorch_msssim.ssim(x, y, data_range=1.0, win_size=11, win_sigma=1.5, size_average=False)
-    assert torch.allclose(interior_mean, ref, atol=1e-5)
-
-
-def test_per_image_ssim_matches_pytorch_msssim_and_skimage() -> None:
-    x, y = _smooth_pair(n=2, size=256)
-    ours = per_image_ssim(x, y)
-    assert ours.shape == (2,)
-    assert ours.dtype == torch.float32
-    assert torch.equal(ours, pytorch_msssim.ssim(x, y, data_range=1.0, size_average=False))
-    for i in range(2):
-        sk = structural_similarity(
-            x[i, 0].double().numpy(),
-            y[i, 0].double().numpy(),
-            gaussian_weights=True,
-            sigma=1.5,
-            use_sample_covariance=False,
-            data_range=1.0,
-        )
-        assert ours[i].item() == pytest.approx(sk, abs=1e-4)
-
-
-def test_anomaly_map_zero_for_identical_and_higher_on_changed_patch() -> None:
+@pytest.fixture(scope="module")
+def patched() -> tuple[torch.Tensor, torch.Tensor]:
+    """An image and a 'reconstruction' that inverts one 10x10 patch (rows/cols 20..29)."""
     x, _ = _smooth_pair(n=1, size=64)
-    amap0 = anomaly_map(x, x)
-    assert amap0.shape == x.shape
-    assert torch.allclose(amap0, torch.zeros_like(amap0), atol=1e-5)
-
     recon = x.clone()
     recon[:, :, 20:30, 20:30] = 1.0 - recon[:, :, 20:30, 20:30]
+    return x, recon
+
+
+def _skimage(a: torch.Tensor, b: torch.Tensor) -> tuple[float, np.ndarray]:
+    """scikit-image's SSIM with the paper's (tf.image.ssim) conventions: mean and full map."""
+    return structural_similarity(
+        a.double().numpy(),
+        b.double().numpy(),
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        data_range=1,
+        full=True,
+    )
+
+
+# ------------------------------------------------------------------ Gaussian filtering
+
+
+def test_gaussian_taps_are_pytorch_msssims_window() -> None:
+    taps = gaussian_taps(11, 1.5)
+    assert isinstance(taps, tuple) and len(taps) == 11
+    assert all(type(t) is float for t in taps)  # constants for torch.compile, not a tensor
+    assert math.fsum(taps) == pytest.approx(1.0, abs=1e-12)
+    assert taps == taps[::-1] and max(range(11), key=taps.__getitem__) == 5
+    reference = _msssim_module._fspecial_gauss_1d(11, 1.5).flatten()
+    torch.testing.assert_close(torch.tensor(taps, dtype=torch.float32), reference, atol=1e-7, rtol=0)
+    # blur window: 2 * ceil(2 sigma) + 1 taps
+    assert len(blur_taps(2.0)) == 9 and len(blur_taps(1.3)) == 7 and len(blur_taps(0.4)) == 3
+    for bad in (10, 0, -3, 2.5, "11"):
+        with pytest.raises(ValueError, match="window size"):
+            gaussian_taps(bad, 1.5)
+    with pytest.raises(ValueError, match="sigma"):
+        gaussian_taps(11, 0.0)
+
+
+def test_gaussian_filter_valid_mode_equals_a_2d_convolution(pair) -> None:
+    x, _ = pair
+    taps = gaussian_taps(7, 1.0)
+    kernel = torch.outer(torch.tensor(taps), torch.tensor(taps))[None, None].float()
+    expected = F.conv2d(x, kernel)
+    out = gaussian_filter(x, taps, same_size=False)
+    assert out.shape == (2, 1, 96 - 6, 96 - 6)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="smaller than the 11-tap window"):
+        gaussian_filter(torch.zeros(1, 1, 8, 8), gaussian_taps(), same_size=False)
+
+
+@pytest.mark.parametrize("sigma", [2.0, 1.3])
+def test_gaussian_blur_is_scipys_mirror_filter(pair, sigma) -> None:
+    """Same size, reflect padding (scipy's "mirror"), radius ceil(2 sigma)."""
+    x, _ = pair
+    out = gaussian_blur(x, sigma)
+    assert out.shape == x.shape
+    expected = scipy_gaussian(x[0, 0].double().numpy(), sigma, mode="mirror", radius=math.ceil(2 * sigma))
+    np.testing.assert_allclose(out[0, 0].numpy(), expected, atol=1e-6, rtol=0)
+    assert gaussian_blur(x, 0.0) is x
+
+
+# ------------------------------------------------------------------ SSIM
+
+
+def test_local_ssim_identical_is_one_and_same_shape(pair) -> None:
+    x, _ = pair
+    smap = local_ssim_map(x, x)
+    assert smap.shape == x.shape and smap.dtype == torch.float32
+    torch.testing.assert_close(smap, torch.ones_like(smap), atol=1e-5, rtol=0)
+    assert local_ssim_map(x.double(), x.double()).dtype == torch.float32  # computed in float32
+    with pytest.raises(ValueError, match="same shape"):
+        local_ssim_map(x, x[:, :, :-1])
+
+
+def test_local_ssim_interior_is_the_valid_map(pair) -> None:
+    x, y = pair
+    interior = local_ssim_map(x, y)[..., P:-P, P:-P]
+    valid = ssim_map(x, y, gaussian_taps(), same_size=False)
+    assert valid.shape == interior.shape
+    torch.testing.assert_close(interior, valid, atol=1e-6, rtol=0)
+
+
+def test_local_ssim_map_matches_scikit_image_and_pytorch_msssim(pair) -> None:
+    x, y = pair
+    smap = local_ssim_map(x, y, win_size=11, sigma=1.5, data_range=1.0)
+    reference = pytorch_msssim.ssim(x, y, data_range=1.0, win_size=11, win_sigma=1.5, size_average=False)
+    torch.testing.assert_close(smap[..., P:-P, P:-P].mean(dim=(1, 2, 3)), reference, atol=1e-5, rtol=0)
+    for i in range(len(x)):
+        sk_mean, sk_map = _skimage(x[i, 0], y[i, 0])
+        ours = smap[i, 0, P:-P, P:-P].double().numpy()
+        # per pixel, float32 E[x^2] - E[x]^2 cancels in flat regions (measured 6e-5 at worst)
+        np.testing.assert_allclose(ours, sk_map[P:-P, P:-P], atol=2e-4, rtol=0)
+        assert ours.mean() == pytest.approx(sk_mean, abs=1e-5)  # skimage's mean crops the border
+    # the map is not constant: the images differ
+    assert float(smap.min()) < 0.9 < float(smap.max())
+
+
+def test_per_image_ssim_matches_pytorch_msssim_and_scikit_image(pair) -> None:
+    x, y = pair
+    ours = per_image_ssim(x, y)
+    assert ours.shape == (2,) and ours.dtype == torch.float32
+    reference = pytorch_msssim.ssim(x, y, data_range=1.0, size_average=False)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+    for i in range(2):
+        assert float(ours[i]) == pytest.approx(_skimage(x[i, 0], y[i, 0])[0], abs=1e-5)
+    assert float(ours.max()) < 0.95  # a real difference, not SSIM(x, x) = 1
+
+
+@pytest.mark.parametrize(("win_size", "win_sigma"), [(11, 1.5), (7, 1.0)])
+def test_mean_ssim_matches_pytorch_msssim(pair, win_size, win_sigma) -> None:
+    x, y = pair
+    ours = mean_ssim(x, y, 1.0, win_size, win_sigma)
+    reference = pytorch_msssim.ssim(
+        x, y, data_range=1.0, win_size=win_size, win_sigma=win_sigma, size_average=True
+    )
+    assert ours.shape == () and float(ours) == pytest.approx(float(reference), abs=1e-5)
+
+
+# ------------------------------------------------------------------ settings
+
+
+def test_map_settings_defaults_are_the_papers_map() -> None:
+    s = MapSettings()
+    assert (s.ssim_weight, s.l2_weight, s.smoothing_sigma, s.win_size, s.win_sigma) == (1, 0, 0, 11, 1.5)
+    assert (s.score_reduction, s.normal_reference, s.windows) == ("max", "none", (11,))
+    assert s.describe() == "1-SSIM(11) max"
+
+
+def test_map_settings_windows_round_trip_and_describe() -> None:
+    multi = MapSettings(win_size=[7, 11], l2_weight=2, smoothing_sigma=4, normal_reference="zscore")
+    assert multi.win_size == (7, 11) and multi.windows == (7, 11)
+    assert MapSettings(win_size=[11]).win_size == 11  # one window: a plain int
+    assert isinstance(multi.l2_weight, float)
+    data = multi.to_dict()
+    assert data["win_size"] == [7, 11]
+    assert MapSettings.from_dict(json.loads(json.dumps(data))) == multi
+    assert multi.describe() == "1-SSIM(7/11) + sq.err x2 smooth 4 ref-zscore max"
+    assert MapSettings(ssim_weight=0, l2_weight=1).describe() == "sq.err max"
+    assert MapSettings(score_reduction="topk_mean", topk_fraction=0.05).describe() == "1-SSIM(11) top5%"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        multi.l2_weight = 0.0
+    with pytest.raises(ValueError, match="bogus"):
+        MapSettings.from_dict({"bogus": 1})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"win_size": 10}, "positive odd"),
+        ({"win_size": ()}, "at least one window"),
+        ({"win_size": [7, 8]}, "positive odd"),
+        ({"win_sigma": 0.0}, "sigma"),
+        ({"ssim_weight": -1.0}, "ssim_weight"),
+        ({"smoothing_sigma": -0.5}, "smoothing_sigma"),
+        ({"ssim_weight": 0.0, "l2_weight": 0.0}, "cannot both be 0"),
+        ({"score_reduction": "median"}, "score_reduction"),
+        ({"topk_fraction": 0.0}, "topk_fraction"),
+        ({"normal_reference": "median"}, "normal_reference"),
+    ],
+)
+def test_map_settings_refuse_bad_values(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        MapSettings(**kwargs)
+
+
+# ------------------------------------------------------------------ anomaly maps
+
+
+def test_anomaly_map_zero_for_identical_and_high_on_the_changed_patch(patched) -> None:
+    x, recon = patched
+    amap0 = anomaly_map(x, x)
+    assert amap0.shape == x.shape
+    torch.testing.assert_close(amap0, torch.zeros_like(amap0), atol=1e-5, rtol=0)
+
     amap = anomaly_map(x, recon)
-    assert float(amap.min()) >= 0.0 and float(amap.max()) <= 1.0
-    inside = amap[:, :, 20:30, 20:30].mean()
-    far = amap[:, :, 45:, 45:]
-    assert inside > 0.3
-    assert torch.allclose(far, torch.zeros_like(far), atol=1e-5)
+    assert float(amap[:, :, 20:30, 20:30].mean()) > 0.3
+    far = amap[:, :, 45:, 45:]  # more than a window away from the patch
+    torch.testing.assert_close(far, torch.zeros_like(far), atol=1e-5, rtol=0)
+    # the default (the paper's) map is 1 - local SSIM, clipped to [0, 1]
+    torch.testing.assert_close(amap, (1 - local_ssim_map(x, recon)).clamp(0, 1), atol=1e-7, rtol=0)
 
-    # default weights = 1 - local SSIM exactly (clipped to [0, 1])
-    expected = (1 - local_ssim_map(x, recon)).clamp(0, 1)
-    assert torch.allclose(amap, expected)
 
-    # L2 term and smoothing
-    l2_only = anomaly_map(x, recon, ssim_weight=0.0, l2_weight=1.0)
-    assert torch.allclose(l2_only, (x - recon) ** 2)
-    smoothed = anomaly_map(x, recon, smoothing_sigma=2.0)
-    assert smoothed.shape == x.shape
-    assert float(smoothed.max()) < float(amap.max())
-    assert smoothed.sum().item() == pytest.approx(amap.sum().item(), rel=0.05)
+def test_anomaly_map_levers(patched) -> None:
+    x, recon = patched
+    ssim_err = {w: (1 - local_ssim_map(x, recon, win_size=w)).clamp(0, 1) for w in (7, 11)}
+    sq = (x - recon) ** 2
+    close = dict(atol=1e-6, rtol=0)
+
+    torch.testing.assert_close(anomaly_map(x, recon, MapSettings(ssim_weight=0, l2_weight=1)), sq, **close)
+    torch.testing.assert_close(
+        anomaly_map(x, recon, MapSettings(ssim_weight=0.5, l2_weight=2)), 0.5 * ssim_err[11] + 2 * sq, **close
+    )
+    torch.testing.assert_close(  # multi-scale: the mean of the windows' maps
+        anomaly_map(x, recon, MapSettings(win_size=(7, 11))), (ssim_err[7] + ssim_err[11]) / 2, **close
+    )
+    smoothed = anomaly_map(x, recon, MapSettings(smoothing_sigma=2.0))
+    torch.testing.assert_close(smoothed, gaussian_blur(ssim_err[11], 2.0), **close)
+    assert int((smoothed > 0.01).sum()) > int((ssim_err[11] > 0.01).sum())  # the error spreads out ...
+    assert smoothed.sum().item() == pytest.approx(ssim_err[11].sum().item(), rel=0.05)  # ... mass stays
+
+
+def test_anomaly_map_with_a_normal_reference(patched) -> None:
+    x, recon = patched
+    raw = anomaly_map(x, recon)
+    ref = NormalReference.fit(torch.rand(4, 64, 64, generator=torch.Generator().manual_seed(0)))
+    mean_map = anomaly_map(x, recon, MapSettings(normal_reference="mean"), ref.as_tensors("mean", "cpu"))
+    torch.testing.assert_close(mean_map, raw - torch.from_numpy(ref.mean), atol=1e-6, rtol=0)
+    z = anomaly_map(x, recon, MapSettings(normal_reference="zscore"), ref.as_tensors("zscore", "cpu"))
+    expected = (raw.numpy() - ref.mean) / (ref.std + ref.std.mean())
+    np.testing.assert_allclose(z.numpy(), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="normal_reference.npz"):
+        anomaly_map(x, recon, MapSettings(normal_reference="mean"))
+    # reference_tensors: None for "none", the tensors otherwise, a clear error without a reference
+    assert reference_tensors(None, "none", "cpu") is None
+    mean, scale = reference_tensors(ref, "mean", "cpu")
+    assert scale is None and torch.equal(mean, torch.from_numpy(ref.mean))
+    with pytest.raises(ValueError, match="normal_reference.npz"):
+        reference_tensors(None, "zscore", "cpu")
+
+
+def test_error_terms_hold_one_ssim_error_per_window(patched) -> None:
+    x, recon = patched
+    terms = error_terms(x, recon, (7, 11), keep_ssim=True)
+    assert set(terms) == {"ssim_err", "sq", "ssim"} and set(terms["ssim_err"]) == {7, 11}
+    torch.testing.assert_close(terms["ssim"][7], local_ssim_map(x, recon, win_size=7), atol=1e-7, rtol=0)
+    torch.testing.assert_close(terms["ssim_err"][7], (1 - terms["ssim"][7]).clamp(0, 1))
+    assert "ssim" not in error_terms(x, recon)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        MapSettings(smoothing_sigma=4.0),
+        MapSettings(smoothing_sigma=2.0, l2_weight=3.0, win_size=(7, 11)),
+        MapSettings(smoothing_sigma=1.0, ssim_weight=0.0, l2_weight=1.0),
+        MapSettings(smoothing_sigma=0.0, l2_weight=0.5),
+    ],
+    ids=lambda s: s.describe(),
+)
+def test_smoothing_the_terms_first_gives_the_same_map(patched, settings) -> None:
+    """Linearity the calibration grid relies on: smooth each term once, blend many times."""
+    x, recon = patched
+    terms = error_terms(x, recon, (7, 11))
+    fast = blend(smooth_terms(terms, settings.smoothing_sigma), settings)
+    composed = compose(terms, settings)
+    torch.testing.assert_close(fast, composed, atol=1e-5, rtol=0)
+    torch.testing.assert_close(composed, anomaly_map(x, recon, settings), atol=1e-6, rtol=0)
+    assert float(composed.max()) > 0.01  # not a map of zeros
+
+
+@pytest.mark.parametrize(
+    ("settings", "mode"),
+    [
+        (MapSettings(), None),  # paper window: SSIM filtered once, shared with the map
+        (MapSettings(win_size=(7, 11), smoothing_sigma=2.0, l2_weight=1.0), None),
+        (MapSettings(win_size=7), None),  # no 11x11 map to share: SSIM computed separately
+        (MapSettings(win_sigma=1.0), None),
+        (MapSettings(smoothing_sigma=2.0, normal_reference="zscore"), "zscore"),
+    ],
+    ids=["paper", "multi-scale", "win7", "sigma1", "zscore"],
+)
+def test_score_maps_equals_anomaly_map_and_per_image_ssim(pair, settings, mode) -> None:
+    x, y = pair
+    reference = None
+    if mode:
+        ref = NormalReference.fit(torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(1)))
+        reference = ref.as_tensors(mode, "cpu")
+    amap, ssim_values = score_maps(x, y, settings, reference)
+    torch.testing.assert_close(amap, anomaly_map(x, y, settings, reference), atol=1e-6, rtol=0)
+    torch.testing.assert_close(ssim_values, per_image_ssim(x, y), atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------ image scores
 
 
 def test_image_score_reductions() -> None:
@@ -121,3 +355,14 @@ def test_image_score_reductions() -> None:
         image_score(amap, "median")
     with pytest.raises(ValueError, match="topk_fraction"):
         image_score(amap, "topk_mean", topk_fraction=0.0)
+    with pytest.raises(ValueError, match="batch dimension"):
+        image_score(torch.zeros(5), "max")
+
+
+def test_defect_scores_higher_than_a_good_reconstruction(patched) -> None:
+    x, recon = patched
+    good = (0.98 * x + 0.01).clamp(0, 1)  # a near-perfect reconstruction
+    for settings in (MapSettings(), MapSettings(score_reduction="topk_mean"), MapSettings(l2_weight=1)):
+        amap = anomaly_map(torch.cat([x, x]), torch.cat([good, recon]), settings)
+        scores = image_score(amap, settings.score_reduction, settings.topk_fraction)
+        assert float(scores[1]) > float(scores[0]) + 0.1, settings.describe()

@@ -3,6 +3,8 @@ import torch
 
 from anomaly_ae.training.augment import AugmentationConfig, augment_batch
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _batch():
     torch.manual_seed(0)
@@ -21,7 +23,28 @@ def test_seeded_and_shape_preserving():
     b = augment_batch(x, cfg, torch.Generator().manual_seed(1))
     c = augment_batch(x, cfg, torch.Generator().manual_seed(2))
     assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
-    assert 0 <= a.min() and a.max() <= 1
+    assert torch.equal(x, _batch()), "the input was modified"
+
+
+def test_resampling_stays_within_the_input_range():
+    """Bilinear sampling with border padding only averages input pixels: no overshoot (as
+    bicubic would give) and no black corners (as zero padding would give)."""
+    torch.manual_seed(0)
+    x = 0.2 + 0.6 * torch.rand(6, 1, 32, 32)  # values in [0.2, 0.8]
+    cfg = AugmentationConfig(rotation_degrees=30, shift_fraction=0.1)
+    out = augment_batch(x, cfg, torch.Generator().manual_seed(4))
+    assert not torch.equal(out, x)
+    for i in range(len(x)):
+        assert x[i].min() - 1e-6 <= out[i].min() and out[i].max() <= x[i].max() + 1e-6, i
+
+
+def test_flips_are_exact_and_random_per_image():
+    x = _batch()
+    out = augment_batch(x, AugmentationConfig(hflip=True), torch.Generator().manual_seed(5))
+    flipped = [not torch.equal(out[i], x[i]) for i in range(len(x))]
+    for i in range(len(x)):
+        assert torch.equal(out[i], x[i].flip(-1) if flipped[i] else x[i]), i
+    assert 0 < sum(flipped) < len(x)  # some images flipped, some not (seed 5)
 
 
 def test_rot90_is_an_exact_permutation_of_pixels():
@@ -47,12 +70,19 @@ def test_training_with_augmentation_is_seeded_and_differs_from_plain():
 
     def losses(augmentation):
         cfg = TrainingConfig(
-            epochs=2, batch_size=4, progress=False, device="cpu", precision="fp32", augmentation=augmentation
+            epochs=2,
+            batch_size=4,
+            progress=False,
+            device="cpu",
+            precision="fp32",
+            compile=False,
+            augmentation=augmentation,
         )
         return [
             r["train_loss"]
             for r in train_autoencoder(images, None, AutoencoderConfig(image_size=64), cfg).history
         ]
 
-    assert losses(aug) == losses(aug)
-    assert losses(aug) != losses({})
+    augmented = losses(aug)
+    assert losses(aug) == augmented
+    assert losses({}) != augmented

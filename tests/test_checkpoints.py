@@ -10,12 +10,13 @@ import pytest
 import torch
 from kedro.io.core import DatasetError, Version
 
-import anomaly_ae.training.checkpoint as checkpoint_module
+import anomaly_ae.model.checkpoint as checkpoint_module
 from anomaly_ae.datasets import NpzDataset, TorchCheckpointDataset
 from anomaly_ae.model import AutoencoderConfig, build_model
-from anomaly_ae.training.checkpoint import (
+from anomaly_ae.model.checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
+    checkpoint_fingerprint,
     load_checkpoint,
     save_checkpoint_atomic,
 )
@@ -82,6 +83,26 @@ def test_round_trip(tmp_path):
     for key, value in model.state_dict().items():
         assert torch.equal(value, ckpt["model_state"][key])
     assert [p.name for p in path.parent.iterdir()] == ["model.pt"]
+
+
+def test_fingerprint_identifies_the_weights(tmp_path):
+    ckpt = _checkpoint()
+    fingerprint = checkpoint_fingerprint(ckpt)
+    assert len(fingerprint) == 16 and int(fingerprint, 16) >= 0
+    # survives a save/load round trip; training metadata does not enter it
+    assert (
+        checkpoint_fingerprint(load_checkpoint(save_checkpoint_atomic(ckpt, tmp_path / "m.pt")))
+        == fingerprint
+    )
+    assert checkpoint_fingerprint({**ckpt, "epoch": 99, "history": []}) == fingerprint
+    # one weight moved by one float32 ulp is another model
+    state = {k: v.clone() for k, v in ckpt["model_state"].items()}
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name].view(-1)[0] = torch.nextafter(state[name].view(-1)[0], torch.tensor(1.0))
+    assert checkpoint_fingerprint({**ckpt, "model_state": state}) != fingerprint
+    assert checkpoint_fingerprint(_checkpoint(seed=1)) != fingerprint
+    with pytest.raises(CheckpointError):
+        checkpoint_fingerprint({"model_state": {}})
 
 
 def test_checkpoint_file_is_world_readable(tmp_path):

@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 from scipy import ndimage
+from sklearn.metrics import roc_auc_score
 
 from anomaly_ae.evaluation.metrics import (
     aupro,
@@ -16,6 +17,7 @@ from anomaly_ae.evaluation.metrics import (
     image_auroc,
     pixel_auroc,
     pro_curve,
+    rank_auroc,
     summarise_ssim,
 )
 
@@ -32,6 +34,43 @@ def test_image_auroc_perfect_inverted_and_single_class() -> None:
         image_auroc([0, 0, 0], [0.1, 0.2, 0.3])
     with pytest.raises(ValueError, match="same length"):
         image_auroc([0, 1], [0.1, 0.2, 0.3])
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rank_auroc_equals_sklearn_with_ties(seed, dtype) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 2000))
+    labels = rng.random(n) < rng.uniform(0.05, 0.5)
+    labels[:2] = [True, False]  # both classes present
+    # overlapping classes, rounded to two decimals: many ties within and across classes
+    scores = np.round(rng.normal(0.0, 1.0, n) + 0.7 * labels, 2).astype(dtype)
+    assert len(np.unique(scores)) < n
+    expected = roc_auc_score(labels, scores)
+    assert 0.55 < expected < 0.95  # neither trivial nor degenerate
+    assert rank_auroc(labels, scores) == pytest.approx(expected, abs=1e-12)
+    # labels as {0, 255} masks and 2-D maps, as for pixels (both classes: see labels[:2])
+    side = int(np.sqrt(n))
+    masks = (labels[: side * side] * 255).astype(np.uint8).reshape(side, side)
+    maps = scores[: side * side].reshape(side, side)
+    expected = roc_auc_score(masks.ravel() > 0, maps.ravel())
+    assert rank_auroc(masks, maps) == pytest.approx(expected, abs=1e-12)
+
+
+def test_rank_auroc_hand_cases_and_errors() -> None:
+    assert rank_auroc([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]) == 1.0
+    assert rank_auroc([0, 0, 1, 1], [0.4, 0.3, 0.2, 0.1]) == 0.0
+    assert rank_auroc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == 0.5  # all ties count one half
+    # positives {0.3, 0.5}, negatives {0.3, 0.1}: 0.5 beats both (2), 0.3 beats 0.1 and ties 0.3 (1.5)
+    assert rank_auroc([1, 1, 0, 0], [0.3, 0.5, 0.3, 0.1]) == pytest.approx(3.5 / 4)
+    with pytest.raises(ValueError, match="only one class"):
+        rank_auroc([0, 0, 0], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="only one class"):
+        rank_auroc(np.ones((2, 2)), np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="same length"):
+        rank_auroc([0, 1], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="finite"):
+        rank_auroc([0, 1], [0.1, np.nan])
 
 
 def test_f1_max_perfect_and_threshold() -> None:

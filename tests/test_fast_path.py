@@ -21,15 +21,13 @@ import pytest
 import torch
 from pytorch_msssim import ssim
 
-from anomaly_ae.evaluation.inference import reconstruct_and_score
-from anomaly_ae.model import AutoencoderConfig, HybridLoss, build_model
-from anomaly_ae.training.trainer import (
-    SeparableHybridLoss,
-    TrainingConfig,
-    gaussian_taps,
-    ssim_separable,
-    train_autoencoder,
-)
+from anomaly_ae.model import AutoencoderConfig, HybridLoss, SeparableHybridLoss, build_model
+from anomaly_ae.scoring import MapSettings
+from anomaly_ae.scoring.inference import fit_normal_reference, reconstruct_and_score
+from anomaly_ae.scoring.ssim import mean_ssim
+from anomaly_ae.training.trainer import TrainingConfig, train_autoencoder
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # fp32 paths differ only in summation order (NHWC vs NCHW oneDNN kernels, fused vs foreach
 # Adam, inductor's fused loops): ~1e-6 relative per op. Adam divides by sqrt(v), which turns
@@ -88,7 +86,7 @@ def test_separable_ssim_equals_pytorch_msssim():
     y.requires_grad_(True)
     ref = ssim(y, x, data_range=1.0, win_size=11, win_sigma=1.5, size_average=True)
     (g_ref,) = torch.autograd.grad(ref, y)
-    fast = ssim_separable(y, x, taps=gaussian_taps(11, 1.5))
+    fast = mean_ssim(y, x, data_range=1.0, win_size=11, win_sigma=1.5)
     (g_fast,) = torch.autograd.grad(fast, y)
     assert abs(float(fast.detach() - ref.detach())) < 1e-6
     # same sums in another order: gradients agree to float32 rounding, relative to their scale
@@ -97,6 +95,7 @@ def test_separable_ssim_equals_pytorch_msssim():
     assert float(SeparableHybridLoss()(x, y.detach())) == pytest.approx(plain_loss, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_eager_fast_levers_match_fp32(plain_losses):
     """channels_last + fused Adam (the eager CPU defaults) against the plain path."""
     fast = _losses(channels_last=True, optimizer_impl="fused")
@@ -111,6 +110,7 @@ def test_compiled_step_matches_fp32(plain_losses):
     _assert_close(fast, plain_losses, FP32_REL_TOL)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_matches_fp32(plain_losses):
     fast = _losses(channels_last=True, optimizer_impl="fused", precision="bf16")
     _assert_close(fast, plain_losses, BF16_REL_TOL)
@@ -124,8 +124,11 @@ def model():
     return build_model(AutoencoderConfig()).eval()
 
 
-def _score(model, images, **kw):
-    return reconstruct_and_score(model, images, batch_size=4, device="cpu", **kw)
+PAPER_MAP = MapSettings()
+
+
+def _score(model, images, settings=PAPER_MAP, **kw):
+    return reconstruct_and_score(model, images, settings, 4, device="cpu", **kw)
 
 
 # Scores are maxima of (1 - local SSIM) in [0, 1]; fp32 fast paths differ by summation
@@ -148,10 +151,10 @@ def test_compiled_inference_matches_fp32(model):
 
 @pytest.mark.slow
 def test_compiled_inference_with_normal_reference_matches_eager(model):
-    from anomaly_ae.evaluation.inference import MapSettings, fit_normal_reference
-
     settings = MapSettings(smoothing_sigma=4.0, normal_reference="zscore")
-    reference = fit_normal_reference(model, _images(6, seed=4), settings, device="cpu", precision="fp32")
+    reference = fit_normal_reference(
+        model, _images(6, seed=4), settings, batch_size=4, device="cpu", precision="fp32"
+    )
     images = _images(8, seed=5)
     plain = _score(model, images, settings=settings, precision="fp32", reference=reference)
     fast = _score(model, images, settings=settings, precision="fp32", compile=True, reference=reference)

@@ -1,23 +1,50 @@
+"""Batched inference (anomaly_ae.scoring.inference) and rebuilding a model from a checkpoint
+(anomaly_ae.model.checkpoint.model_from_checkpoint)."""
+
+from __future__ import annotations
+
 import numpy as np
 import pytest
 import torch
 
-from anomaly_ae.evaluation.inference import MapSettings, model_from_checkpoint, reconstruct_and_score
 from anomaly_ae.model import AutoencoderConfig, build_model
-from anomaly_ae.training.checkpoint import CheckpointError
+from anomaly_ae.model.checkpoint import CheckpointError, model_from_checkpoint
+from anomaly_ae.scoring import MapSettings, anomaly_map, per_image_ssim
+from anomaly_ae.scoring.inference import reconstruct, reconstruct_and_score
 from anomaly_ae.training.trainer import TrainingConfig, build_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SIZE = 64
 
 
 @pytest.fixture(scope="module")
 def checkpoint():
     torch.manual_seed(0)
     return build_checkpoint(
-        build_model(AutoencoderConfig(image_size=64)).eval(),
+        build_model(AutoencoderConfig(image_size=SIZE)).eval(),
         None,
         epoch=1,
         history=[],
         config=TrainingConfig(),
     )
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return model_from_checkpoint(checkpoint, image_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return np.random.default_rng(0).random((5, 1, SIZE, SIZE), dtype=np.float32)
+
+
+def test_model_from_checkpoint_rebuilds_the_weights_in_eval_mode(checkpoint, model):
+    assert not model.training
+    assert model.config == AutoencoderConfig(image_size=SIZE)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, checkpoint["model_state"][name]), name
 
 
 def test_checkpoint_of_another_image_size_is_refused(checkpoint):
@@ -28,19 +55,54 @@ def test_checkpoint_of_another_image_size_is_refused(checkpoint):
 def test_checkpoint_of_another_architecture_is_refused(checkpoint):
     other = dict(checkpoint, model_config={**checkpoint["model_config"], "architecture": "something_else"})
     with pytest.raises((CheckpointError, ValueError), match="architecture"):
-        model_from_checkpoint(other, AutoencoderConfig(image_size=64))
+        model_from_checkpoint(other, AutoencoderConfig(image_size=SIZE))
     with pytest.raises(CheckpointError, match="architecture"):
-        model_from_checkpoint(checkpoint, AutoencoderConfig(image_size=64, architecture="paper_table1_v2"))
+        model_from_checkpoint(checkpoint, AutoencoderConfig(image_size=SIZE, architecture="paper_table1_v2"))
+    with pytest.raises(CheckpointError, match="not an anomaly-ae checkpoint"):
+        model_from_checkpoint({"epoch": 1})
 
 
-def test_reconstruct_and_score_outputs(checkpoint):
-    model = model_from_checkpoint(checkpoint, image_size=64)
-    images = np.random.default_rng(0).random((5, 1, 64, 64), dtype=np.float32)
-    out = reconstruct_and_score(model, images, MapSettings(), batch_size=2, device="cpu", precision="fp32")
-    assert out["recon"].shape == (5, 1, 64, 64) and out["map"].shape == (5, 64, 64)
+def test_reconstruct_and_score_outputs(model, images):
+    out = reconstruct_and_score(model, images, MapSettings(), 2, device="cpu", precision="fp32")
+    assert set(out) == {"recon", "map", "ssim", "mse", "score"}
+    assert out["recon"].shape == (5, 1, SIZE, SIZE) and out["map"].shape == (5, SIZE, SIZE)
+    assert all(v.dtype == np.float32 for v in out.values())
     for key in ("ssim", "mse", "score"):
-        assert out[key].shape == (5,) and np.isfinite(out[key]).all()
-    assert np.allclose(
-        out["score"], out["map"].reshape(5, -1).max(axis=1), atol=1e-6
-    )  # default: max of the map
-    assert np.allclose(out["mse"], ((images - out["recon"]) ** 2).mean(axis=(1, 2, 3)), atol=1e-6)
+        assert out[key].shape == (5,)
+    with torch.no_grad():
+        recon = model(torch.from_numpy(images))
+    np.testing.assert_allclose(out["recon"], recon.numpy(), atol=1e-6, rtol=0)
+    # the map is the scoring core's, the score its maximum (the paper's default)
+    expected_map = anomaly_map(torch.from_numpy(images), recon)[:, 0].numpy()
+    # (1 - SSIM amplifies the float32 differences of batches of 2 and of 5 to ~2e-6 at a few pixels)
+    np.testing.assert_allclose(out["map"], expected_map, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out["score"], out["map"].reshape(5, -1).max(axis=1), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(out["mse"], ((images - out["recon"]) ** 2).mean(axis=(1, 2, 3)), atol=1e-6)
+    expected_ssim = per_image_ssim(torch.from_numpy(images), recon).numpy()
+    np.testing.assert_allclose(out["ssim"], expected_ssim, atol=1e-5, rtol=0)
+    # noise is reconstructed badly by an untrained model: SSIM well below 1, scores high
+    assert out["ssim"].max() < 0.5 and out["score"].min() > 0.5
+
+
+def test_settings_and_batch_size(model, images):
+    settings = MapSettings(l2_weight=1.0, smoothing_sigma=2.0, score_reduction="mean")
+    whole = reconstruct_and_score(model, images, settings, 5, device="cpu", precision="fp32")
+    split = reconstruct_and_score(model, images, settings, 2, device="cpu", precision="fp32")
+    for key in whole:  # batches are independent in eval mode
+        np.testing.assert_allclose(split[key], whole[key], atol=1e-5, rtol=0, err_msg=key)
+    np.testing.assert_allclose(whole["score"], whole["map"].reshape(5, -1).mean(axis=1), rtol=1e-5)
+    paper = reconstruct_and_score(model, images, MapSettings(), 5, device="cpu", precision="fp32")
+    assert not np.allclose(whole["map"], paper["map"], atol=1e-3)  # the settings change the map ...
+    np.testing.assert_array_equal(whole["ssim"], paper["ssim"])  # ... never the paper's SSIM
+
+
+def test_without_maps_and_reconstruct_only(model, images):
+    out = reconstruct_and_score(
+        model, images, MapSettings(), 2, device="cpu", precision="fp32", keep_maps=False
+    )
+    assert set(out) == {"recon", "ssim", "mse", "score"}
+    recon = reconstruct(model, images, 3, device="cpu")
+    assert recon.shape == (5, 1, SIZE, SIZE) and recon.dtype == np.float32
+    np.testing.assert_allclose(recon, out["recon"], atol=1e-6, rtol=0)
+    empty = reconstruct_and_score(model, images[:0], MapSettings(), 2, device="cpu", precision="fp32")
+    assert all(len(v) == 0 for v in empty.values())

@@ -1,4 +1,5 @@
-"""Tests for the hybrid MSE + SSIM loss (anomaly_ae.model.loss.HybridLoss)."""
+"""Tests for the hybrid MSE + SSIM loss (anomaly_ae.model.loss): HybridLoss (pytorch_msssim's
+SSIM) and SeparableHybridLoss (the scoring core's separable SSIM, used when compiled)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from skimage.metrics import structural_similarity
 
 from anomaly_ae.data.synthetic import generate_synthetic_category
 from anomaly_ae.data.transforms import to_model_array
-from anomaly_ae.model import HybridLoss
+from anomaly_ae.model import HybridLoss, SeparableHybridLoss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SIZE = 128
+BOTH = pytest.mark.parametrize("loss_cls", [HybridLoss, SeparableHybridLoss], ids=["msssim", "separable"])
 
 
 def _skimage_ssim(a: np.ndarray, b: np.ndarray) -> float:
@@ -74,12 +76,13 @@ def test_fixture_images_are_realistic(images):
     assert 0 <= good.min() and good.max() <= 1 and good.std() > 0.1
 
 
+@BOTH
 @pytest.mark.parametrize("other", ["noisy", "blurred", "defect", "other", "good"])
-def test_ssim_matches_scikit_image(images, other):
+def test_ssim_matches_scikit_image(images, other, loss_cls):
     a, b = images["good"], images[other]
     expected = _skimage_ssim(a, b)
-    got = float(HybridLoss().components(_t(a), _t(b))["ssim"])
-    assert got == pytest.approx(expected, abs=1e-4)
+    got = float(loss_cls().components(_t(a), _t(b))["ssim"])
+    assert got == pytest.approx(expected, abs=1e-5)
 
 
 def test_ssim_is_sensitive_and_symmetric_enough(images):
@@ -91,22 +94,24 @@ def test_ssim_is_sensitive_and_symmetric_enough(images):
     assert s_noisy < 0.95
 
 
-def test_ssim_of_batch_is_mean_of_per_image_ssims(images):
+@BOTH
+def test_ssim_of_batch_is_mean_of_per_image_ssims(images, loss_cls):
     target = np.stack([images["good"], images["other"]])
     recon = np.stack([images["noisy"], images["defect"]])
     expected = np.mean([_skimage_ssim(t, r) for t, r in zip(target, recon, strict=True)])
-    got = HybridLoss().components(torch.from_numpy(target)[:, None], torch.from_numpy(recon)[:, None])
-    assert float(got["ssim"]) == pytest.approx(expected, abs=1e-4)
+    got = loss_cls().components(torch.from_numpy(target)[:, None], torch.from_numpy(recon)[:, None])
+    assert float(got["ssim"]) == pytest.approx(expected, abs=1e-5)
     assert float(got["mse"]) == pytest.approx(float(np.mean((target - recon) ** 2)), rel=1e-5)
 
 
+@BOTH
 @pytest.mark.parametrize("w_mse, w_ssim", [(1.0, 0.0), (0.0, 1.0), (0.5, 0.5), (0.2, 0.7)])
-def test_loss_is_weighted_sum(images, w_mse, w_ssim):
+def test_loss_is_weighted_sum(images, w_mse, w_ssim, loss_cls):
     a, b = images["good"], images["noisy"]
     mse = float(np.mean((a.astype(np.float64) - b) ** 2))
     ssim = _skimage_ssim(a, b)
     expected = w_mse * mse + w_ssim * (1.0 - ssim)
-    loss_fn = HybridLoss(mse_weight=w_mse, ssim_weight=w_ssim)
+    loss_fn = loss_cls(mse_weight=w_mse, ssim_weight=w_ssim)
     loss = loss_fn(_t(a), _t(b))
     assert loss.shape == ()
     assert float(loss) == pytest.approx(expected, abs=1e-4)
@@ -129,15 +134,17 @@ def test_default_weights_are_papers():
     assert loss.mse_weight == 0.5 and loss.ssim_weight == 0.5 and loss.data_range == 1.0
 
 
+@BOTH
 @pytest.mark.parametrize("w", [(1.0, 0.0), (0.0, 1.0), (0.5, 0.5)])
-def test_identical_images_give_zero_loss(images, w):
+def test_identical_images_give_zero_loss(images, w, loss_cls):
     x = _t(images["good"])
-    assert abs(float(HybridLoss(*w)(x, x.clone()))) < 1e-6
+    assert abs(float(loss_cls(*w)(x, x.clone()))) < 1e-6
 
 
-def test_bfloat16_inputs_give_float32_loss(images):
+@BOTH
+def test_bfloat16_inputs_give_float32_loss(images, loss_cls):
     a, b = _t(images["good"]), _t(images["noisy"])
-    loss_fn = HybridLoss()
+    loss_fn = loss_cls()
     ref = loss_fn(a, b)
     a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
     low = loss_fn(a16, b16)
@@ -151,25 +158,33 @@ def test_bfloat16_inputs_give_float32_loss(images):
     assert float(low) == pytest.approx(float(ref), abs=5e-3)
 
 
-def test_bfloat16_under_autocast(images):
+@BOTH
+def test_bfloat16_under_autocast(images, loss_cls):
     a, b = _t(images["good"]), _t(images["noisy"])
-    ref = float(HybridLoss()(a, b))
+    ref = float(loss_cls()(a, b))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = HybridLoss()(a, b.to(torch.bfloat16))
+        loss = loss_cls()(a, b.to(torch.bfloat16))
     assert loss.dtype == torch.float32
     assert float(loss) == pytest.approx(ref, abs=5e-3)
 
 
+@BOTH
 @pytest.mark.parametrize("w_mse, w_ssim", [(-0.1, 0.5), (0.5, -1.0), (0.0, 0.0), (-1.0, -1.0), (-0.5, 1.0)])
-def test_invalid_weights_raise(w_mse, w_ssim):
+def test_invalid_weights_raise(w_mse, w_ssim, loss_cls):
     with pytest.raises(ValueError, match="weight"):
-        HybridLoss(mse_weight=w_mse, ssim_weight=w_ssim)
+        loss_cls(mse_weight=w_mse, ssim_weight=w_ssim)
 
 
-def test_gradients_flow(images):
+def test_separable_loss_validates_its_window():
+    with pytest.raises(ValueError, match="window size"):
+        SeparableHybridLoss(win_size=10)
+
+
+@BOTH
+def test_gradients_flow(images, loss_cls):
     target = _t(images["good"])
     recon = _t(images["noisy"]).requires_grad_(True)
-    loss = HybridLoss()(target, recon)
+    loss = loss_cls()(target, recon)
     loss.backward()
     assert recon.grad is not None
     assert recon.grad.shape == recon.shape
@@ -178,7 +193,7 @@ def test_gradients_flow(images):
     # a small step against the gradient lowers the loss
     with torch.no_grad():
         stepped = (recon - 1.0 * recon.grad / recon.grad.abs().max() * 1e-2).clamp(0, 1)
-    assert float(HybridLoss()(target, stepped)) < loss.item()
+    assert float(loss_cls()(target, stepped)) < loss.item()
 
 
 def test_gradients_flow_to_model_parameters():

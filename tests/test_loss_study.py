@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -70,45 +71,43 @@ def mlflow_server(kedro_project):
 
 
 def test_loss_study_gives_one_child_run_per_variant(kedro_project, request):
-    kedro_project.run("run", "--env", "quick", "--pipeline=loss_study")
-    comparison = pd.read_csv(kedro_project.latest("data/08_reporting/loss_study_comparison.csv"))
+    kedro_project.session_run(pipeline="loss_study", env="quick")
+    comparison = pd.read_csv(kedro_project.latest("data/08_reporting/bottle/loss_study_comparison.csv"))
     assert list(comparison["variant"]) == list(VARIANTS)
     assert comparison.loc[comparison["variant"] == "hybrid", "paper_ssim_normal"].item() == pytest.approx(
         0.9055
     )
     for variant in VARIANTS:
-        assert kedro_project.latest(f"data/06_models/{variant}/model_checkpoint.pt").is_file()
+        assert kedro_project.latest(f"data/06_models/bottle.{variant}/model_checkpoint.pt").is_file()
 
     url = request.getfixturevalue("mlflow_server")
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=url)
     experiment = client.get_experiment_by_name("anomaly_ae")
-    runs = client.search_runs([experiment.experiment_id])
-    children = {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert set(children) == set(VARIANTS)
-    assert len(parents) == 1
-    parent = parents[0]
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"loss_study", "bottle", *(f"bottle.{v}" for v in VARIANTS)}
+    top, category = runs["loss_study"], runs["bottle"]
+    assert "mlflow.parentRunId" not in top.data.tags
+    assert category.data.tags["mlflow.parentRunId"] == top.info.run_id
     for name, (mse_weight, ssim_weight) in VARIANTS.items():
-        run = children[name]
-        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        run = runs[f"bottle.{name}"]
+        assert run.data.tags["mlflow.parentRunId"] == category.info.run_id
+        assert run.data.tags["variant"] == name and run.data.tags["category"] == "bottle"
         assert run.info.status == "FINISHED"
         assert (run.data.params["loss.mse_weight"], run.data.params["loss.ssim_weight"]) == (
             mse_weight,
             ssim_weight,
         )
-        for metric in (
-            "image_auroc",
-            "pixel_auroc",
-            "aupro",
-            "ssim_normal_mean",
-            "ssim_defect_mean",
-            "threshold",
-        ):
-            assert 0.0 <= run.data.metrics[metric] <= 1.0, (name, metric)
+        metrics = json.loads(
+            kedro_project.latest(f"data/08_reporting/bottle.{name}/evaluation_metrics.json").read_text()
+        )
+        for metric in ("image_auroc", "pixel_auroc", "aupro", "ssim_normal_mean", "ssim_defect_mean", "threshold"):
+            assert run.data.metrics[metric] == pytest.approx(metrics[metric]), (name, metric)
+        row = comparison.set_index("variant").loc[name]
+        assert row["image_auroc"] == pytest.approx(metrics["image_auroc"])
         history = client.get_metric_history(run.info.run_id, "train_loss")
         assert [m.step for m in history] == [1, 2, 3]
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"checkpoints", "figures", "tables", "evaluation"} <= artifacts
-    assert "loss_study" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+        assert {"checkpoints", "figures", "tables", "evaluation", "calibration"} <= artifacts
+    assert "loss_study" in {a.path for a in client.list_artifacts(category.info.run_id)}

@@ -1,99 +1,209 @@
-"""The Kedro project end to end on the synthetic sample (the quick environment)."""
+"""The Kedro project end to end on the synthetic sample (the quick environment), in process.
+
+One ``kedro run --env quick`` (a KedroSession) trains, calibrates and evaluates once for the
+whole module; the tests then check its outputs, rerun single pipelines on it, and one test
+drives the real ``kedro`` command line.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
+import subprocess
 
+import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, make_project
+from sklearn.metrics import roc_auc_score
+
+from anomaly_ae.model.checkpoint import checkpoint_fingerprint, load_checkpoint
+from anomaly_ae.scoring import MapSettings
 
 pytestmark = pytest.mark.slow
 
-
-def test_registry_lists_every_pipeline(kedro_project):
-    out = kedro_project.run("registry", "list").stdout
-    for name in (
-        "__default__",
-        "data_ingestion",
-        "data_processing",
-        "training",
-        "evaluation",
-        "reporting",
-        "evaluate",
-    ):
-        assert f"- {name}\n" in out, out
+NS = "bottle"  # the quick environment's category: every dataset lives in this namespace
+EXPECTED_PIPELINES = {
+    "__default__",
+    "data_ingestion",
+    "data_processing",
+    "training",
+    "calibrate",
+    "evaluate",
+    "loss_study",
+    "predict",
+}
 
 
-def test_evaluate_without_a_checkpoint_says_train_first(kedro_project):
-    result = kedro_project.run("run", "--pipeline=evaluate", check=False)
-    assert result.returncode != 0
-    text = result.stdout + result.stderr
-    assert "No trained model found" in text and "kedro run --pipeline=training" in text, text[-3000:]
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    project = make_project(tmp_path_factory.mktemp("quick") / "project")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(project.path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "conf", "pyproject.toml"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "project"], check=True)
+    project.session_run(env="quick")
+    return project
 
 
-def test_quick_run_produces_every_output(kedro_project):
-    kedro_project.run("run", "--env", "quick")
-    info = json.loads((kedro_project.path / "data/02_intermediate/dataset_info.json").read_text())
-    assert info["source"] == "synthetic"
+def _json(path) -> dict:
+    return json.loads(path.read_text())
 
-    history = pd.read_csv(kedro_project.latest("data/07_model_output/training_history.csv"))
+
+def test_registry_has_one_pipeline_per_job(quick):
+    from conftest import _cwd
+
+    from anomaly_ae import pipeline_registry, run_params
+
+    with _cwd(quick.path):
+        run_params.remember({"data": {"category": NS}, "loss_study": {"variants": ["mse", "ssim", "hybrid"]}})
+        pipelines = pipeline_registry.register_pipelines()
+    assert set(pipelines) == EXPECTED_PIPELINES
+    default = pipelines["__default__"]
+    assert {node.namespace for node in default.nodes} == {NS}
+    names = [node.name for node in default.nodes]  # topological order
+    assert (
+        names.index(f"{NS}.train_model") < names.index(f"{NS}.select_map") < names.index(f"{NS}.resolve_map")
+    )
+    assert f"{NS}.calibrated_map" in pipelines["calibrate"].all_outputs()
+    assert f"{NS}.test_images" not in pipelines["calibrate"].all_inputs()  # never reads the test set
+
+
+def test_quick_run_trains_and_evaluates_with_the_calibrated_map(quick):
+    history = pd.read_csv(quick.latest(f"data/07_model_output/{NS}/training_history.csv"))
     assert list(history["epoch"]) == [1, 2, 3]
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
 
-    table = pd.read_csv(kedro_project.latest("data/07_model_output/ssim_table.csv"))
-    assert set(table.columns) >= {"file", "defect_type", "label", "ssim", "mse", "score", "is_anomalous"}
-    assert len(table) == 8 + 2 * 6  # synthetic defaults: 8 good, 6 per defect type
+    checkpoint = load_checkpoint(quick.latest(f"data/06_models/{NS}/model_checkpoint.pt"))
+    chosen = _json(quick.latest(f"data/07_model_output/{NS}/calibrated_map.json"))
+    threshold = _json(quick.latest(f"data/07_model_output/{NS}/decision_threshold.json"))
+    metrics = _json(quick.latest(f"data/08_reporting/{NS}/evaluation_metrics.json"))
+    assert chosen["checkpoint_fingerprint"] == checkpoint_fingerprint(checkpoint)
+    assert threshold["checkpoint_fingerprint"] == checkpoint_fingerprint(checkpoint)
+    assert metrics["map_source"] == "calibrated"
+    assert metrics["anomaly_map"] == chosen["map_settings"] == threshold["score"]
+    assert chosen["map_settings"] != MapSettings().to_dict()  # the rule moved off the paper's map
 
-    metrics = json.loads(kedro_project.latest("data/08_reporting/evaluation_metrics.json").read_text())
-    for name in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "threshold"):
-        assert 0.0 <= metrics[name] <= 1.0 or name == "threshold", (name, metrics[name])
+    table = pd.read_csv(quick.latest(f"data/07_model_output/{NS}/ssim_table.csv"))
+    assert len(table) == 8 + 2 * 6  # synthetic defaults: 8 good, 6 per defect type
+    # the reported metrics are those of the scores in the table
+    assert metrics["image_auroc"] == pytest.approx(roc_auc_score(table["label"], table["score"]), abs=1e-9)
+    assert metrics["threshold"] == threshold["value"]
+    assert list(table["is_anomalous"]) == list(table["score"] > threshold["value"])
     assert metrics["data_source"] == "synthetic"
 
-    table2 = pd.read_csv(kedro_project.latest("data/08_reporting/table2.csv"))
+    table2 = pd.read_csv(quick.latest(f"data/08_reporting/{NS}/table2.csv"))
     assert "paper protocol" in set(table2["subset"])
-    for figure in ("figure1.png", "image_roc.png", "pixel_roc.png", "ssim_histogram.png", "loss_curve.png"):
-        assert kedro_project.latest(f"data/08_reporting/{figure}").stat().st_size > 1000
-    assert len(list((kedro_project.path / "data/08_reporting/heatmaps").rglob("*.png"))) == len(table)
-    report = (kedro_project.path / "data/08_reporting/report.html").read_text()
+    for figure in ("figure1", "image_roc", "pixel_roc", "ssim_histogram", "loss_curve"):
+        assert quick.latest(f"data/08_reporting/{NS}/{figure}.png").stat().st_size > 1000
+    assert len(list((quick.path / f"data/08_reporting/{NS}/heatmaps").rglob("*.png"))) == len(table)
+    report = (quick.path / f"data/08_reporting/{NS}/report.html").read_text()
     assert "SYNTHETIC DATA" in report and "Table II" in report and "Figure 1" in report
-    assert kedro_project.latest("data/06_models/model_checkpoint.pt").stat().st_size > 1_000_000
+    assert "which settings and why" in report and chosen["setting"] in report
 
-    # MLflow: one run with params, per-epoch loss history, tags and the metrics.
-    with sqlite3.connect(kedro_project.path / "mlflow.db") as db:
-        (run_uuid,) = db.execute("select run_uuid from runs where status='FINISHED'").fetchone()
-        params = dict(db.execute("select key, value from params where run_uuid=?", (run_uuid,)))
-        tags = dict(db.execute("select key, value from tags where run_uuid=?", (run_uuid,)))
+
+def test_calibration_table_and_rule(quick):
+    table = pd.read_csv(quick.latest(f"data/07_model_output/{NS}/calibration_table.csv"))
+    chosen = _json(quick.latest(f"data/07_model_output/{NS}/calibrated_map.json"))
+    assert len(table) == 252 == chosen["n_settings"]
+    assert table["is_paper"].sum() == 1 and table["is_selected"].sum() == 1
+    assert list(table["rank"]) == list(range(1, 253))
+    assert table["selection_score"].is_monotonic_decreasing
+    selected = table[table["is_selected"]].iloc[0]
+    best = table["selection_score"].max()
+    tied = table[table["selection_score"] >= best - chosen["tie_tolerance"]]
+    assert selected["levers_changed"] == tied["levers_changed"].min()
+    assert json.loads(selected["map_settings"]) == chosen["map_settings"]
+    assert selected["selection_score"] == pytest.approx(
+        (selected["syn_image_auroc"] + selected["syn_pixel_auroc"]) / 2
+    )
+    assert {"syn_image_auroc_blob", "syn_image_auroc_scratch", "syn_image_auroc_patch"} <= set(table.columns)
+
+
+def test_mlflow_runs_hold_params_metrics_and_the_calibration(quick):
+    with sqlite3.connect(quick.path / "mlflow.db") as db:
+        runs = dict(db.execute("select name, run_uuid from runs where status='FINISHED'"))
+        child = runs[NS]
+        params = dict(db.execute("select key, value from params where run_uuid=?", (child,)))
+        tags = dict(db.execute("select key, value from tags where run_uuid=?", (child,)))
         steps = db.execute(
-            "select step, value from metrics where run_uuid=? and key='train_loss' order by step", (run_uuid,)
+            "select step from metrics where run_uuid=? and key='train_loss' order by step", (child,)
         ).fetchall()
-        logged = {k for (k,) in db.execute("select key from latest_metrics where run_uuid=?", (run_uuid,))}
+        logged = {k for (k,) in db.execute("select key from latest_metrics where run_uuid=?", (child,))}
+    assert set(runs) == {"__default__", NS}
     assert params["training.learning_rate"] == "0.002" and params["training.epochs"] == "3"
-    assert [s for s, _ in steps] == [1, 2, 3]
-    assert [v for _, v in steps] == pytest.approx(history["train_loss"].tolist())
-    assert tags["data_source"] == "synthetic" and tags["device"] == "cpu" and tags["category"] == "bottle"
-    assert {
-        "image_auroc",
-        "pixel_auroc",
-        "aupro",
-        "image_f1_max",
-        "ssim_normal_mean",
-        "ssim_normal_std",
-        "ssim_defect_mean",
-        "ssim_defect_std",
-        "threshold",
-        "val_loss",
-    } <= logged
+    chosen = _json(quick.latest(f"data/07_model_output/{NS}/calibrated_map.json"))
+    assert params["calibration.chosen.setting"] == chosen["setting"]
+    assert [s for (s,) in steps] == [1, 2, 3]
+    assert tags["data_source"] == "synthetic" and tags["category"] == NS and tags["git_commit"]
+    assert {"image_auroc", "pixel_auroc", "aupro", "image_f1_max", "threshold", "val_loss"} <= logged
+    artifacts = {
+        p.relative_to(quick.path / "mlruns").parts[-2] for p in (quick.path / "mlruns").rglob("*.csv")
+    }
+    assert "calibration" in artifacts
 
-    # the notebook loads the latest results through the Kedro catalog, top to bottom
-    import shutil
 
+def test_calibrate_never_loads_the_test_set(quick):
+    test_file = quick.path / f"data/05_model_input/{NS}/test_images.npz"
+    saved = test_file.with_suffix(".saved")
+    shutil.copy2(test_file, saved)
+    before = _json(quick.latest(f"data/07_model_output/{NS}/calibrated_map.json"))
+    try:
+        test_file.write_bytes(b"poisoned: not an npz")  # loading it would fail
+        quick.session_run(pipeline="calibrate", env="quick")
+    finally:
+        shutil.move(saved, test_file)
+    after = _json(quick.latest(f"data/07_model_output/{NS}/calibrated_map.json"))
+    versions = list((quick.path / f"data/07_model_output/{NS}/calibrated_map.json").iterdir())
+    assert len(versions) == 2
+    assert after == before  # same model, same seed: the same choice, made without the test set
+
+
+def test_evaluate_with_the_papers_map(quick):
+    quick.session_run(pipeline="evaluate", env="paper")
+    metrics = _json(quick.latest(f"data/08_reporting/{NS}/evaluation_metrics.json"))
+    assert metrics["map_source"] == "configured"
+    assert metrics["anomaly_map"] == MapSettings().to_dict()  # the paper's map, as in conf/base
+    report = (quick.path / f"data/08_reporting/{NS}/report.html").read_text()
+    assert "Calibration would have chosen" in report
+    assert len(list((quick.path / f"data/08_reporting/{NS}/evaluation_metrics.json").iterdir())) >= 2
+
+
+def test_predict_through_the_catalog_with_load_versions(quick, tmp_path):
+    source = quick.path / "data/01_raw/synthetic/bottle/test"
+    folder = tmp_path / "incoming"
+    shutil.copytree(source / "good", folder / "good")
+    shutil.copytree(source / "missing_rim", folder / "missing_rim")
+    (folder / "notes.txt").write_text("junk")
+    version = quick.latest(f"data/06_models/{NS}/model_checkpoint.pt").parent.name
+    quick.session_run(
+        pipeline="predict",
+        env="quick",
+        params={"predict": {"input_dir": str(folder)}},
+        load_versions={f"{NS}.model_checkpoint": version},
+    )
+    predictions = pd.read_csv(quick.latest(f"data/07_model_output/{NS}/predictions.csv"))
+    assert len(predictions) == 8 + 6 + 1
+    assert "cannot identify image" in predictions.set_index("file").loc["notes.txt", "error"]
+    scored = predictions[predictions["error"].isna()]
+    good = scored[scored["file"].str.startswith("good/")]["score"]
+    defective = scored[scored["file"].str.startswith("missing_rim/")]["score"]
+    assert defective.mean() > good.mean()
+
+
+def test_a_missing_model_is_reported_with_the_command_that_makes_it(tmp_path):
+    project = make_project(tmp_path / "empty")
+    with pytest.raises(RuntimeError, match=r"No trained model found for 'bottle.model_checkpoint'"):
+        project.session_run(pipeline="evaluate", env="quick")
+
+
+def test_notebook_loads_the_results_through_the_catalog(quick):
     import nbformat
     from nbclient import NotebookClient
 
-    notebooks = kedro_project.path / "notebooks"
-    notebooks.mkdir()
+    notebooks = quick.path / "notebooks"
+    notebooks.mkdir(exist_ok=True)
     shutil.copy(REPO_ROOT / "notebooks" / "results.ipynb", notebooks)
     notebook = nbformat.read(notebooks / "results.ipynb", as_version=4)
     NotebookClient(
@@ -105,8 +215,17 @@ def test_quick_run_produces_every_output(kedro_project):
         for o in c.get("outputs", [])
     )
     assert "SYNTHETIC DATA" in outputs and "paper protocol" in outputs and "image_auroc" in outputs
+    assert "chosen:" in outputs and "selection_score" in outputs
+    assert not [o for c in notebook.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert any("image/png" in o.get("data", {}) for c in notebook.cells for o in c.get("outputs", []))
 
-    # evaluate again from the saved checkpoint, without retraining
-    kedro_project.run("run", "--env", "quick", "--pipeline=evaluate")
-    assert len(list((kedro_project.path / "data/08_reporting/evaluation_metrics.json").iterdir())) == 2
+
+def test_command_line_smoke(quick):
+    """The one subprocess test: the real ``kedro`` CLI lists the pipelines and runs one."""
+    listed = quick.run("registry", "list").stdout
+    for name in EXPECTED_PIPELINES:
+        assert f"- {name}\n" in listed, listed
+    result = quick.run("run", "--env", "quick", "--pipeline=calibrate")
+    assert "Calibrated map:" in result.stdout + result.stderr
+    reference = np.load(quick.latest(f"data/07_model_output/{NS}/normal_reference.npz"))
+    assert reference["mean"].shape == (256, 256)

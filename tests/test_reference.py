@@ -1,4 +1,5 @@
-"""Normal-reference correction of anomaly maps (evaluation.anomaly_map.normal_reference)."""
+"""Normal-reference correction of anomaly maps (anomaly_ae.scoring.reference, set by
+evaluation.anomaly_map.normal_reference)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ import pytest
 import torch
 
 from anomaly_ae.datasets import NpzDataset
-from anomaly_ae.evaluation.inference import MapSettings, fit_normal_reference, reconstruct_and_score
-from anomaly_ae.evaluation.reference import NormalReference
 from anomaly_ae.inspect import Inspector
 from anomaly_ae.model import AutoencoderConfig, build_model
+from anomaly_ae.model.checkpoint import checkpoint_fingerprint
+from anomaly_ae.scoring import MapSettings
+from anomaly_ae.scoring.inference import fit_normal_reference, reconstruct_and_score
+from anomaly_ae.scoring.reference import REFERENCE_MODES, NormalReference, correct
 from anomaly_ae.training.trainer import TrainingConfig, build_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SIZE = 32
 
@@ -39,6 +44,29 @@ def test_fit_and_apply_formulas():
     np.testing.assert_allclose(ref.apply(new, "mean").numpy(), new.numpy() - ref.mean, rtol=1e-6)
     z = (new.numpy() - ref.mean) / (ref.std + ref.std.mean())
     np.testing.assert_allclose(ref.apply(new, "zscore").numpy(), z, rtol=1e-5, atol=1e-6)
+    # a torch stack (the maps of reconstruct_and_score on the device) fits the same reference
+    from_torch = NormalReference.fit(torch.from_numpy(maps))
+    np.testing.assert_array_equal(from_torch.mean, ref.mean)
+    np.testing.assert_array_equal(from_torch.std, ref.std)
+    assert from_torch.mean.dtype == np.float32 and from_torch.n_images == 6
+
+
+def test_as_tensors_and_correct():
+    rng = np.random.default_rng(6)
+    ref = NormalReference.fit(rng.random((4, SIZE, SIZE), dtype=np.float32))
+    assert REFERENCE_MODES == ("none", "mean", "zscore")
+    mean, scale = ref.as_tensors("mean")
+    assert scale is None and mean.dtype == torch.float32 and torch.equal(mean, torch.from_numpy(ref.mean))
+    mean, scale = ref.as_tensors("zscore", "cpu")
+    np.testing.assert_allclose(scale.numpy(), ref.std + ref.std.mean(), rtol=1e-6)
+    maps = torch.from_numpy(rng.random((3, 1, SIZE, SIZE), dtype=np.float32))
+    torch.testing.assert_close(correct(maps, mean, None), maps - mean)
+    torch.testing.assert_close(correct(maps, mean, scale), (maps - mean) / scale)
+    torch.testing.assert_close(ref.apply(maps, "zscore"), correct(maps, *ref.as_tensors("zscore")))
+    with pytest.raises(ValueError, match="needs no reference tensors"):
+        ref.as_tensors("none")
+    with pytest.raises(ValueError, match="normal_reference must be one of"):
+        ref.as_tensors("median")
 
 
 def test_reference_removes_a_rim_every_normal_image_has():
@@ -103,18 +131,18 @@ def test_scores_use_the_corrected_map(model):
     train = rng.random((5, 1, SIZE, SIZE), dtype=np.float32)
     test = rng.random((3, 1, SIZE, SIZE), dtype=np.float32)
     raw_settings = MapSettings(smoothing_sigma=1.0)
-    ref = fit_normal_reference(model, train, raw_settings, device="cpu", precision="fp32")
-    raw = reconstruct_and_score(model, train, raw_settings, device="cpu", precision="fp32")
+    ref = fit_normal_reference(model, train, raw_settings, batch_size=2, device="cpu", precision="fp32")
+    raw = reconstruct_and_score(model, train, raw_settings, 5, device="cpu", precision="fp32")
     np.testing.assert_allclose(ref.mean, raw["map"].mean(0), rtol=1e-5, atol=1e-6)
 
     settings = MapSettings(smoothing_sigma=1.0, normal_reference="mean")
-    plain = reconstruct_and_score(model, test, raw_settings, device="cpu", precision="fp32")
-    corrected = reconstruct_and_score(model, test, settings, device="cpu", precision="fp32", reference=ref)
+    plain = reconstruct_and_score(model, test, raw_settings, 3, device="cpu", precision="fp32")
+    corrected = reconstruct_and_score(model, test, settings, 3, device="cpu", precision="fp32", reference=ref)
     np.testing.assert_allclose(corrected["map"], plain["map"] - ref.mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(corrected["score"], corrected["map"].reshape(3, -1).max(1), rtol=1e-6)
     np.testing.assert_array_equal(corrected["ssim"], plain["ssim"])  # the paper's SSIM is untouched
     with pytest.raises(ValueError, match="normal_reference.npz"):
-        reconstruct_and_score(model, test, settings, device="cpu", precision="fp32")
+        reconstruct_and_score(model, test, settings, 3, device="cpu", precision="fp32")
 
 
 def test_inspector_needs_the_reference_its_threshold_was_calibrated_with(model, tmp_path):
@@ -142,14 +170,12 @@ def test_reference_of_another_image_size_is_refused(model):
     ref = NormalReference.fit(np.zeros((3, 16, 16), np.float32))
     with pytest.raises(ValueError, match="refit it"):
         reconstruct_and_score(
-            model, np.zeros((1, 1, SIZE, SIZE), np.float32), MapSettings(normal_reference="mean"),
+            model, np.zeros((1, 1, SIZE, SIZE), np.float32), MapSettings(normal_reference="mean"), 1,
             device="cpu", precision="fp32", reference=ref,
         )  # fmt: skip
 
 
 def test_inspector_refuses_a_threshold_or_reference_of_another_model(model, tmp_path):
-    from anomaly_ae.training.checkpoint import checkpoint_fingerprint
-
     checkpoint = build_checkpoint(model, None, epoch=1, history=[], config=TrainingConfig())
     torch.manual_seed(1)
     other_model = build_model(AutoencoderConfig(image_size=SIZE))

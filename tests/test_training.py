@@ -13,13 +13,14 @@ from PIL import Image
 
 from anomaly_ae.data.synthetic import generate_synthetic_category
 from anomaly_ae.data.transforms import to_model_array
-from anomaly_ae.model import AutoencoderConfig, HybridLoss, build_model
-from anomaly_ae.training.checkpoint import load_checkpoint
+from anomaly_ae.model import AutoencoderConfig, HybridLoss, SeparableHybridLoss, build_model
+from anomaly_ae.model.checkpoint import load_checkpoint
 from anomaly_ae.training.trainer import (
     TrainingConfig,
     TrainingDivergedError,
     batch_slices,
     build_checkpoint,
+    build_loss,
     train_autoencoder,
 )
 
@@ -31,7 +32,7 @@ MODEL = AutoencoderConfig(image_size=SIZE)
 
 
 def _cfg(**kwargs) -> TrainingConfig:
-    base = dict(progress=False, device="cpu", precision="fp32", batch_size=4, epochs=2, seed=0)
+    base = dict(progress=False, device="cpu", precision="fp32", batch_size=4, epochs=2, seed=0, compile=False)
     base.update(kwargs)
     return TrainingConfig(**base)
 
@@ -317,6 +318,26 @@ def test_resume_rejects_non_checkpoint(data):
 def test_invalid_training_config(kwargs):
     with pytest.raises(ValueError, match="training"):
         TrainingConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        (dict(), HybridLoss),  # eager: pytorch_msssim's SSIM
+        (dict(compile=True), SeparableHybridLoss),  # compiled: the fusable separable filter
+        (dict(ssim_impl="separable"), SeparableHybridLoss),
+        (dict(compile=True, ssim_impl="pytorch_msssim"), HybridLoss),
+    ],
+)
+def test_build_loss_picks_the_ssim_implementation(kwargs, expected):
+    loss = build_loss(_cfg(**{**kwargs, "mse_weight": 0.3, "ssim_weight": 0.7}))
+    assert type(loss) is expected
+    assert (loss.mse_weight, loss.ssim_weight) == (0.3, 0.7)
+
+
+def test_invalid_ssim_impl():
+    with pytest.raises(ValueError, match="training.ssim_impl"):
+        TrainingConfig(ssim_impl="fft")
 
 
 def test_training_config_unknown_key():

@@ -9,7 +9,7 @@ Training is timed through :func:`anomaly_ae.training.trainer.prepare_training` a
 :func:`~anomaly_ae.training.trainer.train_one_epoch` (the code train_autoencoder runs:
 autocast forward, float32 HybridLoss, backward, Adam) on random images of the real shape
 (209 x 1 x 256 x 256, batch 8 -> 26 steps, the last of 9 images). Inference is timed
-through :func:`anomaly_ae.evaluation.inference.reconstruct_and_score` (reconstruction,
+through :func:`anomaly_ae.scoring.inference.reconstruct_and_score` (reconstruction,
 anomaly map, per-image SSIM, score). Every configuration is built and warmed up (compiled)
 first; then the timed rounds run the configurations interleaved in this one process, so
 their ratios are fair on a shared, noisy machine. Figures are medians over rounds.
@@ -40,8 +40,9 @@ from typing import Any
 
 import torch
 
-from anomaly_ae.evaluation.inference import MapSettings, reconstruct_and_score
 from anomaly_ae.model import AutoencoderConfig, count_parameters
+from anomaly_ae.scoring import MapSettings
+from anomaly_ae.scoring.inference import reconstruct_and_score
 from anomaly_ae.training.trainer import (
     TrainingConfig,
     batch_slices,
@@ -162,7 +163,7 @@ class Runner:
 
 def breakdown(runner: Runner, steps: int = 4) -> dict[str, float]:
     """Eager per-phase timing (ms per step) of forward, loss, backward, optimizer step."""
-    from anomaly_ae.training.device import autocast
+    from anomaly_ae.device import autocast
 
     s, cfg = runner.setup, runner.variant.config
     x = runner.train_data[: cfg.batch_size]
@@ -267,11 +268,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keras-script", default=KERAS_SCRIPT)
     p.add_argument("--keras-epochs", type=int, default=2)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument(
+        "--calibration",
+        metavar="MODEL_INPUT",
+        help="instead: time the calibrate pipeline's nodes (the default lever grid of conf/base) on the "
+        "cached arrays in this folder (e.g. data/05_model_input/bottle) with --checkpoint",
+    )
+    p.add_argument("--checkpoint", help="model checkpoint for --calibration")
     return p
+
+
+def calibration_benchmark(model_input: str, checkpoint_path: str, say) -> dict[str, Any]:
+    """Wall time of the calibrate pipeline's three nodes, run as the pipeline runs them
+    (parameters from conf/base), on real cached arrays."""
+    from kedro.config import OmegaConfigLoader
+
+    from anomaly_ae.datasets import NpzDataset
+    from anomaly_ae.model.checkpoint import load_checkpoint
+    from anomaly_ae.pipelines.calibrate.nodes import score_lever_grid, select_map, synthesise_defects
+
+    params = OmegaConfigLoader("conf", base_env="base", default_run_env="base")["parameters"]
+    folder = Path(model_input)
+    train = NpzDataset(str(folder / "train_images.npz")).load()
+    validation = NpzDataset(str(folder / "validation_images.npz")).load()
+    checkpoint = load_checkpoint(checkpoint_path)
+    started = time.perf_counter()
+    defects = synthesise_defects(validation, params["calibration"])
+    table = score_lever_grid(
+        checkpoint, train, defects, params["model"], params["evaluation"], params["calibration"]
+    )
+    choice, _ = select_map(table, checkpoint, params["calibration"])
+    seconds = time.perf_counter() - started
+    result = {
+        "calibration_seconds": seconds,
+        "settings": len(table),
+        "train_images": len(train["images"]),
+        "validation_images": len(defects["normal"]),
+        "synthetic_defects": len(defects["images"]),
+        "threads": torch.get_num_threads(),
+        "chosen": choice["setting"],
+        "peak_memory": peak_memory_mb(torch.device("cpu")),
+    }
+    say(
+        f"calibration: {result['settings']} settings on {result['train_images']} train + "
+        f"{result['validation_images']} validation + {result['synthetic_defects']} synthetic images "
+        f"in {seconds:.1f} s ({result['threads']} threads); chose {choice['setting']}; "
+        f"peak RSS {result['peak_memory']['peak_rss_mb']:.0f} MB"
+    )
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    if args.calibration:
+        if not args.checkpoint:
+            raise SystemExit("--calibration needs --checkpoint <model_checkpoint.pt>")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        result = calibration_benchmark(
+            args.calibration, args.checkpoint, print if not args.json else lambda *a: None
+        )
+        if args.json:
+            print(json.dumps(result, indent=2, default=str))
+        return result
     overrides: dict[str, Any] = {"device": args.device, "batch_size": args.batch_size, "progress": False}
     for arg, field in (
         ("precision", "precision"),

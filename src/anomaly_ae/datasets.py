@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from kedro.io.core import AbstractVersionedDataset, DatasetError, Version
 
-from anomaly_ae.training.checkpoint import atomic_write, load_checkpoint, save_checkpoint_atomic
+from anomaly_ae.model.checkpoint import atomic_write, load_checkpoint, save_checkpoint_atomic
 
 
 class TorchCheckpointDataset(AbstractVersionedDataset[dict, dict]):

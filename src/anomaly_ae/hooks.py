@@ -1,4 +1,5 @@
-"""Project hooks: clear errors for missing checkpoints, MLflow tags, nested runs per namespace."""
+"""Project hooks: run parameters for the registry, clear errors for missing checkpoints,
+MLflow tags, params and artifacts, nested runs per namespace."""
 
 from __future__ import annotations
 
@@ -22,9 +23,25 @@ def _mlflow_active() -> bool:
     return mlflow.active_run() is not None
 
 
+class RunParamsHook:
+    """Record the run's parameters (``--env`` and ``--params`` merged) before Kedro builds
+    the pipelines, whose namespaces depend on them (:mod:`anomaly_ae.run_params`)."""
+
+    @hook_impl
+    def after_context_created(self, context) -> None:
+        from kedro.framework.project import pipelines
+
+        from anomaly_ae import run_params
+
+        if run_params.remember(context.params):
+            pipelines.configure("anomaly_ae.pipeline_registry")  # rebuild with these parameters
+
+
 #: Inputs a pipeline may need from an earlier run, and the command that makes them.
 REQUIRED_ARTIFACTS = {
     "model_checkpoint": ("trained model", "kedro run --pipeline=training"),
+    "dataset_info": ("prepared data", "kedro run --pipeline=data_ingestion"),
+    "train_images": ("preprocessed images", "kedro run --pipeline=data_processing"),
     "decision_threshold": ("calibrated decision threshold", "kedro run --pipeline=evaluate"),
     "normal_reference": ("normal reference (fitted anomaly-map statistics)", "kedro run --pipeline=evaluate"),
 }
@@ -47,8 +64,10 @@ class MissingCheckpointHook:
             if not exists:
                 what, how = REQUIRED_ARTIFACTS[base]
                 namespace = name[: -len(base)].rstrip(".")
-                if namespace:
+                if "." in namespace:  # <category>.<variant>: a loss-study variant
                     how = f"kedro run --pipeline=loss_study --namespaces={namespace}"
+                elif namespace:
+                    how += f" --params data.category={namespace}"
                 raise RuntimeError(
                     f"No {what} found for '{name}'. Make one first: `{how}` "
                     f"(or pick an existing version with --load-versions={name}:<version>)."
@@ -102,38 +121,65 @@ def git_commit(path: str | Path = ".") -> str | None:
 
 
 class NamespaceRunsHook:
-    """One nested MLflow run per top-level Kedro namespace (e.g. the loss-study variants).
+    """One nested MLflow run per Kedro namespace: the category (``bottle``) under the run
+    kedro-mlflow opens for ``kedro run``, and in the loss study each variant
+    (``bottle.hybrid``) under its category's run.
 
-    kedro-mlflow opens a single run per ``kedro run``. Before each namespaced node this hook
-    makes that namespace's child run the active one, so MLflow catalog datasets and
-    parameters of the namespace land in the child, named after the namespace. Nodes without
-    a namespace keep logging into the parent run.
+    Before each namespaced node this hook makes that namespace's run the active one, so the
+    MLflow catalog datasets and the parameters of the namespace land in it. Each run is
+    tagged with ``category`` (and ``variant``) and ``git_commit``. Nodes without a namespace
+    keep logging into the top run.
     """
 
     def __init__(self) -> None:
         self._children: dict[str, str] = {}
+        self._root: str | None = None
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         self._children = {}
+        self._root = None
+
+    def _run_for(self, namespace: str) -> str:
+        """The run id of ``namespace``, created (with its parents) on first use."""
+        import mlflow
+
+        if namespace in self._children:
+            return self._children[namespace]
+        parent_namespace = namespace.rpartition(".")[0]
+        parent = self._run_for(parent_namespace) if parent_namespace else self._root
+        category, _, variant = namespace.partition(".")
+        tags = {
+            "mlflow.parentRunId": parent,
+            "category": category,
+            **({"variant": variant} if variant else {}),
+        }
+        commit = git_commit()
+        if commit:
+            tags["git_commit"] = commit
+        experiment = mlflow.get_run(parent).info.experiment_id
+        child = mlflow.MlflowClient().create_run(experiment, run_name=namespace, tags=tags)
+        self._children[namespace] = child.info.run_id
+        log.info("MLflow run '%s' (%s) under %s", namespace, child.info.run_id, parent)
+        return child.info.run_id
 
     @hook_impl
     def before_node_run(self, node, catalog, inputs, is_async: bool) -> None:
-        namespace = (node.namespace or "").split(".")[0]
+        namespace = node.namespace or ""
         if not namespace or not _mlflow_active():
             return
         import mlflow
 
-        if namespace not in self._children:
-            parent = mlflow.active_run()
-            child = mlflow.start_run(run_name=namespace, nested=True, tags={"variant": namespace})
-            self._children[namespace] = child.info.run_id
-            log.info("MLflow child run '%s' (%s) under %s", namespace, child.info.run_id, parent.info.run_id)
-        elif mlflow.active_run().info.run_id != self._children[namespace]:
-            mlflow.start_run(run_id=self._children[namespace], nested=True)
+        if self._root is None:
+            self._root = mlflow.active_run().info.run_id
+        run_id = self._run_for(namespace)
+        if mlflow.active_run().info.run_id != run_id:
+            mlflow.start_run(run_id=run_id, nested=True)
+        variant = namespace.rpartition(".")[2] if "." in namespace else None
         params = {k[len("params:") :]: v for k, v in inputs.items() if k.startswith("params:")}
-        for key, value in _flatten(params).items():
-            mlflow.log_param(key.removeprefix(f"{namespace}."), str(value)[:6000])
+        for key, value in _flatten(params).items():  # "hybrid.loss.mse_weight" -> "loss.mse_weight"
+            name = key.removeprefix(f"{variant}.") if variant else key
+            mlflow.log_param(name, str(value)[:6000])
 
     def _close(self, status: str) -> None:
         if not self._children:
@@ -169,7 +215,8 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 
 class MlflowArtifactsHook:
     """Log a saved dataset's file to the active MLflow run when its catalog entry has
-    ``metadata: {mlflow_artifact_path: <folder>}``.
+    ``metadata: {mlflow_artifact_path: <folder>}``, and a saved dict's items as run
+    parameters when it has ``metadata: {mlflow_params_prefix: <prefix>}``.
 
     Unlike wrapping it in kedro-mlflow's MlflowArtifactDataset, this keeps Kedro versioning
     intact (a wrapped versioned dataset gets a save version of its own, which Kedro 1.x
@@ -188,10 +235,16 @@ class MlflowArtifactsHook:
         if self._catalog is None or not _mlflow_active():
             return
         dataset = self._catalog.get(dataset_name)
-        artifact_path = (getattr(dataset, "metadata", None) or {}).get("mlflow_artifact_path")
+        metadata = getattr(dataset, "metadata", None) or {}
+        import mlflow
+
+        prefix = metadata.get("mlflow_params_prefix")
+        if prefix and isinstance(data, dict):
+            flat = {f"{prefix}.{k}": str(v)[:6000] for k, v in _flatten(data).items()}
+            mlflow.log_params(flat)
+        artifact_path = metadata.get("mlflow_artifact_path")
         if not artifact_path:
             return
-        import mlflow
 
         path = saved_path(dataset)
         if path.is_dir():

@@ -26,9 +26,10 @@ import numpy as np
 from PIL import Image
 
 from anomaly_ae.data.transforms import to_model_array
-from anomaly_ae.evaluation.inference import MapSettings, model_from_checkpoint, reconstruct_and_score
-from anomaly_ae.evaluation.reference import NormalReference
-from anomaly_ae.training.checkpoint import checkpoint_fingerprint, load_checkpoint
+from anomaly_ae.model.checkpoint import checkpoint_fingerprint, load_checkpoint, model_from_checkpoint
+from anomaly_ae.scoring import MapSettings
+from anomaly_ae.scoring.inference import reconstruct_and_score
+from anomaly_ae.scoring.reference import NormalReference
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -75,7 +76,7 @@ class Inspector:
         resample: str = "area",
         batch_size: int = 16,
         device: str = "auto",
-        precision: str = "auto",
+        precision: str = "fp32",
         max_image_pixels: int = 40_000_000,
         min_image_side: int = 16,
         keep_maps: bool = True,

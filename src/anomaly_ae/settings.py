@@ -2,10 +2,16 @@
 
 from kedro.config import OmegaConfigLoader
 
-from anomaly_ae.hooks import MissingCheckpointHook, MlflowArtifactsHook, NamespaceRunsHook, RunTagsHook
+from anomaly_ae.hooks import (
+    MissingCheckpointHook,
+    MlflowArtifactsHook,
+    NamespaceRunsHook,
+    RunParamsHook,
+    RunTagsHook,
+)
 
 # kedro-mlflow registers its own MlflowHook through its entry point.
-HOOKS = (MissingCheckpointHook(), NamespaceRunsHook(), RunTagsHook(), MlflowArtifactsHook())
+HOOKS = (RunParamsHook(), MissingCheckpointHook(), NamespaceRunsHook(), RunTagsHook(), MlflowArtifactsHook())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

@@ -6,6 +6,8 @@ import torch
 from pytorch_msssim import ssim
 from torch import nn
 
+from anomaly_ae.scoring.ssim import gaussian_taps, mean_ssim
+
 
 class HybridLoss(nn.Module):
     """``w_mse * MSE(x, x_hat) + w_ssim * (1 - SSIM(x, x_hat))``.
@@ -55,3 +57,19 @@ class HybridLoss(nn.Module):
 
     def forward(self, target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         return self.components(target, recon)["loss"]
+
+
+class SeparableHybridLoss(HybridLoss):
+    """:class:`HybridLoss` with SSIM from the scoring core (:func:`~anomaly_ae.scoring.ssim.mean_ssim`,
+    shifted multiply-adds that ``torch.compile`` fuses); the same math as pytorch-msssim."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        gaussian_taps(self.win_size, self.win_sigma)  # validate early
+
+    def components(self, target: torch.Tensor, recon: torch.Tensor) -> dict[str, torch.Tensor]:
+        target, recon = target.float(), recon.float()
+        mse = torch.mean((recon - target) ** 2)
+        similarity = mean_ssim(recon, target, self.data_range, self.win_size, self.win_sigma)
+        loss = self.mse_weight * mse + self.ssim_weight * (1.0 - similarity)
+        return {"loss": loss, "mse": mse, "ssim": similarity}

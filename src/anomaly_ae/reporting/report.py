@@ -38,7 +38,7 @@ def image_data_uri(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _table(frame: pd.DataFrame, float_format: str = "{:.4f}") -> str:
+def html_table(frame: pd.DataFrame, float_format: str = "{:.4f}") -> str:
     def fmt(value: Any) -> str:
         if isinstance(value, float):
             return "–" if pd.isna(value) else float_format.format(value)
@@ -71,8 +71,8 @@ def render_report(
         columns=["metric", "value"],
     )
     sections = [
-        f"<h2>Table II — SSIM(original, reconstruction)</h2>{_table(table2)}",
-        f"<h2>Detection metrics</h2>{_table(metric_rows)}",
+        f"<h2>Table II — SSIM(original, reconstruction)</h2>{html_table(table2)}",
+        f"<h2>Detection metrics</h2>{html_table(metric_rows)}",
     ]
     for name, image in figures.items():
         sections.append(

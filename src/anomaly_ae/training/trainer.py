@@ -15,10 +15,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from anomaly_ae.config import from_settings
-from anomaly_ae.model import AutoencoderConfig, HybridLoss, build_model
+from anomaly_ae.device import autocast, resolve_device, resolve_precision
+from anomaly_ae.model import AutoencoderConfig, HybridLoss, SeparableHybridLoss, build_model
+from anomaly_ae.model.checkpoint import CHECKPOINT_FORMAT, save_checkpoint_atomic, validate_checkpoint
 from anomaly_ae.training.augment import AugmentationConfig, augment_batch
-from anomaly_ae.training.checkpoint import CHECKPOINT_FORMAT, save_checkpoint_atomic, validate_checkpoint
-from anomaly_ae.training.device import autocast, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class TrainingConfig:
     device: str = "auto"
     precision: str = "auto"
     channels_last: bool = True  # NHWC for the convolutions: same math, faster oneDNN kernels
-    compile: bool = False
+    compile: bool = True  # torch.compile of forward + loss (as conf/base; tests pass False)
     # Speed levers (see benchmarks/README.md and ``python -m anomaly_ae.benchmark``).
     # compile_mode: torch.compile mode when compile is true: "default",
     # "max-autotune-no-cudagraphs", or "reduce-overhead" (CUDA graphs on CUDA).
@@ -143,81 +143,6 @@ def _evaluate_loss(model, loss_fn, data, batch_size, device, dtype, channels_las
                 recon = model(x)
             total += loss_fn(x, recon) * x.shape[0]
     return float(total) / len(data)
-
-
-def gaussian_taps(win_size: int = 11, sigma: float = 1.5) -> tuple[float, ...]:
-    """The normalised 1-D Gaussian window of pytorch_msssim (``_fspecial_gauss_1d``), computed
-    like it in float32, as Python floats (constants for torch.compile). Call outside traced code."""
-    coords = torch.arange(win_size, dtype=torch.float32) - win_size // 2
-    g = torch.exp(-(coords**2) / (2 * sigma**2))
-    return tuple((g / g.sum()).tolist())
-
-
-def gaussian_filter_valid(img: torch.Tensor, taps: tuple[float, ...]) -> torch.Tensor:
-    """Valid-mode separable filtering of ``(N, C, H, W)`` with the 1-D window ``taps``, rows
-    then columns, as shifted multiply-adds: the same sums as pytorch_msssim's
-    ``gaussian_filter`` (depthwise conv2d), in a form torch.compile fuses into one loop."""
-    k = len(taps)
-    h, w = img.shape[-2] - k + 1, img.shape[-1] - k + 1
-    out = taps[0] * img[..., 0:h, :]
-    for i in range(1, k):
-        out = out + taps[i] * img[..., i : i + h, :]
-    res = taps[0] * out[..., 0:w]
-    for i in range(1, k):
-        res = res + taps[i] * out[..., i : i + w]
-    return res
-
-
-def ssim_separable(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    data_range: float = 1.0,
-    win_size: int = 11,
-    win_sigma: float = 1.5,
-    k1: float = 0.01,
-    k2: float = 0.03,
-    taps: tuple[float, ...] | None = None,
-) -> torch.Tensor:
-    """``pytorch_msssim.ssim(x, y, data_range, size_average=True, win_size, win_sigma)``
-    (Wang et al. 2004, valid filtering, mean of the map) with :func:`gaussian_filter_valid`."""
-    win = taps if taps is not None else gaussian_taps(win_size, win_sigma)
-    return ssim_map_separable(x, y, win, data_range, k1, k2).flatten(2).mean(-1).mean()
-
-
-def ssim_map_separable(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    taps: tuple[float, ...],
-    data_range: float = 1.0,
-    k1: float = 0.01,
-    k2: float = 0.03,
-) -> torch.Tensor:
-    """The valid-mode SSIM map of pytorch_msssim, filtered with :func:`gaussian_filter_valid`."""
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    mu1, mu2 = gaussian_filter_valid(x, taps), gaussian_filter_valid(y, taps)
-    mu1_sq, mu2_sq, mu1_mu2 = mu1.pow(2), mu2.pow(2), mu1 * mu2
-    sigma1_sq = gaussian_filter_valid(x * x, taps) - mu1_sq
-    sigma2_sq = gaussian_filter_valid(y * y, taps) - mu2_sq
-    sigma12 = gaussian_filter_valid(x * y, taps) - mu1_mu2
-    cs_map = (2 * sigma12 + c2) / (sigma1_sq + sigma2_sq + c2)
-    return ((2 * mu1_mu2 + c1) / (mu1_sq + mu2_sq + c1)) * cs_map
-
-
-class SeparableHybridLoss(HybridLoss):
-    """:class:`HybridLoss` with the SSIM computed by :func:`ssim_separable` (same math)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.taps = gaussian_taps(self.win_size, self.win_sigma)
-
-    def components(self, target: torch.Tensor, recon: torch.Tensor) -> dict[str, torch.Tensor]:
-        target, recon = target.float(), recon.float()
-        mse = torch.mean((recon - target) ** 2)
-        similarity = ssim_separable(
-            recon, target, self.data_range, self.win_size, self.win_sigma, taps=self.taps
-        )
-        loss = self.mse_weight * mse + self.ssim_weight * (1.0 - similarity)
-        return {"loss": loss, "mse": mse, "ssim": similarity}
 
 
 def build_loss(config: TrainingConfig) -> HybridLoss:

@@ -1,52 +1,41 @@
-"""The ``loss_study`` pipeline: ``kedro run --pipeline=loss_study [--namespaces=hybrid]``.
+"""The ``loss_study`` pipeline: ``kedro run --pipeline=loss_study [--namespaces=bottle.hybrid]``.
 
-Data preparation runs once; the training, evaluation and reporting pipelines are reused
-under one Kedro namespace per variant; catalog dataset factories
-(``{namespace}.model_checkpoint`` ...) give each variant its own files, and
-``NamespaceRunsHook`` its own nested MLflow run.
+Data preparation runs once under ``<category>``; training and evaluate are reused under one
+namespace per variant, ``<category>.<variant>`` (``loss_study.variants``; each variant's
+``loss`` group in ``parameters_loss_study.yml``), so catalog factories give each variant its
+own files and ``NamespaceRunsHook`` its own nested MLflow run. The variants come from the
+run's parameters, so ``--env`` and ``--params loss_study.variants=[...]`` reach them.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from kedro.config import OmegaConfigLoader
-from kedro.framework.project import settings
 from kedro.pipeline import Node, Pipeline
 
-from anomaly_ae.pipelines import data_ingestion, data_processing, evaluation, reporting, training
+from anomaly_ae import run_params
+from anomaly_ae.pipelines import data_ingestion, data_processing, evaluate, training
 
 from .nodes import comparison_node
 
-DEFAULT_VARIANTS = ("mse", "ssim", "hybrid")
-SHARED_INPUTS = {"train_images", "validation_images", "test_images", "image_manifest", "dataset_info"}
-SHARED_PARAMETERS = {"params:model", "params:training", "params:evaluation", "params:paper_table2"}
-
-
-def configured_variants(project_path: Path | None = None) -> list[str]:
-    """``loss_study.variants`` from the project's parameters (base + local), so a variant is
-    added in configuration only; the paper's three when no configuration is found."""
-    conf = (project_path or Path.cwd()) / settings.CONF_SOURCE
-    if not conf.is_dir():
-        return list(DEFAULT_VARIANTS)
-    params = OmegaConfigLoader(str(conf), base_env="base", default_run_env="local")["parameters"]
-    return list(params.get("loss_study", {}).get("variants", DEFAULT_VARIANTS))
+SHARED_INPUTS = ("train_images", "validation_images", "test_images", "image_manifest", "dataset_info")
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    variants = configured_variants()
-    template = training.create_pipeline() + evaluation.create_pipeline() + reporting.create_pipeline()
-    # Data preparation is shared and not namespaced: `--namespaces=hybrid` skips it and
-    # reads the cached arrays of an earlier run.
-    study = data_ingestion.create_pipeline() + data_processing.create_pipeline()
+    from anomaly_ae.pipeline_registry import in_namespace
+
+    category = run_params.category()
+    variants = run_params.loss_variants()
+    template = training.create_pipeline() + evaluate.create_pipeline()
+    study = in_namespace(data_ingestion.create_pipeline() + data_processing.create_pipeline(), category)
+    shared = {name: f"{category}.{name}" for name in SHARED_INPUTS if name in template.inputs()}
     for variant in variants:
-        study += Pipeline(
+        variant_pipeline = Pipeline(
             template,
             namespace=variant,
-            inputs=SHARED_INPUTS & template.inputs(),
-            parameters={p: p for p in SHARED_PARAMETERS if p in template.inputs()},
-        )
-    study += Pipeline(
+            inputs=set(shared),
+            parameters={p: p for p in template.inputs() if p.startswith("params:") and p != "params:loss"},
+        )  # "params:loss" -> "params:<variant>.loss": the variant's own loss weights
+        study += in_namespace(variant_pipeline, category, inputs=shared)
+    comparison = Pipeline(
         [
             Node(
                 comparison_node(variants),
@@ -56,4 +45,4 @@ def create_pipeline(**kwargs) -> Pipeline:
             )
         ]
     )
-    return study
+    return study + in_namespace(comparison, category)

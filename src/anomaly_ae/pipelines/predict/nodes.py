@@ -9,26 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from kedro.io.core import DatasetError, Version
+from kedro.io.core import DatasetError
 from PIL import Image
 
 from anomaly_ae.data.partitions import image_partitions
-from anomaly_ae.datasets import TorchCheckpointDataset
 from anomaly_ae.inspect import Inspector
 from anomaly_ae.reporting.figures import heatmap_overlay_image, overlay_vmax
 
 log = logging.getLogger(__name__)
-
-
-def _checkpoint(latest: dict, predict: dict[str, Any]) -> dict:
-    version = predict.get("checkpoint_version")
-    if not version:
-        return latest
-    dataset = TorchCheckpointDataset(predict["checkpoint_filepath"], version=Version(version, None))
-    try:
-        return dataset.load()
-    except DatasetError as exc:
-        raise DatasetError(f"predict.checkpoint_version={version!r} cannot be loaded: {exc}") from exc
 
 
 def _png_loader(image: Image.Image) -> Callable[[], Image.Image]:
@@ -53,7 +41,7 @@ def predict_folder(
     except DatasetError as exc:
         raise FileNotFoundError(f"predict.input_dir={folder!r} holds no files to inspect ({exc}).") from exc
     inspector = Inspector(
-        _checkpoint(model_checkpoint, predict),
+        model_checkpoint,
         decision_threshold,
         reference=normal_reference,
         resample=predict["resample"],

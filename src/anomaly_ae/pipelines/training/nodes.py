@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from anomaly_ae.model import AutoencoderConfig, ConvAutoencoder
+from anomaly_ae.model.checkpoint import load_checkpoint
 from anomaly_ae.reporting.figures import figure_to_image, loss_curve_figure
-from anomaly_ae.training.checkpoint import load_checkpoint
 from anomaly_ae.training.trainer import TrainingConfig, train_autoencoder
 
 log = logging.getLogger(__name__)

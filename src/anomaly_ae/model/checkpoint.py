@@ -76,3 +76,28 @@ def checkpoint_fingerprint(checkpoint: dict[str, Any]) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any], expected=None, image_size: int | None = None):
+    """Rebuild the trained model in eval mode (the one place a checkpoint becomes a network).
+
+    Refuses, with a message saying what to do, a checkpoint of another architecture than
+    ``expected`` (an :class:`~anomaly_ae.model.AutoencoderConfig`) or of another image size.
+    """
+    from anomaly_ae.model.autoencoder import AutoencoderConfig, build_model
+
+    validate_checkpoint(checkpoint)
+    saved = AutoencoderConfig.from_dict(checkpoint["model_config"])
+    if expected is not None and saved.architecture != expected.architecture:
+        raise CheckpointError(
+            f"The checkpoint holds architecture {saved.architecture!r} but model.architecture is "
+            f"{expected.architecture!r}; retrain or pick a matching checkpoint version."
+        )
+    if image_size is not None and saved.image_size != image_size:
+        raise CheckpointError(
+            f"The checkpoint was trained on {saved.image_size}px images but the data is "
+            f"{image_size}px; set preprocessing.image_size={saved.image_size} or retrain."
+        )
+    model = build_model(saved)
+    model.load_state_dict(checkpoint["model_state"])
+    return model.eval()

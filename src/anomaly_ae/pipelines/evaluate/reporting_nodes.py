@@ -1,4 +1,4 @@
-"""Nodes of the ``reporting`` pipeline."""
+"""Reporting nodes of the ``evaluate`` pipeline: figures, heat maps and the HTML report."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from anomaly_ae.evaluation.anomaly_map import anomaly_map
 from anomaly_ae.evaluation.metrics import image_auroc
 from anomaly_ae.reporting import figures
 from anomaly_ae.reporting.report import render_report
+from anomaly_ae.scoring import anomaly_map
 
 
 def _figure1_rows(
@@ -102,11 +102,15 @@ def build_report(
     ssim_histogram: Image.Image,
     loss_curve: Image.Image,
     dataset_info: dict[str, Any],
+    map_settings: dict[str, Any],
+    calibrated_map: dict[str, Any],
+    calibration_table: pd.DataFrame,
     model: dict[str, Any],
     training: dict[str, Any],
     evaluation: dict[str, Any],
 ) -> str:
-    """The single HTML report in 08_reporting: Table II, metrics and Figure 1 first."""
+    """The single HTML report in 08_reporting: Table II, metrics and Figure 1 first, then
+    which anomaly map was used and why (the calibration rule's table, top rows)."""
     import mlflow
 
     run = mlflow.active_run()
@@ -130,4 +134,44 @@ def build_report(
             "loss_weights": evaluation_metrics.get("loss_weights"),
             "checkpoint_epoch": evaluation_metrics.get("checkpoint_epoch"),
         },
+        extra_sections={
+            "Anomaly map — which settings and why": map_section(
+                map_settings, calibrated_map, calibration_table, evaluation["map"]
+            )
+        },
+    )
+
+
+TOP_ROWS = 10
+TABLE_COLUMNS = ["rank", "setting", "syn_image_auroc", "syn_pixel_auroc", "selection_score", "levers_changed"]
+
+
+def map_section(
+    map_settings: dict[str, Any], calibrated_map: dict[str, Any], table: pd.DataFrame, source: str
+) -> str:
+    """HTML: the settings used, the rule, and the rule's table (top rows plus the paper's map)."""
+    import html
+
+    from anomaly_ae.reporting.report import html_table
+    from anomaly_ae.scoring import MapSettings
+
+    used = MapSettings.from_dict(map_settings).describe()
+    if source == "calibrated":
+        why = (
+            f"Chosen by calibration for this model ({calibrated_map['n_settings']} settings, "
+            f"{calibrated_map['n_tied']} within the tie tolerance {calibrated_map['tie_tolerance']:g})."
+        )
+    else:
+        why = (
+            "As configured (evaluation.map: configured, evaluation.anomaly_map). Calibration would "
+            f"have chosen <code>{html.escape(calibrated_map['setting'])}</code>."
+        )
+    shown = table[(table["rank"] <= TOP_ROWS) | table["is_paper"]].copy()
+    shown["setting"] = [
+        s + (" (paper)" if p else "") + (" (chosen)" if c else "")
+        for s, p, c in zip(shown["setting"], shown["is_paper"], shown["is_selected"], strict=True)
+    ]
+    return (
+        f"<p>Used: <code>{html.escape(used)}</code>. {why}</p>"
+        f"<p>Rule: {html.escape(calibrated_map['rule'])}</p>" + html_table(shown[TABLE_COLUMNS])
     )

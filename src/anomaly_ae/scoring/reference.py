@@ -47,14 +47,15 @@ class NormalReference:
     n_images: int
 
     @classmethod
-    def fit(cls, maps: np.ndarray) -> NormalReference:
-        """Fit on ``(N, H, W)`` anomaly maps of normal images (N >= 2)."""
-        maps = np.asarray(maps, dtype=np.float64)
-        if maps.ndim != 3 or len(maps) < 2:
+    def fit(cls, maps: np.ndarray | torch.Tensor) -> NormalReference:
+        """Fit on ``(N, H, W)`` anomaly maps of normal images (N >= 2); accumulated in float64."""
+        maps = torch.as_tensor(maps)
+        if maps.dim() != 3 or len(maps) < 2:
             raise ValueError(
-                f"need the anomaly maps of at least 2 normal images shaped (N, H, W), got {maps.shape}"
+                f"need the anomaly maps of at least 2 normal images shaped (N, H, W), got {tuple(maps.shape)}"
             )
-        return cls(maps.mean(0).astype(np.float32), maps.std(0).astype(np.float32), len(maps))
+        std, mean = torch.std_mean(maps.double(), dim=0, correction=0)
+        return cls(mean.float().numpy(), std.float().numpy(), len(maps))
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """For :class:`anomaly_ae.datasets.NpzDataset`."""

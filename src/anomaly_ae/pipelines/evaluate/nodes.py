@@ -1,4 +1,4 @@
-"""Nodes of the ``evaluation`` pipeline."""
+"""Nodes of the ``evaluate`` pipeline: scoring, threshold, tables and metrics."""
 
 from __future__ import annotations
 
@@ -9,17 +9,14 @@ import numpy as np
 import pandas as pd
 
 from anomaly_ae.evaluation import tables
-from anomaly_ae.evaluation.inference import (
-    MapSettings,
-    fit_normal_reference,
-    model_from_checkpoint,
-    reconstruct_and_score,
-)
 from anomaly_ae.evaluation.metrics import calibrate_threshold
-from anomaly_ae.evaluation.reference import NormalReference
 from anomaly_ae.evaluation.summary import HEADLINE_METRICS, detection_metrics
 from anomaly_ae.model import AutoencoderConfig
-from anomaly_ae.training.checkpoint import checkpoint_fingerprint
+from anomaly_ae.model.checkpoint import checkpoint_fingerprint, model_from_checkpoint
+from anomaly_ae.scoring import MapSettings, NormalReference
+from anomaly_ae.scoring.inference import fit_normal_reference, reconstruct_and_score
+
+MAP_SOURCES = ("calibrated", "configured")
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +35,40 @@ def _inference_options(evaluation: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def resolve_map(calibrated_map: dict[str, Any], model_checkpoint: dict, evaluation: dict[str, Any]) -> dict:
+    """The map settings this evaluation uses: the calibrated choice for THIS model
+    (``evaluation.map: calibrated``, the default) or ``evaluation.anomaly_map`` as configured
+    (``evaluation.map: configured``; its defaults are the paper's map: ``--env paper``)."""
+    source = evaluation["map"]
+    if source not in MAP_SOURCES:
+        raise ValueError(f"evaluation.map must be one of {MAP_SOURCES}, got {source!r}")
+    if source == "configured":
+        settings = MapSettings.from_dict(evaluation["anomaly_map"])
+        log.info("Anomaly map as configured (evaluation.anomaly_map): %s", settings.describe())
+        return settings.to_dict()
+    fingerprint = checkpoint_fingerprint(model_checkpoint)
+    if calibrated_map.get("checkpoint_fingerprint") != fingerprint:
+        raise ValueError(
+            f"The calibrated map was chosen for model {calibrated_map.get('checkpoint_fingerprint')}, "
+            f"not for this checkpoint ({fingerprint}). Run `kedro run --pipeline=calibrate` for it, or "
+            "pick a matching version with --load-versions."
+        )
+    settings = MapSettings.from_dict(calibrated_map["map_settings"])
+    log.info("Anomaly map chosen by calibration: %s", settings.describe())
+    return settings.to_dict()
+
+
 def fit_reference(
     model_checkpoint: dict,
     train_images: dict[str, np.ndarray],
+    map_settings: dict[str, Any],
     model: dict[str, Any],
     evaluation: dict[str, Any],
 ) -> dict[str, np.ndarray]:
     """Per-pixel mean/std of the anomaly maps of the NORMAL training images (never validation
-    or test images); used when ``evaluation.anomaly_map.normal_reference`` is not ``none``."""
+    or test images); used when the map's ``normal_reference`` is not ``none``."""
     network = _network(model_checkpoint, model, train_images)
-    settings = MapSettings.from_dict(evaluation["anomaly_map"])
+    settings = MapSettings.from_dict(map_settings)
     reference = fit_normal_reference(
         network, train_images["images"], settings, **_inference_options(evaluation)
     )
@@ -69,12 +90,13 @@ def score_images(
     test_images: dict[str, np.ndarray],
     validation_images: dict[str, np.ndarray],
     normal_reference: dict[str, np.ndarray],
+    map_settings: dict[str, Any],
     model: dict[str, Any],
     evaluation: dict[str, Any],
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Reconstruct and score the test images and the held-out normal validation images."""
     network = _network(model_checkpoint, model, test_images)
-    settings = MapSettings.from_dict(evaluation["anomaly_map"])
+    settings = MapSettings.from_dict(map_settings)
     reference = NormalReference.from_arrays(normal_reference)
     options = {**_inference_options(evaluation), "reference": reference}
     test_scores = reconstruct_and_score(network, test_images["images"], settings, **options)
@@ -83,8 +105,11 @@ def score_images(
     return test_scores, validation_scores
 
 
-def calibrate(
-    validation_scores: dict[str, np.ndarray], model_checkpoint: dict, evaluation: dict[str, Any]
+def calibrate_threshold_node(
+    validation_scores: dict[str, np.ndarray],
+    model_checkpoint: dict,
+    map_settings: dict[str, Any],
+    evaluation: dict[str, Any],
 ) -> dict[str, Any]:
     """The decision threshold from NORMAL validation images only (never test images), tagged
     with the fingerprint of the model it belongs to."""
@@ -101,7 +126,7 @@ def calibrate(
         "value": float(value),
         **rule,
         "n_validation_images": int(len(scores)),
-        "score": evaluation["anomaly_map"],
+        "score": map_settings,
         "checkpoint_fingerprint": checkpoint_fingerprint(model_checkpoint),
         "checkpoint_epoch": int(model_checkpoint.get("epoch", 0)),
     }
@@ -130,6 +155,7 @@ def compute_metrics(
     threshold: dict[str, Any],
     model_checkpoint: dict,
     dataset_info: dict[str, Any],
+    map_settings: dict[str, Any],
     evaluation: dict[str, Any],
 ) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
     """All metrics (versioned JSON) and the headline ones for MLflow."""
@@ -157,7 +183,8 @@ def compute_metrics(
         "category": dataset_info["category"],
         "checkpoint_epoch": int(model_checkpoint.get("epoch", 0)),
         "loss_weights": model_checkpoint["loss"],
-        "anomaly_map": evaluation["anomaly_map"],
+        "anomaly_map": map_settings,
+        "map_source": evaluation["map"],
         "threshold_rule": {k: v for k, v in threshold.items() if k != "value"},
     }
     mlflow_metrics = {name: {"value": float(metrics[name]), "step": 0} for name in HEADLINE_METRICS}

@@ -1,0 +1,78 @@
+"""One home for defaults: ``conf/base``. Where library code must have a default, it equals conf."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+import yaml
+from conftest import REPO_ROOT
+
+from anomaly_ae.inspect import Inspector
+from anomaly_ae.model import AutoencoderConfig, HybridLoss
+from anomaly_ae.scoring import MapSettings
+from anomaly_ae.training.trainer import TrainingConfig
+
+CONF = REPO_ROOT / "conf" / "base"
+
+#: Library defaults that deliberately differ from conf, and why. Nothing else may differ.
+DIFFERENT_ON_PURPOSE = {
+    ("training", "checkpoint_path"): "a library call writes no crash-safe state file unless asked",
+}
+
+
+def _params(name: str) -> dict:
+    return yaml.safe_load((CONF / f"parameters_{name}.yml").read_text())
+
+
+def _dataclass_defaults(cls) -> dict:
+    return {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(cls)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    }
+
+
+def _normalise(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+CASES = [
+    ("training", lambda: _params("training")["training"], lambda: _dataclass_defaults(TrainingConfig)),
+    ("loss", lambda: _params("training")["loss"], lambda: _dataclass_defaults(TrainingConfig)),
+    ("model", lambda: _params("training")["model"], lambda: _dataclass_defaults(AutoencoderConfig)),
+    (
+        "evaluation.anomaly_map",
+        lambda: _params("evaluation")["evaluation"]["anomaly_map"],
+        lambda: _dataclass_defaults(MapSettings),
+    ),
+    (
+        "predict",
+        lambda: _params("predict")["predict"],
+        lambda: {
+            k: p.default
+            for k, p in inspect.signature(Inspector.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize(("section", "conf", "code"), CASES, ids=[c[0] for c in CASES])
+def test_code_defaults_equal_conf_base(section, conf, code):
+    conf_values, code_values = conf(), code()
+    shared = sorted(set(conf_values) & set(code_values))
+    assert shared, f"no shared keys between conf {section} and the code defaults"
+    mismatches = {
+        key: (conf_values[key], _normalise(code_values[key]))
+        for key in shared
+        if conf_values[key] != _normalise(code_values[key]) and (section, key) not in DIFFERENT_ON_PURPOSE
+    }
+    assert not mismatches, f"{section}: conf value vs code default differ: {mismatches}"
+
+
+def test_hybrid_loss_defaults_are_the_papers_weights():
+    loss = _params("training")["loss"]
+    default = HybridLoss()
+    assert (default.mse_weight, default.ssim_weight) == (loss["mse_weight"], loss["ssim_weight"])
