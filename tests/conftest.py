@@ -119,3 +119,17 @@ def one_torch_thread():
 @pytest.fixture
 def kedro_project(tmp_path: Path) -> KedroProject:
     return make_project(tmp_path / "project")
+
+
+@pytest.fixture(scope="session")
+def quick(tmp_path_factory) -> KedroProject:
+    """One ``kedro run --env quick`` (in process) shared by every test that needs a trained,
+    calibrated and evaluated project: the synthetic sample, 3 epochs. The project is a git
+    repository, so runs carry a ``git_commit`` tag."""
+    project = make_project(tmp_path_factory.mktemp("quick") / "project")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(project.path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "conf", "pyproject.toml"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "project"], check=True)
+    project.session_run(env="quick")
+    return project

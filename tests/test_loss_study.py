@@ -102,7 +102,14 @@ def test_loss_study_gives_one_child_run_per_variant(kedro_project, request):
         metrics = json.loads(
             kedro_project.latest(f"data/08_reporting/bottle.{name}/evaluation_metrics.json").read_text()
         )
-        for metric in ("image_auroc", "pixel_auroc", "aupro", "ssim_normal_mean", "ssim_defect_mean", "threshold"):
+        for metric in (
+            "image_auroc",
+            "pixel_auroc",
+            "aupro",
+            "ssim_normal_mean",
+            "ssim_defect_mean",
+            "threshold",
+        ):
             assert run.data.metrics[metric] == pytest.approx(metrics[metric]), (name, metric)
         row = comparison.set_index("variant").loc[name]
         assert row["image_auroc"] == pytest.approx(metrics["image_auroc"])

@@ -23,7 +23,6 @@ against each other and against scikit-image.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -46,10 +45,10 @@ PAPER_WIN_SIZE = 11
 PAPER_WIN_SIGMA = 1.5
 
 
-@lru_cache(maxsize=64)
 def gaussian_taps(win_size: int = PAPER_WIN_SIZE, sigma: float = PAPER_WIN_SIGMA) -> tuple[float, ...]:
     """The normalised 1-D Gaussian window of pytorch_msssim (``_fspecial_gauss_1d``) as
-    Python floats (constants for ``torch.compile``): taps at integer offsets
+    Python floats (constants for ``torch.compile``; plain arithmetic, so it is cheap to call
+    and Dynamo traces it as constants): taps at integer offsets
     ``-(win_size // 2) .. win_size // 2``, ``exp(-d**2 / (2 sigma**2))``, divided by their sum.
 
     Raises:
