@@ -61,15 +61,50 @@ def _sha(path: Path) -> str:
 def test_safe_extract_good_archive(tmp_path: Path):
     def build(tar):
         _add_file(tar, "bottle/train/good/000.png", b"abc")
-        _add_link(tar, "bottle/link.png", "train/good/000.png")
-        _add_link(tar, "bottle/hard.png", "bottle/train/good/000.png", tarfile.LNKTYPE)
+        _add_file(tar, "bottle/test/good/000.png", b"defg")
 
     archive = _make_tar(tmp_path / "good.tar.gz", build, "w:gz")
     target = tmp_path / "out"
     safe_extract_tar(archive, target)
     assert (target / "bottle/train/good/000.png").read_bytes() == b"abc"
-    assert (target / "bottle/link.png").read_bytes() == b"abc"
-    assert (target / "bottle/hard.png").read_bytes() == b"abc"
+    assert (target / "bottle/test/good/000.png").read_bytes() == b"defg"
+
+
+@pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE], ids=["symlink", "hardlink"])
+def test_safe_extract_refuses_even_links_inside_the_target(tmp_path: Path, kind):
+    """Dataset archives hold no links; refusing all of them closes every link trick."""
+
+    def build(tar):
+        _add_file(tar, "bottle/train/good/000.png", b"abc")
+        _add_link(
+            tar,
+            "bottle/link.png",
+            "train/good/000.png" if kind == tarfile.SYMTYPE else "bottle/train/good/000.png",
+            kind,
+        )
+
+    with pytest.raises(UnsafeArchiveError, match="links are refused"):
+        safe_extract_tar(_make_tar(tmp_path / "links.tar", build), tmp_path / "out")
+    assert not (tmp_path / "out" / "bottle").exists()
+
+
+def test_safe_extract_refuses_a_symlink_chain_escape(tmp_path: Path):
+    """The archive of nested symlinks (each harmless on its own as text) that, extracted in
+    order, let a later member write three levels above the target (CVE-2025-4517 style)."""
+    root = tmp_path / "a" / "b" / "c"
+    target = root / "out"
+
+    def build(tar):
+        _add_link(tar, "bottle/l1", ".")
+        _add_link(tar, "bottle/l1/l2", "..")
+        _add_link(tar, "bottle/l1/l2/l3", "../..")
+        _add_link(tar, "bottle/l1/l2/l3/escape", "../../../..")
+        _add_file(tar, "bottle/l1/l2/l3/escape/pwned.txt", b"outside!")
+
+    with pytest.raises(UnsafeArchiveError, match="Refusing"):
+        safe_extract_tar(_make_tar(tmp_path / "chain.tar", build), target)
+    assert not list(tmp_path.rglob("pwned.txt"))
+    assert not (target / "bottle").exists()
 
 
 @pytest.mark.parametrize(
@@ -79,8 +114,8 @@ def test_safe_extract_good_archive(tmp_path: Path):
         (lambda tar: _add_file(tar, "bottle/../../evil", b"evil"), "outside"),
         (lambda tar: _add_file(tar, "/tmp/evil_absolute", b"evil"), "absolute"),
         (lambda tar: _add_link(tar, "bottle/passwd", "/etc/passwd"), "/etc/passwd"),
-        (lambda tar: _add_link(tar, "bottle/up", "../../etc"), "outside"),
-        (lambda tar: _add_link(tar, "bottle/hard", "../etc/passwd", tarfile.LNKTYPE), "outside"),
+        (lambda tar: _add_link(tar, "bottle/up", "../../etc"), "../../etc"),
+        (lambda tar: _add_link(tar, "bottle/hard", "../etc/passwd", tarfile.LNKTYPE), "hard link"),
     ],
     ids=["dotdot", "nested-dotdot", "absolute", "symlink-abs", "symlink-rel", "hardlink"],
 )

@@ -174,35 +174,46 @@ def _is_within(base: str, path: str) -> bool:
 
 
 def _check_member(member: tarfile.TarInfo, real_target: str) -> str | None:
-    """Return why ``member`` is unsafe, or ``None`` if it is fine."""
+    """Return why ``member`` is unsafe, or ``None`` if it is fine. Only regular files and
+    folders are allowed: dataset archives hold nothing else, and refusing every symbolic or
+    hard link, device, FIFO and other special member means no earlier member can redirect
+    where a later one is written (the symlink-chain attack, CVE-2025-4517)."""
     name = member.name
     if "\x00" in name:
         return "contains a NUL character"
     if name.startswith(("/", "\\")) or os.path.isabs(name) or (len(name) > 1 and name[1] == ":"):
         return "has an absolute path"
+    if ".." in posixpath.normpath(name).split("/"):
+        return "would be written outside the target folder"
     dest = os.path.realpath(os.path.join(real_target, name))
     if not _is_within(real_target, dest):
         return "would be written outside the target folder"
-    if (
-        member.ischr()
-        or member.isblk()
-        or member.isfifo()
-        or not (member.isfile() or member.isdir() or member.issym() or member.islnk())
-    ):
-        return "is a device file or other special file"
     if member.issym() or member.islnk():
-        link = member.linkname
-        if not link:
-            return "is a link with an empty target"
-        if link.startswith(("/", "\\")) or os.path.isabs(link):
-            return f"is a link to the absolute path {link!r}"
-        if member.issym():
-            link_dest = os.path.realpath(os.path.join(os.path.dirname(dest), link))
-        else:  # hard link targets are relative to the archive root
-            link_dest = os.path.realpath(os.path.join(real_target, link))
-        if not _is_within(real_target, link_dest):
-            return f"is a link to {link!r}, outside the target folder"
+        kind = "symbolic" if member.issym() else "hard"
+        return f"is a {kind} link (to {member.linkname!r}); links are refused"
+    if not (member.isfile() or member.isdir()):
+        return "is a device file or other special file"
     return None
+
+
+def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, real_target: str) -> None:
+    """Write one checked regular file or folder, re-checking the REAL path of where it lands
+    (after its parent folders exist) and never following or creating a link."""
+    dest = os.path.join(real_target, posixpath.normpath(member.name))
+    parent = os.path.dirname(dest) if member.isfile() else dest
+    os.makedirs(parent, exist_ok=True)
+    if not _is_within(real_target, os.path.realpath(parent)):
+        raise UnsafeArchiveError(f"{member.name!r} would be written outside {real_target}; nothing kept.")
+    if member.isdir():
+        return
+    if os.path.lexists(dest) and (os.path.islink(dest) or not os.path.isfile(dest)):
+        raise UnsafeArchiveError(f"{member.name!r} would replace a link or folder; nothing kept.")
+    source = tar.extractfile(member)
+    if source is None:  # pragma: no cover - isfile() members always have data
+        raise UnsafeArchiveError(f"{member.name!r} has no data")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    with source, os.fdopen(os.open(dest, flags, 0o644), "wb") as out:
+        shutil.copyfileobj(source, out, 1 << 20)
 
 
 def safe_extract_tar(
@@ -212,11 +223,12 @@ def safe_extract_tar(
 ) -> None:
     """Extract a (possibly compressed) tar archive, refusing unsafe members.
 
-    All members are checked before anything is extracted. Refused are:
-    absolute paths, paths that escape ``target`` (``..``), symbolic or hard
-    links pointing outside ``target`` (or to absolute paths), and device
-    files, FIFOs and other special files. Extraction additionally uses
-    tarfile's ``"data"`` filter where available (Python >= 3.11.4).
+    All members are checked before anything is extracted. Refused are: absolute paths,
+    paths that escape ``target`` (``..``), every symbolic and hard link, and device files,
+    FIFOs and other special files. The checked regular files and folders are then written by
+    this function itself (not ``tarfile.extractall``, so safety does not depend on the
+    Python patch release's ``data`` filter): each file's real destination is verified to lie
+    inside ``target`` and is opened without following links.
 
     Args:
         archive: Path of a ``.tar``, ``.tar.gz``, ``.tar.bz2`` or ``.tar.xz`` file.
@@ -251,10 +263,8 @@ def safe_extract_tar(
                     f"dataset archive; delete it and obtain the data from the official source."
                 )
             selected = all_members if select is None else select(list(all_members))
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(target, members=selected, filter="data")
-            else:  # pragma: no cover - Python < 3.11.4
-                tar.extractall(target, members=selected)
+            for member in selected:
+                _extract_member(tar, member, real_target)
     except DownloadError:
         raise
     except Exception as exc:  # lzma.LZMAError, zlib.error, ...

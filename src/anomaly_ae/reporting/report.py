@@ -74,12 +74,12 @@ def render_report(
         f"<h2>Table II — SSIM(original, reconstruction)</h2>{html_table(table2)}",
         f"<h2>Detection metrics</h2>{html_table(metric_rows)}",
     ]
+    for name, body in (extra_sections or {}).items():  # right after the numbers they explain
+        sections.append(f"<h2>{html.escape(name)}</h2>{body}")
     for name, image in figures.items():
         sections.append(
             f'<h2>{html.escape(name)}</h2><img alt="{html.escape(name)}" src="{image_data_uri(image)}">'
         )
-    for name, body in (extra_sections or {}).items():
-        sections.append(f"<h2>{html.escape(name)}</h2>{body}")
     sections.append(
         "<h2>Configuration</h2><pre>"
         + html.escape(json.dumps(configuration, indent=2, default=str))
