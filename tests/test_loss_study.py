@@ -71,7 +71,18 @@ def mlflow_server(kedro_project):
 
 
 def test_loss_study_gives_one_child_run_per_variant(kedro_project, request):
-    kedro_project.session_run(pipeline="loss_study", env="quick")
+    # a two-setting calibration grid: the study's structure and tracking are under test here
+    # (tests/test_pipelines.py runs the full grid)
+    small_grid = {
+        "blend": ["ssim"],
+        "win_size": [11],
+        "smoothing_sigma": [0, 4],
+        "normal_reference": ["none"],
+        "score_reduction": ["max"],
+    }
+    kedro_project.session_run(
+        pipeline="loss_study", env="quick", params={"calibration": {"grid": small_grid}}
+    )
     comparison = pd.read_csv(kedro_project.latest("data/08_reporting/bottle/loss_study_comparison.csv"))
     assert list(comparison["variant"]) == list(VARIANTS)
     assert comparison.loc[comparison["variant"] == "hybrid", "paper_ssim_normal"].item() == pytest.approx(

@@ -9,6 +9,8 @@ run's parameters, so ``--env`` and ``--params loss_study.variants=[...]`` reach 
 
 from __future__ import annotations
 
+import warnings
+
 from kedro.pipeline import Node, Pipeline
 
 from anomaly_ae import run_params
@@ -35,14 +37,16 @@ def create_pipeline(**kwargs) -> Pipeline:
             parameters={p: p for p in template.inputs() if p.startswith("params:") and p != "params:loss"},
         )  # "params:loss" -> "params:<variant>.loss": the variant's own loss weights
         study += in_namespace(variant_pipeline, category, inputs=shared)
-    comparison = Pipeline(
-        [
-            Node(
-                comparison_node(variants),
-                ["params:paper_table2", "dataset_info", *(f"{v}.evaluation_metrics" for v in variants)],
-                ["loss_study_comparison", "loss_study_figure", "loss_study_report"],
-                name="compare_loss_variants",
-            )
-        ]
-    )
+    with warnings.catch_warnings():  # the variants' outputs ARE namespaced (dotted) names
+        warnings.filterwarnings("ignore", message="One or more dataset names contain '.'")
+        comparison = Pipeline(
+            [
+                Node(
+                    comparison_node(variants),
+                    ["params:paper_table2", "dataset_info", *(f"{v}.evaluation_metrics" for v in variants)],
+                    ["loss_study_comparison", "loss_study_figure", "loss_study_report"],
+                    name="compare_loss_variants",
+                )
+            ]
+        )
     return study + in_namespace(comparison, category)
