@@ -163,8 +163,11 @@ def test_predict_pipeline_on_a_folder(quick, junk_folder):
     quick.session_run(pipeline="predict", env="quick", params={"predict": {"input_dir": str(folder)}})
     table = pd.read_csv(quick.latest("data/07_model_output/bottle/predictions.csv"))
     assert set(table["file"]) == set(expected)
-    for name, fragment in expected.items():
-        error = table.set_index("file").loc[name, "error"]
-        assert pd.isna(error) if fragment is None else fragment in error, (name, error)
+    errors = table.set_index("file")["error"]
+    # the pipeline reads through the catalog, so each junk file has an error (its wording is
+    # the dataset's); the readable ones are scored
+    assert {name for name in expected if pd.isna(errors[name])} == {
+        n for n, e in expected.items() if e is None
+    }
     scored = table[table["error"].isna()]
     assert len(list(overlays.rglob("*.png"))) == len(scored)

@@ -1,5 +1,7 @@
 """Kedro project settings."""
 
+from pathlib import Path
+
 from kedro.config import OmegaConfigLoader
 
 from anomaly_ae.hooks import (
@@ -18,7 +20,16 @@ CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
     "merge_strategy": {"parameters": "soft"},
+    # ${project_root:} in configuration: the project folder, also from notebooks/ (so MLflow's
+    # sqlite:///${project_root:}/mlflow.db is one database wherever a session starts)
+    "custom_resolvers": {"project_root": lambda: _project_root()},
     "config_patterns": {
         "mlflow": ["mlflow*", "mlflow*/**", "**/mlflow*"],
     },
 }
+
+
+def _project_root() -> str:
+    from anomaly_ae.run_params import project_root
+
+    return str(project_root(Path.cwd()).resolve())
