@@ -2,9 +2,9 @@
 
     from anomaly_ae import Inspector
     inspector = Inspector.from_files(
-        "data/06_models/model_checkpoint.pt/<version>/model_checkpoint.pt",
-        "data/07_model_output/decision_threshold.json/<version>/decision_threshold.json",
-        "data/07_model_output/normal_reference.npz/<version>/normal_reference.npz",  # if the
+        "data/06_models/bottle/model_checkpoint.pt/<version>/model_checkpoint.pt",
+        "data/07_model_output/bottle/decision_threshold.json/<version>/decision_threshold.json",
+        "data/07_model_output/bottle/normal_reference.npz/<version>/normal_reference.npz",  # if the
     )                                                   # threshold's map uses a normal reference
     for result in inspector.inspect_paths(["part_001.png", "part_002.png"]):
         print(result.file, result.is_anomalous, result.score, result.error)
