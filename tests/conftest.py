@@ -53,6 +53,7 @@ class KedroProject:
         params: dict | None = None,
         load_versions: dict | None = None,
         namespaces: list[str] | None = None,
+        extra_pipelines: list[str] | None = None,
     ) -> dict:
         """``kedro run`` in this process (a KedroSession), from the project folder."""
         from kedro.framework.session import KedroSession
@@ -62,7 +63,7 @@ class KedroProject:
             bootstrap_project(self.path)
             with KedroSession.create(project_path=self.path, env=env, runtime_params=params or {}) as session:
                 return session.run(
-                    pipeline_names=[pipeline] if pipeline else None,
+                    pipeline_names=[pipeline, *(extra_pipelines or [])] if pipeline else None,
                     load_versions=load_versions,
                     namespaces=namespaces,
                 )

@@ -11,6 +11,7 @@ import json
 import shutil
 import sqlite3
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import REPO_ROOT, make_project
@@ -146,6 +147,38 @@ def test_evaluate_with_the_papers_map(quick):
     report = (quick.path / f"data/08_reporting/{NS}/report.html").read_text()
     assert "Calibration would have chosen" in report
     assert len(list((quick.path / f"data/08_reporting/{NS}/evaluation_metrics.json").iterdir())) >= 2
+
+
+def test_a_run_evaluates_the_model_it_trained_not_a_newer_one(quick):
+    """Another run (simulated: a newer checkpoint version appears on disk) must not be what
+    this run calibrates and evaluates: its outputs are pinned to its own save version."""
+    import torch
+
+    from anomaly_ae.model import AutoencoderConfig, build_model
+    from anomaly_ae.training.trainer import TrainingConfig, build_checkpoint
+
+    folder = quick.path / f"data/06_models/{NS}/model_checkpoint.pt"
+    intruder = folder / "9999-12-31T23.59.59.999Z"
+    intruder.mkdir()
+    torch.manual_seed(123)
+    other = build_checkpoint(
+        build_model(AutoencoderConfig()), None, epoch=1, history=[], config=TrainingConfig(compile=False)
+    )
+    torch.save(other, intruder / "model_checkpoint.pt")
+    try:
+        quick.session_run(pipeline="training", env="quick", extra_pipelines=["evaluate"])
+        ours = sorted(p for p in folder.iterdir() if p != intruder)[-1]
+        own = checkpoint_fingerprint(load_checkpoint(ours / "model_checkpoint.pt"))
+        version = ours.name
+        out = quick.path / f"data/07_model_output/{NS}"
+        chosen = _json(out / "calibrated_map.json" / version / "calibrated_map.json")
+        threshold = _json(out / "decision_threshold.json" / version / "decision_threshold.json")
+        reference = np.load(out / "normal_reference.npz" / version / "normal_reference.npz")
+        assert chosen["checkpoint_fingerprint"] == threshold["checkpoint_fingerprint"] == own
+        assert str(reference["checkpoint_fingerprint"]) == own
+        assert own != checkpoint_fingerprint(other)
+    finally:
+        shutil.rmtree(intruder)
 
 
 def test_predict_through_the_catalog_with_load_versions(quick, tmp_path):

@@ -37,6 +37,28 @@ class RunParamsHook:
             pipelines.configure("anomaly_ae.pipeline_registry")  # rebuild with these parameters
 
 
+class PinRunVersionsHook:
+    """A run reads back exactly the versions it saved itself.
+
+    Kedro loads the *latest* version of a versioned dataset. When two runs share a project,
+    "latest" may be the other run's checkpoint: run A would calibrate and evaluate run B's
+    model. Before the run starts, every versioned dataset the pipeline *writes* gets its load
+    version pinned to this run's save version, so later nodes of the run load what its own
+    earlier nodes saved. Datasets the run only reads keep Kedro's rule (latest, or
+    ``--load-versions``).
+    """
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        from kedro.io.core import Version
+
+        for name in sorted(pipeline.all_outputs()):
+            dataset = catalog.get(name)
+            version = getattr(dataset, "_version", None)
+            if isinstance(version, Version) and version.save and version.load is None:
+                dataset._version = Version(version.save, version.save)
+
+
 #: Inputs a pipeline may need from an earlier run, and the command that makes them.
 REQUIRED_ARTIFACTS = {
     "model_checkpoint": ("trained model", "kedro run --pipeline=training"),

@@ -8,12 +8,20 @@ from anomaly_ae.hooks import (
     MissingCheckpointHook,
     MlflowArtifactsHook,
     NamespaceRunsHook,
+    PinRunVersionsHook,
     RunParamsHook,
     RunTagsHook,
 )
 
 # kedro-mlflow registers its own MlflowHook through its entry point.
-HOOKS = (RunParamsHook(), MissingCheckpointHook(), NamespaceRunsHook(), RunTagsHook(), MlflowArtifactsHook())
+HOOKS = (
+    RunParamsHook(),
+    PinRunVersionsHook(),
+    MissingCheckpointHook(),
+    NamespaceRunsHook(),
+    RunTagsHook(),
+    MlflowArtifactsHook(),
+)
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
