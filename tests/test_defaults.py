@@ -76,3 +76,40 @@ def test_hybrid_loss_defaults_are_the_papers_weights():
     loss = _params("training")["loss"]
     default = HybridLoss()
     assert (default.mse_weight, default.ssim_weight) == (loss["mse_weight"], loss["ssim_weight"])
+
+
+@pytest.fixture(autouse=True)
+def _keep_run_params():
+    """These tests record parameters of their own; put back what a session recorded."""
+    from anomaly_ae import run_params
+
+    previous = run_params._CURRENT
+    yield
+    run_params._CURRENT = previous
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (["mse", "ssim", "hybrid"], ["mse", "ssim", "hybrid"]),
+        ("mse+hybrid", ["mse", "hybrid"]),
+        ("ssim", ["ssim"]),
+    ],
+)
+def test_loss_variants_from_yaml_or_the_command_line(value, expected):
+    from anomaly_ae import run_params
+
+    run_params.remember({"data": {"category": "bottle"}, "loss_study": {"variants": value}})
+    assert run_params.loss_variants() == expected
+
+
+@pytest.mark.parametrize("bad", [["a.b"], "", ["ok", "no/slash"]])
+def test_bad_variant_or_category_names_are_refused_with_the_key(bad):
+    from anomaly_ae import run_params
+
+    run_params.remember({"data": {"category": "bottle"}, "loss_study": {"variants": bad}})
+    with pytest.raises(ValueError, match="loss_study.variants"):
+        run_params.loss_variants()
+    run_params.remember({"data": {"category": "has.dot"}, "loss_study": {"variants": ["mse"]}})
+    with pytest.raises(ValueError, match="data.category"):
+        run_params.category()

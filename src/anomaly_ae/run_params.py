@@ -76,4 +76,11 @@ def category() -> str:
 
 
 def loss_variants() -> list[str]:
-    return [checked_name(v, "loss_study.variants[]") for v in current()["loss_study"]["variants"]]
+    """``loss_study.variants``: a list in YAML, or ``mse+hybrid`` on the command line (where
+    Kedro's ``--params`` splits on commas)."""
+    variants = current()["loss_study"]["variants"]
+    if isinstance(variants, str):
+        variants = [v for v in variants.replace("+", " ").split() if v]
+    if not variants:
+        raise ValueError("loss_study.variants is empty: name at least one variant (e.g. hybrid)")
+    return [checked_name(v, "loss_study.variants[]") for v in variants]
