@@ -113,3 +113,47 @@ def test_bad_variant_or_category_names_are_refused_with_the_key(bad):
     run_params.remember({"data": {"category": "has.dot"}, "loss_study": {"variants": ["mse"]}})
     with pytest.raises(ValueError, match="data.category"):
         run_params.category()
+
+
+def _base_params() -> dict:
+    from kedro.config import OmegaConfigLoader
+
+    return OmegaConfigLoader(str(REPO_ROOT / "conf"), base_env="base", default_run_env="base")["parameters"]
+
+
+def test_shipped_parameters_are_valid():
+    from anomaly_ae.param_schema import validate_parameters
+
+    validate_parameters(_base_params())  # raises on any invalid value
+
+
+@pytest.mark.parametrize(
+    ("group", "key", "value", "expected"),
+    [
+        ("training", "epochs", "abc", "training.epochs='abc': Input should be a valid integer"),
+        ("training", "epochs", 1.5, "training.epochs=1.5: Input should be a valid integer"),
+        ("training", "batch_size", 1, "training.batch_size must be >= 2"),
+        ("predict", "batch_size", 0, "predict.batch_size must be >= 1"),
+        ("model", "dropout", "x", "model.dropout='x'"),
+        ("training", "epoch", 3, "training: unknown key(s) ['epoch']"),
+        ("calibration", "batch_size", 0, "calibration.batch_size must be >= 1"),
+    ],
+)
+def test_a_bad_parameter_is_refused_naming_its_key(group, key, value, expected):
+    from anomaly_ae.param_schema import ParameterError, validate_parameters
+
+    params = _base_params()
+    params[group][key] = value
+    with pytest.raises(ParameterError, match="Invalid parameters") as info:
+        validate_parameters(params)
+    assert expected in str(info.value)
+    assert "--params" in str(info.value)
+
+
+def test_the_map_settings_are_checked_too():
+    from anomaly_ae.param_schema import ParameterError, validate_parameters
+
+    params = _base_params()
+    params["evaluation"]["anomaly_map"]["win_size"] = 10
+    with pytest.raises(ParameterError, match="window size must be a positive odd integer"):
+        validate_parameters(params)

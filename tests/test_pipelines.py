@@ -254,3 +254,12 @@ def test_command_line_calibrates_without_ever_loading_the_test_set(quick):
     assert len(list(folder.iterdir())) == n_before + 1
     after = _json(quick.latest(f"data/07_model_output/{NS}/calibrated_map.json"))
     assert after == before  # same model, same seed: the same choice, made without the test set
+
+
+def test_a_bad_parameter_stops_the_run_before_any_node(tmp_path):
+    from anomaly_ae.param_schema import ParameterError
+
+    project = make_project(tmp_path / "bad")
+    with pytest.raises(ParameterError, match=r"training.epochs=1.5: Input should be a valid integer"):
+        project.session_run(env="quick", params={"training": {"epochs": 1.5}})
+    assert not list((project.path / "data").rglob("*.*"))  # nothing was written

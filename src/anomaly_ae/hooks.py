@@ -24,15 +24,18 @@ def _mlflow_active() -> bool:
 
 
 class RunParamsHook:
-    """Record the run's parameters (``--env`` and ``--params`` merged) before Kedro builds
-    the pipelines, whose namespaces depend on them (:mod:`anomaly_ae.run_params`)."""
+    """Check the run's parameters (``--env`` and ``--params`` merged; see
+    :mod:`anomaly_ae.param_schema`) and record them before Kedro builds the pipelines,
+    whose namespaces depend on them (:mod:`anomaly_ae.run_params`)."""
 
     @hook_impl
     def after_context_created(self, context) -> None:
         from kedro.framework.project import pipelines
 
         from anomaly_ae import run_params
+        from anomaly_ae.param_schema import validate_parameters
 
+        validate_parameters(context.params)  # before any node: a bad value names its key
         if run_params.remember(context.params):
             pipelines.configure("anomaly_ae.pipeline_registry")  # rebuild with these parameters
 
