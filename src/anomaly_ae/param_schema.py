@@ -10,8 +10,10 @@ of their own are described here. :class:`anomaly_ae.hooks.RunParamsHook` calls
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
+
+from anomaly_ae.config import unknown_keys
 
 __all__ = ["ParameterError", "PredictSettings", "CalibrationSettings", "validate_parameters"]
 
@@ -85,10 +87,9 @@ def validate_parameters(params: dict[str, Any]) -> None:
         data = pick(params)
         if data is None:
             continue
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown, known = unknown_keys(cls, data)
         if unknown:
-            problems.append(f"{section}: unknown key(s) {unknown}; known: {sorted(known)}")
+            problems.append(f"{section}: unknown key(s) {unknown}; known: {known}")
             continue
         try:
             pydantic.TypeAdapter(cls).validate_python(dict(data))

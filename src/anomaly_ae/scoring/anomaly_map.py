@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from anomaly_ae.config import from_settings
-from anomaly_ae.scoring.reference import REFERENCE_MODES, correct
+from anomaly_ae.scoring.reference import check_mode, correct
 from anomaly_ae.scoring.ssim import PAPER_WIN_SIGMA, PAPER_WIN_SIZE, gaussian_blur, gaussian_taps, ssim_map
 
 __all__ = [
@@ -82,11 +82,7 @@ class MapSettings:
             raise ValueError(
                 f"evaluation.anomaly_map.topk_fraction must be in (0, 1], got {self.topk_fraction!r}"
             )
-        if self.normal_reference not in REFERENCE_MODES:
-            raise ValueError(
-                f"evaluation.anomaly_map.normal_reference must be one of {REFERENCE_MODES}, "
-                f"got {self.normal_reference!r}"
-            )
+        check_mode(self.normal_reference)
 
     @property
     def windows(self) -> tuple[int, ...]:
@@ -183,14 +179,18 @@ def anomaly_map(
     )
 
 
+def _require_reference(reference, mode: str) -> None:
+    if reference is None:
+        raise ValueError(
+            f"evaluation.anomaly_map.normal_reference={mode!r} needs the normal reference "
+            "(normal_reference.npz) fitted by `kedro run --pipeline=evaluate`"
+        )
+
+
 def _correct(amap: Tensor, settings: MapSettings, reference) -> Tensor:
     if settings.normal_reference == "none":
         return amap
-    if reference is None:
-        raise ValueError(
-            f"evaluation.anomaly_map.normal_reference={settings.normal_reference!r} needs the normal "
-            "reference (normal_reference.npz) fitted by `kedro run --pipeline=evaluate`"
-        )
+    _require_reference(reference, settings.normal_reference)
     return correct(amap, *reference)
 
 
@@ -237,9 +237,5 @@ def reference_tensors(reference, mode: str, device) -> tuple[Tensor, Tensor | No
     """``reference.as_tensors(mode, device)``, or None when ``mode`` is ``none``."""
     if mode == "none":
         return None
-    if reference is None:
-        raise ValueError(
-            f"evaluation.anomaly_map.normal_reference={mode!r} needs the normal reference "
-            "(normal_reference.npz) fitted by `kedro run --pipeline=evaluate`"
-        )
+    _require_reference(reference, mode)
     return reference.as_tensors(mode, torch.device(device))
