@@ -18,7 +18,7 @@ CONF = REPO_ROOT / "conf" / "base"
 
 #: Library defaults that deliberately differ from conf, and why. Nothing else may differ.
 DIFFERENT_ON_PURPOSE = {
-    ("training", "checkpoint_path"): "a library call writes no crash-safe state file unless asked",
+    ("training", "state_dir"): "a library call writes no crash-safe state file unless asked",
 }
 
 

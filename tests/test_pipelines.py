@@ -87,8 +87,8 @@ def test_quick_run_trains_and_evaluates_with_the_calibrated_map(quick):
     assert "paper protocol" in set(table2["subset"])
     for figure in ("figure1", "image_roc", "pixel_roc", "ssim_histogram", "loss_curve"):
         assert quick.latest(f"data/08_reporting/{NS}/{figure}.png").stat().st_size > 1000
-    assert len(list((quick.path / f"data/08_reporting/{NS}/heatmaps").rglob("*.png"))) == len(table)
-    report = (quick.path / f"data/08_reporting/{NS}/report.html").read_text()
+    assert len(list(quick.latest(f"data/08_reporting/{NS}/heatmaps").rglob("*.png"))) == len(table)
+    report = quick.latest(f"data/08_reporting/{NS}/report.html").read_text()
     assert "SYNTHETIC DATA" in report and "Table II" in report and "Figure 1" in report
     assert "which settings and why" in report and chosen["setting"] in report
 
@@ -144,7 +144,7 @@ def test_evaluate_with_the_papers_map(quick):
     metrics = _json(quick.latest(f"data/08_reporting/{NS}/evaluation_metrics.json"))
     assert metrics["map_source"] == "configured"
     assert metrics["anomaly_map"] == MapSettings().to_dict()  # the paper's map, as in conf/base
-    report = (quick.path / f"data/08_reporting/{NS}/report.html").read_text()
+    report = quick.latest(f"data/08_reporting/{NS}/report.html").read_text()
     assert "Calibration would have chosen" in report
     assert len(list((quick.path / f"data/08_reporting/{NS}/evaluation_metrics.json").iterdir())) >= 2
 
@@ -239,7 +239,7 @@ def test_notebook_loads_the_results_through_the_catalog(quick):
 def test_command_line_calibrates_without_ever_loading_the_test_set(quick):
     """The one subprocess test: the real ``kedro`` command line runs ``calibrate`` while the
     cached test set is poisoned (loading it would fail), and makes the same choice."""
-    test_file = quick.path / f"data/05_model_input/{NS}/test_images.npz"
+    test_file = quick.latest(f"data/05_model_input/{NS}/test_images.npz")
     saved = test_file.with_suffix(".saved")
     shutil.copy2(test_file, saved)
     before = _json(quick.latest(f"data/07_model_output/{NS}/calibrated_map.json"))

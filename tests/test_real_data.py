@@ -30,16 +30,16 @@ def real_project(tmp_path_factory):
 
 @requires_real_data
 def test_ingestion_and_preprocessing_counts(real_project):
-    info = json.loads((real_project.path / "data/02_intermediate/bottle/dataset_info.json").read_text())
+    info = json.loads(real_project.latest("data/02_intermediate/bottle/dataset_info.json").read_text())
     assert info["source"] == "mvtec" and info["category"] == "bottle"
-    manifest = pd.read_csv(real_project.path / "data/05_model_input/bottle/image_manifest.csv")
+    manifest = pd.read_csv(real_project.latest("data/05_model_input/bottle/image_manifest.csv"))
     counts = manifest.groupby("split").size().to_dict()
     assert counts["train"] + counts["validation"] == 209 and counts["validation"] == 21
     assert counts["test"] == 83
     assert manifest["mask_file"].notna().sum() == 63
     arrays = {}
     for split in ("train", "validation", "test"):
-        with np.load(real_project.path / f"data/05_model_input/bottle/{split}_images.npz") as data:
+        with np.load(real_project.latest(f"data/05_model_input/bottle/{split}_images.npz")) as data:
             arrays[split] = {k: data[k] for k in data.files}
     assert arrays["train"]["images"].shape == (188, 1, 256, 256)
     assert arrays["test"]["images"].shape == (83, 1, 256, 256)
@@ -55,9 +55,9 @@ def test_ingestion_and_preprocessing_counts(real_project):
 def test_short_training_then_calibrate_evaluate_and_predict(real_project, tmp_path):
     real_project.session_run(
         pipeline="training",
-        params={"training": {"epochs": EPOCHS, "progress": False, "compile": False}},
+        params={**BOTTLE, "training": {"epochs": EPOCHS, "progress": False, "compile": False}},
     )
-    real_project.session_run(pipeline="evaluate")  # calibration + evaluation + report
+    real_project.session_run(pipeline="evaluate", params=BOTTLE)  # calibration + evaluation + report
     chosen = json.loads(real_project.latest("data/07_model_output/bottle/calibrated_map.json").read_text())
     metrics = json.loads(real_project.latest("data/08_reporting/bottle/evaluation_metrics.json").read_text())
     table = pd.read_csv(real_project.latest("data/07_model_output/bottle/ssim_table.csv"))
@@ -68,7 +68,7 @@ def test_short_training_then_calibrate_evaluate_and_predict(real_project, tmp_pa
     # a short model with the calibrated map already ranks defects above normal images
     assert metrics["image_auroc"] > 0.8, metrics
     assert chosen["selection_score"] > chosen["paper_selection_score"]
-    report = (real_project.path / "data/08_reporting/bottle/report.html").read_text()
+    report = real_project.latest("data/08_reporting/bottle/report.html").read_text()
     assert "SYNTHETIC" not in report and "Table II" in report and chosen["setting"] in report
 
     # predict on copies of real test images plus junk
@@ -105,11 +105,11 @@ def test_another_real_category_in_the_mvtec_layout(tmp_path):
     params = {"data": {"root": str(REAL_BSDATA_ROOT), "category": "bsdata_pitting", "source": "mvtec"}}
     project.session_run(pipeline="data_ingestion", params=params)
     project.session_run(pipeline="data_processing", params=params)
-    folder = project.path / "data/05_model_input/bsdata_pitting"
-    manifest = pd.read_csv(folder / "image_manifest.csv")
+    folder = "data/05_model_input/bsdata_pitting"
+    manifest = pd.read_csv(project.latest(f"{folder}/image_manifest.csv"))
     counts = manifest.groupby("split").size().to_dict()
     assert counts["train"] + counts["validation"] == 390 and counts["test"] == 97 + 167
-    with np.load(folder / "test_images.npz") as test:
+    with np.load(project.latest(f"{folder}/test_images.npz")) as test:
         assert test["images"].shape == (264, 1, 256, 256)
         assert int(test["labels"].sum()) == 167
         assert int((test["masks"].reshape(264, -1).max(axis=1) > 0).sum()) <= 167

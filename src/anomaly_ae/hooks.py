@@ -99,6 +99,45 @@ class MissingCheckpointHook:
                 )
 
 
+#: Cached inputs: written by data_ingestion / data_processing, read by later stages.
+CACHED_INPUTS = ("dataset_info", "raw_manifest", "image_manifest", "train_images", "validation_images", "test_images")
+
+
+class CachedInputsHook:
+    """Before a run that *reads* cached inputs it did not make (``--pipeline=evaluate``,
+    ``training``, ``data_processing`` ...), check they were made from this run's ``data.*``
+    and ``preprocessing.*`` and from the image folder as it is now; refuse otherwise, naming
+    the difference and the command that rebuilds them (:mod:`anomaly_ae.data.fingerprint`)."""
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        from anomaly_ae import run_params as current_params
+        from anomaly_ae.data import fingerprint
+
+        read = [n for n in sorted(pipeline.inputs()) if n.rsplit(".", 1)[-1] in CACHED_INPUTS]
+        if not read:
+            return
+        params = current_params.current()
+        infos: dict[str, dict] = {}
+        for name in read:
+            namespace, _, base = name.rpartition(".")
+            info_name = f"{namespace}.dataset_info" if namespace else "dataset_info"
+            if info_name not in infos:
+                if not catalog.exists(info_name):
+                    return  # MissingCheckpointHook has said what to run
+                infos[info_name] = catalog.load(info_name)
+                fingerprint.check_dataset_info(infos[info_name], params["data"], info_name)
+            loader = getattr(catalog.get(name), "load_member", None)
+            if loader is not None:
+                fingerprint.check_stamp(
+                    _as_str(loader(fingerprint.STAMP_KEY)), infos[info_name], params["preprocessing"], name
+                )
+
+
+def _as_str(value) -> str | None:
+    return None if value is None else str(value)
+
+
 class RunTagsHook:
     """Copy ``*run_tags`` node outputs (device, data_source, category, ...) and the git
     commit to the active MLflow run."""
@@ -124,6 +163,120 @@ class RunTagsHook:
         for name, value in outputs.items():
             if name.endswith(RUN_TAGS_SUFFIX) and isinstance(value, dict):
                 mlflow.set_tags({k: str(v) for k, v in value.items()})
+
+
+#: Tags that say which process owns a run, so a later run can tell it was killed.
+OWNER_PID, OWNER_HOST = "anomaly_ae.pid", "anomaly_ae.host"
+
+
+def owner_tags() -> dict[str, str]:
+    import os
+    import socket
+
+    return {OWNER_PID: str(os.getpid()), OWNER_HOST: socket.gethostname()}
+
+
+def _process_gone(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OSError):
+        return False
+    return False
+
+
+def mark_interrupted_runs(client) -> list[str]:
+    """Set every MLflow run still RUNNING whose owning process on this host is gone (killed,
+    powered off) to FAILED with the tag ``anomaly_ae.interrupted=true``; returns their ids."""
+    import socket
+
+    host = socket.gethostname()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    marked = []
+    for run in client.search_runs(experiments, filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        if tags.get(OWNER_HOST) != host or not tags.get(OWNER_PID, "").isdigit():
+            continue
+        if _process_gone(int(tags[OWNER_PID])):
+            client.set_tag(run.info.run_id, "anomaly_ae.interrupted", "true")
+            client.set_terminated(run.info.run_id, "FAILED")
+            marked.append(run.info.run_id)
+    return marked
+
+
+class InterruptedRunsHook:
+    """A run killed with ``kill -9`` (or a power cut) cannot close its MLflow run, which would
+    stay RUNNING forever. Each run is tagged with its process id and host; the next run in the
+    project marks the runs whose process is gone as FAILED (tag ``anomaly_ae.interrupted``)."""
+
+    def __init__(self) -> None:
+        self._tagged = False
+        self._save_version: str | None = None
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        self._tagged = False
+        self._save_version = run_params.get("session_id")
+        try:
+            import mlflow
+
+            marked = mark_interrupted_runs(mlflow.MlflowClient())
+        except Exception as exc:  # noqa: BLE001 - tracking trouble must not stop the run
+            log.warning("Could not check MLflow for interrupted runs: %s", exc)
+            return
+        for run_id in marked:
+            log.warning("MLflow run %s was interrupted (its process is gone): marked FAILED.", run_id)
+        self._tag_top_run()
+
+    @hook_impl
+    def before_node_run(self, node, catalog, inputs, is_async: bool) -> None:
+        self._tag_top_run()
+
+    def _tag_top_run(self) -> None:
+        """Tag the top run of the active chain (kedro-mlflow's run for ``kedro run``)."""
+        if self._tagged or not _mlflow_active():
+            return
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        run = mlflow.active_run()
+        while run.data.tags.get("mlflow.parentRunId"):
+            run = client.get_run(run.data.tags["mlflow.parentRunId"])
+        tags = owner_tags()
+        if self._save_version:  # the version folder this run writes (anomaly_ae.prune keeps it)
+            tags["anomaly_ae.save_version"] = self._save_version
+        for key, value in tags.items():
+            client.set_tag(run.info.run_id, key, value)
+        self._tagged = True
+
+
+class RetentionHook:
+    """After a successful run, delete old versions as ``retention`` says
+    (:mod:`anomaly_ae.prune`; ``anomaly-ae-prune`` does the same by hand)."""
+
+    @hook_impl
+    def after_pipeline_run(self, run_params, pipeline, catalog) -> None:
+        from anomaly_ae import prune
+        from anomaly_ae import run_params as current_params
+
+        retention = current_params.current().get("retention") or {}
+        if not retention.get("prune_after_run"):
+            return
+        done = prune.run(current_params.project_root(Path.cwd()))
+        if done.paths:
+            log.info(
+                "Retention: deleted %d old versions and %d finished training states (%.1f MB); keeping "
+                "the newest %s of each dataset.",
+                len(done.versions),
+                len(done.states),
+                done.freed / 1e6,
+                retention.get("keep_last"),
+            )
 
 
 def git_commit(path: str | Path = ".") -> str | None:
@@ -176,6 +329,7 @@ class NamespaceRunsHook:
         category, _, variant = namespace.partition(".")
         tags = {
             "mlflow.parentRunId": parent,
+            **owner_tags(),
             "category": category,
             **({"variant": variant} if variant else {}),
         }
@@ -257,9 +411,13 @@ class MlflowArtifactsHook:
 
     @hook_impl
     def after_dataset_saved(self, dataset_name: str, data: Any, node) -> None:
-        if self._catalog is None or not _mlflow_active():
+        if self._catalog is None:
             return
         dataset = self._catalog.get(dataset_name)
+        if dataset_name.endswith("report") and getattr(dataset, "_filepath", None) is not None:
+            log.info("Report written: %s", saved_path(dataset))  # versioned: one folder per run
+        if not _mlflow_active():
+            return
         metadata = getattr(dataset, "metadata", None) or {}
         import mlflow
 

@@ -64,6 +64,18 @@ class CalibrationSettings:
                 )
 
 
+@dataclass
+class RetentionSettings:
+    """``retention`` (see ``conf/base/parameters_retention.yml``)."""
+
+    keep_last: int
+    prune_after_run: bool
+
+    def __post_init__(self) -> None:
+        if self.keep_last < 1:
+            raise ValueError(f"retention.keep_last must be >= 1 (the newest version always stays), got {self.keep_last}")
+
+
 def _schemas() -> list[tuple[str, type, Any]]:
     from anomaly_ae.model import AutoencoderConfig
     from anomaly_ae.scoring import MapSettings
@@ -75,6 +87,7 @@ def _schemas() -> list[tuple[str, type, Any]]:
         ("evaluation.anomaly_map", MapSettings, lambda p: p.get("evaluation", {}).get("anomaly_map")),
         ("predict", PredictSettings, lambda p: p.get("predict")),
         ("calibration", CalibrationSettings, lambda p: p.get("calibration")),
+        ("retention", RetentionSettings, lambda p: p.get("retention")),
     ]
 
 

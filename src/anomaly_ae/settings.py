@@ -5,6 +5,9 @@ from pathlib import Path
 from kedro.config import OmegaConfigLoader
 
 from anomaly_ae.hooks import (
+    CachedInputsHook,
+    InterruptedRunsHook,
+    RetentionHook,
     MissingCheckpointHook,
     MlflowArtifactsHook,
     NamespaceRunsHook,
@@ -18,9 +21,12 @@ HOOKS = (
     RunParamsHook(),
     PinRunVersionsHook(),
     MissingCheckpointHook(),
+    CachedInputsHook(),
+    InterruptedRunsHook(),
     NamespaceRunsHook(),
     RunTagsHook(),
     MlflowArtifactsHook(),
+    RetentionHook(),
 )
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader

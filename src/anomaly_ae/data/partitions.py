@@ -13,10 +13,24 @@ from kedro_datasets.partitions import PartitionedDataset
 from PIL import Image
 
 
-def image_partitions(path: str, suffix: str = ".png") -> dict[str, Callable[[], Image.Image]]:
+def image_partitions(
+    path: str,
+    suffix: str = ".png",
+    max_pixels: int | None = None,
+    limit_setting: str = "data.max_image_pixels",
+) -> dict[str, Callable[[], Image.Image]]:
     """Lazy loaders of every ``*suffix`` image below ``path``, keyed by relative path
-    without the suffix (e.g. ``test/broken_large/000``)."""
+    without the suffix (e.g. ``test/broken_large/000``).
+
+    Each loader opens its file header only (:class:`anomaly_ae.datasets.ImageFileDataset`)
+    and refuses an image of more than ``max_pixels`` pixels before decoding anything."""
     dataset = PartitionedDataset(
-        path=str(path), dataset={"type": "pillow.ImageDataset"}, filename_suffix=suffix
+        path=str(path),
+        dataset={
+            "type": "anomaly_ae.datasets.ImageFileDataset",
+            "max_pixels": max_pixels,
+            "limit_setting": limit_setting,
+        },
+        filename_suffix=suffix,
     )
     return dataset.load()

@@ -14,6 +14,8 @@ from PIL import Image
 __all__ = [
     "RESAMPLE_METHODS",
     "ImageDecodeError",
+    "ImageTooLargeError",
+    "check_image_size",
     "decode_image",
     "to_grayscale_float",
     "to_model_array",
@@ -39,6 +41,31 @@ _16BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I;16S", "I;16BS", "I;16LS", 
 
 class ImageDecodeError(ValueError):
     """An image file could not be read or decoded."""
+
+
+class ImageTooLargeError(ValueError):
+    """An image's header announces more pixels than the configured limit (checked before
+    any pixel is decoded: a small compressed file can expand to gigabytes)."""
+
+
+def check_image_size(image: Image.Image, name: str, max_pixels: int | None, setting: str) -> None:
+    """Refuse ``image`` (opened, not yet decoded) when its header says it has more than
+    ``max_pixels`` pixels; the message names the file and the setting that raises the limit."""
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        raise ImageTooLargeError(
+            f"{name} is {image.width}x{image.height} = {image.width * image.height:,} pixels, more than "
+            f"{setting}={max_pixels:,}. Nothing was decoded. If the image is genuine, raise the limit "
+            f"(--params {setting}=<pixels>); otherwise remove the file."
+        )
+
+
+def too_large_cause(exc: BaseException | None) -> ImageTooLargeError | None:
+    """The :class:`ImageTooLargeError` in ``exc``'s chain (Kedro wraps dataset errors)."""
+    while exc is not None:
+        if isinstance(exc, ImageTooLargeError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def decode_image(load: Callable[[], Image.Image], name: str) -> Image.Image:
@@ -73,6 +100,9 @@ def decode_image(load: Callable[[], Image.Image], name: str) -> Image.Image:
             raise TypeError(f"loader returned {type(img).__name__}, not a PIL image")
         img.load()
     except Exception as exc:  # noqa: BLE001 - wrapped and re-raised with context
+        too_large = too_large_cause(exc)
+        if too_large is not None:  # refused from the header: not a corrupt file
+            raise too_large from None
         if isinstance(img, Image.Image):
             try:
                 img.close()  # release the file handle of a lazily opened image

@@ -76,7 +76,11 @@ class TrainingConfig:
     augmentation: dict = field(default_factory=dict)
     eval_batch_size: int = 32
     checkpoint_every: int = 1
+    # state_dir: where the training node keeps the crash-safe state (training/state.py);
+    # checkpoint_path: the exact file this loop writes (None: none). resume: auto | never.
+    state_dir: str | None = None
     checkpoint_path: str | None = None
+    resume: str = "auto"
     resume_from: str | None = None
     progress: bool = True
     extra: dict = field(default_factory=dict)
@@ -102,6 +106,8 @@ class TrainingConfig:
             )
         if self.ssim_impl not in SSIM_IMPLS:
             raise ValueError(f"training.ssim_impl must be one of {SSIM_IMPLS} (got {self.ssim_impl!r})")
+        if self.resume not in ("auto", "never"):
+            raise ValueError(f"training.resume must be 'auto' or 'never' (got {self.resume!r})")
         for name in ("num_threads", "num_interop_threads"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"training.{name} must be >= 0 (got {getattr(self, name)})")
@@ -339,6 +345,7 @@ def build_checkpoint(
     best_state: dict | None = None,
     best_epoch: int = 0,
     best_val_loss: float = math.inf,
+    stopped_early: bool = False,
     metadata: dict | None = None,
 ) -> dict[str, Any]:
     """A self-describing checkpoint: weights, optimizer, and what rebuilds the model."""
@@ -351,6 +358,7 @@ def build_checkpoint(
         "epoch": epoch,
         "best_epoch": best_epoch,
         "best_val_loss": best_val_loss,
+        "stopped_early": stopped_early,
         "history": list(history),
         "loss": {"mse_weight": config.mse_weight, "ssim_weight": config.ssim_weight},
         "training": {k: v for k, v in asdict(config).items() if k != "extra"},
@@ -405,6 +413,8 @@ def train_autoencoder(
         best_val = float(resume_checkpoint.get("best_val_loss", math.inf))
         best_epoch = int(resume_checkpoint.get("best_epoch", 0))
         best_state = resume_checkpoint.get("best_model_state")
+        if resume_checkpoint.get("stopped_early"):  # finished: nothing left to train
+            start_epoch = config.epochs + 1
         log.info("Resuming from epoch %d", start_epoch)
 
     train_data = train_images.to(device=device, dtype=torch.float32)
@@ -419,7 +429,7 @@ def train_autoencoder(
     patience = int(config.early_stopping_patience or 0)
     use_early_stopping = val_data is not None and patience > 0
     epochs_without_improvement = (start_epoch - 1 - best_epoch) if best_epoch else 0
-    stopped_early = False
+    stopped_early = bool(resume_checkpoint.get("stopped_early")) if resume_checkpoint else False
     slices = batch_slices(n_train, config.batch_size)
 
     bar = tqdm(
@@ -468,6 +478,7 @@ def train_autoencoder(
             on_epoch_end(row)
         last_epoch = epoch == config.epochs
         stop = use_early_stopping and epochs_without_improvement >= patience
+        stopped_early = stop
         if config.checkpoint_path and (epoch % max(config.checkpoint_every, 1) == 0 or last_epoch or stop):
             save_checkpoint_atomic(
                 build_checkpoint(
@@ -479,12 +490,12 @@ def train_autoencoder(
                     best_state=best_state,
                     best_epoch=best_epoch,
                     best_val_loss=best_val,
+                    stopped_early=stop,
                     metadata=metadata,
                 ),
                 config.checkpoint_path,
             )
         if stop:
-            stopped_early = True
             log.info("Early stopping at epoch %d (best epoch %d, loss %.5f)", epoch, best_epoch, best_val)
             break
     bar.close()
@@ -503,6 +514,7 @@ def train_autoencoder(
         best_state=None,
         best_epoch=best_epoch,
         best_val_loss=best_val,
+        stopped_early=stopped_early,
         metadata=metadata,
     )
     return TrainingResult(

@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from anomaly_ae.data.download import DownloadError, fetch_category
+from anomaly_ae.data.fingerprint import data_request, folder_fingerprint
 from anomaly_ae.data.mvtec import count_warnings, index_layout
 from anomaly_ae.data.partitions import image_partitions
 from anomaly_ae.data.synthetic import generate_synthetic_category, is_synthetic
@@ -43,9 +44,10 @@ def _synthetic(data: dict[str, Any], reason: str) -> dict[str, Any]:
     return {"path": str(target), "source": "synthetic", "category": data["category"]}
 
 
-def _validate_folder(path: Path, suffix: str) -> pd.DataFrame:
-    """Index the layout, warn on unexpected counts, decode every image and mask."""
-    loaders = image_partitions(str(path), suffix)
+def _validate_folder(path: Path, suffix: str, max_pixels: int | None) -> pd.DataFrame:
+    """Index the layout, warn on unexpected counts, decode every image and mask (each
+    image's size checked from its header first)."""
+    loaders = image_partitions(str(path), suffix, max_pixels=max_pixels)
     records = index_layout(loaders.keys(), str(path))
     for warning in count_warnings(records, path.name):
         log.warning(warning)
@@ -100,7 +102,7 @@ def resolve_dataset(data: dict[str, Any]) -> dict[str, Any]:
             Path(data["root"]),
             url=url,
             sha256=(download.get("sha256") or {}).get(category),
-            validate=lambda path: _validate_folder(path, data["image_suffix"]),
+            validate=lambda path: _validate_folder(path, data["image_suffix"], data["max_image_pixels"]),
             timeout=download["timeout_seconds"],
             progress=download["progress"],
         )
@@ -115,16 +117,28 @@ def resolve_dataset(data: dict[str, Any]) -> dict[str, Any]:
     return {"path": str(target), "source": "mvtec", "category": category}
 
 
-def validate_dataset(dataset_info: dict[str, Any], data: dict[str, Any]) -> pd.DataFrame:
-    """Check the MVTec layout and decode every file; one manifest row per image."""
-    manifest = _validate_folder(Path(dataset_info["path"]), data["image_suffix"])
+def validate_dataset(
+    dataset_location: dict[str, Any], data: dict[str, Any]
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Check the MVTec layout and decode every file; one manifest row per image.
+
+    Returns the manifest and ``dataset_info``: where the data is, what it is, the ``data``
+    settings that asked for it and a fingerprint of the folder (see
+    :mod:`anomaly_ae.data.fingerprint`). Both are saved only when every file passed, so a
+    failed ingestion never leaves a manifest that later stages would take for current."""
+    folder, suffix = Path(dataset_location["path"]), data["image_suffix"]
+    fingerprint, files = folder_fingerprint(folder, suffix)
+    manifest = _validate_folder(folder, suffix, data["max_image_pixels"])
+    if folder_fingerprint(folder, suffix)[0] != fingerprint:
+        raise RuntimeError(f"The files under {folder} changed while they were being validated; run again.")
     counts = manifest.groupby(["split", "defect_type"]).size()
     log.info(
         "%s data '%s' at %s: %s; %d masks",
-        dataset_info["source"],
-        dataset_info["category"],
-        dataset_info["path"],
+        dataset_location["source"],
+        dataset_location["category"],
+        dataset_location["path"],
         ", ".join(f"{s}/{d}={n}" for (s, d), n in counts.items()),
         int(manifest["mask_file"].notna().sum()),
     )
-    return manifest
+    info = {**dataset_location, "request": data_request(data), "fingerprint": fingerprint, "files": files}
+    return manifest, info

@@ -8,7 +8,12 @@ from .nodes import resolve_dataset, validate_dataset
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
-            Node(resolve_dataset, "params:data", "dataset_info", name="resolve_dataset"),
-            Node(validate_dataset, ["dataset_info", "params:data"], "raw_manifest", name="validate_dataset"),
+            Node(resolve_dataset, "params:data", "dataset_location", name="resolve_dataset"),
+            Node(
+                validate_dataset,
+                ["dataset_location", "params:data"],
+                ["raw_manifest", "dataset_info"],
+                name="validate_dataset",
+            ),
         ]
     )

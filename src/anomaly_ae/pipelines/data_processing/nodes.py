@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from anomaly_ae.data import preprocess
+from anomaly_ae.data.fingerprint import STAMP_KEY, inputs_stamp
 from anomaly_ae.data.partitions import image_partitions
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,8 @@ def build_model_inputs(
     """Grayscale, resize and scale every image once; the arrays are cached in the catalog."""
     folder, suffix = dataset_info["path"], data["image_suffix"]
     size, resample = preprocessing["image_size"], preprocessing["resample"]
-    loaders = image_partitions(folder, suffix)
+    loaders = image_partitions(folder, suffix, max_pixels=data["max_image_pixels"])
+    stamp = np.array(inputs_stamp(dataset_info, preprocessing))
     outputs = []
     for split in (preprocess.TRAIN, preprocess.VALIDATION, preprocess.TEST):
         rows = image_manifest[image_manifest["split"] == split].sort_values("array_index")
@@ -39,6 +41,7 @@ def build_model_inputs(
                 loaders, rows["image_file"].tolist(), folder, size, resample, suffix
             ),
             "labels": rows["label"].to_numpy(dtype=np.int64),
+            STAMP_KEY: stamp,  # what these arrays were made from (data/fingerprint.py)
         }
         if split == preprocess.TEST:
             arrays["masks"] = preprocess.stack_masks(

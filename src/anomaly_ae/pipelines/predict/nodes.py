@@ -37,7 +37,9 @@ def predict_folder(
             f"`kedro run --pipeline=predict --params predict.input_dir=<folder of images>`."
         )
     try:
-        loaders = image_partitions(folder, suffix="")
+        loaders = image_partitions(  # sizes checked from the header, before decoding
+            folder, suffix="", max_pixels=predict["max_image_pixels"], limit_setting="predict.max_image_pixels"
+        )
     except DatasetError as exc:
         raise FileNotFoundError(f"predict.input_dir={folder!r} holds no files to inspect ({exc}).") from exc
     inspector = Inspector(

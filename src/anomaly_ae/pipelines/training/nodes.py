@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -13,6 +13,7 @@ from PIL import Image
 
 from anomaly_ae.model import AutoencoderConfig, ConvAutoencoder
 from anomaly_ae.model.checkpoint import load_checkpoint
+from anomaly_ae.training import state as training_state
 from anomaly_ae.reporting.figures import figure_to_image, loss_curve_figure
 from anomaly_ae.training.trainer import TrainingConfig, train_autoencoder
 
@@ -41,31 +42,41 @@ def train_model(
     """Train on the normal training images; validation images drive early stopping."""
     model_config = AutoencoderConfig.from_dict(model)
     train_config = TrainingConfig.from_dict({**training, **loss})
-    if train_config.checkpoint_path:  # one crash-safe state file per loss variant (loss study)
-        state = Path(train_config.checkpoint_path)
-        tag = f"mse{train_config.mse_weight:g}_ssim{train_config.ssim_weight:g}"
-        train_config.checkpoint_path = str(state.with_name(f"{state.stem}_{tag}{state.suffix}"))
-        log.info(
-            "Crash-safe training state: %s (continue with training.resume_from)", train_config.checkpoint_path
-        )
     images = train_images["images"]
     if images.shape[-1] != model_config.image_size:
         raise ValueError(
             f"model.image_size={model_config.image_size} but the cached images are "
             f"{images.shape[-1]}px; set preprocessing.image_size to the same value."
         )
-    resume = load_checkpoint(train_config.resume_from) if train_config.resume_from else None
     if dataset_info["source"] == "synthetic":
         log.warning("Training on SYNTHETIC data: results are not comparable to the paper.")
-    result = train_autoencoder(
-        torch.from_numpy(images),
-        torch.from_numpy(validation_images["images"]) if len(validation_images["images"]) else None,
-        model_config,
-        train_config,
-        resume_checkpoint=resume,
-        on_epoch_end=_log_epoch,
-        metadata={"data_source": dataset_info["source"], "category": dataset_info["category"]},
-    )
+    state_file, resume = None, None
+    if train_config.resume_from:  # an explicit checkpoint to continue from
+        resume = load_checkpoint(train_config.resume_from)
+    if train_config.state_dir:  # the crash-safe state of exactly this training (see training/state.py)
+        key = training_state.state_key(
+            model_config.to_dict(),
+            train_config,
+            training_state.data_digest(images, validation_images["images"]),
+        )
+        state_file = training_state.state_path(train_config.state_dir, dataset_info["category"], train_config, key)
+        train_config.checkpoint_path = str(state_file)
+    with training_state.exclusive(state_file) if state_file else nullcontext():
+        if state_file and resume is None:
+            resume = training_state.resume_state(state_file, train_config.resume, train_config.epochs)
+        elif state_file:
+            training_state.refuse_going_back(state_file, int(resume["epoch"]))
+        if state_file:
+            log.info("Crash-safe training state: %s (rerun the same command to resume)", state_file)
+        result = train_autoencoder(
+            torch.from_numpy(images),
+            torch.from_numpy(validation_images["images"]) if len(validation_images["images"]) else None,
+            model_config,
+            train_config,
+            resume_checkpoint=resume,
+            on_epoch_end=_log_epoch,
+            metadata={"data_source": dataset_info["source"], "category": dataset_info["category"]},
+        )
     history = pd.DataFrame(result.history)
     log.info(
         "Trained %d epochs on %s (best epoch %d): train loss %.5f, val loss %s",
