@@ -129,14 +129,47 @@ def test_synthetic_defects_deterministic_and_inside_the_mask():
     assert a_kinds == b_kinds and set(a_kinds) == set(DEFECT_KINDS)
     assert a_img.shape == (15, 1, SIZE, SIZE) and a_mask.shape == (15, SIZE, SIZE)
     assert a_img.dtype == np.float32 and a_mask.dtype == np.uint8
-    source = np.repeat(images, 3, axis=0)
-    for img, mask, src in zip(a_img[:, 0], a_mask, source[:, 0], strict=True):
-        assert mask.any() and not mask.all()
-        changed = img != src
-        assert changed.any()
-        assert not changed[mask == 0].any()  # pixels change only inside the mask
     c_img, _, _ = paste_synthetic_defects(images, 3, 8, 0.08, 20)
     assert not np.array_equal(a_img, c_img)
+
+
+SOFT_KINDS = {"thin_line", "smudge", "spot"}  # anti-aliased or blurred edges
+
+
+def test_every_kind_changes_its_mask_and_soft_edges_stay_faint():
+    images = _images(np.random.default_rng(2), 4)
+    per_image = 2 * len(DEFECT_KINDS)
+    out, masks, kinds = paste_synthetic_defects(images, per_image, 3, 0.05, 20)
+    assert sorted(set(kinds)) == sorted(DEFECT_KINDS) and len(kinds) == 4 * per_image
+    source = np.repeat(images, per_image, axis=0)[:, 0]
+    for img, mask, src, kind in zip(out[:, 0], masks, source, kinds, strict=True):
+        assert mask.any() and not mask.all(), kind
+        change = np.abs(img - src)
+        assert change[mask > 0].mean() >= 0.05 or kind in {"perlin", "cutpaste", "patch"}, kind
+        if kind in SOFT_KINDS:  # a soft fringe outside the mask, weaker than the defect itself
+            assert change[mask == 0].max() < change[mask > 0].max(), kind
+            assert change[mask == 0].mean() < 0.01, kind
+        else:
+            assert not change[mask == 0].any(), kind  # pixels change only inside the mask
+
+
+def test_small_kinds_are_small_at_model_resolution():
+    images = _images(np.random.default_rng(3), 3)
+    out, masks, kinds = paste_synthetic_defects(images, 24, 5, 0.05, 20, kinds=["thin_line", "spot"])
+    areas = {k: [int(m.sum()) for m, kk in zip(masks, kinds, strict=True) if kk == k] for k in ("thin_line", "spot")}
+    assert max(areas["spot"]) <= 150  # radius <= 6 px
+    # a 1-3 px wide line: area / length stays within a few pixels (length >= 10% of the side)
+    assert max(areas["thin_line"]) <= 4 * 0.4 * SIZE * 1.3
+
+
+def test_kinds_and_contrast_are_checked():
+    images = _images(np.random.default_rng(4), 2)
+    with pytest.raises(ValueError, match="kinds"):
+        paste_synthetic_defects(images, 1, 0, 0.05, 5, kinds=["crack"])
+    with pytest.raises(ValueError, match="contrast"):
+        paste_synthetic_defects(images, 1, 0, 0.05, 5, contrast=(0.6, 0.2))
+    _, _, kinds = paste_synthetic_defects(images, 2, 0, 0.05, 5, kinds="spot+smudge")  # command-line form
+    assert kinds == ["spot", "smudge", "spot", "smudge"]
 
 
 def test_aupro_of_a_perfect_map_is_one():

@@ -62,6 +62,18 @@ class CalibrationSettings:
                 raise ValueError(
                     f"calibration.synthetic_defects.{key} must be an integer >= 1, got {value!r}"
                 )
+        from anomaly_ae.data.defects import DEFECT_KINDS, defect_kinds
+
+        kinds = self.synthetic_defects.get("kinds")
+        if not defect_kinds(kinds) or set(defect_kinds(kinds)) - set(DEFECT_KINDS):
+            raise ValueError(
+                f"calibration.synthetic_defects.kinds must name kinds among {DEFECT_KINDS}, got {kinds!r}"
+            )
+        contrast = self.synthetic_defects.get("contrast")
+        if not (isinstance(contrast, list | tuple) and len(contrast) == 2 and 0 < contrast[0] <= contrast[1] <= 1):
+            raise ValueError(
+                f"calibration.synthetic_defects.contrast must be [low, high] with 0 < low <= high <= 1, got {contrast!r}"
+            )
 
 
 @dataclass

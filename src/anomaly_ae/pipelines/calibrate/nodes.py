@@ -39,7 +39,13 @@ def synthesise_defects(validation_images: dict[str, np.ndarray], calibration_par
         )
     options = calibration_params["synthetic_defects"]
     defects, masks, kinds = paste_synthetic_defects(
-        images, options["per_image"], options["seed"], options["min_contrast"], options["max_tries"]
+        images,
+        options["per_image"],
+        options["seed"],
+        options["min_contrast"],
+        options["max_tries"],
+        kinds=options["kinds"],
+        contrast=tuple(options["contrast"]),
     )
     log.info("Synthetic defects on %d validation images: %s", len(images), dict(Counter(kinds)))
     return {"normal": images, "images": defects, "masks": masks, "kinds": kinds}

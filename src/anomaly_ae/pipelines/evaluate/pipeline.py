@@ -18,6 +18,7 @@ from .nodes import (
     fit_reference,
     resolve_map,
     score_images,
+    stress_test,
 )
 from .reporting_nodes import build_report, make_figures, make_heatmaps
 
@@ -83,6 +84,20 @@ def evaluation_nodes() -> Pipeline:
                 ["evaluation_metrics", "evaluation_mlflow_metrics"],
                 name="compute_metrics",
             ),
+            Node(
+                stress_test,
+                [
+                    "model_checkpoint",
+                    "test_images",
+                    "normal_reference",
+                    "map_settings",
+                    "params:model",
+                    "params:evaluation",
+                    "params:calibration",
+                ],
+                "stress_table",
+                name="stress_test",
+            ),
         ]
     )
 
@@ -116,6 +131,7 @@ def reporting_nodes() -> Pipeline:
                     "map_settings",
                     "calibrated_map",
                     "calibration_table",
+                    "stress_table",
                     "params:model",
                     "params:training",
                     "params:evaluation",
