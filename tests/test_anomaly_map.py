@@ -259,6 +259,13 @@ def test_anomaly_map_levers(patched) -> None:
     torch.testing.assert_close(  # multi-scale: the mean of the windows' maps
         anomaly_map(x, recon, MapSettings(win_size=(7, 11))), (ssim_err[7] + ssim_err[11]) / 2, **close
     )
+    torch.testing.assert_close(  # ... or their max (scale_combine)
+        anomaly_map(x, recon, MapSettings(win_size=(7, 11), scale_combine="max")),
+        torch.maximum(ssim_err[7], ssim_err[11]),
+        **close,
+    )
+    with pytest.raises(ValueError, match="scale_combine"):
+        MapSettings(scale_combine="median")
     smoothed = anomaly_map(x, recon, MapSettings(smoothing_sigma=2.0))
     torch.testing.assert_close(smoothed, gaussian_blur(ssim_err[11], 2.0), **close)
     assert int((smoothed > 0.01).sum()) > int((ssim_err[11] > 0.01).sum())  # the error spreads out ...

@@ -17,6 +17,7 @@ SIZE = 64
 FULL_GRID = {
     "blend": ["ssim", "ssim+l2", "l2"],
     "win_size": [11, 7, [7, 11, 15]],
+    "scale_combine": ["mean", "max"],
     "smoothing_sigma": [0, 2, 4, 8],
     "normal_reference": ["none", "mean", "zscore"],
     "score_reduction": ["max", "topk_mean", "mean"],
@@ -24,6 +25,7 @@ FULL_GRID = {
 SMALL_GRID = {
     "blend": ["ssim", "ssim+l2"],
     "win_size": [11, [7, 11]],
+    "scale_combine": ["mean", "max"],
     "smoothing_sigma": [0, 2],
     "normal_reference": ["none", "mean", "zscore"],
     "score_reduction": ["max", "mean"],
@@ -52,16 +54,18 @@ def sets():
     return (train, _recon(train)), (normal, _recon(normal)), (defects, _recon(defects), masks, kinds)
 
 
-def test_full_grid_has_the_252_settings_with_the_papers_map_first():
+def test_full_grid_has_the_324_settings_with_the_papers_map_first():
     points = calibration.build_grid(FULL_GRID, MapSettings(), scale=3.0)
-    assert len(points) == 252
+    assert len(points) == 324  # 252 + the multi-scale max of two blends
     assert points[0].settings == MapSettings() and points[0].levers_changed(MapSettings()) == 0
-    assert len({p.settings for p in points}) == 252
+    assert len({p.settings for p in points}) == 324
     l2_only = [p for p in points if p.blend == "l2"]
     assert len(l2_only) == 4 * 3 * 3 and all(p.settings.ssim_weight == 0 for p in l2_only)
     blended = next(p for p in points if p.blend == "ssim+l2")
     assert blended.settings.l2_weight == 3.0
-    assert len({p.map_key for p in points}) == 84
+    assert len({p.map_key for p in points}) == 108
+    multi_max = [p for p in points if p.settings.scale_combine == "max"]
+    assert len(multi_max) == 2 * 4 * 3 * 3 and all(len(p.settings.windows) == 3 for p in multi_max)
     with pytest.raises(ValueError, match="exactly the keys"):
         calibration.build_grid({**FULL_GRID, "extra": [1]}, MapSettings(), 1.0)
 

@@ -126,7 +126,8 @@ class CachedInputsHook:
                 if not catalog.exists(info_name):
                     return  # MissingCheckpointHook has said what to run
                 infos[info_name] = catalog.load(info_name)
-                fingerprint.check_dataset_info(infos[info_name], params["data"], info_name)
+                category = namespace.split(".")[0] if namespace else params["data"]["category"]
+                fingerprint.check_dataset_info(infos[info_name], {**params["data"], "category": category}, info_name)
             loader = getattr(catalog.get(name), "load_member", None)
             if loader is not None:
                 fingerprint.check_stamp(
@@ -345,10 +346,14 @@ class NamespaceRunsHook:
     @hook_impl
     def before_node_run(self, node, catalog, inputs, is_async: bool) -> None:
         namespace = node.namespace or ""
-        if not namespace or not _mlflow_active():
+        if not _mlflow_active():
             return
         import mlflow
 
+        if not namespace:  # e.g. the summary: back to the top run
+            while self._root is not None and mlflow.active_run().info.run_id != self._root:
+                mlflow.end_run()
+            return
         if self._root is None:
             self._root = mlflow.active_run().info.run_id
         run_id = self._run_for(namespace)

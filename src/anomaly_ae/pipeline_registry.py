@@ -8,9 +8,12 @@
 | ``evaluate`` | calibrate + evaluate + report the latest (or ``--load-versions``) checkpoint |
 | ``loss_study`` | the paper's three loss variants, one namespace and MLflow child run each |
 | ``predict`` | verdicts for a folder of new images |
+| ``summary`` | one row per category of the run (``categories``): the benchmark table |
 
-Every pipeline runs in the Kedro namespace ``<data.category>`` (e.g. ``bottle``), so each
-category has its own datasets from one set of catalog factories (``{namespace}.name``).
+Every pipeline runs in the Kedro namespace of its category (``data.category``, e.g.
+``bottle``; with ``categories: [a, b]`` or ``all``, once per category), so each category has
+its own datasets from one set of catalog factories (``{namespace}.name``) and its own nested
+MLflow run. ``kedro run`` runs the main chain for every category, then the summary.
 """
 
 from kedro.framework.project import find_pipelines
@@ -28,13 +31,17 @@ def in_namespace(pipeline: Pipeline, namespace: str, inputs: dict[str, str] | No
 
 
 def register_pipelines() -> dict[str, Pipeline]:
-    category = run_params.category()
+    categories = run_params.categories()
     # Kedro may ask for the requested pipelines only (`kedro run --pipeline=calibrate`)
     templates = find_pipelines(raise_errors=True)
-    study = templates.pop("loss_study", None)  # namespaced by itself (category + variant)
-    pipelines = {name: in_namespace(template, category) for name, template in templates.items()}
-    if study is not None:
-        pipelines["loss_study"] = study
+    # namespaced by themselves: the loss study (category + variant), the summary (none)
+    own = {name: templates.pop(name) for name in ("loss_study", "summary") if name in templates}
+    pipelines = {
+        name: sum((in_namespace(template, c) for c in categories), start=Pipeline([]))
+        for name, template in templates.items()
+    }
+    pipelines.update(own)
     if all(name in pipelines for name in MAIN_CHAIN):
-        pipelines["__default__"] = sum((pipelines[name] for name in MAIN_CHAIN), start=Pipeline([]))
+        chain = sum((pipelines[name] for name in MAIN_CHAIN), start=Pipeline([]))
+        pipelines["__default__"] = chain + own.get("summary", Pipeline([]))
     return pipelines

@@ -31,7 +31,13 @@ def remember(params: dict[str, Any]) -> bool:
 
 
 def _structure(params: dict[str, Any]) -> tuple:
-    return (params.get("data", {}).get("category"), tuple(params.get("loss_study", {}).get("variants", ())))
+    categories = params.get("categories")
+    return (
+        params.get("data", {}).get("category"),
+        params.get("data", {}).get("root"),
+        tuple(categories) if isinstance(categories, list | tuple) else categories,
+        tuple(params.get("loss_study", {}).get("variants", ())),
+    )
 
 
 def current() -> dict[str, Any]:
@@ -74,6 +80,30 @@ def checked_name(value: Any, key: str) -> str:
 def category() -> str:
     return checked_name(current()["data"]["category"], "data.category")
 
+
+def categories() -> list[str]:
+    """The categories of this run, each its own Kedro namespace: ``categories`` (a list; or
+    ``a+b`` on the command line, where Kedro's ``--params`` splits on commas; or ``all`` =
+    every folder under ``data.root`` that has ``train/good``), else ``[data.category]``."""
+    params = current()
+    value = params.get("categories")
+    if value is None or value == "" or value == []:
+        return [category()]
+    if value == "all":
+        root = Path(params["data"]["root"])
+        found = sorted(d.name for d in root.iterdir() if (d / "train" / "good").is_dir()) if root.is_dir() else []
+        if not found:
+            raise ValueError(
+                f"categories=all: no folder with train/good under data.root={root}. Point data.root at "
+                "a folder of categories in the MVTec layout (<root>/<category>/train/good/...)."
+            )
+        return [checked_name(c, "categories[]") for c in found]
+    if isinstance(value, str):
+        value = [c for c in value.replace("+", " ").split() if c]
+    names = [checked_name(c, "categories[]") for c in value]
+    if len(set(names)) != len(names):
+        raise ValueError(f"categories lists a category twice: {names}")
+    return names
 
 def loss_variants() -> list[str]:
     """``loss_study.variants``: a list in YAML, or ``mse+hybrid`` on the command line (where

@@ -56,7 +56,8 @@ def inputs_stamp(dataset_info: dict[str, Any], preprocessing: dict[str, Any]) ->
 
 def check_dataset_info(dataset_info: dict[str, Any], data: dict[str, Any], where: str) -> None:
     """Refuse ``dataset_info`` (and the caches made from it) when it was made for other
-    ``data`` settings than this run's, or when the image folder changed since."""
+    ``data`` settings than this run's (``data["category"]``: the namespace's category), or
+    when the image folder changed since."""
     if "fingerprint" not in dataset_info:
         raise StaleInputsError(
             f"{where} was written by an older anomaly-ae without a data fingerprint. Rebuild the "

@@ -158,7 +158,53 @@ def _contamination(scene: _Scene, rng: np.random.Generator) -> tuple[np.ndarray,
     return gray, mask
 
 
-_DEFECT_DRAWERS = {"missing_rim": _missing_rim, "contamination": _contamination}
+class _TextureScene:
+    """A grayscale woven texture (a second kind of product: a texture, not an object)."""
+
+    def __init__(self, rng: np.random.Generator, size: int) -> None:
+        s = float(size)
+        self.size = size
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+        self.xx, self.yy = xx, yy
+        period = rng.uniform(9.0, 11.0) * s / 256
+        tilt = rng.uniform(-0.05, 0.05)
+        u = xx * np.cos(tilt) + yy * np.sin(tilt)
+        v = -xx * np.sin(tilt) + yy * np.cos(tilt)
+        weave = np.sin(2 * np.pi * u / period) * np.sin(2 * np.pi * v / period)
+        self.gray = (
+            0.5 + 0.12 * weave + rng.normal(0.0, 0.03, size=(size, size)) + rng.uniform(-0.05, 0.05)
+        ).astype(np.float32)
+
+    def render(self, gray: np.ndarray) -> Image.Image:
+        return Image.fromarray(np.round(np.clip(gray, 0.0, 1.0) * 255.0).astype(np.uint8), mode="L")
+
+
+def _cut(scene: _TextureScene, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A thin dark cut across the weave."""
+    s = float(scene.size)
+    length, theta = rng.uniform(0.2, 0.5) * s, rng.uniform(0, np.pi)
+    cx, cy = rng.uniform(0.3, 0.7) * s, rng.uniform(0.3, 0.7) * s
+    dx, dy = np.cos(theta), np.sin(theta)
+    along = (scene.xx - cx) * dx + (scene.yy - cy) * dy
+    across = np.abs(-(scene.xx - cx) * dy + (scene.yy - cy) * dx)
+    inside = (np.abs(along) <= length / 2) * (1.0 - _smoothstep(rng.uniform(1.0, 2.5) * s / 256, across))
+    return scene.gray + (0.12 - scene.gray) * inside, inside > 0.5
+
+
+def _hole(scene: _TextureScene, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A round hole: the weave gone, dark."""
+    s = float(scene.size)
+    r0 = rng.uniform(0.03, 0.08) * s
+    cx, cy = rng.uniform(0.2, 0.8) * s, rng.uniform(0.2, 0.8) * s
+    inside = 1.0 - _smoothstep(r0, np.hypot(scene.xx - cx, scene.yy - cy))
+    return scene.gray + (0.08 - scene.gray) * inside, inside > 0.5
+
+
+#: What a synthetic category can be: its scene and its defect types.
+SYNTHETIC_KINDS = {
+    "object": (_Scene, {"missing_rim": _missing_rim, "contamination": _contamination}),
+    "texture": (_TextureScene, {"cut": _cut, "hole": _hole}),
+}
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
@@ -169,27 +215,29 @@ def _save_png(image: Image.Image, path: Path) -> None:
 def _write_category(out: Path, params: dict[str, object]) -> None:
     seed = int(params["seed"])  # type: ignore[arg-type]
     size = int(params["size"])  # type: ignore[arg-type]
+    scene_class, drawers = SYNTHETIC_KINDS[str(params.get("kind", "object"))]
+    defects = tuple(drawers)
 
     def rng_for(stream: int, index: int) -> np.random.Generator:
         return np.random.default_rng(np.random.SeedSequence([seed, stream, index]))
 
     folders = [out / "train" / "good", out / "test" / "good"]
-    folders += [out / "test" / d for d in SYNTHETIC_DEFECTS]
-    folders += [out / "ground_truth" / d for d in SYNTHETIC_DEFECTS]
+    folders += [out / "test" / d for d in defects]
+    folders += [out / "ground_truth" / d for d in defects]
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
 
     for i in range(int(params["n_train"])):  # type: ignore[arg-type]
-        scene = _Scene(rng_for(0, i), size)
+        scene = scene_class(rng_for(0, i), size)
         _save_png(scene.render(scene.gray), out / "train" / "good" / f"{i:03d}.png")
     for i in range(int(params["n_test_good"])):  # type: ignore[arg-type]
-        scene = _Scene(rng_for(1, i), size)
+        scene = scene_class(rng_for(1, i), size)
         _save_png(scene.render(scene.gray), out / "test" / "good" / f"{i:03d}.png")
-    for d_index, defect in enumerate(SYNTHETIC_DEFECTS):
+    for d_index, defect in enumerate(defects):
         for i in range(int(params["n_test_per_defect"])):  # type: ignore[arg-type]
             rng = rng_for(2 + d_index, i)
-            scene = _Scene(rng, size)
-            gray, mask = _DEFECT_DRAWERS[defect](scene, rng)
+            scene = scene_class(rng, size)
+            gray, mask = drawers[defect](scene, rng)
             _save_png(scene.render(gray), out / "test" / defect / f"{i:03d}.png")
             mask_img = Image.fromarray(mask.astype(np.uint8) * np.uint8(255))
             _save_png(mask_img, out / "ground_truth" / defect / f"{i:03d}_mask.png")
@@ -214,6 +262,7 @@ def generate_synthetic_category(
     n_test_per_defect: int = 6,
     size: int = 256,
     seed: int = 0,
+    kind: str = "object",
 ) -> Path:
     """Write a synthetic category in the exact MVTec AD layout.
 
@@ -237,6 +286,9 @@ def generate_synthetic_category(
         n_train, n_test_good, n_test_per_defect: Number of images.
         size: Image side length in pixels.
         seed: Seed; the output is a deterministic function of all arguments.
+        kind: ``object`` (a bottle-like object seen from above, colour; defects
+            missing_rim, contamination) or ``texture`` (a grayscale weave; defects cut,
+            hole): :data:`SYNTHETIC_KINDS`.
 
     Returns:
         ``target``.
@@ -265,6 +317,10 @@ def generate_synthetic_category(
         "size": int(size),
         "seed": int(seed),
     }
+    if kind not in SYNTHETIC_KINDS:
+        raise ValueError(f"kind must be one of {sorted(SYNTHETIC_KINDS)}, got {kind!r}")
+    if kind != "object":  # (object: the marker of earlier versions stays valid)
+        params["kind"] = kind
 
     def check_existing() -> Path:
         existing = _read_marker(target)

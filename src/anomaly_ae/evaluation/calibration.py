@@ -50,7 +50,8 @@ class GridPoint:
     def raw_key(self) -> tuple:
         """Settings sharing this key share the uncorrected map (and its normal reference)."""
         s = self.settings
-        return (self.blend, s.windows if s.ssim_weight else (), s.smoothing_sigma)
+        combine = s.scale_combine if s.ssim_weight and len(s.windows) > 1 else None
+        return (self.blend, s.windows if s.ssim_weight else (), combine, s.smoothing_sigma)
 
     @property
     def map_key(self) -> tuple:
@@ -60,9 +61,11 @@ class GridPoint:
     def levers_changed(self, paper: MapSettings) -> int:
         s = self.settings
         window_changed = bool(s.ssim_weight) and s.windows != paper.windows
+        combine_changed = bool(s.ssim_weight) and len(s.windows) > 1 and s.scale_combine != paper.scale_combine
         return (
             int(self.blend != "ssim")
             + int(window_changed)
+            + int(combine_changed)
             + int(s.smoothing_sigma != paper.smoothing_sigma)
             + int(s.score_reduction != paper.score_reduction)
             + int(s.normal_reference != paper.normal_reference)
@@ -77,9 +80,10 @@ def _weights(blend: str, scale: float) -> tuple[float, float]:
 
 def build_grid(grid: dict, paper: MapSettings, scale: float) -> list[GridPoint]:
     """Every combination of the levers in ``grid`` (keys ``blend``, ``win_size``,
-    ``smoothing_sigma``, ``normal_reference``, ``score_reduction``), the paper's map first.
-    A squared-error-only blend has no SSIM window, so it is listed once."""
-    expected = {"blend", "win_size", "smoothing_sigma", "normal_reference", "score_reduction"}
+    ``scale_combine``, ``smoothing_sigma``, ``normal_reference``, ``score_reduction``), the
+    paper's map first. A squared-error-only blend has no SSIM window, so it is listed once;
+    ``scale_combine`` only varies for multi-scale windows."""
+    expected = {"blend", "win_size", "scale_combine", "smoothing_sigma", "normal_reference", "score_reduction"}
     if set(grid) != expected:
         raise ValueError(
             f"calibration.grid must have exactly the keys {sorted(expected)}, got {sorted(grid)}"
@@ -89,21 +93,24 @@ def build_grid(grid: dict, paper: MapSettings, scale: float) -> list[GridPoint]:
     for blend_name in grid["blend"]:
         ssim_w, l2_w = _weights(blend_name, scale)
         for window in grid["win_size"] if ssim_w else [paper.win_size]:
-            for sigma in grid["smoothing_sigma"]:
-                for reference in grid["normal_reference"]:
-                    for reduction in grid["score_reduction"]:
-                        settings = dataclasses.replace(
-                            paper,
-                            ssim_weight=ssim_w,
-                            l2_weight=l2_w,
-                            win_size=tuple(window) if isinstance(window, list) else window,
-                            smoothing_sigma=float(sigma),
-                            normal_reference=reference,
-                            score_reduction=reduction,
-                        )
-                        if settings not in seen:
-                            seen.add(settings)
-                            points.append(GridPoint(blend_name, settings))
+            multi = isinstance(window, list | tuple) and len(window) > 1
+            for combine in grid["scale_combine"] if multi else [paper.scale_combine]:
+                for sigma in grid["smoothing_sigma"]:
+                    for reference in grid["normal_reference"]:
+                        for reduction in grid["score_reduction"]:
+                            settings = dataclasses.replace(
+                                paper,
+                                ssim_weight=ssim_w,
+                                l2_weight=l2_w,
+                                win_size=tuple(window) if isinstance(window, list) else window,
+                                scale_combine=combine,
+                                smoothing_sigma=float(sigma),
+                                normal_reference=reference,
+                                score_reduction=reduction,
+                            )
+                            if settings not in seen:
+                                seen.add(settings)
+                                points.append(GridPoint(blend_name, settings))
     return points
 
 

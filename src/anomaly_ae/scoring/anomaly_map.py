@@ -40,14 +40,16 @@ __all__ = [
 ]
 
 REDUCTIONS = ("max", "mean", "topk_mean")
+SCALE_COMBINES = ("mean", "max")
 
 
 @dataclass(frozen=True)
 class MapSettings:
     """How a reconstruction becomes an anomaly map and an image score (defaults: the paper).
 
-    ``win_size`` is one odd window or a tuple of them (the map is then the mean of the
-    ``1 - SSIM`` maps of each window: multi-scale).
+    ``win_size`` is one odd window or a tuple of them (multi-scale: the ``1 - SSIM`` maps of
+    the windows are combined by ``scale_combine``, their ``mean`` or their ``max``: the max
+    keeps a defect that only one scale sees).
     """
 
     ssim_weight: float = 1.0
@@ -55,6 +57,7 @@ class MapSettings:
     smoothing_sigma: float = 0.0
     win_size: int | tuple[int, ...] = PAPER_WIN_SIZE
     win_sigma: float = PAPER_WIN_SIGMA
+    scale_combine: str = "mean"
     score_reduction: str = "max"
     topk_fraction: float = 0.01
     normal_reference: str = "none"
@@ -82,6 +85,10 @@ class MapSettings:
             raise ValueError(
                 f"evaluation.anomaly_map.topk_fraction must be in (0, 1], got {self.topk_fraction!r}"
             )
+        if self.scale_combine not in SCALE_COMBINES:
+            raise ValueError(
+                f"evaluation.anomaly_map.scale_combine must be one of {SCALE_COMBINES}, got {self.scale_combine!r}"
+            )
         check_mode(self.normal_reference)
 
     @property
@@ -104,6 +111,8 @@ class MapSettings:
         parts = []
         if self.ssim_weight:
             wins = "/".join(str(w) for w in self.windows)
+            if len(self.windows) > 1 and self.scale_combine != "mean":
+                wins += f" {self.scale_combine}"
             parts.append(f"1-SSIM({wins})" + (f"x{self.ssim_weight:g}" if self.ssim_weight != 1 else ""))
         if self.l2_weight:
             parts.append(f"sq.err x{self.l2_weight:.3g}" if self.ssim_weight else "sq.err")
@@ -147,11 +156,16 @@ def smooth_terms(terms: dict, sigma: float) -> dict:
 
 
 def blend(terms: dict, settings: MapSettings) -> Tensor:
-    """``ssim_weight * mean_w ssim_err_w + l2_weight * sq``: the map before smoothing."""
+    """``ssim_weight * combine_w ssim_err_w + l2_weight * sq`` (combine: the windows' mean
+    or max, ``scale_combine``): the map before smoothing."""
     amap = None
     if settings.ssim_weight:
-        ssim_err = sum(terms["ssim_err"][w] for w in settings.windows)
-        amap = settings.ssim_weight * (ssim_err / len(settings.windows))
+        errors = [terms["ssim_err"][w] for w in settings.windows]
+        if settings.scale_combine == "max" and len(errors) > 1:
+            ssim_err = torch.stack(errors).amax(dim=0)
+        else:
+            ssim_err = sum(errors) / len(errors)
+        amap = settings.ssim_weight * ssim_err
     if settings.l2_weight:
         sq = settings.l2_weight * terms["sq"]
         amap = sq if amap is None else amap + sq

@@ -37,6 +37,7 @@ def _synthetic(data: dict[str, Any], reason: str) -> dict[str, Any]:
         n_test_per_defect=cfg["n_test_per_defect"],
         size=cfg["size"],
         seed=cfg["seed"],
+        kind="texture" if data["category"] in cfg["texture_categories"] else "object",
     )
     log.warning("!" * 80)
     log.warning(SYNTHETIC_BANNER.format(category=data["category"], reason=reason, path=target))
@@ -77,10 +78,12 @@ def _validate_folder(path: Path, suffix: str, max_pixels: int | None) -> pd.Data
     return pd.DataFrame(rows)
 
 
-def resolve_dataset(data: dict[str, Any]) -> dict[str, Any]:
-    """Locate ``<data.root>/<data.category>``; download it or fall back to synthetic data as
-    ``data.source`` allows. Returns where the data is and what it is."""
-    source, category = data["source"], data["category"]
+def resolve_dataset(data: dict[str, Any], category_name: str) -> dict[str, Any]:
+    """Locate ``<data.root>/<category>``; download it or fall back to synthetic data as
+    ``data.source`` allows. Returns where the data is and what it is. The category is the
+    node's Kedro namespace (``category_name``), ``data.category`` or one of ``categories``."""
+    data = {**data, "category": category_name}
+    source, category = data["source"], category_name
     if source not in SOURCES:
         raise ValueError(f"data.source={source!r} is not one of {SOURCES}")
     if source == "synthetic":
@@ -140,5 +143,6 @@ def validate_dataset(
         ", ".join(f"{s}/{d}={n}" for (s, d), n in counts.items()),
         int(manifest["mask_file"].notna().sum()),
     )
-    info = {**dataset_location, "request": data_request(data), "fingerprint": fingerprint, "files": files}
+    request = data_request({**data, "category": dataset_location["category"]})
+    info = {**dataset_location, "request": request, "fingerprint": fingerprint, "files": files}
     return manifest, info
