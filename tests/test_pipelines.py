@@ -33,6 +33,7 @@ EXPECTED_PIPELINES = {
     "loss_study",
     "predict",
     "summary",
+    "export",
 }
 
 
@@ -50,7 +51,7 @@ def test_registry_has_one_pipeline_per_job(quick):
         run_params.remember({"data": {"category": NS}, "loss_study": {"variants": ["mse", "ssim", "hybrid"]}})
         project_pipelines.configure("anomaly_ae.pipeline_registry")  # all of them, as `kedro registry list`
         pipelines = dict(project_pipelines)
-    assert set(pipelines) - {"export"} == EXPECTED_PIPELINES  # export: being added (issue 16)
+    assert set(pipelines) == EXPECTED_PIPELINES
     default = pipelines["__default__"]
     assert {node.namespace for node in default.nodes} == {NS, None}  # None: the summary
     names = [node.name for node in default.nodes]  # topological order
@@ -125,15 +126,18 @@ def test_mlflow_runs_hold_params_metrics_and_the_calibration(quick):
         params = dict(db.execute("select key, value from params where run_uuid=?", (child,)))
         tags = dict(db.execute("select key, value from tags where run_uuid=?", (child,)))
         steps = db.execute(
-            "select step from metrics where run_uuid=? and key='train_loss' order by step", (child,)
+            "select step, timestamp from metrics where run_uuid=? and key='train_loss' order by step", (child,)
         ).fetchall()
         logged = {k for (k,) in db.execute("select key from latest_metrics where run_uuid=?", (child,))}
     assert params["training.learning_rate"] == "0.002" and params["training.epochs"] == "3"
     chosen = _json(quick.latest(f"data/07_model_output/{NS}/calibrated_map.json"))
     assert params["calibration.chosen.setting"] == chosen["setting"]
-    assert [s for (s,) in steps] == [1, 2, 3]
+    assert [s for s, _ in steps] == [1, 2, 3]
+    stamps = [t for _, t in steps]
+    assert stamps == sorted(set(stamps)), stamps  # logged live, as each epoch ended
     assert tags["data_source"] == "synthetic" and tags["category"] == NS and tags["git_commit"]
     assert {"image_auroc", "pixel_auroc", "aupro", "image_f1_max", "threshold", "val_loss"} <= logged
+    assert {"best_epoch", "best_val_loss", "epoch_seconds"} <= logged
     artifacts = {
         p.relative_to(quick.path / "mlruns").parts[-2] for p in (quick.path / "mlruns").rglob("*.csv")
     }

@@ -83,13 +83,13 @@ def test_state_key_separates_settings_and_data_but_not_speed_levers():
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, caplog):
-    straight = _train(tmp_path / "a", epochs=4)[2]
+    straight = _train(tmp_path / "a", epochs=4)[1]
     # "killed" after epoch 2: the state of epoch 2 is on disk
     _train(tmp_path / "b", epochs=2)
     (state,) = _state_files(tmp_path / "b")
     assert int(load_checkpoint(state)["epoch"]) == 2
     with caplog.at_level("INFO"):
-        resumed = _train(tmp_path / "b", epochs=4)[2]
+        resumed = _train(tmp_path / "b", epochs=4)[1]
     assert "Resuming interrupted training" in caplog.text and "epoch 3 of 4 next" in caplog.text
     assert list(resumed["epoch"]) == [1, 2, 3, 4]
     np.testing.assert_array_equal(resumed["train_loss"].to_numpy(), straight["train_loss"].to_numpy())

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from anomaly_ae.model import AutoencoderConfig, ConvAutoencoder
+from anomaly_ae.model import AutoencoderConfig
 from anomaly_ae.model.checkpoint import load_checkpoint
 from anomaly_ae.training import state as training_state
 from anomaly_ae.reporting.figures import figure_to_image, loss_curve_figure
@@ -20,7 +20,20 @@ from anomaly_ae.training.trainer import TrainingConfig, train_autoencoder
 log = logging.getLogger(__name__)
 
 
+EPOCH_METRICS = ("train_loss", "val_loss", "epoch_seconds", "images_per_second")
+
+
+def _track_epoch(row: dict[str, float]) -> None:
+    """Log one epoch's metrics to the active MLflow run as it ends (step = epoch), so a long
+    run can be watched in the MLflow UI."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_metrics({k: float(row[k]) for k in EPOCH_METRICS if k in row}, step=int(row["epoch"]))
+
+
 def _log_epoch(row: dict[str, float], every: int = 10) -> None:
+    _track_epoch(row)
     if row["epoch"] == 1 or row["epoch"] % every == 0:
         log.info(
             "epoch %d: train %.5f, val %s, %.1f img/s",
@@ -38,7 +51,7 @@ def train_model(
     training: dict[str, Any],
     loss: dict[str, float],
     dataset_info: dict[str, Any],
-) -> tuple[dict, ConvAutoencoder, pd.DataFrame, dict, Image.Image, dict]:
+) -> tuple[dict, pd.DataFrame, dict, Image.Image, dict]:
     """Train on the normal training images; validation images drive early stopping."""
     model_config = AutoencoderConfig.from_dict(model)
     train_config = TrainingConfig.from_dict({**training, **loss})
@@ -68,6 +81,8 @@ def train_model(
             training_state.refuse_going_back(state_file, int(resume["epoch"]))
         if state_file:
             log.info("Crash-safe training state: %s (rerun the same command to resume)", state_file)
+        for row in (resume or {}).get("history", []):  # epochs of the interrupted run
+            _track_epoch(row)
         result = train_autoencoder(
             torch.from_numpy(images),
             torch.from_numpy(validation_images["images"]) if len(validation_images["images"]) else None,
@@ -86,12 +101,9 @@ def train_model(
         history["train_loss"].iloc[-1],
         f"{history['val_loss'].iloc[-1]:.5f}" if "val_loss" in history else "n/a",
     )
-    metrics = {
-        name: [
-            {"step": int(e), "value": float(v)} for e, v in zip(history["epoch"], history[name], strict=True)
-        ]
-        for name in ("train_loss", "val_loss", "images_per_second")
-        if name in history
+    metrics = {  # per-epoch metrics were logged as each epoch ended; these summarise the run
+        "best_epoch": [{"step": 0, "value": float(result.best_epoch)}],
+        "best_val_loss": [{"step": 0, "value": float(result.checkpoint["best_val_loss"])}],
     }
     tags = {
         "device": result.device,
@@ -103,4 +115,4 @@ def train_model(
     figure = figure_to_image(
         loss_curve_figure(history, f"Training loss ({dataset_info['source']} {dataset_info['category']})")
     )
-    return result.checkpoint, result.model, history, metrics, figure, tags
+    return result.checkpoint, history, metrics, figure, tags

@@ -20,7 +20,6 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 [
                     "model_checkpoint",
-                    "trained_model",
                     "training_history",
                     "training_metrics",
                     "loss_curve",

@@ -1,0 +1,335 @@
+"""Shipping to the line: the ONNX inspection bundle and the torch-free runtime.
+
+* the exported graph scores like the torch scorer (maps, scores, verdicts) on the quick
+  project's model and, when ../shared has it, on real MVTec AD bottle images;
+* the runtime loads and judges without torch, Kedro or MLflow importable;
+* the console command: an error row per junk file, exit status 0, thresholds that move;
+* ``kedro run --pipeline=export`` writes a versioned bundle of the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REAL_BOTTLE
+
+from anomaly_ae.runtime import BundleError, load_bundle
+from anomaly_ae.runtime.cli import main as inspect_main
+
+NS = "bottle"
+SCORE_TOL = 1e-5
+MAP_TOL = 1e-4
+RUNTIME_BIN = Path(sys.executable).with_name("anomaly-ae-inspect")
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _parity(bundle, inspector, files: list[Path], threshold: float | None = None) -> dict[str, float]:
+    """Score ``files`` with the runtime and with the torch Inspector; assert they agree."""
+    ort = bundle.inspect(files, threshold=threshold, keep_maps=True)
+    torch_results = inspector.inspect_paths(files)
+    assert [v.file for v in ort] == [r.file for r in torch_results]
+    assert all(v.error is None for v in ort), [v.error for v in ort if v.error]
+    assert all(r.error is None for r in torch_results)
+    scores = np.array([v.score for v in ort])
+    expected = np.array([r.score for r in torch_results])
+    maps = np.stack([v.anomaly_map for v in ort])
+    expected_maps = np.stack([r.anomaly_map for r in torch_results])
+    result = {
+        "n": len(files),
+        "score": float(np.abs(scores - expected).max()),
+        "map": float(np.abs(maps - expected_maps).max()),
+    }
+    print(
+        f"parity on {result['n']} images: max |score diff| {result['score']:.3g}, "
+        f"max |map diff| {result['map']:.3g}"
+    )
+    assert result["score"] <= SCORE_TOL
+    assert result["map"] <= MAP_TOL
+    assert [v.is_anomalous for v in ort] == [bool(s > (threshold or inspector.threshold)) for s in expected]
+    # a threshold amid the scores (midway between two neighbours) makes the verdicts count
+    ordered = np.sort(expected)
+    middle = float((ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2)
+    assert [v.is_anomalous for v in bundle.inspect(files, threshold=middle)] == list(expected > middle)
+    return result
+
+
+# ---------------------------------------------------------------- the quick project
+
+
+@pytest.fixture(scope="module")
+def exported(quick) -> Path:
+    """``kedro run --pipeline=export --env quick`` on the trained quick project: the bundle."""
+    quick.session_run(pipeline="export", env="quick")
+    return quick.latest(f"data/06_models/{NS}/inspection_bundle")
+
+
+@pytest.fixture(scope="module")
+def quick_inspector(quick):
+    """The torch scorer of the same checkpoint, threshold and normal reference."""
+    from anomaly_ae import Inspector
+
+    return Inspector.from_files(
+        quick.latest(f"data/06_models/{NS}/model_checkpoint.pt"),
+        quick.latest(f"data/07_model_output/{NS}/decision_threshold.json"),
+        quick.latest(f"data/07_model_output/{NS}/normal_reference.npz"),
+        device="cpu",
+        resample="area",
+    )
+
+
+@pytest.mark.slow
+def test_export_pipeline_writes_a_versioned_bundle_of_the_latest_checkpoint(quick, exported):
+    from anomaly_ae.model.checkpoint import checkpoint_fingerprint, load_checkpoint
+
+    assert sorted(p.name for p in exported.iterdir()) == ["bundle.json", "model.onnx"]
+    assert not [p for p in exported.parent.parent.iterdir() if p.name.startswith(".")]  # no staging left
+    manifest = _json(exported / "bundle.json")
+    checkpoint = load_checkpoint(quick.latest(f"data/06_models/{NS}/model_checkpoint.pt"))
+    threshold = _json(quick.latest(f"data/07_model_output/{NS}/decision_threshold.json"))
+    assert manifest["checkpoint"]["fingerprint"] == checkpoint_fingerprint(checkpoint)
+    assert manifest["checkpoint"]["epoch"] == checkpoint["epoch"]
+    assert manifest["category"] == NS
+    assert manifest["anomaly_ae_version"]
+    assert manifest["git_commit"]  # the quick project is a git repository
+    assert manifest["threshold"]["value"] == threshold["value"]
+    assert manifest["threshold"]["rule"] == threshold["rule"]
+    for key, value in threshold["score"].items():
+        assert manifest["score"][key] == value
+    assert manifest["input"]["shape"] == ["batch", 1, 256, 256]
+    assert manifest["input"]["resize"]["resample"] == "area"
+    assert manifest["validation_scores"]["n"] == threshold["n_validation_images"]
+    if threshold["rule"] == "quantile":  # the exported graph reproduces the calibration
+        assert manifest["threshold"]["recomputed_on_export"] == pytest.approx(
+            threshold["value"], abs=SCORE_TOL
+        )
+    assert manifest["export_check"]["max_abs_score_diff"] <= SCORE_TOL
+    quantiles = manifest["validation_scores"]["quantiles"]
+    assert list(quantiles) == ["0.5", "0.9", "0.95", "0.99", "0.995", "0.999"]
+    assert list(quantiles.values()) == sorted(quantiles.values())
+    # a second export is another version; both stay complete
+    quick.session_run(pipeline="export", env="quick", params={"export": {"exporter": "torchscript"}})
+    versions = sorted((quick.path / f"data/06_models/{NS}/inspection_bundle").iterdir())
+    assert len(versions) >= 2
+    assert (
+        _json(quick.latest(f"data/06_models/{NS}/inspection_bundle") / "bundle.json")["model"]["exporter"]
+        == "torchscript"
+    )
+
+
+@pytest.mark.slow
+def test_onnx_runtime_scores_like_torch_on_the_quick_test_images(quick, exported, quick_inspector):
+    bundle = load_bundle(exported, threads=1)
+    assert bundle.threshold == quick_inspector.threshold
+    files = sorted((quick.path / "data/01_raw/synthetic/bottle/test").rglob("*.png"))
+    assert len(files) >= 20
+    _parity(bundle, quick_inspector, files)
+
+
+@pytest.mark.slow
+def test_export_refuses_a_threshold_of_another_model(quick):
+    from anomaly_ae.export import export_onnx
+    from anomaly_ae.model.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(quick.latest(f"data/06_models/{NS}/model_checkpoint.pt"))
+    threshold = {**_json(quick.latest(f"data/07_model_output/{NS}/decision_threshold.json"))}
+    threshold["checkpoint_fingerprint"] = "0123456789abcdef"
+    target = quick.path / "data/06_models/refused_bundle"
+    with pytest.raises(ValueError, match="another model"):
+        export_onnx(checkpoint, threshold, None, None, target, validation_scores=np.ones(3))
+    assert not target.exists() and not [p for p in target.parent.iterdir() if p.name.startswith(".refused")]
+
+
+@pytest.mark.slow
+def test_runtime_imports_and_judges_without_torch_kedro_or_mlflow(exported, tmp_path, quick):
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        textwrap.dedent(
+            """
+            import sys
+
+            BLOCKED = ("torch", "kedro", "mlflow")
+
+            class Blocker:
+                def find_spec(self, name, path=None, target=None):
+                    if name.split(".")[0] in BLOCKED:
+                        raise ImportError(f"{name} is blocked in this test")
+                    return None
+
+            sys.meta_path.insert(0, Blocker())
+            """
+        )
+    )
+    images = sorted((quick.path / "data/01_raw/synthetic/bottle/test").rglob("*.png"))[:3]
+    env = {**os.environ, "PYTHONPATH": str(blocker)}
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        try:
+            import torch
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("the blocker does not work")
+        from anomaly_ae.runtime import load_bundle
+        bundle = load_bundle({str(exported)!r}, threads=1)
+        rows = [v.row() for v in bundle.inspect({[str(p) for p in images]!r})]
+        assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "kedro", "mlflow")]
+        print(json.dumps(rows))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(rows) == 3 and all(r["error"] is None and r["score"] is not None for r in rows)
+    # the console script, too
+    done = subprocess.run(
+        [str(RUNTIME_BIN), str(exported), str(images[0]), "--threads", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert images[0].name in done.stdout
+
+
+@pytest.fixture
+def incoming(quick, tmp_path) -> Path:
+    """Good and defective quick test images plus junk files."""
+    folder = tmp_path / "incoming"
+    source = quick.path / "data/01_raw/synthetic/bottle/test"
+    for path in sorted(source.rglob("*.png"))[::3]:
+        target = folder / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 50)
+    from PIL import Image
+
+    Image.new("L", (8000, 6000)).save(folder / "huge.png")  # 48 Mpx from the header
+    return folder
+
+
+def _rows(csv_path: Path) -> list[dict]:
+    import csv
+
+    with open(csv_path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.slow
+def test_console_command_error_rows_and_thresholds(exported, incoming, tmp_path, capsys):
+    out = tmp_path / "verdicts.csv"
+    assert inspect_main([str(exported), str(incoming), "--csv", str(out), "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    rows = {Path(r["file"]).relative_to(incoming).as_posix(): r for r in _rows(out)}
+    errors = {name: r["error"] for name, r in rows.items() if r["error"]}
+    assert set(errors) == {"notes.txt", "empty.png", "corrupt.png", "huge.png"}
+    assert "not an image" in errors["notes.txt"] and "empty" in errors["empty.png"]
+    assert "too large" in errors["huge.png"]
+    assert rows["huge.png"]["width"] == "8000"
+    assert "ERROR" in printed and "not judged" in printed
+    judged = [r for r in rows.values() if not r["error"]]
+    assert len(judged) >= 5
+    scores = np.array([float(r["score"]) for r in judged])
+
+    def anomalous(*extra: str) -> int:
+        assert inspect_main([str(exported), str(incoming), "--csv", str(out), "--threads", "1", *extra]) == 0
+        capsys.readouterr()
+        return sum(r["is_anomalous"] == "True" for r in _rows(out) if not r["error"])
+
+    assert anomalous("--threshold", str(float(scores.max()) + 1.0)) == 0
+    assert anomalous("--threshold", str(float(scores.min()) - 1.0)) == len(judged)
+    bundle = load_bundle(exported, threads=1)
+    lenient, strict = bundle.threshold_for(0.0), bundle.threshold_for(1.0)
+    assert lenient == max(bundle.manifest["validation_scores"]["values"])
+    assert strict == min(bundle.manifest["validation_scores"]["values"])
+    n_lenient = anomalous("--false-alarm-rate", "0")
+    assert n_lenient == int((scores > lenient).sum())
+    n_strict = anomalous("--false-alarm-rate", "1")
+    assert n_strict == int((scores > strict).sum()) >= n_lenient
+    assert {float(r["threshold"]) for r in _rows(out)} == {strict}
+    with pytest.raises(SystemExit):  # one or the other
+        inspect_main([str(exported), str(incoming), "--threshold", "1", "--false-alarm-rate", "0.1"])
+    capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_an_altered_bundle_is_refused(exported, tmp_path, capsys):
+    copy = tmp_path / "bundle"
+    shutil.copytree(exported, copy)
+    with open(copy / "model.onnx", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(BundleError, match="checksum"):
+        load_bundle(copy)
+    assert inspect_main([str(copy), str(tmp_path)]) == 2
+    assert "checksum" in capsys.readouterr().err
+    with pytest.raises(BundleError, match="not an inspection bundle"):
+        load_bundle(tmp_path)
+
+
+# ---------------------------------------------------------------- real MVTec AD bottle
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_onnx_runtime_scores_like_torch_on_real_bottle_images(tmp_path, one_torch_thread):
+    """An untrained but seeded network (the scoring, not the training, is under test) with a
+    normal reference fitted on real good images; parity on real test images of every kind."""
+    if not REAL_BOTTLE.is_dir():
+        pytest.skip(f"real MVTec AD bottle data not found at {REAL_BOTTLE} (../shared beside the repo)")
+    import torch
+    from PIL import Image
+
+    from anomaly_ae import Inspector
+    from anomaly_ae.data.transforms import to_model_array
+    from anomaly_ae.export import export_onnx
+    from anomaly_ae.model import AutoencoderConfig, build_model
+    from anomaly_ae.model.checkpoint import checkpoint_fingerprint
+    from anomaly_ae.scoring import MapSettings
+    from anomaly_ae.scoring.inference import fit_normal_reference, reconstruct_and_score
+    from anomaly_ae.training.trainer import TrainingConfig, build_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model(AutoencoderConfig(image_size=256)).eval()
+    checkpoint = build_checkpoint(model, None, epoch=0, history=[], config=TrainingConfig())
+    fingerprint = checkpoint_fingerprint(checkpoint)
+    good = sorted((REAL_BOTTLE / "train" / "good").glob("*.png"))[:12]
+    arrays = np.stack([to_model_array(Image.open(p), 256, "area") for p in good])[:, None]
+    settings = MapSettings(smoothing_sigma=2.0, score_reduction="topk_mean", normal_reference="mean")
+    reference = fit_normal_reference(model, arrays[:6], settings, batch_size=6, device="cpu")
+    validation = arrays[6:]
+    scores = reconstruct_and_score(model, validation, settings, 8, device="cpu", reference=reference)["score"]
+    threshold = {
+        "value": float(np.quantile(scores, 0.99)),
+        "rule": "quantile",
+        "quantile": 0.99,
+        "k_sigma": 3.0,
+        "n_validation_images": len(validation),
+        "score": settings.to_dict(),
+        "checkpoint_fingerprint": fingerprint,
+        "checkpoint_epoch": 0,
+    }
+    reference_arrays = {**reference.to_arrays(), "checkpoint_fingerprint": np.asarray(fingerprint)}
+    export_onnx(checkpoint, threshold, reference_arrays, validation, tmp_path / "bundle", category="bottle")
+    bundle = load_bundle(tmp_path / "bundle", threads=1)
+    assert bundle.manifest["export_check"]["n_images"] == len(validation)
+    inspector = Inspector(checkpoint, threshold, reference=reference_arrays, device="cpu", resample="area")
+    files = sorted((REAL_BOTTLE / "test").rglob("*.png"))[::3]
+    assert len(files) >= 20
+    _parity(bundle, inspector, files)
