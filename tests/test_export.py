@@ -333,3 +333,247 @@ def test_onnx_runtime_scores_like_torch_on_real_bottle_images(tmp_path, one_torc
     files = sorted((REAL_BOTTLE / "test").rglob("*.png"))[::3]
     assert len(files) >= 20
     _parity(bundle, inspector, files)
+
+
+# ---------------------------------------------------------------- served with MLflow
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _http(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, dict | str]:
+    """GET (or POST ``body`` as JSON) on loopback, bypassing any proxy settings."""
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            text = response.read().decode()
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        text, status = exc.read().decode(), exc.code
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_served_mlflow_model_judges_real_bottle_images_like_the_runtime(tmp_path, one_torch_thread):
+    """One bundle (a seeded, untrained network: the serving is under test), logged as a pyfunc
+    model in a fresh MLflow store and served by ``mlflow models serve --env-manager local``:
+    real bottle images POSTed as base64 get the scores and verdicts of ``load_bundle().inspect``."""
+    if not REAL_BOTTLE.is_dir():
+        pytest.skip(f"real MVTec AD bottle data not found at {REAL_BOTTLE} (../shared beside the repo)")
+    import base64
+    import signal
+    import time
+
+    import mlflow
+    import torch
+    from PIL import Image
+
+    from anomaly_ae.data.transforms import to_model_array
+    from anomaly_ae.export import export_onnx
+    from anomaly_ae.model import AutoencoderConfig, build_model
+    from anomaly_ae.model.checkpoint import checkpoint_fingerprint
+    from anomaly_ae.runtime.pyfunc import log_bundle_model
+    from anomaly_ae.scoring import MapSettings
+    from anomaly_ae.scoring.inference import reconstruct_and_score
+    from anomaly_ae.training.trainer import TrainingConfig, build_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model(AutoencoderConfig(image_size=256)).eval()
+    checkpoint = build_checkpoint(model, None, epoch=0, history=[], config=TrainingConfig())
+    good = sorted((REAL_BOTTLE / "train" / "good").glob("*.png"))[:6]
+    validation = np.stack([to_model_array(Image.open(p), 256, "area") for p in good])[:, None]
+    settings = MapSettings(smoothing_sigma=2.0, score_reduction="topk_mean", normal_reference="none")
+    scores = reconstruct_and_score(model, validation, settings, 8, device="cpu")["score"]
+    threshold = {
+        "value": float(np.quantile(scores, 0.99)),
+        "rule": "quantile",
+        "quantile": 0.99,
+        "k_sigma": 3.0,
+        "n_validation_images": len(validation),
+        "score": settings.to_dict(),
+        "checkpoint_fingerprint": checkpoint_fingerprint(checkpoint),
+        "checkpoint_epoch": 0,
+    }
+    bundle_dir = tmp_path / "bundle"
+    export_onnx(checkpoint, threshold, None, validation, bundle_dir, category="bottle")
+
+    # log it into a fresh store (the process-wide tracking URI is restored afterwards)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    previous_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment = mlflow.create_experiment("served", artifact_location=(tmp_path / "mlruns").as_uri())
+        with mlflow.start_run(experiment_id=experiment) as run:
+            info = log_bundle_model(bundle_dir, name="inspection_model", threads=1)
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+    assert info.run_id == run.info.run_id
+
+    files = sorted((REAL_BOTTLE / "test").rglob("*.png"))[::14][:6]
+    assert len(files) == 6 and len({p.parent.name for p in files}) >= 3  # good and defect kinds
+    encoded = [base64.b64encode(p.read_bytes()).decode("ascii") for p in files]
+    bundle = load_bundle(bundle_dir, threads=1)
+    expected = bundle.inspect(files)
+    ordered = np.sort([v.score for v in expected])
+    middle = float((ordered[2] + ordered[3]) / 2)  # verdicts of both kinds
+    expected_middle = bundle.inspect(files, threshold=middle)
+    assert {v.is_anomalous for v in expected_middle} == {True, False}
+
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    command = [str(mlflow_bin)] if mlflow_bin.exists() else [sys.executable, "-m", "mlflow"]
+    command += ["models", "serve", "-m", f"runs:/{run.info.run_id}/inspection_model"]
+    command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log_file:
+        server = subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            env={**os.environ, "MLFLOW_TRACKING_URI": uri, "NO_PROXY": "127.0.0.1,localhost"},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the workers go with it
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, f"the server exited:\n{log_path.read_text()[-3000:]}"
+            try:
+                if _http(f"{base}/ping", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"no /ping after 120 s:\n{log_path.read_text()[-3000:]}"
+            time.sleep(1)
+
+        # dataframe_split, the calibrated threshold
+        status, answer = _http(
+            f"{base}/invocations",
+            {
+                "dataframe_split": {
+                    "columns": ["name", "image"],
+                    "data": [[p.name, e] for p, e in zip(files, encoded, strict=True)],
+                }
+            },
+        )
+        assert status == 200, answer
+        rows = answer["predictions"]
+        assert [r["name"] for r in rows] == [p.name for p in files]
+        assert all(r["error"] is None for r in rows), rows
+        served = np.array([r["score"] for r in rows])
+        runtime = np.array([v.score for v in expected])
+        print(
+            f"served vs runtime on {len(files)} real images: "
+            f"max |score diff| {np.abs(served - runtime).max():.3g}"
+        )
+        np.testing.assert_allclose(served, runtime, rtol=0, atol=1e-6)
+        assert [r["is_anomalous"] for r in rows] == [v.is_anomalous for v in expected]
+        assert {r["threshold"] for r in rows} == {bundle.threshold}
+
+        # dataframe_records, a threshold amid the scores, junk rows, no names
+        records = [{"image": e} for e in encoded] + [{"image": "not base64 !"}, {"image": encoded[0][:200]}]
+        status, answer = _http(
+            f"{base}/invocations", {"dataframe_records": records, "params": {"threshold": middle}}
+        )
+        assert status == 200, answer
+        rows = answer["predictions"]
+        assert len(rows) == len(files) + 2
+        assert [r["is_anomalous"] for r in rows[:6]] == [v.is_anomalous for v in expected_middle]
+        np.testing.assert_allclose([r["score"] for r in rows[:6]], runtime, rtol=0, atol=1e-6)
+        assert [r["name"] for r in rows] == [f"<image {i}>" for i in range(len(rows))]
+        assert "base64" in rows[6]["error"] and rows[6]["score"] is None
+        assert rows[7]["error"] and rows[7]["score"] is None and rows[7]["is_anomalous"] is None  # truncated
+
+        # a false-alarm rate; both at once is a client error
+        rate = bundle.threshold_for(0.5)
+        status, answer = _http(
+            f"{base}/invocations", {"dataframe_records": records[:6], "params": {"false_alarm_rate": 0.5}}
+        )
+        assert status == 200, answer
+        assert [r["is_anomalous"] for r in answer["predictions"]] == [
+            v.is_anomalous for v in bundle.inspect(files, threshold=rate)
+        ]
+        status, answer = _http(
+            f"{base}/invocations",
+            {"dataframe_records": records[:1], "params": {"threshold": 1.0, "false_alarm_rate": 0.5}},
+        )
+        assert status == 400, answer
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_export_pipeline_logs_the_bundle_as_a_served_mlflow_model(quick, exported):
+    """``kedro run --pipeline=export`` logs the bundle it saved to the category's MLflow run as
+    a pyfunc model, and ``served_model.json`` says where; the model judges like the bundle."""
+    import base64
+
+    import mlflow
+    import pandas as pd
+
+    from anomaly_ae.pipelines.export.nodes import log_served_model
+
+    record = _json(quick.latest(f"data/06_models/{NS}/served_model.json"))
+    bundle_dir = quick.latest(f"data/06_models/{NS}/inspection_bundle")  # the one saved with it
+    assert record["logged"] is True and record["category"] == NS
+    assert record["model_uri"] == f"runs:/{record['run_id']}/inspection_model"
+    assert record["tracking_uri"].startswith("sqlite:///") and record["tracking_uri"].endswith("mlflow.db")
+    assert record["serve"].split("mlflow models serve -m ")[1].startswith(record["model_uri"])
+    previous_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(record["tracking_uri"])
+    try:
+        run = mlflow.get_run(record["run_id"])
+        assert run.data.tags.get("category") == NS  # the category's nested run
+        assert run.data.tags.get("mlflow.parentRunId")
+        model = mlflow.pyfunc.load_model(record["model_uri"])
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+    assert model.unwrap_python_model().bundle.manifest == _json(bundle_dir / "bundle.json")
+    files = sorted((quick.path / "data/01_raw/synthetic/bottle/test").rglob("*.png"))[:4]
+    frame = pd.DataFrame(
+        {"image": [base64.b64encode(p.read_bytes()).decode() for p in files], "name": [p.name for p in files]}
+    )
+    served = model.predict(frame)
+    expected = load_bundle(bundle_dir).inspect(files)
+    assert served["name"].tolist() == [p.name for p in files]
+    np.testing.assert_allclose(served["score"].astype(float), [v.score for v in expected], rtol=0, atol=1e-6)
+    assert served["is_anomalous"].tolist() == [v.is_anomalous for v in expected]
+
+    # no active run (or served_model: null): nothing logged, and the record says why
+    files_dict = {p.name: p.read_bytes() for p in bundle_dir.iterdir()}
+    params = {
+        "opset": 18,
+        "exporter": "dynamo",
+        "false_alarm_quantiles": [0.5],
+        "batch_size": 4,
+        "parity_tolerance": 1e-4,
+        "max_image_pixels": 1000,
+        "min_image_side": 16,
+        "served_model": "inspection_model",
+    }
+    assert mlflow.active_run() is None
+    assert log_served_model(files_dict, params)["reason"] == "no active MLflow run"
+    assert log_served_model(files_dict, {**params, "served_model": None})["logged"] is False

@@ -4,6 +4,7 @@
     python -m anomaly_ae.benchmark --precision bf16 --channels-last --compile
     python -m anomaly_ae.benchmark --compare fp32 cl cl+compile cl+bf16+compile --rounds 3
     python -m anomaly_ae.benchmark --compare fp32 cl+compile --keras-reference /tmp/tfvenv/bin/python
+    python -m anomaly_ae.benchmark --onnx --threads 2 --rounds 3    # ONNX Runtime vs torch eager
 
 Training is timed through :func:`anomaly_ae.training.trainer.prepare_training` and
 :func:`~anomaly_ae.training.trainer.train_one_epoch` (the code train_autoencoder runs:
@@ -19,6 +20,12 @@ A configuration spec is ``+``-joined tokens: ``fp32`` | ``bf16`` | ``fp16`` | ``
 max-autotune-no-cudagraphs), ``ro`` (compile mode reduce-overhead: CUDA graphs on CUDA),
 ``fused`` | ``foreach`` | ``loop`` (Adam implementation), ``nodet`` (no deterministic
 algorithms), ``t1``/``t2``/... (intra-op threads), ``default`` (TrainingConfig defaults).
+
+``--onnx`` instead times the deployed scoring graph (network + anomaly map + score, the
+``model.onnx`` of an inspection bundle, :class:`anomaly_ae.export.ScoringGraph`) in ONNX
+Runtime against the same module in torch eager fp32, in this one process, interleaved, with
+as many ONNX Runtime intra-op threads as torch has: images/s at ``--onnx-batch-size`` (8) and
+the latency of one image (p50/p95 over ``--latency-runs`` calls per round).
 This is a script that prints figures, not a test.
 """
 
@@ -275,7 +282,161 @@ def build_parser() -> argparse.ArgumentParser:
         "cached arrays in this folder (e.g. data/05_model_input/bottle) with --checkpoint",
     )
     p.add_argument("--checkpoint", help="model checkpoint for --calibration")
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help="instead: time the exported scoring graph in ONNX Runtime against torch eager (same model, "
+        "same map settings, same threads): img/s at --onnx-batch-size and latency p50/p95 at batch 1",
+    )
+    p.add_argument("--onnx-batch-size", type=int, default=8)
+    p.add_argument("--latency-runs", type=int, default=30, help="batch-1 calls per engine and round (--onnx)")
+    p.add_argument(
+        "--map-settings",
+        default="{}",
+        metavar="JSON",
+        help='MapSettings for --onnx, e.g. \'{"smoothing_sigma": 2, "score_reduction": "topk_mean"}\' '
+        "(default: MapSettings(), as the inference benchmark)",
+    )
+    p.add_argument("--exporter", default="dynamo", choices=("dynamo", "torchscript"), help="for --onnx")
+    p.add_argument("--opset", type=int, default=18, help="for --onnx")
     return p
+
+
+def _load(values) -> str:
+    return "/".join(f"{v:.2f}" for v in values) if values else "n/a"
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def onnx_benchmark(args: argparse.Namespace, say) -> dict[str, Any]:
+    """ONNX Runtime against torch eager on one freshly built (seeded) model's scoring graph:
+    throughput at ``args.onnx_batch_size`` over ``args.n_infer`` random images and batch-1
+    latency, the engines interleaved per round; medians of the rounds, percentiles of all
+    batch-1 calls. Also the largest score difference between the two (a sanity check)."""
+    import tempfile
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from anomaly_ae.export.onnx_export import INPUT_NAME, ScoringGraph, _export_graph
+    from anomaly_ae.model import build_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    started_in = environment()  # the load average before
+    settings = MapSettings.from_dict(json.loads(args.map_settings))
+    torch.manual_seed(0)
+    model = build_model(AutoencoderConfig(image_size=args.image_size)).eval()
+    graph = ScoringGraph(model, settings).eval()
+    with tempfile.TemporaryDirectory(prefix="anomaly_ae_bench_onnx_") as folder:
+        path = Path(folder) / "model.onnx"
+        started = time.perf_counter()
+        _export_graph(graph, args.image_size, args.opset, args.exporter, path)
+        export_seconds = time.perf_counter() - started
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        onnx_mb = path.stat().st_size / 1e6
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand((args.n_infer, 1, args.image_size, args.image_size), generator=gen)
+    arrays = images.numpy()
+    batch = args.onnx_batch_size
+
+    def run_torch(x: torch.Tensor):
+        with torch.inference_mode():
+            amap, score = graph(x)
+        return amap.numpy(), score.numpy()
+
+    def run_ort(x: np.ndarray):
+        return session.run(None, {INPUT_NAME: x})
+
+    engines = {
+        "torch eager": (run_torch, images),
+        "onnxruntime": (run_ort, arrays),
+    }
+    outputs = {}
+    for name, (fn, data) in engines.items():  # warm-up (first-call allocations), and parity
+        done = [fn(data[i : i + batch]) for i in range(0, len(data), batch)]
+        outputs[name] = [np.concatenate([d[k] for d in done]) for k in (0, 1)]
+        fn(data[:1])
+    max_diff = float(np.abs(outputs["torch eager"][1] - outputs["onnxruntime"][1]).max())
+    max_map_diff = float(np.abs(outputs["torch eager"][0] - outputs["onnxruntime"][0]).max())
+    del outputs
+
+    say(
+        f"ONNX Runtime {ort.__version__} vs torch {torch.__version__} eager fp32: one scoring graph "
+        f"({args.image_size}x{args.image_size}, {settings.describe()}), "
+        f"{threads} intra-op threads each; export ({args.exporter}, opset {args.opset}) "
+        f"{export_seconds:.1f} s, {onnx_mb:.1f} MB; max |score diff| {max_diff:.2e}, "
+        f"max |map diff| {max_map_diff:.2e}"
+    )
+    throughput: dict[str, list[float]] = {name: [] for name in engines}
+    latency: dict[str, list[float]] = {name: [] for name in engines}
+    for rnd in range(args.rounds):
+        for name, (fn, data) in engines.items():
+            t = time.perf_counter()
+            for i in range(0, len(data), batch):
+                fn(data[i : i + batch])
+            throughput[name].append(len(data) / (time.perf_counter() - t))
+            for i in range(args.latency_runs):
+                x = data[i % len(data) : i % len(data) + 1]
+                t = time.perf_counter()
+                fn(x)
+                latency[name].append(1000 * (time.perf_counter() - t))
+        say(
+            f"round {rnd + 1}/{args.rounds}: "
+            + ", ".join(f"{name} {throughput[name][-1]:.1f} img/s" for name in engines)
+        )
+    rows = []
+    for name in engines:
+        rows.append(
+            {
+                "engine": name,
+                f"img_s_batch{batch}": statistics.median(throughput[name]),
+                f"img_s_batch{batch}_all": throughput[name],
+                "latency_ms_p50": _percentile(latency[name], 50),
+                "latency_ms_p95": _percentile(latency[name], 95),
+                "latency_calls": len(latency[name]),
+            }
+        )
+    first = rows[0]
+    for row in rows:
+        row["img_s_vs_torch"] = row[f"img_s_batch{batch}"] / first[f"img_s_batch{batch}"]
+        row["p50_vs_torch"] = row["latency_ms_p50"] / first["latency_ms_p50"]
+    result = {
+        "environment": started_in,
+        "settings": {**vars(args), "map_settings": settings.to_dict()},
+        "threads": threads,
+        "export_seconds": export_seconds,
+        "onnx_mb": onnx_mb,
+        "max_abs_score_diff": max_diff,
+        "max_abs_map_diff": max_map_diff,
+        "engines": rows,
+        "peak_memory": peak_memory_mb(torch.device("cpu")),
+    }
+    result["environment"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    say(
+        f"\n{'engine':16s} {f'img/s @{batch}':>11s} {'x torch':>8s} {'p50 ms @1':>10s} {'p95 ms @1':>10s} "
+        f"{'x torch':>8s}"
+    )
+    for row in rows:
+        say(
+            f"{row['engine']:16s} {row[f'img_s_batch{batch}']:11.1f} {row['img_s_vs_torch']:8.2f} "
+            f"{row['latency_ms_p50']:10.1f} {row['latency_ms_p95']:10.1f} {row['p50_vs_torch']:8.2f}"
+        )
+    say(
+        f"{args.rounds} rounds of {args.n_infer} images and {args.latency_runs} batch-1 calls per engine; "
+        f"load {_load(result['environment']['load_average'])} -> "
+        f"{_load(result['environment']['load_average_end'])}; "
+        f"peak RSS {result['peak_memory']['peak_rss_mb']:.0f} MB"
+    )
+    return result
 
 
 def calibration_benchmark(model_input: str, checkpoint_path: str, say) -> dict[str, Any]:
@@ -328,6 +489,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result = calibration_benchmark(
             args.calibration, args.checkpoint, print if not args.json else lambda *a: None
         )
+        if args.json:
+            print(json.dumps(result, indent=2, default=str))
+        return result
+    if args.onnx:
+        result = onnx_benchmark(args, print if not args.json else lambda *a: None)
         if args.json:
             print(json.dumps(result, indent=2, default=str))
         return result

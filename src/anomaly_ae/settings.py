@@ -1,5 +1,6 @@
 """Kedro project settings."""
 
+import warnings
 from pathlib import Path
 
 from kedro.config import OmegaConfigLoader
@@ -15,6 +16,10 @@ from anomaly_ae.hooks import (
     RunParamsHook,
     RunTagsHook,
 )
+
+# Kedro's config loader registers our ${project_root:} resolver with an OmegaConf call that
+# OmegaConf itself deprecates: a warning about Kedro's internals, not the user's run.
+warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated", category=UserWarning)
 
 # kedro-mlflow registers its own MlflowHook through its entry point.
 HOOKS = (

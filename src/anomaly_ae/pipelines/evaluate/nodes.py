@@ -215,7 +215,7 @@ def stress_test(
         normal,
         {
             "in use": (MapSettings.from_dict(map_settings), NormalReference.from_arrays(normal_reference)),
-            "paper": (MapSettings.from_dict(evaluation["anomaly_map"]), None),
+            "paper": (MapSettings(), None),  # the paper's map (MapSettings' defaults; no reference)
         },
         {
             "per_image": options["per_image"],

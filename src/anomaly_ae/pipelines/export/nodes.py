@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from dataclasses import dataclass, fields
@@ -28,6 +29,7 @@ class ExportSettings:
     parity_tolerance: float
     max_image_pixels: int
     min_image_side: int
+    served_model: str | None  # MLflow pyfunc model name, or None: not logged
 
     def __post_init__(self) -> None:
         if self.exporter not in EXPORTERS:
@@ -39,6 +41,11 @@ class ExportSettings:
                 raise ValueError(f"export.{name} must be >= 1, got {getattr(self, name)!r}")
         if not self.parity_tolerance > 0:
             raise ValueError(f"export.parity_tolerance must be > 0, got {self.parity_tolerance!r}")
+        name = self.served_model
+        if name is not None and (not isinstance(name, str) or not name.strip() or "/" in name):
+            raise ValueError(
+                f"export.served_model must be a model name without '/' or null, got {self.served_model!r}"
+            )
         if not self.false_alarm_quantiles or any(not 0 <= float(q) <= 1 for q in self.false_alarm_quantiles):
             raise ValueError(
                 "export.false_alarm_quantiles must be a non-empty list in [0, 1], "
@@ -111,3 +118,50 @@ def export_bundle(
         len(files[MODEL_FILE]) / 1e6,
     )
     return files
+
+
+def log_served_model(inspection_bundle: dict[str, bytes], export: dict[str, Any]) -> dict[str, Any]:
+    """Log the bundle just saved to the active (the category's) MLflow run as a pyfunc model
+    (:func:`anomaly_ae.runtime.pyfunc.log_bundle_model`) and say where it is: the record
+    saved as ``served_model.json``. Without an active run, or with
+    ``export.served_model: null``, nothing is logged and the record says why."""
+    import mlflow
+
+    settings = ExportSettings.from_dict(dict(export))
+    manifest = json.loads(inspection_bundle[MANIFEST_FILE])
+    record: dict[str, Any] = {
+        "logged": False,
+        "model_name": settings.served_model,
+        "bundle_fingerprint": manifest["checkpoint"]["fingerprint"],
+        "category": manifest.get("category"),
+    }
+    if not settings.served_model:
+        log.info("export.served_model is null: the bundle is not logged as an MLflow model.")
+        return {**record, "reason": "export.served_model is null"}
+    if mlflow.active_run() is None:
+        log.info(
+            "No active MLflow run: the bundle is not logged as an MLflow model (serve the bundle "
+            "folder with anomaly_ae.runtime.pyfunc.log_bundle_model by hand if needed)."
+        )
+        return {**record, "reason": "no active MLflow run"}
+    from anomaly_ae.runtime.pyfunc import log_bundle_model
+
+    with tempfile.TemporaryDirectory(prefix="anomaly_ae_served_") as staging:
+        folder = Path(staging) / "inspection_bundle"
+        folder.mkdir()
+        for name, data in inspection_bundle.items():
+            (folder / name).write_bytes(data)
+        info = log_bundle_model(folder, name=settings.served_model)
+    model_uri = f"runs:/{info.run_id}/{settings.served_model}"
+    tracking_uri = mlflow.get_tracking_uri()
+    record.update(
+        logged=True,
+        run_id=info.run_id,
+        model_uri=model_uri,
+        logged_model_uri=info.model_uri,
+        tracking_uri=tracking_uri,
+        serve=f"MLFLOW_TRACKING_URI={tracking_uri} mlflow models serve -m {model_uri} --env-manager local "
+        "-h 127.0.0.1 -p 5001",
+    )
+    log.info("Inspection bundle logged as MLflow model %s; serve it with: %s", model_uri, record["serve"])
+    return record

@@ -2,7 +2,7 @@
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import export_bundle
+from .nodes import export_bundle, log_served_model
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -22,6 +22,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 "inspection_bundle",
                 name="export_bundle",
-            )
+            ),
+            Node(
+                log_served_model,
+                ["inspection_bundle", "params:export"],
+                "served_model",
+                name="log_served_model",
+            ),
         ]
     )
