@@ -1,0 +1,66 @@
+"""Turn decoded images into model arrays and split the training images."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from anomaly_ae.data.transforms import decode_image, mask_to_array, to_model_array
+
+TRAIN, VALIDATION, TEST = "train", "validation", "test"
+
+
+def split_train_validation(manifest: pd.DataFrame, validation_fraction: float, seed: int) -> pd.DataFrame:
+    """Mark a seeded random ``validation_fraction`` of the training images as ``validation``.
+
+    Validation images are normal images held out from training: they drive early stopping
+    and the calibration of the decision threshold, so the test set is never used for either.
+    """
+    if not 0 <= validation_fraction < 1:
+        raise ValueError(f"preprocessing.validation_fraction must be in [0, 1), got {validation_fraction}")
+    manifest = manifest.sort_values(["split", "defect_type", "image_key"]).reset_index(drop=True).copy()
+    train_idx = np.flatnonzero(manifest["split"].to_numpy() == TRAIN)
+    n_val = int(round(validation_fraction * len(train_idx)))
+    if len(train_idx) - n_val < 2:
+        raise ValueError(
+            f"Only {len(train_idx)} training images: too few to hold out {n_val} for validation."
+        )
+    chosen = np.random.default_rng(seed).choice(train_idx, size=n_val, replace=False)
+    manifest.loc[chosen, "split"] = VALIDATION
+    manifest["array_index"] = manifest.groupby("split").cumcount()
+    return manifest
+
+
+def stack_images(
+    loaders: dict[str, Callable[[], Image.Image]],
+    files: Sequence[str],
+    folder: str,
+    size: int,
+    resample: str,
+    suffix: str,
+) -> np.ndarray:
+    """Decode and convert images to one ``(N, 1, size, size)`` float32 array in [0, 1]."""
+    out = np.empty((len(files), 1, size, size), dtype=np.float32)
+    for i, name in enumerate(files):
+        image = decode_image(loaders[name.removesuffix(suffix)], f"{folder}/{name}")
+        out[i, 0] = to_model_array(image, size=size, resample=resample)
+    return out
+
+
+def stack_masks(
+    loaders: dict[str, Callable[[], Image.Image]],
+    files: Sequence[str | None],
+    folder: str,
+    size: int,
+    suffix: str,
+) -> np.ndarray:
+    """Decode masks to ``(N, size, size)`` uint8 {0, 1}; images without a mask get zeros."""
+    out = np.zeros((len(files), size, size), dtype=np.uint8)
+    for i, name in enumerate(files):
+        if isinstance(name, str) and name:
+            mask = decode_image(loaders[name.removesuffix(suffix)], f"{folder}/{name}")
+            out[i] = mask_to_array(mask, size=size)
+    return out

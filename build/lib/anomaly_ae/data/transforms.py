@@ -1,0 +1,242 @@
+"""Turning decoded images and masks into model-ready numpy arrays.
+
+All intensity work is done in float32 so that 16-bit images keep their
+precision; resizing happens on a float (``"F"`` mode) image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "RESAMPLE_METHODS",
+    "ImageDecodeError",
+    "ImageTooLargeError",
+    "check_image_size",
+    "decode_image",
+    "to_grayscale_float",
+    "to_model_array",
+    "mask_to_array",
+]
+
+#: Names accepted for ``resample``. ``"area"`` is box filtering (each output
+#: pixel is the mean of the input pixels it covers), the right choice when
+#: shrinking.
+RESAMPLE_METHODS: dict[str, Image.Resampling] = {
+    "area": Image.Resampling.BOX,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+# ITU-R 601-2 luma, the same weights PIL uses for convert("L").
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+_16BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I;16S", "I;16BS", "I;16LS", "I"}
+
+
+class ImageDecodeError(ValueError):
+    """An image file could not be read or decoded."""
+
+
+class ImageTooLargeError(ValueError):
+    """An image's header announces more pixels than the configured limit (checked before
+    any pixel is decoded: a small compressed file can expand to gigabytes)."""
+
+
+def check_image_size(image: Image.Image, name: str, max_pixels: int | None, setting: str) -> None:
+    """Refuse ``image`` (opened, not yet decoded) when its header says it has more than
+    ``max_pixels`` pixels; the message names the file and the setting that raises the limit."""
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        raise ImageTooLargeError(
+            f"{name} is {image.width}x{image.height} = {image.width * image.height:,} pixels, more than "
+            f"{setting}={max_pixels:,}. Nothing was decoded. If the image is genuine, raise the limit "
+            f"(--params {setting}=<pixels>); otherwise remove the file."
+        )
+
+
+def too_large_cause(exc: BaseException | None) -> ImageTooLargeError | None:
+    """The :class:`ImageTooLargeError` in ``exc``'s chain (Kedro wraps dataset errors)."""
+    while exc is not None:
+        if isinstance(exc, ImageTooLargeError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def decode_image(load: Callable[[], Image.Image], name: str) -> Image.Image:
+    """Load an image and force it to be fully decoded.
+
+    PIL opens files lazily, so a truncated or corrupt file often only fails
+    when pixels are first accessed, far from where the file name is known.
+    This calls ``load()``, then ``img.load()`` to decode every pixel, and turns
+    any failure into an :class:`ImageDecodeError` that names the file.
+
+    Any ``Exception`` is wrapped (not only ``OSError``,
+    ``PIL.UnidentifiedImageError``, ``SyntaxError``, ``ValueError`` and
+    ``Image.DecompressionBombError``), because loaders such as Kedro datasets
+    re-raise decoding errors as their own exception types. The original
+    exception is kept as ``__cause__``.
+
+    Args:
+        load: Zero-argument callable returning a PIL image (e.g. a Kedro
+            partition loader or ``lambda: Image.open(path)``).
+        name: File name or partition id used in the error message.
+
+    Returns:
+        The fully decoded image.
+
+    Raises:
+        ImageDecodeError: The file could not be opened or decoded.
+    """
+    img: object = None
+    try:
+        img = load()
+        if not isinstance(img, Image.Image):
+            raise TypeError(f"loader returned {type(img).__name__}, not a PIL image")
+        img.load()
+    except Exception as exc:  # noqa: BLE001 - wrapped and re-raised with context
+        too_large = too_large_cause(exc)
+        if too_large is not None:  # refused from the header: not a corrupt file
+            raise too_large from None
+        if isinstance(img, Image.Image):
+            try:
+                img.close()  # release the file handle of a lazily opened image
+            except Exception:  # noqa: BLE001
+                pass
+        raise ImageDecodeError(
+            f"Could not read image '{name}': {type(exc).__name__}: {exc}. "
+            f"The file is probably truncated or corrupt, or is not an image. "
+            f"Replace it with an intact copy (e.g. re-extract the dataset archive) "
+            f"or remove it from the dataset."
+        ) from exc
+    return img
+
+
+def to_grayscale_float(image: Image.Image) -> np.ndarray:
+    """Convert an image of any common PIL mode to float32 grayscale in [0, 1].
+
+    Mode handling:
+
+    * ``1``, ``L``: divided by 255.
+    * ``RGB`` (and ``CMYK``, ``YCbCr``, ``LAB``, ``HSV`` via RGB): ITU-R 601-2
+      luma (0.299 R + 0.587 G + 0.114 B) in float, divided by 255.
+    * ``RGBA``, ``LA``, ``PA``, ``RGBa``, ``La`` and ``P`` with transparency:
+      **composited on black**, i.e. the gray value is multiplied by
+      alpha / 255. Fully transparent pixels become 0 whatever colour they
+      store, and opaque images (alpha 255 everywhere) are unchanged.
+    * ``P``: palette expanded to RGB (RGBA if it has transparency).
+    * ``I;16``, ``I;16B``, ``I;16L`` ...: divided by 65535 (the real bit depth,
+      so 65535 -> 1.0 and 32768 -> ~0.5; values are not clipped to 255).
+    * ``I`` (32-bit int, which is how PIL opens some 16-bit PNGs): treated as
+      16-bit, divided by 65535, and clipped to [0, 1].
+    * ``F``: taken to be already in [0, 1]; values outside are clipped.
+    """
+    mode = image.mode
+    if mode == "P":
+        has_alpha = "transparency" in image.info
+        image = image.convert("RGBA" if has_alpha else "RGB")
+        mode = image.mode
+    elif mode == "PA":
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    elif mode in ("RGBa", "La"):  # premultiplied alpha: already composited on black
+        image = image.convert("RGB" if mode == "RGBa" else "L")
+        mode = image.mode
+    elif mode in ("CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
+        image = image.convert("RGB")
+        mode = "RGB"
+
+    if mode == "1":
+        return np.asarray(image, dtype=np.float32)  # bool -> 0.0 / 1.0
+    if mode == "L":
+        return np.asarray(image, dtype=np.float32) / 255.0
+    if mode == "LA":
+        arr = np.asarray(image, dtype=np.float32)
+        return arr[..., 0] * arr[..., 1] / (255.0 * 255.0)
+    if mode == "RGB":
+        arr = np.asarray(image, dtype=np.float32)
+        return (arr[..., :3] @ _LUMA) / 255.0
+    if mode == "RGBA":
+        arr = np.asarray(image, dtype=np.float32)
+        return (arr[..., :3] @ _LUMA) * arr[..., 3] / (255.0 * 255.0)
+    if mode in _16BIT_MODES:
+        arr = np.asarray(image).astype(np.float32)
+        return np.clip(arr / 65535.0, 0.0, 1.0)
+    if mode == "F":
+        return np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
+    # Anything else: let PIL try.
+    try:
+        converted = image.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"Unsupported image mode {image.mode!r}") from exc
+    return (np.asarray(converted, dtype=np.float32) @ _LUMA) / 255.0
+
+
+def _resample_filter(resample: str) -> Image.Resampling:
+    try:
+        return RESAMPLE_METHODS[resample]
+    except KeyError:
+        raise ValueError(
+            f"Unknown resample method {resample!r}; choose one of {sorted(RESAMPLE_METHODS)}"
+        ) from None
+
+
+def _check_size(size: int) -> None:
+    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size <= 0:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+
+
+def to_model_array(image: Image.Image, size: int = 256, resample: str = "area") -> np.ndarray:
+    """Convert an image to a grayscale float32 array of shape ``(size, size)`` in [0, 1].
+
+    The image is converted to grayscale in float (see
+    :func:`to_grayscale_float` for how each PIL mode is handled, notably RGBA
+    is composited on black and 16-bit images are scaled by 65535) and then
+    resized in float precision to ``size`` x ``size``. Non-square images are
+    stretched, not cropped (MVTec AD images are square).
+
+    Args:
+        image: A PIL image of mode L, RGB, RGBA, P, LA, 1, I;16, I;16B, I or F
+            (other modes are converted through RGB).
+        size: Side length of the output in pixels.
+        resample: ``"area"`` (box filter, default; best for downscaling),
+            ``"bilinear"``, or ``"bicubic"``, ``"lanczos"``, ``"nearest"``.
+
+    Returns:
+        C-contiguous float32 array of shape ``(size, size)``, values in [0, 1].
+    """
+    _check_size(size)
+    flt = _resample_filter(resample)
+    gray = np.ascontiguousarray(to_grayscale_float(image), dtype=np.float32)
+    if gray.shape != (size, size):
+        resized = Image.fromarray(gray).resize((size, size), resample=flt)
+        gray = np.asarray(resized, dtype=np.float32)
+    return np.ascontiguousarray(np.clip(gray, 0.0, 1.0), dtype=np.float32)
+
+
+def mask_to_array(mask: Image.Image, size: int = 256) -> np.ndarray:
+    """Convert a ground-truth mask to a uint8 array of shape ``(size, size)`` with values {0, 1}.
+
+    Any non-zero pixel counts as defective (for colour masks: any non-zero
+    colour channel; alpha is ignored; palette masks are expanded first).
+    Resizing uses nearest-neighbour so no intermediate values appear.
+    """
+    _check_size(size)
+    if mask.mode in ("P", "PA"):
+        mask = mask.convert("RGB")
+    arr = np.asarray(mask)
+    if arr.ndim == 3:
+        channels = {"LA": 1, "La": 1, "RGBA": 3, "RGBa": 3}.get(mask.mode, arr.shape[-1])
+        arr = arr[..., :channels].max(axis=-1)
+    binary = (arr > 0).astype(np.uint8)
+    if binary.shape != (size, size):
+        resized = Image.fromarray(binary * np.uint8(255)).resize(
+            (size, size), resample=Image.Resampling.NEAREST
+        )
+        binary = (np.asarray(resized) > 0).astype(np.uint8)
+    return np.ascontiguousarray(binary)

@@ -1,0 +1,241 @@
+"""Label-free choice of the anomaly map: a lever grid scored on normal images and synthetic defects.
+
+The trained model reconstructs three sets once: the NORMAL training images (they fit the
+per-pixel normal reference), the held-out NORMAL validation images, and synthetic-defect
+copies of the validation images (:func:`anomaly_ae.data.defects.paste_synthetic_defects`).
+Every setting of the grid turns those into maps and scores through the scoring core
+(:func:`~anomaly_ae.scoring.anomaly_map.error_terms` once per set, then
+:func:`~anomaly_ae.scoring.anomaly_map.compose` once per distinct map). Test images are never
+an input here.
+
+The rule (the same for every category): ``selection_score = (synthetic image AUROC +
+synthetic pixel AUROC) / 2`` (normal validation images vs their defective copies); settings
+within ``tie_tolerance`` of the best are ties, resolved towards the fewest levers changed
+from the paper's map, then grid order.
+
+Levers (``calibration.grid``): ``blend`` (``ssim``: 1 - local SSIM; ``l2``: squared error;
+``ssim+l2``: 1 - SSIM + s * squared error with ``s = mean(1 - SSIM) / mean(squared error)``
+on the normal validation images, so both terms weigh about the same), ``win_size`` (a window
+or a list of them: the multi-scale mean), ``smoothing_sigma``, ``normal_reference`` and
+``score_reduction``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from anomaly_ae.evaluation.metrics import rank_auroc
+from anomaly_ae.scoring.anomaly_map import MapSettings, blend, error_terms, image_score, smooth_terms
+from anomaly_ae.scoring.reference import NormalReference, correct
+
+__all__ = ["BLENDS", "GridPoint", "build_grid", "l2_scale", "score_grid", "select"]
+
+BLENDS = ("ssim", "ssim+l2", "l2")
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One setting of the grid: a blend name and the :class:`MapSettings` it stands for."""
+
+    blend: str
+    settings: MapSettings
+
+    @property
+    def raw_key(self) -> tuple:
+        """Settings sharing this key share the uncorrected map (and its normal reference)."""
+        s = self.settings
+        combine = s.scale_combine if s.ssim_weight and len(s.windows) > 1 else None
+        return (self.blend, s.windows if s.ssim_weight else (), combine, s.smoothing_sigma)
+
+    @property
+    def map_key(self) -> tuple:
+        """Settings sharing this key share the corrected map (only the reduction differs)."""
+        return (*self.raw_key, self.settings.normal_reference)
+
+    def levers_changed(self, paper: MapSettings) -> int:
+        s = self.settings
+        window_changed = bool(s.ssim_weight) and s.windows != paper.windows
+        combine_changed = bool(s.ssim_weight) and len(s.windows) > 1 and s.scale_combine != paper.scale_combine
+        return (
+            int(self.blend != "ssim")
+            + int(window_changed)
+            + int(combine_changed)
+            + int(s.smoothing_sigma != paper.smoothing_sigma)
+            + int(s.score_reduction != paper.score_reduction)
+            + int(s.normal_reference != paper.normal_reference)
+        )
+
+
+def _weights(blend: str, scale: float) -> tuple[float, float]:
+    if blend not in BLENDS:
+        raise ValueError(f"calibration.grid.blend entries must be among {BLENDS}, got {blend!r}")
+    return {"ssim": (1.0, 0.0), "l2": (0.0, 1.0), "ssim+l2": (1.0, float(scale))}[blend]
+
+
+def build_grid(grid: dict, paper: MapSettings, scale: float) -> list[GridPoint]:
+    """Every combination of the levers in ``grid`` (keys ``blend``, ``win_size``,
+    ``scale_combine``, ``smoothing_sigma``, ``normal_reference``, ``score_reduction``), the
+    paper's map first. A squared-error-only blend has no SSIM window, so it is listed once;
+    ``scale_combine`` only varies for multi-scale windows."""
+    expected = {"blend", "win_size", "scale_combine", "smoothing_sigma", "normal_reference", "score_reduction"}
+    if set(grid) != expected:
+        raise ValueError(
+            f"calibration.grid must have exactly the keys {sorted(expected)}, got {sorted(grid)}"
+        )
+    points = [GridPoint("ssim", paper)]
+    seen = {paper}
+    for blend_name in grid["blend"]:
+        ssim_w, l2_w = _weights(blend_name, scale)
+        for window in grid["win_size"] if ssim_w else [paper.win_size]:
+            multi = isinstance(window, list | tuple) and len(window) > 1
+            for combine in grid["scale_combine"] if multi else [paper.scale_combine]:
+                for sigma in grid["smoothing_sigma"]:
+                    for reference in grid["normal_reference"]:
+                        for reduction in grid["score_reduction"]:
+                            settings = dataclasses.replace(
+                                paper,
+                                ssim_weight=ssim_w,
+                                l2_weight=l2_w,
+                                win_size=tuple(window) if isinstance(window, list) else window,
+                                scale_combine=combine,
+                                smoothing_sigma=float(sigma),
+                                normal_reference=reference,
+                                score_reduction=reduction,
+                            )
+                            if settings not in seen:
+                                seen.add(settings)
+                                points.append(GridPoint(blend_name, settings))
+    return points
+
+
+def l2_scale(terms: dict, win_size: int) -> float:
+    """``mean(1 - SSIM) / mean(squared error)`` over NORMAL images (their error terms)."""
+    ssim_err = float(terms["ssim_err"][win_size].mean())
+    sq = float(terms["sq"].mean())
+    return ssim_err / sq if sq > 0 else 1.0
+
+
+def _terms(
+    images: np.ndarray, recon: np.ndarray, windows: tuple[int, ...], win_sigma: float, batch: int
+) -> dict:
+    parts = [
+        error_terms(
+            torch.from_numpy(np.ascontiguousarray(images[i : i + batch])),
+            torch.from_numpy(np.ascontiguousarray(recon[i : i + batch])),
+            windows,
+            win_sigma,
+        )
+        for i in range(0, len(images), batch)
+    ]
+    return {
+        "ssim_err": {w: torch.cat([p["ssim_err"][w] for p in parts]) for w in windows},
+        "sq": torch.cat([p["sq"] for p in parts]),
+    }
+
+
+def score_grid(
+    grid: dict,
+    paper: MapSettings,
+    train: tuple[np.ndarray, np.ndarray],
+    normal: tuple[np.ndarray, np.ndarray],
+    defects: tuple[np.ndarray, np.ndarray, np.ndarray, Sequence[str]],
+    batch_size: int,
+) -> tuple[pd.DataFrame, float]:
+    """Score every setting; returns the table (one row per setting, grid order) and the
+    ``ssim+l2`` scale. ``train`` and ``normal`` are ``(images, reconstructions)`` of the
+    normal training and validation images; ``defects`` is ``(images, reconstructions,
+    masks, kinds)`` of the synthetic-defect copies. All images ``(N, 1, H, W)`` in [0, 1]."""
+    grid_windows = {
+        int(w) for entry in grid["win_size"] for w in (entry if isinstance(entry, list) else [entry])
+    }
+    windows = tuple(sorted(grid_windows | set(paper.windows)))
+    sigma = paper.win_sigma
+    normal_terms = _terms(*normal, windows, sigma, batch_size)
+    scale = l2_scale(normal_terms, paper.windows[0])
+    points = build_grid(grid, paper, scale)
+
+    eval_terms = _terms(
+        np.concatenate([normal[0], defects[0]]),
+        np.concatenate([normal[1], defects[1]]),
+        windows,
+        sigma,
+        batch_size,
+    )
+    del normal_terms
+    train_terms = _terms(*train, windows, sigma, batch_size)
+    n_normal, h, w = len(normal[0]), *normal[0].shape[-2:]
+    masks = np.concatenate([np.zeros((n_normal, h, w), np.uint8), np.asarray(defects[2], np.uint8)])
+    labels = np.r_[np.zeros(n_normal, int), np.ones(len(defects[0]), int)]
+    kinds = np.asarray(defects[3])
+
+    rows: dict[GridPoint, dict] = {}
+    by_sigma: dict[float, dict[tuple, list[GridPoint]]] = {}
+    for point in points:
+        by_sigma.setdefault(point.settings.smoothing_sigma, {}).setdefault(point.raw_key, []).append(point)
+    for smoothing, by_raw in by_sigma.items():
+        # smoothing is linear: smooth each error term once, then blend (see smooth_terms)
+        train_smooth = smooth_terms(train_terms, smoothing)
+        eval_smooth = smooth_terms(eval_terms, smoothing)
+        for members in by_raw.values():
+            settings = members[0].settings
+            reference = NormalReference.fit(blend(train_smooth, settings)[:, 0])
+            eval_raw = blend(eval_smooth, settings)[:, 0]
+            by_map: dict[str, list[GridPoint]] = {}
+            for point in members:
+                by_map.setdefault(point.settings.normal_reference, []).append(point)
+            for mode, group in by_map.items():
+                maps = eval_raw if mode == "none" else correct(eval_raw, *reference.as_tensors(mode))
+                pixel = rank_auroc(masks.ravel(), maps.numpy().ravel())
+                for point in group:
+                    rows[point] = _image_metrics(point.settings, maps, labels, kinds, n_normal, pixel)
+    table = pd.DataFrame(
+        [
+            {
+                "setting": p.settings.describe(),
+                "blend": p.blend,
+                "ssim_weight": p.settings.ssim_weight,
+                "l2_weight": p.settings.l2_weight,
+                "win_size": "/".join(str(x) for x in p.settings.windows) if p.settings.ssim_weight else "-",
+                "smoothing_sigma": p.settings.smoothing_sigma,
+                "normal_reference": p.settings.normal_reference,
+                "score_reduction": p.settings.score_reduction,
+                "levers_changed": p.levers_changed(paper),
+                **rows[p],
+                "is_paper": i == 0,
+                "map_settings": p.settings.to_dict(),
+            }
+            for i, p in enumerate(points)
+        ]
+    )
+    return table, scale
+
+
+def _image_metrics(settings, maps, labels, kinds, n_normal, pixel) -> dict:
+    scores = image_score(maps, settings.score_reduction, settings.topk_fraction).numpy()
+    image = rank_auroc(labels, scores)
+    per_kind = {}
+    for kind in sorted(set(kinds)):
+        keep = np.r_[np.ones(n_normal, bool), kinds == kind]  # the normals vs this kind
+        per_kind[f"syn_image_auroc_{kind}"] = rank_auroc(labels[keep], scores[keep])
+    return {
+        "syn_image_auroc": image,
+        "syn_pixel_auroc": pixel,
+        "selection_score": 0.5 * (image + pixel),
+        **per_kind,
+    }
+
+
+def select(table: pd.DataFrame, tie_tolerance: float) -> int:
+    """Index (row) of the chosen setting: the best ``selection_score``; ties within
+    ``tie_tolerance`` go to the fewest levers changed from the paper's map, then grid order."""
+    if table.empty:
+        raise ValueError("the calibration grid is empty")
+    best = table["selection_score"].max()
+    tied = table[table["selection_score"] >= best - tie_tolerance]
+    return int(tied.sort_values(["levers_changed"], kind="stable").index[0])

@@ -1,0 +1,72 @@
+"""The benchmark table of a multi-category run: one row per category plus the mean."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+#: Columns of the summary, in order (the metrics are means in the ``mean`` row).
+COLUMNS = [
+    "category",
+    "data_source",
+    "train_images",
+    "epochs",
+    "best_epoch",
+    "train_minutes",
+    "ssim_normal_mean",
+    "ssim_defect_mean",
+    "image_auroc",
+    "pixel_auroc",
+    "aupro",
+    "image_f1_max",
+    "threshold",
+    "map",
+]
+MEANED = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "ssim_normal_mean", "ssim_defect_mean"]
+
+
+def category_row(
+    category: str,
+    metrics: dict[str, Any],
+    history: pd.DataFrame,
+    manifest: pd.DataFrame,
+    map_description: str,
+) -> dict[str, Any]:
+    """One row: what was trained (images, epochs, the best epoch by the monitored loss, the
+    training time) and what it measured (Table II's SSIM means, AUROCs, AUPRO, F1, threshold,
+    the map settings used). A metric that could not be computed (e.g. pixel metrics without
+    masks) is NaN."""
+    monitored = "val_loss" if "val_loss" in history and history["val_loss"].notna().any() else "train_loss"
+    best = int(history.loc[history[monitored].idxmin(), "epoch"]) if len(history) else 0
+    seconds = float(history["epoch_seconds"].sum()) if "epoch_seconds" in history else float("nan")
+    return {
+        "category": category,
+        "data_source": metrics.get("data_source"),
+        "train_images": int((manifest["split"] == "train").sum()),
+        "epochs": int(history["epoch"].max()) if len(history) else 0,
+        "best_epoch": best,
+        "train_minutes": seconds / 60,
+        **{k: _number(metrics.get(k)) for k in MEANED},
+        "threshold": _number(metrics.get("threshold")),
+        "map": map_description,
+    }
+
+
+def _number(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def summary_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The rows in ``COLUMNS`` order plus a ``mean`` row (means of the metrics over the
+    categories that have them)."""
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    mean = {c: None for c in COLUMNS}
+    mean.update({c: table[c].mean() for c in MEANED})
+    mean.update({"category": "mean", "train_images": int(table["train_images"].sum()), "train_minutes": table["train_minutes"].sum()})
+    return pd.concat([table, pd.DataFrame([mean], columns=COLUMNS)], ignore_index=True)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (tabulate), numbers to 4 decimals."""
+    return table.to_markdown(index=False, floatfmt=".4f", missingval="–") + "\n"

@@ -1,0 +1,392 @@
+"""Image- and pixel-level anomaly-detection metrics (numpy / scikit-learn).
+
+Conventions used throughout:
+
+* Label 1 (or ``True``) means *anomalous*, 0 means normal. Ground-truth masks may
+  be bool, {0, 1} or {0, 255}: any non-zero pixel is anomalous.
+* Higher scores / map values mean *more anomalous*.
+* ROC, AUROC and precision-recall curves come from scikit-learn. The one exception is
+  :func:`rank_auroc`, the same exact AUROC (ties count one half) computed by sorting the
+  normal scores once: seven times faster on millions of pixels, which the calibration grid
+  needs for every one of its maps (a test pins it to scikit-learn).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy import ndimage
+from sklearn.metrics import precision_recall_curve, roc_auc_score
+
+__all__ = [
+    "rank_auroc",
+    "image_auroc",
+    "pixel_auroc",
+    "pro_curve",
+    "aupro",
+    "f1_max",
+    "calibrate_threshold",
+    "classification_report_at",
+    "summarise_ssim",
+]
+
+_THRESHOLD_RULES = ("quantile", "mean_std")
+
+
+# --------------------------------------------------------------------------- helpers
+def _labels_scores(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Validate and flatten image labels/scores; labels become bool."""
+    y = np.asarray(labels).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"labels and scores must have the same length, got {y.size} and {s.size}")
+    if y.size == 0:
+        raise ValueError("labels and scores must not be empty")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("scores must be finite (found NaN or inf)")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError(f"labels must be binary (0 = normal, 1 = anomalous), got values {np.unique(y)[:10]}")
+    return y.astype(bool), s
+
+
+def _require_both_classes(y: np.ndarray, what: str) -> None:
+    n_pos = int(y.sum())
+    if n_pos == 0 or n_pos == y.size:
+        present = "anomalous" if n_pos else "normal"
+        raise ValueError(
+            f"{what} is undefined when only one class is present (all {y.size} samples are "
+            f"{present}); need both normal (0) and anomalous (1) samples"
+        )
+
+
+def _as_stack(masks: ArrayLike, maps: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Return (bool masks, float32 maps), both shaped (N, H, W).
+
+    Accepts (H, W), (N, H, W) or (N, 1, H, W) arrays of identical shape.
+    """
+    m = np.asarray(masks)
+    a = np.asarray(maps)
+    if m.shape != a.shape:
+        raise ValueError(f"masks and maps must have the same shape, got {m.shape} and {a.shape}")
+    if m.ndim == 2:
+        m, a = m[None], a[None]
+    elif m.ndim == 4 and m.shape[1] == 1:
+        m, a = m[:, 0], a[:, 0]
+    elif m.ndim != 3:
+        raise ValueError(f"expected (N, H, W) arrays (or (H, W) / (N, 1, H, W)), got shape {m.shape}")
+    a = a.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(a)):
+        raise ValueError("maps must be finite (found NaN or inf)")
+    return m != 0, a
+
+
+# --------------------------------------------------------------------------- AUROC
+def rank_auroc(labels: ArrayLike, scores: ArrayLike) -> float:
+    """Exact AUROC as the Mann-Whitney statistic: the fraction of (anomalous, normal) pairs
+    ordered correctly, ties counting one half. Equal to ``roc_auc_score``; scores keep their
+    dtype (float32 maps sort twice as fast as float64); any non-zero label is anomalous."""
+    y = np.asarray(labels).ravel() != 0
+    s = np.asarray(scores).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"labels and scores must have the same length, got {y.size} and {s.size}")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("scores must be finite (found NaN or inf)")
+    _require_both_classes(y, "rank_auroc")
+    negatives = np.sort(s[~y])
+    positives = s[y]
+    below = np.searchsorted(negatives, positives, "left")
+    equal = np.searchsorted(negatives, positives, "right") - below
+    return float(
+        (below.sum(dtype=np.float64) + 0.5 * equal.sum(dtype=np.float64)) / (len(positives) * len(negatives))
+    )
+
+
+def image_auroc(labels: ArrayLike, scores: ArrayLike) -> float:
+    """Image-level AUROC (``sklearn.metrics.roc_auc_score``).
+
+    Args:
+        labels: Per-image labels, 1 = anomalous, 0 = normal.
+        scores: Per-image anomaly scores (higher = more anomalous).
+
+    Returns:
+        AUROC in [0, 1] (1 = perfect separation, 0 = perfectly inverted).
+
+    Raises:
+        ValueError: If only one class is present, lengths differ, or scores are not finite.
+    """
+    y, s = _labels_scores(labels, scores)
+    _require_both_classes(y, "image AUROC")
+    return float(roc_auc_score(y, s))
+
+
+def pixel_auroc(masks: ArrayLike, maps: ArrayLike) -> float:
+    """Pixel-level AUROC pooled over all pixels of all images.
+
+    Every pixel of every image (including normal test images, whose masks are
+    empty) is one sample. Maps are cast to float32 and masks to bool to keep
+    memory low (83 x 256 x 256 = 5.4 M pixels is fine).
+
+    Args:
+        masks: Ground-truth masks ``(N, H, W)``; non-zero = anomalous.
+        maps: Anomaly maps of the same shape.
+
+    Returns:
+        AUROC in [0, 1].
+
+    Raises:
+        ValueError: If shapes differ, maps are not finite, or all pixels share one class.
+    """
+    m, a = _as_stack(masks, maps)
+    y = m.ravel()
+    _require_both_classes(y, "pixel AUROC")
+    return float(roc_auc_score(y, a.ravel()))
+
+
+# --------------------------------------------------------------------------- PRO
+def pro_curve(masks: ArrayLike, maps: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Exact per-region-overlap (PRO) curve, as in the MVTec AD evaluation code.
+
+    Regions are the connected components (8-connectivity,
+    ``scipy.ndimage.label`` with a 3x3 structure of ones) of each ground-truth
+    mask. A pixel is predicted anomalous at threshold ``t`` iff its map value
+    ``>= t``. For each threshold:
+
+    * ``PRO(t)`` = mean over *all* regions of all images of
+      ``|region & predicted| / |region|``;
+    * ``FPR(t)`` = (#normal pixels predicted anomalous) / (#normal pixels), normal
+      pixels being mask == 0 across all images (good images included).
+
+    Computed exactly for every distinct map value: all pixel scores are sorted
+    once (descending); each normal pixel adds ``1 / #normal`` to the FPR and each
+    region pixel adds ``1 / (|region| * #regions)`` to the PRO; cumulative sums
+    taken at the last position of each group of tied scores give the curve.
+
+    Returns:
+        ``(fpr, pro)``: non-decreasing float64 arrays starting at ``(0, 0)`` and
+        ending at ``(1, 1)``. FPR may repeat (vertical steps).
+
+    Raises:
+        ValueError: If there are no anomalous regions, no normal pixels, shapes
+            differ, or maps are not finite.
+    """
+    m, a = _as_stack(masks, maps)
+    structure = np.ones((3, 3), dtype=int)
+    pro_weight = np.zeros(m.shape, dtype=np.float64)
+    num_regions = 0
+    for i in range(m.shape[0]):
+        labeled, n = ndimage.label(m[i], structure=structure)
+        if n == 0:
+            continue
+        sizes = np.bincount(labeled.ravel())
+        inv = np.zeros(sizes.shape, dtype=np.float64)
+        inv[1:] = 1.0 / sizes[1:]
+        pro_weight[i] = inv[labeled]
+        num_regions += n
+    if num_regions == 0:
+        raise ValueError("AUPRO is undefined: the ground-truth masks contain no anomalous regions")
+    normal = ~m.ravel()
+    num_normal = int(normal.sum())
+    if num_normal == 0:
+        raise ValueError("AUPRO is undefined: the ground-truth masks contain no normal pixels")
+
+    scores = a.ravel()
+    order = np.argsort(scores, kind="stable")[::-1]  # descending
+    scores_sorted = scores[order]
+    # last index of each run of equal scores: every tied pixel enters together
+    keep = np.empty(scores_sorted.size, dtype=bool)
+    np.not_equal(scores_sorted[1:], scores_sorted[:-1], out=keep[:-1])
+    keep[-1] = True
+    del scores_sorted
+
+    fp_cum = np.cumsum(normal[order], dtype=np.int64)[keep]
+    fpr = fp_cum / float(num_normal)
+    del fp_cum
+    pro_sorted = pro_weight.ravel()[order]
+    del pro_weight, order
+    np.cumsum(pro_sorted, out=pro_sorted)
+    pro = pro_sorted[keep] / float(num_regions)
+    del pro_sorted
+
+    fpr = np.clip(np.concatenate(([0.0], fpr)), 0.0, 1.0)
+    pro = np.clip(np.concatenate(([0.0], pro)), 0.0, 1.0)
+    # remove cumulative round-off at the end: all pixels included => (1, 1)
+    fpr[-1] = 1.0
+    pro[-1] = 1.0
+    return fpr, pro
+
+
+def _trapezoid_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
+    """Trapezoid area under (x, y) for x in [x[0], x_max]; x non-decreasing.
+
+    If ``x_max`` falls between two samples, y is linearly interpolated at
+    ``x_max`` (same as ``trapezoid_area`` in the MVTec AD evaluation code).
+    """
+    n_in = int(np.searchsorted(x, x_max, side="right"))  # points with x <= x_max
+    xs, ys = x[:n_in], y[:n_in]
+    area = float(np.sum(0.5 * (ys[1:] + ys[:-1]) * np.diff(xs)))
+    if n_in < x.size and xs[-1] < x_max:
+        x0, x1, y0, y1 = x[n_in - 1], x[n_in], y[n_in - 1], y[n_in]
+        y_interp = y0 + (y1 - y0) * (x_max - x0) / (x1 - x0)
+        area += 0.5 * (y0 + y_interp) * (x_max - x0)
+    return area
+
+
+def aupro(masks: ArrayLike, maps: ArrayLike, fpr_limit: float = 0.3) -> float:
+    """Normalised area under the PRO curve up to ``fpr_limit`` (Bergmann et al., IJCV 2021).
+
+    The exact PRO curve of :func:`pro_curve` (every distinct map value is a
+    threshold; no threshold grid) is integrated over FPR in ``[0, fpr_limit]``
+    with the trapezoid rule, interpolating PRO linearly at exactly
+    ``fpr_limit``, and divided by ``fpr_limit`` so that a perfect detector
+    scores 1.0. A constant map scores ``fpr_limit / 2`` (the curve is the
+    diagonal), an inverted map ~0.
+
+    Args:
+        masks: Ground-truth masks ``(N, H, W)``, non-zero = anomalous; include
+            the normal test images (empty masks) - they contribute normal pixels.
+        maps: Anomaly maps of the same shape (higher = more anomalous).
+        fpr_limit: Upper FPR integration limit in (0, 1]; 0.3 is the MVTec AD standard.
+
+    Returns:
+        AUPRO in [0, 1].
+
+    Raises:
+        ValueError: If ``fpr_limit`` is outside (0, 1], or see :func:`pro_curve`.
+    """
+    if not 0 < fpr_limit <= 1:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit!r}")
+    fpr, pro = pro_curve(masks, maps)
+    value = _trapezoid_up_to(fpr, pro, float(fpr_limit)) / float(fpr_limit)
+    return float(min(max(value, 0.0), 1.0))
+
+
+# --------------------------------------------------------------------------- F1 / thresholds
+def f1_max(labels: ArrayLike, scores: ArrayLike) -> tuple[float, float]:
+    """Best F1 over all thresholds, from ``sklearn.metrics.precision_recall_curve``.
+
+    Note sklearn's convention: a sample is predicted anomalous iff
+    ``score >= threshold``. (:func:`classification_report_at` uses ``score >
+    threshold``; to reproduce the F1 there, pass a value just below the returned
+    threshold, e.g. ``np.nextafter(thr, -np.inf)``.)
+
+    Args:
+        labels: Per-image labels, 1 = anomalous.
+        scores: Per-image anomaly scores.
+
+    Returns:
+        ``(best_f1, threshold)``.
+
+    Raises:
+        ValueError: If only one class is present.
+    """
+    y, s = _labels_scores(labels, scores)
+    _require_both_classes(y, "image F1-max")
+    precision, recall, thresholds = precision_recall_curve(y, s)
+    precision, recall = precision[:-1], recall[:-1]  # last point has no threshold
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
+    best = int(np.argmax(f1))
+    return float(f1[best]), float(thresholds[best])
+
+
+def calibrate_threshold(
+    normal_scores: ArrayLike,
+    rule: str = "quantile",
+    quantile: float = 0.99,
+    k_sigma: float = 3.0,
+) -> float:
+    """Choose an image-score decision threshold from NORMAL validation scores.
+
+    The input must be the scores of held-out NORMAL (defect-free) validation
+    images - never test images (that would leak test labels into the
+    threshold and inflate the reported accuracy/F1).
+
+    Rules:
+        * ``"quantile"``: ``np.quantile(normal_scores, quantile)`` (linear
+          interpolation), i.e. the expected false-positive rate is about
+          ``1 - quantile``.
+        * ``"mean_std"``: ``mean + k_sigma * std`` (population std, ddof=0).
+
+    Args:
+        normal_scores: 1-D anomaly scores of normal validation images.
+        rule: ``"quantile"`` or ``"mean_std"``.
+        quantile: Quantile in [0, 1] for the ``"quantile"`` rule.
+        k_sigma: Number of standard deviations for the ``"mean_std"`` rule.
+
+    Returns:
+        Threshold; an image is anomalous iff ``score > threshold``.
+
+    Raises:
+        ValueError: Unknown ``rule``, empty or non-finite ``normal_scores``, or
+            ``quantile`` outside [0, 1].
+    """
+    s = np.asarray(normal_scores, dtype=np.float64).ravel()
+    if rule not in _THRESHOLD_RULES:
+        raise ValueError(f"unknown threshold rule {rule!r}; expected one of {_THRESHOLD_RULES}")
+    if s.size == 0:
+        raise ValueError(f"normal_scores is empty; cannot calibrate a threshold with rule {rule!r}")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("normal_scores must be finite (found NaN or inf)")
+    if rule == "quantile":
+        if not 0 <= quantile <= 1:
+            raise ValueError(f"quantile must be in [0, 1], got {quantile!r}")
+        return float(np.quantile(s, quantile))
+    return float(s.mean() + k_sigma * s.std(ddof=0))
+
+
+def classification_report_at(labels: ArrayLike, scores: ArrayLike, threshold: float) -> dict[str, float]:
+    """Confusion counts and derived metrics at a fixed threshold.
+
+    An image is predicted anomalous iff ``score > threshold``. Ratios with a
+    zero denominator (e.g. precision with no positive predictions) are 0.0, with
+    no warning.
+
+    Returns:
+        Dict with float values for ``accuracy``, ``precision``, ``recall``,
+        ``f1``, ``tp``, ``fp``, ``tn``, ``fn``.
+    """
+    y, s = _labels_scores(labels, scores)
+    pred = s > threshold
+    tp = int(np.sum(pred & y))
+    fp = int(np.sum(pred & ~y))
+    tn = int(np.sum(~pred & ~y))
+    fn = int(np.sum(~pred & y))
+
+    def _ratio(num: float, den: float) -> float:
+        return float(num) / den if den > 0 else 0.0
+
+    precision = _ratio(tp, tp + fp)
+    recall = _ratio(tp, tp + fn)
+    return {
+        "accuracy": _ratio(tp + tn, y.size),
+        "precision": precision,
+        "recall": recall,
+        "f1": _ratio(2 * precision * recall, precision + recall),
+        "tp": float(tp),
+        "fp": float(fp),
+        "tn": float(tn),
+        "fn": float(fn),
+    }
+
+
+# --------------------------------------------------------------------------- SSIM summary
+def summarise_ssim(values: Sequence[float] | ArrayLike) -> tuple[float, float]:
+    """Mean and standard deviation of per-image SSIM values.
+
+    Uses the population standard deviation (``np.std`` default, ddof=0), which is
+    what a numpy/Keras notebook such as the paper's most likely reported.
+
+    Returns:
+        ``(mean, std)``.
+
+    Raises:
+        ValueError: If ``values`` is empty or not finite.
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if v.size == 0:
+        raise ValueError("values is empty; cannot summarise SSIM")
+    if not np.all(np.isfinite(v)):
+        raise ValueError("values must be finite (found NaN or inf)")
+    return float(v.mean()), float(v.std(ddof=0))

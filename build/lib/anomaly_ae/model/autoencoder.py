@@ -1,0 +1,145 @@
+"""The convolutional autoencoder of the paper's Table I, as a plain PyTorch module."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from anomaly_ae.config import from_settings
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """Everything needed to rebuild the network. Defaults are the paper's Table I.
+
+    Keras defaults are kept where the paper relies on them: LeakyReLU slope 0.3,
+    BatchNorm epsilon 1e-3 and momentum 0.99 (PyTorch's ``momentum`` is ``1 - 0.99``).
+    """
+
+    architecture: str = "paper_table1"
+    image_size: int = 256
+    in_channels: int = 1
+    encoder_filters: tuple[int, ...] = (16, 32, 64, 128)
+    latent_dim: int = 128
+    kernel_size: int = 5
+    final_kernel_size: int = 3
+    leaky_slope: float = 0.3
+    dropout: float = 0.2
+    batchnorm_eps: float = 1e-3
+    batchnorm_momentum: float = 0.01
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        downscale = 2 ** len(self.encoder_filters)
+        if self.image_size % downscale:
+            raise ValueError(
+                f"model.image_size={self.image_size} must be divisible by {downscale} "
+                f"(2 ** number of encoder layers); use e.g. 256."
+            )
+        object.__setattr__(self, "encoder_filters", tuple(int(f) for f in self.encoder_filters))
+
+    @property
+    def bottleneck_size(self) -> int:
+        return self.image_size // 2 ** len(self.encoder_filters)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["encoder_filters"] = list(self.encoder_filters)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AutoencoderConfig:
+        return from_settings(cls, data, "model")
+
+
+def _act_norm_drop(cfg: AutoencoderConfig, features: int, dims: int) -> list[nn.Module]:
+    """LeakyReLU -> BatchNorm -> Dropout, the order of the author's notebook."""
+    norm = nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d
+    return [
+        nn.LeakyReLU(cfg.leaky_slope),
+        norm(features, eps=cfg.batchnorm_eps, momentum=cfg.batchnorm_momentum),
+        nn.Dropout(cfg.dropout),
+    ]
+
+
+class ConvAutoencoder(nn.Module):
+    """Table I: 4 strided 5x5 convolutions, a 128-d dense latent, a mirrored decoder.
+
+    Keras "same" padding with stride 2 is reproduced in output size (each conv halves,
+    each transposed conv doubles the side). Keras pads odd totals on the bottom/right;
+    PyTorch pads symmetrically, a one-pixel shift of the sampling grid that changes no
+    shape and no parameter count.
+    """
+
+    def __init__(self, config: AutoencoderConfig | None = None) -> None:
+        super().__init__()
+        self.config = cfg = config or AutoencoderConfig()
+        pad = cfg.kernel_size // 2
+        layers: list[nn.Module] = []
+        channels = cfg.in_channels
+        for filters in cfg.encoder_filters:
+            layers.append(nn.Conv2d(channels, filters, cfg.kernel_size, stride=2, padding=pad))
+            layers += _act_norm_drop(cfg, filters, dims=2)
+            channels = filters
+        side = cfg.bottleneck_size
+        flat = channels * side * side
+        self.encoder = nn.Sequential(*layers, nn.Flatten(), nn.Linear(flat, cfg.latent_dim))
+
+        self.decoder_dense = nn.Sequential(
+            nn.Linear(cfg.latent_dim, flat), *_act_norm_drop(cfg, flat, dims=1)
+        )
+        self._bottleneck_shape = (channels, side, side)
+        layers = []
+        for filters in reversed(cfg.encoder_filters[:-1]):
+            layers.append(
+                nn.ConvTranspose2d(
+                    channels, filters, cfg.kernel_size, stride=2, padding=pad, output_padding=1
+                )
+            )
+            layers += _act_norm_drop(cfg, filters, dims=2)
+            channels = filters
+        final_pad = cfg.final_kernel_size // 2
+        layers += [
+            nn.ConvTranspose2d(
+                channels,
+                cfg.in_channels,
+                cfg.final_kernel_size,
+                stride=2,
+                padding=final_pad,
+                output_padding=1,
+            ),
+            nn.Sigmoid(),
+        ]
+        self.decoder = nn.Sequential(*layers)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.decoder_dense(z).reshape(z.shape[0], *self._bottleneck_shape)
+        return self.decoder(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+
+ARCHITECTURES = {"paper_table1": ConvAutoencoder}
+
+
+def build_model(config: AutoencoderConfig | dict | None = None) -> nn.Module:
+    """Build a registered architecture from its config (or a dict of its fields)."""
+    if isinstance(config, dict) or config is None:
+        config = AutoencoderConfig.from_dict(config or {})
+    try:
+        cls = ARCHITECTURES[config.architecture]
+    except KeyError:
+        raise ValueError(
+            f"Unknown model.architecture {config.architecture!r}; choose one of {sorted(ARCHITECTURES)}"
+        ) from None
+    return cls(config)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,103 @@
+"""Checkpoint files: atomic writes and safe (weights-only) loads."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or does not fit the requested model."""
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(handle)`` on a temporary file beside ``path``, fsync it, then rename it
+    over ``path``. A crash mid-write leaves the previous file untouched (``os.replace`` is
+    atomic) and no temporary file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_checkpoint_atomic(checkpoint: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``checkpoint`` with ``torch.save`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda handle: torch.save(checkpoint, handle))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (no arbitrary code is unpickled)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"No checkpoint at {path}. Train first: `kedro run --pipeline=training`.")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file name
+        raise CheckpointError(f"Cannot read checkpoint {path}: {exc}") from exc
+    validate_checkpoint(data, str(path))
+    return data
+
+
+def validate_checkpoint(data: Any, name: str = "checkpoint") -> None:
+    """Check that ``data`` is a checkpoint dict this version of the project can use."""
+    required = ("format_version", "model_config", "model_state")
+    if not isinstance(data, dict) or any(k not in data for k in required):
+        raise CheckpointError(f"{name} is not an anomaly-ae checkpoint (needs keys {required}).")
+    if data["format_version"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{name} has format {data['format_version']}, this version reads {CHECKPOINT_FORMAT}."
+        )
+
+
+def checkpoint_fingerprint(checkpoint: dict[str, Any]) -> str:
+    """A short SHA-256 of the model weights: tells which model a calibrated threshold or
+    normal reference belongs to."""
+    validate_checkpoint(checkpoint)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(checkpoint["model_state"].items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any], expected=None, image_size: int | None = None):
+    """Rebuild the trained model in eval mode (the one place a checkpoint becomes a network).
+
+    Refuses, with a message saying what to do, a checkpoint of another architecture than
+    ``expected`` (an :class:`~anomaly_ae.model.AutoencoderConfig`) or of another image size.
+    """
+    from anomaly_ae.model.autoencoder import AutoencoderConfig, build_model
+
+    validate_checkpoint(checkpoint)
+    saved = AutoencoderConfig.from_dict(checkpoint["model_config"])
+    if expected is not None and saved.architecture != expected.architecture:
+        raise CheckpointError(
+            f"The checkpoint holds architecture {saved.architecture!r} but model.architecture is "
+            f"{expected.architecture!r}; retrain or pick a matching checkpoint version."
+        )
+    if image_size is not None and saved.image_size != image_size:
+        raise CheckpointError(
+            f"The checkpoint was trained on {saved.image_size}px images but the data is "
+            f"{image_size}px; set preprocessing.image_size={saved.image_size} or retrain."
+        )
+    model = build_model(saved)
+    model.load_state_dict(checkpoint["model_state"])
+    return model.eval()

@@ -1,0 +1,52 @@
+"""Nodes of the ``data_processing`` pipeline."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from anomaly_ae.data import preprocess
+from anomaly_ae.data.fingerprint import STAMP_KEY, inputs_stamp
+from anomaly_ae.data.partitions import image_partitions
+
+log = logging.getLogger(__name__)
+
+
+def split_images(raw_manifest: pd.DataFrame, preprocessing: dict[str, Any]) -> pd.DataFrame:
+    """Seeded train/validation split of the normal training images."""
+    return preprocess.split_train_validation(
+        raw_manifest, preprocessing["validation_fraction"], preprocessing["split_seed"]
+    )
+
+
+def build_model_inputs(
+    dataset_info: dict[str, Any],
+    image_manifest: pd.DataFrame,
+    preprocessing: dict[str, Any],
+    data: dict[str, Any],
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Grayscale, resize and scale every image once; the arrays are cached in the catalog."""
+    folder, suffix = dataset_info["path"], data["image_suffix"]
+    size, resample = preprocessing["image_size"], preprocessing["resample"]
+    loaders = image_partitions(folder, suffix, max_pixels=data["max_image_pixels"])
+    stamp = np.array(inputs_stamp(dataset_info, preprocessing))
+    outputs = []
+    for split in (preprocess.TRAIN, preprocess.VALIDATION, preprocess.TEST):
+        rows = image_manifest[image_manifest["split"] == split].sort_values("array_index")
+        arrays = {
+            "images": preprocess.stack_images(
+                loaders, rows["image_file"].tolist(), folder, size, resample, suffix
+            ),
+            "labels": rows["label"].to_numpy(dtype=np.int64),
+            STAMP_KEY: stamp,  # what these arrays were made from (data/fingerprint.py)
+        }
+        if split == preprocess.TEST:
+            arrays["masks"] = preprocess.stack_masks(
+                loaders, rows["mask_file"].tolist(), folder, size, suffix
+            )
+        log.info("%s: %d images of %dx%d", split, len(rows), size, size)
+        outputs.append(arrays)
+    return tuple(outputs)

@@ -1,0 +1,232 @@
+"""Nodes of the ``evaluate`` pipeline: scoring, threshold, tables and metrics."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from anomaly_ae.data.defects import DEFECT_KINDS
+from anomaly_ae.evaluation import tables
+from anomaly_ae.evaluation.stress import stress_table
+from anomaly_ae.evaluation.metrics import calibrate_threshold
+from anomaly_ae.evaluation.summary import HEADLINE_METRICS, detection_metrics
+from anomaly_ae.model import AutoencoderConfig
+from anomaly_ae.model.checkpoint import checkpoint_fingerprint, model_from_checkpoint
+from anomaly_ae.scoring import MapSettings, NormalReference
+from anomaly_ae.scoring.inference import fit_normal_reference, reconstruct_and_score
+
+MAP_SOURCES = ("calibrated", "configured")
+
+log = logging.getLogger(__name__)
+
+
+def _network(model_checkpoint: dict, model: dict[str, Any], images: dict[str, np.ndarray]):
+    return model_from_checkpoint(
+        model_checkpoint, AutoencoderConfig.from_dict(model), image_size=images["images"].shape[-1]
+    )
+
+
+def _inference_options(evaluation: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "batch_size": evaluation["batch_size"],
+        "device": evaluation["device"],
+        "precision": evaluation["precision"],
+    }
+
+
+def resolve_map(calibrated_map: dict[str, Any], model_checkpoint: dict, evaluation: dict[str, Any]) -> dict:
+    """The map settings this evaluation uses: the calibrated choice for THIS model
+    (``evaluation.map: calibrated``, the default) or ``evaluation.anomaly_map`` as configured
+    (``evaluation.map: configured``; its defaults are the paper's map: ``--env paper``)."""
+    source = evaluation["map"]
+    if source not in MAP_SOURCES:
+        raise ValueError(f"evaluation.map must be one of {MAP_SOURCES}, got {source!r}")
+    if source == "configured":
+        settings = MapSettings.from_dict(evaluation["anomaly_map"])
+        log.info("Anomaly map as configured (evaluation.anomaly_map): %s", settings.describe())
+        return settings.to_dict()
+    fingerprint = checkpoint_fingerprint(model_checkpoint)
+    if calibrated_map.get("checkpoint_fingerprint") != fingerprint:
+        raise ValueError(
+            f"The calibrated map was chosen for model {calibrated_map.get('checkpoint_fingerprint')}, "
+            f"not for this checkpoint ({fingerprint}). Run `kedro run --pipeline=calibrate` for it, or "
+            "pick a matching version with --load-versions."
+        )
+    settings = MapSettings.from_dict(calibrated_map["map_settings"])
+    log.info("Anomaly map chosen by calibration: %s", settings.describe())
+    return settings.to_dict()
+
+
+def fit_reference(
+    model_checkpoint: dict,
+    train_images: dict[str, np.ndarray],
+    map_settings: dict[str, Any],
+    model: dict[str, Any],
+    evaluation: dict[str, Any],
+) -> dict[str, np.ndarray]:
+    """Per-pixel mean/std of the anomaly maps of the NORMAL training images (never validation
+    or test images); used when the map's ``normal_reference`` is not ``none``."""
+    network = _network(model_checkpoint, model, train_images)
+    settings = MapSettings.from_dict(map_settings)
+    reference = fit_normal_reference(
+        network, train_images["images"], settings, **_inference_options(evaluation)
+    )
+    log.info(
+        "Normal reference from %d training images: mean map %.4f, std map %.4f (applied: %s)",
+        reference.n_images,
+        float(reference.mean.mean()),
+        float(reference.std.mean()),
+        settings.normal_reference,
+    )
+    return {
+        **reference.to_arrays(),
+        "checkpoint_fingerprint": np.asarray(checkpoint_fingerprint(model_checkpoint)),
+    }
+
+
+def score_images(
+    model_checkpoint: dict,
+    test_images: dict[str, np.ndarray],
+    validation_images: dict[str, np.ndarray],
+    normal_reference: dict[str, np.ndarray],
+    map_settings: dict[str, Any],
+    model: dict[str, Any],
+    evaluation: dict[str, Any],
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Reconstruct and score the test images and the held-out normal validation images."""
+    network = _network(model_checkpoint, model, test_images)
+    settings = MapSettings.from_dict(map_settings)
+    reference = NormalReference.from_arrays(normal_reference)
+    options = {**_inference_options(evaluation), "reference": reference}
+    test_scores = reconstruct_and_score(network, test_images["images"], settings, **options)
+    validation_scores = reconstruct_and_score(network, validation_images["images"], settings, **options)
+    validation_scores.pop("map", None)
+    return test_scores, validation_scores
+
+
+def calibrate_threshold_node(
+    validation_scores: dict[str, np.ndarray],
+    model_checkpoint: dict,
+    map_settings: dict[str, Any],
+    evaluation: dict[str, Any],
+) -> dict[str, Any]:
+    """The decision threshold from NORMAL validation images only (never test images), tagged
+    with the fingerprint of the model it belongs to."""
+    rule = evaluation["threshold"]
+    scores = validation_scores["score"]
+    if len(scores) == 0:
+        raise ValueError(
+            "No validation images to calibrate the threshold on; set "
+            "preprocessing.validation_fraction > 0 and rerun data_processing."
+        )
+    value = calibrate_threshold(scores, rule=rule["rule"], quantile=rule["quantile"], k_sigma=rule["k_sigma"])
+    log.info("Threshold %.5f (%s on %d normal validation images)", value, rule["rule"], len(scores))
+    return {
+        "value": float(value),
+        **rule,
+        "n_validation_images": int(len(scores)),
+        "score": map_settings,
+        "checkpoint_fingerprint": checkpoint_fingerprint(model_checkpoint),
+        "checkpoint_epoch": int(model_checkpoint.get("epoch", 0)),
+    }
+
+
+def build_ssim_table(
+    test_scores: dict[str, np.ndarray], image_manifest: pd.DataFrame, threshold: dict[str, Any]
+) -> pd.DataFrame:
+    test_rows = image_manifest[image_manifest["split"] == "test"]
+    return tables.ssim_table(test_rows, test_scores, threshold["value"])
+
+
+def build_table2(
+    ssim_table: pd.DataFrame, model_checkpoint: dict, paper_table2: dict, evaluation: dict[str, Any]
+) -> pd.DataFrame:
+    frame = tables.table2(
+        ssim_table, paper_table2, model_checkpoint["loss"], evaluation["paper_protocol_defects"]
+    )
+    log.info("Table II (SSIM of original vs reconstruction):\n%s", tables.format_table2(frame))
+    return frame
+
+
+def compute_metrics(
+    test_scores: dict[str, np.ndarray],
+    test_images: dict[str, np.ndarray],
+    threshold: dict[str, Any],
+    model_checkpoint: dict,
+    dataset_info: dict[str, Any],
+    map_settings: dict[str, Any],
+    evaluation: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+    """All metrics (versioned JSON) and the headline ones for MLflow."""
+    metrics = detection_metrics(
+        test_images["labels"],
+        test_scores["score"],
+        test_scores["ssim"],
+        test_images["masks"],
+        test_scores["map"],
+        threshold["value"],
+        evaluation["aupro_fpr_limit"],
+    )
+    log.info(
+        "image AUROC %.4f | pixel AUROC %.4f | AUPRO %.4f | F1-max %.4f | threshold %.4f",
+        metrics["image_auroc"],
+        metrics["pixel_auroc"],
+        metrics["aupro"],
+        metrics["image_f1_max"],
+        metrics["threshold"],
+    )
+    record = {
+        **metrics,
+        "n_test_images": int(len(test_images["labels"])),
+        "data_source": dataset_info["source"],
+        "category": dataset_info["category"],
+        "checkpoint_epoch": int(model_checkpoint.get("epoch", 0)),
+        "loss_weights": model_checkpoint["loss"],
+        "anomaly_map": map_settings,
+        "map_source": evaluation["map"],
+        "threshold_rule": {k: v for k, v in threshold.items() if k != "value"},
+    }
+    mlflow_metrics = {name: {"value": float(metrics[name]), "step": 0} for name in HEADLINE_METRICS}
+    return record, mlflow_metrics
+
+
+def stress_test(
+    model_checkpoint: dict,
+    test_images: dict[str, np.ndarray],
+    normal_reference: dict[str, np.ndarray],
+    map_settings: dict[str, Any],
+    model: dict[str, Any],
+    evaluation: dict[str, Any],
+    calibration: dict[str, Any],
+) -> pd.DataFrame:
+    """Image/pixel AUROC per synthetic defect kind on the GOOD test images (another seed than
+    calibration, every kind), for the map in use and the paper's map: a held-out report."""
+    options = evaluation["stress_test"]
+    normal = test_images["images"][np.asarray(test_images["labels"]) == 0]
+    if len(normal) < 2:
+        log.warning("Stress test skipped: fewer than 2 good test images.")
+        return pd.DataFrame(columns=["map", "kind", "n_defective", "n_normal", "image_auroc", "pixel_auroc"])
+    synthetic = calibration["synthetic_defects"]
+    table = stress_table(
+        _network(model_checkpoint, model, test_images),
+        normal,
+        {
+            "in use": (MapSettings.from_dict(map_settings), NormalReference.from_arrays(normal_reference)),
+            "paper": (MapSettings(), None),  # the paper's map (MapSettings' defaults; no reference)
+        },
+        {
+            "per_image": options["per_image"],
+            "seed": options["seed"],
+            "min_contrast": synthetic["min_contrast"],
+            "max_tries": synthetic["max_tries"],
+            "kinds": DEFECT_KINDS,
+            "contrast": tuple(synthetic["contrast"]),
+        },
+        **_inference_options(evaluation),
+    )
+    pivot = table.pivot(index="kind", columns="map", values="image_auroc")
+    log.info("Held-out synthetic defects on the good test images, image AUROC per kind:\n%s", pivot.round(3).to_string())
+    return table

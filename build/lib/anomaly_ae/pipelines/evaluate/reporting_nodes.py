@@ -1,0 +1,196 @@
+"""Reporting nodes of the ``evaluate`` pipeline: figures, heat maps and the HTML report."""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from anomaly_ae.evaluation.metrics import image_auroc
+from anomaly_ae.reporting import figures
+from anomaly_ae.reporting.report import render_report
+from anomaly_ae.scoring import anomaly_map
+
+
+def _figure1_rows(
+    test_images: dict[str, np.ndarray], test_scores: dict[str, np.ndarray], ssim_table: pd.DataFrame
+) -> list[dict]:
+    """First image of each defect type and one good image; error map = 1 - local SSIM."""
+    picks = ssim_table.reset_index().groupby("defect_type", sort=True).first()
+    order = ["good"] + [t for t in picks.index if t != "good"]
+    rows = []
+    for defect in (t for t in order if t in picks.index):
+        i = int(picks.loc[defect, "index"])
+        x = torch.from_numpy(test_images["images"][i : i + 1])
+        recon = torch.from_numpy(test_scores["recon"][i : i + 1])
+        error = anomaly_map(x, recon)[0, 0].numpy()  # the paper's map, whatever evaluation.anomaly_map says
+        rows.append(
+            {
+                "image": x[0, 0].numpy(),
+                "recon": recon[0, 0].numpy(),
+                "error": error,
+                "label": f"{defect}\n{picks.loc[defect, 'file']}\nSSIM {picks.loc[defect, 'ssim']:.3f}",
+            }
+        )
+    return rows
+
+
+def make_figures(
+    test_images: dict[str, np.ndarray],
+    test_scores: dict[str, np.ndarray],
+    ssim_table: pd.DataFrame,
+    evaluation_metrics: dict[str, Any],
+) -> tuple[Image.Image, Image.Image, Image.Image, Image.Image]:
+    """Figure 1 of the paper, image and pixel ROC curves, and SSIM histograms."""
+    figure1 = figures.figure_to_image(
+        figures.reconstruction_figure(_figure1_rows(test_images, test_scores, ssim_table))
+    )
+    labels = test_images["labels"]
+    image_roc = figures.figure_to_image(
+        figures.roc_figure(
+            {
+                "image score": (labels, test_scores["score"], evaluation_metrics["image_auroc"]),
+                "1 - SSIM": (labels, 1 - test_scores["ssim"], image_auroc(labels, 1 - test_scores["ssim"])),
+            },
+            "Image-level ROC",
+        )
+    )
+    pixel_roc = figures.figure_to_image(
+        figures.roc_figure(
+            {
+                "anomaly map": (
+                    test_images["masks"].ravel() > 0,
+                    test_scores["map"].ravel(),
+                    evaluation_metrics["pixel_auroc"],
+                )
+            },
+            "Pixel-level ROC (all test pixels)",
+        )
+    )
+    histogram = figures.figure_to_image(figures.ssim_histogram_figure(ssim_table))
+    return figure1, image_roc, pixel_roc, histogram
+
+
+def make_heatmaps(
+    test_images: dict[str, np.ndarray],
+    test_scores: dict[str, np.ndarray],
+    ssim_table: pd.DataFrame,
+    decision_threshold: dict[str, Any],
+) -> dict[str, Image.Image]:
+    """One overlay per test image (input with its anomaly map on top), keyed like the data."""
+    vmax = figures.overlay_vmax(
+        decision_threshold["value"], decision_threshold["score"].get("normal_reference", "none")
+    )
+    return {
+        str(PurePosixPath(row.file).with_suffix("")): figures.heatmap_overlay_image(
+            test_images["images"][i, 0], test_scores["map"][i], vmax=vmax
+        )
+        for i, row in enumerate(ssim_table.itertuples())
+    }
+
+
+def build_report(
+    table2: pd.DataFrame,
+    evaluation_metrics: dict[str, Any],
+    figure1: Image.Image,
+    image_roc: Image.Image,
+    pixel_roc: Image.Image,
+    ssim_histogram: Image.Image,
+    loss_curve: Image.Image,
+    dataset_info: dict[str, Any],
+    map_settings: dict[str, Any],
+    calibrated_map: dict[str, Any],
+    calibration_table: pd.DataFrame,
+    stress_table: pd.DataFrame,
+    model: dict[str, Any],
+    training: dict[str, Any],
+    evaluation: dict[str, Any],
+) -> str:
+    """The single HTML report in 08_reporting: Table II, metrics and Figure 1 first, then
+    which anomaly map was used and why (the calibration rule's table, top rows)."""
+    import mlflow
+
+    run = mlflow.active_run()
+    return render_report(
+        title=f"anomaly-ae report — {dataset_info['category']}",
+        run_id=run.info.run_id if run else None,
+        dataset_info=dataset_info,
+        table2=table2,
+        metrics=evaluation_metrics,
+        figures={
+            "Figure 1 — input, reconstruction, error map (1 − local SSIM)": figure1,
+            "Image-level ROC": image_roc,
+            "Pixel-level ROC": pixel_roc,
+            "SSIM of normal vs defective test images": ssim_histogram,
+            "Training loss": loss_curve,
+        },
+        configuration={
+            "model": model,
+            "training": training,
+            "evaluation": evaluation,
+            "loss_weights": evaluation_metrics.get("loss_weights"),
+            "checkpoint_epoch": evaluation_metrics.get("checkpoint_epoch"),
+        },
+        extra_sections={
+            "Anomaly map — which settings and why": map_section(
+                map_settings, calibrated_map, calibration_table, evaluation["map"]
+            ),
+            "Held-out synthetic defects per kind (good test images, another seed)": stress_section(stress_table),
+        },
+    )
+
+
+def stress_section(table: pd.DataFrame) -> str:
+    """HTML: image / pixel AUROC per synthetic defect kind, the map in use next to the paper's."""
+    from anomaly_ae.reporting.report import html_table
+
+    if table.empty:
+        return "<p>Not computed: fewer than 2 good test images.</p>"
+    wide = table.pivot(index="kind", columns="map", values=["image_auroc", "pixel_auroc"])
+    wide.columns = [f"{metric.replace('_auroc', ' AUROC')} ({name})" for metric, name in wide.columns]
+    counts = table.drop_duplicates("kind").set_index("kind")["n_defective"]
+    wide.insert(0, "defective images", counts)
+    return (
+        "<p>Every synthetic defect kind pasted onto the good test images with another seed than "
+        "calibration: a check on images the choice never saw (it chooses nothing).</p>"
+        + html_table(wide.reset_index())
+    )
+
+
+TOP_ROWS = 10
+TABLE_COLUMNS = ["rank", "setting", "syn_image_auroc", "syn_pixel_auroc", "selection_score", "levers_changed"]
+
+
+def map_section(
+    map_settings: dict[str, Any], calibrated_map: dict[str, Any], table: pd.DataFrame, source: str
+) -> str:
+    """HTML: the settings used, the rule, and the rule's table (top rows plus the paper's map)."""
+    import html
+
+    from anomaly_ae.reporting.report import html_table
+    from anomaly_ae.scoring import MapSettings
+
+    used = MapSettings.from_dict(map_settings).describe()
+    if source == "calibrated":
+        why = (
+            f"Chosen by calibration for this model ({calibrated_map['n_settings']} settings, "
+            f"{calibrated_map['n_tied']} within the tie tolerance {calibrated_map['tie_tolerance']:g})."
+        )
+    else:
+        why = (
+            "As configured (evaluation.map: configured, evaluation.anomaly_map). Calibration would "
+            f"have chosen <code>{html.escape(calibrated_map['setting'])}</code>."
+        )
+    shown = table[(table["rank"] <= TOP_ROWS) | table["is_paper"]].copy()
+    shown["setting"] = [
+        s + (" (paper)" if p else "") + (" (chosen)" if c else "")
+        for s, p, c in zip(shown["setting"], shown["is_paper"], shown["is_selected"], strict=True)
+    ]
+    return (
+        f"<p>Used: <code>{html.escape(used)}</code>. {why}</p>"
+        f"<p>Rule: {html.escape(calibrated_map['rule'])}</p>" + html_table(shown[TABLE_COLUMNS])
+    )

@@ -1,0 +1,159 @@
+"""Matplotlib figures of the project (headless: the Agg backend)."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from PIL import Image  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+
+def loss_curve_figure(history: pd.DataFrame, title: str = "Training loss") -> Figure:
+    """Train (and validation) loss per epoch, with the best validation epoch marked."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.plot(history["epoch"], history["train_loss"], label="train")
+    if "val_loss" in history and history["val_loss"].notna().any():
+        ax.plot(history["epoch"], history["val_loss"], label="validation")
+        best = history.loc[history["val_loss"].idxmin()]
+        ax.axvline(best["epoch"], color="grey", linestyle=":", label=f"best epoch {int(best['epoch'])}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def reconstruction_figure(
+    rows: list[dict], title: str = "Input, reconstruction and error map (1 - local SSIM)"
+) -> Figure:
+    """The paper's Figure 1: one row per image with input, reconstruction and the error
+    map on a 'jet' colormap over [0, 1]. ``rows``: dicts with image, recon, error, label."""
+    fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False)
+    for ax_row, row in zip(axes, rows, strict=True):
+        ax_row[0].imshow(row["image"], cmap="gray", vmin=0, vmax=1)
+        ax_row[0].set_ylabel(row["label"], fontsize=9)
+        ax_row[1].imshow(row["recon"], cmap="gray", vmin=0, vmax=1)
+        im = ax_row[2].imshow(row["error"], cmap="jet", vmin=0, vmax=1)
+        for ax in ax_row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    for ax, name in zip(axes[0], ("input", "reconstruction", "error map"), strict=True):
+        ax.set_title(name)
+    fig.colorbar(im, ax=axes[:, 2].tolist(), fraction=0.046, pad=0.04)
+    fig.suptitle(title)
+    return fig
+
+
+def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], title: str) -> Figure:
+    """ROC curves; ``curves`` maps a name to (labels, scores, auroc)."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, (labels, scores, auc) in curves.items():
+        fpr, tpr, _ = roc_curve(labels, scores)
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def ssim_histogram_figure(ssim_table: pd.DataFrame, threshold_ssim: float | None = None) -> Figure:
+    """SSIM(original, reconstruction) of normal vs defective test images."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    bins = np.linspace(ssim_table["ssim"].min(), ssim_table["ssim"].max(), 25)
+    for label, name in ((0, "normal"), (1, "defective")):
+        values = ssim_table.loc[ssim_table["label"] == label, "ssim"]
+        ax.hist(values, bins=bins, alpha=0.6, label=f"{name} (n={len(values)})")
+    ax.set_xlabel("SSIM(original, reconstruction)")
+    ax.set_ylabel("images")
+    ax.set_title("SSIM of test images")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def figure_to_image(fig: Figure, dpi: int = 110) -> Image.Image:
+    """Render a figure to an RGB PIL image (loadable again through pillow.ImageDataset)
+    and close it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    buffer.seek(0)
+    image = Image.open(buffer)
+    image.load()
+    return image.convert("RGB")
+
+
+def overlay_vmax(threshold: float, normal_reference: str = "none") -> float:
+    """Top of the heat-map colour scale: 1 for the paper's ``1 - SSIM`` map (on [0, 1]); for a
+    reference-corrected map (any range) twice the decision threshold, so the threshold sits
+    mid-scale (green) and red means well above it."""
+    if normal_reference == "none" or not threshold > 0:
+        return 1.0
+    return 2.0 * float(threshold)
+
+
+def heatmap_overlay_image(
+    image: np.ndarray, amap: np.ndarray, alpha: float = 0.45, vmax: float = 1.0
+) -> Image.Image:
+    """Grayscale ``image`` in [0, 1] with ``amap`` on [0, ``vmax``] in the 'jet' colormap
+    blended on top, as an RGB PIL image of the same size (fast: no matplotlib figure)."""
+    gray = np.repeat(np.clip(image, 0, 1)[..., None], 3, axis=2)
+    heat = matplotlib.colormaps["jet"](np.clip(np.asarray(amap) / vmax, 0, 1))[..., :3]
+    blended = (1 - alpha) * gray + alpha * heat
+    return Image.fromarray((blended * 255).round().astype(np.uint8), mode="RGB")
+
+
+def variant_comparison_figure(comparison: pd.DataFrame) -> Figure:
+    """Left: SSIM of normal vs defective images per variant, ours and the paper's.
+    Right: image AUROC, pixel AUROC and AUPRO per variant."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    x = np.arange(len(comparison))
+    width = 0.2
+    left.bar(
+        x - 1.5 * width,
+        comparison["ssim_normal_mean"],
+        width,
+        yerr=comparison["ssim_normal_std"],
+        label="ours normal",
+    )
+    left.bar(
+        x - 0.5 * width,
+        comparison["ssim_defect_mean"],
+        width,
+        yerr=comparison["ssim_defect_std"],
+        label="ours defective",
+    )
+    paper = comparison["paper_ssim_normal"].astype(float)
+    left.bar(x + 0.5 * width, paper, width, alpha=0.5, label="paper normal")
+    left.bar(
+        x + 1.5 * width,
+        comparison["paper_ssim_defect"].astype(float),
+        width,
+        alpha=0.5,
+        label="paper defective",
+    )
+    left.set_xticks(x, comparison["variant"])
+    left.set_ylabel("SSIM(original, reconstruction)")
+    left.set_title("Table II")
+    left.legend(fontsize=8)
+    for i, name in enumerate(("image_auroc", "pixel_auroc", "aupro")):
+        right.bar(x + (i - 1) * width, comparison[name], width, label=name)
+    right.set_xticks(x, comparison["variant"])
+    right.set_ylim(0, 1)
+    right.set_title("Detection metrics")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,255 @@
+"""The anomaly map and the image score, with all their levers, in one place.
+
+``map = smooth(ssim_weight * mean_w clip(1 - local SSIM_w, 0, 1) + l2_weight * (x - recon)**2)``,
+then compared with the normal reference (``none`` | ``mean`` | ``zscore``, see
+:mod:`anomaly_ae.scoring.reference`), then reduced to one score per image (``max`` | ``mean``
+| ``topk_mean``). ``w`` runs over ``win_size`` (one window, or several: the multi-scale
+mean). The defaults of :class:`MapSettings` are the paper's Figure 1 map (``1 - local SSIM``,
+11x11 Gaussian window, sigma 1.5) scored by its maximum; ``conf/base/parameters_evaluation.yml``
+holds the same values (a test keeps them equal).
+
+:func:`error_terms` computes the expensive part (one SSIM map per window, the squared
+error) once; :func:`compose` turns those terms into the map of any setting. Evaluation,
+``predict``/``Inspector``, the calibration grid and the benchmark all go through them
+(the grid smooths the terms once per sigma with :func:`smooth_terms`, then :func:`blend`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from anomaly_ae.config import from_settings
+from anomaly_ae.scoring.reference import check_mode, correct
+from anomaly_ae.scoring.ssim import PAPER_WIN_SIGMA, PAPER_WIN_SIZE, gaussian_blur, gaussian_taps, ssim_map
+
+__all__ = [
+    "REDUCTIONS",
+    "MapSettings",
+    "error_terms",
+    "smooth_terms",
+    "blend",
+    "compose",
+    "anomaly_map",
+    "image_score",
+    "score_maps",
+    "reference_tensors",
+]
+
+REDUCTIONS = ("max", "mean", "topk_mean")
+SCALE_COMBINES = ("mean", "max")
+
+
+@dataclass(frozen=True)
+class MapSettings:
+    """How a reconstruction becomes an anomaly map and an image score (defaults: the paper).
+
+    ``win_size`` is one odd window or a tuple of them (multi-scale: the ``1 - SSIM`` maps of
+    the windows are combined by ``scale_combine``, their ``mean`` or their ``max``: the max
+    keeps a defect that only one scale sees).
+    """
+
+    ssim_weight: float = 1.0
+    l2_weight: float = 0.0
+    smoothing_sigma: float = 0.0
+    win_size: int | tuple[int, ...] = PAPER_WIN_SIZE
+    win_sigma: float = PAPER_WIN_SIGMA
+    scale_combine: str = "mean"
+    score_reduction: str = "max"
+    topk_fraction: float = 0.01
+    normal_reference: str = "none"
+
+    def __post_init__(self) -> None:
+        windows = self.win_size if isinstance(self.win_size, list | tuple) else (self.win_size,)
+        windows = tuple(int(w) if float(w) == int(w) else w for w in windows)
+        if not windows:
+            raise ValueError("evaluation.anomaly_map.win_size needs at least one window")
+        for w in windows:
+            gaussian_taps(w, float(self.win_sigma))  # validates (odd, positive) with a clear message
+        object.__setattr__(self, "win_size", windows[0] if len(windows) == 1 else windows)
+        for name in ("ssim_weight", "l2_weight", "smoothing_sigma"):
+            if not float(getattr(self, name)) >= 0:
+                raise ValueError(f"evaluation.anomaly_map.{name} must be >= 0, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, float(getattr(self, name)))
+        if self.ssim_weight == 0 and self.l2_weight == 0:
+            raise ValueError("evaluation.anomaly_map: ssim_weight and l2_weight cannot both be 0")
+        if self.score_reduction not in REDUCTIONS:
+            raise ValueError(
+                f"evaluation.anomaly_map.score_reduction must be one of {REDUCTIONS}, "
+                f"got {self.score_reduction!r}"
+            )
+        if not 0 < float(self.topk_fraction) <= 1:
+            raise ValueError(
+                f"evaluation.anomaly_map.topk_fraction must be in (0, 1], got {self.topk_fraction!r}"
+            )
+        if self.scale_combine not in SCALE_COMBINES:
+            raise ValueError(
+                f"evaluation.anomaly_map.scale_combine must be one of {SCALE_COMBINES}, got {self.scale_combine!r}"
+            )
+        check_mode(self.normal_reference)
+
+    @property
+    def windows(self) -> tuple[int, ...]:
+        return self.win_size if isinstance(self.win_size, tuple) else (self.win_size,)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MapSettings:
+        return from_settings(cls, data, "evaluation.anomaly_map")
+
+    def to_dict(self) -> dict:
+        """JSON-friendly (a multi-scale window becomes a list)."""
+        data = asdict(self)
+        if isinstance(data["win_size"], tuple):
+            data["win_size"] = list(data["win_size"])
+        return data
+
+    def describe(self) -> str:
+        """A short human-readable name, e.g. ``1-SSIM(11) smooth 4 ref-mean max``."""
+        parts = []
+        if self.ssim_weight:
+            wins = "/".join(str(w) for w in self.windows)
+            if len(self.windows) > 1 and self.scale_combine != "mean":
+                wins += f" {self.scale_combine}"
+            parts.append(f"1-SSIM({wins})" + (f"x{self.ssim_weight:g}" if self.ssim_weight != 1 else ""))
+        if self.l2_weight:
+            parts.append(f"sq.err x{self.l2_weight:.3g}" if self.ssim_weight else "sq.err")
+        name = " + ".join(parts)
+        if self.smoothing_sigma:
+            name += f" smooth {self.smoothing_sigma:g}"
+        if self.normal_reference != "none":
+            name += f" ref-{self.normal_reference}"
+        red = {"topk_mean": f"top{self.topk_fraction * 100:g}%"}.get(
+            self.score_reduction, self.score_reduction
+        )
+        return f"{name} {red}"
+
+
+def error_terms(
+    x: Tensor,
+    recon: Tensor,
+    windows: tuple[int, ...] = (PAPER_WIN_SIZE,),
+    win_sigma: float = PAPER_WIN_SIGMA,
+    keep_ssim: bool = False,
+) -> dict:
+    """The expensive part of every map, computed once (float32): per window the same-size
+    SSIM error ``clip(1 - local SSIM, 0, 1)`` (``{"ssim_err": {win: map}}``) and the squared
+    error (``"sq"``); with ``keep_ssim`` also the raw SSIM maps (``"ssim"``)."""
+    x, recon = x.float(), recon.float()
+    ssim = {w: ssim_map(x, recon, gaussian_taps(w, win_sigma), same_size=True) for w in windows}
+    terms = {"ssim_err": {w: (1.0 - m).clamp(0.0, 1.0) for w, m in ssim.items()}, "sq": (x - recon).pow(2)}
+    if keep_ssim:
+        terms["ssim"] = ssim
+    return terms
+
+
+def smooth_terms(terms: dict, sigma: float) -> dict:
+    """The error terms smoothed with ``sigma``. Smoothing is linear, so
+    ``blend(smooth_terms(t, s), m) == compose(t, m)`` for a map ``m`` with smoothing ``s``:
+    the calibration grid smooths each term once per sigma instead of every blend."""
+    return {
+        "ssim_err": {w: gaussian_blur(e, sigma) for w, e in terms["ssim_err"].items()},
+        "sq": gaussian_blur(terms["sq"], sigma),
+    }
+
+
+def blend(terms: dict, settings: MapSettings) -> Tensor:
+    """``ssim_weight * combine_w ssim_err_w + l2_weight * sq`` (combine: the windows' mean
+    or max, ``scale_combine``): the map before smoothing."""
+    amap = None
+    if settings.ssim_weight:
+        errors = [terms["ssim_err"][w] for w in settings.windows]
+        if settings.scale_combine == "max" and len(errors) > 1:
+            ssim_err = torch.stack(errors).amax(dim=0)
+        else:
+            ssim_err = sum(errors) / len(errors)
+        amap = settings.ssim_weight * ssim_err
+    if settings.l2_weight:
+        sq = settings.l2_weight * terms["sq"]
+        amap = sq if amap is None else amap + sq
+    return amap
+
+
+def compose(terms: dict, settings: MapSettings) -> Tensor:
+    """The uncorrected map of ``settings`` from :func:`error_terms`: blend, then smoothing."""
+    return gaussian_blur(blend(terms, settings), settings.smoothing_sigma)
+
+
+def anomaly_map(
+    x: Tensor,
+    recon: Tensor,
+    settings: MapSettings = MapSettings(),
+    reference: tuple[Tensor, Tensor | None] | None = None,
+) -> Tensor:
+    """Per-pixel anomaly map ``(N, C, H, W)`` float32 of images and their reconstructions.
+
+    ``reference`` is ``(mean, scale)`` from :meth:`NormalReference.as_tensors`; it is needed
+    (and applied) exactly when ``settings.normal_reference`` is not ``none``.
+    """
+    return _correct(
+        compose(error_terms(x, recon, settings.windows, settings.win_sigma), settings), settings, reference
+    )
+
+
+def _require_reference(reference, mode: str) -> None:
+    if reference is None:
+        raise ValueError(
+            f"evaluation.anomaly_map.normal_reference={mode!r} needs the normal reference "
+            "(normal_reference.npz) fitted by `kedro run --pipeline=evaluate`"
+        )
+
+
+def _correct(amap: Tensor, settings: MapSettings, reference) -> Tensor:
+    if settings.normal_reference == "none":
+        return amap
+    _require_reference(reference, settings.normal_reference)
+    return correct(amap, *reference)
+
+
+def score_maps(
+    x: Tensor,
+    recon: Tensor,
+    settings: MapSettings,
+    reference: tuple[Tensor, Tensor | None] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(anomaly map, the paper's per-image SSIM)`` in one pass: when the map uses the
+    paper's 11x11 window, the interior of its same-size SSIM map IS the valid-mode map of
+    :func:`~anomaly_ae.scoring.ssim.per_image_ssim`, so SSIM is filtered once."""
+    windows = settings.windows
+    paper = PAPER_WIN_SIZE in windows and settings.win_sigma == PAPER_WIN_SIGMA
+    terms = error_terms(x, recon, windows, settings.win_sigma, keep_ssim=paper)
+    p = PAPER_WIN_SIZE // 2
+    h, w = x.shape[-2:]
+    if paper and 2 * p < min(h, w):
+        valid = terms["ssim"][PAPER_WIN_SIZE][..., p : h - p, p : w - p]
+    else:
+        valid = ssim_map(x.float(), recon.float(), gaussian_taps())
+    return _correct(compose(terms, settings), settings, reference), valid.flatten(1).mean(-1)
+
+
+def image_score(amap: Tensor, reduction: str = "max", topk_fraction: float = 0.01) -> Tensor:
+    """One float32 score per image from maps ``(N, ...)``: the maximum pixel, the mean pixel,
+    or the mean of the ``ceil(topk_fraction * pixels)`` highest pixels (``topk_mean``)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"score reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not 0 < topk_fraction <= 1:
+        raise ValueError(f"topk_fraction must be in (0, 1], got {topk_fraction!r}")
+    if amap.dim() < 2:
+        raise ValueError(f"maps must have a batch dimension and pixels, got shape {tuple(amap.shape)}")
+    flat = amap.float().reshape(amap.shape[0], -1)
+    if reduction == "max":
+        return flat.max(dim=1).values
+    if reduction == "mean":
+        return flat.mean(dim=1)
+    k = max(1, math.ceil(topk_fraction * flat.shape[1]))
+    return flat.topk(k, dim=1).values.mean(dim=1)
+
+
+def reference_tensors(reference, mode: str, device) -> tuple[Tensor, Tensor | None] | None:
+    """``reference.as_tensors(mode, device)``, or None when ``mode`` is ``none``."""
+    if mode == "none":
+        return None
+    _require_reference(reference, mode)
+    return reference.as_tensors(mode, torch.device(device))

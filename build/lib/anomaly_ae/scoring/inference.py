@@ -1,0 +1,124 @@
+"""Batched inference: reconstruction, then the scoring core (map, the paper's SSIM, score)."""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+
+import numpy as np
+import torch
+from torch import nn
+
+from anomaly_ae.device import autocast, resolve_device, resolve_precision
+from anomaly_ae.scoring.anomaly_map import MapSettings, image_score, reference_tensors, score_maps
+from anomaly_ae.scoring.reference import NormalReference
+
+__all__ = ["reconstruct", "reconstruct_and_score", "fit_normal_reference"]
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _score_batch_fn(model: nn.Module, settings: MapSettings, dev, dtype, keep_maps: bool, reference):
+    """The per-batch computation: reconstruction (maybe under autocast), then map, SSIM, MSE
+    and score in float32. Reference tensors are made once, outside any compiled region."""
+    ref = reference_tensors(reference, settings.normal_reference, dev)
+
+    def score_batch(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        with autocast(dev, dtype):
+            recon = model(x)
+        recon = recon.float().contiguous()  # maps and SSIM in float32, standard layout
+        x = x.contiguous()
+        amap, ssim_values = score_maps(x, recon, settings, ref)
+        result = {
+            "recon": recon,
+            "ssim": ssim_values,
+            "mse": ((x - recon) ** 2).mean(dim=(1, 2, 3)),
+            "score": image_score(amap, settings.score_reduction, settings.topk_fraction),
+        }
+        if keep_maps:
+            result["map"] = amap[:, 0]
+        return result
+
+    return score_batch
+
+
+def _compiled_score_batch(model, settings, dev, dtype, keep_maps, mode, reference):
+    """``torch.compile`` the whole per-batch computation once per model, settings and
+    reference (the cache entry holds the reference, so its ``id`` cannot be reused)."""
+    key = (settings, str(dev), dtype, keep_maps, mode, id(reference))
+    per_model = _COMPILED.setdefault(model, {})
+    if key not in per_model:
+        fn = _score_batch_fn(model, settings, dev, dtype, keep_maps, reference)
+        per_model[key] = (torch.compile(fn, mode=mode), reference)
+    return per_model[key][0]
+
+
+def reconstruct_and_score(
+    model: nn.Module,
+    images: np.ndarray | torch.Tensor,
+    settings: MapSettings,
+    batch_size: int,
+    device: str = "cpu",
+    precision: str = "fp32",
+    keep_maps: bool = True,
+    *,
+    channels_last: bool = False,
+    compile: bool = False,
+    compile_mode: str = "default",
+    reference: NormalReference | None = None,
+) -> dict[str, np.ndarray]:
+    """Run ``images`` ``(N, 1, H, W)`` in [0, 1] through the model in batches.
+
+    Returns float32 arrays: ``recon`` (N, 1, H, W), ``map`` (N, H, W) when ``keep_maps``,
+    ``ssim`` (the paper's per-image SSIM), ``mse`` and ``score`` (N,). With
+    ``settings.normal_reference`` other than ``none``, ``reference`` corrects the map before
+    the score is taken. ``channels_last`` and ``compile`` are speed levers with the same
+    math (the network and the scoring core become one ``torch.compile`` graph).
+    """
+    dev = resolve_device(device)
+    dtype = resolve_precision(precision, dev)
+    model = model.to(dev).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile:
+        score_batch = _compiled_score_batch(model, settings, dev, dtype, keep_maps, compile_mode, reference)
+    else:
+        score_batch = _score_batch_fn(model, settings, dev, dtype, keep_maps, reference)
+    images = torch.as_tensor(images, dtype=torch.float32)
+    if reference is not None and settings.normal_reference != "none":
+        reference.check_shape(images.shape)
+    keys = ("recon", "map", "ssim", "mse", "score") if keep_maps else ("recon", "ssim", "mse", "score")
+    out: dict[str, list] = {key: [] for key in keys}
+    with torch.inference_mode():
+        for start in range(0, len(images), int(batch_size)):
+            x = images[start : start + int(batch_size)].to(dev, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            result = score_batch(x)
+            for key in keys:
+                out[key].append(result[key].to("cpu", non_blocking=True))
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return {
+        key: torch.cat(values).numpy().astype(np.float32) if values else np.zeros((0,), np.float32)
+        for key, values in out.items()
+        if values or key != "map"
+    }
+
+
+def reconstruct(model: nn.Module, images: np.ndarray, batch_size: int, device: str = "cpu") -> np.ndarray:
+    """Reconstructions only (float32), in fp32: the calibration grid scores them many ways."""
+    return reconstruct_and_score(model, images, MapSettings(), batch_size, device, "fp32", keep_maps=False)[
+        "recon"
+    ]
+
+
+def fit_normal_reference(
+    model: nn.Module, normal_images: np.ndarray | torch.Tensor, settings: MapSettings, **kwargs
+) -> NormalReference:
+    """Per-pixel mean/std of the uncorrected maps of NORMAL images (the training images);
+    ``kwargs`` go to :func:`reconstruct_and_score`."""
+    raw = dataclasses.replace(settings, normal_reference="none")
+    return NormalReference.fit(
+        reconstruct_and_score(model, normal_images, raw, keep_maps=True, **kwargs)["map"]
+    )

@@ -1,0 +1,109 @@
+"""Normal-reference correction of anomaly maps: where does a NORMAL image usually light up?
+
+A reconstruction autoencoder does not reproduce every normal image equally well everywhere:
+edges, the object's rim and the image border light up in the ``1 - SSIM`` map of every
+image, normal or not. Those pixels dominate ``max``-scores and false-positive pixels. The
+correction fits a per-pixel reference on the anomaly maps of the NORMAL *training* images
+(objects in an inspection cell are placed consistently, so pixel position is meaningful)
+and compares each new map against it:
+
+* ``none`` — the map as it is (the paper);
+* ``mean`` — ``map - mean_map``: how much more this pixel lights up than it does on normal
+  images;
+* ``zscore`` — ``(map - mean_map) / (std_map + mean(std_map))``: the same in units of the
+  pixel's normal spread. The floor ``mean(std_map)`` (scale-free, no tuned constant) keeps
+  pixels that never vary from dividing by ~0.
+
+The reference uses training images only, so the held-out validation images that calibrate
+the decision threshold (and the ablation's synthetic defects) stay unseen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["REFERENCE_MODES", "NormalReference", "correct"]
+
+REFERENCE_MODES = ("none", "mean", "zscore")
+
+
+def check_mode(mode: str) -> str:
+    if mode not in REFERENCE_MODES:
+        raise ValueError(
+            f"evaluation.anomaly_map.normal_reference must be one of {REFERENCE_MODES}, got {mode!r}"
+        )
+    return mode
+
+
+@dataclass(frozen=True)
+class NormalReference:
+    """Per-pixel mean and standard deviation of the anomaly maps of normal images."""
+
+    mean: np.ndarray  # (H, W) float32
+    std: np.ndarray  # (H, W) float32
+    n_images: int
+
+    @classmethod
+    def fit(cls, maps: np.ndarray | torch.Tensor) -> NormalReference:
+        """Fit on ``(N, H, W)`` anomaly maps of normal images (N >= 2); accumulated in float64."""
+        maps = torch.as_tensor(maps)
+        if maps.dim() != 3 or len(maps) < 2:
+            raise ValueError(
+                f"need the anomaly maps of at least 2 normal images shaped (N, H, W), got {tuple(maps.shape)}"
+            )
+        std, mean = torch.std_mean(maps.double(), dim=0, correction=0)
+        return cls(mean.float().numpy(), std.float().numpy(), len(maps))
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """For :class:`anomaly_ae.datasets.NpzDataset`."""
+        return {"mean": self.mean, "std": self.std, "n_images": np.asarray(self.n_images)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], source: str = "normal_reference") -> NormalReference:
+        missing = {"mean", "std", "n_images"} - set(arrays)
+        if missing:
+            raise ValueError(
+                f"{source} lacks {sorted(missing)}; rerun `kedro run --pipeline=evaluate` to refit it."
+            )
+        mean = np.asarray(arrays["mean"], np.float32)
+        std = np.asarray(arrays["std"], np.float32)
+        if mean.ndim != 2 or mean.shape != std.shape:
+            raise ValueError(f"{source}: mean {mean.shape} and std {std.shape} must be equal (H, W) maps")
+        return cls(mean, std, int(arrays["n_images"]))
+
+    def check_shape(self, map_shape: tuple[int, ...] | torch.Size) -> None:
+        """Refuse maps of another size than the reference, saying how to fix it."""
+        if tuple(map_shape[-2:]) != self.mean.shape:
+            raise ValueError(
+                f"anomaly maps are {tuple(map_shape[-2:])} but the normal reference is "
+                f"{self.mean.shape}; refit it (kedro run --pipeline=evaluate) for this image size."
+            )
+
+    def as_tensors(
+        self, mode: str, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(mean, scale)`` float32 tensors on ``device`` for :func:`correct` (``scale`` is
+        None for ``mean``). Make them once, outside any ``torch.compile`` region."""
+        if check_mode(mode) == "none":
+            raise ValueError("normal_reference='none' needs no reference tensors")
+        mean = torch.as_tensor(self.mean, dtype=torch.float32).to(device)
+        if mode == "mean":
+            return mean, None
+        std = torch.as_tensor(self.std, dtype=torch.float32).to(device)
+        return mean, (std + std.mean()).clamp_min(torch.finfo(torch.float32).eps)
+
+    def apply(self, maps: torch.Tensor, mode: str) -> torch.Tensor:
+        """Correct ``(N, 1, H, W)`` or ``(N, H, W)`` maps (float32, any device) by ``mode``."""
+        if check_mode(mode) == "none":
+            return maps
+        self.check_shape(maps.shape)
+        return correct(maps, *self.as_tensors(mode, maps.device))
+
+
+def correct(maps: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """``(maps - mean) / scale`` (``scale`` None: no division); broadcasts over the batch."""
+    corrected = maps - mean
+    return corrected if scale is None else corrected / scale

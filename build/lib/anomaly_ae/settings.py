@@ -1,0 +1,54 @@
+"""Kedro project settings."""
+
+import warnings
+from pathlib import Path
+
+from kedro.config import OmegaConfigLoader
+
+from anomaly_ae.hooks import (
+    CachedInputsHook,
+    InterruptedRunsHook,
+    RetentionHook,
+    MissingCheckpointHook,
+    MlflowArtifactsHook,
+    NamespaceRunsHook,
+    PinRunVersionsHook,
+    RunParamsHook,
+    RunTagsHook,
+)
+
+# Kedro's config loader registers our ${project_root:} resolver with an OmegaConf call that
+# OmegaConf itself deprecates: a warning about Kedro's internals, not the user's run.
+warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated", category=UserWarning)
+
+# kedro-mlflow registers its own MlflowHook through its entry point.
+HOOKS = (
+    RunParamsHook(),
+    PinRunVersionsHook(),
+    MissingCheckpointHook(),
+    CachedInputsHook(),
+    InterruptedRunsHook(),
+    NamespaceRunsHook(),
+    RunTagsHook(),
+    MlflowArtifactsHook(),
+    RetentionHook(),
+)
+
+CONFIG_LOADER_CLASS = OmegaConfigLoader
+CONFIG_LOADER_ARGS = {
+    "base_env": "base",
+    "default_run_env": "local",
+    "merge_strategy": {"parameters": "soft"},
+    # ${project_root:} in configuration: the project folder, also from notebooks/ (so MLflow's
+    # sqlite:///${project_root:}/mlflow.db is one database wherever a session starts)
+    "custom_resolvers": {"project_root": lambda: _project_root()},
+    "config_patterns": {
+        "mlflow": ["mlflow*", "mlflow*/**", "**/mlflow*"],
+    },
+}
+
+
+def _project_root() -> str:
+    from anomaly_ae.run_params import project_root
+
+    return str(project_root(Path.cwd()).resolve())

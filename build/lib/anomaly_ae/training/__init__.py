@@ -1,0 +1,1 @@
+"""Training loop, device selection and checkpoints (plain PyTorch, no Kedro)."""
