@@ -125,7 +125,7 @@ def kedro_project(tmp_path: Path) -> KedroProject:
 @pytest.fixture(scope="session")
 def quick(tmp_path_factory) -> KedroProject:
     """One ``kedro run --env quick`` (in process) shared by every test that needs a trained,
-    calibrated and evaluated project: the synthetic sample, 3 epochs. The project is a git
+    calibrated and evaluated project: the synthetic sample, 128 px, 20 epochs. The project is a git
     repository, so runs carry a ``git_commit`` tag."""
     project = make_project(tmp_path_factory.mktemp("quick") / "project")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(project.path)]

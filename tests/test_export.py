@@ -25,7 +25,8 @@ from anomaly_ae.runtime import BundleError, load_bundle
 from anomaly_ae.runtime.cli import main as inspect_main
 
 NS = "bottle"
-SCORE_TOL = 1e-5
+SCORE_TOL = 1e-5  # absolute, for scores up to 1; z-score maps give scores of 5-30, where
+# float32 rounding differences between the engines scale with the score: 1e-5 relative
 MAP_TOL = 1e-4
 RUNTIME_BIN = Path(sys.executable).with_name("anomaly-ae-inspect")
 
@@ -54,7 +55,7 @@ def _parity(bundle, inspector, files: list[Path], threshold: float | None = None
         f"parity on {result['n']} images: max |score diff| {result['score']:.3g}, "
         f"max |map diff| {result['map']:.3g}"
     )
-    assert result["score"] <= SCORE_TOL
+    assert result["score"] <= SCORE_TOL * max(1.0, float(np.abs(expected).max()))
     assert result["map"] <= MAP_TOL
     assert [v.is_anomalous for v in ort] == [bool(s > (threshold or inspector.threshold)) for s in expected]
     # a threshold amid the scores (midway between two neighbours) makes the verdicts count
@@ -106,7 +107,7 @@ def test_export_pipeline_writes_a_versioned_bundle_of_the_latest_checkpoint(quic
     assert manifest["threshold"]["rule"] == threshold["rule"]
     for key, value in threshold["score"].items():
         assert manifest["score"][key] == value
-    assert manifest["input"]["shape"] == ["batch", 1, 256, 256]
+    assert manifest["input"]["shape"] == ["batch", 1, 128, 128]  # the quick environment
     assert manifest["input"]["resize"]["resample"] == "area"
     assert manifest["validation_scores"]["n"] == threshold["n_validation_images"]
     if threshold["rule"] == "quantile":  # the exported graph reproduces the calibration

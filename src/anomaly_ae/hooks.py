@@ -55,11 +55,39 @@ class PinRunVersionsHook:
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         from kedro.io.core import Version
 
+        pinned = []
         for name in sorted(pipeline.all_outputs()):
             dataset = catalog.get(name)
             version = getattr(dataset, "_version", None)
             if isinstance(version, Version) and version.save and version.load is None:
-                dataset._version = Version(version.save, version.save)
+                pinned.append(dataset)
+        if not pinned:
+            return
+        # Kedro's save version is a millisecond timestamp: two runs started in the same
+        # millisecond would share it. Claim it atomically (mkdir); take the next free one if taken.
+        own = claim_save_version(pinned[0]._version.save)
+        for dataset in pinned:
+            dataset._version = Version(own, own)
+
+
+def claim_save_version(version: str, root: Path | None = None) -> str:
+    """``version`` or the next free millisecond after it, claimed for this run by creating
+    ``data/.run_versions/<version>`` (``os.mkdir`` is atomic: one run gets each version)."""
+    import os
+    from datetime import datetime, timedelta
+
+    from anomaly_ae.run_params import project_root
+
+    folder = (root or project_root(Path.cwd())) / "data" / ".run_versions"
+    folder.mkdir(parents=True, exist_ok=True)
+    fmt = "%Y-%m-%dT%H.%M.%S.%f"
+    while True:
+        try:
+            os.mkdir(folder / version)
+            return version
+        except FileExistsError:
+            stamp = datetime.strptime(version.removesuffix("Z"), fmt) + timedelta(milliseconds=1)
+            version = stamp.strftime(fmt)[:-3] + "Z"
 
 
 #: Inputs a pipeline may need from an earlier run, and the command that makes them.
