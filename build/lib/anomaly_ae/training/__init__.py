@@ -1,1 +1,0 @@
-"""Training loop, device selection and checkpoints (plain PyTorch, no Kedro)."""
