@@ -13,7 +13,7 @@ from PIL import Image
 
 from anomaly_ae.data.transforms import ImageTooLargeError, check_image_size
 
-from anomaly_ae.model.checkpoint import atomic_write, load_checkpoint, save_checkpoint_atomic
+from anomaly_ae.model.checkpoint import atomic_folder, atomic_write, load_checkpoint, save_checkpoint_atomic
 
 
 class TorchCheckpointDataset(AbstractVersionedDataset[dict, dict]):
@@ -174,7 +174,40 @@ class ImageFileDataset(AbstractDataset[Image.Image, Image.Image]):
         return {"filepath": str(self._filepath), "max_pixels": self._max_pixels}
 
 
-class ImageFolderDataset(AbstractVersionedDataset[dict, dict]):
+class FolderDataset(AbstractVersionedDataset[dict, dict]):
+    """Base of the datasets that are a folder written as a whole (versioned or not):
+    subclasses implement ``load`` (from :meth:`_folder`) and ``save`` (with
+    :func:`~anomaly_ae.model.checkpoint.atomic_folder`)."""
+
+    def __init__(self, path: str, version: Version | None = None, metadata: dict | None = None):
+        super().__init__(filepath=PurePosixPath(path), version=version, exists_function=self._dir_exists)
+        self.metadata = metadata
+
+    @staticmethod
+    def _dir_exists(path: str) -> bool:
+        return Path(path).is_dir()
+
+    def _folder(self, hint: str = "run the pipeline that writes it") -> Path:
+        """The folder to load, or a :class:`DatasetError` saying what to run."""
+        try:
+            folder = Path(self._get_load_path())
+        except DatasetError as exc:
+            raise DatasetError(f"{self._filepath}: no saved version ({exc}); {hint}.") from exc
+        if not folder.is_dir():
+            raise DatasetError(f"{folder} does not exist; {hint}.")
+        return folder
+
+    def _exists(self) -> bool:
+        try:
+            return Path(self._get_load_path()).is_dir()
+        except DatasetError:
+            return False
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._filepath), "version": self._version}
+
+
+class ImageFolderDataset(FolderDataset):
     """A folder of PNG images written as a whole: ``save({"a/b": image_or_loader, ...})``
     writes ``a/b.png`` etc. into a temporary sibling folder renamed into place, so a reader
     never sees a half-written folder and, with ``versioned: true``, each run writes its own
@@ -191,18 +224,8 @@ class ImageFolderDataset(AbstractVersionedDataset[dict, dict]):
 
     SUFFIX = ".png"
 
-    def __init__(self, path: str, version: Version | None = None, metadata: dict | None = None):
-        super().__init__(filepath=PurePosixPath(path), version=version, exists_function=self._dir_exists)
-        self.metadata = metadata
-
-    @staticmethod
-    def _dir_exists(path: str) -> bool:
-        return Path(path).is_dir()
-
     def load(self) -> dict:
-        folder = Path(self._get_load_path())
-        if not folder.is_dir():
-            raise DatasetError(f"{folder} does not exist; run the pipeline that writes it.")
+        folder = self._folder()
         files = sorted(folder.rglob(f"*{self.SUFFIX}"))
         return {
             file.relative_to(folder).as_posix().removesuffix(self.SUFFIX): (lambda f=file: Image.open(f))
@@ -210,13 +233,9 @@ class ImageFolderDataset(AbstractVersionedDataset[dict, dict]):
         }
 
     def save(self, data: dict) -> None:
-        import shutil
-        import tempfile
-
         target = Path(self._get_save_path())
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
+
+        def build(staging: Path) -> None:
             for key, image in data.items():
                 image = image() if callable(image) else image
                 file = (staging / f"{key}{self.SUFFIX}").resolve()
@@ -224,22 +243,5 @@ class ImageFolderDataset(AbstractVersionedDataset[dict, dict]):
                     raise DatasetError(f"{target}: partition name {key!r} escapes the folder.")
                 file.parent.mkdir(parents=True, exist_ok=True)
                 image.save(file, format="PNG")
-            if target.exists():  # unversioned: replace the previous folder as a whole
-                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-                target.rename(old / target.name)
-                staging.rename(target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                staging.rename(target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
 
-    def _exists(self) -> bool:
-        try:
-            return Path(self._get_load_path()).is_dir()
-        except DatasetError:
-            return False
-
-    def _describe(self) -> dict[str, Any]:
-        return {"path": str(self._filepath), "version": self._version}
+        atomic_folder(target, build)

@@ -100,7 +100,14 @@ def _schemas() -> list[tuple[str, type, Any]]:
         ("predict", PredictSettings, lambda p: p.get("predict")),
         ("calibration", CalibrationSettings, lambda p: p.get("calibration")),
         ("retention", RetentionSettings, lambda p: p.get("retention")),
+        ("export", _export_settings(), lambda p: p.get("export")),
     ]
+
+
+def _export_settings() -> type:
+    from anomaly_ae.pipelines.export.nodes import ExportSettings
+
+    return ExportSettings
 
 
 def validate_parameters(params: dict[str, Any]) -> None:

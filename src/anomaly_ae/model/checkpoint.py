@@ -38,6 +38,35 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     return path
 
 
+def atomic_folder(path: str | os.PathLike, build: Callable[[Path], object]) -> Path:
+    """Call ``build(staging_folder)`` in a temporary folder beside ``path``, fsync its files,
+    then rename it into place (an existing folder at ``path`` is replaced as a whole): a
+    reader never sees a half-written folder, and a failure leaves nothing behind."""
+    import shutil
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(staging)
+        for file in staging.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
+        staging.chmod(0o755)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            target.rename(old / target.name)
+            staging.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
 def save_checkpoint_atomic(checkpoint: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``checkpoint`` with ``torch.save`` atomically (see :func:`atomic_write`)."""
     return atomic_write(path, lambda handle: torch.save(checkpoint, handle))

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from anomaly_ae.config import from_settings
 from anomaly_ae.export.onnx_export import EXPORTERS, MANIFEST_FILE, MODEL_FILE, build_bundle
 from anomaly_ae.model import AutoencoderConfig
 from anomaly_ae.model.checkpoint import model_from_checkpoint
@@ -54,15 +55,7 @@ class ExportSettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExportSettings:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        missing = sorted(known - set(data))
-        if unknown or missing:
-            raise ValueError(
-                f"export: unknown key(s) {unknown}, missing key(s) {missing}; known: {sorted(known)} "
-                "(see conf/base/parameters_export.yml)"
-            )
-        return cls(**data)
+        return from_settings(cls, data, "export")
 
 
 def export_bundle(
