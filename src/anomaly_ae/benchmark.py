@@ -444,14 +444,17 @@ def calibration_benchmark(model_input: str, checkpoint_path: str, say) -> dict[s
     (parameters from conf/base), on real cached arrays."""
     from kedro.config import OmegaConfigLoader
 
+    from kedro.io.core import Version
+
     from anomaly_ae.datasets import NpzDataset
     from anomaly_ae.model.checkpoint import load_checkpoint
     from anomaly_ae.pipelines.calibrate.nodes import score_lever_grid, select_map, synthesise_defects
 
     params = OmegaConfigLoader("conf", base_env="base", default_run_env="base")["parameters"]
     folder = Path(model_input)
-    train = NpzDataset(str(folder / "train_images.npz")).load()
-    validation = NpzDataset(str(folder / "validation_images.npz")).load()
+    latest = Version(None, None)  # the caches are versioned: read the newest
+    train = NpzDataset(str(folder / "train_images.npz"), version=latest).load()
+    validation = NpzDataset(str(folder / "validation_images.npz"), version=latest).load()
     checkpoint = load_checkpoint(checkpoint_path)
     started = time.perf_counter()
     defects = synthesise_defects(validation, params["calibration"])
