@@ -25,13 +25,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from anomaly_ae.data.transforms import to_model_array
+from anomaly_ae.data.transforms import IMAGE_SUFFIXES, to_model_array
 from anomaly_ae.model.checkpoint import checkpoint_fingerprint, load_checkpoint, model_from_checkpoint
 from anomaly_ae.scoring import MapSettings
 from anomaly_ae.scoring.inference import reconstruct_and_score
 from anomaly_ae.scoring.reference import NormalReference
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 @dataclass

@@ -30,15 +30,16 @@ class StaleInputsError(RuntimeError):
 
 
 def folder_fingerprint(folder: str | Path, suffix: str) -> tuple[str, int]:
-    """``(sha256, number of files)`` over every ``*suffix`` file below ``folder``: relative
+    """``(sha256, number of files)`` over every image file ``suffix`` accepts below ``folder``: relative
     name, size and modification time (no pixel is read)."""
     folder = Path(folder)
     digest = hashlib.sha256()
-    keys = sorted(image_partitions(str(folder), suffix))
-    for key in keys:
-        stat = (folder / f"{key}{suffix}").stat()
-        digest.update(f"{key}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest(), len(keys)
+    images = image_partitions(str(folder), suffix)
+    names = sorted(images.files.values())
+    for name in names:
+        stat = (folder / name).stat()
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest(), len(names)
 
 
 def data_request(data: dict[str, Any]) -> dict[str, str]:

@@ -198,10 +198,25 @@ def index_layout(keys: Iterable[str], category_dir: str | os.PathLike[str]) -> l
     ]
     missing: list[str] = []
     used_masks: set[str] = set()
+    # A defect type with no mask at all is allowed (image metrics only; pixel metrics are
+    # skipped for it and the report says so). One with *some* masks missing is an error:
+    # that is a damaged copy, not a choice.
+    masked_types = {key.split("/")[1] for key in masks}
+    unmasked = sorted({folder for folder, _ in test if folder != GOOD} - masked_types)
+    if unmasked:
+        logger.info(
+            "No ground-truth masks for defect type(s) %s in %s: image metrics only, pixel "
+            "metrics skipped for them.",
+            ", ".join(unmasked),
+            where,
+        )
     for folder, name in test:
         image_key = f"{TEST}/{folder}/{name}"
         if folder == GOOD:
             records.append(ImageRecord(TEST, folder, 0, image_key, None))
+            continue
+        if folder in unmasked:
+            records.append(ImageRecord(TEST, folder, 1, image_key, None))
             continue
         mask_key = f"{GROUND_TRUTH}/{folder}/{name}{MASK_SUFFIX}"
         if mask_key not in masks:
@@ -215,9 +230,10 @@ def index_layout(keys: Iterable[str], category_dir: str | os.PathLike[str]) -> l
             f"Missing ground-truth mask for {len(missing)} defective test image(s) in "
             f"{where}. Expected mask file(s):\n{_format_list(missing)}\n"
             f"Every defective image '{TEST}/<type>/NNN.png' needs a binary mask "
-            f"'{GROUND_TRUTH}/<type>/NNN_mask.png' of the same size. Restore the missing "
-            f"mask files (e.g. re-extract the original archive), or remove the images "
-            f"that have no mask."
+            f"'{GROUND_TRUTH}/<type>/NNN_mask.png' of the same size (any image format). "
+            f"Restore the missing mask files (e.g. re-extract the original archive), remove "
+            f"the images that have no mask, or remove the type's whole "
+            f"'{GROUND_TRUTH}/<type>' folder to evaluate that type without pixel metrics."
         )
 
     orphans = sorted(m for m in masks - used_masks if m.split("/")[1] != GOOD)

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from anomaly_ae.data.partitions import file_key
 from anomaly_ae.data.transforms import decode_image, mask_to_array, to_model_array
 
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
@@ -40,12 +41,11 @@ def stack_images(
     folder: str,
     size: int,
     resample: str,
-    suffix: str,
 ) -> np.ndarray:
     """Decode and convert images to one ``(N, 1, size, size)`` float32 array in [0, 1]."""
     out = np.empty((len(files), 1, size, size), dtype=np.float32)
     for i, name in enumerate(files):
-        image = decode_image(loaders[name.removesuffix(suffix)], f"{folder}/{name}")
+        image = decode_image(loaders[file_key(name)], f"{folder}/{name}")
         out[i, 0] = to_model_array(image, size=size, resample=resample)
     return out
 
@@ -55,12 +55,11 @@ def stack_masks(
     files: Sequence[str | None],
     folder: str,
     size: int,
-    suffix: str,
 ) -> np.ndarray:
     """Decode masks to ``(N, size, size)`` uint8 {0, 1}; images without a mask get zeros."""
     out = np.zeros((len(files), size, size), dtype=np.uint8)
     for i, name in enumerate(files):
         if isinstance(name, str) and name:
-            mask = decode_image(loaders[name.removesuffix(suffix)], f"{folder}/{name}")
+            mask = decode_image(loaders[file_key(name)], f"{folder}/{name}")
             out[i] = mask_to_array(mask, size=size)
     return out

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
+    "IMAGE_SUFFIXES",
     "RESAMPLE_METHODS",
     "ImageDecodeError",
     "ImageTooLargeError",
@@ -34,6 +35,9 @@ RESAMPLE_METHODS: dict[str, Image.Resampling] = {
 }
 
 # ITU-R 601-2 luma, the same weights PIL uses for convert("L").
+#: The image formats the project reads (data folders, predict, the inspection runtime).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 _16BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I;16S", "I;16BS", "I;16LS", "I"}

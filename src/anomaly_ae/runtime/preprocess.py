@@ -11,12 +11,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from anomaly_ae.data.transforms import to_model_array
+from anomaly_ae.data.transforms import IMAGE_SUFFIXES, to_model_array
 
 __all__ = ["IMAGE_SUFFIXES", "ImageSource", "find_files", "prepare"]
 
-#: As :data:`anomaly_ae.inspect.IMAGE_SUFFIXES`.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 ImageSource = str | os.PathLike | Image.Image | np.ndarray | Callable[[], Image.Image]
 

@@ -54,20 +54,22 @@ def _validate_folder(path: Path, suffix: str, max_pixels: int | None) -> pd.Data
         log.info(note)
     rows = []
     for record in records:
-        image = decode_image(loaders[record.image_key], str(path / f"{record.image_key}{suffix}"))
+        image_file = loaders.file(record.image_key)
+        mask_file = loaders.file(record.mask_key) if record.mask_key else None
+        image = decode_image(loaders[record.image_key], str(path / image_file))
         row = {
             "image_key": record.image_key,
             "split": record.split,
             "defect_type": record.defect_type,
             "label": record.label,
-            "image_file": f"{record.image_key}{suffix}",
-            "mask_file": f"{record.mask_key}{suffix}" if record.mask_key else None,
+            "image_file": image_file,
+            "mask_file": mask_file,
             "width": image.width,
             "height": image.height,
             "mode": image.mode,
         }
         if record.mask_key:
-            mask_name = str(path / f"{record.mask_key}{suffix}")
+            mask_name = str(path / mask_file)
             mask = decode_image(loaders[record.mask_key], mask_name)
             if mask.size != image.size:
                 raise ValueError(

@@ -38,14 +38,17 @@ def build_model_inputs(
         rows = image_manifest[image_manifest["split"] == split].sort_values("array_index")
         arrays = {
             "images": preprocess.stack_images(
-                loaders, rows["image_file"].tolist(), folder, size, resample, suffix
+                loaders, rows["image_file"].tolist(), folder, size, resample
             ),
             "labels": rows["label"].to_numpy(dtype=np.int64),
             STAMP_KEY: stamp,  # what these arrays were made from (data/fingerprint.py)
         }
         if split == preprocess.TEST:
+            # Ground truth known: good images, and defective ones that have a mask (a defect
+            # type may come without masks: pixel metrics skip those images).
+            arrays["has_mask"] = ((rows["label"] == 0) | rows["mask_file"].notna()).to_numpy()
             arrays["masks"] = preprocess.stack_masks(
-                loaders, rows["mask_file"].tolist(), folder, size, suffix
+                loaders, rows["mask_file"].tolist(), folder, size
             )
         log.info("%s: %d images of %dx%d", split, len(rows), size, size)
         outputs.append(arrays)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from typing import Any
 
 import numpy as np
@@ -10,9 +12,9 @@ import pandas as pd
 
 from anomaly_ae.data.defects import DEFECT_KINDS
 from anomaly_ae.evaluation import tables
-from anomaly_ae.evaluation.stress import stress_table
 from anomaly_ae.evaluation.metrics import calibrate_threshold
-from anomaly_ae.evaluation.summary import HEADLINE_METRICS, detection_metrics
+from anomaly_ae.evaluation.stress import stress_table
+from anomaly_ae.evaluation.summary import HEADLINE_METRICS, detection_metrics, per_defect_type
 from anomaly_ae.model import AutoencoderConfig
 from anomaly_ae.model.checkpoint import checkpoint_fingerprint, model_from_checkpoint
 from anomaly_ae.scoring import MapSettings, NormalReference
@@ -151,24 +153,44 @@ def build_table2(
     return frame
 
 
+def _metric_name(text: str) -> str:
+    """A defect-type folder name as part of an MLflow metric name (letters, digits, _-. /)."""
+    return re.sub(r"[^A-Za-z0-9_.\-/ ]", "_", text)
+
+
 def compute_metrics(
     test_scores: dict[str, np.ndarray],
     test_images: dict[str, np.ndarray],
+    ssim_table: pd.DataFrame,
     threshold: dict[str, Any],
     model_checkpoint: dict,
     dataset_info: dict[str, Any],
     map_settings: dict[str, Any],
     evaluation: dict[str, Any],
-) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
-    """All metrics (versioned JSON) and the headline ones for MLflow."""
+) -> tuple[dict[str, Any], dict[str, dict[str, float]], pd.DataFrame]:
+    """All metrics (versioned JSON), the headline ones for MLflow, and the metrics per test
+    defect type (versioned CSV; also in the JSON and in MLflow as ``<metric>.<type>``)."""
+    labels = test_images["labels"]
+    has_mask = test_images.get("has_mask")  # caches made before masks could be missing: all
     metrics = detection_metrics(
-        test_images["labels"],
+        labels,
         test_scores["score"],
         test_scores["ssim"],
         test_images["masks"],
         test_scores["map"],
         threshold["value"],
         evaluation["aupro_fpr_limit"],
+        has_mask=has_mask,
+    )
+    by_type = per_defect_type(
+        ssim_table["defect_type"].to_numpy(),
+        labels,
+        test_scores["score"],
+        test_images["masks"],
+        test_scores["map"],
+        threshold["value"],
+        evaluation["aupro_fpr_limit"],
+        has_mask=has_mask,
     )
     log.info(
         "image AUROC %.4f | pixel AUROC %.4f | AUPRO %.4f | F1-max %.4f | threshold %.4f",
@@ -178,9 +200,14 @@ def compute_metrics(
         metrics["image_f1_max"],
         metrics["threshold"],
     )
+    if len(by_type):
+        log.info("Per defect type:\n%s", by_type.round(4).to_string(index=False))
+    unmasked = by_type.loc[~by_type["has_masks"], "defect_type"].tolist()
+    if unmasked:
+        log.info("No masks for %s: image metrics only for them.", ", ".join(unmasked))
     record = {
         **metrics,
-        "n_test_images": int(len(test_images["labels"])),
+        "n_test_images": int(len(labels)),
         "data_source": dataset_info["source"],
         "category": dataset_info["category"],
         "checkpoint_epoch": int(model_checkpoint.get("epoch", 0)),
@@ -188,9 +215,16 @@ def compute_metrics(
         "anomaly_map": map_settings,
         "map_source": evaluation["map"],
         "threshold_rule": {k: v for k, v in threshold.items() if k != "value"},
+        "per_defect_type": json.loads(by_type.to_json(orient="records")),  # NaN -> null
+        "defect_types_without_masks": unmasked,
     }
     mlflow_metrics = {name: {"value": float(metrics[name]), "step": 0} for name in HEADLINE_METRICS}
-    return record, mlflow_metrics
+    for row in by_type.itertuples():
+        for name in ("image_auroc", "pixel_auroc", "aupro"):
+            value = getattr(row, name)
+            if np.isfinite(value):
+                mlflow_metrics[f"{name}.{_metric_name(row.defect_type)}"] = {"value": float(value), "step": 0}
+    return record, mlflow_metrics, by_type
 
 
 def stress_test(
@@ -228,5 +262,8 @@ def stress_test(
         **_inference_options(evaluation),
     )
     pivot = table.pivot(index="kind", columns="map", values="image_auroc")
-    log.info("Held-out synthetic defects on the good test images, image AUROC per kind:\n%s", pivot.round(3).to_string())
+    log.info(
+        "Held-out synthetic defects on the good test images, image AUROC per kind:\n%s",
+        pivot.round(3).to_string(),
+    )
     return table

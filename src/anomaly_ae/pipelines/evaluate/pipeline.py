@@ -75,13 +75,14 @@ def evaluation_nodes() -> Pipeline:
                 [
                     "test_scores",
                     "test_images",
+                    "ssim_table",
                     "decision_threshold",
                     "model_checkpoint",
                     "dataset_info",
                     "map_settings",
                     "params:evaluation",
                 ],
-                ["evaluation_metrics", "evaluation_mlflow_metrics"],
+                ["evaluation_metrics", "evaluation_mlflow_metrics", "defect_type_metrics"],
                 name="compute_metrics",
             ),
             Node(
@@ -132,6 +133,7 @@ def reporting_nodes() -> Pipeline:
                     "calibrated_map",
                     "calibration_table",
                     "stress_table",
+                    "defect_type_metrics",
                     "params:model",
                     "params:training",
                     "params:evaluation",

@@ -59,16 +59,21 @@ def make_figures(
             "Image-level ROC",
         )
     )
+    known = np.asarray(test_images.get("has_mask", np.ones(len(labels), dtype=bool)), dtype=bool)
     pixel_roc = figures.figure_to_image(
         figures.roc_figure(
             {
                 "anomaly map": (
-                    test_images["masks"].ravel() > 0,
-                    test_scores["map"].ravel(),
+                    test_images["masks"][known].ravel() > 0,
+                    test_scores["map"][known].ravel(),
                     evaluation_metrics["pixel_auroc"],
                 )
-            },
-            "Pixel-level ROC (all test pixels)",
+            }
+            if np.any(test_images["masks"][known] > 0)
+            else {},
+            "Pixel-level ROC (test images with masks)"
+            if not known.all()
+            else "Pixel-level ROC (all test pixels)",
         )
     )
     histogram = figures.figure_to_image(figures.ssim_histogram_figure(ssim_table))
@@ -106,6 +111,7 @@ def build_report(
     calibrated_map: dict[str, Any],
     calibration_table: pd.DataFrame,
     stress_table: pd.DataFrame,
+    defect_type_metrics: pd.DataFrame,
     model: dict[str, Any],
     training: dict[str, Any],
     evaluation: dict[str, Any],
@@ -136,11 +142,40 @@ def build_report(
             "checkpoint_epoch": evaluation_metrics.get("checkpoint_epoch"),
         },
         extra_sections={
+            "Per defect type (real test images)": defect_type_section(defect_type_metrics),
             "Anomaly map — which settings and why": map_section(
                 map_settings, calibrated_map, calibration_table, evaluation["map"]
             ),
-            "Held-out synthetic defects per kind (good test images, another seed)": stress_section(stress_table),
+            "Held-out synthetic defects per kind (good test images, another seed)": stress_section(
+                stress_table
+            ),
         },
+    )
+
+
+def defect_type_section(table: pd.DataFrame) -> str:
+    """HTML: image AUROC, pixel AUROC, AUPRO and recall at the threshold per test defect type."""
+    from anomaly_ae.reporting.report import html_table
+
+    if table.empty:
+        return "<p>No defective test images.</p>"
+    shown = table.copy()
+    for column in ("pixel_auroc", "aupro"):
+        shown[column] = [
+            f"{value:.4f}" if has else "— (no masks)"
+            for value, has in zip(shown[column], shown["has_masks"], strict=True)
+        ]
+    unmasked = table.loc[~table["has_masks"], "defect_type"].tolist()
+    note = (
+        f" Types without ground-truth masks ({', '.join(unmasked)}): image metrics only; they "
+        "are left out of the pixel metrics above."
+        if unmasked
+        else ""
+    )
+    return (
+        "<p>Each defect type's test images against every good test image; recall = share of "
+        f"the type's images above the decision threshold.{note}</p>"
+        + html_table(shown.drop(columns="has_masks"))
     )
 
 
