@@ -10,6 +10,9 @@ from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
+from anomaly_ae import parallel
+from anomaly_ae.parallel import retry_locked
+
 log = logging.getLogger(__name__)
 
 RUN_TAGS_SUFFIX = "run_tags"
@@ -187,11 +190,11 @@ class RunTagsHook:
         if not self._commit_logged:
             commit = git_commit()
             if commit:
-                mlflow.set_tag("git_commit", commit)
+                retry_locked(mlflow.set_tag, "git_commit", commit)
             self._commit_logged = True
         for name, value in outputs.items():
             if name.endswith(RUN_TAGS_SUFFIX) and isinstance(value, dict):
-                mlflow.set_tags({k: str(v) for k, v in value.items()})
+                retry_locked(mlflow.set_tags, {k: str(v) for k, v in value.items()})
 
 
 #: Tags that say which process owns a run, so a later run can tell it was killed.
@@ -267,8 +270,9 @@ class InterruptedRunsHook:
         self._tag_top_run()
 
     def _tag_top_run(self) -> None:
-        """Tag the top run of the active chain (kedro-mlflow's run for ``kedro run``)."""
-        if self._tagged or not _mlflow_active():
+        """Tag the top run of the active chain (kedro-mlflow's run for ``kedro run``). Not from a
+        ParallelRunner worker: the main process owns the run (and tagged it)."""
+        if self._tagged or parallel.in_worker() or not _mlflow_active():
             return
         import mlflow
 
@@ -280,7 +284,7 @@ class InterruptedRunsHook:
         if self._save_version:  # the version folder this run writes (anomaly_ae.prune keeps it)
             tags["anomaly_ae.save_version"] = self._save_version
         for key, value in tags.items():
-            client.set_tag(run.info.run_id, key, value)
+            retry_locked(client.set_tag, run.info.run_id, key, value)
         self._tagged = True
 
 
@@ -336,6 +340,11 @@ class NamespaceRunsHook:
     MLflow catalog datasets and the parameters of the namespace land in it. Each run is
     tagged with ``category`` (and ``variant``) and ``git_commit``. Nodes without a namespace
     keep logging into the top run.
+
+    With ``--runner=ParallelRunner`` the nodes run in worker processes: every namespace's run
+    is created here, in the main process, before the workers start, and handed to them
+    (:mod:`anomaly_ae.parallel`); a worker's :class:`anomaly_ae.parallel.ParallelRunHook`
+    makes the node's namespace run the active one, and only the main process closes runs.
     """
 
     def __init__(self) -> None:
@@ -346,6 +355,13 @@ class NamespaceRunsHook:
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         self._children = {}
         self._root = None
+        if parallel.is_parallel_run(catalog, run_params) and _mlflow_active():
+            import mlflow
+
+            self._root = mlflow.active_run().info.run_id
+            for namespace in sorted({n.namespace for n in pipeline.nodes if n.namespace}):
+                self._run_for(namespace)
+            parallel.export_runs({"": self._root, **self._children})
 
     def _run_for(self, namespace: str) -> str:
         """The run id of ``namespace``, created (with its parents) on first use."""
@@ -365,8 +381,8 @@ class NamespaceRunsHook:
         commit = git_commit()
         if commit:
             tags["git_commit"] = commit
-        experiment = mlflow.get_run(parent).info.experiment_id
-        child = mlflow.MlflowClient().create_run(experiment, run_name=namespace, tags=tags)
+        experiment = retry_locked(mlflow.get_run, parent).info.experiment_id
+        child = retry_locked(mlflow.MlflowClient().create_run, experiment, run_name=namespace, tags=tags)
         self._children[namespace] = child.info.run_id
         log.info("MLflow run '%s' (%s) under %s", namespace, child.info.run_id, parent)
         return child.info.run_id
@@ -378,29 +394,34 @@ class NamespaceRunsHook:
             return
         import mlflow
 
-        if not namespace:  # e.g. the summary: back to the top run
+        if parallel.in_worker():  # ParallelRunHook has made the namespace's run the active one
+            if not namespace:
+                return
+        elif not namespace:  # e.g. the summary: back to the top run
             while self._root is not None and mlflow.active_run().info.run_id != self._root:
                 mlflow.end_run()
             return
-        if self._root is None:
-            self._root = mlflow.active_run().info.run_id
-        run_id = self._run_for(namespace)
-        if mlflow.active_run().info.run_id != run_id:
-            mlflow.start_run(run_id=run_id, nested=True)
+        else:
+            if self._root is None:
+                self._root = mlflow.active_run().info.run_id
+            run_id = self._run_for(namespace)
+            if mlflow.active_run().info.run_id != run_id:
+                mlflow.start_run(run_id=run_id, nested=True)
         variant = namespace.rpartition(".")[2] if "." in namespace else None
         params = {k[len("params:") :]: v for k, v in inputs.items() if k.startswith("params:")}
         for key, value in _flatten(params).items():  # "hybrid.loss.mse_weight" -> "loss.mse_weight"
             name = key.removeprefix(f"{variant}.") if variant else key
-            mlflow.log_param(name, str(value)[:6000])
+            retry_locked(mlflow.log_param, name, str(value)[:6000])
 
     def _close(self, status: str) -> None:
+        parallel.export_runs(None)
         if not self._children:
             return
         import mlflow
 
         client = mlflow.MlflowClient()
         for run_id in self._children.values():
-            client.set_terminated(run_id, status)
+            retry_locked(client.set_terminated, run_id, status)
         self._children = {}
         while mlflow.active_run() is not None:  # drop the duplicates kedro-mlflow pushed per node
             mlflow.end_run(status)
@@ -443,6 +464,11 @@ class MlflowArtifactsHook:
         self._catalog = catalog
 
     @hook_impl
+    def before_node_run(self, node, catalog, inputs, is_async: bool) -> None:
+        if self._catalog is None or parallel.in_worker():  # a worker gets the catalog per task
+            self._catalog = catalog
+
+    @hook_impl
     def after_dataset_saved(self, dataset_name: str, data: Any, node) -> None:
         if self._catalog is None:
             return
@@ -457,16 +483,16 @@ class MlflowArtifactsHook:
         prefix = metadata.get("mlflow_params_prefix")
         if prefix and isinstance(data, dict):
             flat = {f"{prefix}.{k}": str(v)[:6000] for k, v in _flatten(data).items()}
-            mlflow.log_params(flat)
+            retry_locked(mlflow.log_params, flat)
         artifact_path = metadata.get("mlflow_artifact_path")
         if not artifact_path:
             return
 
         path = saved_path(dataset)
         if path.is_dir():
-            mlflow.log_artifacts(str(path), artifact_path=f"{artifact_path}/{path.name}")
+            retry_locked(mlflow.log_artifacts, str(path), artifact_path=f"{artifact_path}/{path.name}")
         elif path.is_file():
-            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+            retry_locked(mlflow.log_artifact, str(path), artifact_path=artifact_path)
         else:
             log.warning("Not logged to MLflow: %s was not found after saving %s", path, dataset_name)
 

@@ -19,7 +19,7 @@ MLflow run. ``kedro run`` runs the main chain for every category, then the summa
 from kedro.framework.project import find_pipelines
 from kedro.pipeline import Pipeline
 
-from anomaly_ae import run_params
+from anomaly_ae import parallel, run_params
 
 MAIN_CHAIN = ("data_ingestion", "data_processing", "training", "evaluate")
 
@@ -36,6 +36,8 @@ def register_pipelines() -> dict[str, Pipeline]:
     templates = find_pipelines(raise_errors=True)
     # namespaced by themselves: the loss study (category + variant), the summary (none)
     own = {name: templates.pop(name) for name in ("loss_study", "summary") if name in templates}
+    if "summary" in own:  # its node must pickle for --runner=ParallelRunner
+        own["summary"] = parallel.picklable_summary(own["summary"], categories)
     pipelines = {
         name: sum((in_namespace(template, c) for c in categories), start=Pipeline([]))
         for name, template in templates.items()

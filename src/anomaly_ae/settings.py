@@ -1,5 +1,6 @@
 """Kedro project settings."""
 
+import os
 import warnings
 from pathlib import Path
 
@@ -8,14 +9,20 @@ from kedro.config import OmegaConfigLoader
 from anomaly_ae.hooks import (
     CachedInputsHook,
     InterruptedRunsHook,
-    RetentionHook,
     MissingCheckpointHook,
     MlflowArtifactsHook,
     NamespaceRunsHook,
     PinRunVersionsHook,
+    RetentionHook,
     RunParamsHook,
     RunTagsHook,
 )
+from anomaly_ae.parallel import ParallelRunHook
+
+# `kedro run --runner=ParallelRunner`: worker processes are started with spawn (torch in a
+# forked child can deadlock); Kedro's ParallelRunner reads KEDRO_MP_CONTEXT. See
+# anomaly_ae.parallel (a run with fork is refused).
+os.environ.setdefault("KEDRO_MP_CONTEXT", "spawn")
 
 # Kedro's config loader registers our ${project_root:} resolver with an OmegaConf call that
 # OmegaConf itself deprecates: a warning about Kedro's internals, not the user's run.
@@ -32,6 +39,7 @@ HOOKS = (
     RunTagsHook(),
     MlflowArtifactsHook(),
     RetentionHook(),
+    ParallelRunHook(),
 )
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader

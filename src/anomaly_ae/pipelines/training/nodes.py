@@ -28,8 +28,10 @@ def _track_epoch(row: dict[str, float]) -> None:
     run can be watched in the MLflow UI."""
     import mlflow
 
-    if mlflow.active_run() is not None:
-        mlflow.log_metrics({k: float(row[k]) for k in EPOCH_METRICS if k in row}, step=int(row["epoch"]))
+    from anomaly_ae.parallel import retry_locked
+
+    if mlflow.active_run() is not None:  # parallel workers share one SQLite store: retry a lock
+        retry_locked(mlflow.log_metrics, {k: float(row[k]) for k in EPOCH_METRICS if k in row}, step=int(row["epoch"]))
 
 
 def _log_epoch(row: dict[str, float], every: int = 10) -> None:
