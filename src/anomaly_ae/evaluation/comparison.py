@@ -11,7 +11,8 @@ def compare_variants(
     metrics: dict[str, dict[str, Any]], paper_table2: dict[str, dict[str, Any]]
 ) -> pd.DataFrame:
     """One row per variant: SSIM mean ± std for normal and defective test images, their
-    gap, image AUROC, pixel AUROC and AUPRO, with the paper's Table II values beside."""
+    gap, image AUROC, pixel AUROC, AUPRO, image F1-max and the decision threshold, with the
+    paper's Table II values beside."""
     rows = []
     for variant, m in metrics.items():
         weights = m["loss_weights"]
@@ -38,6 +39,8 @@ def compare_variants(
                 "image_auroc": m["image_auroc"],
                 "pixel_auroc": m["pixel_auroc"],
                 "aupro": m["aupro"],
+                "image_f1_max": m.get("image_f1_max"),
+                "threshold": m.get("threshold"),
                 "paper_ssim_normal": paper["normal"][0] if paper else None,
                 "paper_ssim_normal_std": paper["normal"][1] if paper else None,
                 "paper_ssim_defect": paper["defective"][0] if paper else None,
@@ -47,3 +50,70 @@ def compare_variants(
             }
         )
     return pd.DataFrame(rows)
+
+
+def _mean_std(mean: Any, std: Any) -> str | None:
+    if mean is None or pd.isna(mean):
+        return None
+    return f"{mean:.4f}" if std is None or pd.isna(std) else f"{mean:.4f} ± {std:.4f}"
+
+
+def table2_view(comparison: pd.DataFrame) -> pd.DataFrame:
+    """Table II of the loss study as a reader wants it: one row per variant, ``mean ± std``
+    of SSIM(original, reconstruction) for normal and defective test images and their gap,
+    ours beside the paper's (``–`` where the paper has no such variant)."""
+    return pd.DataFrame(
+        {
+            "variant": comparison["variant"],
+            "normal (ours)": [
+                _mean_std(m, s)
+                for m, s in zip(comparison["ssim_normal_mean"], comparison["ssim_normal_std"], strict=True)
+            ],
+            "defective (ours)": [
+                _mean_std(m, s)
+                for m, s in zip(comparison["ssim_defect_mean"], comparison["ssim_defect_std"], strict=True)
+            ],
+            "gap (ours)": comparison["ssim_gap"].astype(float),
+            "normal (paper)": [
+                _mean_std(m, s)
+                for m, s in zip(
+                    comparison["paper_ssim_normal"], comparison["paper_ssim_normal_std"], strict=True
+                )
+            ],
+            "defective (paper)": [
+                _mean_std(m, s)
+                for m, s in zip(
+                    comparison["paper_ssim_defect"], comparison["paper_ssim_defect_std"], strict=True
+                )
+            ],
+            "gap (paper)": comparison["paper_ssim_gap"].astype(float),
+        }
+    )
+
+
+#: The detection columns of :func:`detection_view`, with their headings.
+DETECTION_COLUMNS = {
+    "variant": "variant",
+    "loss": "loss",
+    "epochs": "checkpoint epoch",
+    "image_auroc": "image AUROC",
+    "pixel_auroc": "pixel AUROC",
+    "aupro": "AUPRO",
+    "image_f1_max": "image F1-max",
+    "threshold": "threshold",
+}
+
+
+def detection_view(comparison: pd.DataFrame) -> pd.DataFrame:
+    """The detection metrics of the loss study: one row per variant with its loss weights,
+    checkpoint epoch, image AUROC, pixel AUROC, AUPRO, image F1-max and threshold."""
+    view = comparison.copy()
+    view["loss"] = [
+        f"{mse:g}·MSE + {ssim:g}·(1 − SSIM)"
+        for mse, ssim in zip(view["mse_weight"], view["ssim_weight"], strict=True)
+    ]
+    view["epochs"] = [None if e is None or pd.isna(e) else int(e) for e in view["epochs"]]
+    for column in DETECTION_COLUMNS:
+        if column not in view:  # a comparison CSV written before the column existed
+            view[column] = None
+    return view[list(DETECTION_COLUMNS)].rename(columns=DETECTION_COLUMNS)

@@ -118,7 +118,8 @@ def heatmap_overlay_image(
 
 def variant_comparison_figure(comparison: pd.DataFrame) -> Figure:
     """Left: SSIM of normal vs defective images per variant, ours and the paper's.
-    Right: image AUROC, pixel AUROC and AUPRO per variant."""
+    Right: image AUROC, pixel AUROC and AUPRO per variant. Each panel's legend sits below
+    its axes, never on the bars (``figure_to_image`` keeps it in the picture)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     x = np.arange(len(comparison))
     width = 0.2
@@ -148,12 +149,13 @@ def variant_comparison_figure(comparison: pd.DataFrame) -> Figure:
     left.set_xticks(x, comparison["variant"])
     left.set_ylabel("SSIM(original, reconstruction)")
     left.set_title("Table II")
-    left.legend(fontsize=8)
-    for i, name in enumerate(("image_auroc", "pixel_auroc", "aupro")):
-        right.bar(x + (i - 1) * width, comparison[name], width, label=name)
+    labels = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO"}
+    for i, (name, label) in enumerate(labels.items()):
+        right.bar(x + (i - 1) * width, comparison[name].astype(float), width, label=label)
     right.set_xticks(x, comparison["variant"])
     right.set_ylim(0, 1)
     right.set_title("Detection metrics")
-    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     return fig

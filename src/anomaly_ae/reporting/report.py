@@ -1,4 +1,11 @@
-"""A single self-contained HTML report (figures embedded as PNG data URIs)."""
+"""Self-contained HTML pages (figures embedded as PNG data URIs): the evaluate report, the
+loss-study report, and the building blocks every page uses (tables, figures, the style).
+
+Layout rules, checked in a real browser by ``tests/test_pages.py``: every table sits in a
+horizontally scrolling container and its headers may wrap (after ``_``), so no page is wider
+than the window; a table with no rows is replaced by a sentence saying so; figures never
+exceed the page width.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,8 @@ import base64
 import html
 import io
 import json
+import numbers
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,6 +40,26 @@ METRIC_LABELS = {
     "ssim_gap": "SSIM gap normal − defective",
 }
 
+MISSING = "–"
+
+#: The style of every page: a readable column, tables that scroll inside their own box rather
+#: than widening the page, wrapped configuration text, figures no wider than the page.
+PAGE_STYLE = (
+    "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
+    ".table-wrap{overflow-x:auto;max-width:100%;margin:.5em 0}"
+    "table{border-collapse:collapse}"
+    "td,th{border:1px solid #ccc;padding:3px 8px;vertical-align:top}"
+    "th{background:#f3f3f3;text-align:left}"
+    "td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}"
+    ".banner{background:#c00;color:#fff;padding:1em;font-weight:bold;font-size:1.2em}"
+    "img{max-width:100%;height:auto}"
+    "pre{white-space:pre-wrap;overflow-wrap:anywhere}"
+    "p.empty{font-style:italic;color:#555}"
+)
+#: Inline on the table container too, so a table keeps its scroll box on a page that does not
+#: use ``PAGE_STYLE``.
+_WRAP_STYLE = "overflow-x:auto;max-width:100%"
+
 
 def image_data_uri(image: Image.Image) -> str:
     buffer = io.BytesIO()
@@ -38,17 +67,77 @@ def image_data_uri(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def html_table(frame: pd.DataFrame, float_format: str = "{:.4f}") -> str:
-    def fmt(value: Any) -> str:
-        if isinstance(value, float):
-            return "–" if pd.isna(value) else float_format.format(value)
-        return html.escape(str(value)) if value is not None else "–"
+def _is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):  # lists, arrays: shown as they are
+        return False
 
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+
+def _cell(value: Any, float_format: str) -> str:
+    if _is_missing(value):
+        return f"<td>{MISSING}</td>"
+    if isinstance(value, bool):
+        return f"<td>{value}</td>"
+    if isinstance(value, numbers.Integral):
+        return f'<td class="num">{int(value)}</td>'
+    if isinstance(value, numbers.Real):
+        return f'<td class="num">{float_format.format(float(value))}</td>'
+    return f"<td>{html.escape(str(value))}</td>"
+
+
+def _header(name: Any) -> str:
+    """A column name that may wrap after each ``_`` (``ssim_normal_mean`` is one word to the
+    browser otherwise, and nine of them make a table wider than the page)."""
+    return html.escape(str(name)).replace("_", "_<wbr>")
+
+
+def html_table(frame: pd.DataFrame, float_format: str = "{:.4f}", empty: str = "No rows to show.") -> str:
+    """``frame`` as an HTML table in a horizontally scrolling container: numbers right-aligned
+    with ``float_format``, missing values as ``–``. A frame without rows gives the sentence
+    ``empty`` instead of an empty table."""
+    if frame.empty:
+        return f'<p class="empty">{html.escape(empty)}</p>'
+    head = "".join(f"<th>{_header(c)}</th>" for c in frame.columns)
     body = "".join(
-        "<tr>" + "".join(f"<td>{fmt(v)}</td>" for v in row) + "</tr>" for row in frame.itertuples(index=False)
+        "<tr>" + "".join(_cell(v, float_format) for v in row) + "</tr>"
+        for row in frame.itertuples(index=False)
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return (
+        f'<div class="table-wrap" style="{_WRAP_STYLE}">'
+        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+    )
+
+
+def metrics_table(metrics: Mapping[str, Any]) -> pd.DataFrame:
+    """One model's headline metrics as ``metric | value`` rows (``METRIC_LABELS`` order and
+    wording; metrics it lacks are left out)."""
+    return pd.DataFrame(
+        [(label, metrics[key]) for key, label in METRIC_LABELS.items() if key in metrics],
+        columns=["metric", "value"],
+    )
+
+
+def section(title: str, body: str) -> str:
+    return f"<h2>{html.escape(title)}</h2>{body}"
+
+
+def figure_section(title: str, image: Image.Image) -> str:
+    return section(title, f'<img alt="{html.escape(title)}" src="{image_data_uri(image)}">')
+
+
+def page(title: str, body: str, *, synthetic: bool = False) -> str:
+    """A complete page with ``PAGE_STYLE``; the synthetic-data banner at top and bottom when
+    ``synthetic``."""
+    banner = f'<div class="banner">{html.escape(SYNTHETIC_WARNING)}</div>' if synthetic else ""
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'>"
+        f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>{html.escape(title)}</title><style>{PAGE_STYLE}</style></head>"
+        f"<body>{banner}<h1>{html.escape(title)}</h1>{body}{banner}</body></html>"
+    )
 
 
 def render_report(
@@ -57,48 +146,41 @@ def render_report(
     run_id: str | None,
     dataset_info: dict[str, Any],
     table2: pd.DataFrame,
-    metrics: dict[str, Any],
+    metrics: Mapping[str, Any] | pd.DataFrame,
     figures: dict[str, Image.Image],
     configuration: dict[str, Any],
+    tables: dict[str, pd.DataFrame] | None = None,
     extra_sections: dict[str, str] | None = None,
 ) -> str:
-    """The report: banner, Table II, metrics, Figure 1, then the other figures and the
-    configuration that produced them."""
-    synthetic = dataset_info.get("source") == "synthetic"
-    banner = f'<div class="banner">{html.escape(SYNTHETIC_WARNING)}</div>' if synthetic else ""
-    metric_rows = pd.DataFrame(
-        [(label, metrics[key]) for key, label in METRIC_LABELS.items() if key in metrics],
-        columns=["metric", "value"],
-    )
+    """The report: banner, Table II, detection metrics, then ``tables`` and
+    ``extra_sections`` (titled HTML), Figure 1 and the other figures, and the configuration
+    that produced them.
+
+    ``metrics``: one model's metrics dict (shown as ``metric | value`` rows) or a frame with
+    one row per model (the loss study's variants), shown as it is. ``tables``: more titled
+    tables, right after the metrics they break down (e.g. per defect type)."""
+    detection = metrics_table(metrics) if isinstance(metrics, Mapping) else metrics
     sections = [
-        f"<h2>Table II — SSIM(original, reconstruction)</h2>{html_table(table2)}",
-        f"<h2>Detection metrics</h2>{html_table(metric_rows)}",
+        section("Table II — SSIM(original, reconstruction)", html_table(table2)),
+        section("Detection metrics", html_table(detection, empty="No detection metrics were computed.")),
     ]
+    for name, frame in (tables or {}).items():
+        sections.append(section(name, html_table(frame)))
     for name, body in (extra_sections or {}).items():  # right after the numbers they explain
-        sections.append(f"<h2>{html.escape(name)}</h2>{body}")
+        sections.append(section(name, body))
     for name, image in figures.items():
-        sections.append(
-            f'<h2>{html.escape(name)}</h2><img alt="{html.escape(name)}" src="{image_data_uri(image)}">'
-        )
+        sections.append(figure_section(name, image))
     sections.append(
-        "<h2>Configuration</h2><pre>"
-        + html.escape(json.dumps(configuration, indent=2, default=str))
-        + "</pre>"
+        section(
+            "Configuration",
+            "<pre>" + html.escape(json.dumps(configuration, indent=2, default=str)) + "</pre>",
+        )
     )
     meta = (
         f"category <b>{html.escape(str(dataset_info.get('category')))}</b> · data source "
         f"<b>{html.escape(str(dataset_info.get('source')))}</b> · MLflow run "
         f"<code>{html.escape(str(run_id))}</code> · generated {datetime.now(UTC):%Y-%m-%d %H:%M UTC}"
     )
-    style = (
-        "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
-        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px}"
-        ".banner{background:#c00;color:#fff;padding:1em;font-weight:bold;font-size:1.2em}"
-        "img{max-width:100%}"
-    )
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{style}</style></head><body>{banner}<h1>{html.escape(title)}</h1><p>{meta}</p>"
-        + "".join(sections)
-        + f"{banner}</body></html>"
+    return page(
+        title, f"<p>{meta}</p>" + "".join(sections), synthetic=dataset_info.get("source") == "synthetic"
     )
