@@ -1,7 +1,6 @@
 """Kedro project settings."""
 
 import os
-import warnings
 from pathlib import Path
 
 from kedro.config import OmegaConfigLoader
@@ -17,6 +16,8 @@ from anomaly_ae.hooks import (
     RunParamsHook,
     RunTagsHook,
 )
+from anomaly_ae.logging_filters import install as install_warning_filters
+from anomaly_ae.mlflow_ui import MlflowExperimentKindHook
 from anomaly_ae.parallel import ParallelRunHook
 
 # `kedro run --runner=ParallelRunner`: worker processes are started with spawn (torch in a
@@ -24,9 +25,8 @@ from anomaly_ae.parallel import ParallelRunHook
 # anomaly_ae.parallel (a run with fork is refused).
 os.environ.setdefault("KEDRO_MP_CONTEXT", "spawn")
 
-# Kedro's config loader registers our ${project_root:} resolver with an OmegaConf call that
-# OmegaConf itself deprecates: a warning about Kedro's internals, not the user's run.
-warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated", category=UserWarning)
+# Third-party warnings a user can do nothing about (each one named and explained there).
+install_warning_filters()
 
 # kedro-mlflow registers its own MlflowHook through its entry point.
 HOOKS = (
@@ -40,6 +40,7 @@ HOOKS = (
     MlflowArtifactsHook(),
     RetentionHook(),
     ParallelRunHook(),
+    MlflowExperimentKindHook(),
 )
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
