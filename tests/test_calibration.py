@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -180,3 +181,52 @@ def test_aupro_of_a_perfect_map_is_one():
     masks = np.zeros((2, SIZE, SIZE), np.uint8)
     masks[1, 10:20, 10:20] = 1
     assert aupro(masks, masks.astype(np.float32)) == pytest.approx(1.0)
+
+
+def test_agreement_ranks_the_grid_against_the_real_metrics():
+    from anomaly_ae.evaluation.calibration import agreement
+
+    settings = [f"s{i}" for i in range(6)]
+    syn = pd.DataFrame(
+        {
+            "setting": settings,
+            "selection_score": [0.9, 0.8, 0.7, 0.6, 0.5, 0.4],
+            "syn_image_auroc": [0.9, 0.8, 0.7, 0.6, 0.5, 0.4],
+            "syn_pixel_auroc": [0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
+            "is_paper": [True] + [False] * 5,
+            "is_selected": [False, True] + [False] * 4,
+        }
+    )
+    real = pd.DataFrame(
+        {"setting": settings[::-1], "syn_image_auroc": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], "syn_pixel_auroc": [0.5] * 6}
+    )  # real image AUROC: s5 0.1 ... s0 0.6, the same order as the synthetic score
+    table, rho = agreement(syn, real)
+    assert rho["spearman_selection_vs_real_image_auroc"] == pytest.approx(1.0)
+    assert rho["spearman_syn_pixel_auroc_vs_real_pixel_auroc"] != rho["spearman_syn_pixel_auroc_vs_real_pixel_auroc"]  # NaN: constant
+    assert table.set_index("setting").loc["s0", "real_rank"] == 1
+    reversed_real = real.assign(syn_image_auroc=real["syn_image_auroc"][::-1].to_numpy())
+    assert agreement(syn, reversed_real)[1]["spearman_selection_vs_real_image_auroc"] == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="same grid"):
+        agreement(syn, real.iloc[:3])
+
+
+def test_the_grid_streams_the_training_images_with_the_same_result():
+    """Reconstructing the training images batch by batch (a callable) gives the table that
+    holding them all gives: the memory no longer grows with the training set."""
+    rng = np.random.default_rng(0)
+    train = rng.random((9, 1, 32, 32), dtype=np.float32)
+    normal = rng.random((4, 1, 32, 32), dtype=np.float32)
+    defects, masks, kinds = paste_synthetic_defects(normal, 2, seed=0, min_contrast=0.05, max_tries=5)
+    blur = lambda x: np.clip(x * 0.9 + 0.05, 0, 1).astype(np.float32)  # noqa: E731 - a fake "network"
+    grid = {
+        "blend": ["ssim", "l2"],
+        "win_size": [7, [7, 11]],
+        "scale_combine": ["mean"],
+        "smoothing_sigma": [0, 2],
+        "normal_reference": ["none", "zscore"],
+        "score_reduction": ["max"],
+    }
+    args = (grid, MapSettings(), None, (normal, blur(normal)), (defects, blur(defects), masks, kinds), 4)
+    held, _ = calibration.score_grid(*args[:2], (train, blur(train)), *args[3:])
+    streamed, _ = calibration.score_grid(*args[:2], (train, blur), *args[3:])
+    pd.testing.assert_frame_equal(held, streamed)

@@ -11,8 +11,11 @@ from PIL import Image
 from anomaly_ae.data.transforms import (
     ImageDecodeError,
     decode_image,
+    as_unit_float,
     mask_to_array,
+    to_grayscale_float,
     to_model_array,
+    to_model_uint8,
 )
 
 
@@ -58,7 +61,7 @@ def test_unknown_resample_raises():
 def test_rgb_uses_luma():
     rgb = np.zeros((10, 10, 3), dtype=np.uint8)
     rgb[..., 0] = 255  # pure red
-    arr = to_model_array(Image.fromarray(rgb), size=10)
+    arr = to_grayscale_float(Image.fromarray(rgb))
     _check(arr, 10)
     np.testing.assert_allclose(arr, 0.299, atol=1e-5)
 
@@ -84,7 +87,7 @@ def test_16bit_scaled_by_65535(mode):
     img.putpixel((0, 0), 65535)
     img.putpixel((1, 0), 32768)
     img.putpixel((0, 1), 255)
-    arr = to_model_array(img, size=2)
+    arr = to_grayscale_float(img)
     _check(arr, 2)
     assert arr[0, 0] == pytest.approx(1.0)
     assert arr[0, 1] == pytest.approx(0.5, abs=1e-4)
@@ -98,17 +101,17 @@ def test_16bit_png_roundtrip(tmp_path: Path):
     Image.fromarray(data).save(path)
     with Image.open(path) as img:
         assert img.mode in ("I;16", "I")
-        arr = to_model_array(img, size=2)
+        arr = to_grayscale_float(img)
     np.testing.assert_allclose(arr, data / 65535.0, atol=1e-6)
 
 
 def test_i_and_f_modes():
     i_img = Image.fromarray(np.array([[0, 65535], [70000, -5]], dtype=np.int32))
     assert i_img.mode == "I"
-    np.testing.assert_allclose(to_model_array(i_img, size=2), [[0, 1], [1, 0]], atol=1e-6)
+    np.testing.assert_allclose(to_grayscale_float(i_img), [[0, 1], [1, 0]], atol=1e-6)
     f_img = Image.fromarray(np.array([[0.25, 0.75], [2.0, -1.0]], dtype=np.float32))
     assert f_img.mode == "F"
-    np.testing.assert_allclose(to_model_array(f_img, size=2), [[0.25, 0.75], [1, 0]], atol=1e-6)
+    np.testing.assert_allclose(to_grayscale_float(f_img), [[0.25, 0.75], [1, 0]], atol=1e-6)
 
 
 def test_palette_and_bilevel_modes():
@@ -116,12 +119,12 @@ def test_palette_and_bilevel_modes():
     pal = Image.frombytes("P", (2, 2), indices.tobytes())
     pal.putpalette([0, 0, 0, 255, 255, 255, 255, 0, 0, 0, 0, 255] + [0] * (256 * 3 - 12))
     assert pal.mode == "P"
-    arr = to_model_array(pal, size=2)
+    arr = to_grayscale_float(pal)
     _check(arr, 2)
     np.testing.assert_allclose(arr, [[0.0, 1.0], [0.299, 0.114]], atol=1e-5)
 
     bilevel = Image.new("1", (8, 8), 1)
-    np.testing.assert_allclose(to_model_array(bilevel, size=4), 1.0)
+    np.testing.assert_allclose(to_grayscale_float(bilevel), 1.0)
 
 
 def test_output_is_contiguous_and_not_resized_when_matching():
@@ -186,3 +189,16 @@ def test_decode_image_wraps_arbitrary_loader_errors():
 
     with pytest.raises(ImageDecodeError, match="train/good/007"):
         decode_image(load, "train/good/007")
+
+
+def test_model_array_is_the_uint8_cache_over_255():
+    """Training reads the compact uint8 cache; predict and the runtime read files through
+    to_model_array: the two must be the same numbers."""
+    image = Image.fromarray(_gradient(37, 53)).convert("RGB")
+    as_uint8 = to_model_uint8(image, size=16)
+    assert as_uint8.dtype == np.uint8 and as_uint8.shape == (16, 16)
+    np.testing.assert_array_equal(to_model_array(image, size=16), as_unit_float(as_uint8))
+    exact = np.asarray(Image.fromarray(to_grayscale_float(image)).resize((16, 16), Image.BOX))
+    assert np.abs(to_model_array(image, size=16) - exact).max() <= 0.5 / 255 + 1e-6
+    floats = np.linspace(0, 1, 5, dtype=np.float32)
+    assert as_unit_float(floats) is floats  # float32 passes through without a copy

@@ -94,6 +94,24 @@ def test_quick_run_trains_and_evaluates_with_the_calibrated_map(quick):
     assert "SYNTHETIC DATA" in report and "Table II" in report and "Figure 1" in report
     assert "which settings and why" in report and chosen["setting"] in report
 
+    # per test defect type, in the CSV, the JSON and the report
+    per_type = pd.read_csv(quick.latest(f"data/08_reporting/{NS}/defect_type_table.csv"))
+    assert sorted(per_type["defect_type"]) == sorted(set(table["defect_type"]) - {"good"})
+    for row in per_type.itertuples():
+        own = table[(table["defect_type"] == row.defect_type) | (table["label"] == 0)]
+        assert row.image_auroc == pytest.approx(roc_auc_score(own["label"], own["score"]), abs=1e-9)
+    assert [r["defect_type"] for r in metrics["per_defect_type"]] == list(per_type["defect_type"])
+    assert "Per defect type" in report
+
+    # the grid scored on the real test set beside the synthetic scores, with Spearman's rho
+    calibration = pd.read_csv(quick.latest(f"data/07_model_output/{NS}/calibration_table.csv"))
+    agreement = pd.read_csv(quick.latest(f"data/08_reporting/{NS}/grid_agreement.csv"))
+    assert len(agreement) == len(calibration)
+    assert agreement["real_image_auroc"].between(0, 1).all() and agreement["real_pixel_auroc"].between(0, 1).all()
+    in_use = agreement.set_index("setting").loc[chosen["setting"]]
+    assert in_use["real_image_auroc"] == pytest.approx(metrics["image_auroc"], abs=1e-4)
+    assert "Spearman" in report
+
 
 def test_calibration_table_and_rule(quick):
     table = pd.read_csv(quick.latest(f"data/07_model_output/{NS}/calibration_table.csv"))

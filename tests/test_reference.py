@@ -196,3 +196,19 @@ def test_inspector_refuses_a_threshold_or_reference_of_another_model(model, tmp_
     np.savez(tmp_path / "r.npz", **ref)
     with pytest.raises(ValueError, match="normal reference was calibrated for another model"):
         Inspector.from_files(tmp_path / "m.pt", tmp_path / "t.json", tmp_path / "r.npz")
+
+
+def test_the_reference_fitted_batch_by_batch_equals_the_one_pass_fit():
+    from anomaly_ae.scoring.reference import ReferenceAccumulator
+
+    maps = torch.rand(37, 8, 9, generator=torch.Generator().manual_seed(0)) * 3 + 5  # offset: cancellation
+    std, mean = torch.std_mean(maps.double(), dim=0, correction=0)
+    accumulator = ReferenceAccumulator()
+    for start in range(0, 37, 5):
+        accumulator.add(maps[start : start + 5].unsqueeze(1))  # (N, 1, H, W) is accepted too
+    streamed = accumulator.result()
+    assert streamed.n_images == 37
+    np.testing.assert_allclose(streamed.mean, mean.float().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(streamed.std, std.float().numpy(), rtol=1e-5)
+    with pytest.raises(ValueError, match="at least 2"):
+        ReferenceAccumulator().add(maps[:1]).result()

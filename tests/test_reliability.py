@@ -230,6 +230,27 @@ def test_processing_refuses_images_changed_since_ingestion(tmp_path):
         project.session_run(pipeline="data_processing", params=params)
 
 
+def test_the_state_is_saved_at_most_every_checkpoint_seconds(tmp_path, monkeypatch):
+    """A cheaper schedule: with checkpoint_seconds the 145 MB state is written only once that
+    much time has passed since the last write, and always after the last epoch."""
+    from anomaly_ae.training import trainer
+
+    saved: list[int] = []
+    real_save = trainer.save_checkpoint_atomic
+    monkeypatch.setattr(trainer, "save_checkpoint_atomic", lambda state, path: (saved.append(state["epoch"]), real_save(state, path)))
+    _train(tmp_path / "every", epochs=4, checkpoint_seconds=0)
+    assert saved == [1, 2, 3, 4]
+    saved.clear()
+    _train(tmp_path / "hourly", epochs=4, checkpoint_seconds=3600)
+    assert saved == [4]  # only the last epoch: no hour had passed
+    saved.clear()
+    clock = iter(range(0, 10_000, 25))  # each monotonic() call 25 "seconds" later
+    monkeypatch.setattr(trainer.time, "monotonic", lambda: next(clock))
+    _train(tmp_path / "timed", epochs=6, checkpoint_seconds=60)
+    assert 4 not in saved or 3 not in saved  # never two epochs in a row when 60 s had not passed
+    assert saved[-1] == 6 and len(saved) < 6
+
+
 # ------------------------------------------------------------------ MLflow runs of killed processes
 
 
@@ -287,7 +308,7 @@ def test_kill_9_then_rerun_resumes_from_the_last_epoch(tmp_path):
     import mlflow
 
     project = make_project(tmp_path / "project")
-    args = ("run", "--env", "quick", "--pipeline=training", "--params", "training.epochs=30,training.progress=false")
+    args = ("run", "--env", "quick", "--pipeline=training", "--params", "training.epochs=30,training.progress=false,training.checkpoint_seconds=0")
     project.run("run", "--env", "quick", f"--to-nodes={NS}.build_model_inputs")
     first = _kedro(project, *args)
     state = _wait_for_epoch(project.path / "data/06_models/training_state", 3, first)

@@ -213,7 +213,7 @@ def test_nan_loss_names_epoch_and_step(data, tmp_path, monkeypatch):
     monkeypatch.setattr(HybridLoss, "components", components)
     path = tmp_path / "ckpt.pt"
     with pytest.raises(TrainingDivergedError) as info:
-        train_autoencoder(data["train"], data["val"], MODEL, _cfg(epochs=5, checkpoint_path=str(path)))
+        train_autoencoder(data["train"], data["val"], MODEL, _cfg(epochs=5, checkpoint_path=str(path), checkpoint_seconds=0))
     message = str(info.value)
     assert re.search(r"epoch 2\b", message), message
     assert re.search(r"step 2/2\b", message), message

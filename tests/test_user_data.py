@@ -85,7 +85,7 @@ def _toy_scores():
     return types, labels, scores, masks, maps, has_mask
 
 
-def test_per_defect_type_metrics_and_types_without_masks():
+def test_per_defect_type_table_and_types_without_masks():
     types, labels, scores, masks, maps, has_mask = _toy_scores()
     table = per_defect_type(types, labels, scores, masks, maps, threshold=0.5, has_mask=has_mask)
     crack, stain = table.set_index("defect_type").loc["crack"], table.set_index("defect_type").loc["stain"]
@@ -157,7 +157,7 @@ def test_a_users_own_category_runs_end_to_end(kedro_project, tmp_path, one_torch
     manifest = pd.read_csv(kedro_project.latest("data/02_intermediate/widget-2/raw_manifest.csv"))
     assert {Path(f).suffix for f in manifest["image_file"]} == {".jpg", ".bmp", ".tif", ".png"}
     assert manifest["width"].nunique() > 1 and (manifest["width"] != manifest["height"]).any()
-    per_type = pd.read_csv(kedro_project.latest("data/08_reporting/widget-2/defect_type_metrics.csv"))
+    per_type = pd.read_csv(kedro_project.latest("data/08_reporting/widget-2/defect_type_table.csv"))
     row = per_type.set_index("defect_type").loc[unmasked[0]]
     assert not row["has_masks"] and math.isnan(row["pixel_auroc"]) and 0 <= row["image_auroc"] <= 1
     masked = per_type[per_type["has_masks"]]

@@ -51,8 +51,13 @@ class ImageFiles(dict):
         return self.files[key]
 
 
+#: ``suffix`` value for every file, keyed by its full relative name (predict: a file that is
+#: not an image gets its own error row instead of being skipped).
+EVERY_FILE = ""
+
+
 def check_suffix(suffix: str) -> str:
-    if suffix != ANY_SUFFIX and suffix.lower() not in IMAGE_SUFFIXES:
+    if suffix not in (ANY_SUFFIX, EVERY_FILE) and suffix.lower() not in IMAGE_SUFFIXES:
         raise ValueError(
             f"data.image_suffix={suffix!r} is not an image suffix this project reads; use "
             f"{ANY_SUFFIX!r} (every one of {', '.join(IMAGE_SUFFIXES)}) or one of them."
@@ -69,6 +74,7 @@ def image_partitions(
     """Lazy loaders of every image below ``path`` whose suffix ``suffix`` accepts
     (:func:`accepts`; case-insensitive), keyed by relative path without the suffix (e.g.
     ``test/broken_large/000``). Other files (``README.txt``, ``.DS_Store``) are ignored.
+    ``suffix=""`` (:data:`EVERY_FILE`): every file, keyed by its relative name as it is.
 
     Each loader opens its file header only (:class:`anomaly_ae.datasets.ImageFileDataset`)
     and refuses an image of more than ``max_pixels`` pixels before decoding anything.
@@ -87,6 +93,10 @@ def image_partitions(
     )
     found = ImageFiles()
     for name, load in sorted(dataset.load().items()):
+        if suffix == EVERY_FILE:
+            found[name] = load
+            found.files[name] = name
+            continue
         if not accepts(name, suffix):
             continue
         key = file_key(name)

@@ -9,7 +9,7 @@ import pandas as pd
 from PIL import Image
 
 from anomaly_ae.data.partitions import file_key
-from anomaly_ae.data.transforms import decode_image, mask_to_array, to_model_array
+from anomaly_ae.data.transforms import decode_image, mask_to_array, to_model_uint8
 
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
 
@@ -42,11 +42,13 @@ def stack_images(
     size: int,
     resample: str,
 ) -> np.ndarray:
-    """Decode and convert images to one ``(N, 1, size, size)`` float32 array in [0, 1]."""
-    out = np.empty((len(files), 1, size, size), dtype=np.float32)
+    """Decode and convert images to one ``(N, 1, size, size)`` uint8 array (0..255; see
+    :func:`~anomaly_ae.data.transforms.to_model_uint8`): a quarter of float32's memory, and
+    batches become float32 in [0, 1] only as they are used."""
+    out = np.empty((len(files), 1, size, size), dtype=np.uint8)
     for i, name in enumerate(files):
         image = decode_image(loaders[file_key(name)], f"{folder}/{name}")
-        out[i, 0] = to_model_array(image, size=size, resample=resample)
+        out[i, 0] = to_model_uint8(image, size=size, resample=resample)
     return out
 
 

@@ -20,6 +20,8 @@ __all__ = [
     "decode_image",
     "to_grayscale_float",
     "to_model_array",
+    "to_model_uint8",
+    "as_unit_float",
     "mask_to_array",
 ]
 
@@ -212,15 +214,33 @@ def to_model_array(image: Image.Image, size: int = 256, resample: str = "area") 
             ``"bilinear"``, or ``"bicubic"``, ``"lanczos"``, ``"nearest"``.
 
     Returns:
-        C-contiguous float32 array of shape ``(size, size)``, values in [0, 1].
+        C-contiguous float32 array of shape ``(size, size)``, values in [0, 1] on the
+        1/255 grid: exactly ``to_model_uint8(...) / 255``, so the compact uint8 cache the
+        model trains from and the float input that predict and the inspection runtime feed
+        it are the same numbers.
     """
+    return to_model_uint8(image, size, resample).astype(np.float32) / np.float32(255)
+
+
+def to_model_uint8(image: Image.Image, size: int = 256, resample: str = "area") -> np.ndarray:
+    """:func:`to_model_array` as uint8 (0..255): the cached form, 4x smaller than float32.
+    Grayscale conversion and resizing run in float precision; only the result is rounded."""
     _check_size(size)
     flt = _resample_filter(resample)
     gray = np.ascontiguousarray(to_grayscale_float(image), dtype=np.float32)
     if gray.shape != (size, size):
         resized = Image.fromarray(gray).resize((size, size), resample=flt)
         gray = np.asarray(resized, dtype=np.float32)
-    return np.ascontiguousarray(np.clip(gray, 0.0, 1.0), dtype=np.float32)
+    return np.ascontiguousarray(np.rint(np.clip(gray, 0.0, 1.0) * 255), dtype=np.uint8)
+
+
+def as_unit_float(images: np.ndarray) -> np.ndarray:
+    """Model images as float32 in [0, 1]: uint8 caches are divided by 255, float arrays
+    are returned as float32 (no copy when they already are)."""
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / np.float32(255)
+    return images.astype(np.float32, copy=False)
 
 
 def mask_to_array(mask: Image.Image, size: int = 256) -> np.ndarray:

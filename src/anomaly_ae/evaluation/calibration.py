@@ -23,7 +23,7 @@ or a list of them: the multi-scale mean), ``smoothing_sigma``, ``normal_referenc
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,9 +32,10 @@ import torch
 
 from anomaly_ae.evaluation.metrics import rank_auroc
 from anomaly_ae.scoring.anomaly_map import MapSettings, blend, error_terms, image_score, smooth_terms
-from anomaly_ae.scoring.reference import NormalReference, correct
+from anomaly_ae.scoring.inference import unit_float
+from anomaly_ae.scoring.reference import NormalReference, ReferenceAccumulator, correct
 
-__all__ = ["BLENDS", "GridPoint", "build_grid", "l2_scale", "score_grid", "select"]
+__all__ = ["BLENDS", "GridPoint", "agreement", "build_grid", "l2_scale", "score_grid", "select"]
 
 BLENDS = ("ssim", "ssim+l2", "l2")
 
@@ -126,7 +127,7 @@ def _terms(
 ) -> dict:
     parts = [
         error_terms(
-            torch.from_numpy(np.ascontiguousarray(images[i : i + batch])),
+            unit_float(torch.from_numpy(np.ascontiguousarray(images[i : i + batch]))),
             torch.from_numpy(np.ascontiguousarray(recon[i : i + batch])),
             windows,
             win_sigma,
@@ -139,6 +140,32 @@ def _terms(
     }
 
 
+def _train_references(
+    train: tuple[np.ndarray, np.ndarray | Callable[[np.ndarray], np.ndarray]],
+    windows: tuple[int, ...],
+    win_sigma: float,
+    batch_size: int,
+    by_sigma: dict[float, dict[tuple, list[GridPoint]]],
+) -> dict[tuple[float, tuple], NormalReference]:
+    """The normal reference of every uncorrected map of the grid, fitted one batch of
+    training images at a time (:class:`ReferenceAccumulator`): memory does not grow with the
+    number of training images. ``train[1]`` is the reconstructions, or a function that
+    reconstructs a batch (then not even they are held)."""
+    images, recon = train
+    accumulators = {(s, key): ReferenceAccumulator() for s, by_raw in by_sigma.items() for key in by_raw}
+    for start in range(0, len(images), batch_size):
+        batch = np.ascontiguousarray(images[start : start + batch_size])
+        rebuilt = recon(batch) if callable(recon) else recon[start : start + batch_size]
+        terms = error_terms(
+            unit_float(torch.from_numpy(batch)), torch.from_numpy(np.ascontiguousarray(rebuilt)), windows, win_sigma
+        )
+        for smoothing, by_raw in by_sigma.items():
+            smoothed = smooth_terms(terms, smoothing)
+            for key, members in by_raw.items():
+                accumulators[smoothing, key].add(blend(smoothed, members[0].settings)[:, 0])
+    return {key: accumulator.result() for key, accumulator in accumulators.items()}
+
+
 def score_grid(
     grid: dict,
     paper: MapSettings,
@@ -146,18 +173,26 @@ def score_grid(
     normal: tuple[np.ndarray, np.ndarray],
     defects: tuple[np.ndarray, np.ndarray, np.ndarray, Sequence[str]],
     batch_size: int,
+    scale: float | None = None,
+    pixel_known: np.ndarray | None = None,
 ) -> tuple[pd.DataFrame, float]:
     """Score every setting; returns the table (one row per setting, grid order) and the
     ``ssim+l2`` scale. ``train`` and ``normal`` are ``(images, reconstructions)`` of the
-    normal training and validation images; ``defects`` is ``(images, reconstructions,
-    masks, kinds)`` of the synthetic-defect copies. All images ``(N, 1, H, W)`` in [0, 1]."""
+    normal training and validation images (for ``train`` the reconstructions may be a
+    function of a batch of images: the training set is then streamed, never held as maps); ``defects`` is ``(images, reconstructions,
+    masks, kinds)`` of the synthetic-defect copies. All images ``(N, 1, H, W)`` in [0, 1].
+
+    ``scale`` fixes the ``ssim+l2`` scale (default: measured on ``normal``), so that the same
+    grid can be scored on other images (:func:`agreement`); ``pixel_known`` (per defect
+    image) leaves defect images without a mask out of the pixel AUROC."""
     grid_windows = {
         int(w) for entry in grid["win_size"] for w in (entry if isinstance(entry, list) else [entry])
     }
     windows = tuple(sorted(grid_windows | set(paper.windows)))
     sigma = paper.win_sigma
     normal_terms = _terms(*normal, windows, sigma, batch_size)
-    scale = l2_scale(normal_terms, paper.windows[0])
+    if scale is None:
+        scale = l2_scale(normal_terms, paper.windows[0])
     points = build_grid(grid, paper, scale)
 
     eval_terms = _terms(
@@ -168,30 +203,30 @@ def score_grid(
         batch_size,
     )
     del normal_terms
-    train_terms = _terms(*train, windows, sigma, batch_size)
     n_normal, h, w = len(normal[0]), *normal[0].shape[-2:]
     masks = np.concatenate([np.zeros((n_normal, h, w), np.uint8), np.asarray(defects[2], np.uint8)])
     labels = np.r_[np.zeros(n_normal, int), np.ones(len(defects[0]), int)]
+    pixel_rows = np.r_[np.ones(n_normal, bool), np.ones(len(defects[0]), bool) if pixel_known is None else pixel_known]
     kinds = np.asarray(defects[3])
 
     rows: dict[GridPoint, dict] = {}
     by_sigma: dict[float, dict[tuple, list[GridPoint]]] = {}
     for point in points:
         by_sigma.setdefault(point.settings.smoothing_sigma, {}).setdefault(point.raw_key, []).append(point)
+    references = _train_references(train, windows, sigma, batch_size, by_sigma)
     for smoothing, by_raw in by_sigma.items():
         # smoothing is linear: smooth each error term once, then blend (see smooth_terms)
-        train_smooth = smooth_terms(train_terms, smoothing)
         eval_smooth = smooth_terms(eval_terms, smoothing)
-        for members in by_raw.values():
+        for raw_key, members in by_raw.items():
             settings = members[0].settings
-            reference = NormalReference.fit(blend(train_smooth, settings)[:, 0])
+            reference = references[smoothing, raw_key]
             eval_raw = blend(eval_smooth, settings)[:, 0]
             by_map: dict[str, list[GridPoint]] = {}
             for point in members:
                 by_map.setdefault(point.settings.normal_reference, []).append(point)
             for mode, group in by_map.items():
                 maps = eval_raw if mode == "none" else correct(eval_raw, *reference.as_tensors(mode))
-                pixel = rank_auroc(masks.ravel(), maps.numpy().ravel())
+                pixel = rank_auroc(masks[pixel_rows].ravel(), maps.numpy()[pixel_rows].ravel())
                 for point in group:
                     rows[point] = _image_metrics(point.settings, maps, labels, kinds, n_normal, pixel)
     table = pd.DataFrame(
@@ -239,3 +274,41 @@ def select(table: pd.DataFrame, tie_tolerance: float) -> int:
     best = table["selection_score"].max()
     tied = table[table["selection_score"] >= best - tie_tolerance]
     return int(tied.sort_values(["levers_changed"], kind="stable").index[0])
+
+
+#: Real-test columns of :func:`agreement` and the synthetic column each is compared with.
+AGREEMENT_PAIRS = {
+    "real_image_auroc": "syn_image_auroc",
+    "real_pixel_auroc": "syn_pixel_auroc",
+}
+
+
+def agreement(calibration_table: pd.DataFrame, real_table: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Does the synthetic selection predict reality? ``real_table`` is :func:`score_grid` of
+    the same grid on the real test images (labels and masks: development data, never used
+    to choose). Returns one row per setting (synthetic columns beside the real ones) and the
+    Spearman rank correlations over the grid: the selection score against the real image
+    AUROC, pixel AUROC and their mean, and each synthetic metric against its real one."""
+    real = real_table[["setting", "syn_image_auroc", "syn_pixel_auroc"]].rename(
+        columns={"syn_image_auroc": "real_image_auroc", "syn_pixel_auroc": "real_pixel_auroc"}
+    )
+    columns = ["setting", "selection_score", "syn_image_auroc", "syn_pixel_auroc", "is_paper", "is_selected"]
+    table = calibration_table[[c for c in columns if c in calibration_table]].merge(real, on="setting", how="inner")
+    if len(table) != len(calibration_table):
+        raise ValueError(
+            f"the real-test grid has {len(real_table)} settings, calibration {len(calibration_table)}: "
+            "they must be scored on the same grid"
+        )
+    table["real_selection_score"] = 0.5 * (table["real_image_auroc"] + table["real_pixel_auroc"])
+
+    def spearman(a: str, b: str) -> float:
+        return float(table[a].rank().corr(table[b].rank())) if table[a].nunique() > 1 else float("nan")
+
+    correlations = {
+        "spearman_selection_vs_real_image_auroc": spearman("selection_score", "real_image_auroc"),
+        "spearman_selection_vs_real_pixel_auroc": spearman("selection_score", "real_pixel_auroc"),
+        "spearman_selection_vs_real_selection_score": spearman("selection_score", "real_selection_score"),
+        **{f"spearman_{syn}_vs_{real}": spearman(syn, real) for real, syn in AGREEMENT_PAIRS.items()},
+    }
+    table["real_rank"] = table["real_selection_score"].rank(ascending=False, method="min").astype(int)
+    return table, correlations

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import anomaly_ae
-from anomaly_ae.data.transforms import _LUMA, RESAMPLE_METHODS
+from anomaly_ae.data.transforms import _LUMA, RESAMPLE_METHODS, as_unit_float
 from anomaly_ae.export.folder import write_bundle
 from anomaly_ae.model.checkpoint import checkpoint_fingerprint, model_from_checkpoint
 from anomaly_ae.scoring import MapSettings, NormalReference, anomaly_map, image_score
@@ -234,7 +234,7 @@ def build_bundle(
 
     export_check = None
     if validation_images is not None:
-        images = np.asarray(validation_images, np.float32)
+        images = as_unit_float(validation_images)  # uint8 caches -> [0, 1]
         if images.ndim != 4 or images.shape[1:] != (1, size, size) or len(images) == 0:
             raise ValueError(
                 f"validation images must be (N >= 1, 1, {size}, {size}), got {tuple(images.shape)}; "

@@ -11,11 +11,19 @@ from torch import nn
 
 from anomaly_ae.device import autocast, resolve_device, resolve_precision
 from anomaly_ae.scoring.anomaly_map import MapSettings, image_score, reference_tensors, score_maps
-from anomaly_ae.scoring.reference import NormalReference
+from anomaly_ae.scoring.reference import NormalReference, ReferenceAccumulator
 
 __all__ = ["reconstruct", "reconstruct_and_score", "fit_normal_reference"]
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def unit_float(images: torch.Tensor) -> torch.Tensor:
+    """A batch of model images as float32 in [0, 1]: uint8 (the compact cache, 0..255) is
+    divided by 255; float tensors become float32 (no copy when they are)."""
+    if images.dtype == torch.uint8:
+        return images.float().div_(255)
+    return images.float()
 
 
 def _score_batch_fn(model: nn.Module, settings: MapSettings, dev, dtype, keep_maps: bool, reference):
@@ -84,14 +92,14 @@ def reconstruct_and_score(
         score_batch = _compiled_score_batch(model, settings, dev, dtype, keep_maps, compile_mode, reference)
     else:
         score_batch = _score_batch_fn(model, settings, dev, dtype, keep_maps, reference)
-    images = torch.as_tensor(images, dtype=torch.float32)
+    images = torch.as_tensor(images)  # uint8 caches stay uint8: one batch at a time becomes float
     if reference is not None and settings.normal_reference != "none":
         reference.check_shape(images.shape)
     keys = ("recon", "map", "ssim", "mse", "score") if keep_maps else ("recon", "ssim", "mse", "score")
     out: dict[str, list] = {key: [] for key in keys}
     with torch.inference_mode():
         for start in range(0, len(images), int(batch_size)):
-            x = images[start : start + int(batch_size)].to(dev, non_blocking=True)
+            x = unit_float(images[start : start + int(batch_size)].to(dev, non_blocking=True))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             result = score_batch(x)
@@ -119,6 +127,9 @@ def fit_normal_reference(
     """Per-pixel mean/std of the uncorrected maps of NORMAL images (the training images);
     ``kwargs`` go to :func:`reconstruct_and_score`."""
     raw = dataclasses.replace(settings, normal_reference="none")
-    return NormalReference.fit(
-        reconstruct_and_score(model, normal_images, raw, keep_maps=True, **kwargs)["map"]
-    )
+    chunk = max(int(kwargs.get("batch_size", 32)), 1) * 8  # a few batches at a time, not every map at once
+    accumulator = ReferenceAccumulator()
+    for start in range(0, len(normal_images), chunk):
+        part = normal_images[start : start + chunk]
+        accumulator.add(reconstruct_and_score(model, part, raw, keep_maps=True, **kwargs)["map"])
+    return accumulator.result()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["REFERENCE_MODES", "NormalReference", "correct"]
+__all__ = ["REFERENCE_MODES", "NormalReference", "ReferenceAccumulator", "correct"]
 
 REFERENCE_MODES = ("none", "mean", "zscore")
 
@@ -49,13 +49,7 @@ class NormalReference:
     @classmethod
     def fit(cls, maps: np.ndarray | torch.Tensor) -> NormalReference:
         """Fit on ``(N, H, W)`` anomaly maps of normal images (N >= 2); accumulated in float64."""
-        maps = torch.as_tensor(maps)
-        if maps.dim() != 3 or len(maps) < 2:
-            raise ValueError(
-                f"need the anomaly maps of at least 2 normal images shaped (N, H, W), got {tuple(maps.shape)}"
-            )
-        std, mean = torch.std_mean(maps.double(), dim=0, correction=0)
-        return cls(mean.float().numpy(), std.float().numpy(), len(maps))
+        return ReferenceAccumulator().add(maps).result()
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """For :class:`anomaly_ae.datasets.NpzDataset`."""
@@ -101,6 +95,46 @@ class NormalReference:
             return maps
         self.check_shape(maps.shape)
         return correct(maps, *self.as_tensors(mode, maps.device))
+
+
+class ReferenceAccumulator:
+    """:meth:`NormalReference.fit` one batch at a time: per-pixel sums in float64, so the
+    maps of thousands of images never have to be held at once. ``add`` returns ``self``."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.total: torch.Tensor | None = None
+        self.shift: torch.Tensor | None = None  # the first map: sums of (map - shift) stay small
+        self.squares: torch.Tensor | None = None
+
+    def add(self, maps: np.ndarray | torch.Tensor) -> ReferenceAccumulator:
+        maps = torch.as_tensor(maps)
+        if maps.dim() == 4 and maps.shape[1] == 1:
+            maps = maps[:, 0]
+        if maps.dim() != 3:
+            raise ValueError(f"anomaly maps must be shaped (N, H, W), got {tuple(maps.shape)}")
+        if len(maps) == 0:
+            return self
+        maps = maps.detach().to("cpu", torch.float64)
+        if self.shift is None:
+            self.shift = maps[0].clone()
+            self.total = torch.zeros_like(self.shift)
+            self.squares = torch.zeros_like(self.shift)
+        elif maps.shape[1:] != self.shift.shape:
+            raise ValueError(f"anomaly maps of {tuple(maps.shape[1:])} added to a reference of {tuple(self.shift.shape)}")
+        centred = maps - self.shift
+        self.total += centred.sum(dim=0)
+        self.squares += centred.square().sum(dim=0)
+        self.n += len(maps)
+        return self
+
+    def result(self) -> NormalReference:
+        if self.n < 2:
+            raise ValueError(f"need the anomaly maps of at least 2 normal images, got {self.n}")
+        mean_centred = self.total / self.n
+        var = (self.squares / self.n - mean_centred.square()).clamp_min(0.0)
+        mean = mean_centred + self.shift
+        return NormalReference(mean.float().numpy(), var.sqrt().float().numpy(), self.n)
 
 
 def correct(maps: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """The crash-safe training state: one file per (model, training settings, data), resumed by
 rerunning the same command.
 
-During training the model, the optimizer and the history are written atomically every
-``checkpoint_every`` epochs. The file's name carries a key of everything that decides the
+During training the model, the optimizer and the history are written atomically at the end
+of an epoch, every ``checkpoint_every`` epochs once ``checkpoint_seconds`` have passed since
+the last write (and always at the last epoch): a kill loses at most that much training. The file's name carries a key of everything that decides the
 training trajectory (model settings, the training settings that change the numbers, the loss
 weights and a hash of the training and validation arrays), so
 
@@ -45,6 +46,7 @@ NOT_IN_KEY = frozenset(
         "state_dir",
         "checkpoint_path",
         "checkpoint_every",
+        "checkpoint_seconds",
         "eval_batch_size",
         "num_threads",
         "num_interop_threads",

@@ -18,6 +18,7 @@ from anomaly_ae.config import from_settings
 from anomaly_ae.device import autocast, resolve_device, resolve_precision
 from anomaly_ae.model import AutoencoderConfig, HybridLoss, SeparableHybridLoss, build_model
 from anomaly_ae.model.checkpoint import CHECKPOINT_FORMAT, save_checkpoint_atomic, validate_checkpoint
+from anomaly_ae.scoring.inference import unit_float
 from anomaly_ae.training.augment import AugmentationConfig, augment_batch
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ class TrainingConfig:
     augmentation: dict = field(default_factory=dict)
     eval_batch_size: int = 32
     checkpoint_every: int = 1
+    # and only when at least checkpoint_seconds passed since the last save (0: every time)
+    checkpoint_seconds: float = 60.0
     # state_dir: where the training node keeps the crash-safe state (training/state.py);
     # checkpoint_path: the exact file this loop writes (None: none). resume: auto | never.
     state_dir: str | None = None
@@ -106,6 +109,8 @@ class TrainingConfig:
             )
         if self.ssim_impl not in SSIM_IMPLS:
             raise ValueError(f"training.ssim_impl must be one of {SSIM_IMPLS} (got {self.ssim_impl!r})")
+        if self.checkpoint_seconds < 0:
+            raise ValueError(f"training.checkpoint_seconds must be >= 0 (got {self.checkpoint_seconds})")
         if self.resume not in ("auto", "never"):
             raise ValueError(f"training.resume must be 'auto' or 'never' (got {self.resume!r})")
         for name in ("num_threads", "num_interop_threads"):
@@ -142,13 +147,18 @@ def _evaluate_loss(model, loss_fn, data, batch_size, device, dtype, channels_las
     total = torch.zeros((), device=device)
     with torch.no_grad():
         for sl in batch_slices(len(data), batch_size):
-            x = data[sl]
+            x = unit_float(data[sl])
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, dtype):
                 recon = model(x)
             total += loss_fn(x, recon) * x.shape[0]
     return float(total) / len(data)
+
+
+def _compact(images: torch.Tensor) -> torch.Tensor:
+    """uint8 as is; any float dtype as float32."""
+    return images if images.dtype == torch.uint8 else images.float()
 
 
 def build_loss(config: TrainingConfig) -> HybridLoss:
@@ -314,24 +324,27 @@ def train_one_epoch(
     epoch: int,
     config: TrainingConfig,
 ) -> torch.Tensor:
-    """One epoch over ``train_data`` (already on the device): reshuffle with a generator
-    seeded by ``seed + epoch``, then :attr:`TrainingSetup.train_step` per batch.
-    Returns the per-step losses as a device tensor (read it once per epoch: one sync)."""
+    """One epoch over ``train_data`` (already on the device; uint8 0..255 or float in
+    [0, 1]): reshuffle with a generator seeded by ``seed + epoch``, then
+    :attr:`TrainingSetup.train_step` per batch. Only the current batch is made float32 (and
+    augmented), so a uint8 cache is never expanded whole. Returns the per-step losses as a
+    device tensor (read it once per epoch: one sync)."""
     device = setup.device
     torch.manual_seed(config.seed + epoch)  # dropout masks: same per epoch on resume
     order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(config.seed + epoch))
-    shuffled = train_data[order.to(device)]
+    order = order.to(device)
     augmentation = AugmentationConfig.from_dict(config.augmentation)
-    if augmentation.enabled:  # a fresh random view of every image each epoch (seeded)
-        shuffled = augment_batch(
-            shuffled, augmentation, torch.Generator().manual_seed(config.seed * 7919 + epoch)
-        )
-    if config.channels_last:
-        shuffled = shuffled.contiguous(memory_format=torch.channels_last)
+    # a fresh random view of every image each epoch (seeded per epoch: same on resume)
+    views = torch.Generator().manual_seed(config.seed * 7919 + epoch) if augmentation.enabled else None
     step_losses = torch.empty(len(slices), device=device)
     setup.model.train()
     for step, sl in enumerate(slices):
-        step_losses[step] = setup.train_step(shuffled[sl])  # no host sync per step
+        x = unit_float(train_data[order[sl]])
+        if views is not None:
+            x = augment_batch(x, augmentation, views)
+        if config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        step_losses[step] = setup.train_step(x)  # no host sync per step
     return step_losses
 
 
@@ -417,9 +430,10 @@ def train_autoencoder(
             start_epoch = config.epochs + 1
         log.info("Resuming from epoch %d", start_epoch)
 
-    train_data = train_images.to(device=device, dtype=torch.float32)
+    # uint8 caches stay uint8 on the device (a quarter of float32); batches become float
+    train_data = _compact(train_images).to(device=device)
     val_data = (
-        val_images.to(device=device, dtype=torch.float32)
+        _compact(val_images).to(device=device)
         if val_images is not None and len(val_images)
         else None
     )
@@ -431,6 +445,7 @@ def train_autoencoder(
     epochs_without_improvement = (start_epoch - 1 - best_epoch) if best_epoch else 0
     stopped_early = bool(resume_checkpoint.get("stopped_early")) if resume_checkpoint else False
     slices = batch_slices(n_train, config.batch_size)
+    last_saved = time.monotonic()
 
     bar = tqdm(
         range(start_epoch, config.epochs + 1),
@@ -479,7 +494,11 @@ def train_autoencoder(
         last_epoch = epoch == config.epochs
         stop = use_early_stopping and epochs_without_improvement >= patience
         stopped_early = stop
-        if config.checkpoint_path and (epoch % max(config.checkpoint_every, 1) == 0 or last_epoch or stop):
+        due = (
+            epoch % max(config.checkpoint_every, 1) == 0
+            and time.monotonic() - last_saved >= config.checkpoint_seconds
+        )
+        if config.checkpoint_path and (due or last_epoch or stop):
             save_checkpoint_atomic(
                 build_checkpoint(
                     model,
@@ -495,6 +514,7 @@ def train_autoencoder(
                 ),
                 config.checkpoint_path,
             )
+            last_saved = time.monotonic()
         if stop:
             log.info("Early stopping at epoch %d (best epoch %d, loss %.5f)", epoch, best_epoch, best_val)
             break

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from anomaly_ae.data.defects import paste_synthetic_defects
+from anomaly_ae.data.transforms import as_unit_float
 from anomaly_ae.evaluation import calibration
 from anomaly_ae.model import AutoencoderConfig
 from anomaly_ae.model.checkpoint import checkpoint_fingerprint, model_from_checkpoint
@@ -29,7 +30,7 @@ RULE = (
 
 def synthesise_defects(validation_images: dict[str, np.ndarray], calibration_params: dict[str, Any]) -> dict:
     """Synthetic-defect copies of the NORMAL validation images, with masks and kinds."""
-    images = validation_images["images"]
+    images = as_unit_float(validation_images["images"])  # the synthesiser paints in [0, 1]
     if "labels" in validation_images:  # validation images are normal by construction
         images = images[np.asarray(validation_images["labels"]) == 0]
     if len(images) < 2:
@@ -68,11 +69,13 @@ def score_lever_grid(
     sets = {
         name: (images, reconstruct(network, images, batch, device))
         for name, images in (
-            ("train", train_images["images"]),
             ("normal", synthetic_defects["normal"]),
             ("defects", synthetic_defects["images"]),
         )
     }
+    # the training images only feed the normal references: reconstructed batch by batch as
+    # the grid streams them (memory independent of their number)
+    sets["train"] = (train_images["images"], lambda batch_images: reconstruct(network, batch_images, batch, device))
     reconstructed = time.perf_counter()
     table, scale = calibration.score_grid(
         calibration_params["grid"],

@@ -11,14 +11,15 @@ import numpy as np
 import pandas as pd
 
 from anomaly_ae.data.defects import DEFECT_KINDS
-from anomaly_ae.evaluation import tables
+from anomaly_ae.data.transforms import as_unit_float
+from anomaly_ae.evaluation import calibration, tables
 from anomaly_ae.evaluation.metrics import calibrate_threshold
 from anomaly_ae.evaluation.stress import stress_table
 from anomaly_ae.evaluation.summary import HEADLINE_METRICS, detection_metrics, per_defect_type
 from anomaly_ae.model import AutoencoderConfig
 from anomaly_ae.model.checkpoint import checkpoint_fingerprint, model_from_checkpoint
 from anomaly_ae.scoring import MapSettings, NormalReference
-from anomaly_ae.scoring.inference import fit_normal_reference, reconstruct_and_score
+from anomaly_ae.scoring.inference import fit_normal_reference, reconstruct, reconstruct_and_score
 
 MAP_SOURCES = ("calibrated", "configured")
 
@@ -239,7 +240,7 @@ def stress_test(
     """Image/pixel AUROC per synthetic defect kind on the GOOD test images (another seed than
     calibration, every kind), for the map in use and the paper's map: a held-out report."""
     options = evaluation["stress_test"]
-    normal = test_images["images"][np.asarray(test_images["labels"]) == 0]
+    normal = as_unit_float(test_images["images"][np.asarray(test_images["labels"]) == 0])
     if len(normal) < 2:
         log.warning("Stress test skipped: fewer than 2 good test images.")
         return pd.DataFrame(columns=["map", "kind", "n_defective", "n_normal", "image_auroc", "pixel_auroc"])
@@ -267,3 +268,52 @@ def stress_test(
         pivot.round(3).to_string(),
     )
     return table
+
+
+def grid_agreement(
+    model_checkpoint: dict,
+    train_images: dict[str, np.ndarray],
+    test_images: dict[str, np.ndarray],
+    test_scores: dict[str, np.ndarray],
+    ssim_table: pd.DataFrame,
+    calibration_table: pd.DataFrame,
+    model: dict[str, Any],
+    evaluation: dict[str, Any],
+    calibration_params: dict[str, Any],
+) -> tuple[pd.DataFrame, dict[str, dict[str, float]]]:
+    """The calibration grid scored on the real test images, beside the synthetic scores,
+    and the Spearman correlations over the grid (``evaluation.grid_agreement``): does the
+    label-free rule's score predict the real metrics? Development data: it chooses nothing."""
+    labels = np.asarray(test_images["labels"])
+    if not evaluation.get("grid_agreement") or labels.min() == labels.max():
+        log.info("Grid agreement not computed (%s).", "off" if not evaluation.get("grid_agreement") else "one class")
+        return pd.DataFrame(columns=["setting"]), {}
+    network = _network(model_checkpoint, model, test_images)
+    batch, device = calibration_params["batch_size"], calibration_params["device"]
+    train = train_images["images"]
+    has_mask = np.asarray(test_images.get("has_mask", np.ones(len(labels), bool)), bool)
+    good, bad = labels == 0, labels == 1
+    real, _ = calibration.score_grid(
+        calibration_params["grid"],
+        MapSettings.from_dict(evaluation["anomaly_map"]),
+        (train, lambda batch_images: reconstruct(network, batch_images, batch, device)),
+        (test_images["images"][good], test_scores["recon"][good]),
+        (
+            test_images["images"][bad],
+            test_scores["recon"][bad],
+            test_images["masks"][bad],
+            ssim_table["defect_type"].to_numpy()[bad],
+        ),
+        batch,
+        scale=float(calibration_table["l2_scale"].iloc[0]),
+        pixel_known=has_mask[bad],
+    )
+    table, correlations = calibration.agreement(calibration_table, real)
+    log.info(
+        "Synthetic selection score vs real test metrics over %d settings, Spearman: image AUROC %.3f, "
+        "pixel AUROC %.3f",
+        len(table),
+        correlations["spearman_selection_vs_real_image_auroc"],
+        correlations["spearman_selection_vs_real_pixel_auroc"],
+    )
+    return table, {name: {"value": value, "step": 0} for name, value in correlations.items() if np.isfinite(value)}

@@ -11,6 +11,7 @@ import pandas as pd
 
 from anomaly_ae.evaluation.categories import category_row, summary_table, to_markdown
 from anomaly_ae.reporting.report import html_table
+from anomaly_ae.reporting.report import page as report_page
 from anomaly_ae.scoring import MapSettings
 
 log = logging.getLogger(__name__)
@@ -29,14 +30,13 @@ def summarise_node(categories: Sequence[str]) -> Callable[..., tuple[pd.DataFram
         table = summary_table(rows)
         markdown = to_markdown(table)
         log.info("Summary of %d categories:\n%s", len(categories), markdown)
-        page = (
-            "<!doctype html><html><head><meta charset='utf-8'><title>anomaly-ae summary</title>"
-            "<style>body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:3px 8px}</style></head><body>"
-            f"<h1>anomaly-ae — {len(categories)} categories</h1>"
+        synthetic = any(inputs[3 * i].get("data_source") == "synthetic" for i in range(len(categories)))
+        page = report_page(
+            f"anomaly-ae — {len(categories)} categories",
             "<p>One row per category (its own namespace, versioned outputs and MLflow run); the "
             "last row is the mean. Pixel metrics are empty where a category has no masks.</p>"
-            f"{html_table(table)}<p>Categories: {html.escape(', '.join(categories))}</p></body></html>"
+            f"{html_table(table)}<p>Categories: {html.escape(', '.join(categories))}</p>",
+            synthetic=synthetic,
         )
         return table, markdown, page
 
