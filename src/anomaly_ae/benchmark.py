@@ -328,6 +328,11 @@ def onnx_benchmark(args: argparse.Namespace, say) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     started_in = environment()  # the load average before
+    keras: list[dict[str, float]] = []
+    if args.keras_reference:  # the paper's Keras model, before and after, in this same run
+        say("Keras reference (before) ...")
+        keras.append(run_keras(args.keras_reference, args.keras_script, args.n_train, args.keras_epochs))
+        say(f"  keras: {keras[-1]}")
     settings = MapSettings.from_dict(json.loads(args.map_settings))
     torch.manual_seed(0)
     model = build_model(AutoencoderConfig(image_size=args.image_size)).eval()
@@ -420,6 +425,14 @@ def onnx_benchmark(args: argparse.Namespace, say) -> dict[str, Any]:
         "engines": rows,
         "peak_memory": peak_memory_mb(torch.device("cpu")),
     }
+    if keras:
+        say("Keras reference (after) ...")
+        keras.append(run_keras(args.keras_reference, args.keras_script, args.n_train, args.keras_epochs))
+        say(f"  keras: {keras[-1]}")
+        keras_infer = statistics.median(k["infer_img_s"] for k in keras)
+        result["keras"] = {"runs": keras, "infer_img_s": keras_infer}
+        for row in rows:
+            row["img_s_vs_keras"] = row[f"img_s_batch{batch}"] / keras_infer
     result["environment"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     say(
         f"\n{'engine':16s} {f'img/s @{batch}':>11s} {'x torch':>8s} {'p50 ms @1':>10s} {'p95 ms @1':>10s} "
@@ -429,6 +442,11 @@ def onnx_benchmark(args: argparse.Namespace, say) -> dict[str, Any]:
         say(
             f"{row['engine']:16s} {row[f'img_s_batch{batch}']:11.1f} {row['img_s_vs_torch']:8.2f} "
             f"{row['latency_ms_p50']:10.1f} {row['latency_ms_p95']:10.1f} {row['p50_vs_torch']:8.2f}"
+        )
+    if keras:
+        say(
+            f"Keras reference (the paper's model, its script's predict at batch 32): {result['keras']['infer_img_s']:.1f} img/s; "
+            + ", ".join(f"{row['engine']} {row['img_s_vs_keras']:.2f}x Keras" for row in rows)
         )
     say(
         f"{args.rounds} rounds of {args.n_infer} images and {args.latency_runs} batch-1 calls per engine; "
