@@ -160,6 +160,14 @@ def test_mlflow_runs_hold_params_metrics_and_the_calibration(quick):
         p.relative_to(quick.path / "mlruns").parts[-2] for p in (quick.path / "mlruns").rglob("*.csv")
     }
     assert "calibration" in artifacts
+    # the weights once: the logged checkpoint has no training state, the versioned file has it
+    logged_checkpoints = list((quick.path / "mlruns" / "1" / child).rglob("checkpoints/model_checkpoint.pt"))
+    versioned = sorted((quick.path / f"data/06_models/{NS}/model_checkpoint.pt").glob("*/model_checkpoint.pt"))[0]
+    assert len(logged_checkpoints) == 1
+    slim, full = load_checkpoint(logged_checkpoints[0]), load_checkpoint(versioned)
+    assert "optimizer_state" not in slim and full["optimizer_state"]
+    assert checkpoint_fingerprint(slim) == checkpoint_fingerprint(full)
+    assert logged_checkpoints[0].stat().st_size < 0.5 * versioned.stat().st_size
 
 
 def test_evaluate_with_the_papers_map(quick):

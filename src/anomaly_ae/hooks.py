@@ -489,12 +489,32 @@ class MlflowArtifactsHook:
             return
 
         path = saved_path(dataset)
+        if metadata.get("mlflow_weights_only") and isinstance(data, dict) and path.is_file():
+            _log_weights_only(data, path.name, artifact_path)
+            return
         if path.is_dir():
             retry_locked(mlflow.log_artifacts, str(path), artifact_path=f"{artifact_path}/{path.name}")
         elif path.is_file():
             retry_locked(mlflow.log_artifact, str(path), artifact_path=artifact_path)
         else:
             log.warning("Not logged to MLflow: %s was not found after saving %s", path, dataset_name)
+
+
+def _log_weights_only(checkpoint: dict, name: str, artifact_path: str) -> None:
+    """Log the checkpoint to the active run without the training state (optimizer moments,
+    best-epoch copy): the run stores the weights once. The versioned file in data/06_models
+    keeps everything, so training can still resume from it."""
+    import tempfile
+
+    import mlflow
+    import torch
+
+    from anomaly_ae.model.checkpoint import weights_only
+
+    with tempfile.TemporaryDirectory(prefix="anomaly_ae_weights_") as folder:
+        slim = Path(folder) / name
+        torch.save(weights_only(checkpoint), slim)
+        retry_locked(mlflow.log_artifact, str(slim), artifact_path=artifact_path)
 
 
 def saved_path(dataset) -> Path:
