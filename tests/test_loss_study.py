@@ -81,6 +81,10 @@ def test_loss_study_gives_one_child_run_per_variant(kedro_project, request):
         "normal_reference": ["none"],
         "score_reduction": ["max"],
     }
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(kedro_project.path)]
+    subprocess.run([*git, "init", "-q"], check=True)  # every run, the variants' too, carries git_commit
+    subprocess.run([*git, "add", "conf", "pyproject.toml"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "project"], check=True)
     kedro_project.session_run(
         pipeline="loss_study", env="quick", params={"calibration": {"grid": small_grid}}
     )
@@ -109,6 +113,7 @@ def test_loss_study_gives_one_child_run_per_variant(kedro_project, request):
         run = runs[f"bottle.{name}"]
         assert run.data.tags["mlflow.parentRunId"] == category.info.run_id
         assert run.data.tags["variant"] == name and run.data.tags["category"] == "bottle"
+        assert len(run.data.tags["git_commit"].removesuffix("-dirty")) == 40
         assert run.info.status == "FINISHED"
         assert (run.data.params["loss.mse_weight"], run.data.params["loss.ssim_weight"]) == (
             mse_weight,
