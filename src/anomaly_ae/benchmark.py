@@ -110,7 +110,7 @@ class Runner:
         self.variant, self.args = variant, args
         cfg = variant.config
         started = time.perf_counter()
-        self.setup = prepare_training(AutoencoderConfig(), cfg)
+        self.setup = prepare_training(AutoencoderConfig(image_size=args.image_size), cfg)
         self.device = self.setup.device
         self.train_data = train_data.to(self.device)
         self.infer_data = infer_data
