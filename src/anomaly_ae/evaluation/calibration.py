@@ -62,7 +62,9 @@ class GridPoint:
     def levers_changed(self, paper: MapSettings) -> int:
         s = self.settings
         window_changed = bool(s.ssim_weight) and s.windows != paper.windows
-        combine_changed = bool(s.ssim_weight) and len(s.windows) > 1 and s.scale_combine != paper.scale_combine
+        combine_changed = (
+            bool(s.ssim_weight) and len(s.windows) > 1 and s.scale_combine != paper.scale_combine
+        )
         return (
             int(self.blend != "ssim")
             + int(window_changed)
@@ -84,7 +86,14 @@ def build_grid(grid: dict, paper: MapSettings, scale: float) -> list[GridPoint]:
     ``scale_combine``, ``smoothing_sigma``, ``normal_reference``, ``score_reduction``), the
     paper's map first. A squared-error-only blend has no SSIM window, so it is listed once;
     ``scale_combine`` only varies for multi-scale windows."""
-    expected = {"blend", "win_size", "scale_combine", "smoothing_sigma", "normal_reference", "score_reduction"}
+    expected = {
+        "blend",
+        "win_size",
+        "scale_combine",
+        "smoothing_sigma",
+        "normal_reference",
+        "score_reduction",
+    }
     if set(grid) != expected:
         raise ValueError(
             f"calibration.grid must have exactly the keys {sorted(expected)}, got {sorted(grid)}"
@@ -157,7 +166,10 @@ def _train_references(
         batch = np.ascontiguousarray(images[start : start + batch_size])
         rebuilt = recon(batch) if callable(recon) else recon[start : start + batch_size]
         terms = error_terms(
-            unit_float(torch.from_numpy(batch)), torch.from_numpy(np.ascontiguousarray(rebuilt)), windows, win_sigma
+            unit_float(torch.from_numpy(batch)),
+            torch.from_numpy(np.ascontiguousarray(rebuilt)),
+            windows,
+            win_sigma,
         )
         for smoothing, by_raw in by_sigma.items():
             smoothed = smooth_terms(terms, smoothing)
@@ -206,7 +218,9 @@ def score_grid(
     n_normal, h, w = len(normal[0]), *normal[0].shape[-2:]
     masks = np.concatenate([np.zeros((n_normal, h, w), np.uint8), np.asarray(defects[2], np.uint8)])
     labels = np.r_[np.zeros(n_normal, int), np.ones(len(defects[0]), int)]
-    pixel_rows = np.r_[np.ones(n_normal, bool), np.ones(len(defects[0]), bool) if pixel_known is None else pixel_known]
+    pixel_rows = np.r_[
+        np.ones(n_normal, bool), np.ones(len(defects[0]), bool) if pixel_known is None else pixel_known
+    ]
     kinds = np.asarray(defects[3])
 
     rows: dict[GridPoint, dict] = {}
@@ -276,6 +290,11 @@ def select(table: pd.DataFrame, tie_tolerance: float) -> int:
     return int(tied.sort_values(["levers_changed"], kind="stable").index[0])
 
 
+def spearman(table: pd.DataFrame, a: str, b: str) -> float:
+    """Spearman's rank correlation of two columns (NaN when ``a`` is constant)."""
+    return float(table[a].rank().corr(table[b].rank())) if table[a].nunique() > 1 else float("nan")
+
+
 #: Real-test columns of :func:`agreement` and the synthetic column each is compared with.
 AGREEMENT_PAIRS = {
     "real_image_auroc": "syn_image_auroc",
@@ -283,7 +302,9 @@ AGREEMENT_PAIRS = {
 }
 
 
-def agreement(calibration_table: pd.DataFrame, real_table: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, float]]:
+def agreement(
+    calibration_table: pd.DataFrame, real_table: pd.DataFrame
+) -> tuple[pd.DataFrame, dict[str, float]]:
     """Does the synthetic selection predict reality? ``real_table`` is :func:`score_grid` of
     the same grid on the real test images (labels and masks: development data, never used
     to choose). Returns one row per setting (synthetic columns beside the real ones) and the
@@ -293,7 +314,9 @@ def agreement(calibration_table: pd.DataFrame, real_table: pd.DataFrame) -> tupl
         columns={"syn_image_auroc": "real_image_auroc", "syn_pixel_auroc": "real_pixel_auroc"}
     )
     columns = ["setting", "selection_score", "syn_image_auroc", "syn_pixel_auroc", "is_paper", "is_selected"]
-    table = calibration_table[[c for c in columns if c in calibration_table]].merge(real, on="setting", how="inner")
+    table = calibration_table[[c for c in columns if c in calibration_table]].merge(
+        real, on="setting", how="inner"
+    )
     if len(table) != len(calibration_table):
         raise ValueError(
             f"the real-test grid has {len(real_table)} settings, calibration {len(calibration_table)}: "
@@ -301,14 +324,13 @@ def agreement(calibration_table: pd.DataFrame, real_table: pd.DataFrame) -> tupl
         )
     table["real_selection_score"] = 0.5 * (table["real_image_auroc"] + table["real_pixel_auroc"])
 
-    def spearman(a: str, b: str) -> float:
-        return float(table[a].rank().corr(table[b].rank())) if table[a].nunique() > 1 else float("nan")
-
     correlations = {
-        "spearman_selection_vs_real_image_auroc": spearman("selection_score", "real_image_auroc"),
-        "spearman_selection_vs_real_pixel_auroc": spearman("selection_score", "real_pixel_auroc"),
-        "spearman_selection_vs_real_selection_score": spearman("selection_score", "real_selection_score"),
-        **{f"spearman_{syn}_vs_{real}": spearman(syn, real) for real, syn in AGREEMENT_PAIRS.items()},
+        "spearman_selection_vs_real_image_auroc": spearman(table, "selection_score", "real_image_auroc"),
+        "spearman_selection_vs_real_pixel_auroc": spearman(table, "selection_score", "real_pixel_auroc"),
+        "spearman_selection_vs_real_selection_score": spearman(
+            table, "selection_score", "real_selection_score"
+        ),
+        **{f"spearman_{syn}_vs_{real}": spearman(table, syn, real) for real, syn in AGREEMENT_PAIRS.items()},
     }
     table["real_rank"] = table["real_selection_score"].rank(ascending=False, method="min").astype(int)
     return table, correlations

@@ -28,6 +28,12 @@ HEADLINE_METRICS = (
 )
 
 
+def known_masks(has_mask: np.ndarray | None, n_images: int) -> np.ndarray:
+    """Per image, whether its ground truth is known (good images, and defective ones with a
+    mask). ``None`` (caches made before a defect type could lack masks): all of them."""
+    return np.ones(n_images, dtype=bool) if has_mask is None else np.asarray(has_mask, dtype=bool)
+
+
 def _pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float) -> tuple[float, float]:
     """Pixel AUROC and AUPRO, or NaN for both when no image in the set has a defect pixel."""
     if len(masks) == 0 or not np.any(np.asarray(masks) > 0):
@@ -52,7 +58,7 @@ def detection_metrics(
     is known (good images, and defective images that have a mask); NaN when no defective
     image has one. Image metrics always use every image."""
     labels = np.asarray(labels).astype(int)
-    known = np.ones(len(labels), dtype=bool) if has_mask is None else np.asarray(has_mask, dtype=bool)
+    known = known_masks(has_mask, len(labels))
     f1, f1_threshold = f1_max(labels, scores)
     normal_mean, normal_std = summarise_ssim(ssim[labels == 0])
     defect_mean, defect_std = summarise_ssim(ssim[labels == 1])
@@ -105,7 +111,7 @@ def per_defect_type(
     defect_types = np.asarray(defect_types).astype(str)
     labels = np.asarray(labels).astype(int)
     scores = np.asarray(scores)
-    known = np.ones(len(labels), dtype=bool) if has_mask is None else np.asarray(has_mask, dtype=bool)
+    known = known_masks(has_mask, len(labels))
     normal = labels == 0
     rows = []
     for kind in sorted(set(defect_types[labels == 1])):

@@ -15,7 +15,7 @@ from anomaly_ae.data.transforms import as_unit_float
 from anomaly_ae.evaluation import calibration, tables
 from anomaly_ae.evaluation.metrics import calibrate_threshold
 from anomaly_ae.evaluation.stress import stress_table
-from anomaly_ae.evaluation.summary import HEADLINE_METRICS, detection_metrics, per_defect_type
+from anomaly_ae.evaluation.summary import HEADLINE_METRICS, detection_metrics, known_masks, per_defect_type
 from anomaly_ae.model import AutoencoderConfig
 from anomaly_ae.model.checkpoint import checkpoint_fingerprint, model_from_checkpoint
 from anomaly_ae.scoring import MapSettings, NormalReference
@@ -286,12 +286,15 @@ def grid_agreement(
     label-free rule's score predict the real metrics? Development data: it chooses nothing."""
     labels = np.asarray(test_images["labels"])
     if not evaluation.get("grid_agreement") or labels.min() == labels.max():
-        log.info("Grid agreement not computed (%s).", "off" if not evaluation.get("grid_agreement") else "one class")
+        log.info(
+            "Grid agreement not computed (%s).",
+            "off" if not evaluation.get("grid_agreement") else "one class",
+        )
         return pd.DataFrame(columns=["setting"]), {}
     network = _network(model_checkpoint, model, test_images)
     batch, device = calibration_params["batch_size"], calibration_params["device"]
     train = train_images["images"]
-    has_mask = np.asarray(test_images.get("has_mask", np.ones(len(labels), bool)), bool)
+    has_mask = known_masks(test_images.get("has_mask"), len(labels))
     good, bad = labels == 0, labels == 1
     real, _ = calibration.score_grid(
         calibration_params["grid"],
@@ -316,4 +319,6 @@ def grid_agreement(
         correlations["spearman_selection_vs_real_image_auroc"],
         correlations["spearman_selection_vs_real_pixel_auroc"],
     )
-    return table, {name: {"value": value, "step": 0} for name, value in correlations.items() if np.isfinite(value)}
+    return table, {
+        name: {"value": value, "step": 0} for name, value in correlations.items() if np.isfinite(value)
+    }

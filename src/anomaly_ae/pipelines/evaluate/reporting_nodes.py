@@ -12,6 +12,7 @@ from PIL import Image
 
 from anomaly_ae.data.transforms import as_unit_float
 from anomaly_ae.evaluation.metrics import image_auroc
+from anomaly_ae.evaluation.summary import known_masks
 from anomaly_ae.reporting import figures
 from anomaly_ae.reporting.report import render_report
 from anomaly_ae.scoring import anomaly_map
@@ -60,7 +61,7 @@ def make_figures(
             "Image-level ROC",
         )
     )
-    known = np.asarray(test_images.get("has_mask", np.ones(len(labels), dtype=bool)), dtype=bool)
+    known = known_masks(test_images.get("has_mask"), len(labels))
     pixel_roc = figures.figure_to_image(
         figures.roc_figure(
             {
@@ -187,13 +188,14 @@ def defect_type_section(table: pd.DataFrame) -> str:
 def agreement_section(table: pd.DataFrame) -> str:
     """HTML: Spearman correlations over the calibration grid between the synthetic scores
     and the same settings' real test metrics, and the top settings by each."""
+    from anomaly_ae.evaluation.calibration import spearman
     from anomaly_ae.reporting.report import html_table
 
     if table.empty or "real_image_auroc" not in table:
         return "<p>Not computed (evaluation.grid_agreement is off, or the test set has one class).</p>"
 
     def rho(a: str, b: str) -> str:
-        return f"{table[a].rank().corr(table[b].rank()):.3f}"
+        return f"{spearman(table, a, b):.3f}"
 
     pairs = [
         ("selection score", "real image AUROC", rho("selection_score", "real_image_auroc")),
