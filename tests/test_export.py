@@ -25,25 +25,13 @@ from anomaly_ae.runtime import BundleError, load_bundle
 from anomaly_ae.runtime.cli import main as inspect_main
 
 NS = "bottle"
-SCORE_TOL = 1e-5  # absolute, for scores up to 1; z-score maps give scores of 5-30, where
-# float32 rounding differences between the engines scale with the score: 1e-5 relative
-MAP_TOL = 1e-4
+SCORE_TOL = 1e-5  # absolute (issue #16), for every map, z-score ones included: the maps'
+MAP_TOL = 1e-4  # SSIM statistics are float64 (anomaly_ae.scoring.ssim), so engines agree
 RUNTIME_BIN = Path(sys.executable).with_name("anomaly-ae-inspect")
 
 
 def _json(path: Path) -> dict:
     return json.loads(path.read_text())
-
-
-def _amplification(map_settings, reference) -> float:
-    """How much a ``zscore`` map magnifies engine rounding differences: it divides the raw map
-    by the normal spread (``std + mean(std)``, :meth:`NormalReference.as_tensors`), so raw maps
-    that agree within ``MAP_TOL`` agree within ``MAP_TOL / min(spread)`` after it. 1 for the
-    other references. The issue's 1e-5 on scores is met only where this is 1 (README, Deploy)."""
-    if map_settings.normal_reference != "zscore":
-        return 1.0
-    _, scale = reference.as_tensors("zscore")
-    return max(1.0, 1.0 / float(scale.min()))
 
 
 def _parity(bundle, inspector, files: list[Path], threshold: float | None = None) -> dict[str, float]:
@@ -66,9 +54,8 @@ def _parity(bundle, inspector, files: list[Path], threshold: float | None = None
         f"parity on {result['n']} images: max |score diff| {result['score']:.3g}, "
         f"max |map diff| {result['map']:.3g}"
     )
-    gain = _amplification(inspector.map_settings, inspector.reference)
-    assert result["score"] <= SCORE_TOL * max(1.0, float(np.abs(expected).max())) * gain
-    assert result["map"] <= MAP_TOL * max(1.0, float(np.abs(expected_maps).max())) * gain  # relative, as scores
+    assert result["score"] <= SCORE_TOL
+    assert result["map"] <= MAP_TOL
     assert [v.is_anomalous for v in ort] == [bool(s > (threshold or inspector.threshold)) for s in expected]
     # a threshold amid the scores (midway between two neighbours) makes the verdicts count
     ordered = np.sort(expected)
@@ -131,8 +118,9 @@ def test_export_pipeline_writes_a_versioned_bundle_of_the_latest_checkpoint(quic
     reference = NormalReference.from_arrays(
         dict(np.load(quick.latest(f"data/07_model_output/{NS}/normal_reference.npz")))
     )
-    gain = _amplification(MapSettings.from_dict(threshold["score"]), reference)
-    assert manifest["export_check"]["max_abs_score_diff"] <= SCORE_TOL * gain
+    assert MapSettings.from_dict(threshold["score"]).normal_reference == "zscore" and reference.n_images
+    assert manifest["export_check"]["max_abs_score_diff"] <= SCORE_TOL
+    assert manifest["export_check"]["max_abs_map_diff"] <= MAP_TOL
     quantiles = manifest["validation_scores"]["quantiles"]
     assert list(quantiles) == ["0.5", "0.9", "0.95", "0.99", "0.995", "0.999"]
     assert list(quantiles.values()) == sorted(quantiles.values())
@@ -305,34 +293,74 @@ def test_an_altered_bundle_is_refused(exported, tmp_path, capsys):
 # ---------------------------------------------------------------- real MVTec AD bottle
 
 
-@pytest.mark.slow
-@pytest.mark.real_data
-def test_onnx_runtime_scores_like_torch_on_real_bottle_images(tmp_path, one_torch_thread):
-    """An untrained but seeded network (the scoring, not the training, is under test) with a
-    normal reference fitted on real good images; parity on real test images of every kind."""
+REAL_PARITY_MAPS = {
+    # the map the rule recommends on real bottle (README), z-score: it magnifies differences
+    "zscore_smooth4_max": {"smoothing_sigma": 4.0, "normal_reference": "zscore"},
+    # unsmoothed z-score: nothing averages the differences away
+    "zscore_max": {"normal_reference": "zscore"},
+    "mean_smooth2_top1%": {"smoothing_sigma": 2.0, "score_reduction": "topk_mean", "normal_reference": "mean"},
+}
+
+
+@pytest.fixture(scope="module")
+def briefly_trained_on_real_bottle():
+    """A seeded network trained for 40 Adam steps on 12 real good bottle images (~20 s): the
+    scoring, not the training, is under test, but an untrained network reconstructs a flat
+    grey whose SSIM is far more sensitive to one-ulp differences than any model one would
+    ship (its unsmoothed z-score map differs by 1.4e-5 between the engines; this one's by
+    4e-6). Returns ``(checkpoint, model, 256-px arrays of 24 good images)``."""
     if not REAL_BOTTLE.is_dir():
         pytest.skip(f"real MVTec AD bottle data not found at {REAL_BOTTLE} (../shared beside the repo)")
     import torch
     from PIL import Image
 
-    from anomaly_ae import Inspector
     from anomaly_ae.data.transforms import to_model_array
-    from anomaly_ae.export import export_onnx
     from anomaly_ae.model import AutoencoderConfig, build_model
-    from anomaly_ae.model.checkpoint import checkpoint_fingerprint
-    from anomaly_ae.scoring import MapSettings
-    from anomaly_ae.scoring.inference import fit_normal_reference, reconstruct_and_score
     from anomaly_ae.training.trainer import TrainingConfig, build_checkpoint
 
     torch.manual_seed(0)
-    model = build_model(AutoencoderConfig(image_size=256)).eval()
-    checkpoint = build_checkpoint(model, None, epoch=0, history=[], config=TrainingConfig())
-    fingerprint = checkpoint_fingerprint(checkpoint)
-    good = sorted((REAL_BOTTLE / "train" / "good").glob("*.png"))[:12]
+    good = sorted((REAL_BOTTLE / "train" / "good").glob("*.png"))[:24]
     arrays = np.stack([to_model_array(Image.open(p), 256, "area") for p in good])[:, None]
-    settings = MapSettings(smoothing_sigma=2.0, score_reduction="topk_mean", normal_reference="mean")
+    model = build_model(AutoencoderConfig(image_size=256))
+    batch = torch.from_numpy(arrays[12:])
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(40):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(batch), batch).backward()
+        optimizer.step()
+    model.eval()
+    checkpoint = build_checkpoint(model, None, epoch=1, history=[], config=TrainingConfig())
+    return checkpoint, model, arrays
+
+
+REAL_PARITY_MAPS = {
+    # the map the rule recommends on real bottle (README), z-score: it magnifies differences
+    "zscore_smooth4_max": {"smoothing_sigma": 4.0, "normal_reference": "zscore"},
+    # unsmoothed z-score: nothing averages the differences away
+    "zscore_max": {"normal_reference": "zscore"},
+    "mean_smooth2_top1%": {"smoothing_sigma": 2.0, "score_reduction": "topk_mean", "normal_reference": "mean"},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+@pytest.mark.parametrize("map_name", list(REAL_PARITY_MAPS))
+def test_onnx_runtime_scores_like_torch_on_real_bottle_images(
+    map_name, briefly_trained_on_real_bottle, tmp_path, one_torch_thread
+):
+    """A normal reference fitted on real good images; parity on real test images of every
+    kind, within 1e-5 on scores and 1e-4 on maps, absolute, and identical verdicts."""
+    from anomaly_ae import Inspector
+    from anomaly_ae.export import export_onnx
+    from anomaly_ae.model.checkpoint import checkpoint_fingerprint
+    from anomaly_ae.scoring import MapSettings
+    from anomaly_ae.scoring.inference import fit_normal_reference, reconstruct_and_score
+
+    checkpoint, model, arrays = briefly_trained_on_real_bottle
+    fingerprint = checkpoint_fingerprint(checkpoint)
+    settings = MapSettings(**REAL_PARITY_MAPS[map_name])
     reference = fit_normal_reference(model, arrays[:6], settings, batch_size=6, device="cpu")
-    validation = arrays[6:]
+    validation = arrays[6:12]
     scores = reconstruct_and_score(model, validation, settings, 8, device="cpu", reference=reference)["score"]
     threshold = {
         "value": float(np.quantile(scores, 0.99)),
@@ -342,7 +370,7 @@ def test_onnx_runtime_scores_like_torch_on_real_bottle_images(tmp_path, one_torc
         "n_validation_images": len(validation),
         "score": settings.to_dict(),
         "checkpoint_fingerprint": fingerprint,
-        "checkpoint_epoch": 0,
+        "checkpoint_epoch": 1,
     }
     reference_arrays = {**reference.to_arrays(), "checkpoint_fingerprint": np.asarray(fingerprint)}
     export_onnx(checkpoint, threshold, reference_arrays, validation, tmp_path / "bundle", category="bottle")
@@ -463,7 +491,14 @@ def test_served_mlflow_model_judges_real_bottle_images_like_the_runtime(tmp_path
         server = subprocess.Popen(
             command,
             cwd=tmp_path,
-            env={**os.environ, "MLFLOW_TRACKING_URI": uri, "NO_PROXY": "127.0.0.1,localhost"},
+            env={
+                **os.environ,
+                "MLFLOW_TRACKING_URI": uri,
+                "NO_PROXY": "127.0.0.1,localhost",
+                # mlflow starts `uvicorn` from the PATH: this interpreter's, even when the
+                # venv is not activated
+                "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+            },
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: the workers go with it
@@ -588,7 +623,8 @@ def test_export_pipeline_logs_the_bundle_as_a_served_mlflow_model(quick, exporte
         "exporter": "dynamo",
         "false_alarm_quantiles": [0.5],
         "batch_size": 4,
-        "parity_tolerance": 1e-4,
+        "parity_tolerance": 1e-5,
+        "map_parity_tolerance": 1e-4,
         "max_image_pixels": 1000,
         "min_image_side": 16,
         "served_model": "inspection_model",

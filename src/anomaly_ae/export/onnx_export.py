@@ -192,7 +192,8 @@ def build_bundle(
     exporter: str = "dynamo",
     false_alarm_quantiles: Sequence[float] = DEFAULT_QUANTILES,
     batch_size: int = 16,
-    parity_tolerance: float = 1e-4,
+    parity_tolerance: float = 1e-5,
+    map_parity_tolerance: float = 1e-4,
     max_image_pixels: int = 40_000_000,
     min_image_side: int = 16,
     provenance: Mapping[str, Any] | None = None,
@@ -202,7 +203,8 @@ def build_bundle(
 
     Exactly one of ``validation_images`` (``(N, 1, H, W)`` normal validation images: they
     are scored by the exported graph with onnxruntime, and by the torch scorer as an export
-    check that refuses a graph disagreeing by more than ``parity_tolerance``) or
+    check that refuses a graph whose scores disagree by more than ``parity_tolerance``, maps
+    by more than ``map_parity_tolerance`` or verdicts at all) or
     ``validation_scores`` (the normal validation scores, taken as they are) must be given.
     """
     if (validation_images is None) == (validation_scores is None):
@@ -253,8 +255,13 @@ def build_bundle(
                 np.array_equal(scores > threshold_value, expected["score"] > threshold_value)
             ),
             "tolerance": float(parity_tolerance),
+            "map_tolerance": float(map_parity_tolerance),
         }
-        if export_check["max_abs_score_diff"] > parity_tolerance or not export_check["verdicts_equal"]:
+        if (
+            export_check["max_abs_score_diff"] > parity_tolerance
+            or export_check["max_abs_map_diff"] > map_parity_tolerance
+            or not export_check["verdicts_equal"]
+        ):
             raise RuntimeError(
                 f"The exported graph disagrees with the torch scorer on the validation images "
                 f"({export_check}); not shipping it. Try export.exporter=torchscript or another opset."

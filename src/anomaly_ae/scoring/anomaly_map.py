@@ -134,11 +134,12 @@ def error_terms(
     win_sigma: float = PAPER_WIN_SIGMA,
     keep_ssim: bool = False,
 ) -> dict:
-    """The expensive part of every map, computed once (float32): per window the same-size
+    """The expensive part of every map, computed once (float32; SSIM's statistics in float64,
+    see :mod:`anomaly_ae.scoring.ssim`): per window the same-size
     SSIM error ``clip(1 - local SSIM, 0, 1)`` (``{"ssim_err": {win: map}}``) and the squared
     error (``"sq"``); with ``keep_ssim`` also the raw SSIM maps (``"ssim"``)."""
     x, recon = x.float(), recon.float()
-    ssim = {w: ssim_map(x, recon, gaussian_taps(w, win_sigma), same_size=True) for w in windows}
+    ssim = {w: ssim_map(x, recon, gaussian_taps(w, win_sigma), same_size=True, precise=True) for w in windows}
     terms = {"ssim_err": {w: (1.0 - m).clamp(0.0, 1.0) for w, m in ssim.items()}, "sq": (x - recon).pow(2)}
     if keep_ssim:
         terms["ssim"] = ssim
@@ -225,7 +226,7 @@ def score_maps(
     if paper and 2 * p < min(h, w):
         valid = terms["ssim"][PAPER_WIN_SIZE][..., p : h - p, p : w - p]
     else:
-        valid = ssim_map(x.float(), recon.float(), gaussian_taps())
+        valid = ssim_map(x.float(), recon.float(), gaussian_taps(), precise=True)
     return _correct(compose(terms, settings), settings, reference), valid.flatten(1).mean(-1)
 
 

@@ -28,6 +28,7 @@ class ExportSettings:
     false_alarm_quantiles: list
     batch_size: int
     parity_tolerance: float
+    map_parity_tolerance: float
     max_image_pixels: int
     min_image_side: int
     served_model: str | None  # MLflow pyfunc model name, or None: not logged
@@ -40,8 +41,9 @@ class ExportSettings:
         for name in ("batch_size", "max_image_pixels", "min_image_side"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"export.{name} must be >= 1, got {getattr(self, name)!r}")
-        if not self.parity_tolerance > 0:
-            raise ValueError(f"export.parity_tolerance must be > 0, got {self.parity_tolerance!r}")
+        for name in ("parity_tolerance", "map_parity_tolerance"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"export.{name} must be > 0, got {getattr(self, name)!r}")
         name = self.served_model
         if name is not None and (not isinstance(name, str) or not name.strip() or "/" in name):
             raise ValueError(
@@ -92,6 +94,7 @@ def export_bundle(
             false_alarm_quantiles=[float(q) for q in settings.false_alarm_quantiles],
             batch_size=settings.batch_size,
             parity_tolerance=settings.parity_tolerance,
+            map_parity_tolerance=settings.map_parity_tolerance,
             max_image_pixels=settings.max_image_pixels,
             min_image_side=settings.min_image_side,
             provenance={"git_commit": git_commit(), "data_source": dataset_info.get("source")},
