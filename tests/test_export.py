@@ -293,15 +293,6 @@ def test_an_altered_bundle_is_refused(exported, tmp_path, capsys):
 # ---------------------------------------------------------------- real MVTec AD bottle
 
 
-REAL_PARITY_MAPS = {
-    # the map the rule recommends on real bottle (README), z-score: it magnifies differences
-    "zscore_smooth4_max": {"smoothing_sigma": 4.0, "normal_reference": "zscore"},
-    # unsmoothed z-score: nothing averages the differences away
-    "zscore_max": {"normal_reference": "zscore"},
-    "mean_smooth2_top1%": {"smoothing_sigma": 2.0, "score_reduction": "topk_mean", "normal_reference": "mean"},
-}
-
-
 @pytest.fixture(scope="module")
 def briefly_trained_on_real_bottle():
     """A seeded network trained for 40 Adam steps on 12 real good bottle images (~20 s): the
@@ -338,7 +329,11 @@ REAL_PARITY_MAPS = {
     "zscore_smooth4_max": {"smoothing_sigma": 4.0, "normal_reference": "zscore"},
     # unsmoothed z-score: nothing averages the differences away
     "zscore_max": {"normal_reference": "zscore"},
-    "mean_smooth2_top1%": {"smoothing_sigma": 2.0, "score_reduction": "topk_mean", "normal_reference": "mean"},
+    "mean_smooth2_top1%": {
+        "smoothing_sigma": 2.0,
+        "score_reduction": "topk_mean",
+        "normal_reference": "mean",
+    },
 }
 
 
@@ -632,3 +627,19 @@ def test_export_pipeline_logs_the_bundle_as_a_served_mlflow_model(quick, exporte
     assert mlflow.active_run() is None
     assert log_served_model(files_dict, params)["reason"] == "no active MLflow run"
     assert log_served_model(files_dict, {**params, "served_model": None})["logged"] is False
+
+
+def test_the_runtime_extra_installs_no_torch_kedro_or_mlflow():
+    """``pip install 'anomaly-ae[runtime]'`` = the base dependencies + the ``runtime`` extra:
+    numpy, Pillow and onnxruntime, nothing else (the import-blocking test above shows the
+    runtime needs no more; README, Deploy, measures a real fresh venv)."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + project["optional-dependencies"]["runtime"]
+    def names(requirements: list[str]) -> set[str]:
+        return {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in requirements}
+
+    assert names(requirements) == {"numpy", "pillow", "onnxruntime"}
+    assert {"kedro", "torch", "mlflow"} <= names(project["optional-dependencies"]["pipelines"])
