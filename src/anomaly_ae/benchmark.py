@@ -23,9 +23,11 @@ algorithms), ``t1``/``t2``/... (intra-op threads), ``default`` (TrainingConfig d
 
 ``--onnx`` instead times the deployed scoring graph (network + anomaly map + score, the
 ``model.onnx`` of an inspection bundle, :class:`anomaly_ae.export.ScoringGraph`) in ONNX
-Runtime against the same module in torch eager fp32, in this one process, interleaved, with
-as many ONNX Runtime intra-op threads as torch has: images/s at ``--onnx-batch-size`` (8) and
-the latency of one image (p50/p95 over ``--latency-runs`` calls per round).
+Runtime against the same module in torch eager fp32, torch compiled fp32 and (on a CPU with
+native bf16) compiled bf16 autocast, plus the network alone in ONNX Runtime (what the Keras
+reference's ``predict`` times), in this one process, interleaved, with as many ONNX Runtime
+intra-op threads as torch has: images/s at ``--onnx-batch-size`` (8) and the latency of one
+image (p50/p95 over ``--latency-runs`` calls per round).
 This is a script that prints figures, not a test.
 """
 
@@ -312,7 +314,8 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def onnx_benchmark(args: argparse.Namespace, say) -> dict[str, Any]:
-    """ONNX Runtime against torch eager on one freshly built (seeded) model's scoring graph:
+    """ONNX Runtime against torch (eager, compiled fp32 and, on a CPU with native bf16, compiled
+    bf16 autocast) on one freshly built (seeded) model's scoring graph:
     throughput at ``args.onnx_batch_size`` over ``args.n_infer`` random images and batch-1
     latency, the engines interleaved per round; medians of the rounds, percentiles of all
     batch-1 calls. Also the largest score difference between the two (a sanity check)."""
@@ -347,6 +350,20 @@ def onnx_benchmark(args: argparse.Namespace, say) -> dict[str, Any]:
         options.inter_op_num_threads = 1
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         onnx_mb = path.stat().st_size / 1e6
+        # the network alone, what the Keras reference's predict times: where the time goes
+        recon_path = Path(folder) / "reconstruction.onnx"
+        with torch.no_grad():
+            torch.onnx.export(
+                model,
+                (torch.rand(2, 1, args.image_size, args.image_size),),
+                str(recon_path),
+                dynamo=True,
+                external_data=False,
+                input_names=[INPUT_NAME],
+                dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=1 << 16)}},
+                verbose=False,
+            )
+        recon_session = ort.InferenceSession(str(recon_path), options, providers=["CPUExecutionProvider"])
 
     gen = torch.Generator().manual_seed(0)
     images = torch.rand((args.n_infer, 1, args.image_size, args.image_size), generator=gen)
@@ -361,15 +378,36 @@ def onnx_benchmark(args: argparse.Namespace, say) -> dict[str, Any]:
     def run_ort(x: np.ndarray):
         return session.run(None, {INPUT_NAME: x})
 
+    def run_ort_recon(x: np.ndarray):
+        recon = recon_session.run(None, {INPUT_NAME: x})[0]
+        return recon, recon[:, 0, 0, 0]  # (no map, no score: not compared)
+
+    from anomaly_ae.device import autocast, cpu_has_native_bf16
+
+    compiled = torch.compile(graph)
+
+    def compiled_runner(dtype):
+        def run(x: torch.Tensor):
+            with torch.inference_mode(), autocast(torch.device("cpu"), dtype):
+                amap, score = compiled(x)
+            return amap.float().numpy(), score.float().numpy()
+
+        return run
+
     engines = {
         "torch eager": (run_torch, images),
+        "torch compiled fp32": (compiled_runner(None), images),
         "onnxruntime": (run_ort, arrays),
     }
+    if cpu_has_native_bf16():  # the project's default inference on such a CPU (Performance)
+        engines["torch compiled bf16"] = (compiled_runner(torch.bfloat16), images)
+    engines["onnxruntime, reconstruction only"] = (run_ort_recon, arrays)
     outputs = {}
-    for name, (fn, data) in engines.items():  # warm-up (first-call allocations), and parity
+    for name, (fn, data) in engines.items():  # warm-up (compilation, first-call allocations), parity
         done = [fn(data[i : i + batch]) for i in range(0, len(data), batch)]
         outputs[name] = [np.concatenate([d[k] for d in done]) for k in (0, 1)]
         fn(data[:1])
+        fn(data[:1])  # batch 1 compiles (dynamic shapes) on its second distinct size
     max_diff = float(np.abs(outputs["torch eager"][1] - outputs["onnxruntime"][1]).max())
     max_map_diff = float(np.abs(outputs["torch eager"][0] - outputs["onnxruntime"][0]).max())
     del outputs
@@ -435,12 +473,12 @@ def onnx_benchmark(args: argparse.Namespace, say) -> dict[str, Any]:
             row["img_s_vs_keras"] = row[f"img_s_batch{batch}"] / keras_infer
     result["environment"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     say(
-        f"\n{'engine':16s} {f'img/s @{batch}':>11s} {'x torch':>8s} {'p50 ms @1':>10s} {'p95 ms @1':>10s} "
+        f"\n{'engine':34s} {f'img/s @{batch}':>11s} {'x torch':>8s} {'p50 ms @1':>10s} {'p95 ms @1':>10s} "
         f"{'x torch':>8s}"
     )
     for row in rows:
         say(
-            f"{row['engine']:16s} {row[f'img_s_batch{batch}']:11.1f} {row['img_s_vs_torch']:8.2f} "
+            f"{row['engine']:34s} {row[f'img_s_batch{batch}']:11.1f} {row['img_s_vs_torch']:8.2f} "
             f"{row['latency_ms_p50']:10.1f} {row['latency_ms_p95']:10.1f} {row['p50_vs_torch']:8.2f}"
         )
     if keras:
