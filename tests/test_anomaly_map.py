@@ -141,7 +141,7 @@ def test_local_ssim_identical_is_one_and_same_shape(pair) -> None:
 def test_local_ssim_interior_is_the_valid_map(pair) -> None:
     x, y = pair
     interior = local_ssim_map(x, y)[..., P:-P, P:-P]
-    valid = ssim_map(x, y, gaussian_taps(), same_size=False, precise=True)
+    valid = ssim_map(x, y, gaussian_taps(), same_size=False, precise=True).float()
     assert valid.shape == interior.shape
     torch.testing.assert_close(interior, valid, atol=1e-6, rtol=0)
 
@@ -233,13 +233,18 @@ def test_map_settings_refuse_bad_values(kwargs, message) -> None:
 # ------------------------------------------------------------------ anomaly maps
 
 
+def _map32(*args):
+    return anomaly_map(*args).float()
+
+
 def test_anomaly_map_zero_for_identical_and_high_on_the_changed_patch(patched) -> None:
     x, recon = patched
-    amap0 = anomaly_map(x, x)
+    assert anomaly_map(x, x).dtype == torch.float64  # maps are computed in float64 (map_dtype)
+    amap0 = _map32(x, x)
     assert amap0.shape == x.shape
     torch.testing.assert_close(amap0, torch.zeros_like(amap0), atol=1e-5, rtol=0)
 
-    amap = anomaly_map(x, recon)
+    amap = _map32(x, recon)
     assert float(amap[:, :, 20:30, 20:30].mean()) > 0.3
     far = amap[:, :, 45:, 45:]  # more than a window away from the patch
     torch.testing.assert_close(far, torch.zeros_like(far), atol=1e-5, rtol=0)
@@ -253,21 +258,21 @@ def test_anomaly_map_levers(patched) -> None:
     sq = (x - recon) ** 2
     close = dict(atol=1e-6, rtol=0)
 
-    torch.testing.assert_close(anomaly_map(x, recon, MapSettings(ssim_weight=0, l2_weight=1)), sq, **close)
+    torch.testing.assert_close(_map32(x, recon, MapSettings(ssim_weight=0, l2_weight=1)), sq, **close)
     torch.testing.assert_close(
-        anomaly_map(x, recon, MapSettings(ssim_weight=0.5, l2_weight=2)), 0.5 * ssim_err[11] + 2 * sq, **close
+        _map32(x, recon, MapSettings(ssim_weight=0.5, l2_weight=2)), 0.5 * ssim_err[11] + 2 * sq, **close
     )
     torch.testing.assert_close(  # multi-scale: the mean of the windows' maps
-        anomaly_map(x, recon, MapSettings(win_size=(7, 11))), (ssim_err[7] + ssim_err[11]) / 2, **close
+        _map32(x, recon, MapSettings(win_size=(7, 11))), (ssim_err[7] + ssim_err[11]) / 2, **close
     )
     torch.testing.assert_close(  # ... or their max (scale_combine)
-        anomaly_map(x, recon, MapSettings(win_size=(7, 11), scale_combine="max")),
+        _map32(x, recon, MapSettings(win_size=(7, 11), scale_combine="max")),
         torch.maximum(ssim_err[7], ssim_err[11]),
         **close,
     )
     with pytest.raises(ValueError, match="scale_combine"):
         MapSettings(scale_combine="median")
-    smoothed = anomaly_map(x, recon, MapSettings(smoothing_sigma=2.0))
+    smoothed = _map32(x, recon, MapSettings(smoothing_sigma=2.0))
     torch.testing.assert_close(smoothed, gaussian_blur(ssim_err[11], 2.0), **close)
     assert int((smoothed > 0.01).sum()) > int((ssim_err[11] > 0.01).sum())  # the error spreads out ...
     assert smoothed.sum().item() == pytest.approx(ssim_err[11].sum().item(), rel=0.05)  # ... mass stays
@@ -296,8 +301,10 @@ def test_error_terms_hold_one_ssim_error_per_window(patched) -> None:
     x, recon = patched
     terms = error_terms(x, recon, (7, 11), keep_ssim=True)
     assert set(terms) == {"ssim_err", "sq", "ssim"} and set(terms["ssim_err"]) == {7, 11}
-    torch.testing.assert_close(terms["ssim"][7], local_ssim_map(x, recon, win_size=7), atol=1e-7, rtol=0)
-    torch.testing.assert_close(terms["ssim_err"][7], (1 - terms["ssim"][7]).clamp(0, 1))
+    torch.testing.assert_close(terms["ssim"][7].float(), local_ssim_map(x, recon, win_size=7), atol=1e-7, rtol=0)
+    torch.testing.assert_close(terms["ssim_err"][7], (1 - terms["ssim"][7]).clamp(0, 1).float())
+    assert terms["sq"].dtype == torch.float32  # the grid's default; the maps ask for float64
+    assert error_terms(x, recon, dtype=torch.float64)["sq"].dtype == torch.float64
     assert "ssim" not in error_terms(x, recon)
 
 
@@ -318,7 +325,7 @@ def test_smoothing_the_terms_first_gives_the_same_map(patched, settings) -> None
     fast = blend(smooth_terms(terms, settings.smoothing_sigma), settings)
     composed = compose(terms, settings)
     torch.testing.assert_close(fast, composed, atol=1e-5, rtol=0)
-    torch.testing.assert_close(composed, anomaly_map(x, recon, settings), atol=1e-6, rtol=0)
+    torch.testing.assert_close(composed, anomaly_map(x, recon, settings).float(), atol=1e-6, rtol=0)
     assert float(composed.max()) > 0.01  # not a map of zeros
 
 

@@ -93,8 +93,8 @@ class ScoringGraph(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         recon = self.model(images).float()
-        amap = anomaly_map(images, recon, self.settings, self.reference())
-        return amap, image_score(amap, self.settings.score_reduction, self.settings.topk_fraction)
+        amap = anomaly_map(images, recon, self.settings, self.reference())  # float64 (map_dtype)
+        return amap.float(), image_score(amap, self.settings.score_reduction, self.settings.topk_fraction)
 
 
 def check_same_model(fingerprint: str, decision_threshold: Mapping, normal_reference: Mapping | None) -> None:

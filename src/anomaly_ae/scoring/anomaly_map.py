@@ -37,6 +37,7 @@ __all__ = [
     "image_score",
     "score_maps",
     "reference_tensors",
+    "map_dtype",
 ]
 
 REDUCTIONS = ("max", "mean", "topk_mean")
@@ -127,20 +128,32 @@ class MapSettings:
         return f"{name} {red}"
 
 
+def map_dtype(device: torch.device) -> torch.dtype:
+    """The dtype maps are computed in: float64 (see :mod:`anomaly_ae.scoring.ssim`: float32
+    rounding, magnified by a z-score reference, would make two engines disagree), float32 on
+    Apple's MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def error_terms(
     x: Tensor,
     recon: Tensor,
     windows: tuple[int, ...] = (PAPER_WIN_SIZE,),
     win_sigma: float = PAPER_WIN_SIGMA,
     keep_ssim: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> dict:
-    """The expensive part of every map, computed once (float32; SSIM's statistics in float64,
-    see :mod:`anomaly_ae.scoring.ssim`): per window the same-size
-    SSIM error ``clip(1 - local SSIM, 0, 1)`` (``{"ssim_err": {win: map}}``) and the squared
-    error (``"sq"``); with ``keep_ssim`` also the raw SSIM maps (``"ssim"``)."""
+    """The expensive part of every map, computed once (SSIM's statistics in float64, see
+    :mod:`anomaly_ae.scoring.ssim`; the terms in ``dtype``: float32 for the calibration grid,
+    which holds many, :func:`map_dtype` for the maps that are shipped): per window the
+    same-size SSIM error ``clip(1 - local SSIM, 0, 1)`` (``{"ssim_err": {win: map}}``) and the
+    squared error (``"sq"``); with ``keep_ssim`` also the raw SSIM maps (``"ssim"``)."""
     x, recon = x.float(), recon.float()
     ssim = {w: ssim_map(x, recon, gaussian_taps(w, win_sigma), same_size=True, precise=True) for w in windows}
-    terms = {"ssim_err": {w: (1.0 - m).clamp(0.0, 1.0) for w, m in ssim.items()}, "sq": (x - recon).pow(2)}
+    terms = {
+        "ssim_err": {w: (1.0 - m).clamp(0.0, 1.0).to(dtype) for w, m in ssim.items()},
+        "sq": (x.to(dtype) - recon.to(dtype)).pow(2),
+    }
     if keep_ssim:
         terms["ssim"] = ssim
     return terms
@@ -184,14 +197,15 @@ def anomaly_map(
     settings: MapSettings = MapSettings(),
     reference: tuple[Tensor, Tensor | None] | None = None,
 ) -> Tensor:
-    """Per-pixel anomaly map ``(N, C, H, W)`` float32 of images and their reconstructions.
+    """Per-pixel anomaly map ``(N, C, H, W)`` of images and their reconstructions, in
+    :func:`map_dtype` (float64; ``.float()`` it to keep or ship it; :func:`image_score`
+    takes it as it is).
 
     ``reference`` is ``(mean, scale)`` from :meth:`NormalReference.as_tensors`; it is needed
     (and applied) exactly when ``settings.normal_reference`` is not ``none``.
     """
-    return _correct(
-        compose(error_terms(x, recon, settings.windows, settings.win_sigma), settings), settings, reference
-    )
+    terms = error_terms(x, recon, settings.windows, settings.win_sigma, dtype=map_dtype(x.device))
+    return _correct(compose(terms, settings), settings, reference)
 
 
 def _require_reference(reference, mode: str) -> None:
@@ -215,37 +229,39 @@ def score_maps(
     settings: MapSettings,
     reference: tuple[Tensor, Tensor | None] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(anomaly map, the paper's per-image SSIM)`` in one pass: when the map uses the
+    """``(anomaly map in :func:`map_dtype`, the paper's per-image SSIM, float32)`` in one
+    pass: when the map uses the
     paper's 11x11 window, the interior of its same-size SSIM map IS the valid-mode map of
     :func:`~anomaly_ae.scoring.ssim.per_image_ssim`, so SSIM is filtered once."""
     windows = settings.windows
     paper = PAPER_WIN_SIZE in windows and settings.win_sigma == PAPER_WIN_SIGMA
-    terms = error_terms(x, recon, windows, settings.win_sigma, keep_ssim=paper)
+    terms = error_terms(x, recon, windows, settings.win_sigma, keep_ssim=paper, dtype=map_dtype(x.device))
     p = PAPER_WIN_SIZE // 2
     h, w = x.shape[-2:]
     if paper and 2 * p < min(h, w):
         valid = terms["ssim"][PAPER_WIN_SIZE][..., p : h - p, p : w - p]
     else:
         valid = ssim_map(x.float(), recon.float(), gaussian_taps(), precise=True)
-    return _correct(compose(terms, settings), settings, reference), valid.flatten(1).mean(-1)
+    return _correct(compose(terms, settings), settings, reference), valid.flatten(1).mean(-1).float()
 
 
 def image_score(amap: Tensor, reduction: str = "max", topk_fraction: float = 0.01) -> Tensor:
-    """One float32 score per image from maps ``(N, ...)``: the maximum pixel, the mean pixel,
-    or the mean of the ``ceil(topk_fraction * pixels)`` highest pixels (``topk_mean``)."""
+    """One float32 score per image from maps ``(N, ...)`` (computed in the maps' precision,
+    float32 at least): the maximum pixel, the mean pixel, or the mean of the
+    ``ceil(topk_fraction * pixels)`` highest pixels (``topk_mean``)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"score reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not 0 < topk_fraction <= 1:
         raise ValueError(f"topk_fraction must be in (0, 1], got {topk_fraction!r}")
     if amap.dim() < 2:
         raise ValueError(f"maps must have a batch dimension and pixels, got shape {tuple(amap.shape)}")
-    flat = amap.float().reshape(amap.shape[0], -1)
+    flat = (amap if amap.dtype == torch.float64 else amap.float()).reshape(amap.shape[0], -1)
     if reduction == "max":
-        return flat.max(dim=1).values
+        return flat.max(dim=1).values.float()
     if reduction == "mean":
-        return flat.mean(dim=1)
+        return flat.mean(dim=1).float()
     k = max(1, math.ceil(topk_fraction * flat.shape[1]))
-    return flat.topk(k, dim=1).values.mean(dim=1)
+    return flat.topk(k, dim=1).values.mean(dim=1).float()
 
 
 def reference_tensors(reference, mode: str, device) -> tuple[Tensor, Tensor | None] | None:

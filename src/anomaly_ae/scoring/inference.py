@@ -45,7 +45,7 @@ def _score_batch_fn(model: nn.Module, settings: MapSettings, dev, dtype, keep_ma
             "score": image_score(amap, settings.score_reduction, settings.topk_fraction),
         }
         if keep_maps:
-            result["map"] = amap[:, 0]
+            result["map"] = amap[:, 0].float()
         return result
 
     return score_batch

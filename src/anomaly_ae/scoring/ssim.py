@@ -10,9 +10,10 @@ Precision: the local variances are ``E[x**2] - E[x]**2``, a difference of two nu
 cancellation leaves errors of ~2e-4 in ``1 - SSIM`` on real bottle images (measured against
 float64), and two engines that round differently (PyTorch, ONNX Runtime) disagree by as
 much; a normal reference's z-score then magnifies it. The anomaly maps therefore compute the
-statistics in float64 (``precise=True``: :func:`local_ssim_map`, :func:`per_image_ssim`,
-the maps of :mod:`anomaly_ae.scoring.anomaly_map`) and return float32; the training loss
-(:func:`mean_ssim`) stays float32. Apple's MPS has no float64: there the maps stay float32.
+statistics in float64 (``precise=True``: :func:`local_ssim_map` and :func:`per_image_ssim`,
+which return float32, and the maps of :mod:`anomaly_ae.scoring.anomaly_map`, which stay in
+float64 to the score); the training loss (:func:`mean_ssim`) stays float32. Apple's MPS has
+no float64: there everything stays float32.
 
 * :func:`ssim_map` with ``same_size=False`` is pytorch_msssim's *valid-mode* map; its mean
   is :func:`per_image_ssim`, the number per image of the paper's Table II;
@@ -132,8 +133,9 @@ def ssim_map(
     same_size: bool = False,
     precise: bool = False,
 ) -> Tensor:
-    """The SSIM map of two image batches ``(N, C, H, W)``, filtered with ``taps``; float32.
-    ``precise``: the local statistics in float64 (see the module docstring), else float32."""
+    """The SSIM map of two image batches ``(N, C, H, W)``, filtered with ``taps``: float32, or
+    with ``precise`` the statistics and the map in float64 (see the module docstring; float32
+    on MPS, which has no float64)."""
     _check_pair(x, y)
     dtype = torch.float64 if precise and x.device.type != "mps" else torch.float32
     x, y = x.to(dtype), y.to(dtype)
@@ -144,7 +146,7 @@ def ssim_map(
     sigma2_sq = gaussian_filter(y * y, taps, same_size) - mu2_sq
     sigma12 = gaussian_filter(x * y, taps, same_size) - mu1_mu2
     cs_map = (2 * sigma12 + c2) / (sigma1_sq + sigma2_sq + c2)
-    return (((2 * mu1_mu2 + c1) / (mu1_sq + mu2_sq + c1)) * cs_map).float()
+    return ((2 * mu1_mu2 + c1) / (mu1_sq + mu2_sq + c1)) * cs_map
 
 
 def local_ssim_map(
@@ -156,13 +158,13 @@ def local_ssim_map(
 ) -> Tensor:
     """Same-size local SSIM map (reflect padding; statistics in float64, see the module
     docstring); 1 where ``x == y``."""
-    return ssim_map(x, y, gaussian_taps(win_size, sigma), data_range, same_size=True, precise=True)
+    return ssim_map(x, y, gaussian_taps(win_size, sigma), data_range, same_size=True, precise=True).float()
 
 
 def per_image_ssim(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:
     """The paper's SSIM per image, shape ``(N,)``: the mean of the valid-mode 11x11 map
     (``pytorch_msssim.ssim(x, y, data_range, size_average=False)``)."""
-    return ssim_map(x, y, gaussian_taps(), data_range, precise=True).flatten(1).mean(-1)
+    return ssim_map(x, y, gaussian_taps(), data_range, precise=True).flatten(1).mean(-1).float()
 
 
 def mean_ssim(
