@@ -301,7 +301,8 @@ def test_error_terms_hold_one_ssim_error_per_window(patched) -> None:
     x, recon = patched
     terms = error_terms(x, recon, (7, 11), keep_ssim=True)
     assert set(terms) == {"ssim_err", "sq", "ssim"} and set(terms["ssim_err"]) == {7, 11}
-    torch.testing.assert_close(terms["ssim"][7].float(), local_ssim_map(x, recon, win_size=7), atol=1e-7, rtol=0)
+    seven = local_ssim_map(x, recon, win_size=7)
+    torch.testing.assert_close(terms["ssim"][7].float(), seven, atol=1e-7, rtol=0)
     torch.testing.assert_close(terms["ssim_err"][7], (1 - terms["ssim"][7]).clamp(0, 1).float())
     assert terms["sq"].dtype == torch.float32  # the grid's default; the maps ask for float64
     assert error_terms(x, recon, dtype=torch.float64)["sq"].dtype == torch.float64

@@ -29,7 +29,8 @@ def _figure1_rows(
         i = int(picks.loc[defect, "index"])
         x = torch.from_numpy(as_unit_float(test_images["images"][i : i + 1]))
         recon = torch.from_numpy(test_scores["recon"][i : i + 1])
-        error = anomaly_map(x, recon)[0, 0].float().numpy()  # the paper's map, whatever evaluation.anomaly_map says
+        # the paper's map, whatever evaluation.anomaly_map says
+        error = anomaly_map(x, recon)[0, 0].float().numpy()
         rows.append(
             {
                 "image": x[0, 0].numpy(),
