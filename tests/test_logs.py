@@ -103,6 +103,22 @@ def test_warning_filters_are_narrow():
     # the same text from another module, or another message from the same module, still shows
     assert len(_emit("register_new_resolver() is deprecated", UserWarning, "anomaly_ae.settings")) == 1
     assert len(_emit("something else", UserWarning, "kedro.config.omegaconf_config")) == 1
+    leaf = "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)`"
+    assert _emit(leaf, FutureWarning, "copyreg") == []
+    assert len(_emit(leaf, FutureWarning, "anomaly_ae.export.onnx_export")) == 1
+
+
+def test_the_onnx_exporters_torchvision_records_are_dropped_and_nothing_else(caplog):
+    """torch's exporter logs one WARNING per torchvision operator when torchvision is absent
+    (``kedro run --pipeline=export``); the project uses none of them."""
+    logging_filters.install()
+    logging_filters.install()
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    assert sum(isinstance(f, logging_filters.DropKnownRecords) for f in logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning("torchvision is not installed. Skipping %s", "torchvision::nms")
+        logger.warning("something else went wrong")
+    assert [r.getMessage() for r in caplog.records] == ["something else went wrong"]
 
 
 def test_logging_filter_drops_only_the_known_mlflow_warning():

@@ -68,7 +68,33 @@ THIRD_PARTY_WARNINGS: tuple[KnownWarning, ...] = (
         UserWarning,
         "kedro_mlflow.framework.hooks.mlflow_hook",
     ),
+    # torch 2.13's ONNX exporter (kedro run --pipeline=export) rebuilds pytree specs through
+    # pickle's copyreg; its own pytree code warns about its own deprecated LeafSpec check.
+    KnownWarning(
+        r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        FutureWarning,
+        "copyreg",
+    ),
 )
+
+# Log records (not warnings) of the same kind: (logger name, message regex, reason).
+THIRD_PARTY_LOG_RECORDS: tuple[tuple[str, str], ...] = (
+    # torch's ONNX exporter looks up the decompositions of torchvision's operators on every
+    # export and logs one WARNING per operator when torchvision is absent; the scoring graph
+    # uses none of them, and the project does not need torchvision.
+    ("torch.onnx._internal.exporter._registration", r"torchvision is not installed"),
+)
+
+
+class DropKnownRecords(logging.Filter):
+    """Drops the records of :data:`THIRD_PARTY_LOG_RECORDS` from the logger it is added to."""
+
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(record.getMessage())
 
 
 class DropKnownWarnings(logging.Filter):
@@ -88,3 +114,7 @@ def install() -> None:
     logger = logging.getLogger("py.warnings")
     if not any(isinstance(f, DropKnownWarnings) for f in logger.filters):
         logger.addFilter(DropKnownWarnings())
+    for name, pattern in THIRD_PARTY_LOG_RECORDS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropKnownRecords) for f in logger.filters):
+            logger.addFilter(DropKnownRecords(pattern))
