@@ -24,7 +24,14 @@ from torch import Tensor
 
 from anomaly_ae.config import from_settings
 from anomaly_ae.scoring.reference import check_mode, correct
-from anomaly_ae.scoring.ssim import PAPER_WIN_SIGMA, PAPER_WIN_SIZE, gaussian_blur, gaussian_taps, ssim_map
+from anomaly_ae.scoring.ssim import (
+    PAPER_WIN_SIGMA,
+    PAPER_WIN_SIZE,
+    exact_scalar,
+    gaussian_blur,
+    gaussian_taps,
+    ssim_map,
+)
 
 __all__ = [
     "REDUCTIONS",
@@ -179,9 +186,9 @@ def blend(terms: dict, settings: MapSettings) -> Tensor:
             ssim_err = torch.stack(errors).amax(dim=0)
         else:
             ssim_err = sum(errors) / len(errors)
-        amap = settings.ssim_weight * ssim_err
+        amap = ssim_err * exact_scalar(settings.ssim_weight, ssim_err)
     if settings.l2_weight:
-        sq = settings.l2_weight * terms["sq"]
+        sq = terms["sq"] * exact_scalar(settings.l2_weight, terms["sq"])
         amap = sq if amap is None else amap + sq
     return amap
 

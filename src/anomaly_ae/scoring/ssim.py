@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "exact_scalar",
     "PAPER_WIN_SIZE",
     "PAPER_WIN_SIGMA",
     "gaussian_taps",
@@ -80,6 +81,16 @@ def blur_taps(sigma: float) -> tuple[float, ...]:
     return gaussian_taps(2 * math.ceil(2 * sigma) + 1, float(sigma))
 
 
+def exact_scalar(value: float, like: Tensor) -> Tensor | float:
+    """``value`` as a 0-d tensor of ``like``'s dtype when that is float64, else ``value``.
+
+    Arithmetic with a Python float keeps its full precision in PyTorch, but torch's ONNX
+    exporter (2.13, dynamo) writes such a scalar into the graph rounded to float32: in the
+    exported float64 maps that alone moved scores by 1e-5. A tensor constant keeps every bit.
+    """
+    return torch.tensor(value, dtype=like.dtype, device=like.device) if like.dtype == torch.float64 else value
+
+
 def _pad(img: Tensor, p: int) -> Tensor:
     # torch's "reflect" (mirror about the edge pixel, the edge not repeated, like numpy
     # "reflect" / scipy "mirror") needs p < size; "replicate" otherwise.
@@ -97,6 +108,17 @@ def gaussian_filter(img: Tensor, taps: tuple[float, ...], same_size: bool = Fals
     h, w = img.shape[-2] - k + 1, img.shape[-1] - k + 1
     if h < 1 or w < 1:
         raise ValueError(f"images of {tuple(img.shape[-2:])} px are smaller than the {k}-tap window")
+    if img.dtype == torch.float64:
+        # the taps as float64 tensors: torch's ONNX exporter stores a Python scalar operand as
+        # a float32-rounded constant, which would cost the float64 maps their precision there
+        weights = [exact_scalar(t, img) for t in taps]
+        out = img[..., 0:h, :] * weights[0]
+        for i in range(1, k):
+            out.addcmul_(img[..., i : i + h, :], weights[i])
+        res = out[..., 0:w] * weights[0]
+        for i in range(1, k):
+            res.addcmul_(out[..., i : i + w], weights[i])
+        return res
     # accumulate in place: one buffer per pass instead of two temporaries per tap (~8x
     # faster in eager mode; autograd and torch.compile handle it like the out-of-place sum)
     out = img[..., 0:h, :] * taps[0]
@@ -139,7 +161,7 @@ def ssim_map(
     _check_pair(x, y)
     dtype = torch.float64 if precise and x.device.type != "mps" else torch.float32
     x, y = x.to(dtype), y.to(dtype)
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    c1, c2 = exact_scalar((k1 * data_range) ** 2, x), exact_scalar((k2 * data_range) ** 2, x)
     mu1, mu2 = gaussian_filter(x, taps, same_size), gaussian_filter(y, taps, same_size)
     mu1_sq, mu2_sq, mu1_mu2 = mu1.pow(2), mu2.pow(2), mu1 * mu2
     sigma1_sq = gaussian_filter(x * x, taps, same_size) - mu1_sq
