@@ -293,6 +293,21 @@ def test_an_altered_bundle_is_refused(exported, tmp_path, capsys):
 # ---------------------------------------------------------------- real MVTec AD bottle
 
 
+def _quantile_threshold(scores: np.ndarray, settings, fingerprint: str, epoch: int) -> dict:
+    """A ``decision_threshold.json`` as calibrate_threshold writes it: the 0.99 quantile of
+    the normal validation ``scores``."""
+    return {
+        "value": float(np.quantile(scores, 0.99)),
+        "rule": "quantile",
+        "quantile": 0.99,
+        "k_sigma": 3.0,
+        "n_validation_images": len(scores),
+        "score": settings.to_dict(),
+        "checkpoint_fingerprint": fingerprint,
+        "checkpoint_epoch": epoch,
+    }
+
+
 @pytest.fixture(scope="module")
 def briefly_trained_on_real_bottle():
     """A seeded network trained for 40 Adam steps on 12 real good bottle images (~20 s): the
@@ -357,16 +372,7 @@ def test_onnx_runtime_scores_like_torch_on_real_bottle_images(
     reference = fit_normal_reference(model, arrays[:6], settings, batch_size=6, device="cpu")
     validation = arrays[6:12]
     scores = reconstruct_and_score(model, validation, settings, 8, device="cpu", reference=reference)["score"]
-    threshold = {
-        "value": float(np.quantile(scores, 0.99)),
-        "rule": "quantile",
-        "quantile": 0.99,
-        "k_sigma": 3.0,
-        "n_validation_images": len(validation),
-        "score": settings.to_dict(),
-        "checkpoint_fingerprint": fingerprint,
-        "checkpoint_epoch": 1,
-    }
+    threshold = _quantile_threshold(scores, settings, fingerprint, epoch=1)
     reference_arrays = {**reference.to_arrays(), "checkpoint_fingerprint": np.asarray(fingerprint)}
     export_onnx(checkpoint, threshold, reference_arrays, validation, tmp_path / "bundle", category="bottle")
     bundle = load_bundle(tmp_path / "bundle", threads=1)
@@ -440,16 +446,7 @@ def test_served_mlflow_model_judges_real_bottle_images_like_the_runtime(tmp_path
     validation = np.stack([to_model_array(Image.open(p), 256, "area") for p in good])[:, None]
     settings = MapSettings(smoothing_sigma=2.0, score_reduction="topk_mean", normal_reference="none")
     scores = reconstruct_and_score(model, validation, settings, 8, device="cpu")["score"]
-    threshold = {
-        "value": float(np.quantile(scores, 0.99)),
-        "rule": "quantile",
-        "quantile": 0.99,
-        "k_sigma": 3.0,
-        "n_validation_images": len(validation),
-        "score": settings.to_dict(),
-        "checkpoint_fingerprint": checkpoint_fingerprint(checkpoint),
-        "checkpoint_epoch": 0,
-    }
+    threshold = _quantile_threshold(scores, settings, checkpoint_fingerprint(checkpoint), epoch=0)
     bundle_dir = tmp_path / "bundle"
     export_onnx(checkpoint, threshold, None, validation, bundle_dir, category="bottle")
 
