@@ -144,6 +144,25 @@ def test_onnx_runtime_scores_like_torch_on_the_quick_test_images(quick, exported
 
 
 @pytest.mark.slow
+def test_scoring_in_chunks_equals_one_call(exported, monkeypatch):
+    """The runtime runs the graph a few images at a time (cache-sized chunks, for speed): the
+    same maps and scores as one call on the whole batch."""
+    from anomaly_ae.runtime import bundle as runtime_bundle
+
+    bundle = load_bundle(exported, threads=1)
+    x = np.random.default_rng(0).random((5, 1, bundle.image_size, bundle.image_size), dtype=np.float32)
+    whole_maps, whole_scores = bundle.session.run(None, {bundle.input_name: x})
+    monkeypatch.setattr(runtime_bundle, "CHUNK_PIXELS", 2 * bundle.image_size**2)  # calls of 2, 2, 1
+    calls = []
+    run = bundle.session.run
+    monkeypatch.setattr(bundle, "session", type("S", (), {"run": lambda _, o, f: calls.append(1) or run(o, f)})())
+    maps, scores = bundle.score_batch(x)
+    assert len(calls) == 3
+    np.testing.assert_allclose(scores, whole_scores, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(maps, whole_maps[:, 0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_export_refuses_a_threshold_of_another_model(quick):
     from anomaly_ae.export import export_onnx
     from anomaly_ae.model.checkpoint import load_checkpoint

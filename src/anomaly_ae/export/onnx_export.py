@@ -33,6 +33,7 @@ import anomaly_ae
 from anomaly_ae.data.transforms import _LUMA, RESAMPLE_METHODS, as_unit_float
 from anomaly_ae.export.folder import write_bundle
 from anomaly_ae.model.checkpoint import checkpoint_fingerprint, model_from_checkpoint
+from anomaly_ae.runtime.bundle import run_in_chunks
 from anomaly_ae.scoring import MapSettings, NormalReference, anomaly_map, image_score
 from anomaly_ae.scoring.inference import reconstruct_and_score
 
@@ -169,11 +170,9 @@ def _ort_scores(model_path: Path, images: np.ndarray, batch_size: int) -> tuple[
     options.intra_op_num_threads = 1 if torch.get_num_threads() == 1 else 0
     session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     maps, scores = [], []
-    for start in range(0, len(images), batch_size):
-        amap, score = session.run(
-            None, {INPUT_NAME: np.ascontiguousarray(images[start : start + batch_size])}
-        )
-        maps.append(amap[:, 0])
+    for start in range(0, len(images), batch_size):  # as the runtime scores them
+        amap, score = run_in_chunks(session, INPUT_NAME, images[start : start + batch_size])
+        maps.append(amap)
         scores.append(score)
     return np.concatenate(maps), np.concatenate(scores)
 

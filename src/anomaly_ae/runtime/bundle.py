@@ -22,6 +22,27 @@ BUNDLE_FORMAT_VERSION = 1
 MANIFEST_FILE = "bundle.json"
 
 
+#: Pixels per ONNX Runtime call. The graph's float64 filters are memory-bound: a call on two
+#: 256-px images keeps its intermediates in the CPU caches. Measured on the real bottle bundle
+#: (2 threads): 65 img/s in calls of 1-2 images against 44 img/s in calls of 16.
+CHUNK_PIXELS = 2 * 256 * 256
+
+
+def run_in_chunks(session, input_name: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Run a bundle's graph on ``images (N, 1, H, W)`` float32, :data:`CHUNK_PIXELS` at a time
+    (at least one image per call): ``(maps (N, H, W), scores (N,))``. The graph scores each
+    image on its own, so the chunks change the speed, not the results (beyond the rounding
+    of convolution kernels chosen per batch size, within the parity bounds)."""
+    per_call = max(1, CHUNK_PIXELS // (images.shape[-2] * images.shape[-1]))
+    maps, scores = [], []
+    for start in range(0, len(images), per_call):
+        chunk = np.ascontiguousarray(images[start : start + per_call])
+        amap, score = session.run(None, {input_name: chunk})
+        maps.append(amap[:, 0])
+        scores.append(score)
+    return np.concatenate(maps), np.concatenate(scores)
+
+
 class BundleError(ValueError):
     """A bundle folder is missing, incomplete, altered or of another format."""
 
@@ -123,8 +144,7 @@ class Bundle:
         expected = (1, self.image_size, self.image_size)
         if x.ndim != 4 or x.shape[1:] != expected:
             raise ValueError(f"expected images shaped (N, {', '.join(map(str, expected))}), got {x.shape}")
-        amap, score = self.session.run(None, {self.input_name: np.ascontiguousarray(x)})
-        return amap[:, 0], score
+        return run_in_chunks(self.session, self.input_name, x)
 
     def preprocess(self, source: ImageSource) -> tuple[tuple[int, int] | None, np.ndarray | None, str | None]:
         """One input as the model sees it (see :func:`anomaly_ae.runtime.preprocess.prepare`)."""
