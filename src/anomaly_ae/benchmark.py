@@ -325,8 +325,8 @@ def onnx_benchmark(args: argparse.Namespace, say) -> dict[str, Any]:
     import onnxruntime as ort
 
     from anomaly_ae.export.onnx_export import INPUT_NAME, ScoringGraph, _export_graph
-    from anomaly_ae.runtime.bundle import run_in_chunks
     from anomaly_ae.model import build_model
+    from anomaly_ae.runtime.bundle import run_in_chunks
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -505,7 +505,6 @@ def calibration_benchmark(model_input: str, checkpoint_path: str, say) -> dict[s
     """Wall time of the calibrate pipeline's three nodes, run as the pipeline runs them
     (parameters from conf/base), on real cached arrays."""
     from kedro.config import OmegaConfigLoader
-
     from kedro.io.core import Version
 
     from anomaly_ae.datasets import NpzDataset

@@ -163,18 +163,13 @@ def _export_graph(graph: ScoringGraph, image_size: int, opset: int, exporter: st
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def _ort_scores(model_path: Path, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _ort_scores(model_path: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1 if torch.get_num_threads() == 1 else 0
     session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    maps, scores = [], []
-    for start in range(0, len(images), batch_size):  # as the runtime scores them
-        amap, score = run_in_chunks(session, INPUT_NAME, images[start : start + batch_size])
-        maps.append(amap)
-        scores.append(score)
-    return np.concatenate(maps), np.concatenate(scores)
+    return run_in_chunks(session, INPUT_NAME, images)  # as the runtime scores them
 
 
 def build_bundle(
@@ -241,7 +236,7 @@ def build_bundle(
                 f"validation images must be (N >= 1, 1, {size}, {size}), got {tuple(images.shape)}; "
                 "rerun `kedro run --pipeline=data_processing` for this model's image size."
             )
-        maps, scores = _ort_scores(model_path, images, int(batch_size))
+        maps, scores = _ort_scores(model_path, images)
         expected = reconstruct_and_score(
             model, images, settings, batch_size, device="cpu", precision="fp32", reference=reference
         )

@@ -30,6 +30,7 @@ from anomaly_ae.scoring.ssim import (
     exact_scalar,
     gaussian_blur,
     gaussian_taps,
+    map_dtype,
     ssim_map,
 )
 
@@ -133,13 +134,6 @@ class MapSettings:
             self.score_reduction, self.score_reduction
         )
         return f"{name} {red}"
-
-
-def map_dtype(device: torch.device) -> torch.dtype:
-    """The dtype maps are computed in: float64 (see :mod:`anomaly_ae.scoring.ssim`: float32
-    rounding, magnified by a z-score reference, would make two engines disagree), float32 on
-    Apple's MPS, which has no float64."""
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def error_terms(

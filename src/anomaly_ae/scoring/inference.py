@@ -27,15 +27,15 @@ def unit_float(images: torch.Tensor) -> torch.Tensor:
 
 
 def _score_batch_fn(model: nn.Module, settings: MapSettings, dev, dtype, keep_maps: bool, reference):
-    """The per-batch computation: reconstruction (maybe under autocast), then map, SSIM, MSE
-    and score in float32 (SSIM's local statistics in float64, :mod:`anomaly_ae.scoring.ssim`).
-    Reference tensors are made once, outside any compiled region."""
+    """The per-batch computation: reconstruction (maybe under autocast), then map and score
+    in float64 (:func:`~anomaly_ae.scoring.ssim.map_dtype`), returned as float32 with
+    SSIM and MSE. Reference tensors are made once, outside any compiled region."""
     ref = reference_tensors(reference, settings.normal_reference, dev)
 
     def score_batch(x: torch.Tensor) -> dict[str, torch.Tensor]:
         with autocast(dev, dtype):
             recon = model(x)
-        recon = recon.float().contiguous()  # maps in float32, standard layout
+        recon = recon.float().contiguous()  # float32, standard layout
         x = x.contiguous()
         amap, ssim_values = score_maps(x, recon, settings, ref)
         result = {

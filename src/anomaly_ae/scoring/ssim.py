@@ -40,6 +40,7 @@ from torch import Tensor
 
 __all__ = [
     "exact_scalar",
+    "map_dtype",
     "PAPER_WIN_SIZE",
     "PAPER_WIN_SIGMA",
     "gaussian_taps",
@@ -81,6 +82,12 @@ def blur_taps(sigma: float) -> tuple[float, ...]:
     return gaussian_taps(2 * math.ceil(2 * sigma) + 1, float(sigma))
 
 
+def map_dtype(device: torch.device) -> torch.dtype:
+    """The dtype anomaly maps are computed in: float64 (see the module docstring), float32 on
+    Apple's MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def exact_scalar(value: float, like: Tensor) -> Tensor | float:
     """``value`` as a 0-d tensor of ``like``'s dtype when that is float64, else ``value``.
 
@@ -108,26 +115,24 @@ def gaussian_filter(img: Tensor, taps: tuple[float, ...], same_size: bool = Fals
     h, w = img.shape[-2] - k + 1, img.shape[-1] - k + 1
     if h < 1 or w < 1:
         raise ValueError(f"images of {tuple(img.shape[-2:])} px are smaller than the {k}-tap window")
-    if img.dtype == torch.float64:
-        # the taps as float64 tensors: torch's ONNX exporter stores a Python scalar operand as
-        # a float32-rounded constant, which would cost the float64 maps their precision there
-        weights = [exact_scalar(t, img) for t in taps]
-        out = img[..., 0:h, :] * weights[0]
-        for i in range(1, k):
-            out.addcmul_(img[..., i : i + h, :], weights[i])
-        res = out[..., 0:w] * weights[0]
-        for i in range(1, k):
-            res.addcmul_(out[..., i : i + w], weights[i])
-        return res
-    # accumulate in place: one buffer per pass instead of two temporaries per tap (~8x
-    # faster in eager mode; autograd and torch.compile handle it like the out-of-place sum)
-    out = img[..., 0:h, :] * taps[0]
-    for i in range(1, k):
-        out.add_(img[..., i : i + h, :], alpha=taps[i])
-    res = out[..., 0:w] * taps[0]
-    for i in range(1, k):
-        res.add_(out[..., i : i + w], alpha=taps[i])
-    return res
+    # float64: the taps as tensors (exact_scalar), since torch's ONNX exporter would round
+    # Python scalars to float32; float32: Python floats, as before
+    weights = [exact_scalar(t, img) for t in taps]
+    return _weighted_sum(_weighted_sum(img, weights, h, dim=-2), weights, w, dim=-1)
+
+
+def _weighted_sum(img: Tensor, weights: list, length: int, dim: int) -> Tensor:
+    """``sum_i weights[i] * img.narrow(dim, i, length)``, accumulated in place: one buffer
+    per pass instead of two temporaries per tap (~8x faster in eager mode; autograd and
+    torch.compile handle it like the out-of-place sum). ``add_`` takes a Python weight,
+    ``addcmul_`` a tensor one."""
+    out = img.narrow(dim, 0, length) * weights[0]
+    for i in range(1, len(weights)):
+        if isinstance(weights[i], Tensor):
+            out.addcmul_(img.narrow(dim, i, length), weights[i])
+        else:
+            out.add_(img.narrow(dim, i, length), alpha=weights[i])
+    return out
 
 
 def gaussian_blur(img: Tensor, sigma: float) -> Tensor:
@@ -159,7 +164,7 @@ def ssim_map(
     with ``precise`` the statistics and the map in float64 (see the module docstring; float32
     on MPS, which has no float64)."""
     _check_pair(x, y)
-    dtype = torch.float64 if precise and x.device.type != "mps" else torch.float32
+    dtype = map_dtype(x.device) if precise else torch.float32
     x, y = x.to(dtype), y.to(dtype)
     c1, c2 = exact_scalar((k1 * data_range) ** 2, x), exact_scalar((k2 * data_range) ** 2, x)
     mu1, mu2 = gaussian_filter(x, taps, same_size), gaussian_filter(y, taps, same_size)
