@@ -20,6 +20,11 @@ class AutoencoderConfig:
 
     architecture: str = "paper_table1"
     image_size: int = 256
+    #: Side of the square tiles the network sees; ``None`` (the paper) = the whole image.
+    #: With ``image_size`` a multiple of it, the image is cut into (image_size / tile_size)^2
+    #: non-overlapping tiles, each encoded and decoded by the same Table I network (its own
+    #: 128-d code per tile), and the reconstructions are put back in place.
+    tile_size: int | None = None
     in_channels: int = 1
     encoder_filters: tuple[int, ...] = (16, 32, 64, 128)
     latent_dim: int = 128
@@ -33,16 +38,36 @@ class AutoencoderConfig:
 
     def __post_init__(self) -> None:
         downscale = 2 ** len(self.encoder_filters)
-        if self.image_size % downscale:
+        if self.tile_size is not None:
+            object.__setattr__(self, "tile_size", int(self.tile_size))
+            if self.tile_size <= 0 or self.image_size % self.tile_size:
+                raise ValueError(
+                    f"model.tile_size={self.tile_size} must divide model.image_size="
+                    f"{self.image_size} (e.g. image_size 512 with tile_size 256), or be null "
+                    "for no tiles."
+                )
+            if self.tile_size == self.image_size:
+                object.__setattr__(self, "tile_size", None)
+        if self.network_size % downscale:
+            name = "tile_size" if self.tile_size else "image_size"
             raise ValueError(
-                f"model.image_size={self.image_size} must be divisible by {downscale} "
+                f"model.{name}={self.network_size} must be divisible by {downscale} "
                 f"(2 ** number of encoder layers); use e.g. 256."
             )
         object.__setattr__(self, "encoder_filters", tuple(int(f) for f in self.encoder_filters))
 
     @property
+    def network_size(self) -> int:
+        """The side of the network's input: the tile, or the whole image."""
+        return self.tile_size or self.image_size
+
+    @property
+    def tiles_per_side(self) -> int:
+        return self.image_size // self.network_size
+
+    @property
     def bottleneck_size(self) -> int:
-        return self.image_size // 2 ** len(self.encoder_filters)
+        return self.network_size // 2 ** len(self.encoder_filters)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -66,6 +91,10 @@ def _act_norm_drop(cfg: AutoencoderConfig, features: int, dims: int) -> list[nn.
 
 class ConvAutoencoder(nn.Module):
     """Table I: 4 strided 5x5 convolutions, a 128-d dense latent, a mirrored decoder.
+
+    With ``config.tile_size`` set, :meth:`forward` runs this network on each tile of the
+    image (:func:`to_tiles`) and returns the whole reconstruction; :meth:`encode` and
+    :meth:`decode` work on tiles.
 
     Keras "same" padding with stride 2 is reproduced in output size (each conv halves,
     each transposed conv doubles the side). Keras pads odd totals on the bottom/right;
@@ -122,7 +151,25 @@ class ConvAutoencoder(nn.Module):
         return self.decoder(h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+        tiles = self.config.tiles_per_side
+        if tiles == 1:
+            return self.decode(self.encode(x))
+        return untile(self.decode(self.encode(to_tiles(x, tiles))), tiles)
+
+
+def to_tiles(images: torch.Tensor, tiles: int) -> torch.Tensor:
+    """``(N, C, t*s, t*s)`` images -> ``(N*t*t, C, s, s)`` tiles, row by row per image."""
+    n, c, h, w = images.shape
+    s = h // tiles
+    grid = images.reshape(n, c, tiles, s, tiles, s).permute(0, 2, 4, 1, 3, 5)
+    return grid.reshape(n * tiles * tiles, c, s, s)
+
+
+def untile(tiles_batch: torch.Tensor, tiles: int) -> torch.Tensor:
+    """The inverse of :func:`to_tiles`."""
+    m, c, s, _ = tiles_batch.shape
+    grid = tiles_batch.reshape(m // (tiles * tiles), tiles, tiles, c, s, s).permute(0, 3, 1, 4, 2, 5)
+    return grid.reshape(m // (tiles * tiles), c, tiles * s, tiles * s)
 
 
 ARCHITECTURES = {"paper_table1": ConvAutoencoder}
