@@ -659,3 +659,46 @@ def test_the_runtime_extra_installs_no_torch_kedro_or_mlflow():
 
     assert names(requirements) == {"numpy", "pillow", "onnxruntime"}
     assert {"kedro", "torch", "mlflow"} <= names(project["optional-dependencies"]["pipelines"])
+
+
+def test_a_tiled_model_exports_and_scores_like_torch(tmp_path, one_torch_thread):
+    """model.tile_size: the exported graph cuts the image into tiles, runs the one network
+    on each and puts the reconstructions back exactly as torch does (1e-5 on scores)."""
+    import torch
+    from PIL import Image
+
+    from anomaly_ae import Inspector
+    from anomaly_ae.data.synthetic import generate_synthetic_category
+    from anomaly_ae.export import export_onnx
+    from anomaly_ae.model import AutoencoderConfig, build_model
+    from anomaly_ae.model.checkpoint import checkpoint_fingerprint
+    from anomaly_ae.scoring import MapSettings
+    from anomaly_ae.scoring.inference import fit_normal_reference, reconstruct_and_score
+    from anomaly_ae.training.trainer import TrainingConfig, build_checkpoint
+
+    root = generate_synthetic_category(tmp_path / "data", "bottle", n_train=16, n_test_good=3, n_test_per_defect=2, size=128)
+    files = sorted((root / "test").rglob("*.png"))
+    good = sorted((root / "train" / "good").glob("*.png"))
+    arrays = np.stack([np.asarray(Image.open(p).convert("L"), np.float32) / 255 for p in good])[:, None]
+    torch.manual_seed(0)
+    model = build_model(AutoencoderConfig(image_size=128, tile_size=64, latent_dim=32))
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    batch = torch.from_numpy(arrays[8:])
+    for _ in range(30):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(batch), batch).backward()
+        optimizer.step()
+    model.eval()
+    checkpoint = build_checkpoint(model, None, epoch=1, history=[], config=TrainingConfig())
+    fingerprint = checkpoint_fingerprint(checkpoint)
+    settings = MapSettings(smoothing_sigma=4.0, normal_reference="zscore")
+    reference = fit_normal_reference(model, arrays[:4], settings, batch_size=4, device="cpu")
+    validation = arrays[4:8]
+    scores = reconstruct_and_score(model, validation, settings, 4, device="cpu", reference=reference)["score"]
+    threshold = _quantile_threshold(scores, settings, fingerprint, epoch=1)
+    reference_arrays = {**reference.to_arrays(), "checkpoint_fingerprint": np.asarray(fingerprint)}
+    export_onnx(checkpoint, threshold, reference_arrays, validation, tmp_path / "bundle", category="bottle")
+    bundle = load_bundle(tmp_path / "bundle", threads=1)
+    assert bundle.image_size == 128
+    inspector = Inspector(checkpoint, threshold, reference=reference_arrays, device="cpu", resample="area")
+    _parity(bundle, inspector, files)
