@@ -327,6 +327,46 @@ def _quantile_threshold(scores: np.ndarray, settings, fingerprint: str, epoch: i
     }
 
 
+def _briefly_trained(config, arrays: np.ndarray, steps: int):
+    """``(checkpoint, model)``: a seeded network of ``config`` trained ``steps`` Adam steps
+    (MSE) on ``arrays``, in eval mode."""
+    import torch
+
+    from anomaly_ae.model import build_model
+    from anomaly_ae.training.trainer import TrainingConfig, build_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model(config)
+    batch = torch.from_numpy(arrays)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(batch), batch).backward()
+        optimizer.step()
+    model.eval()
+    return build_checkpoint(model, None, epoch=1, history=[], config=TrainingConfig()), model
+
+
+def _export_with_reference(checkpoint, model, normal: np.ndarray, validation: np.ndarray, settings, path: Path):
+    """Fit a normal reference on ``normal``, set the threshold on ``validation`` (0.99
+    quantile), export the bundle to ``path``; ``(bundle, torch Inspector)`` of the same model."""
+    from anomaly_ae import Inspector
+    from anomaly_ae.export import export_onnx
+    from anomaly_ae.model.checkpoint import checkpoint_fingerprint
+    from anomaly_ae.scoring.inference import fit_normal_reference, reconstruct_and_score
+
+    fingerprint = checkpoint_fingerprint(checkpoint)
+    reference = fit_normal_reference(model, normal, settings, batch_size=len(normal), device="cpu")
+    scores = reconstruct_and_score(model, validation, settings, 8, device="cpu", reference=reference)["score"]
+    threshold = _quantile_threshold(scores, settings, fingerprint, epoch=1)
+    reference_arrays = {**reference.to_arrays(), "checkpoint_fingerprint": np.asarray(fingerprint)}
+    export_onnx(checkpoint, threshold, reference_arrays, validation, path, category="bottle")
+    bundle = load_bundle(path, threads=1)
+    assert bundle.manifest["export_check"]["n_images"] == len(validation)
+    inspector = Inspector(checkpoint, threshold, reference=reference_arrays, device="cpu", resample="area")
+    return bundle, inspector
+
+
 @pytest.fixture(scope="module")
 def briefly_trained_on_real_bottle():
     """A seeded network trained for 40 Adam steps on 12 real good bottle images (~20 s): the
@@ -336,25 +376,14 @@ def briefly_trained_on_real_bottle():
     4e-6). Returns ``(checkpoint, model, 256-px arrays of 24 good images)``."""
     if not REAL_BOTTLE.is_dir():
         pytest.skip(f"real MVTec AD bottle data not found at {REAL_BOTTLE} (../shared beside the repo)")
-    import torch
     from PIL import Image
 
     from anomaly_ae.data.transforms import to_model_array
-    from anomaly_ae.model import AutoencoderConfig, build_model
-    from anomaly_ae.training.trainer import TrainingConfig, build_checkpoint
+    from anomaly_ae.model import AutoencoderConfig
 
-    torch.manual_seed(0)
     good = sorted((REAL_BOTTLE / "train" / "good").glob("*.png"))[:24]
     arrays = np.stack([to_model_array(Image.open(p), 256, "area") for p in good])[:, None]
-    model = build_model(AutoencoderConfig(image_size=256))
-    batch = torch.from_numpy(arrays[12:])
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(40):
-        optimizer.zero_grad()
-        torch.nn.functional.mse_loss(model(batch), batch).backward()
-        optimizer.step()
-    model.eval()
-    checkpoint = build_checkpoint(model, None, epoch=1, history=[], config=TrainingConfig())
+    checkpoint, model = _briefly_trained(AutoencoderConfig(image_size=256), arrays[12:], steps=40)
     return checkpoint, model, arrays
 
 
@@ -379,24 +408,11 @@ def test_onnx_runtime_scores_like_torch_on_real_bottle_images(
 ):
     """A normal reference fitted on real good images; parity on real test images of every
     kind, within 1e-5 on scores and 1e-4 on maps, absolute, and identical verdicts."""
-    from anomaly_ae import Inspector
-    from anomaly_ae.export import export_onnx
-    from anomaly_ae.model.checkpoint import checkpoint_fingerprint
     from anomaly_ae.scoring import MapSettings
-    from anomaly_ae.scoring.inference import fit_normal_reference, reconstruct_and_score
 
     checkpoint, model, arrays = briefly_trained_on_real_bottle
-    fingerprint = checkpoint_fingerprint(checkpoint)
     settings = MapSettings(**REAL_PARITY_MAPS[map_name])
-    reference = fit_normal_reference(model, arrays[:6], settings, batch_size=6, device="cpu")
-    validation = arrays[6:12]
-    scores = reconstruct_and_score(model, validation, settings, 8, device="cpu", reference=reference)["score"]
-    threshold = _quantile_threshold(scores, settings, fingerprint, epoch=1)
-    reference_arrays = {**reference.to_arrays(), "checkpoint_fingerprint": np.asarray(fingerprint)}
-    export_onnx(checkpoint, threshold, reference_arrays, validation, tmp_path / "bundle", category="bottle")
-    bundle = load_bundle(tmp_path / "bundle", threads=1)
-    assert bundle.manifest["export_check"]["n_images"] == len(validation)
-    inspector = Inspector(checkpoint, threshold, reference=reference_arrays, device="cpu", resample="area")
+    bundle, inspector = _export_with_reference(checkpoint, model, arrays[:6], arrays[6:12], settings, tmp_path / "bundle")
     files = sorted((REAL_BOTTLE / "test").rglob("*.png"))[::3]
     assert len(files) >= 20
     _parity(bundle, inspector, files)
@@ -664,41 +680,19 @@ def test_the_runtime_extra_installs_no_torch_kedro_or_mlflow():
 def test_a_tiled_model_exports_and_scores_like_torch(tmp_path, one_torch_thread):
     """model.tile_size: the exported graph cuts the image into tiles, runs the one network
     on each and puts the reconstructions back exactly as torch does (1e-5 on scores)."""
-    import torch
     from PIL import Image
 
-    from anomaly_ae import Inspector
     from anomaly_ae.data.synthetic import generate_synthetic_category
-    from anomaly_ae.export import export_onnx
-    from anomaly_ae.model import AutoencoderConfig, build_model
-    from anomaly_ae.model.checkpoint import checkpoint_fingerprint
+    from anomaly_ae.model import AutoencoderConfig
     from anomaly_ae.scoring import MapSettings
-    from anomaly_ae.scoring.inference import fit_normal_reference, reconstruct_and_score
-    from anomaly_ae.training.trainer import TrainingConfig, build_checkpoint
 
     root = generate_synthetic_category(tmp_path / "data", "bottle", n_train=16, n_test_good=3, n_test_per_defect=2, size=128)
     files = sorted((root / "test").rglob("*.png"))
     good = sorted((root / "train" / "good").glob("*.png"))
     arrays = np.stack([np.asarray(Image.open(p).convert("L"), np.float32) / 255 for p in good])[:, None]
-    torch.manual_seed(0)
-    model = build_model(AutoencoderConfig(image_size=128, tile_size=64, latent_dim=32))
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    batch = torch.from_numpy(arrays[8:])
-    for _ in range(30):
-        optimizer.zero_grad()
-        torch.nn.functional.mse_loss(model(batch), batch).backward()
-        optimizer.step()
-    model.eval()
-    checkpoint = build_checkpoint(model, None, epoch=1, history=[], config=TrainingConfig())
-    fingerprint = checkpoint_fingerprint(checkpoint)
+    config = AutoencoderConfig(image_size=128, tile_size=64, latent_dim=32)
+    checkpoint, model = _briefly_trained(config, arrays[8:], steps=30)
     settings = MapSettings(smoothing_sigma=4.0, normal_reference="zscore")
-    reference = fit_normal_reference(model, arrays[:4], settings, batch_size=4, device="cpu")
-    validation = arrays[4:8]
-    scores = reconstruct_and_score(model, validation, settings, 4, device="cpu", reference=reference)["score"]
-    threshold = _quantile_threshold(scores, settings, fingerprint, epoch=1)
-    reference_arrays = {**reference.to_arrays(), "checkpoint_fingerprint": np.asarray(fingerprint)}
-    export_onnx(checkpoint, threshold, reference_arrays, validation, tmp_path / "bundle", category="bottle")
-    bundle = load_bundle(tmp_path / "bundle", threads=1)
+    bundle, inspector = _export_with_reference(checkpoint, model, arrays[:4], arrays[4:8], settings, tmp_path / "bundle")
     assert bundle.image_size == 128
-    inspector = Inspector(checkpoint, threshold, reference=reference_arrays, device="cpu", resample="area")
     _parity(bundle, inspector, files)
