@@ -285,7 +285,9 @@ def test_tile_size_validation_and_checkpoint_round_trip():
     cfg = AutoencoderConfig(image_size=512, tile_size=256)
     assert (cfg.tiles_per_side, cfg.bottleneck_size) == (2, 16)
     assert AutoencoderConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    # checkpoints written before tiles existed (no tile_size key) still load
+    # an untiled model's stored config is the one written before tiles existed (same
+    # checkpoints, same training-state keys), and such configs load as before
     old = AutoencoderConfig().to_dict()
-    del old["tile_size"]
+    assert "tile_size" not in old and cfg.to_dict()["tile_size"] == 256
     assert AutoencoderConfig.from_dict(old) == AutoencoderConfig()
+    assert AutoencoderConfig.from_dict({**old, "tile_size": None}) == AutoencoderConfig()

@@ -348,3 +348,17 @@ def test_training_config_unknown_key():
 def test_needs_two_images(data):
     with pytest.raises(ValueError, match="at least 2"):
         train_autoencoder(data["train"][:1], None, MODEL, _cfg(epochs=1))
+
+
+def test_resume_from_a_checkpoint_written_before_tiles_existed(data):
+    """Checkpoints stored before ``model.tile_size`` existed have no such key (nor do those of
+    untiled models now); they resume under a config that spells ``tile_size: null``."""
+    torch.manual_seed(0)
+    ckpt = build_checkpoint(build_model(MODEL), None, epoch=1, history=[], config=_cfg())
+    assert "tile_size" not in ckpt["model_config"]
+    configured = AutoencoderConfig.from_dict({**ckpt["model_config"], "tile_size": None})
+    resumed = train_autoencoder(data["train"], None, configured, _cfg(epochs=2), resume_checkpoint=ckpt)
+    assert [row["epoch"] for row in resumed.history] == [2]
+    tiled = AutoencoderConfig.from_dict({**ckpt["model_config"], "image_size": 2 * SIZE, "tile_size": SIZE})
+    with pytest.raises(ValueError, match="resume with the same model settings"):
+        train_autoencoder(data["train"], None, tiled, _cfg(epochs=2), resume_checkpoint=ckpt)

@@ -70,8 +70,12 @@ class AutoencoderConfig:
         return self.network_size // 2 ** len(self.encoder_filters)
 
     def to_dict(self) -> dict:
+        """JSON-friendly. An untiled model leaves ``tile_size`` out, so its stored config (in
+        checkpoints, training-state keys, MLflow) is the one written before tiles existed."""
         data = asdict(self)
         data["encoder_filters"] = list(self.encoder_filters)
+        if self.tile_size is None:
+            del data["tile_size"]
         return data
 
     @classmethod

@@ -411,7 +411,7 @@ def train_autoencoder(
     if resume_checkpoint is not None:
         validate_checkpoint(resume_checkpoint, "training.resume_from")
         saved_cfg = resume_checkpoint["model_config"]
-        if saved_cfg != model.config.to_dict():
+        if AutoencoderConfig.from_dict(saved_cfg) != model.config:
             raise ValueError(
                 f"training.resume_from holds a model {saved_cfg}, which differs from the "
                 f"configured {model.config.to_dict()}; resume with the same model settings."
