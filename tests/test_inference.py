@@ -62,6 +62,19 @@ def test_checkpoint_of_another_architecture_is_refused(checkpoint):
         model_from_checkpoint({"epoch": 1})
 
 
+def test_checkpoint_of_another_tiling_is_refused_saying_what_to_set(checkpoint):
+    """Params that describe another tiling than the checkpoint's are refused (so the
+    report's configuration is the evaluated model's), naming model.tile_size."""
+    with pytest.raises(CheckpointError, match=r"whole image.*model\.tile_size=32 \(2x2 tiles of 32 px\); set model\.tile_size=null"):
+        model_from_checkpoint(checkpoint, AutoencoderConfig(image_size=SIZE, tile_size=SIZE // 2))
+    tiled = build_checkpoint(
+        build_model(AutoencoderConfig(image_size=SIZE, tile_size=SIZE // 2)), None, epoch=1, history=[], config=TrainingConfig()
+    )
+    with pytest.raises(CheckpointError, match=r"2x2 tiles of 32 px.*set model\.tile_size=32"):
+        model_from_checkpoint(tiled, AutoencoderConfig(image_size=SIZE))
+    assert model_from_checkpoint(tiled, AutoencoderConfig(image_size=SIZE, tile_size=SIZE // 2)).config.tiles_per_side == 2
+
+
 def test_reconstruct_and_score_outputs(model, images):
     out = reconstruct_and_score(model, images, MapSettings(), 2, device="cpu", precision="fp32")
     assert set(out) == {"recon", "map", "ssim", "mse", "score"}

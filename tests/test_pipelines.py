@@ -17,6 +17,7 @@ import pytest
 from conftest import REPO_ROOT, make_project
 from sklearn.metrics import roc_auc_score
 
+from anomaly_ae.model import AutoencoderConfig
 from anomaly_ae.model.checkpoint import checkpoint_fingerprint, load_checkpoint
 from anomaly_ae.scoring import MapSettings
 
@@ -93,6 +94,9 @@ def test_quick_run_trains_and_evaluates_with_the_calibrated_map(quick):
     report = quick.latest(f"data/08_reporting/{NS}/report.html").read_text()
     assert "SYNTHETIC DATA" in report and "Table II" in report and "Figure 1" in report
     assert "which settings and why" in report and chosen["setting"] in report
+    # the network the numbers come from, as the checkpoint holds it (tiles included)
+    model_line = AutoencoderConfig.from_dict(checkpoint["model_config"]).describe()
+    assert model_line == "paper_table1, 128 px" and f"model <b>{model_line}</b>" in report
 
     # per test defect type, in the CSV, the JSON and the report
     per_type = pd.read_csv(quick.latest(f"data/08_reporting/{NS}/defect_type_table.csv"))

@@ -65,6 +65,13 @@ class AutoencoderConfig:
     def tiles_per_side(self) -> int:
         return self.image_size // self.network_size
 
+    def describe(self) -> str:
+        """E.g. ``paper_table1, 256 px`` or ``paper_table1, 512 px as 2x2 tiles of 256 px``."""
+        text = f"{self.architecture}, {self.image_size} px"
+        if self.tile_size:
+            text += f" as {self.tiles_per_side}x{self.tiles_per_side} tiles of {self.tile_size} px"
+        return text
+
     @property
     def bottleneck_size(self) -> int:
         return self.network_size // 2 ** len(self.encoder_filters)

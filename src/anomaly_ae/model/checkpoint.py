@@ -118,11 +118,18 @@ def checkpoint_fingerprint(checkpoint: dict[str, Any]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _tiling(config) -> str:
+    if config.tile_size is None:
+        return "the whole image"
+    return f"{config.tiles_per_side}x{config.tiles_per_side} tiles of {config.tile_size} px"
+
+
 def model_from_checkpoint(checkpoint: dict[str, Any], expected=None, image_size: int | None = None):
     """Rebuild the trained model in eval mode (the one place a checkpoint becomes a network).
 
-    Refuses, with a message saying what to do, a checkpoint of another architecture than
-    ``expected`` (an :class:`~anomaly_ae.model.AutoencoderConfig`) or of another image size.
+    Refuses, with a message saying what to do, a checkpoint of another architecture or
+    tiling than ``expected`` (an :class:`~anomaly_ae.model.AutoencoderConfig`) or of another
+    image size.
     """
     from anomaly_ae.model.autoencoder import AutoencoderConfig, build_model
 
@@ -137,6 +144,11 @@ def model_from_checkpoint(checkpoint: dict[str, Any], expected=None, image_size:
         raise CheckpointError(
             f"The checkpoint was trained on {saved.image_size}px images but the data is "
             f"{image_size}px; set preprocessing.image_size={saved.image_size} or retrain."
+        )
+    if expected is not None and saved.tile_size != expected.tile_size:
+        raise CheckpointError(
+            f"The checkpoint's network sees {_tiling(saved)} but model.tile_size={expected.tile_size} "
+            f"({_tiling(expected)}); set model.tile_size={saved.tile_size or 'null'} or retrain."
         )
     model = build_model(saved)
     model.load_state_dict(checkpoint["model_state"])

@@ -151,6 +151,7 @@ def render_report(
     configuration: dict[str, Any],
     tables: dict[str, pd.DataFrame] | None = None,
     extra_sections: dict[str, str] | None = None,
+    model: str | None = None,
 ) -> str:
     """The report: banner, Table II, detection metrics, then ``tables`` and
     ``extra_sections`` (titled HTML), Figure 1 and the other figures, and the configuration
@@ -158,7 +159,8 @@ def render_report(
 
     ``metrics``: one model's metrics dict (shown as ``metric | value`` rows) or a frame with
     one row per model (the loss study's variants), shown as it is. ``tables``: more titled
-    tables, right after the metrics they break down (e.g. per defect type)."""
+    tables, right after the metrics they break down (e.g. per defect type). ``model``: a
+    one-line description of the network, shown under the title."""
     detection = metrics_table(metrics) if isinstance(metrics, Mapping) else metrics
     sections = [
         section("Table II — SSIM(original, reconstruction)", html_table(table2)),
@@ -178,7 +180,9 @@ def render_report(
     )
     meta = (
         f"category <b>{html.escape(str(dataset_info.get('category')))}</b> · data source "
-        f"<b>{html.escape(str(dataset_info.get('source')))}</b> · MLflow run "
+        f"<b>{html.escape(str(dataset_info.get('source')))}</b>"
+        + (f" · model <b>{html.escape(model)}</b>" if model else "")
+        + " · MLflow run "
         f"<code>{html.escape(str(run_id))}</code> · generated {datetime.now(UTC):%Y-%m-%d %H:%M UTC}"
     )
     return page(
