@@ -100,6 +100,11 @@ def parse_spec(spec: str, base: TrainingConfig) -> Variant:
     return Variant(spec, replace(base, **changes))
 
 
+def model_config(args: argparse.Namespace) -> AutoencoderConfig:
+    """The paper's network at ``--image-size``, on tiles of ``--tile-size`` if given."""
+    return AutoencoderConfig(image_size=args.image_size, tile_size=args.tile_size)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -112,7 +117,7 @@ class Runner:
         self.variant, self.args = variant, args
         cfg = variant.config
         started = time.perf_counter()
-        self.setup = prepare_training(AutoencoderConfig(image_size=args.image_size), cfg)
+        self.setup = prepare_training(model_config(args), cfg)
         self.device = self.setup.device
         self.train_data = train_data.to(self.device)
         self.infer_data = infer_data
@@ -263,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--infer-batch-size", type=int, default=32)
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument(
+        "--tile-size",
+        type=int,
+        default=None,
+        help="model.tile_size: the network runs on tiles of this side (e.g. --image-size 512 --tile-size 256)",
+    )
+    p.add_argument(
         "--rounds", type=int, default=2, help="timed rounds (each: one epoch + one inference pass)"
     )
     p.add_argument("--warmup-steps", type=int, default=2)
@@ -339,7 +350,7 @@ def onnx_benchmark(args: argparse.Namespace, say) -> dict[str, Any]:
         say(f"  keras: {keras[-1]}")
     settings = MapSettings.from_dict(json.loads(args.map_settings))
     torch.manual_seed(0)
-    model = build_model(AutoencoderConfig(image_size=args.image_size)).eval()
+    model = build_model(model_config(args)).eval()
     graph = ScoringGraph(model, settings).eval()
     with tempfile.TemporaryDirectory(prefix="anomaly_ae_bench_onnx_") as folder:
         path = Path(folder) / "model.onnx"
@@ -583,6 +594,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     infer_data = torch.rand((args.n_infer, *shape), generator=gen)
     report: dict[str, Any] = {"environment": environment(), "settings": vars(args), "variants": []}
     say(
+        f"model {model_config(args).describe()}; "
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"interop {torch.get_num_interop_threads()}, "
         f"cpu {torch.backends.cpu.get_cpu_capability()}, load {report['environment']['load_average']}"
