@@ -65,12 +65,16 @@ class AutoencoderConfig:
     def tiles_per_side(self) -> int:
         return self.image_size // self.network_size
 
+    def tiling(self) -> str:
+        """What the network sees: ``the whole image`` or e.g. ``2x2 tiles of 256 px``."""
+        if self.tile_size is None:
+            return "the whole image"
+        return f"{self.tiles_per_side}x{self.tiles_per_side} tiles of {self.tile_size} px"
+
     def describe(self) -> str:
         """E.g. ``paper_table1, 256 px`` or ``paper_table1, 512 px as 2x2 tiles of 256 px``."""
         text = f"{self.architecture}, {self.image_size} px"
-        if self.tile_size:
-            text += f" as {self.tiles_per_side}x{self.tiles_per_side} tiles of {self.tile_size} px"
-        return text
+        return f"{text} as {self.tiling()}" if self.tile_size else text
 
     @property
     def bottleneck_size(self) -> int:
@@ -179,8 +183,9 @@ def to_tiles(images: torch.Tensor, tiles: int) -> torch.Tensor:
 def untile(tiles_batch: torch.Tensor, tiles: int) -> torch.Tensor:
     """The inverse of :func:`to_tiles`."""
     m, c, s, _ = tiles_batch.shape
-    grid = tiles_batch.reshape(m // (tiles * tiles), tiles, tiles, c, s, s).permute(0, 3, 1, 4, 2, 5)
-    return grid.reshape(m // (tiles * tiles), c, tiles * s, tiles * s)
+    n = m // (tiles * tiles)
+    grid = tiles_batch.reshape(n, tiles, tiles, c, s, s).permute(0, 3, 1, 4, 2, 5)
+    return grid.reshape(n, c, tiles * s, tiles * s)
 
 
 ARCHITECTURES = {"paper_table1": ConvAutoencoder}

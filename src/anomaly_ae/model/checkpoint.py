@@ -118,12 +118,6 @@ def checkpoint_fingerprint(checkpoint: dict[str, Any]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _tiling(config) -> str:
-    if config.tile_size is None:
-        return "the whole image"
-    return f"{config.tiles_per_side}x{config.tiles_per_side} tiles of {config.tile_size} px"
-
-
 def model_from_checkpoint(checkpoint: dict[str, Any], expected=None, image_size: int | None = None):
     """Rebuild the trained model in eval mode (the one place a checkpoint becomes a network).
 
@@ -147,8 +141,8 @@ def model_from_checkpoint(checkpoint: dict[str, Any], expected=None, image_size:
         )
     if expected is not None and saved.tile_size != expected.tile_size:
         raise CheckpointError(
-            f"The checkpoint's network sees {_tiling(saved)} but model.tile_size={expected.tile_size} "
-            f"({_tiling(expected)}); set model.tile_size={saved.tile_size or 'null'} or retrain."
+            f"The checkpoint's network sees {saved.tiling()} but model.tile_size={expected.tile_size} "
+            f"({expected.tiling()}); set model.tile_size={saved.tile_size or 'null'} or retrain."
         )
     model = build_model(saved)
     model.load_state_dict(checkpoint["model_state"])
