@@ -677,6 +677,7 @@ def test_the_runtime_extra_installs_no_torch_kedro_or_mlflow():
     assert {"kedro", "torch", "mlflow"} <= names(project["optional-dependencies"]["pipelines"])
 
 
+@pytest.mark.slow
 def test_a_tiled_model_exports_and_scores_like_torch(tmp_path, one_torch_thread):
     """model.tile_size: the exported graph cuts the image into tiles, runs the one network
     on each and puts the reconstructions back exactly as torch does (1e-5 on scores)."""
