@@ -55,6 +55,16 @@ def test_rot90_is_an_exact_permutation_of_pixels():
         assert min(float((out[i] - c).abs().max()) for c in candidates) < 1e-5
 
 
+def test_rotations_of_non_square_images_are_refused_and_flips_and_shifts_kept():
+    x = torch.rand(2, 1, 16, 32)
+    g = torch.Generator().manual_seed(0)
+    for config in (AugmentationConfig(rot90=True), AugmentationConfig(rotation_degrees=5)):
+        with pytest.raises(ValueError, match=r"rot90 / rotation_degrees need square images.*16x32"):
+            augment_batch(x, config, g)
+    out = augment_batch(x, AugmentationConfig(hflip=True, vflip=True, shift_fraction=0.1), g)
+    assert out.shape == x.shape
+
+
 def test_unknown_setting_is_named():
     with pytest.raises(ValueError, match="rotate"):
         AugmentationConfig.from_dict({"rotate": 3})

@@ -12,6 +12,7 @@ from anomaly_ae.data.transforms import (
     ImageDecodeError,
     decode_image,
     as_unit_float,
+    image_shape,
     mask_to_array,
     to_grayscale_float,
     to_model_array,
@@ -142,6 +143,29 @@ def test_mask_nearest_only_binary_values():
     assert set(np.unique(out).tolist()) == {0, 1}
     same = mask_to_array(Image.fromarray(mask), size=37)
     assert same[30, 30] == 1 and same.sum() == 15 * 23 + 1
+
+
+def test_non_square_sizes_are_height_then_width():
+    """``size=(height, width)`` keeps a non-square image's aspect: a 40x120 (h x w) gradient
+    halved on both sides is 20x60, left-to-right still dark-to-bright; its mask follows."""
+    wide = Image.fromarray(_gradient(40, 120))
+    arr = to_model_array(wide, size=(20, 60))
+    assert arr.shape == (20, 60)
+    assert np.all(np.diff(arr[0]) >= 0) and arr[0, -1] > 0.95 and arr[0, 0] < 0.05
+    np.testing.assert_array_equal(to_model_uint8(wide, size=[20, 60]), np.rint(arr * 255).astype(np.uint8))
+    mask = np.zeros((40, 120), np.uint8)
+    mask[:, 100:] = 255
+    out = mask_to_array(Image.fromarray(mask), size=(20, 60))
+    assert out.shape == (20, 60) and out[:, 50:].all() and not out[:, :50].any()
+    # one side is a square; height+width is the command-line spelling of [height, width]
+    assert image_shape(256) == (256, 256)
+    assert image_shape([208, 512]) == image_shape("208+512") == (208, 512)
+
+
+@pytest.mark.parametrize("size", [0, -3, 2.5, True, [256], [256, 0], "256x512", "big", [1, 2, 3]])
+def test_a_bad_image_size_is_refused_with_the_forms_it_takes(size):
+    with pytest.raises(ValueError, match=r"positive integer.*\[height, width\].*256\+512"):
+        image_shape(size)
 
 
 def test_mask_from_rgb_and_bilevel():

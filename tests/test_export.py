@@ -150,9 +150,9 @@ def test_scoring_in_chunks_equals_one_call(exported, monkeypatch):
     from anomaly_ae.runtime import bundle as runtime_bundle
 
     bundle = load_bundle(exported, threads=1)
-    x = np.random.default_rng(0).random((5, 1, bundle.image_size, bundle.image_size), dtype=np.float32)
+    x = np.random.default_rng(0).random((5, 1, *bundle.image_size), dtype=np.float32)
     whole_maps, whole_scores = bundle.session.run(None, {bundle.input_name: x})
-    monkeypatch.setattr(runtime_bundle, "CHUNK_PIXELS", 2 * bundle.image_size**2)  # calls of 2, 2, 1
+    monkeypatch.setattr(runtime_bundle, "CHUNK_PIXELS", 2 * int(np.prod(bundle.image_size)))  # calls of 2, 2, 1
     calls = []
     run = bundle.session.run
     monkeypatch.setattr(bundle, "session", type("S", (), {"run": lambda _, o, f: calls.append(1) or run(o, f)})())
@@ -678,22 +678,27 @@ def test_the_runtime_extra_installs_no_torch_kedro_or_mlflow():
 
 
 @pytest.mark.slow
-def test_a_tiled_model_exports_and_scores_like_torch(tmp_path, one_torch_thread):
+@pytest.mark.parametrize("image_size", [128, (64, 128)], ids=["square", "non-square"])
+def test_a_tiled_model_exports_and_scores_like_torch(tmp_path, one_torch_thread, image_size):
     """model.tile_size: the exported graph cuts the image into tiles, runs the one network
-    on each and puts the reconstructions back exactly as torch does (1e-5 on scores)."""
+    on each and puts the reconstructions back exactly as torch does (1e-5 on scores); a
+    non-square image (a 1x2 grid of tiles) is resized to the same [height, width] by the
+    bundle's preprocessing as by torch's."""
     from PIL import Image
 
     from anomaly_ae.data.synthetic import generate_synthetic_category
+    from anomaly_ae.data.transforms import to_model_array
     from anomaly_ae.model import AutoencoderConfig
     from anomaly_ae.scoring import MapSettings
 
     root = generate_synthetic_category(tmp_path / "data", "bottle", n_train=16, n_test_good=3, n_test_per_defect=2, size=128)
     files = sorted((root / "test").rglob("*.png"))
     good = sorted((root / "train" / "good").glob("*.png"))
-    arrays = np.stack([np.asarray(Image.open(p).convert("L"), np.float32) / 255 for p in good])[:, None]
-    config = AutoencoderConfig(image_size=128, tile_size=64, latent_dim=32)
+    arrays = np.stack([to_model_array(Image.open(p), size=image_size) for p in good])[:, None]
+    config = AutoencoderConfig(image_size=image_size, tile_size=64, latent_dim=32)
     checkpoint, model = _briefly_trained(config, arrays[8:], steps=30)
     settings = MapSettings(smoothing_sigma=4.0, normal_reference="zscore")
     bundle, inspector = _export_with_reference(checkpoint, model, arrays[:4], arrays[4:8], settings, tmp_path / "bundle")
-    assert bundle.image_size == 128
+    assert bundle.image_size == config.shape == arrays.shape[-2:]
+    assert bundle.manifest["input"]["resize"]["size"] == list(config.shape)
     _parity(bundle, inspector, files)

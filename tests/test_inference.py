@@ -72,7 +72,7 @@ def test_checkpoint_of_another_tiling_is_refused_saying_what_to_set(checkpoint):
     )
     with pytest.raises(CheckpointError, match=r"2x2 tiles of 32 px.*set model\.tile_size=32"):
         model_from_checkpoint(tiled, AutoencoderConfig(image_size=SIZE))
-    assert model_from_checkpoint(tiled, AutoencoderConfig(image_size=SIZE, tile_size=SIZE // 2)).config.tiles_per_side == 2
+    assert model_from_checkpoint(tiled, AutoencoderConfig(image_size=SIZE, tile_size=SIZE // 2)).config.tile_grid == (2, 2)
 
 
 def test_reconstruct_and_score_outputs(model, images):

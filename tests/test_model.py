@@ -198,7 +198,7 @@ def test_invalid_image_size(size):
 
 def test_valid_image_sizes_divisible_by_16():
     for size in (16, 48, 64, 272):
-        assert AutoencoderConfig(image_size=size).bottleneck_size == size // 16
+        assert AutoencoderConfig(image_size=size).bottleneck_shape == (size // 16, size // 16)
 
 
 def test_unknown_architecture_raises():
@@ -275,6 +275,41 @@ def test_tiled_model_reconstructs_each_tile_with_the_one_network():
     assert moved[64:, :].max() == 0 and moved[:, 64:].max() == 0
 
 
+def test_non_square_images_run_on_a_grid_of_tiles_of_the_paper_network():
+    """image_size [height, width]: a 64x128 image is a 1x2 grid of 64 px tiles, each the
+    paper network's reconstruction of that tile (same parameters as a 64 px model)."""
+    tiled = build_model({"image_size": [64, 128], "tile_size": 64, "latent_dim": 16}).eval()
+    plain = build_model({"image_size": 64, "latent_dim": 16}).eval()
+    assert tiled.config.tile_grid == (1, 2) and tiled.config.shape == (64, 128)
+    assert count_parameters(tiled) == count_parameters(plain)
+    plain.load_state_dict(tiled.state_dict())
+    x = torch.rand(3, 1, 64, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = tiled(x)
+        assert out.shape == x.shape
+        for col in range(2):
+            part = (slice(None), slice(None), slice(None), slice(64 * col, 64 * col + 64))
+            torch.testing.assert_close(out[part], plain(x[part]), rtol=0, atol=1e-6)
+    cfg = tiled.config
+    assert cfg.describe() == "paper_table1, 64x128 px (height x width) as 1x2 tiles of 64 px"
+    assert cfg.to_dict()["image_size"] == [64, 128]
+    assert AutoencoderConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert AutoencoderConfig.from_dict({**cfg.to_dict(), "image_size": "64+128"}) == cfg
+    # a square given as [s, s] is stored as its side: configs of square models are unchanged
+    assert AutoencoderConfig(image_size=[256, 256]) == AutoencoderConfig()
+    assert AutoencoderConfig(image_size=[256, 256]).to_dict() == AutoencoderConfig().to_dict()
+    # without tiles the network takes the whole non-square image (a wider dense layer)
+    whole = build_model({"image_size": [32, 64], "latent_dim": 8}).eval()
+    with torch.no_grad():
+        assert whole(torch.rand(2, 1, 32, 64)).shape == (2, 1, 32, 64)
+    with pytest.raises(ValueError, match=r"model\.tile_size=48 must divide model\.image_size=\[64, 128\]"):
+        AutoencoderConfig(image_size=[64, 128], tile_size=48)
+    with pytest.raises(ValueError, match=r"model\.image_size=\[64, 120\] must be divisible by 16"):
+        AutoencoderConfig(image_size=[64, 120])
+    with pytest.raises(ValueError, match=r"model\.image_size: .*\[height, width\]"):
+        AutoencoderConfig(image_size=[64])
+
+
 def test_tile_size_validation_and_checkpoint_round_trip():
     with pytest.raises(ValueError, match=r"model\.tile_size=96 must divide model\.image_size=256"):
         AutoencoderConfig(image_size=256, tile_size=96)
@@ -283,7 +318,7 @@ def test_tile_size_validation_and_checkpoint_round_trip():
     # one tile the size of the image is the paper's network
     assert AutoencoderConfig(image_size=256, tile_size=256) == AutoencoderConfig()
     cfg = AutoencoderConfig(image_size=512, tile_size=256)
-    assert (cfg.tiles_per_side, cfg.bottleneck_size) == (2, 16)
+    assert (cfg.tile_grid, cfg.bottleneck_shape) == ((2, 2), (16, 16))
     assert AutoencoderConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     # an untiled model's stored config is the one written before tiles existed (same
     # checkpoints, same training-state keys), and such configs load as before

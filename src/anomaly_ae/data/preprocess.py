@@ -9,7 +9,7 @@ import pandas as pd
 from PIL import Image
 
 from anomaly_ae.data.partitions import file_key
-from anomaly_ae.data.transforms import decode_image, mask_to_array, to_model_uint8
+from anomaly_ae.data.transforms import decode_image, image_shape, mask_to_array, to_model_uint8
 
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
 
@@ -39,13 +39,13 @@ def stack_images(
     loaders: dict[str, Callable[[], Image.Image]],
     files: Sequence[str],
     folder: str,
-    size: int,
+    size: int | tuple[int, int],
     resample: str,
 ) -> np.ndarray:
-    """Decode and convert images to one ``(N, 1, size, size)`` uint8 array (0..255; see
+    """Decode and convert images to one ``(N, 1, height, width)`` uint8 array (0..255; see
     :func:`~anomaly_ae.data.transforms.to_model_uint8`): a quarter of float32's memory, and
     batches become float32 in [0, 1] only as they are used."""
-    out = np.empty((len(files), 1, size, size), dtype=np.uint8)
+    out = np.empty((len(files), 1, *image_shape(size)), dtype=np.uint8)
     for i, name in enumerate(files):
         image = decode_image(loaders[file_key(name)], f"{folder}/{name}")
         out[i, 0] = to_model_uint8(image, size=size, resample=resample)
@@ -56,10 +56,10 @@ def stack_masks(
     loaders: dict[str, Callable[[], Image.Image]],
     files: Sequence[str | None],
     folder: str,
-    size: int,
+    size: int | tuple[int, int],
 ) -> np.ndarray:
-    """Decode masks to ``(N, size, size)`` uint8 {0, 1}; images without a mask get zeros."""
-    out = np.zeros((len(files), size, size), dtype=np.uint8)
+    """Decode masks to ``(N, height, width)`` uint8 {0, 1}; images without a mask get zeros."""
+    out = np.zeros((len(files), *image_shape(size)), dtype=np.uint8)
     for i, name in enumerate(files):
         if isinstance(name, str) and name:
             mask = decode_image(loaders[file_key(name)], f"{folder}/{name}")

@@ -17,6 +17,7 @@ __all__ = [
     "ImageDecodeError",
     "ImageTooLargeError",
     "check_image_size",
+    "image_shape",
     "decode_image",
     "to_grayscale_float",
     "to_model_array",
@@ -192,29 +193,49 @@ def _resample_filter(resample: str) -> Image.Resampling:
         ) from None
 
 
-def _check_size(size: int) -> None:
-    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size <= 0:
-        raise ValueError(f"size must be a positive integer, got {size!r}")
+def _positive_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
 
 
-def to_model_array(image: Image.Image, size: int = 256, resample: str = "area") -> np.ndarray:
-    """Convert an image to a grayscale float32 array of shape ``(size, size)`` in [0, 1].
+def image_shape(size: int | tuple[int, int] | list[int] | str) -> tuple[int, int]:
+    """``(height, width)`` of a model image: ``size`` is one side (a square, the paper's
+    256) or ``[height, width]`` (non-square: the image's aspect ratio kept); on the command
+    line, where Kedro's ``--params`` splits on commas, ``height+width`` (``256+512``)."""
+    if isinstance(size, str) and "+" in size:
+        parts = size.split("+")
+        if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
+            size = [int(p) for p in parts]
+    if _positive_int(size):
+        return int(size), int(size)
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(_positive_int(v) for v in size):
+        return int(size[0]), int(size[1])
+    raise ValueError(
+        f"image size must be a positive integer (a square side) or [height, width] of two "
+        f"positive integers (height+width on the command line, e.g. 256+512), got {size!r}"
+    )
+
+
+def to_model_array(
+    image: Image.Image, size: int | tuple[int, int] = 256, resample: str = "area"
+) -> np.ndarray:
+    """Convert an image to a grayscale float32 array of shape ``(size, size)`` (or
+    ``(height, width)`` when ``size`` is that pair) in [0, 1].
 
     The image is converted to grayscale in float (see
     :func:`to_grayscale_float` for how each PIL mode is handled, notably RGBA
     is composited on black and 16-bit images are scaled by 65535) and then
-    resized in float precision to ``size`` x ``size``. Non-square images are
-    stretched, not cropped (MVTec AD images are square).
+    resized in float precision to ``size`` x ``size`` (or ``height`` x ``width``). An
+    image of another aspect ratio is stretched, not cropped (MVTec AD images are square).
 
     Args:
         image: A PIL image of mode L, RGB, RGBA, P, LA, 1, I;16, I;16B, I or F
             (other modes are converted through RGB).
-        size: Side length of the output in pixels.
+        size: Side length of the output in pixels, or ``(height, width)``.
         resample: ``"area"`` (box filter, default; best for downscaling),
             ``"bilinear"``, or ``"bicubic"``, ``"lanczos"``, ``"nearest"``.
 
     Returns:
-        C-contiguous float32 array of shape ``(size, size)``, values in [0, 1] on the
+        C-contiguous float32 array of shape ``(height, width)``, values in [0, 1] on the
         1/255 grid: exactly ``to_model_uint8(...) / 255``, so the compact uint8 cache the
         model trains from and the float input that predict and the inspection runtime feed
         it are the same numbers.
@@ -222,14 +243,16 @@ def to_model_array(image: Image.Image, size: int = 256, resample: str = "area") 
     return to_model_uint8(image, size, resample).astype(np.float32) / np.float32(255)
 
 
-def to_model_uint8(image: Image.Image, size: int = 256, resample: str = "area") -> np.ndarray:
+def to_model_uint8(
+    image: Image.Image, size: int | tuple[int, int] = 256, resample: str = "area"
+) -> np.ndarray:
     """:func:`to_model_array` as uint8 (0..255): the cached form, 4x smaller than float32.
     Grayscale conversion and resizing run in float precision; only the result is rounded."""
-    _check_size(size)
+    height, width = image_shape(size)
     flt = _resample_filter(resample)
     gray = np.ascontiguousarray(to_grayscale_float(image), dtype=np.float32)
-    if gray.shape != (size, size):
-        resized = Image.fromarray(gray).resize((size, size), resample=flt)
+    if gray.shape != (height, width):
+        resized = Image.fromarray(gray).resize((width, height), resample=flt)
         gray = np.asarray(resized, dtype=np.float32)
     return np.ascontiguousarray(np.rint(np.clip(gray, 0.0, 1.0) * 255), dtype=np.uint8)
 
@@ -243,14 +266,15 @@ def as_unit_float(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32, copy=False)
 
 
-def mask_to_array(mask: Image.Image, size: int = 256) -> np.ndarray:
-    """Convert a ground-truth mask to a uint8 array of shape ``(size, size)`` with values {0, 1}.
+def mask_to_array(mask: Image.Image, size: int | tuple[int, int] = 256) -> np.ndarray:
+    """Convert a ground-truth mask to a uint8 array of shape ``(size, size)`` (or
+    ``(height, width)``) with values {0, 1}.
 
     Any non-zero pixel counts as defective (for colour masks: any non-zero
     colour channel; alpha is ignored; palette masks are expanded first).
     Resizing uses nearest-neighbour so no intermediate values appear.
     """
-    _check_size(size)
+    height, width = image_shape(size)
     if mask.mode in ("P", "PA"):
         mask = mask.convert("RGB")
     arr = np.asarray(mask)
@@ -258,9 +282,9 @@ def mask_to_array(mask: Image.Image, size: int = 256) -> np.ndarray:
         channels = {"LA": 1, "La": 1, "RGBA": 3, "RGBa": 3}.get(mask.mode, arr.shape[-1])
         arr = arr[..., :channels].max(axis=-1)
     binary = (arr > 0).astype(np.uint8)
-    if binary.shape != (size, size):
+    if binary.shape != (height, width):
         resized = Image.fromarray(binary * np.uint8(255)).resize(
-            (size, size), resample=Image.Resampling.NEAREST
+            (width, height), resample=Image.Resampling.NEAREST
         )
         binary = (np.asarray(resized) > 0).astype(np.uint8)
     return np.ascontiguousarray(binary)

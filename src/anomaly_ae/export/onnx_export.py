@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import anomaly_ae
-from anomaly_ae.data.transforms import _LUMA, RESAMPLE_METHODS, as_unit_float
+from anomaly_ae.data.transforms import _LUMA, RESAMPLE_METHODS, as_unit_float, image_shape
 from anomaly_ae.export.folder import write_bundle
 from anomaly_ae.model.checkpoint import checkpoint_fingerprint, model_from_checkpoint
 from anomaly_ae.runtime.bundle import run_in_chunks
@@ -126,10 +126,12 @@ def score_quantiles(scores: np.ndarray, quantiles: Sequence[float] = DEFAULT_QUA
     return out
 
 
-def _export_graph(graph: ScoringGraph, image_size: int, opset: int, exporter: str, path: Path) -> None:
+def _export_graph(
+    graph: ScoringGraph, image_size: int | tuple[int, int], opset: int, exporter: str, path: Path
+) -> None:
     if exporter not in EXPORTERS:
         raise ValueError(f"export.exporter must be one of {EXPORTERS}, got {exporter!r}")
-    example = torch.rand(2, 1, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    example = torch.rand(2, 1, *image_shape(image_size), generator=torch.Generator().manual_seed(0))
     common = {"input_names": [INPUT_NAME], "output_names": list(OUTPUT_NAMES), "opset_version": int(opset)}
     with torch.no_grad():
         if exporter == "dynamo":
@@ -221,9 +223,9 @@ def build_bundle(
             )
         reference = NormalReference.from_arrays(dict(reference_arrays))
     model = model_from_checkpoint(checkpoint)
-    size = int(model.config.image_size)
+    size = model.config.shape  # (height, width)
     if reference is not None:
-        reference.check_shape((size, size))
+        reference.check_shape(size)
     graph = ScoringGraph(model, settings, reference).eval()
     model_path = staging / MODEL_FILE
     _export_graph(graph, size, opset, exporter, model_path)
@@ -231,9 +233,9 @@ def build_bundle(
     export_check = None
     if validation_images is not None:
         images = as_unit_float(validation_images)  # uint8 caches -> [0, 1]
-        if images.ndim != 4 or images.shape[1:] != (1, size, size) or len(images) == 0:
+        if images.ndim != 4 or images.shape[1:] != (1, *size) or len(images) == 0:
             raise ValueError(
-                f"validation images must be (N >= 1, 1, {size}, {size}), got {tuple(images.shape)}; "
+                f"validation images must be (N >= 1, 1, {size[0]}, {size[1]}), got {tuple(images.shape)}; "
                 "rerun `kedro run --pipeline=data_processing` for this model's image size."
             )
         maps, scores = _ort_scores(model_path, images)
@@ -301,7 +303,7 @@ def build_bundle(
         },
         "input": {
             "layout": "NCHW",
-            "shape": ["batch", 1, size, size],
+            "shape": ["batch", 1, *size],
             "dtype": "float32",
             "range": [0.0, 1.0],
             "color": "grayscale",
@@ -309,7 +311,8 @@ def build_bundle(
             "luma_weights": [float(w) for w in _LUMA],  # ITU-R 601-2, applied in float
             "alpha": "composited on black",
             "bit_depth": "8-bit / 255, 16-bit / 65535",
-            "resize": {"size": [size, size], "resample": resample, "non_square": "stretched"},
+            # [height, width]; an image of another aspect ratio is stretched to it
+            "resize": {"size": list(size), "resample": resample, "non_square": "stretched"},
             "max_image_pixels": int(max_image_pixels),
             "min_image_side": int(min_image_side),
         },

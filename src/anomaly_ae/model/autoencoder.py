@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from anomaly_ae.config import from_settings
+from anomaly_ae.data.transforms import image_shape
 
 
 @dataclass(frozen=True)
@@ -19,11 +20,14 @@ class AutoencoderConfig:
     """
 
     architecture: str = "paper_table1"
-    image_size: int = 256
+    #: The image side (square, the paper's 256) or ``[height, width]`` (non-square;
+    #: ``"height+width"`` on the command line). Stored as the side or a ``(height, width)`` tuple.
+    image_size: int | tuple[int, int] | str = 256
     #: Side of the square tiles the network sees; ``None`` (the paper) = the whole image.
-    #: With ``image_size`` a multiple of it, the image is cut into (image_size / tile_size)^2
-    #: non-overlapping tiles, each encoded and decoded by the same Table I network (its own
-    #: 128-d code per tile), and the reconstructions are put back in place.
+    #: With the image's height and width multiples of it, the image is cut into
+    #: (height / tile_size) x (width / tile_size) non-overlapping tiles, each encoded and
+    #: decoded by the same Table I network (its own 128-d code per tile), and the
+    #: reconstructions are put back in place.
     tile_size: int | None = None
     in_channels: int = 1
     encoder_filters: tuple[int, ...] = (16, 32, 64, 128)
@@ -37,54 +41,82 @@ class AutoencoderConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        try:
+            height, width = image_shape(self.image_size)
+        except ValueError as exc:
+            raise ValueError(f"model.image_size: {exc}") from None
+        # A square is stored as its side, so the configs written before non-square images
+        # existed are unchanged.
+        object.__setattr__(self, "image_size", height if height == width else (height, width))
         downscale = 2 ** len(self.encoder_filters)
         if self.tile_size is not None:
             object.__setattr__(self, "tile_size", int(self.tile_size))
-            if self.tile_size <= 0 or self.image_size % self.tile_size:
+            if self.tile_size <= 0 or height % self.tile_size or width % self.tile_size:
                 raise ValueError(
                     f"model.tile_size={self.tile_size} must divide model.image_size="
-                    f"{self.image_size} (e.g. image_size 512 with tile_size 256), or be null "
-                    "for no tiles."
+                    f"{self.size_text()} (e.g. image_size 512 or [256, 512] with tile_size 256), "
+                    "or be null for no tiles."
                 )
-            if self.tile_size == self.image_size:
+            if self.tile_size == height == width:
                 object.__setattr__(self, "tile_size", None)
-        if self.network_size % downscale:
-            name = "tile_size" if self.tile_size else "image_size"
-            raise ValueError(
-                f"model.{name}={self.network_size} must be divisible by {downscale} "
-                f"(2 ** number of encoder layers); use e.g. 256."
-            )
+        for side in self.network_shape:
+            if side % downscale:
+                name = "tile_size" if self.tile_size else "image_size"
+                raise ValueError(
+                    f"model.{name}={self.tile_size or self.size_text()} must be divisible by "
+                    f"{downscale} (each side; 2 ** number of encoder layers); use e.g. 256."
+                )
         object.__setattr__(self, "encoder_filters", tuple(int(f) for f in self.encoder_filters))
 
     @property
-    def network_size(self) -> int:
-        """The side of the network's input: the tile, or the whole image."""
-        return self.tile_size or self.image_size
+    def shape(self) -> tuple[int, int]:
+        """``(height, width)`` of the images the model takes."""
+        return image_shape(self.image_size)
+
+    def size_text(self) -> str:
+        """``256`` or ``[256, 512]``: the value to write as ``image_size``."""
+        height, width = self.shape
+        return str(height) if height == width else f"[{height}, {width}]"
 
     @property
-    def tiles_per_side(self) -> int:
-        return self.image_size // self.network_size
+    def network_shape(self) -> tuple[int, int]:
+        """``(height, width)`` of the network's input: the tile, or the whole image."""
+        return (self.tile_size, self.tile_size) if self.tile_size else self.shape
+
+    @property
+    def tile_grid(self) -> tuple[int, int]:
+        """Tiles per column and per row: ``(1, 1)`` without tiles."""
+        (height, width), (th, tw) = self.shape, self.network_shape
+        return height // th, width // tw
 
     def tiling(self) -> str:
-        """What the network sees: ``the whole image`` or e.g. ``2x2 tiles of 256 px``."""
+        """What the network sees: ``the whole image`` or e.g. ``2x2 tiles of 256 px``
+        (rows x columns)."""
         if self.tile_size is None:
             return "the whole image"
-        return f"{self.tiles_per_side}x{self.tiles_per_side} tiles of {self.tile_size} px"
+        rows, cols = self.tile_grid
+        return f"{rows}x{cols} tiles of {self.tile_size} px"
 
     def describe(self) -> str:
-        """E.g. ``paper_table1, 256 px`` or ``paper_table1, 512 px as 2x2 tiles of 256 px``."""
-        text = f"{self.architecture}, {self.image_size} px"
+        """E.g. ``paper_table1, 256 px``, ``paper_table1, 512 px as 2x2 tiles of 256 px`` or
+        ``paper_table1, 256x512 px (height x width) as 1x2 tiles of 256 px``."""
+        height, width = self.shape
+        size = f"{height} px" if height == width else f"{height}x{width} px (height x width)"
+        text = f"{self.architecture}, {size}"
         return f"{text} as {self.tiling()}" if self.tile_size else text
 
     @property
-    def bottleneck_size(self) -> int:
-        return self.network_size // 2 ** len(self.encoder_filters)
+    def bottleneck_shape(self) -> tuple[int, int]:
+        """``(height, width)`` of the last encoder feature map."""
+        return tuple(side // 2 ** len(self.encoder_filters) for side in self.network_shape)
 
     def to_dict(self) -> dict:
         """JSON-friendly. An untiled model leaves ``tile_size`` out, so its stored config (in
         checkpoints, training-state keys, MLflow) is the one written before tiles existed."""
         data = asdict(self)
         data["encoder_filters"] = list(self.encoder_filters)
+        if isinstance(self.image_size, tuple):
+            data["image_size"] = list(self.image_size)
         if self.tile_size is None:
             del data["tile_size"]
         return data
@@ -127,14 +159,14 @@ class ConvAutoencoder(nn.Module):
             layers.append(nn.Conv2d(channels, filters, cfg.kernel_size, stride=2, padding=pad))
             layers += _act_norm_drop(cfg, filters, dims=2)
             channels = filters
-        side = cfg.bottleneck_size
-        flat = channels * side * side
+        rows, cols = cfg.bottleneck_shape
+        flat = channels * rows * cols
         self.encoder = nn.Sequential(*layers, nn.Flatten(), nn.Linear(flat, cfg.latent_dim))
 
         self.decoder_dense = nn.Sequential(
             nn.Linear(cfg.latent_dim, flat), *_act_norm_drop(cfg, flat, dims=1)
         )
-        self._bottleneck_shape = (channels, side, side)
+        self._bottleneck_shape = (channels, rows, cols)
         layers = []
         for filters in reversed(cfg.encoder_filters[:-1]):
             layers.append(
@@ -166,26 +198,33 @@ class ConvAutoencoder(nn.Module):
         return self.decoder(h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tiles = self.config.tiles_per_side
-        if tiles == 1:
+        grid = self.config.tile_grid
+        if grid == (1, 1):
             return self.decode(self.encode(x))
-        return untile(self.decode(self.encode(to_tiles(x, tiles))), tiles)
+        return untile(self.decode(self.encode(to_tiles(x, grid))), grid)
 
 
-def to_tiles(images: torch.Tensor, tiles: int) -> torch.Tensor:
-    """``(N, C, t*s, t*s)`` images -> ``(N*t*t, C, s, s)`` tiles, row by row per image."""
+def _grid(tiles: int | tuple[int, int]) -> tuple[int, int]:
+    return (tiles, tiles) if isinstance(tiles, int) else tuple(tiles)
+
+
+def to_tiles(images: torch.Tensor, tiles: int | tuple[int, int]) -> torch.Tensor:
+    """``(N, C, r*s, c*s)`` images -> ``(N*r*c, C, s, s)`` tiles, row by row per image
+    (``tiles``: ``(r, c)``, or one number for a square grid)."""
+    rows, cols = _grid(tiles)
     n, c, h, w = images.shape
-    s = h // tiles
-    grid = images.reshape(n, c, tiles, s, tiles, s).permute(0, 2, 4, 1, 3, 5)
-    return grid.reshape(n * tiles * tiles, c, s, s)
+    s = h // rows
+    grid = images.reshape(n, c, rows, s, cols, s).permute(0, 2, 4, 1, 3, 5)
+    return grid.reshape(n * rows * cols, c, s, s)
 
 
-def untile(tiles_batch: torch.Tensor, tiles: int) -> torch.Tensor:
+def untile(tiles_batch: torch.Tensor, tiles: int | tuple[int, int]) -> torch.Tensor:
     """The inverse of :func:`to_tiles`."""
+    rows, cols = _grid(tiles)
     m, c, s, _ = tiles_batch.shape
-    n = m // (tiles * tiles)
-    grid = tiles_batch.reshape(n, tiles, tiles, c, s, s).permute(0, 3, 1, 4, 2, 5)
-    return grid.reshape(n, c, tiles * s, tiles * s)
+    n = m // (rows * cols)
+    grid = tiles_batch.reshape(n, rows, cols, c, s, s).permute(0, 3, 1, 4, 2, 5)
+    return grid.reshape(n, c, rows * s, cols * s)
 
 
 ARCHITECTURES = {"paper_table1": ConvAutoencoder}

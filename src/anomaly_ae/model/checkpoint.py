@@ -11,6 +11,8 @@ from typing import Any, BinaryIO
 
 import torch
 
+from anomaly_ae.data.transforms import image_shape
+
 CHECKPOINT_FORMAT = 1
 
 
@@ -118,12 +120,18 @@ def checkpoint_fingerprint(checkpoint: dict[str, Any]) -> str:
     return digest.hexdigest()[:16]
 
 
-def model_from_checkpoint(checkpoint: dict[str, Any], expected=None, image_size: int | None = None):
+def _px(shape: tuple[int, int]) -> str:
+    return f"{shape[0]}px" if shape[0] == shape[1] else f"{shape[0]}x{shape[1]}px (height x width)"
+
+
+def model_from_checkpoint(
+    checkpoint: dict[str, Any], expected=None, image_size: int | tuple[int, ...] | None = None
+):
     """Rebuild the trained model in eval mode (the one place a checkpoint becomes a network).
 
     Refuses, with a message saying what to do, a checkpoint of another architecture or
     tiling than ``expected`` (an :class:`~anomaly_ae.model.AutoencoderConfig`) or of another
-    image size.
+    image size than ``image_size`` (a side, or the data's ``(height, width)``).
     """
     from anomaly_ae.model.autoencoder import AutoencoderConfig, build_model
 
@@ -134,10 +142,11 @@ def model_from_checkpoint(checkpoint: dict[str, Any], expected=None, image_size:
             f"The checkpoint holds architecture {saved.architecture!r} but model.architecture is "
             f"{expected.architecture!r}; retrain or pick a matching checkpoint version."
         )
-    if image_size is not None and saved.image_size != image_size:
+    data_shape = None if image_size is None else image_shape(image_size)
+    if data_shape is not None and saved.shape != data_shape:
         raise CheckpointError(
-            f"The checkpoint was trained on {saved.image_size}px images but the data is "
-            f"{image_size}px; set preprocessing.image_size={saved.image_size} or retrain."
+            f"The checkpoint was trained on {_px(saved.shape)} images but the data is "
+            f"{_px(data_shape)}; set preprocessing.image_size={saved.size_text()} or retrain."
         )
     if expected is not None and saved.tile_size != expected.tile_size:
         raise CheckpointError(

@@ -37,8 +37,11 @@ def reconstruction_figure(
     rows: list[dict], title: str = "Input, reconstruction and error map (1 - local SSIM)"
 ) -> Figure:
     """The paper's Figure 1: one row per image with input, reconstruction and the error
-    map on a 'jet' colormap over [0, 1]. ``rows``: dicts with image, recon, error, label."""
-    fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False)
+    map on a 'jet' colormap over [0, 1]. ``rows``: dicts with image, recon, error, label.
+    A row is as tall as its images' aspect ratio needs (non-square images leave no gaps)."""
+    height, width = np.shape(rows[0]["image"])[-2:] if rows else (1, 1)
+    row_height = min(3 * height / width, 6.0) + 0.6  # 3 in wide panels, room for the labels
+    fig, axes = plt.subplots(len(rows), 3, figsize=(9, row_height * len(rows)), squeeze=False)
     for ax_row, row in zip(axes, rows, strict=True):
         ax_row[0].imshow(row["image"], cmap="gray", vmin=0, vmax=1)
         ax_row[0].set_ylabel(row["label"], fontsize=9)

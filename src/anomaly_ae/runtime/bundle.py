@@ -101,7 +101,8 @@ class Bundle:
         self.session = ort.InferenceSession(data, options, providers=providers or ["CPUExecutionProvider"])
         self.input_name = manifest["model"]["input"]
         spec = manifest["input"]
-        self.image_size = int(spec["resize"]["size"][0])
+        #: ``(height, width)`` the model takes (bundles of square models store ``[s, s]``).
+        self.image_size = tuple(int(v) for v in spec["resize"]["size"])
         self.resample = spec["resize"]["resample"]
         self.max_image_pixels = int(spec["max_image_pixels"])
         self.min_image_side = int(spec["min_image_side"])
@@ -141,7 +142,7 @@ class Bundle:
         x = np.asarray(images, np.float32)
         if x.ndim == 3:
             x = x[:, None]
-        expected = (1, self.image_size, self.image_size)
+        expected = (1, *self.image_size)
         if x.ndim != 4 or x.shape[1:] != expected:
             raise ValueError(f"expected images shaped (N, {', '.join(map(str, expected))}), got {x.shape}")
         return run_in_chunks(self.session, self.input_name, x)

@@ -38,12 +38,13 @@ def _open(source: ImageSource) -> Image.Image:
 
 def prepare(
     source: ImageSource,
-    size: int,
+    size: int | tuple[int, int],
     resample: str,
     max_pixels: int,
     min_side: int,
 ) -> tuple[tuple[int, int] | None, np.ndarray | None, str | None]:
-    """``((width, height), array (size, size) float32 in [0, 1], None)``, or the error as
+    """``((width, height), array (size, size) or (height, width) float32 in [0, 1], None)``
+    (``size`` a side or ``(height, width)``), or the error as
     ``(size or None, None, "Type: message")``: a bad file never raises. The size limits are
     checked from the header, before any pixel is decoded."""
     dims = None

@@ -38,6 +38,12 @@ def augment_batch(x: torch.Tensor, config: AugmentationConfig, generator: torch.
     ``generator`` lives on the CPU; the random numbers are moved to ``x``'s device."""
     if not config.enabled:
         return x
+    if (config.rot90 or config.rotation_degrees > 0) and x.shape[-2] != x.shape[-1]:
+        raise ValueError(
+            f"training.augmentation.rot90 / rotation_degrees need square images, but these are "
+            f"{x.shape[-2]}x{x.shape[-1]} (height x width): a rotation would stretch them. "
+            "Turn rotations off, or use a square preprocessing.image_size."
+        )
     n = x.shape[0]
 
     def uniform(low: float, high: float) -> torch.Tensor:

@@ -63,7 +63,7 @@ def score_lever_grid(
     """Reconstruct the three sets once, then score every setting of ``calibration.grid``."""
     started = time.perf_counter()
     network = model_from_checkpoint(
-        model_checkpoint, AutoencoderConfig.from_dict(model), image_size=train_images["images"].shape[-1]
+        model_checkpoint, AutoencoderConfig.from_dict(model), image_size=train_images["images"].shape[-2:]
     )
     batch, device = calibration_params["batch_size"], calibration_params["device"]
     sets = {

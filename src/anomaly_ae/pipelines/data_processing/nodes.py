@@ -11,6 +11,7 @@ import pandas as pd
 from anomaly_ae.data import preprocess
 from anomaly_ae.data.fingerprint import STAMP_KEY, inputs_stamp
 from anomaly_ae.data.partitions import image_partitions
+from anomaly_ae.data.transforms import image_shape
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,11 @@ def build_model_inputs(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Grayscale, resize and scale every image once; the arrays are cached in the catalog."""
     folder, suffix = dataset_info["path"], data["image_suffix"]
-    size, resample = preprocessing["image_size"], preprocessing["resample"]
+    try:
+        size = image_shape(preprocessing["image_size"])
+    except ValueError as exc:
+        raise ValueError(f"preprocessing.image_size: {exc}") from None
+    resample = preprocessing["resample"]
     loaders = image_partitions(folder, suffix, max_pixels=data["max_image_pixels"])
     stamp = np.array(inputs_stamp(dataset_info, preprocessing))
     outputs = []
@@ -50,6 +55,6 @@ def build_model_inputs(
             arrays["masks"] = preprocess.stack_masks(
                 loaders, rows["mask_file"].tolist(), folder, size
             )
-        log.info("%s: %d images of %dx%d", split, len(rows), size, size)
+        log.info("%s: %d images of %dx%d (height x width)", split, len(rows), *size)
         outputs.append(arrays)
     return tuple(outputs)

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def _network(model_checkpoint: dict, model: dict[str, Any], images: dict[str, np.ndarray]):
     return model_from_checkpoint(
-        model_checkpoint, AutoencoderConfig.from_dict(model), image_size=images["images"].shape[-1]
+        model_checkpoint, AutoencoderConfig.from_dict(model), image_size=images["images"].shape[-2:]
     )
 
 

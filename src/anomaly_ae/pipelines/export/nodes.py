@@ -78,7 +78,7 @@ def export_bundle(
     settings = ExportSettings.from_dict(dict(export))
     images = validation_images["images"]
     model_from_checkpoint(  # refuses another architecture or image size, saying what to do
-        model_checkpoint, AutoencoderConfig.from_dict(model), image_size=images.shape[-1]
+        model_checkpoint, AutoencoderConfig.from_dict(model), image_size=images.shape[-2:]
     )
     with tempfile.TemporaryDirectory(prefix="anomaly_ae_export_") as staging:
         manifest = build_bundle(

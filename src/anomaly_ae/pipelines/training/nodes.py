@@ -58,10 +58,11 @@ def train_model(
     model_config = AutoencoderConfig.from_dict(model)
     train_config = TrainingConfig.from_dict({**training, **loss})
     images = train_images["images"]
-    if images.shape[-1] != model_config.image_size:
+    if tuple(images.shape[-2:]) != model_config.shape:
         raise ValueError(
-            f"model.image_size={model_config.image_size} but the cached images are "
-            f"{images.shape[-1]}px; set preprocessing.image_size to the same value."
+            f"model.image_size={model_config.size_text()} but the cached images are "
+            f"{images.shape[-2]}x{images.shape[-1]} px (height x width); set "
+            "preprocessing.image_size to the same value."
         )
     if dataset_info["source"] == "synthetic":
         log.warning("Training on SYNTHETIC data: results are not comparable to the paper.")
