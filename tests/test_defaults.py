@@ -10,7 +10,7 @@ import yaml
 from conftest import REPO_ROOT
 
 from anomaly_ae.inspect import Inspector
-from anomaly_ae.model import AutoencoderConfig, HybridLoss
+from anomaly_ae.model import AutoencoderConfig, HybridLoss, config_for_images
 from anomaly_ae.scoring import MapSettings
 from anomaly_ae.training.trainer import TrainingConfig
 
@@ -24,6 +24,13 @@ DIFFERENT_ON_PURPOSE = {
 
 def _params(name: str) -> dict:
     return yaml.safe_load((CONF / f"parameters_{name}.yml").read_text())
+
+
+def _paper_sized(model: dict) -> dict:
+    """conf's model for the paper's 256x256 images: ``auto`` sizes made concrete by the one
+    rule the nodes use (conf says ``auto``, the code's defaults are the paper's network)."""
+    concrete = config_for_images(model, (256, 256))
+    return {**model, "image_size": concrete.image_size, "tile_size": concrete.tile_size}
 
 
 def _dataclass_defaults(cls) -> dict:
@@ -41,7 +48,7 @@ def _normalise(value):
 CASES = [
     ("training", lambda: _params("training")["training"], lambda: _dataclass_defaults(TrainingConfig)),
     ("loss", lambda: _params("training")["loss"], lambda: _dataclass_defaults(TrainingConfig)),
-    ("model", lambda: _params("training")["model"], lambda: _dataclass_defaults(AutoencoderConfig)),
+    ("model", lambda: _paper_sized(_params("training")["model"]), lambda: _dataclass_defaults(AutoencoderConfig)),
     (
         "evaluation.anomaly_map",
         lambda: _params("evaluation")["evaluation"]["anomaly_map"],

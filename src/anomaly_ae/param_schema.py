@@ -88,6 +88,24 @@ class RetentionSettings:
             raise ValueError(f"retention.keep_last must be >= 1 (the newest version always stays), got {self.keep_last}")
 
 
+def _concrete_model(params: dict[str, Any]) -> dict[str, Any] | None:
+    """``model`` with ``auto`` sizes replaced by stand-ins (the real ones depend on the
+    data, known only to the nodes: :func:`~anomaly_ae.model.config_for_images`), so every
+    other key is still checked."""
+    from anomaly_ae.model.autoencoder import AUTO
+
+    model = params.get("model")
+    if model is None:
+        return None
+    model = dict(model)
+    if model.get("tile_size") == AUTO:
+        model["tile_size"] = None
+    if model.get("image_size") == AUTO:
+        tile = model.get("tile_size")
+        model["image_size"] = tile if isinstance(tile, int) and not isinstance(tile, bool) else 1024
+    return model
+
+
 def _schemas() -> list[tuple[str, type, Any]]:
     from anomaly_ae.model import AutoencoderConfig
     from anomaly_ae.scoring import MapSettings
@@ -95,7 +113,7 @@ def _schemas() -> list[tuple[str, type, Any]]:
 
     return [
         ("training", TrainingConfig, lambda p: {**p.get("training", {}), **p.get("loss", {})}),
-        ("model", AutoencoderConfig, lambda p: p.get("model")),
+        ("model", AutoencoderConfig, _concrete_model),
         ("evaluation.anomaly_map", MapSettings, lambda p: p.get("evaluation", {}).get("anomaly_map")),
         ("predict", PredictSettings, lambda p: p.get("predict")),
         ("calibration", CalibrationSettings, lambda p: p.get("calibration")),

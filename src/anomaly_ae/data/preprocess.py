@@ -14,6 +14,35 @@ from anomaly_ae.data.transforms import decode_image, image_shape, mask_to_array,
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
 
 
+def model_shape(manifest: pd.DataFrame, image_size, keep_aspect: bool) -> tuple[int, int]:
+    """``(height, width)`` every image is resized to.
+
+    ``image_size`` given as ``[height, width]`` is used as it is. A single side ``S`` gives
+    ``S x S`` (the paper: every image stretched to a square) unless ``keep_aspect``: then the
+    normal TRAINING images' median aspect ratio ``r = long side / short side`` (from their
+    headers: no test image is read) is rounded to a whole number ``k = max(1, round(r))``,
+    and the shape is ``S x k*S`` for wide images (``k*S x S`` for tall ones). Square-ish
+    products (``r < 1.5``) stay ``S x S``; a 512x208 ball screw (r 2.46) becomes 256x512,
+    which a model with ``tile_size: auto`` reads as 1x2 tiles of the paper's network.
+    """
+    if not isinstance(image_size, int | np.integer) or isinstance(image_size, bool):
+        return image_shape(image_size)
+    side = image_shape(image_size)[0]
+    if not keep_aspect:
+        return side, side
+    train = manifest[manifest["split"].isin([TRAIN, VALIDATION])]
+    if train.empty or not {"width", "height"} <= set(train.columns):
+        raise ValueError(
+            "preprocessing.keep_aspect needs the training images' width and height in the raw "
+            "manifest; rerun `kedro run --pipelines=data_ingestion`."
+        )
+    width = float(train["width"].median())
+    height = float(train["height"].median())
+    ratio = max(width, height) / min(width, height)
+    k = max(1, int(np.floor(ratio + 0.5)))
+    return (side, k * side) if width >= height else (k * side, side)
+
+
 def split_train_validation(manifest: pd.DataFrame, validation_fraction: float, seed: int) -> pd.DataFrame:
     """Mark a seeded random ``validation_fraction`` of the training images as ``validation``.
 

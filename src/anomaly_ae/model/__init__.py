@@ -1,6 +1,12 @@
 """Model and loss (plain PyTorch, no Kedro)."""
 
-from anomaly_ae.model.autoencoder import AutoencoderConfig, ConvAutoencoder, build_model, count_parameters
+from anomaly_ae.model.autoencoder import (
+    AutoencoderConfig,
+    ConvAutoencoder,
+    build_model,
+    config_for_images,
+    count_parameters,
+)
 from anomaly_ae.model.loss import HybridLoss, SeparableHybridLoss
 
 __all__ = [
@@ -9,5 +15,6 @@ __all__ = [
     "HybridLoss",
     "SeparableHybridLoss",
     "build_model",
+    "config_for_images",
     "count_parameters",
 ]

@@ -21,14 +21,15 @@ class AutoencoderConfig:
 
     architecture: str = "paper_table1"
     #: The image side (square, the paper's 256) or ``[height, width]`` (non-square;
-    #: ``"height+width"`` on the command line). Stored as the side or a ``(height, width)`` tuple.
+    #: ``"height+width"`` on the command line). Stored as the side or a ``(height, width)``
+    #: tuple. (``auto`` in the parameters: see :func:`config_for_images`.)
     image_size: int | tuple[int, int] | str = 256
     #: Side of the square tiles the network sees; ``None`` (the paper) = the whole image.
     #: With the image's height and width multiples of it, the image is cut into
     #: (height / tile_size) x (width / tile_size) non-overlapping tiles, each encoded and
     #: decoded by the same Table I network (its own 128-d code per tile), and the
     #: reconstructions are put back in place.
-    tile_size: int | None = None
+    tile_size: int | str | None = None
     in_channels: int = 1
     encoder_filters: tuple[int, ...] = (16, 32, 64, 128)
     latent_dim: int = 128
@@ -50,6 +51,11 @@ class AutoencoderConfig:
         object.__setattr__(self, "image_size", height if height == width else (height, width))
         downscale = 2 ** len(self.encoder_filters)
         if self.tile_size is not None:
+            if not str(self.tile_size).isdigit():
+                raise ValueError(
+                    f"model.tile_size must be a positive integer, null or auto, got {self.tile_size!r}"
+                    + (" (auto is resolved against the data: config_for_images)" if self.tile_size == AUTO else "")
+                )
             object.__setattr__(self, "tile_size", int(self.tile_size))
             if self.tile_size <= 0 or height % self.tile_size or width % self.tile_size:
                 raise ValueError(
@@ -124,6 +130,24 @@ class AutoencoderConfig:
     @classmethod
     def from_dict(cls, data: dict) -> AutoencoderConfig:
         return from_settings(cls, data, "model")
+
+
+AUTO = "auto"
+
+
+def config_for_images(model: dict, shape: tuple[int, int]) -> AutoencoderConfig:
+    """The ``model`` parameters made concrete for images of ``shape`` ``(height, width)``
+    (the preprocessed arrays'): ``image_size: auto`` is that shape; ``tile_size: auto`` is
+    null (the paper's one network over the whole image) for square images and the shorter
+    side for non-square ones, so a 256x512 image is 1x2 tiles of the paper's 256 px network.
+    Explicit values are kept (and checked against the data by the caller)."""
+    data = dict(model or {})
+    if data.get("image_size") == AUTO:
+        data["image_size"] = tuple(int(v) for v in shape)
+    if data.get("tile_size") == AUTO:
+        height, width = image_shape(data.get("image_size", AutoencoderConfig.image_size))
+        data["tile_size"] = None if height == width else min(height, width)
+    return AutoencoderConfig.from_dict(data)
 
 
 def _act_norm_drop(cfg: AutoencoderConfig, features: int, dims: int) -> list[nn.Module]:

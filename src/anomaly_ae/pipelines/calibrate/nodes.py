@@ -14,7 +14,7 @@ import pandas as pd
 from anomaly_ae.data.defects import paste_synthetic_defects
 from anomaly_ae.data.transforms import as_unit_float
 from anomaly_ae.evaluation import calibration
-from anomaly_ae.model import AutoencoderConfig
+from anomaly_ae.model import config_for_images
 from anomaly_ae.model.checkpoint import checkpoint_fingerprint, model_from_checkpoint
 from anomaly_ae.scoring import MapSettings
 from anomaly_ae.scoring.inference import reconstruct
@@ -62,9 +62,8 @@ def score_lever_grid(
 ) -> pd.DataFrame:
     """Reconstruct the three sets once, then score every setting of ``calibration.grid``."""
     started = time.perf_counter()
-    network = model_from_checkpoint(
-        model_checkpoint, AutoencoderConfig.from_dict(model), image_size=train_images["images"].shape[-2:]
-    )
+    shape = train_images["images"].shape[-2:]
+    network = model_from_checkpoint(model_checkpoint, config_for_images(model, shape), image_size=shape)
     batch, device = calibration_params["batch_size"], calibration_params["device"]
     sets = {
         name: (images, reconstruct(network, images, batch, device))

@@ -11,7 +11,6 @@ import pandas as pd
 from anomaly_ae.data import preprocess
 from anomaly_ae.data.fingerprint import STAMP_KEY, inputs_stamp
 from anomaly_ae.data.partitions import image_partitions
-from anomaly_ae.data.transforms import image_shape
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +31,17 @@ def build_model_inputs(
     """Grayscale, resize and scale every image once; the arrays are cached in the catalog."""
     folder, suffix = dataset_info["path"], data["image_suffix"]
     try:
-        size = image_shape(preprocessing["image_size"])
+        size = preprocess.model_shape(
+            image_manifest, preprocessing["image_size"], preprocessing["keep_aspect"]
+        )
     except ValueError as exc:
         raise ValueError(f"preprocessing.image_size: {exc}") from None
+    log.info(
+        "Model images: %dx%d (height x width; preprocessing.image_size=%s, keep_aspect=%s)",
+        *size,
+        preprocessing["image_size"],
+        preprocessing["keep_aspect"],
+    )
     resample = preprocessing["resample"]
     loaders = image_partitions(folder, suffix, max_pixels=data["max_image_pixels"])
     stamp = np.array(inputs_stamp(dataset_info, preprocessing))

@@ -16,7 +16,7 @@ from anomaly_ae.evaluation import calibration, tables
 from anomaly_ae.evaluation.metrics import calibrate_threshold
 from anomaly_ae.evaluation.stress import stress_table
 from anomaly_ae.evaluation.summary import HEADLINE_METRICS, detection_metrics, known_masks, per_defect_type
-from anomaly_ae.model import AutoencoderConfig
+from anomaly_ae.model import AutoencoderConfig, config_for_images
 from anomaly_ae.model.checkpoint import checkpoint_fingerprint, model_from_checkpoint
 from anomaly_ae.scoring import MapSettings, NormalReference
 from anomaly_ae.scoring.inference import fit_normal_reference, reconstruct, reconstruct_and_score
@@ -27,9 +27,8 @@ log = logging.getLogger(__name__)
 
 
 def _network(model_checkpoint: dict, model: dict[str, Any], images: dict[str, np.ndarray]):
-    return model_from_checkpoint(
-        model_checkpoint, AutoencoderConfig.from_dict(model), image_size=images["images"].shape[-2:]
-    )
+    shape = images["images"].shape[-2:]
+    return model_from_checkpoint(model_checkpoint, config_for_images(model, shape), image_size=shape)
 
 
 def _inference_options(evaluation: dict[str, Any]) -> dict[str, Any]:
@@ -212,6 +211,8 @@ def compute_metrics(
         "data_source": dataset_info["source"],
         "category": dataset_info["category"],
         "checkpoint_epoch": int(model_checkpoint.get("epoch", 0)),
+        # the evaluated network as the checkpoint holds it (size and tiles included)
+        "model": AutoencoderConfig.from_dict(model_checkpoint["model_config"]).describe(),
         "loss_weights": model_checkpoint["loss"],
         "anomaly_map": map_settings,
         "map_source": evaluation["map"],

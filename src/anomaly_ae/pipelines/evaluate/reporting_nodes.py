@@ -13,7 +13,6 @@ from PIL import Image
 from anomaly_ae.data.transforms import as_unit_float
 from anomaly_ae.evaluation.metrics import image_auroc
 from anomaly_ae.evaluation.summary import known_masks
-from anomaly_ae.model import AutoencoderConfig
 from anomaly_ae.reporting import figures
 from anomaly_ae.reporting.report import render_report
 from anomaly_ae.scoring import anomaly_map
@@ -128,7 +127,7 @@ def build_report(
     run = mlflow.active_run()
     return render_report(
         title=f"anomaly-ae report — {dataset_info['category']}",
-        model=AutoencoderConfig.from_dict(model).describe(),
+        model=evaluation_metrics["model"],
         run_id=run.info.run_id if run else None,
         dataset_info=dataset_info,
         table2=table2,

@@ -13,7 +13,7 @@ import numpy as np
 
 from anomaly_ae.config import from_settings
 from anomaly_ae.export.onnx_export import EXPORTERS, MANIFEST_FILE, MODEL_FILE, build_bundle
-from anomaly_ae.model import AutoencoderConfig
+from anomaly_ae.model import config_for_images
 from anomaly_ae.model.checkpoint import model_from_checkpoint
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,9 @@ def export_bundle(
 
     settings = ExportSettings.from_dict(dict(export))
     images = validation_images["images"]
-    model_from_checkpoint(  # refuses another architecture or image size, saying what to do
-        model_checkpoint, AutoencoderConfig.from_dict(model), image_size=images.shape[-2:]
-    )
+    shape = images.shape[-2:]
+    # refuses another architecture, tiling or image size, saying what to do
+    model_from_checkpoint(model_checkpoint, config_for_images(model, shape), image_size=shape)
     with tempfile.TemporaryDirectory(prefix="anomaly_ae_export_") as staging:
         manifest = build_bundle(
             model_checkpoint,

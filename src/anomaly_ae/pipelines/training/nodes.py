@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from anomaly_ae.model import AutoencoderConfig
+from anomaly_ae.model import config_for_images
 from anomaly_ae.model.checkpoint import load_checkpoint
 from anomaly_ae.training import state as training_state
 from anomaly_ae.reporting.figures import figure_to_image, loss_curve_figure
@@ -55,9 +55,9 @@ def train_model(
     dataset_info: dict[str, Any],
 ) -> tuple[dict, pd.DataFrame, dict, Image.Image, dict]:
     """Train on the normal training images; validation images drive early stopping."""
-    model_config = AutoencoderConfig.from_dict(model)
-    train_config = TrainingConfig.from_dict({**training, **loss})
     images = train_images["images"]
+    model_config = config_for_images(model, images.shape[-2:])
+    train_config = TrainingConfig.from_dict({**training, **loss})
     if tuple(images.shape[-2:]) != model_config.shape:
         raise ValueError(
             f"model.image_size={model_config.size_text()} but the cached images are "
