@@ -48,8 +48,14 @@ def test_model_from_checkpoint_rebuilds_the_weights_in_eval_mode(checkpoint, mod
 
 
 def test_checkpoint_of_another_image_size_is_refused(checkpoint):
-    with pytest.raises(CheckpointError, match="64px.*256px|preprocessing.image_size"):
+    with pytest.raises(CheckpointError, match=r"64px images but the data is 256px; set preprocessing\.image_size=64, or"):
         model_from_checkpoint(checkpoint, image_size=256)
+    # a square model against data that kept its aspect: the message names keep_aspect too
+    with pytest.raises(
+        CheckpointError,
+        match=r"the data is 64x128px \(height x width\); set preprocessing\.image_size=64 and preprocessing\.keep_aspect=false",
+    ):
+        model_from_checkpoint(checkpoint, image_size=(64, 128))
 
 
 def test_checkpoint_of_another_architecture_is_refused(checkpoint):

@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from anomaly_ae.data.transforms import image_shape
 from anomaly_ae.model import AutoencoderConfig, count_parameters
 from anomaly_ae.scoring import MapSettings
 from anomaly_ae.scoring.inference import reconstruct_and_score
@@ -98,6 +99,13 @@ def parse_spec(spec: str, base: TrainingConfig) -> Variant:
         else:
             raise SystemExit(f"unknown token {token!r} in configuration {spec!r}")
     return Variant(spec, replace(base, **changes))
+
+
+def _shape_arg(text: str) -> tuple[int, int]:
+    try:
+        return image_shape(int(text) if text.isdigit() else text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def model_config(args: argparse.Namespace) -> AutoencoderConfig:
@@ -266,7 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--n-infer", type=int, default=83, help="images scored per inference round")
     p.add_argument("--infer-batch-size", type=int, default=32)
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument(
+        "--image-size",
+        type=_shape_arg,
+        default=(256, 256),
+        help="a side (256) or height+width (256+512, a non-square product)",
+    )
     p.add_argument(
         "--tile-size",
         type=int,
@@ -367,7 +380,7 @@ def onnx_benchmark(args: argparse.Namespace, say) -> dict[str, Any]:
         with torch.no_grad():
             torch.onnx.export(
                 model,
-                (torch.rand(2, 1, args.image_size, args.image_size),),
+                (torch.rand(2, 1, *args.image_size),),
                 str(recon_path),
                 dynamo=True,
                 external_data=False,
@@ -378,7 +391,7 @@ def onnx_benchmark(args: argparse.Namespace, say) -> dict[str, Any]:
         recon_session = ort.InferenceSession(str(recon_path), options, providers=["CPUExecutionProvider"])
 
     gen = torch.Generator().manual_seed(0)
-    images = torch.rand((args.n_infer, 1, args.image_size, args.image_size), generator=gen)
+    images = torch.rand((args.n_infer, 1, *args.image_size), generator=gen)
     arrays = images.numpy()
     batch = args.onnx_batch_size
 
@@ -431,7 +444,7 @@ def onnx_benchmark(args: argparse.Namespace, say) -> dict[str, Any]:
 
     say(
         f"ONNX Runtime {ort.__version__} vs torch {torch.__version__} eager fp32: one scoring graph "
-        f"({args.image_size}x{args.image_size}, {settings.describe()}), "
+        f"({args.image_size[0]}x{args.image_size[1]}, {settings.describe()}), "
         f"{threads} intra-op threads each; export ({args.exporter}, opset {args.opset}) "
         f"{export_seconds:.1f} s, {onnx_mb:.1f} MB; max |score diff| {max_diff:.2e}, "
         f"max |map diff| {max_map_diff:.2e}"
@@ -589,7 +602,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, flush=True))
 
     gen = torch.Generator().manual_seed(0)
-    shape = (1, args.image_size, args.image_size)
+    shape = (1, *args.image_size)
     train_data = torch.rand((args.n_train, *shape), generator=gen)
     infer_data = torch.rand((args.n_infer, *shape), generator=gen)
     report: dict[str, Any] = {"environment": environment(), "settings": vars(args), "variants": []}

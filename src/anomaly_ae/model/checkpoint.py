@@ -144,9 +144,12 @@ def model_from_checkpoint(
         )
     data_shape = None if image_size is None else image_shape(image_size)
     if data_shape is not None and saved.shape != data_shape:
+        fix = f"preprocessing.image_size={saved.size_text()}"
+        if saved.shape[0] == saved.shape[1] and data_shape[0] != data_shape[1]:
+            fix += " and preprocessing.keep_aspect=false (this model stretches images to a square)"
         raise CheckpointError(
             f"The checkpoint was trained on {_px(saved.shape)} images but the data is "
-            f"{_px(data_shape)}; set preprocessing.image_size={saved.size_text()} or retrain."
+            f"{_px(data_shape)}; set {fix}, or retrain."
         )
     if expected is not None and saved.tile_size != expected.tile_size:
         raise CheckpointError(
