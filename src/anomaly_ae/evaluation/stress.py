@@ -17,7 +17,22 @@ from anomaly_ae.evaluation.metrics import rank_auroc
 from anomaly_ae.scoring import MapSettings, NormalReference
 from anomaly_ae.scoring.inference import reconstruct_and_score
 
-__all__ = ["stress_table"]
+__all__ = ["CONTRAST_BANDS", "CONTRAST_KINDS", "measured_contrast", "stress_table"]
+
+#: The kinds whose contrast is their parameter (``calibration.synthetic_defects.contrast``):
+#: their rows are also split by the contrast each copy really has, a detection limit.
+CONTRAST_KINDS = ("thin_line", "smudge", "spot")
+#: ``(label, low, high)``: mean |change| inside the mask in ``[low, high)``.
+CONTRAST_BANDS = (("< 0.10", 0.0, 0.10), ("0.10-0.20", 0.10, 0.20), (">= 0.20", 0.20, np.inf))
+
+
+def measured_contrast(normal: np.ndarray, defective: np.ndarray, masks: np.ndarray, per_image: int) -> np.ndarray:
+    """Per defect copy, the mean |intensity change| inside its mask against the normal image it
+    was pasted on (copy ``i`` comes from normal image ``i // per_image``)."""
+    source = normal[np.arange(len(defective)) // per_image, 0]
+    change = np.abs(defective[:, 0] - source)
+    inside = masks.astype(bool)
+    return np.array([change[i][inside[i]].mean() if inside[i].any() else 0.0 for i in range(len(defective))])
 
 
 def stress_table(
@@ -29,7 +44,10 @@ def stress_table(
     device: str = "cpu",
     precision: str = "fp32",
 ) -> pd.DataFrame:
-    """Image and pixel AUROC per defect kind (and ``all``) for each named map.
+    """Image and pixel AUROC per defect kind (and ``all``) for each named map; for the
+    contrast-driven kinds (:data:`CONTRAST_KINDS`) also per band of measured contrast
+    (column ``contrast``: ``all`` or a :data:`CONTRAST_BANDS` label), so a user sees how faint
+    a defect of each kind can be and still be found.
 
     Args:
         model: The trained autoencoder (eval mode).
@@ -40,22 +58,34 @@ def stress_table(
     """
     defective, masks, kinds = paste_synthetic_defects(normal, **defects)
     kinds = np.asarray(kinds)
+    contrast = measured_contrast(normal, defective, masks, len(defective) // len(normal))
     images = np.concatenate([normal, defective])
     labels = np.r_[np.zeros(len(normal), int), np.ones(len(defective), int)]
     truth = np.concatenate([np.zeros((len(normal), *masks.shape[1:]), np.uint8), masks])
+    groups = [
+        (kind, "all", np.ones(len(defective), bool) if kind == "all" else kinds == kind)
+        for kind in ["all", *sorted(set(kinds))]
+    ]
+    for kind in sorted(set(kinds) & set(CONTRAST_KINDS)):
+        for label, low, high in CONTRAST_BANDS:
+            chosen = (kinds == kind) & (contrast >= low) & (contrast < high)
+            if chosen.any():
+                groups.append((kind, label, chosen))
     rows = []
     for name, (settings, reference) in maps.items():
         scored = reconstruct_and_score(
             model, images, settings, batch_size, device, precision, keep_maps=True, reference=reference
         )
-        for kind in ["all", *sorted(set(kinds))]:
-            keep = np.r_[np.ones(len(normal), bool), np.ones(len(defective), bool) if kind == "all" else kinds == kind]
+        for kind, band, chosen in groups:
+            keep = np.r_[np.ones(len(normal), bool), chosen]
             rows.append(
                 {
                     "map": name,
                     "kind": kind,
-                    "n_defective": int(keep[len(normal) :].sum()),
+                    "contrast": band,
+                    "n_defective": int(chosen.sum()),
                     "n_normal": len(normal),
+                    "median_contrast": float(np.median(contrast[chosen])),
                     "image_auroc": rank_auroc(labels[keep], scored["score"][keep]),
                     "pixel_auroc": rank_auroc(truth[keep].ravel() > 0, scored["map"][keep].ravel()),
                 }

@@ -15,6 +15,10 @@ from anomaly_ae.data.transforms import as_unit_float
 from anomaly_ae.evaluation import calibration, tables
 from anomaly_ae.evaluation.metrics import calibrate_threshold
 from anomaly_ae.evaluation.stress import stress_table
+
+STRESS_COLUMNS = [
+    "map", "kind", "contrast", "n_defective", "n_normal", "median_contrast", "image_auroc", "pixel_auroc"
+]
 from anomaly_ae.evaluation.summary import HEADLINE_METRICS, detection_metrics, known_masks, per_defect_type
 from anomaly_ae.model import AutoencoderConfig, config_for_images
 from anomaly_ae.model.checkpoint import checkpoint_fingerprint, model_from_checkpoint
@@ -244,7 +248,7 @@ def stress_test(
     normal = as_unit_float(test_images["images"][np.asarray(test_images["labels"]) == 0])
     if len(normal) < 2:
         log.warning("Stress test skipped: fewer than 2 good test images.")
-        return pd.DataFrame(columns=["map", "kind", "n_defective", "n_normal", "image_auroc", "pixel_auroc"])
+        return pd.DataFrame(columns=STRESS_COLUMNS)
     synthetic = calibration["synthetic_defects"]
     table = stress_table(
         _network(model_checkpoint, model, test_images),
@@ -263,7 +267,7 @@ def stress_test(
         },
         **_inference_options(evaluation),
     )
-    pivot = table.pivot(index="kind", columns="map", values="image_auroc")
+    pivot = table[table["contrast"] == "all"].pivot(index="kind", columns="map", values="image_auroc")
     log.info(
         "Held-out synthetic defects on the good test images, image AUROC per kind:\n%s",
         pivot.round(3).to_string(),

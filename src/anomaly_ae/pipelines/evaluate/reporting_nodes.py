@@ -229,15 +229,36 @@ def stress_section(table: pd.DataFrame) -> str:
 
     if table.empty:
         return "<p>Not computed: fewer than 2 good test images.</p>"
-    wide = table.pivot(index="kind", columns="map", values=["image_auroc", "pixel_auroc"])
+    if "contrast" not in table:  # tables written before the contrast bands existed
+        table = table.assign(contrast="all")
+    overall = table[table["contrast"] == "all"]
+    wide = overall.pivot(index="kind", columns="map", values=["image_auroc", "pixel_auroc"])
     wide.columns = [f"{metric.replace('_auroc', ' AUROC')} ({name})" for metric, name in wide.columns]
-    counts = table.drop_duplicates("kind").set_index("kind")["n_defective"]
+    counts = overall.drop_duplicates("kind").set_index("kind")["n_defective"]
     wide.insert(0, "defective images", counts)
-    return (
+    page = (
         "<p>Every synthetic defect kind pasted onto the good test images with another seed than "
         "calibration: a check on images the choice never saw (it chooses nothing).</p>"
         + html_table(wide.reset_index())
     )
+    bands = table[(table["contrast"] != "all") & (table["map"] == "in use")]
+    if not bands.empty:
+        shown = bands[["kind", "contrast", "n_defective", "median_contrast", "image_auroc", "pixel_auroc"]]
+        shown = shown.rename(
+            columns={
+                "contrast": "mean |change| in the defect",
+                "n_defective": "defective images",
+                "median_contrast": "median change",
+                "image_auroc": "image AUROC (in use)",
+                "pixel_auroc": "pixel AUROC (in use)",
+            }
+        )
+        page += (
+            "<p>The faint kinds split by the contrast each copy really has (mean intensity change "
+            "inside its mask, images in [0, 1]): how faint a defect of each kind can be and still "
+            "be found. Few images per band: read them as a trend.</p>" + html_table(shown)
+        )
+    return page
 
 
 TOP_ROWS = 10

@@ -1,0 +1,62 @@
+"""The held-out stress table: per synthetic kind, and per band of measured contrast."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from anomaly_ae.evaluation.stress import CONTRAST_BANDS, CONTRAST_KINDS, measured_contrast, stress_table
+from anomaly_ae.pipelines.evaluate.reporting_nodes import stress_section
+from anomaly_ae.scoring import MapSettings
+
+
+def test_measured_contrast_is_the_mean_change_inside_the_mask_against_its_own_normal():
+    normal = np.stack([np.full((1, 8, 8), v, np.float32) for v in (0.2, 0.6)])
+    defective = np.repeat(normal, 3, axis=0)  # per_image 3: copies 0-2 from image 0, 3-5 from image 1
+    masks = np.zeros((6, 8, 8), np.uint8)
+    for i, change in enumerate((0.05, 0.15, 0.3, -0.05, -0.15, -0.3)):
+        masks[i, 2:4, 2:4] = 1
+        defective[i, 0, 2:4, 2:4] += change
+        defective[i, 0, 0, 0] += 0.9  # outside the mask: not counted
+    np.testing.assert_allclose(measured_contrast(normal, defective, masks, 3), [0.05, 0.15, 0.3] * 2, atol=1e-6)
+
+
+class _Blur(torch.nn.Module):
+    """A stand-in 'reconstruction': the image blurred, so a defect's error grows with its contrast."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(x, 5, stride=1, padding=2, count_include_pad=False)
+
+
+def test_stress_rows_per_kind_and_per_contrast_band_and_the_report_section():
+    rng = np.random.default_rng(0)
+    normal = (0.5 + 0.02 * rng.standard_normal((12, 1, 48, 48))).astype(np.float32).clip(0, 1)
+    table = stress_table(
+        _Blur(),
+        normal,
+        {"in use": (MapSettings(smoothing_sigma=2.0), None), "paper": (MapSettings(), None)},
+        {"per_image": 6, "seed": 3, "min_contrast": 0.05, "max_tries": 20, "kinds": ["spot", "thin_line", "blob"], "contrast": (0.05, 0.5)},
+        batch_size=16,
+    )
+    overall = table[table["contrast"] == "all"]
+    assert sorted(set(overall["kind"])) == ["all", "blob", "spot", "thin_line"]
+    assert set(table.loc[table["contrast"] != "all", "kind"]) <= set(CONTRAST_KINDS) - {"smudge"}
+    labels = {label: (low, high) for label, low, high in CONTRAST_BANDS}
+    for (name, kind), rows in table[table["contrast"] != "all"].groupby(["map", "kind"]):
+        whole = overall[(overall["map"] == name) & (overall["kind"] == kind)]
+        assert rows["n_defective"].sum() == int(whole["n_defective"].iloc[0])  # the bands split the kind
+        for row in rows.itertuples():
+            low, high = labels[row.contrast]
+            assert low <= row.median_contrast < high
+    assert table["image_auroc"].between(0, 1).all() and (table["n_normal"] == 12).all()
+    # the strongest band of spots is found at least as well as the faintest one
+    spots = table[(table["map"] == "in use") & (table["kind"] == "spot") & (table["contrast"] != "all")]
+    assert spots["image_auroc"].iloc[-1] >= spots["image_auroc"].iloc[0]
+
+    page = stress_section(table)
+    assert page.count("<table") == 2 and "how faint a defect of each kind can be" in page
+    assert "&lt; 0.10" in page or "&gt;= 0.20" in page
+    # a table written before the bands existed still renders (one table)
+    old = overall.drop(columns=["contrast", "median_contrast"])
+    assert stress_section(pd.DataFrame(old)).count("<table") == 1
