@@ -110,6 +110,7 @@ def test_another_real_category_in_the_mvtec_layout(tmp_path):
     counts = manifest.groupby("split").size().to_dict()
     assert counts["train"] + counts["validation"] == 390 and counts["test"] == 97 + 167
     with np.load(project.latest(f"{folder}/test_images.npz")) as test:
-        assert test["images"].shape == (264, 1, 256, 256)
+        # 512x208 images keep their aspect (preprocessing.keep_aspect): 256 high, 2 x 256 wide
+        assert test["images"].shape == (264, 1, 256, 512)
         assert int(test["labels"].sum()) == 167
         assert int((test["masks"].reshape(264, -1).max(axis=1) > 0).sum()) <= 167
