@@ -144,7 +144,7 @@ def reporting_nodes() -> Pipeline:
                     "image_roc",
                     "pixel_roc",
                     "ssim_histogram",
-                    "loss_curve",
+                    "model_checkpoint",
                     "dataset_info",
                     "map_settings",
                     "calibrated_map",

@@ -108,7 +108,7 @@ def build_report(
     image_roc: Image.Image,
     pixel_roc: Image.Image,
     ssim_histogram: Image.Image,
-    loss_curve: Image.Image,
+    model_checkpoint: dict[str, Any],
     dataset_info: dict[str, Any],
     map_settings: dict[str, Any],
     calibrated_map: dict[str, Any],
@@ -125,6 +125,15 @@ def build_report(
     import mlflow
 
     run = mlflow.active_run()
+    # the evaluated checkpoint's own history: the newest training_history may belong to
+    # another training when an older checkpoint is evaluated (--load-versions)
+    loss_curve = figures.figure_to_image(
+        figures.loss_curve_figure(
+            pd.DataFrame(model_checkpoint.get("history") or [], columns=["epoch", "train_loss", "val_loss"]),
+            f"Training loss of the evaluated checkpoint ({dataset_info['source']} "
+            f"{dataset_info['category']}, epoch {model_checkpoint.get('epoch', '?')})",
+        )
+    )
     return render_report(
         title=f"anomaly-ae report — {dataset_info['category']}",
         model=evaluation_metrics["model"],
