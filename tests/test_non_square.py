@@ -102,6 +102,11 @@ def test_a_wide_product_is_trained_evaluated_and_exported_at_its_aspect(kedro_pr
     assert metrics["model"] == "paper_table1, 128x256 px (height x width) as 1x2 tiles of 128 px"
     report = kedro_project.latest("data/08_reporting/widget/report.html").read_text()
     assert f"model <b>{metrics['model']}</b>" in report
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{kedro_project.path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert metrics["model"] in {r.data.tags.get("model") for r in runs}  # the MLflow UI names the network
     bundle_dir = kedro_project.latest("data/06_models/widget/inspection_bundle")
     bundle = load_bundle(bundle_dir, threads=1)
     assert bundle.image_size == (128, 256)

@@ -109,6 +109,7 @@ def train_model(
         "best_val_loss": [{"step": 0, "value": float(result.checkpoint["best_val_loss"])}],
     }
     tags = {
+        "model": model_config.describe(),  # the concrete network (the params may say auto)
         "device": result.device,
         "data_source": dataset_info["source"],
         "category": dataset_info["category"],
