@@ -251,21 +251,29 @@ def test_tiles_round_trip_and_order():
     assert torch.equal(untile(tiles, 2), images)
 
 
-def test_tiled_model_reconstructs_each_tile_with_the_one_network():
-    """A tiled model has exactly the paper network's parameters at tile size, and its
-    output is that network's reconstruction of each tile, put back in place."""
-    tiled = build_model({"image_size": 128, "tile_size": 64, "latent_dim": 16}).eval()
+def _tiles_match_the_plain_network(image_size, batch: int, seed: int):
+    """A model of ``image_size`` on 64 px tiles has the 64 px network's parameters, and each
+    tile of its output is that network's reconstruction of the tile; ``(tiled, x, out)``."""
+    tiled = build_model({"image_size": image_size, "tile_size": 64, "latent_dim": 16}).eval()
     plain = build_model({"image_size": 64, "latent_dim": 16}).eval()
     assert count_parameters(tiled) == count_parameters(plain) == _expected_parameters(64, latent=16)
     plain.load_state_dict(tiled.state_dict())
-    x = torch.rand(2, 1, 128, 128, generator=torch.Generator().manual_seed(0))
+    rows, cols = tiled.config.tile_grid
+    x = torch.rand(batch, 1, 64 * rows, 64 * cols, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         out = tiled(x)
         assert out.shape == x.shape
-        for row in range(2):
-            for col in range(2):
+        for row in range(rows):
+            for col in range(cols):
                 sl = (slice(None), slice(None), slice(64 * row, 64 * row + 64), slice(64 * col, 64 * col + 64))
                 torch.testing.assert_close(out[sl], plain(x[sl]), rtol=0, atol=1e-6)
+    return tiled, x, out
+
+
+def test_tiled_model_reconstructs_each_tile_with_the_one_network():
+    """A tiled model has exactly the paper network's parameters at tile size, and its
+    output is that network's reconstruction of each tile, put back in place."""
+    tiled, x, out = _tiles_match_the_plain_network(128, batch=2, seed=0)
     # a tile that changes changes only its own part of the reconstruction
     y = x.clone()
     y[:, :, :64, :64] = 0.5
@@ -278,18 +286,8 @@ def test_tiled_model_reconstructs_each_tile_with_the_one_network():
 def test_non_square_images_run_on_a_grid_of_tiles_of_the_paper_network():
     """image_size [height, width]: a 64x128 image is a 1x2 grid of 64 px tiles, each the
     paper network's reconstruction of that tile (same parameters as a 64 px model)."""
-    tiled = build_model({"image_size": [64, 128], "tile_size": 64, "latent_dim": 16}).eval()
-    plain = build_model({"image_size": 64, "latent_dim": 16}).eval()
+    tiled, _, _ = _tiles_match_the_plain_network([64, 128], batch=3, seed=1)
     assert tiled.config.tile_grid == (1, 2) and tiled.config.shape == (64, 128)
-    assert count_parameters(tiled) == count_parameters(plain)
-    plain.load_state_dict(tiled.state_dict())
-    x = torch.rand(3, 1, 64, 128, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        out = tiled(x)
-        assert out.shape == x.shape
-        for col in range(2):
-            part = (slice(None), slice(None), slice(None), slice(64 * col, 64 * col + 64))
-            torch.testing.assert_close(out[part], plain(x[part]), rtol=0, atol=1e-6)
     cfg = tiled.config
     assert cfg.describe() == "paper_table1, 64x128 px (height x width) as 1x2 tiles of 64 px"
     assert cfg.to_dict()["image_size"] == [64, 128]
