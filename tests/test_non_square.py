@@ -47,8 +47,11 @@ def test_auto_model_sizes_follow_the_data():
     assert whole.tile_size is None and whole.tile_grid == (1, 1)
     # explicit values are kept (the nodes compare them with the data)
     assert config_for_images({"image_size": 512, "tile_size": 256}, (128, 128)).shape == (512, 512)
+    # a shorter side that does not divide the longer one: one network over the whole image
+    odd = config_for_images({"image_size": "auto", "tile_size": "auto"}, (208, 512))
+    assert odd.tile_size is None and odd.shape == (208, 512)
     with pytest.raises(ValueError, match=r"model\.tile_size=256 must divide model\.image_size=\[256, 640\]"):
-        config_for_images({"image_size": "auto", "tile_size": "auto"}, (256, 640))
+        config_for_images({"image_size": "auto", "tile_size": 256}, (256, 640))
     with pytest.raises(ValueError, match=r"model\.tile_size must be a positive integer, null or auto"):
         AutoencoderConfig(tile_size="big")
 

@@ -138,15 +138,17 @@ AUTO = "auto"
 def config_for_images(model: dict, shape: tuple[int, int]) -> AutoencoderConfig:
     """The ``model`` parameters made concrete for images of ``shape`` ``(height, width)``
     (the preprocessed arrays'): ``image_size: auto`` is that shape; ``tile_size: auto`` is
-    null (the paper's one network over the whole image) for square images and the shorter
-    side for non-square ones, so a 256x512 image is 1x2 tiles of the paper's 256 px network.
-    Explicit values are kept (and checked against the data by the caller)."""
+    the shorter side when it divides the longer one and they differ, so a 256x512 image is
+    1x2 tiles of the paper's 256 px network, and otherwise null: the paper's one network
+    over the whole image (square images; an explicit size such as 208x500). Explicit values
+    are kept (and checked against the data by the caller)."""
     data = dict(model or {})
     if data.get("image_size") == AUTO:
         data["image_size"] = tuple(int(v) for v in shape)
     if data.get("tile_size") == AUTO:
         height, width = image_shape(data.get("image_size", AutoencoderConfig.image_size))
-        data["tile_size"] = None if height == width else min(height, width)
+        short, long = sorted((height, width))
+        data["tile_size"] = short if short != long and long % short == 0 else None
     return AutoencoderConfig.from_dict(data)
 
 
