@@ -19,8 +19,9 @@ def model_shape(manifest: pd.DataFrame, image_size, keep_aspect: bool) -> tuple[
 
     ``image_size`` given as ``[height, width]`` is used as it is. A single side ``S`` gives
     ``S x S`` (the paper: every image stretched to a square) unless ``keep_aspect``: then the
-    normal TRAINING images' median aspect ratio ``r = long side / short side`` (from their
-    headers: no test image is read) is rounded to a whole number ``k = max(1, round(r))``,
+    normal TRAINING images' median width and median height (from their headers: no test
+    image is read) give the ratio ``r = longer / shorter``, rounded to a whole number
+    ``k = max(1, round(r))``,
     and the shape is ``S x k*S`` for wide images (``k*S x S`` for tall ones). Square-ish
     products (``r < 1.5``) stay ``S x S``; a 512x208 ball screw (r 2.46) becomes 256x512,
     which a model with ``tile_size: auto`` reads as 1x2 tiles of the paper's network.

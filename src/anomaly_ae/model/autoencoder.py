@@ -91,7 +91,7 @@ class AutoencoderConfig:
 
     @property
     def tile_grid(self) -> tuple[int, int]:
-        """Tiles per column and per row: ``(1, 1)`` without tiles."""
+        """``(rows, columns)`` of tiles: ``(1, 1)`` without tiles."""
         (height, width), (th, tw) = self.shape, self.network_shape
         return height // th, width // tw
 
