@@ -26,9 +26,13 @@ def model_shape(manifest: pd.DataFrame, image_size, keep_aspect: bool) -> tuple[
     products (``r < 1.5``) stay ``S x S``; a 512x208 ball screw (r 2.46) becomes 256x512,
     which a model with ``tile_size: auto`` reads as 1x2 tiles of the paper's network.
     """
+    try:
+        shape = image_shape(image_size)
+    except ValueError as exc:
+        raise ValueError(f"preprocessing.image_size: {exc}") from None
     if not isinstance(image_size, int | np.integer) or isinstance(image_size, bool):
-        return image_shape(image_size)
-    side = image_shape(image_size)[0]
+        return shape
+    side = shape[0]
     if not keep_aspect:
         return side, side
     train = manifest[manifest["split"].isin([TRAIN, VALIDATION])]

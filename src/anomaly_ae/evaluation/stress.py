@@ -17,7 +17,12 @@ from anomaly_ae.evaluation.metrics import rank_auroc
 from anomaly_ae.scoring import MapSettings, NormalReference
 from anomaly_ae.scoring.inference import reconstruct_and_score
 
-__all__ = ["CONTRAST_BANDS", "CONTRAST_KINDS", "measured_contrast", "stress_table"]
+__all__ = ["CONTRAST_BANDS", "CONTRAST_KINDS", "STRESS_COLUMNS", "measured_contrast", "stress_table"]
+
+#: The columns of :func:`stress_table`, in order (also those of an empty table).
+STRESS_COLUMNS = [
+    "map", "kind", "contrast", "n_defective", "n_normal", "median_contrast", "image_auroc", "pixel_auroc"
+]
 
 #: The kinds whose contrast is their parameter (``calibration.synthetic_defects.contrast``):
 #: their rows are also split by the contrast each copy really has, a detection limit.
@@ -90,4 +95,4 @@ def stress_table(
                     "pixel_auroc": rank_auroc(truth[keep].ravel() > 0, scored["map"][keep].ravel()),
                 }
             )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=STRESS_COLUMNS)

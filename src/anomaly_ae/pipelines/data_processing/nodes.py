@@ -30,12 +30,7 @@ def build_model_inputs(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Grayscale, resize and scale every image once; the arrays are cached in the catalog."""
     folder, suffix = dataset_info["path"], data["image_suffix"]
-    try:
-        size = preprocess.model_shape(
-            image_manifest, preprocessing["image_size"], preprocessing["keep_aspect"]
-        )
-    except ValueError as exc:
-        raise ValueError(f"preprocessing.image_size: {exc}") from None
+    size = preprocess.model_shape(image_manifest, preprocessing["image_size"], preprocessing["keep_aspect"])
     log.info(
         "Model images: %dx%d (height x width; preprocessing.image_size=%s, keep_aspect=%s)",
         *size,

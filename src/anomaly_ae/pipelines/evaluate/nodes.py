@@ -14,11 +14,7 @@ from anomaly_ae.data.defects import DEFECT_KINDS
 from anomaly_ae.data.transforms import as_unit_float
 from anomaly_ae.evaluation import calibration, tables
 from anomaly_ae.evaluation.metrics import calibrate_threshold
-from anomaly_ae.evaluation.stress import stress_table
-
-STRESS_COLUMNS = [
-    "map", "kind", "contrast", "n_defective", "n_normal", "median_contrast", "image_auroc", "pixel_auroc"
-]
+from anomaly_ae.evaluation.stress import STRESS_COLUMNS, stress_table
 from anomaly_ae.evaluation.summary import HEADLINE_METRICS, detection_metrics, known_masks, per_defect_type
 from anomaly_ae.model import AutoencoderConfig, config_for_images
 from anomaly_ae.model.checkpoint import checkpoint_fingerprint, model_from_checkpoint
