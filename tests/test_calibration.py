@@ -210,6 +210,53 @@ def test_agreement_ranks_the_grid_against_the_real_metrics():
         agreement(syn, real.iloc[:3])
 
 
+def test_grid_scores_defect_images_at_their_defect_when_given_regions(sets):
+    """With defect regions the grid adds the image AUROC with each defect image scored only
+    in its region, equal to scoring that region directly; without them the table is as before."""
+    train, normal, defects = sets
+    plain, _ = calibration.score_grid(SMALL_GRID, MapSettings(), train, normal, defects, batch_size=4)
+    regions = defects[2] > 0
+    table, scale = calibration.score_grid(
+        SMALL_GRID, MapSettings(), train, normal, defects, batch_size=4, defect_regions=regions
+    )
+    assert "syn_image_auroc_at_defect" not in plain
+    pd.testing.assert_frame_equal(table.drop(columns="syn_image_auroc_at_defect"), plain)
+    s = calibration.build_grid(SMALL_GRID, MapSettings(), scale)[0].settings  # the paper's map
+    maps = anomaly_map(torch.from_numpy(defects[0]), torch.from_numpy(defects[1]), s)[:, 0]
+    normal_maps = anomaly_map(torch.from_numpy(normal[0]), torch.from_numpy(normal[1]), s)[:, 0]
+    local = image_score(maps, "max", region=torch.from_numpy(regions)).numpy()
+    y = np.r_[np.zeros(len(normal_maps)), np.ones(len(local))]
+    expected = image_auroc(y, np.r_[image_score(normal_maps).numpy(), local])
+    assert table.iloc[0]["syn_image_auroc_at_defect"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_agreement_compares_the_at_defect_image_auroc_when_present():
+    settings = [f"s{i}" for i in range(5)]
+    syn = pd.DataFrame(
+        {
+            "setting": settings,
+            "selection_score": [0.9, 0.8, 0.7, 0.6, 0.5],
+            "syn_image_auroc": [0.9, 0.8, 0.7, 0.6, 0.5],
+            "syn_pixel_auroc": [0.9, 0.8, 0.7, 0.6, 0.5],
+        }
+    )
+    real = pd.DataFrame(
+        {
+            "setting": settings,
+            "syn_image_auroc": [0.5, 0.6, 0.7, 0.8, 0.9],  # a leaking label: reversed
+            "syn_pixel_auroc": [0.9, 0.8, 0.7, 0.6, 0.5],
+            "syn_image_auroc_at_defect": [0.95, 0.9, 0.85, 0.8, 0.7],  # the defects: in order
+        }
+    )
+    table, rho = calibration.agreement(syn, real)
+    assert rho["spearman_selection_vs_real_image_auroc"] == pytest.approx(-1.0)
+    assert rho["spearman_selection_vs_real_image_auroc_at_defect"] == pytest.approx(1.0)
+    assert rho["spearman_syn_image_auroc_vs_real_image_auroc_at_defect"] == pytest.approx(1.0)
+    assert list(table["real_image_auroc_at_defect"]) == [0.95, 0.9, 0.85, 0.8, 0.7]
+    old = calibration.agreement(syn, real.drop(columns="syn_image_auroc_at_defect"))[1]
+    assert not any("at_defect" in name for name in old)
+
+
 def test_the_grid_streams_the_training_images_with_the_same_result():
     """Reconstructing the training images batch by batch (a callable) gives the table that
     holding them all gives: the memory no longer grows with the training set."""

@@ -187,6 +187,7 @@ def score_grid(
     batch_size: int,
     scale: float | None = None,
     pixel_known: np.ndarray | None = None,
+    defect_regions: np.ndarray | None = None,
 ) -> tuple[pd.DataFrame, float]:
     """Score every setting; returns the table (one row per setting, grid order) and the
     ``ssim+l2`` scale. ``train`` and ``normal`` are ``(images, reconstructions)`` of the
@@ -196,7 +197,10 @@ def score_grid(
 
     ``scale`` fixes the ``ssim+l2`` scale (default: measured on ``normal``), so that the same
     grid can be scored on other images (:func:`agreement`); ``pixel_known`` (per defect
-    image) leaves defect images without a mask out of the pixel AUROC."""
+    image) leaves defect images without a mask out of the pixel AUROC. ``defect_regions``
+    (bool, per defect image, e.g. its mask grown by a margin) adds ``syn_image_auroc_at_defect``:
+    the image AUROC with each defect image (with a known, non-empty mask) scored only in its
+    region."""
     grid_windows = {
         int(w) for entry in grid["win_size"] for w in (entry if isinstance(entry, list) else [entry])
     }
@@ -222,6 +226,11 @@ def score_grid(
         np.ones(n_normal, bool), np.ones(len(defects[0]), bool) if pixel_known is None else pixel_known
     ]
     kinds = np.asarray(defects[3])
+    at_defect = None
+    if defect_regions is not None:
+        regions = torch.from_numpy(np.asarray(defect_regions, bool))
+        scored = pixel_rows[n_normal:] & regions.flatten(1).any(dim=1).numpy()
+        at_defect = (np.flatnonzero(scored), regions[torch.from_numpy(scored)])
 
     rows: dict[GridPoint, dict] = {}
     by_sigma: dict[float, dict[tuple, list[GridPoint]]] = {}
@@ -242,7 +251,9 @@ def score_grid(
                 maps = eval_raw if mode == "none" else correct(eval_raw, *reference.as_tensors(mode))
                 pixel = rank_auroc(masks[pixel_rows].ravel(), maps.numpy()[pixel_rows].ravel())
                 for point in group:
-                    rows[point] = _image_metrics(point.settings, maps, labels, kinds, n_normal, pixel)
+                    rows[point] = _image_metrics(
+                        point.settings, maps, labels, kinds, n_normal, pixel, at_defect
+                    )
     table = pd.DataFrame(
         [
             {
@@ -265,13 +276,22 @@ def score_grid(
     return table, scale
 
 
-def _image_metrics(settings, maps, labels, kinds, n_normal, pixel) -> dict:
-    scores = image_score(maps, settings.score_reduction, settings.topk_fraction).numpy()
+def _image_metrics(settings, maps, labels, kinds, n_normal, pixel, at_defect=None) -> dict:
+    reduction, fraction = settings.score_reduction, settings.topk_fraction
+    scores = image_score(maps, reduction, fraction).numpy()
     image = rank_auroc(labels, scores)
     per_kind = {}
     for kind in sorted(set(kinds)):
         keep = np.r_[np.ones(n_normal, bool), kinds == kind]  # the normals vs this kind
         per_kind[f"syn_image_auroc_{kind}"] = rank_auroc(labels[keep], scores[keep])
+    if at_defect is not None:  # the defect images scored in their regions only
+        rows, regions = at_defect
+        local = image_score(maps[n_normal + rows], reduction, fraction, regions).numpy()
+        per_kind["syn_image_auroc_at_defect"] = (
+            rank_auroc(np.r_[np.zeros(n_normal), np.ones(len(rows))], np.r_[scores[:n_normal], local])
+            if len(rows)
+            else float("nan")
+        )
     return {
         "syn_image_auroc": image,
         "syn_pixel_auroc": pixel,
@@ -299,6 +319,7 @@ def spearman(table: pd.DataFrame, a: str, b: str) -> float:
 AGREEMENT_PAIRS = {
     "real_image_auroc": "syn_image_auroc",
     "real_pixel_auroc": "syn_pixel_auroc",
+    "real_image_auroc_at_defect": "syn_image_auroc",
 }
 
 
@@ -309,10 +330,16 @@ def agreement(
     the same grid on the real test images (labels and masks: development data, never used
     to choose). Returns one row per setting (synthetic columns beside the real ones) and the
     Spearman rank correlations over the grid: the selection score against the real image
-    AUROC, pixel AUROC and their mean, and each synthetic metric against its real one."""
-    real = real_table[["setting", "syn_image_auroc", "syn_pixel_auroc"]].rename(
-        columns={"syn_image_auroc": "real_image_auroc", "syn_pixel_auroc": "real_pixel_auroc"}
-    )
+    AUROC, pixel AUROC and their mean, and each synthetic metric against its real one. When
+    ``real_table`` has ``syn_image_auroc_at_defect`` (:func:`score_grid` with defect
+    regions), the real image AUROC with defective images scored only near their labelled
+    defect is compared too: the image-level question without what else differs in them."""
+    renames = {
+        "syn_image_auroc": "real_image_auroc",
+        "syn_pixel_auroc": "real_pixel_auroc",
+        "syn_image_auroc_at_defect": "real_image_auroc_at_defect",
+    }
+    real = real_table[[c for c in ["setting", *renames] if c in real_table]].rename(columns=renames)
     columns = ["setting", "selection_score", "syn_image_auroc", "syn_pixel_auroc", "is_paper", "is_selected"]
     table = calibration_table[[c for c in columns if c in calibration_table]].merge(
         real, on="setting", how="inner"
@@ -330,7 +357,15 @@ def agreement(
         "spearman_selection_vs_real_selection_score": spearman(
             table, "selection_score", "real_selection_score"
         ),
-        **{f"spearman_{syn}_vs_{real}": spearman(table, syn, real) for real, syn in AGREEMENT_PAIRS.items()},
+        **{
+            f"spearman_{syn}_vs_{real}": spearman(table, syn, real)
+            for real, syn in AGREEMENT_PAIRS.items()
+            if real in table
+        },
     }
+    if "real_image_auroc_at_defect" in table:
+        correlations["spearman_selection_vs_real_image_auroc_at_defect"] = spearman(
+            table, "selection_score", "real_image_auroc_at_defect"
+        )
     table["real_rank"] = table["real_selection_score"].rank(ascending=False, method="min").astype(int)
     return table, correlations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import torch
 
 from anomaly_ae.evaluation.metrics import (
     aupro,
@@ -13,6 +14,7 @@ from anomaly_ae.evaluation.metrics import (
     pixel_auroc,
     summarise_ssim,
 )
+from anomaly_ae.scoring.anomaly_map import image_score
 
 #: The names logged to MLflow; the same in the evaluate pipeline and the loss study.
 HEADLINE_METRICS = (
@@ -26,6 +28,9 @@ HEADLINE_METRICS = (
     "ssim_defect_std",
     "threshold",
 )
+
+#: Where the image score comes from (:func:`defect_region_metrics`); also logged to MLflow.
+REGION_METRICS = ("image_auroc_at_defect", "image_auroc_off_defect")
 
 
 def known_masks(has_mask: np.ndarray | None, n_images: int) -> np.ndarray:
@@ -89,6 +94,7 @@ PER_TYPE_COLUMNS = (
     "image_auroc",
     "pixel_auroc",
     "aupro",
+    *REGION_METRICS,
     "recall_at_threshold",
 )
 
@@ -102,12 +108,17 @@ def per_defect_type(
     threshold: float,
     fpr_limit: float = 0.3,
     has_mask: np.ndarray | None = None,
+    margin: int = 16,
+    reduction: str = "max",
+    topk_fraction: float = 0.01,
 ) -> pd.DataFrame:
     """One row per test defect type: that type's images against every good test image.
 
-    Image AUROC, pixel AUROC and AUPRO (good images' pixels as the negatives), and the share
-    of the type's images flagged at ``threshold``. Pixel metrics are NaN for a type without
-    masks (``has_masks`` False), so a user sees which kind of defect a model misses."""
+    Image AUROC, pixel AUROC and AUPRO (good images' pixels as the negatives), the image
+    AUROC at and off the defect (:func:`defect_region_metrics` with ``margin``, ``reduction``
+    and ``topk_fraction``: the map's own score), and the share of the type's images flagged
+    at ``threshold``. Pixel metrics are NaN for a type without masks (``has_masks`` False),
+    so a user sees which kind of defect a model misses."""
     defect_types = np.asarray(defect_types).astype(str)
     labels = np.asarray(labels).astype(int)
     scores = np.asarray(scores)
@@ -132,7 +143,70 @@ def per_defect_type(
                 "image_auroc": image_auroc(labels[chosen], scores[chosen]) if normal.any() else float("nan"),
                 "pixel_auroc": pixel,
                 "aupro": pro,
+                **defect_region_metrics(
+                    labels[chosen],
+                    np.asarray(maps)[chosen],
+                    np.asarray(masks)[chosen],
+                    margin,
+                    reduction,
+                    topk_fraction,
+                    known[chosen],
+                ),
                 "recall_at_threshold": float(np.mean(scores[own] > threshold)),
             }
         )
     return pd.DataFrame(rows, columns=list(PER_TYPE_COLUMNS))
+
+
+def near_defect(masks: np.ndarray, margin: int) -> np.ndarray:
+    """Per image, the pixels within ``margin`` px (a square neighbourhood) of its labelled
+    defect: the masks dilated by ``margin``."""
+    masks = torch.as_tensor(np.asarray(masks) > 0)
+    if margin < 0:
+        raise ValueError(f"evaluation.defect_margin must be >= 0 px, got {margin}")
+    if margin == 0 or masks.numel() == 0:
+        return masks.numpy()
+    grown = torch.nn.functional.max_pool2d(masks[:, None].float(), 2 * margin + 1, stride=1, padding=margin)
+    return grown[:, 0].bool().numpy()
+
+
+def defect_region_metrics(
+    labels: np.ndarray,
+    maps: np.ndarray,
+    masks: np.ndarray,
+    margin: int,
+    reduction: str = "max",
+    topk_fraction: float = 0.01,
+    has_mask: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Where does the image score come from? Good images keep their whole-map score; each
+    defective image with a mask is scored (same reduction) twice more:
+
+    * ``image_auroc_at_defect``: only within ``margin`` px of its labelled defect. Does the
+      defect itself stand out above the good images? Nothing else in the image can help.
+    * ``image_auroc_off_defect``: only farther than ``margin`` px from it. The label-leak
+      check: near 0.5 (or below: a smaller region has a lower maximum) when the defect is
+      what makes an image defective; high when the rest of a defective image already
+      differs from the good ones (other lighting, wear, a different batch), and then the
+      plain image AUROC measures that difference, not the detection of the defect.
+
+    NaN when there is no good image or no defective image with a mask (or, for
+    ``off_defect``, when the margin covers a whole image)."""
+    labels = np.asarray(labels).astype(int)
+    known = known_masks(has_mask, len(labels))
+    bad = (labels == 1) & known & (np.asarray(masks) > 0).reshape(len(labels), -1).any(axis=1)
+    good = labels == 0
+    nan = {name: float("nan") for name in REGION_METRICS}
+    if not good.any() or not bad.any():
+        return nan
+    maps = torch.as_tensor(np.asarray(maps))
+    near = near_defect(np.asarray(masks)[bad], margin)
+    good_scores = image_score(maps[good], reduction, topk_fraction).numpy()
+    result = dict(nan)
+    for name, region in (("image_auroc_at_defect", near), ("image_auroc_off_defect", ~near)):
+        if not region.reshape(len(region), -1).any(axis=1).all():
+            continue
+        bad_scores = image_score(maps[bad], reduction, topk_fraction, torch.from_numpy(region)).numpy()
+        y = np.r_[np.zeros(len(good_scores), int), np.ones(len(bad_scores), int)]
+        result[name] = image_auroc(y, np.r_[good_scores, bad_scores])
+    return result

@@ -28,6 +28,10 @@ SYNTHETIC_WARNING = (
 
 METRIC_LABELS = {
     "image_auroc": "Image AUROC",
+    "image_auroc_at_defect": "Image AUROC, defective images scored only near their defect",
+    "image_auroc_off_defect": (
+        "Image AUROC, defective images scored only away from their defect (≈ 0.5 expected)"
+    ),
     "pixel_auroc": "Pixel AUROC",
     "aupro": "AUPRO (FPR ≤ 0.3, normalised)",
     "image_f1_max": "Image F1-max",

@@ -15,7 +15,15 @@ from anomaly_ae.data.transforms import as_unit_float
 from anomaly_ae.evaluation import calibration, tables
 from anomaly_ae.evaluation.metrics import calibrate_threshold
 from anomaly_ae.evaluation.stress import STRESS_COLUMNS, stress_table
-from anomaly_ae.evaluation.summary import HEADLINE_METRICS, detection_metrics, known_masks, per_defect_type
+from anomaly_ae.evaluation.summary import (
+    HEADLINE_METRICS,
+    REGION_METRICS,
+    defect_region_metrics,
+    detection_metrics,
+    known_masks,
+    near_defect,
+    per_defect_type,
+)
 from anomaly_ae.model import AutoencoderConfig, config_for_images
 from anomaly_ae.model.checkpoint import checkpoint_fingerprint, model_from_checkpoint
 from anomaly_ae.scoring import MapSettings, NormalReference
@@ -182,6 +190,16 @@ def compute_metrics(
         evaluation["aupro_fpr_limit"],
         has_mask=has_mask,
     )
+    score = MapSettings.from_dict(map_settings)
+    region_options = {
+        "margin": int(evaluation["defect_margin"]),
+        "reduction": score.score_reduction,
+        "topk_fraction": score.topk_fraction,
+        "has_mask": has_mask,
+    }
+    metrics.update(
+        defect_region_metrics(labels, test_scores["map"], test_images["masks"], **region_options)
+    )
     by_type = per_defect_type(
         ssim_table["defect_type"].to_numpy(),
         labels,
@@ -190,11 +208,14 @@ def compute_metrics(
         test_scores["map"],
         threshold["value"],
         evaluation["aupro_fpr_limit"],
-        has_mask=has_mask,
+        **region_options,
     )
     log.info(
-        "image AUROC %.4f | pixel AUROC %.4f | AUPRO %.4f | F1-max %.4f | threshold %.4f",
+        "image AUROC %.4f (at the defect %.4f, off it %.4f) | pixel AUROC %.4f | AUPRO %.4f | "
+        "F1-max %.4f | threshold %.4f",
         metrics["image_auroc"],
+        metrics["image_auroc_at_defect"],
+        metrics["image_auroc_off_defect"],
         metrics["pixel_auroc"],
         metrics["aupro"],
         metrics["image_f1_max"],
@@ -221,8 +242,11 @@ def compute_metrics(
         "defect_types_without_masks": unmasked,
     }
     mlflow_metrics = {name: {"value": float(metrics[name]), "step": 0} for name in HEADLINE_METRICS}
+    mlflow_metrics.update(
+        {name: {"value": metrics[name], "step": 0} for name in REGION_METRICS if np.isfinite(metrics[name])}
+    )
     for row in by_type.itertuples():
-        for name in ("image_auroc", "pixel_auroc", "aupro"):
+        for name in ("image_auroc", "pixel_auroc", "aupro", *REGION_METRICS):
             value = getattr(row, name)
             if np.isfinite(value):
                 mlflow_metrics[f"{name}.{_metric_name(row.defect_type)}"] = {"value": float(value), "step": 0}
@@ -311,13 +335,15 @@ def grid_agreement(
         batch,
         scale=float(calibration_table["l2_scale"].iloc[0]),
         pixel_known=has_mask[bad],
+        defect_regions=near_defect(test_images["masks"][bad], int(evaluation["defect_margin"])),
     )
     table, correlations = calibration.agreement(calibration_table, real)
     log.info(
-        "Synthetic selection score vs real test metrics over %d settings, Spearman: image AUROC %.3f, "
-        "pixel AUROC %.3f",
+        "Synthetic selection score vs real test metrics over %d settings, Spearman: image AUROC %.3f "
+        "(defective images scored at the defect: %.3f), pixel AUROC %.3f",
         len(table),
         correlations["spearman_selection_vs_real_image_auroc"],
+        correlations.get("spearman_selection_vs_real_image_auroc_at_defect", float("nan")),
         correlations["spearman_selection_vs_real_pixel_auroc"],
     )
     return table, {

@@ -1,0 +1,87 @@
+"""Where does the image score come from? Scoring defective images near / away from their defect."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from anomaly_ae.evaluation.summary import defect_region_metrics, near_defect, per_defect_type
+
+H = W = 48
+
+
+def _set(rng: np.random.Generator, leak: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """20 good and 20 defective maps of noise; each defect lights up a 4x4 square, and the
+    defective images' whole map is raised by ``leak`` (another batch, other lighting)."""
+    labels = np.r_[np.zeros(20, int), np.ones(20, int)]
+    maps = rng.normal(0, 1, (40, H, W)).astype(np.float32)
+    masks = np.zeros((40, H, W), np.uint8)
+    for i in range(20, 40):
+        y, x = rng.integers(4, H - 8, 2)
+        masks[i, y : y + 4, x : x + 4] = 1
+        maps[i, y : y + 4, x : x + 4] += 6.0
+        maps[i] += leak
+    return labels, maps, masks
+
+
+def test_near_defect_grows_the_mask_by_the_margin():
+    masks = np.zeros((1, 9, 9), np.uint8)
+    masks[0, 4, 4] = 1
+    assert near_defect(masks, 0).sum() == 1
+    grown = near_defect(masks, 2)
+    assert grown.sum() == 25 and grown[0, 2:7, 2:7].all()
+    with pytest.raises(ValueError, match="defect_margin"):
+        near_defect(masks, -1)
+
+
+def test_a_clean_label_is_found_at_the_defect_and_not_away_from_it():
+    labels, maps, masks = _set(np.random.default_rng(0), leak=0.0)
+    result = defect_region_metrics(labels, maps, masks, margin=4)
+    assert result["image_auroc_at_defect"] == 1.0
+    assert result["image_auroc_off_defect"] < 0.7  # chance or below: nothing there
+
+
+def test_a_leaking_label_is_caught_away_from_the_defect():
+    labels, maps, masks = _set(np.random.default_rng(0), leak=1.0)
+    result = defect_region_metrics(labels, maps, masks, margin=4)
+    assert result["image_auroc_off_defect"] > 0.95  # the rest of the image gives it away
+    assert result["image_auroc_at_defect"] == 1.0
+    # with mean scores the leak is all there is away from the defect
+    assert defect_region_metrics(labels, maps, masks, 4, reduction="mean")["image_auroc_off_defect"] == 1.0
+
+
+def test_images_without_masks_are_left_out_and_nan_when_none_is_left():
+    labels, maps, masks = _set(np.random.default_rng(1), leak=0.0)
+    known = np.ones(40, bool)
+    known[20:30] = False
+    partial = defect_region_metrics(labels, maps, masks, 4, has_mask=known)
+    assert partial["image_auroc_at_defect"] == 1.0
+    none = defect_region_metrics(labels, maps, masks, 4, has_mask=labels == 0)
+    assert np.isnan(none["image_auroc_at_defect"]) and np.isnan(none["image_auroc_off_defect"])
+    # a margin that covers every image leaves nothing away from the defect
+    covered = defect_region_metrics(labels, maps, masks, margin=H)
+    assert covered["image_auroc_at_defect"] == 1.0 and np.isnan(covered["image_auroc_off_defect"])
+
+
+def test_per_defect_type_reports_both_per_type():
+    labels, maps, masks = _set(np.random.default_rng(2), leak=0.0)
+    types = np.array(["good"] * 20 + ["scratch"] * 10 + ["dent"] * 10)
+    maps[30:] += 1.0  # dents come from another batch
+    table = per_defect_type(types, labels, maps.reshape(40, -1).max(1), masks, maps, threshold=3.0, margin=4)
+    rows = table.set_index("defect_type")
+    assert rows.loc["dent", "image_auroc_off_defect"] > 0.9 > rows.loc["scratch", "image_auroc_off_defect"]
+    assert (rows["image_auroc_at_defect"] == 1.0).all()
+
+
+def test_the_report_section_shows_both_and_warns_when_the_label_leaks():
+    from anomaly_ae.pipelines.evaluate.reporting_nodes import LEAK_WARNING, defect_region_section
+
+    clean = defect_region_section(
+        {"image_auroc": 0.99, "image_auroc_at_defect": 0.98, "image_auroc_off_defect": 0.52}, 16
+    )
+    assert "0.9800" in clean and "0.5200" in clean and "16 px" in clean and "leaks" not in clean
+    leaky = defect_region_section(
+        {"image_auroc": 0.97, "image_auroc_at_defect": 0.87, "image_auroc_off_defect": LEAK_WARNING + 0.2}, 16
+    )
+    assert "the label leaks" in leaky
+    assert "Not computed" in defect_region_section({"image_auroc": 0.9}, 16)
