@@ -375,30 +375,6 @@ def test_image_score_reductions() -> None:
         image_score(torch.zeros(5), "max")
 
 
-def test_image_score_on_a_region_uses_only_its_pixels() -> None:
-    amap = torch.zeros(2, 1, 10, 10)
-    amap[0, 0, 0, :] = torch.arange(10, dtype=torch.float32)  # 0..9 in row 0
-    amap[1] = torch.arange(100, dtype=torch.float32).reshape(10, 10)
-    region = torch.zeros(2, 10, 10, dtype=torch.bool)
-    region[0, 0, :4] = True  # 0, 1, 2, 3
-    region[1, 5:, :] = True  # 50..99
-    assert torch.allclose(image_score(amap, "max", region=region), torch.tensor([3.0, 99.0]))
-    assert torch.allclose(image_score(amap, "mean", region=region), torch.tensor([1.5, 74.5]))
-    # the top fraction of each region: ceil(0.5 * 4) = 2 -> (3 + 2) / 2; ceil(0.5 * 50) = 25 -> 87
-    assert torch.allclose(image_score(amap, "topk_mean", 0.5, region=region), torch.tensor([2.5, 87.0]))
-    # the whole image as the region is the plain score
-    everywhere = torch.ones(2, 10, 10, dtype=torch.bool)
-    for reduction in ("max", "mean", "topk_mean"):
-        assert torch.allclose(
-            image_score(amap, reduction, 0.05, region=everywhere), image_score(amap, reduction, 0.05)
-        )
-    region[1] = False
-    with pytest.raises(ValueError, match=r"empty for image\(s\) \[1\]"):
-        image_score(amap, "max", region=region)
-    with pytest.raises(ValueError, match="does not match"):
-        image_score(amap, "max", region=torch.ones(2, 5, 5, dtype=torch.bool))
-
-
 def test_defect_scores_higher_than_a_good_reconstruction(patched) -> None:
     x, recon = patched
     good = (0.98 * x + 0.01).clamp(0, 1)  # a near-perfect reconstruction

@@ -211,8 +211,9 @@ def test_agreement_ranks_the_grid_against_the_real_metrics():
 
 
 def test_grid_scores_defect_images_at_their_defect_when_given_regions(sets):
-    """With defect regions the grid adds the image AUROC with each defect image scored only
-    in its region, equal to scoring that region directly; without them the table is as before."""
+    """With defect regions the grid adds the image AUROC with each defect image's map kept in
+    its region and the normal mean map elsewhere, equal to computing it directly; without
+    regions the table is as before."""
     train, normal, defects = sets
     plain, _ = calibration.score_grid(SMALL_GRID, MapSettings(), train, normal, defects, batch_size=4)
     regions = defects[2] > 0
@@ -224,7 +225,8 @@ def test_grid_scores_defect_images_at_their_defect_when_given_regions(sets):
     s = calibration.build_grid(SMALL_GRID, MapSettings(), scale)[0].settings  # the paper's map
     maps = anomaly_map(torch.from_numpy(defects[0]), torch.from_numpy(defects[1]), s)[:, 0]
     normal_maps = anomaly_map(torch.from_numpy(normal[0]), torch.from_numpy(normal[1]), s)[:, 0]
-    local = image_score(maps, "max", region=torch.from_numpy(regions)).numpy()
+    typical = anomaly_map(torch.from_numpy(train[0]), torch.from_numpy(train[1]), s)[:, 0].mean(dim=0)
+    local = image_score(torch.where(torch.from_numpy(regions), maps, typical)).numpy()
     y = np.r_[np.zeros(len(normal_maps)), np.ones(len(local))]
     expected = image_auroc(y, np.r_[image_score(normal_maps).numpy(), local])
     assert table.iloc[0]["syn_image_auroc_at_defect"] == pytest.approx(expected, abs=1e-9)

@@ -63,6 +63,17 @@ def test_images_without_masks_are_left_out_and_nan_when_none_is_left():
     assert covered["image_auroc_at_defect"] == 1.0 and np.isnan(covered["image_auroc_off_defect"])
 
 
+def test_the_unscored_part_looks_like_the_normal_mean_map():
+    """Mean scores stay fair: a defect image is not scored on its small region alone (that
+    would inflate its mean) but on its map with the rest replaced by the typical normal map."""
+    labels, maps, masks = _set(np.random.default_rng(3), leak=0.0)
+    maps = maps + 5.0  # an uncorrected map: normal images light up at 5 everywhere
+    fair = defect_region_metrics(labels, maps, masks, 0, reduction="mean", typical=np.full((H, W), 5.0))
+    unfair = defect_region_metrics(labels, maps, masks, 0, reduction="mean", typical=0.0)
+    assert fair["image_auroc_off_defect"] < 0.75  # no leak here
+    assert unfair["image_auroc_off_defect"] < 0.1 and unfair["image_auroc_at_defect"] < 0.1  # all "normal"
+
+
 def test_per_defect_type_reports_both_per_type():
     labels, maps, masks = _set(np.random.default_rng(2), leak=0.0)
     types = np.array(["good"] * 20 + ["scratch"] * 10 + ["dent"] * 10)

@@ -199,8 +199,9 @@ def score_grid(
     grid can be scored on other images (:func:`agreement`); ``pixel_known`` (per defect
     image) leaves defect images without a mask out of the pixel AUROC. ``defect_regions``
     (bool, per defect image, e.g. its mask grown by a margin) adds ``syn_image_auroc_at_defect``:
-    the image AUROC with each defect image (with a known, non-empty mask) scored only in its
-    region."""
+    the image AUROC with each defect image (with a known, non-empty mask) scored on its map
+    kept in its region and the normal mean map elsewhere (as
+    :func:`~anomaly_ae.evaluation.summary.defect_region_metrics` does)."""
     grid_windows = {
         int(w) for entry in grid["win_size"] for w in (entry if isinstance(entry, list) else [entry])
     }
@@ -230,7 +231,7 @@ def score_grid(
     if defect_regions is not None:
         regions = torch.from_numpy(np.asarray(defect_regions, bool))
         scored = pixel_rows[n_normal:] & regions.flatten(1).any(dim=1).numpy()
-        at_defect = (np.flatnonzero(scored), regions[torch.from_numpy(scored)])
+        at_defect = [np.flatnonzero(scored), regions[torch.from_numpy(scored)], None]
 
     rows: dict[GridPoint, dict] = {}
     by_sigma: dict[float, dict[tuple, list[GridPoint]]] = {}
@@ -249,6 +250,8 @@ def score_grid(
                 by_map.setdefault(point.settings.normal_reference, []).append(point)
             for mode, group in by_map.items():
                 maps = eval_raw if mode == "none" else correct(eval_raw, *reference.as_tensors(mode))
+                if at_defect is not None:  # the normal mean map where a defect image is not scored
+                    at_defect[2] = torch.from_numpy(reference.typical(mode))
                 pixel = rank_auroc(masks[pixel_rows].ravel(), maps.numpy()[pixel_rows].ravel())
                 for point in group:
                     rows[point] = _image_metrics(
@@ -284,9 +287,10 @@ def _image_metrics(settings, maps, labels, kinds, n_normal, pixel, at_defect=Non
     for kind in sorted(set(kinds)):
         keep = np.r_[np.ones(n_normal, bool), kinds == kind]  # the normals vs this kind
         per_kind[f"syn_image_auroc_{kind}"] = rank_auroc(labels[keep], scores[keep])
-    if at_defect is not None:  # the defect images scored in their regions only
-        rows, regions = at_defect
-        local = image_score(maps[n_normal + rows], reduction, fraction, regions).numpy()
+    if at_defect is not None:  # the defect images' maps kept in their regions only
+        rows, regions, typical = at_defect
+        kept = torch.where(regions, maps[n_normal + rows], typical.to(maps.dtype))
+        local = image_score(kept, reduction, fraction).numpy()
         per_kind["syn_image_auroc_at_defect"] = (
             rank_auroc(np.r_[np.zeros(n_normal), np.ones(len(rows))], np.r_[scores[:n_normal], local])
             if len(rows)

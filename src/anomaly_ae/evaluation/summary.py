@@ -111,12 +111,13 @@ def per_defect_type(
     margin: int = 16,
     reduction: str = "max",
     topk_fraction: float = 0.01,
+    typical: np.ndarray | float = 0.0,
 ) -> pd.DataFrame:
     """One row per test defect type: that type's images against every good test image.
 
     Image AUROC, pixel AUROC and AUPRO (good images' pixels as the negatives), the image
-    AUROC at and off the defect (:func:`defect_region_metrics` with ``margin``, ``reduction``
-    and ``topk_fraction``: the map's own score), and the share of the type's images flagged
+    AUROC at and off the defect (:func:`defect_region_metrics` with ``margin``, ``reduction``,
+    ``topk_fraction`` and ``typical``: the map's own score), and the share of the type's images flagged
     at ``threshold``. Pixel metrics are NaN for a type without masks (``has_masks`` False),
     so a user sees which kind of defect a model misses."""
     defect_types = np.asarray(defect_types).astype(str)
@@ -151,6 +152,7 @@ def per_defect_type(
                     reduction,
                     topk_fraction,
                     known[chosen],
+                    typical,
                 ),
                 "recall_at_threshold": float(np.mean(scores[own] > threshold)),
             }
@@ -178,17 +180,22 @@ def defect_region_metrics(
     reduction: str = "max",
     topk_fraction: float = 0.01,
     has_mask: np.ndarray | None = None,
+    typical: np.ndarray | float = 0.0,
 ) -> dict[str, float]:
-    """Where does the image score come from? Good images keep their whole-map score; each
-    defective image with a mask is scored (same reduction) twice more:
+    """Where does the image score come from? Good images keep their score; each defective
+    image with a mask is scored twice more, with the same reduction, on its map with one part
+    replaced by ``typical`` (the normal images' mean map in the map's units,
+    :meth:`~anomaly_ae.scoring.NormalReference.typical`: as if that part looked normal):
 
-    * ``image_auroc_at_defect``: only within ``margin`` px of its labelled defect. Does the
-      defect itself stand out above the good images? Nothing else in the image can help.
-    * ``image_auroc_off_defect``: only farther than ``margin`` px from it. The label-leak
-      check: near 0.5 (or below: a smaller region has a lower maximum) when the defect is
-      what makes an image defective; high when the rest of a defective image already
-      differs from the good ones (other lighting, wear, a different batch), and then the
-      plain image AUROC measures that difference, not the detection of the defect.
+    * ``image_auroc_at_defect``: its map kept only within ``margin`` px of its labelled
+      defect. Does the defect itself stand out above the good images? Nothing else in the
+      image can help.
+    * ``image_auroc_off_defect``: its map kept only farther than ``margin`` px from the
+      defect. The label-leak check: about 0.5 or below (a mean map is calmer than a real
+      image's) when the defect is what makes an image defective; high when the rest of a
+      defective image already differs from the good ones (other lighting, wear, another
+      batch), and then the plain image AUROC measures that difference, not the detection of
+      the defect.
 
     NaN when there is no good image or no defective image with a mask (or, for
     ``off_defect``, when the margin covers a whole image)."""
@@ -196,17 +203,18 @@ def defect_region_metrics(
     known = known_masks(has_mask, len(labels))
     bad = (labels == 1) & known & (np.asarray(masks) > 0).reshape(len(labels), -1).any(axis=1)
     good = labels == 0
-    nan = {name: float("nan") for name in REGION_METRICS}
+    result = {name: float("nan") for name in REGION_METRICS}
     if not good.any() or not bad.any():
-        return nan
+        return result
     maps = torch.as_tensor(np.asarray(maps))
-    near = near_defect(np.asarray(masks)[bad], margin)
+    typical = torch.as_tensor(np.asarray(typical, dtype=np.float32)).to(maps.dtype)
+    near = torch.from_numpy(near_defect(np.asarray(masks)[bad], margin))
+    near = near.reshape(maps[bad].shape)  # (N, H, W), or (N, 1, H, W) maps
     good_scores = image_score(maps[good], reduction, topk_fraction).numpy()
-    result = dict(nan)
-    for name, region in (("image_auroc_at_defect", near), ("image_auroc_off_defect", ~near)):
-        if not region.reshape(len(region), -1).any(axis=1).all():
-            continue
-        bad_scores = image_score(maps[bad], reduction, topk_fraction, torch.from_numpy(region)).numpy()
-        y = np.r_[np.zeros(len(good_scores), int), np.ones(len(bad_scores), int)]
-        result[name] = image_auroc(y, np.r_[good_scores, bad_scores])
+    y = np.r_[np.zeros(len(good_scores), int), np.ones(int(bad.sum()), int)]
+    for name, keep in (("image_auroc_at_defect", near), ("image_auroc_off_defect", ~near)):
+        if keep.flatten(1).any(dim=1).all():
+            kept = torch.where(keep, maps[bad], typical)
+            scores = image_score(kept, reduction, topk_fraction).numpy()
+            result[name] = image_auroc(y, np.r_[good_scores, scores])
     return result

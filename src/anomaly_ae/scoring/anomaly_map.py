@@ -246,17 +246,10 @@ def score_maps(
     return _correct(compose(terms, settings), settings, reference), valid.flatten(1).mean(-1).float()
 
 
-def image_score(
-    amap: Tensor, reduction: str = "max", topk_fraction: float = 0.01, region: Tensor | None = None
-) -> Tensor:
+def image_score(amap: Tensor, reduction: str = "max", topk_fraction: float = 0.01) -> Tensor:
     """One float32 score per image from maps ``(N, ...)`` (computed in the maps' precision,
     float32 at least): the maximum pixel, the mean pixel, or the mean of the
-    ``ceil(topk_fraction * pixels)`` highest pixels (``topk_mean``).
-
-    ``region`` (bool, the maps' shape without the channel, or the maps' shape) scores each
-    image on its region's pixels only (``topk_mean``: the top fraction of the region); every
-    image needs at least one pixel in it. The evaluation uses it to ask where an image's
-    score comes from (:func:`anomaly_ae.evaluation.summary.defect_region_metrics`)."""
+    ``ceil(topk_fraction * pixels)`` highest pixels (``topk_mean``)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"score reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not 0 < topk_fraction <= 1:
@@ -264,33 +257,12 @@ def image_score(
     if amap.dim() < 2:
         raise ValueError(f"maps must have a batch dimension and pixels, got shape {tuple(amap.shape)}")
     flat = (amap if amap.dtype == torch.float64 else amap.float()).reshape(amap.shape[0], -1)
-    if region is not None:
-        return _region_score(flat, region, reduction, topk_fraction)
     if reduction == "max":
         return flat.max(dim=1).values.float()
     if reduction == "mean":
         return flat.mean(dim=1).float()
     k = max(1, math.ceil(topk_fraction * flat.shape[1]))
     return flat.topk(k, dim=1).values.mean(dim=1).float()
-
-
-def _region_score(flat: Tensor, region: Tensor, reduction: str, topk_fraction: float) -> Tensor:
-    inside = torch.as_tensor(region, dtype=torch.bool, device=flat.device).reshape(flat.shape[0], -1)
-    if inside.shape != flat.shape:
-        raise ValueError(f"the score region {tuple(region.shape)} does not match the maps' pixels")
-    counts = inside.sum(dim=1)
-    if bool((counts == 0).any()):
-        empty = torch.nonzero(counts == 0).flatten().tolist()
-        raise ValueError(f"the score region is empty for image(s) {empty}")
-    if reduction == "max":
-        return flat.masked_fill(~inside, -math.inf).max(dim=1).values.float()
-    if reduction == "mean":
-        return (flat.masked_fill(~inside, 0).sum(dim=1) / counts).float()
-    top = [
-        row[keep].topk(max(1, math.ceil(topk_fraction * int(n)))).values.mean()
-        for row, keep, n in zip(flat, inside, counts, strict=True)
-    ]
-    return torch.stack(top).float()
 
 
 def reference_tensors(reference, mode: str, device) -> tuple[Tensor, Tensor | None] | None:

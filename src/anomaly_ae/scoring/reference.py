@@ -89,6 +89,11 @@ class NormalReference:
         std = torch.as_tensor(self.std, dtype=torch.float32).to(device)
         return mean, (std + std.mean()).clamp_min(torch.finfo(torch.float32).eps)
 
+    def typical(self, mode: str) -> np.ndarray:
+        """The normal images' mean map in the units of ``mode``'s corrected maps: the mean
+        map itself for ``none``, zeros for ``mean`` and ``zscore`` (by construction)."""
+        return self.mean.copy() if check_mode(mode) == "none" else np.zeros_like(self.mean)
+
     def apply(self, maps: torch.Tensor, mode: str) -> torch.Tensor:
         """Correct ``(N, 1, H, W)`` or ``(N, H, W)`` maps (float32, any device) by ``mode``."""
         if check_mode(mode) == "none":

@@ -174,6 +174,7 @@ def compute_metrics(
     model_checkpoint: dict,
     dataset_info: dict[str, Any],
     map_settings: dict[str, Any],
+    normal_reference: dict[str, np.ndarray],
     evaluation: dict[str, Any],
 ) -> tuple[dict[str, Any], dict[str, dict[str, float]], pd.DataFrame]:
     """All metrics (versioned JSON), the headline ones for MLflow, and the metrics per test
@@ -196,6 +197,8 @@ def compute_metrics(
         "reduction": score.score_reduction,
         "topk_fraction": score.topk_fraction,
         "has_mask": has_mask,
+        # the part of a map not scored looks like the normal images' mean map
+        "typical": NormalReference.from_arrays(normal_reference).typical(score.normal_reference),
     }
     metrics.update(
         defect_region_metrics(labels, test_scores["map"], test_images["masks"], **region_options)

@@ -81,6 +81,7 @@ def evaluation_nodes() -> Pipeline:
                     "model_checkpoint",
                     "dataset_info",
                     "map_settings",
+                    "normal_reference",
                     "params:evaluation",
                 ],
                 ["evaluation_metrics", "evaluation_mlflow_metrics", "defect_type_table"],
