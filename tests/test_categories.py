@@ -76,6 +76,7 @@ def test_two_categories_in_one_run_each_with_its_own_outputs_runs_and_a_summary(
     summary = pd.read_csv(project.latest("data/08_reporting/summary/summary_table.csv"))
     assert list(summary["category"]) == ["bottle", "carpet", "mean"]
     assert summary.loc[2, "image_auroc"] == pytest.approx(summary.loc[:1, "image_auroc"].mean())
+    assert summary.loc[:1, ["image_auroc_at_defect", "image_auroc_off_defect"]].notna().all().all()
     assert (summary.loc[:1, "epochs"] == 20).all() and (summary.loc[:1, "train_images"] == 36).all()
     markdown = project.latest("data/08_reporting/summary/summary.md").read_text()
     assert markdown.startswith("| category") and "| carpet" in markdown
@@ -87,4 +88,5 @@ def test_two_categories_in_one_run_each_with_its_own_outputs_runs_and_a_summary(
     assert set(children) == {"bottle", "carpet"}
     for run in children.values():
         assert run.info.status == "FINISHED" and "image_auroc" in run.data.metrics
+        assert {"image_auroc_at_defect", "image_auroc_off_defect"} <= set(run.data.metrics)
     assert [a.path for a in client.list_artifacts(top.info.run_id)] == ["summary"]

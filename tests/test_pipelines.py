@@ -116,6 +116,13 @@ def test_quick_run_trains_and_evaluates_with_the_calibrated_map(quick):
     assert in_use["real_image_auroc"] == pytest.approx(metrics["image_auroc"], abs=1e-4)
     assert "Spearman" in report
 
+    # where the image score comes from: the grid and the metrics compute the same at-defect
+    # AUROC for the map in use; the synthetic sample's labels are about its defects only
+    assert in_use["real_image_auroc_at_defect"] == pytest.approx(metrics["image_auroc_at_defect"], abs=1e-4)
+    assert metrics["image_auroc_off_defect"] < 0.75
+    assert {"image_auroc_at_defect", "image_auroc_off_defect"} <= set(per_type.columns)
+    assert "Where does the image score come from?" in report and "the label leaks" not in report
+
 
 def test_calibration_table_and_rule(quick):
     table = pd.read_csv(quick.latest(f"data/07_model_output/{NS}/calibration_table.csv"))

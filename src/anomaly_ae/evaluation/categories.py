@@ -17,13 +17,24 @@ COLUMNS = [
     "ssim_normal_mean",
     "ssim_defect_mean",
     "image_auroc",
+    "image_auroc_at_defect",
+    "image_auroc_off_defect",
     "pixel_auroc",
     "aupro",
     "image_f1_max",
     "threshold",
     "map",
 ]
-MEANED = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "ssim_normal_mean", "ssim_defect_mean"]
+MEANED = [
+    "image_auroc",
+    "image_auroc_at_defect",
+    "image_auroc_off_defect",
+    "pixel_auroc",
+    "aupro",
+    "image_f1_max",
+    "ssim_normal_mean",
+    "ssim_defect_mean",
+]
 
 
 def category_row(
@@ -34,9 +45,10 @@ def category_row(
     map_description: str,
 ) -> dict[str, Any]:
     """One row: what was trained (images, epochs, the best epoch by the monitored loss, the
-    training time) and what it measured (Table II's SSIM means, AUROCs, AUPRO, F1, threshold,
-    the map settings used). A metric that could not be computed (e.g. pixel metrics without
-    masks) is NaN."""
+    training time) and what it measured (Table II's SSIM means, AUROCs — at and off the
+    defect too: the label-leak check —, AUPRO, F1, threshold, the map settings used). A
+    metric that could not be computed (e.g. pixel metrics without masks, or metrics from an
+    older run) is NaN."""
     monitored = "val_loss" if "val_loss" in history and history["val_loss"].notna().any() else "train_loss"
     best = int(history.loc[history[monitored].idxmin(), "epoch"]) if len(history) else 0
     seconds = float(history["epoch_seconds"].sum()) if "epoch_seconds" in history else float("nan")
