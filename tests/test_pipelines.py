@@ -255,6 +255,15 @@ def test_a_missing_model_is_reported_with_the_command_that_makes_it(tmp_path):
             project.session_run(
                 pipeline=pipeline, env="quick", params={"predict": {"input_dir": str(tmp_path)}}
             )
+    # the refused runs are closed as FAILED, not left RUNNING and active in this process (a
+    # later session here, in another project, would log into them: Kedro calls no
+    # on_pipeline_error for a before_pipeline_run hook's error)
+    import mlflow
+
+    assert mlflow.active_run() is None
+    client = mlflow.MlflowClient(f"sqlite:///{project.path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FAILED"}
 
 
 def test_notebook_loads_the_results_through_the_catalog(quick):

@@ -11,6 +11,7 @@ from typing import Any
 from kedro.framework.hooks import hook_impl
 
 from anomaly_ae import parallel
+from anomaly_ae.hook_errors import refuses
 from anomaly_ae.parallel import retry_locked
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class MissingCheckpointHook:
     threshold) that does not exist, saying which command makes it."""
 
     @hook_impl
+    @refuses
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         needed = [n for n in pipeline.inputs() if n.rsplit(".", 1)[-1] in REQUIRED_ARTIFACTS]
         order = list(REQUIRED_ARTIFACTS)
@@ -141,6 +143,7 @@ class CachedInputsHook:
     the difference and the command that rebuilds them (:mod:`anomaly_ae.data.fingerprint`)."""
 
     @hook_impl
+    @refuses
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         from anomaly_ae import run_params as current_params
         from anomaly_ae.data import fingerprint

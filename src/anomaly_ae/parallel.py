@@ -46,6 +46,8 @@ from typing import Any, TypeVar
 
 from kedro.framework.hooks import hook_impl
 
+from anomaly_ae.hook_errors import refuses
+
 log = logging.getLogger(__name__)
 
 #: What Kedro's ParallelRunner reads to pick the multiprocessing start method.
@@ -309,6 +311,7 @@ class ParallelRunHook:
         self._previous: dict[str, str | None] | None = None
 
     @hook_impl
+    @refuses
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         if not is_parallel_run(catalog, run_params):
             return
