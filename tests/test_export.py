@@ -392,6 +392,12 @@ REAL_PARITY_MAPS = {
     "zscore_smooth4_max": {"smoothing_sigma": 4.0, "normal_reference": "zscore"},
     # unsmoothed z-score: nothing averages the differences away
     "zscore_max": {"normal_reference": "zscore"},
+    # with the z-scored low-pass difference: a second channel, its own reference, the max
+    "zscore_smooth4_lowpass4_max": {
+        "smoothing_sigma": 4.0,
+        "normal_reference": "zscore",
+        "lowpass_sigma": 4.0,
+    },
     "mean_smooth2_top1%": {
         "smoothing_sigma": 2.0,
         "score_reduction": "topk_mean",

@@ -212,3 +212,57 @@ def test_the_reference_fitted_batch_by_batch_equals_the_one_pass_fit():
     np.testing.assert_allclose(streamed.std, std.float().numpy(), rtol=1e-5)
     with pytest.raises(ValueError, match="at least 2"):
         ReferenceAccumulator().add(maps[:1]).result()
+
+
+# ------------------------------------------------------------------ the low-pass channel
+
+
+def test_the_lowpass_map_is_the_max_of_two_channels_each_in_its_normal_spread(model):
+    """lowpass_sigma > 0: the reference holds one (mean, std) per channel, and the map is the
+    per-pixel max of the z-scored map and the z-scored |blur(x - recon, sigma)|."""
+    from anomaly_ae.scoring.ssim import gaussian_blur
+
+    rng = np.random.default_rng(5)
+    train = rng.random((6, 1, SIZE, SIZE), dtype=np.float32)
+    test = rng.random((3, 1, SIZE, SIZE), dtype=np.float32)
+    test[0, 0, 8:20, 8:20] += 0.15  # a faint, wide stain
+    settings = MapSettings(smoothing_sigma=2.0, normal_reference="zscore", lowpass_sigma=4.0)
+    ref = fit_normal_reference(model, train, settings, batch_size=4, device="cpu", precision="fp32")
+    assert ref.mean.shape == ref.std.shape == (2, SIZE, SIZE) and ref.channels == 2
+    scored = reconstruct_and_score(model, test, settings, 3, device="cpu", precision="fp32", reference=ref)
+
+    plain_settings = MapSettings(smoothing_sigma=2.0, normal_reference="zscore")
+    plain_ref = fit_normal_reference(
+        model, train, plain_settings, batch_size=4, device="cpu", precision="fp32"
+    )
+    np.testing.assert_allclose(ref.mean[0], plain_ref.mean, rtol=1e-5, atol=1e-6)
+    plain = reconstruct_and_score(
+        model, test, plain_settings, 3, device="cpu", precision="fp32", reference=plain_ref
+    )
+
+    def lowpass_of(images):
+        recon = reconstruct_and_score(model, images, MapSettings(), 8, device="cpu", keep_maps=False)["recon"]
+        return gaussian_blur(torch.from_numpy(images - recon).double(), 4.0).abs()[:, 0].float()
+
+    lp_ref = NormalReference.fit(lowpass_of(train))
+    np.testing.assert_allclose(ref.mean[1], lp_ref.mean, rtol=1e-4, atol=1e-6)
+    lp_z = lp_ref.apply(lowpass_of(test), "zscore").numpy()
+    np.testing.assert_allclose(scored["map"], np.maximum(plain["map"], lp_z), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(scored["score"], scored["map"].reshape(3, -1).max(1), rtol=1e-6)
+
+    # the reference of a one-channel map does not serve a two-channel one, and vice versa
+    with pytest.raises(ValueError, match=r"2 channel\(s\).*refit"):
+        reconstruct_and_score(model, test, settings, 3, device="cpu", reference=plain_ref)
+    with pytest.raises(ValueError, match=r"1 channel\(s\).*refit"):
+        reconstruct_and_score(model, test, plain_settings, 3, device="cpu", reference=ref)
+    # and it survives the npz round trip
+    back = NormalReference.from_arrays(ref.to_arrays())
+    assert back.channels == 2 and np.array_equal(back.std, ref.std)
+
+
+def test_the_lowpass_channel_needs_the_zscore_and_is_named():
+    with pytest.raises(ValueError, match="lowpass_sigma.*normal_reference: zscore"):
+        MapSettings(lowpass_sigma=4.0, normal_reference="mean")
+    settings = MapSettings(smoothing_sigma=4.0, normal_reference="zscore", lowpass_sigma=8.0)
+    assert settings.describe() == "1-SSIM(11) smooth 4 ref-zscore + lowpass 8 max"
+    assert MapSettings.from_dict(settings.to_dict()) == settings

@@ -16,8 +16,9 @@ from the paper's map, then grid order.
 Levers (``calibration.grid``): ``blend`` (``ssim``: 1 - local SSIM; ``l2``: squared error;
 ``ssim+l2``: 1 - SSIM + s * squared error with ``s = mean(1 - SSIM) / mean(squared error)``
 on the normal validation images, so both terms weigh about the same), ``win_size`` (a window
-or a list of them: the multi-scale mean), ``smoothing_sigma``, ``normal_reference`` and
-``score_reduction``.
+or a list of them: the multi-scale mean), ``smoothing_sigma``, ``normal_reference``,
+``lowpass_sigma`` (with ``zscore`` only: the per-pixel max with the z-scored low-pass
+difference) and ``score_reduction``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import pandas as pd
 import torch
 
 from anomaly_ae.evaluation.metrics import rank_auroc
-from anomaly_ae.scoring.anomaly_map import MapSettings, blend, error_terms, image_score, smooth_terms
+from anomaly_ae.scoring.anomaly_map import MapSettings, blend, error_terms, image_score, lowpass, smooth_terms
 from anomaly_ae.scoring.inference import unit_float
 from anomaly_ae.scoring.reference import NormalReference, ReferenceAccumulator, correct
 
@@ -57,7 +58,7 @@ class GridPoint:
     @property
     def map_key(self) -> tuple:
         """Settings sharing this key share the corrected map (only the reduction differs)."""
-        return (*self.raw_key, self.settings.normal_reference)
+        return (*self.raw_key, self.settings.normal_reference, self.settings.lowpass_sigma)
 
     def levers_changed(self, paper: MapSettings) -> int:
         s = self.settings
@@ -72,6 +73,7 @@ class GridPoint:
             + int(s.smoothing_sigma != paper.smoothing_sigma)
             + int(s.score_reduction != paper.score_reduction)
             + int(s.normal_reference != paper.normal_reference)
+            + int(s.lowpass_sigma != paper.lowpass_sigma)
         )
 
 
@@ -83,15 +85,17 @@ def _weights(blend: str, scale: float) -> tuple[float, float]:
 
 def build_grid(grid: dict, paper: MapSettings, scale: float) -> list[GridPoint]:
     """Every combination of the levers in ``grid`` (keys ``blend``, ``win_size``,
-    ``scale_combine``, ``smoothing_sigma``, ``normal_reference``, ``score_reduction``), the
-    paper's map first. A squared-error-only blend has no SSIM window, so it is listed once;
-    ``scale_combine`` only varies for multi-scale windows."""
+    ``scale_combine``, ``smoothing_sigma``, ``normal_reference``, ``lowpass_sigma``,
+    ``score_reduction``), the paper's map first. A squared-error-only blend has no SSIM
+    window, so it is listed once; ``scale_combine`` only varies for multi-scale windows; a
+    low-pass channel only goes with the ``zscore`` reference."""
     expected = {
         "blend",
         "win_size",
         "scale_combine",
         "smoothing_sigma",
         "normal_reference",
+        "lowpass_sigma",
         "score_reduction",
     }
     if set(grid) != expected:
@@ -107,20 +111,23 @@ def build_grid(grid: dict, paper: MapSettings, scale: float) -> list[GridPoint]:
             for combine in grid["scale_combine"] if multi else [paper.scale_combine]:
                 for sigma in grid["smoothing_sigma"]:
                     for reference in grid["normal_reference"]:
-                        for reduction in grid["score_reduction"]:
-                            settings = dataclasses.replace(
-                                paper,
-                                ssim_weight=ssim_w,
-                                l2_weight=l2_w,
-                                win_size=tuple(window) if isinstance(window, list) else window,
-                                scale_combine=combine,
-                                smoothing_sigma=float(sigma),
-                                normal_reference=reference,
-                                score_reduction=reduction,
-                            )
-                            if settings not in seen:
-                                seen.add(settings)
-                                points.append(GridPoint(blend_name, settings))
+                        lowpasses = grid["lowpass_sigma"] if reference == "zscore" else [0.0]
+                        for low in lowpasses:
+                            for reduction in grid["score_reduction"]:
+                                settings = dataclasses.replace(
+                                    paper,
+                                    ssim_weight=ssim_w,
+                                    l2_weight=l2_w,
+                                    win_size=tuple(window) if isinstance(window, list) else window,
+                                    scale_combine=combine,
+                                    smoothing_sigma=float(sigma),
+                                    normal_reference=reference,
+                                    lowpass_sigma=float(low),
+                                    score_reduction=reduction,
+                                )
+                                if settings not in seen:
+                                    seen.add(settings)
+                                    points.append(GridPoint(blend_name, settings))
     return points
 
 
@@ -132,7 +139,12 @@ def l2_scale(terms: dict, win_size: int) -> float:
 
 
 def _terms(
-    images: np.ndarray, recon: np.ndarray, windows: tuple[int, ...], win_sigma: float, batch: int
+    images: np.ndarray,
+    recon: np.ndarray,
+    windows: tuple[int, ...],
+    win_sigma: float,
+    batch: int,
+    keep_diff: bool = False,
 ) -> dict:
     parts = [
         error_terms(
@@ -140,12 +152,13 @@ def _terms(
             torch.from_numpy(np.ascontiguousarray(recon[i : i + batch])),
             windows,
             win_sigma,
+            keep_diff=keep_diff,
         )
         for i in range(0, len(images), batch)
     ]
     return {
         "ssim_err": {w: torch.cat([p["ssim_err"][w] for p in parts]) for w in windows},
-        "sq": torch.cat([p["sq"] for p in parts]),
+        **{key: torch.cat([p[key] for p in parts]) for key in ("sq", "diff") if key in parts[0]},
     }
 
 
@@ -155,13 +168,16 @@ def _train_references(
     win_sigma: float,
     batch_size: int,
     by_sigma: dict[float, dict[tuple, list[GridPoint]]],
-) -> dict[tuple[float, tuple], NormalReference]:
+    lowpass_sigmas: Sequence[float] = (),
+) -> dict[tuple, NormalReference]:
     """The normal reference of every uncorrected map of the grid, fitted one batch of
     training images at a time (:class:`ReferenceAccumulator`): memory does not grow with the
     number of training images. ``train[1]`` is the reconstructions, or a function that
-    reconstructs a batch (then not even they are held)."""
+    reconstructs a batch (then not even they are held). The low-pass channels' references
+    are keyed ``("lowpass", sigma)``."""
     images, recon = train
     accumulators = {(s, key): ReferenceAccumulator() for s, by_raw in by_sigma.items() for key in by_raw}
+    accumulators |= {("lowpass", s): ReferenceAccumulator() for s in lowpass_sigmas}
     for start in range(0, len(images), batch_size):
         batch = np.ascontiguousarray(images[start : start + batch_size])
         rebuilt = recon(batch) if callable(recon) else recon[start : start + batch_size]
@@ -170,11 +186,14 @@ def _train_references(
             torch.from_numpy(np.ascontiguousarray(rebuilt)),
             windows,
             win_sigma,
+            keep_diff=bool(lowpass_sigmas),
         )
         for smoothing, by_raw in by_sigma.items():
             smoothed = smooth_terms(terms, smoothing)
             for key, members in by_raw.items():
                 accumulators[smoothing, key].add(blend(smoothed, members[0].settings)[:, 0])
+        for s in lowpass_sigmas:
+            accumulators["lowpass", s].add(lowpass(terms, s)[:, 0])
     return {key: accumulator.result() for key, accumulator in accumulators.items()}
 
 
@@ -207,6 +226,7 @@ def score_grid(
     }
     windows = tuple(sorted(grid_windows | set(paper.windows)))
     sigma = paper.win_sigma
+    lowpass_sigmas = sorted({float(s) for s in grid.get("lowpass_sigma", [])} - {0.0})
     normal_terms = _terms(*normal, windows, sigma, batch_size)
     if scale is None:
         scale = l2_scale(normal_terms, paper.windows[0])
@@ -218,6 +238,7 @@ def score_grid(
         windows,
         sigma,
         batch_size,
+        keep_diff=bool(lowpass_sigmas),
     )
     del normal_terms
     n_normal, h, w = len(normal[0]), *normal[0].shape[-2:]
@@ -237,7 +258,12 @@ def score_grid(
     by_sigma: dict[float, dict[tuple, list[GridPoint]]] = {}
     for point in points:
         by_sigma.setdefault(point.settings.smoothing_sigma, {}).setdefault(point.raw_key, []).append(point)
-    references = _train_references(train, windows, sigma, batch_size, by_sigma)
+    references = _train_references(train, windows, sigma, batch_size, by_sigma, lowpass_sigmas)
+    # the z-scored low-pass channel of the evaluation images, once per sigma
+    eval_lowpass = {
+        s: correct(lowpass(eval_terms, s)[:, 0], *references["lowpass", s].as_tensors("zscore"))
+        for s in lowpass_sigmas
+    }
     for smoothing, by_raw in by_sigma.items():
         # smoothing is linear: smooth each error term once, then blend (see smooth_terms)
         eval_smooth = smooth_terms(eval_terms, smoothing)
@@ -245,11 +271,14 @@ def score_grid(
             settings = members[0].settings
             reference = references[smoothing, raw_key]
             eval_raw = blend(eval_smooth, settings)[:, 0]
-            by_map: dict[str, list[GridPoint]] = {}
+            by_map: dict[tuple[str, float], list[GridPoint]] = {}
             for point in members:
-                by_map.setdefault(point.settings.normal_reference, []).append(point)
-            for mode, group in by_map.items():
+                key = (point.settings.normal_reference, point.settings.lowpass_sigma)
+                by_map.setdefault(key, []).append(point)
+            for (mode, low), group in by_map.items():
                 maps = eval_raw if mode == "none" else correct(eval_raw, *reference.as_tensors(mode))
+                if low:  # the per-pixel max with the z-scored low-pass channel (MapSettings)
+                    maps = torch.maximum(maps, eval_lowpass[low])
                 if at_defect is not None:  # the normal mean map where a defect image is not scored
                     at_defect[2] = torch.from_numpy(reference.typical(mode))
                 pixel = rank_auroc(masks[pixel_rows].ravel(), maps.numpy()[pixel_rows].ravel())
@@ -267,6 +296,7 @@ def score_grid(
                 "win_size": "/".join(str(x) for x in p.settings.windows) if p.settings.ssim_weight else "-",
                 "smoothing_sigma": p.settings.smoothing_sigma,
                 "normal_reference": p.settings.normal_reference,
+                "lowpass_sigma": p.settings.lowpass_sigma,
                 "score_reduction": p.settings.score_reduction,
                 "levers_changed": p.levers_changed(paper),
                 **rows[p],

@@ -225,7 +225,7 @@ def build_bundle(
     model = model_from_checkpoint(checkpoint)
     size = model.config.shape  # (height, width)
     if reference is not None:
-        reference.check_shape(size)
+        reference.check_shape(size, settings.channels)
     graph = ScoringGraph(model, settings, reference).eval()
     model_path = staging / MODEL_FILE
     _export_graph(graph, size, opset, exporter, model_path)

@@ -3,7 +3,10 @@
 ``map = smooth(ssim_weight * mean_w clip(1 - local SSIM_w, 0, 1) + l2_weight * (x - recon)**2)``,
 then compared with the normal reference (``none`` | ``mean`` | ``zscore``, see
 :mod:`anomaly_ae.scoring.reference`), then reduced to one score per image (``max`` | ``mean``
-| ``topk_mean``). ``w`` runs over ``win_size`` (one window, or several: the multi-scale
+| ``topk_mean``). With ``lowpass_sigma`` > 0 (z-score only) the map is the per-pixel maximum
+of that z-scored map and the z-scored **low-pass difference** ``|blur(x - recon, lowpass_sigma)|``:
+faint, wide changes (a stain, a shade) that ``1 - SSIM`` barely sees, each channel in units
+of its own normal spread. ``w`` runs over ``win_size`` (one window, or several: the multi-scale
 mean). The defaults of :class:`MapSettings` are the paper's Figure 1 map (``1 - local SSIM``,
 11x11 Gaussian window, sigma 1.5) scored by its maximum; ``conf/base/parameters_evaluation.yml``
 holds the same values (a test keeps them equal).
@@ -40,8 +43,10 @@ __all__ = [
     "error_terms",
     "smooth_terms",
     "blend",
+    "lowpass",
     "compose",
     "anomaly_map",
+    "raw_map",
     "image_score",
     "score_maps",
     "reference_tensors",
@@ -70,6 +75,7 @@ class MapSettings:
     score_reduction: str = "max"
     topk_fraction: float = 0.01
     normal_reference: str = "none"
+    lowpass_sigma: float = 0.0
 
     def __post_init__(self) -> None:
         windows = self.win_size if isinstance(self.win_size, list | tuple) else (self.win_size,)
@@ -79,7 +85,7 @@ class MapSettings:
         for w in windows:
             gaussian_taps(w, float(self.win_sigma))  # validates (odd, positive) with a clear message
         object.__setattr__(self, "win_size", windows[0] if len(windows) == 1 else windows)
-        for name in ("ssim_weight", "l2_weight", "smoothing_sigma"):
+        for name in ("ssim_weight", "l2_weight", "smoothing_sigma", "lowpass_sigma"):
             if not float(getattr(self, name)) >= 0:
                 raise ValueError(f"evaluation.anomaly_map.{name} must be >= 0, got {getattr(self, name)!r}")
             object.__setattr__(self, name, float(getattr(self, name)))
@@ -99,6 +105,17 @@ class MapSettings:
                 f"evaluation.anomaly_map.scale_combine must be one of {SCALE_COMBINES}, got {self.scale_combine!r}"
             )
         check_mode(self.normal_reference)
+        if self.lowpass_sigma and self.normal_reference != "zscore":
+            raise ValueError(
+                "evaluation.anomaly_map.lowpass_sigma > 0 combines two channels in units of their "
+                "normal spread: it needs normal_reference: zscore (or lowpass_sigma: 0), got "
+                f"normal_reference={self.normal_reference!r}"
+            )
+
+    @property
+    def channels(self) -> int:
+        """Uncorrected map channels: the map, and the low-pass difference when it is on."""
+        return 2 if self.lowpass_sigma else 1
 
     @property
     def windows(self) -> tuple[int, ...]:
@@ -130,6 +147,8 @@ class MapSettings:
             name += f" smooth {self.smoothing_sigma:g}"
         if self.normal_reference != "none":
             name += f" ref-{self.normal_reference}"
+        if self.lowpass_sigma:
+            name += f" + lowpass {self.lowpass_sigma:g}"
         red = {"topk_mean": f"top{self.topk_fraction * 100:g}%"}.get(
             self.score_reduction, self.score_reduction
         )
@@ -143,12 +162,14 @@ def error_terms(
     win_sigma: float = PAPER_WIN_SIGMA,
     keep_ssim: bool = False,
     dtype: torch.dtype = torch.float32,
+    keep_diff: bool = False,
 ) -> dict:
     """The expensive part of every map, computed once (SSIM's statistics in float64, see
     :mod:`anomaly_ae.scoring.ssim`; the terms in ``dtype``: float32 for the calibration grid,
     which holds many, :func:`map_dtype` for the maps that are shipped): per window the
     same-size SSIM error ``clip(1 - local SSIM, 0, 1)`` (``{"ssim_err": {win: map}}``) and the
-    squared error (``"sq"``); with ``keep_ssim`` also the raw SSIM maps (``"ssim"``)."""
+    squared error (``"sq"``); with ``keep_ssim`` also the raw SSIM maps (``"ssim"``), with
+    ``keep_diff`` the signed difference ``x - recon`` (``"diff"``, for the low-pass channel)."""
     x, recon = x.float(), recon.float()
     ssim = {w: ssim_map(x, recon, gaussian_taps(w, win_sigma), same_size=True, precise=True) for w in windows}
     terms = {
@@ -157,7 +178,16 @@ def error_terms(
     }
     if keep_ssim:
         terms["ssim"] = ssim
+    if keep_diff:
+        terms["diff"] = x.to(dtype) - recon.to(dtype)
     return terms
+
+
+def lowpass(terms: dict, sigma: float) -> Tensor:
+    """The low-pass difference ``|blur(x - recon, sigma)|`` from :func:`error_terms`
+    (``keep_diff``): blurring the *signed* difference first cancels the reconstruction's
+    fine, zero-mean noise and keeps a faint change that spans many pixels."""
+    return gaussian_blur(terms["diff"], sigma).abs()
 
 
 def smooth_terms(terms: dict, sigma: float) -> dict:
@@ -188,8 +218,13 @@ def blend(terms: dict, settings: MapSettings) -> Tensor:
 
 
 def compose(terms: dict, settings: MapSettings) -> Tensor:
-    """The uncorrected map of ``settings`` from :func:`error_terms`: blend, then smoothing."""
-    return gaussian_blur(blend(terms, settings), settings.smoothing_sigma)
+    """The uncorrected map of ``settings`` from :func:`error_terms`: blend, then smoothing;
+    ``(N, 1, H, W)``, or ``(N, 2, H, W)`` with the low-pass difference as the second channel
+    (``lowpass_sigma`` > 0; each channel has its own normal reference)."""
+    amap = gaussian_blur(blend(terms, settings), settings.smoothing_sigma)
+    if settings.lowpass_sigma:
+        amap = torch.cat([amap, lowpass(terms, settings.lowpass_sigma).to(amap.dtype)], dim=1)
+    return amap
 
 
 def anomaly_map(
@@ -205,8 +240,21 @@ def anomaly_map(
     ``reference`` is ``(mean, scale)`` from :meth:`NormalReference.as_tensors`; it is needed
     (and applied) exactly when ``settings.normal_reference`` is not ``none``.
     """
-    terms = error_terms(x, recon, settings.windows, settings.win_sigma, dtype=map_dtype(x.device))
-    return _correct(compose(terms, settings), settings, reference)
+    return _correct(raw_map(x, recon, settings), settings, reference)
+
+
+def raw_map(x: Tensor, recon: Tensor, settings: MapSettings) -> Tensor:
+    """The uncorrected map of ``settings`` (:func:`compose`; one or two channels), in
+    :func:`map_dtype`: what the normal reference is fitted on."""
+    terms = error_terms(
+        x,
+        recon,
+        settings.windows,
+        settings.win_sigma,
+        dtype=map_dtype(x.device),
+        keep_diff=bool(settings.lowpass_sigma),
+    )
+    return compose(terms, settings)
 
 
 def _require_reference(reference, mode: str) -> None:
@@ -221,7 +269,9 @@ def _correct(amap: Tensor, settings: MapSettings, reference) -> Tensor:
     if settings.normal_reference == "none":
         return amap
     _require_reference(reference, settings.normal_reference)
-    return correct(amap, *reference)
+    corrected = correct(amap, *reference)
+    # two channels (the low-pass difference): each in units of its normal spread, the larger
+    return corrected.amax(dim=1, keepdim=True) if corrected.shape[1] > 1 else corrected
 
 
 def score_maps(
@@ -236,7 +286,15 @@ def score_maps(
     :func:`~anomaly_ae.scoring.ssim.per_image_ssim`, so SSIM is filtered once."""
     windows = settings.windows
     paper = PAPER_WIN_SIZE in windows and settings.win_sigma == PAPER_WIN_SIGMA
-    terms = error_terms(x, recon, windows, settings.win_sigma, keep_ssim=paper, dtype=map_dtype(x.device))
+    terms = error_terms(
+        x,
+        recon,
+        windows,
+        settings.win_sigma,
+        keep_ssim=paper,
+        dtype=map_dtype(x.device),
+        keep_diff=bool(settings.lowpass_sigma),
+    )
     p = PAPER_WIN_SIZE // 2
     h, w = x.shape[-2:]
     if paper and 2 * p < min(h, w):

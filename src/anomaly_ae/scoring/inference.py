@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from anomaly_ae.device import autocast, resolve_device, resolve_precision
-from anomaly_ae.scoring.anomaly_map import MapSettings, image_score, reference_tensors, score_maps
+from anomaly_ae.scoring.anomaly_map import MapSettings, image_score, raw_map, reference_tensors, score_maps
 from anomaly_ae.scoring.reference import NormalReference, ReferenceAccumulator
 
 __all__ = ["reconstruct", "reconstruct_and_score", "fit_normal_reference"]
@@ -95,7 +95,7 @@ def reconstruct_and_score(
         score_batch = _score_batch_fn(model, settings, dev, dtype, keep_maps, reference)
     images = torch.as_tensor(images)  # uint8 caches stay uint8: one batch at a time becomes float
     if reference is not None and settings.normal_reference != "none":
-        reference.check_shape(images.shape)
+        reference.check_shape(images.shape, settings.channels)
     keys = ("recon", "map", "ssim", "mse", "score") if keep_maps else ("recon", "ssim", "mse", "score")
     out: dict[str, list] = {key: [] for key in keys}
     with torch.inference_mode():
@@ -125,12 +125,19 @@ def reconstruct(model: nn.Module, images: np.ndarray, batch_size: int, device: s
 def fit_normal_reference(
     model: nn.Module, normal_images: np.ndarray | torch.Tensor, settings: MapSettings, **kwargs
 ) -> NormalReference:
-    """Per-pixel mean/std of the uncorrected maps of NORMAL images (the training images);
+    """Per-pixel mean/std of the uncorrected maps of NORMAL images (the training images; each
+    channel of a two-channel map, :func:`~anomaly_ae.scoring.anomaly_map.raw_map`);
     ``kwargs`` go to :func:`reconstruct_and_score`."""
-    raw = dataclasses.replace(settings, normal_reference="none")
     chunk = max(int(kwargs.get("batch_size", 32)), 1) * 8  # a few batches at a time, not every map at once
     accumulator = ReferenceAccumulator()
+    if settings.channels == 1:
+        raw = dataclasses.replace(settings, normal_reference="none")
+        for start in range(0, len(normal_images), chunk):
+            part = normal_images[start : start + chunk]
+            accumulator.add(reconstruct_and_score(model, part, raw, keep_maps=True, **kwargs)["map"])
+        return accumulator.result()
     for start in range(0, len(normal_images), chunk):
-        part = normal_images[start : start + chunk]
-        accumulator.add(reconstruct_and_score(model, part, raw, keep_maps=True, **kwargs)["map"])
+        part = torch.as_tensor(normal_images[start : start + chunk])
+        recon = reconstruct_and_score(model, part, MapSettings(), keep_maps=False, **kwargs)["recon"]
+        accumulator.add(raw_map(unit_float(part), torch.from_numpy(recon), settings).float())
     return accumulator.result()

@@ -14,6 +14,10 @@ and compares each new map against it:
   pixel's normal spread. The floor ``mean(std_map)`` (scale-free, no tuned constant) keeps
   pixels that never vary from dividing by ~0.
 
+A map with a second channel (the low-pass difference, ``MapSettings.lowpass_sigma``) has a
+reference per channel: ``mean`` and ``std`` are then ``(2, H, W)``, each channel with its own
+floor.
+
 The reference uses training images only, so the held-out validation images that calibrate
 the decision threshold (and the ablation's synthetic defects) stay unseen.
 """
@@ -42,13 +46,14 @@ def check_mode(mode: str) -> str:
 class NormalReference:
     """Per-pixel mean and standard deviation of the anomaly maps of normal images."""
 
-    mean: np.ndarray  # (H, W) float32
-    std: np.ndarray  # (H, W) float32
+    mean: np.ndarray  # (H, W) float32, or (C, H, W) for a map of C channels
+    std: np.ndarray  # the same shape
     n_images: int
 
     @classmethod
     def fit(cls, maps: np.ndarray | torch.Tensor) -> NormalReference:
-        """Fit on ``(N, H, W)`` anomaly maps of normal images (N >= 2); accumulated in float64."""
+        """Fit on ``(N, H, W)`` (or ``(N, C, H, W)``) anomaly maps of normal images (N >= 2);
+        accumulated in float64."""
         return ReferenceAccumulator().add(maps).result()
 
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -64,16 +69,29 @@ class NormalReference:
             )
         mean = np.asarray(arrays["mean"], np.float32)
         std = np.asarray(arrays["std"], np.float32)
-        if mean.ndim != 2 or mean.shape != std.shape:
-            raise ValueError(f"{source}: mean {mean.shape} and std {std.shape} must be equal (H, W) maps")
+        if mean.ndim not in (2, 3) or mean.shape != std.shape:
+            raise ValueError(
+                f"{source}: mean {mean.shape} and std {std.shape} must be equal (H, W) or (C, H, W) maps"
+            )
         return cls(mean, std, int(arrays["n_images"]))
 
-    def check_shape(self, map_shape: tuple[int, ...] | torch.Size) -> None:
-        """Refuse maps of another size than the reference, saying how to fix it."""
-        if tuple(map_shape[-2:]) != self.mean.shape:
+    @property
+    def channels(self) -> int:
+        return 1 if self.mean.ndim == 2 else self.mean.shape[0]
+
+    def check_shape(self, map_shape: tuple[int, ...] | torch.Size, channels: int | None = None) -> None:
+        """Refuse maps of another size (or, given ``channels``, another number of map
+        channels) than the reference, saying how to fix it."""
+        if tuple(map_shape[-2:]) != self.mean.shape[-2:]:
             raise ValueError(
                 f"anomaly maps are {tuple(map_shape[-2:])} but the normal reference is "
-                f"{self.mean.shape}; refit it (kedro run --pipeline=evaluate) for this image size."
+                f"{self.mean.shape[-2:]}; refit it (kedro run --pipeline=evaluate) for this image size."
+            )
+        if channels is not None and channels != self.channels:
+            raise ValueError(
+                f"the map has {channels} channel(s) (lowpass_sigma {'on' if channels > 1 else 'off'}) but "
+                f"the normal reference has {self.channels}; refit it (kedro run --pipeline=evaluate) "
+                "for this map."
             )
 
     def as_tensors(
@@ -87,12 +105,15 @@ class NormalReference:
         if mode == "mean":
             return mean, None
         std = torch.as_tensor(self.std, dtype=torch.float32).to(device)
-        return mean, (std + std.mean()).clamp_min(torch.finfo(torch.float32).eps)
+        floor = std.mean(dim=(-2, -1), keepdim=True)  # per channel
+        return mean, (std + floor).clamp_min(torch.finfo(torch.float32).eps)
 
     def typical(self, mode: str) -> np.ndarray:
         """The normal images' mean map in the units of ``mode``'s corrected maps: the mean
         map itself for ``none``, zeros for ``mean`` and ``zscore`` (by construction)."""
-        return self.mean.copy() if check_mode(mode) == "none" else np.zeros_like(self.mean)
+        if check_mode(mode) == "none":
+            return self.mean.copy()
+        return np.zeros(self.mean.shape[-2:], self.mean.dtype)  # one channel after the max
 
     def apply(self, maps: torch.Tensor, mode: str) -> torch.Tensor:
         """Correct ``(N, 1, H, W)`` or ``(N, H, W)`` maps (float32, any device) by ``mode``."""
@@ -116,8 +137,10 @@ class ReferenceAccumulator:
         maps = torch.as_tensor(maps)
         if maps.dim() == 4 and maps.shape[1] == 1:
             maps = maps[:, 0]
-        if maps.dim() != 3:
-            raise ValueError(f"anomaly maps must be shaped (N, H, W), got {tuple(maps.shape)}")
+        if maps.dim() not in (3, 4):
+            raise ValueError(
+                f"anomaly maps must be shaped (N, H, W) or (N, C, H, W), got {tuple(maps.shape)}"
+            )
         if len(maps) == 0:
             return self
         maps = maps.detach().to("cpu", torch.float64)
@@ -126,7 +149,9 @@ class ReferenceAccumulator:
             self.total = torch.zeros_like(self.shift)
             self.squares = torch.zeros_like(self.shift)
         elif maps.shape[1:] != self.shift.shape:
-            raise ValueError(f"anomaly maps of {tuple(maps.shape[1:])} added to a reference of {tuple(self.shift.shape)}")
+            raise ValueError(
+                f"anomaly maps of {tuple(maps.shape[1:])} added to a reference of {tuple(self.shift.shape)}"
+            )
         centred = maps - self.shift
         self.total += centred.sum(dim=0)
         self.squares += centred.square().sum(dim=0)
