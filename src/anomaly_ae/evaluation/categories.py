@@ -6,6 +6,15 @@ from typing import Any
 
 import pandas as pd
 
+#: Detection metrics of the summary (means in the ``mean`` row).
+DETECTION = [
+    "image_auroc",
+    "image_auroc_at_defect",
+    "image_auroc_off_defect",
+    "pixel_auroc",
+    "aupro",
+    "image_f1_max",
+]
 #: Columns of the summary, in order (the metrics are means in the ``mean`` row).
 COLUMNS = [
     "category",
@@ -16,25 +25,11 @@ COLUMNS = [
     "train_minutes",
     "ssim_normal_mean",
     "ssim_defect_mean",
-    "image_auroc",
-    "image_auroc_at_defect",
-    "image_auroc_off_defect",
-    "pixel_auroc",
-    "aupro",
-    "image_f1_max",
+    *DETECTION,
     "threshold",
     "map",
 ]
-MEANED = [
-    "image_auroc",
-    "image_auroc_at_defect",
-    "image_auroc_off_defect",
-    "pixel_auroc",
-    "aupro",
-    "image_f1_max",
-    "ssim_normal_mean",
-    "ssim_defect_mean",
-]
+MEANED = [*DETECTION, "ssim_normal_mean", "ssim_defect_mean"]
 
 
 def category_row(
