@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 
 from anomaly_ae.evaluation.metrics import rank_auroc
+from anomaly_ae.evaluation.summary import region_scores
 from anomaly_ae.scoring.anomaly_map import MapSettings, blend, error_terms, image_score, lowpass, smooth_terms
 from anomaly_ae.scoring.inference import unit_float
 from anomaly_ae.scoring.reference import NormalReference, ReferenceAccumulator, correct
@@ -252,7 +253,7 @@ def score_grid(
     if defect_regions is not None:
         regions = torch.from_numpy(np.asarray(defect_regions, bool))
         scored = pixel_rows[n_normal:] & regions.flatten(1).any(dim=1).numpy()
-        at_defect = [np.flatnonzero(scored), regions[torch.from_numpy(scored)], None]
+        at_defect = (np.flatnonzero(scored), regions[torch.from_numpy(scored)])
 
     rows: dict[GridPoint, dict] = {}
     by_sigma: dict[float, dict[tuple, list[GridPoint]]] = {}
@@ -279,12 +280,11 @@ def score_grid(
                 maps = eval_raw if mode == "none" else correct(eval_raw, *reference.as_tensors(mode))
                 if low:  # the per-pixel max with the z-scored low-pass channel (MapSettings)
                     maps = torch.maximum(maps, eval_lowpass[low])
-                if at_defect is not None:  # the normal mean map where a defect image is not scored
-                    at_defect[2] = torch.from_numpy(reference.typical(mode))
+                typical = torch.from_numpy(reference.typical(mode))  # where a defect image is not scored
                 pixel = rank_auroc(masks[pixel_rows].ravel(), maps.numpy()[pixel_rows].ravel())
                 for point in group:
                     rows[point] = _image_metrics(
-                        point.settings, maps, labels, kinds, n_normal, pixel, at_defect
+                        point.settings, maps, labels, kinds, n_normal, pixel, at_defect, typical
                     )
     table = pd.DataFrame(
         [
@@ -309,7 +309,7 @@ def score_grid(
     return table, scale
 
 
-def _image_metrics(settings, maps, labels, kinds, n_normal, pixel, at_defect=None) -> dict:
+def _image_metrics(settings, maps, labels, kinds, n_normal, pixel, at_defect=None, typical=None) -> dict:
     reduction, fraction = settings.score_reduction, settings.topk_fraction
     scores = image_score(maps, reduction, fraction).numpy()
     image = rank_auroc(labels, scores)
@@ -318,9 +318,8 @@ def _image_metrics(settings, maps, labels, kinds, n_normal, pixel, at_defect=Non
         keep = np.r_[np.ones(n_normal, bool), kinds == kind]  # the normals vs this kind
         per_kind[f"syn_image_auroc_{kind}"] = rank_auroc(labels[keep], scores[keep])
     if at_defect is not None:  # the defect images' maps kept in their regions only
-        rows, regions, typical = at_defect
-        kept = torch.where(regions, maps[n_normal + rows], typical.to(maps.dtype))
-        local = image_score(kept, reduction, fraction).numpy()
+        rows, regions = at_defect
+        local = region_scores(maps[n_normal + rows], regions, typical, reduction, fraction)
         per_kind["syn_image_auroc_at_defect"] = (
             rank_auroc(np.r_[np.zeros(n_normal), np.ones(len(rows))], np.r_[scores[:n_normal], local])
             if len(rows)

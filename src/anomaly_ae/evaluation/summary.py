@@ -172,6 +172,16 @@ def near_defect(masks: np.ndarray, margin: int) -> np.ndarray:
     return grown[:, 0].bool().numpy()
 
 
+def region_scores(
+    maps: torch.Tensor, keep: torch.Tensor, typical: torch.Tensor, reduction: str, topk_fraction: float
+) -> np.ndarray:
+    """Image scores of ``maps`` with only ``keep`` (bool, the maps' shape) kept and the rest
+    replaced by ``typical`` (the normal images' mean map in the maps' units): the score an
+    image would get if everything outside ``keep`` looked normal."""
+    kept = torch.where(keep, maps, torch.as_tensor(typical).to(maps.dtype))
+    return image_score(kept, reduction, topk_fraction).numpy()
+
+
 def defect_region_metrics(
     labels: np.ndarray,
     maps: np.ndarray,
@@ -207,14 +217,13 @@ def defect_region_metrics(
     if not good.any() or not bad.any():
         return result
     maps = torch.as_tensor(np.asarray(maps))
-    typical = torch.as_tensor(np.asarray(typical, dtype=np.float32)).to(maps.dtype)
+    typical = torch.as_tensor(np.asarray(typical, dtype=np.float32))
     near = torch.from_numpy(near_defect(np.asarray(masks)[bad], margin))
     near = near.reshape(maps[bad].shape)  # (N, H, W), or (N, 1, H, W) maps
     good_scores = image_score(maps[good], reduction, topk_fraction).numpy()
     y = np.r_[np.zeros(len(good_scores), int), np.ones(int(bad.sum()), int)]
     for name, keep in (("image_auroc_at_defect", near), ("image_auroc_off_defect", ~near)):
         if keep.flatten(1).any(dim=1).all():
-            kept = torch.where(keep, maps[bad], typical)
-            scores = image_score(kept, reduction, topk_fraction).numpy()
+            scores = region_scores(maps[bad], keep, typical, reduction, topk_fraction)
             result[name] = image_auroc(y, np.r_[good_scores, scores])
     return result

@@ -130,14 +130,13 @@ def fit_normal_reference(
     ``kwargs`` go to :func:`reconstruct_and_score`."""
     chunk = max(int(kwargs.get("batch_size", 32)), 1) * 8  # a few batches at a time, not every map at once
     accumulator = ReferenceAccumulator()
-    if settings.channels == 1:
-        raw = dataclasses.replace(settings, normal_reference="none")
-        for start in range(0, len(normal_images), chunk):
-            part = normal_images[start : start + chunk]
-            accumulator.add(reconstruct_and_score(model, part, raw, keep_maps=True, **kwargs)["map"])
-        return accumulator.result()
     for start in range(0, len(normal_images), chunk):
         part = torch.as_tensor(normal_images[start : start + chunk])
-        recon = reconstruct_and_score(model, part, MapSettings(), keep_maps=False, **kwargs)["recon"]
-        accumulator.add(raw_map(unit_float(part), torch.from_numpy(recon), settings).float())
+        if settings.channels == 1:  # the map as inference computes it (device, precision, compile)
+            raw = dataclasses.replace(settings, normal_reference="none")
+            maps = reconstruct_and_score(model, part, raw, keep_maps=True, **kwargs)["map"]
+        else:  # a two-channel map has no "none" form: its raw channels from the reconstructions
+            recon = reconstruct_and_score(model, part, MapSettings(), keep_maps=False, **kwargs)["recon"]
+            maps = raw_map(unit_float(part), torch.from_numpy(recon), settings).float()
+        accumulator.add(maps)
     return accumulator.result()
