@@ -49,8 +49,10 @@ from anomaly_ae.data.defects import DEFECT_KINDS, paste_synthetic_defects
 from anomaly_ae.data.transforms import as_unit_float
 from anomaly_ae.evaluation.metrics import rank_auroc
 from anomaly_ae.model.checkpoint import model_from_checkpoint
-from anomaly_ae.scoring.anomaly_map import error_terms
+from anomaly_ae.scoring.anomaly_map import MapSettings, compose, error_terms
+from anomaly_ae.scoring.anomaly_map import lowpass as lowpass_difference
 from anomaly_ae.scoring.inference import reconstruct
+from anomaly_ae.scoring.reference import NormalReference
 from anomaly_ae.scoring.ssim import gaussian_blur
 from anomaly_ae.training.trainer import TrainingConfig, build_loss
 
@@ -62,19 +64,23 @@ KINDS = ("thin_line", "spot", "smudge", "blob", "perlin", "cutpaste")
 def channel_maps(
     network, images: np.ndarray, channels: dict, batch: int, flip: int | None = None
 ) -> Iterator[dict]:
-    """Per batch, each channel's (N, H, W) map: 1 - SSIM(11) (the scoring core) smoothed by
-    sigma, or the low-pass difference |blur(x - reconstruction, sigma)|; with ``flip`` (a
-    dimension) the reconstruction of the flipped image, flipped back."""
+    """Per batch, each channel's (N, H, W) map from the scoring core: 1 - SSIM(11) smoothed by
+    sigma (:func:`compose`), or the low-pass difference |blur(x - reconstruction, sigma)|
+    (:func:`lowpass_difference`); with ``flip`` (a dimension) the reconstruction of the
+    flipped image, flipped back."""
     for start in range(0, len(images), batch):
         x = torch.from_numpy(as_unit_float(images[start : start + batch]))
         seen = x.flip(flip).numpy() if flip is not None else x.numpy()
         recon = torch.from_numpy(reconstruct(network, seen, batch, "cpu"))
         recon = recon.flip(flip) if flip is not None else recon
-        error = error_terms(x, recon)["ssim_err"][11]
-        yield {
-            name: (gaussian_blur(error, s) if kind == "ssim" else gaussian_blur(x - recon, s).abs())[:, 0]
-            for name, (kind, s) in channels.items()
-        }
+        terms = error_terms(x, recon, keep_diff=True)
+        maps = {}
+        for name, (kind, sigma) in channels.items():
+            if kind == "ssim":
+                maps[name] = compose(terms, MapSettings(smoothing_sigma=sigma))[:, 0]
+            else:
+                maps[name] = lowpass_difference(terms, sigma)[:, 0]
+        yield maps
 
 
 def maps_of(network, sets: dict, channels: dict, batch: int, flip: int | None = None) -> dict[str, Maps]:
@@ -90,9 +96,8 @@ def maps_of(network, sets: dict, channels: dict, batch: int, flip: int | None = 
 def zscored(maps: Maps, normal: torch.Tensor | None = None) -> Maps:
     """The pipeline's ``zscore`` reference: mean and spread (floored by its mean) of the
     ``normal`` maps (default: the training images')."""
-    normal = maps["train"] if normal is None else normal
-    mean, std = normal.mean(0), normal.std(0)
-    return {k: (m - mean) / (std + std.mean()) for k, m in maps.items()}
+    reference = NormalReference.fit(maps["train"] if normal is None else normal)
+    return {k: reference.apply(m, "zscore") for k, m in maps.items()}
 
 
 def pmax(*maps: Maps) -> Maps:
@@ -218,18 +223,19 @@ def lowpass(network, sets, args) -> list[dict]:
 def reference(network, sets, args) -> list[dict]:
     maps = maps_of(network, sets, {"ssim s4": ("ssim", 4)}, args.batch)["ssim s4"]
     train, val = maps["train"], maps["val"]
-    good = maps["test"][torch.from_numpy(~sets["labels"])]
+    good_rows = torch.from_numpy(~sets["labels"])
+    good = maps["test"][good_rows]
     z = zscored(maps)
-    z["good test"] = zscored({"good test": good}, train)["good test"]
     print(
         f"unseen / training images: mean map x{float(val.mean() / train.mean()):.2f} (validation), "
         f"x{float(good.mean() / train.mean()):.2f} (good test); per-pixel spread "
         f"x{float(val.std(0).mean() / train.std(0).mean()):.2f} (validation)"
     )
-    medians = {k: float(z[k].flatten(1).amax(1).median()) for k in ("train", "val", "good test")}
+    medians = {k: float(z[k].flatten(1).amax(1).median()) for k in ("train", "val")}
+    medians["good test"] = float(z["test"][good_rows].flatten(1).amax(1).median())
     print("median of the z-scored map's maximum: " + ", ".join(f"{k} {v:.1f}" for k, v in medians.items()))
     rows = [
-        evaluate("training images (pipeline)", sets, zscored(maps)),
+        evaluate("training images (pipeline)", sets, z),
         evaluate("validation images", sets, zscored(maps, val)),
     ]
     # the training maps' pattern at the validation maps' level: mean scaled by the ratio of
@@ -271,9 +277,8 @@ def flips(network, sets, args) -> list[dict]:
     maps = {v: maps_of(network, sets, spec, args.batch, flip)["s4"] for v, flip in views.items()}
     rows = [evaluate("no flip", sets, zscored(maps["none"]))]
     for combo in (("none", "h"), ("none", "v"), ("none", "h", "v")):
-        for how in ("mean", "min"):
-            joined = {k: getattr(torch.stack([maps[v][k] for v in combo]), how)(0) for k in SETS}
-            joined = {k: m if how == "mean" else m.values for k, m in joined.items()}
+        for how, reduce in (("mean", torch.mean), ("min", torch.amin)):
+            joined = {k: reduce(torch.stack([maps[v][k] for v in combo]), 0) for k in SETS}
             rows.append(evaluate(f"{how} of {'+'.join(combo)}", sets, zscored(joined)))
     return rows
 
