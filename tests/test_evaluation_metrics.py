@@ -11,6 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 from anomaly_ae.evaluation.metrics import (
     aupro,
+    auroc_interval,
     calibrate_threshold,
     classification_report_at,
     f1_max,
@@ -250,3 +251,66 @@ def test_aupro_errors_and_memory_dtype() -> None:
     # (N, 1, H, W) input accepted
     masks, maps = _random_case()
     assert aupro(masks[:, None], maps[:, None]) == pytest.approx(aupro(masks, maps))
+
+
+# --------------------------------------------------------------------------- AUROC interval
+def _delong_by_pairs(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """DeLong's variance from its definition, pair by pair (O(m n))."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    psi = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    auc = psi.mean()
+    return auc, psi.mean(1).var(ddof=1) / len(pos) + psi.mean(0).var(ddof=1) / len(neg)
+
+
+def test_auroc_interval_is_delong_on_the_logit_scale() -> None:
+    rng = np.random.default_rng(3)
+    labels = np.r_[np.zeros(23), np.ones(41)].astype(int)
+    scores = np.round(np.r_[rng.normal(0, 1, 23), rng.normal(1, 1, 41)], 1)  # ties included
+    auc, var = _delong_by_pairs(labels, scores)
+    low, high = auroc_interval(labels, scores, level=0.95)
+    assert auc == pytest.approx(roc_auc_score(labels, scores))
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    assert (logit(low) + logit(high)) / 2 == pytest.approx(logit(auc))
+    half = 1.959964 * np.sqrt(var) / (auc * (1 - auc))  # the delta method on the logit scale
+    assert (logit(high) - logit(low)) / 2 == pytest.approx(half, rel=1e-5)
+    narrow = auroc_interval(labels, scores, level=0.5)
+    assert low < narrow[0] < auc < narrow[1] < high
+
+
+@pytest.mark.parametrize(
+    ("shift", "truth"),
+    [(1.2, 0.8019), (3.3, 0.9902)],  # Phi(shift / sqrt 2)
+)
+def test_auroc_interval_covers_the_true_auroc_at_its_level(shift: float, truth: float) -> None:
+    """Normal scores N(0, 1), anomalous N(shift, 1), 20 + 20 images as bottle's smallest
+    comparisons. Near 1 a plain DeLong +/- interval covers only ~86 %."""
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.zeros(20), np.ones(20)]
+    hits = []
+    for _ in range(400):
+        low, high = auroc_interval(labels, np.r_[rng.normal(0, 1, 20), rng.normal(shift, 1, 20)])
+        hits.append(low <= truth <= high)
+    assert 0.93 <= np.mean(hits) <= 0.99
+
+
+def test_auroc_interval_keeps_a_width_without_spread() -> None:
+    """All pairs ordered (or all tied): the score interval of Hanley-McNeil's variance."""
+    labels = np.r_[np.zeros(20), np.ones(20)]
+    low, high = auroc_interval(labels, labels)
+    assert high == 1.0 and 0.89 < low < 0.91
+    assert auroc_interval(labels, 1 - labels) == pytest.approx((1 - high, 1 - low))
+    tied = auroc_interval(labels, np.ones(40))
+    assert tied[0] < 0.5 < tied[1] and tied[0] + tied[1] == pytest.approx(1.0)
+    more = auroc_interval(np.r_[np.zeros(20), np.ones(63)], np.r_[np.zeros(20), np.ones(63)])
+    assert low < more[0] < 1.0  # more images, a tighter bound
+
+
+def test_auroc_interval_edges() -> None:
+    labels = np.array([0, 0, 0, 1, 1])
+    low, high = auroc_interval(labels, [0.1, 0.9, 0.3, 0.8, 0.2])
+    assert 0.0 < low < high < 1.0
+    assert all(np.isnan(auroc_interval([0, 0, 1], [0.1, 0.2, 0.3])))  # one anomalous image
+    with pytest.raises(ValueError, match="confidence_level"):
+        auroc_interval(labels, [0.1, 0.2, 0.3, 0.8, 0.9], level=1.0)
+    with pytest.raises(ValueError, match="finite"):
+        auroc_interval(labels, [0.1, np.nan, 0.3, 0.8, 0.9])

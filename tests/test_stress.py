@@ -50,12 +50,21 @@ def test_stress_rows_per_kind_and_per_contrast_band_and_the_report_section():
             low, high = labels[row.contrast]
             assert low <= row.median_contrast < high
     assert table["image_auroc"].between(0, 1).all() and (table["n_normal"] == 12).all()
+    # every AUROC comes with its interval around it; fewer defective copies, a wider interval
+    assert (table["image_auroc_ci_low"] <= table["image_auroc"]).all()
+    assert (table["image_auroc"] <= table["image_auroc_ci_high"]).all()
+    paper = overall[overall["map"] == "paper"].set_index("kind")
+    width = paper["image_auroc_ci_high"] - paper["image_auroc_ci_low"]
+    assert paper.loc["all", "n_defective"] == 3 * paper.loc["spot", "n_defective"]
+    assert width["all"] < width["spot"]
     # the strongest band of spots is found at least as well as the faintest one
     spots = table[(table["map"] == "in use") & (table["kind"] == "spot") & (table["contrast"] != "all")]
     assert spots["image_auroc"].iloc[-1] >= spots["image_auroc"].iloc[0]
 
     page = stress_section(table)
     assert page.count("<table") == 2 and "how faint a defect of each kind can be" in page
+    spot = overall[(overall["map"] == "in use") & (overall["kind"] == "spot")].iloc[0]
+    assert f"{spot.image_auroc_ci_low:.3f}–{spot.image_auroc_ci_high:.3f}" in page
     assert "&lt; 0.10" in page or "&gt;= 0.20" in page
     # a table written before the bands existed still renders (one table)
     old = overall.drop(columns=["contrast", "median_contrast"])

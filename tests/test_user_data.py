@@ -15,7 +15,9 @@ from PIL import Image
 from anomaly_ae.data.mvtec import DatasetLayoutError, index_layout
 from anomaly_ae.data.partitions import DuplicateImageError, image_partitions
 from anomaly_ae.data.synthetic import generate_synthetic_category
+from anomaly_ae.evaluation.metrics import auroc_interval
 from anomaly_ae.evaluation.summary import detection_metrics, per_defect_type
+from anomaly_ae.pipelines.evaluate.reporting_nodes import defect_type_section
 
 
 def _save(image: Image.Image, path: Path) -> None:
@@ -94,6 +96,13 @@ def test_per_defect_type_table_and_types_without_masks():
     assert stain["image_auroc"] == 0.25  # 0.15 beats one of two good scores, 0.05 none
     assert not stain["has_masks"] and math.isnan(stain["pixel_auroc"]) and math.isnan(stain["aupro"])
     assert stain["recall_at_threshold"] == 0.0
+    # its interval: the same DeLong interval as the type's images against the good ones
+    good_or_stain = (labels == 0) | (types == "stain")
+    expected = auroc_interval(labels[good_or_stain], scores[good_or_stain])
+    assert (stain["image_auroc_ci_low"], stain["image_auroc_ci_high"]) == pytest.approx(expected)
+    assert stain["image_auroc_ci_low"] < 0.25 < stain["image_auroc_ci_high"]
+    page = defect_type_section(table)
+    assert f"{expected[0]:.3f}–{expected[1]:.3f}" in page and "image_auroc_ci_low" not in page
 
 
 def test_pixel_metrics_leave_out_images_without_masks():
@@ -101,6 +110,9 @@ def test_pixel_metrics_leave_out_images_without_masks():
     with_gaps = detection_metrics(labels, scores, 1 - scores, masks, maps, 0.5, has_mask=has_mask)
     assert with_gaps["pixel_auroc"] == 1.0  # the unmasked stain pixels are not counted as normal
     assert with_gaps["n_defective_without_mask"] == 2
+    interval = with_gaps["image_auroc_ci_low"], with_gaps["image_auroc_ci_high"]
+    assert interval == pytest.approx(auroc_interval(labels, scores))
+    assert interval[0] <= with_gaps["image_auroc"] <= interval[1]
     assert detection_metrics(labels, scores, 1 - scores, masks, maps, 0.5)["pixel_auroc"] < 1.0
     none = detection_metrics(labels, scores, 1 - scores, masks, maps, 0.5, has_mask=labels == 0)
     assert math.isnan(none["pixel_auroc"]) and math.isnan(none["aupro"])

@@ -15,6 +15,8 @@ DETECTION = [
     "aupro",
     "image_f1_max",
 ]
+#: The image AUROC's confidence interval (per category only: a mean of bounds is no interval).
+INTERVAL = ["image_auroc_ci_low", "image_auroc_ci_high"]
 #: Columns of the summary, in order (the metrics are means in the ``mean`` row).
 COLUMNS = [
     "category",
@@ -25,7 +27,9 @@ COLUMNS = [
     "train_minutes",
     "ssim_normal_mean",
     "ssim_defect_mean",
-    *DETECTION,
+    DETECTION[0],
+    *INTERVAL,
+    *DETECTION[1:],
     "threshold",
     "map",
 ]
@@ -40,7 +44,8 @@ def category_row(
     map_description: str,
 ) -> dict[str, Any]:
     """One row: what was trained (images, epochs, the best epoch by the monitored loss, the
-    training time) and what it measured (Table II's SSIM means, AUROCs — at and off the
+    training time) and what it measured (Table II's SSIM means, AUROCs — with the image
+    AUROC's confidence interval, at and off the
     defect too: the label-leak check —, AUPRO, F1, threshold, the map settings used). A
     metric that could not be computed (e.g. pixel metrics without masks, or metrics from an
     older run) is NaN."""
@@ -54,7 +59,7 @@ def category_row(
         "epochs": int(history["epoch"].max()) if len(history) else 0,
         "best_epoch": best,
         "train_minutes": seconds / 60,
-        **{k: _number(metrics.get(k)) for k in MEANED},
+        **{k: _number(metrics.get(k)) for k in (*MEANED, *INTERVAL)},
         "threshold": _number(metrics.get("threshold")),
         "map": map_description,
     }

@@ -13,7 +13,7 @@ import pandas as pd
 from torch import nn
 
 from anomaly_ae.data.defects import paste_synthetic_defects
-from anomaly_ae.evaluation.metrics import rank_auroc
+from anomaly_ae.evaluation.metrics import auroc_interval, rank_auroc
 from anomaly_ae.scoring import MapSettings, NormalReference
 from anomaly_ae.scoring.inference import reconstruct_and_score
 
@@ -21,7 +21,8 @@ __all__ = ["CONTRAST_BANDS", "CONTRAST_KINDS", "STRESS_COLUMNS", "measured_contr
 
 #: The columns of :func:`stress_table`, in order (also those of an empty table).
 STRESS_COLUMNS = [
-    "map", "kind", "contrast", "n_defective", "n_normal", "median_contrast", "image_auroc", "pixel_auroc"
+    "map", "kind", "contrast", "n_defective", "n_normal", "median_contrast",
+    "image_auroc", "image_auroc_ci_low", "image_auroc_ci_high", "pixel_auroc",
 ]
 
 #: The kinds whose contrast is their parameter (``calibration.synthetic_defects.contrast``):
@@ -48,8 +49,12 @@ def stress_table(
     batch_size: int,
     device: str = "cpu",
     precision: str = "fp32",
+    confidence_level: float = 0.95,
 ) -> pd.DataFrame:
-    """Image and pixel AUROC per defect kind (and ``all``) for each named map; for the
+    """Image AUROC (with its ``confidence_level`` interval,
+    :func:`~anomaly_ae.evaluation.metrics.auroc_interval`: with a few dozen good images
+    a kind's figure is far from exact) and pixel AUROC per defect kind (and ``all``) for each named
+    map; for the
     contrast-driven kinds (:data:`CONTRAST_KINDS`) also per band of measured contrast
     (column ``contrast``: ``all`` or a :data:`CONTRAST_BANDS` label), so a user sees how faint
     a defect of each kind can be and still be found.
@@ -83,6 +88,7 @@ def stress_table(
         )
         for kind, band, chosen in groups:
             keep = np.r_[np.ones(len(normal), bool), chosen]
+            low, high = auroc_interval(labels[keep], scored["score"][keep], confidence_level)
             rows.append(
                 {
                     "map": name,
@@ -92,6 +98,8 @@ def stress_table(
                     "n_normal": len(normal),
                     "median_contrast": float(np.median(contrast[chosen])),
                     "image_auroc": rank_auroc(labels[keep], scored["score"][keep]),
+                    "image_auroc_ci_low": low,
+                    "image_auroc_ci_high": high,
                     "pixel_auroc": rank_auroc(truth[keep].ravel() > 0, scored["map"][keep].ravel()),
                 }
             )

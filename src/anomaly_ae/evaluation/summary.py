@@ -8,6 +8,7 @@ import torch
 
 from anomaly_ae.evaluation.metrics import (
     aupro,
+    auroc_interval,
     classification_report_at,
     f1_max,
     image_auroc,
@@ -19,6 +20,8 @@ from anomaly_ae.scoring.anomaly_map import image_score
 #: The names logged to MLflow; the same in the evaluate pipeline and the loss study.
 HEADLINE_METRICS = (
     "image_auroc",
+    "image_auroc_ci_low",
+    "image_auroc_ci_high",
     "pixel_auroc",
     "aupro",
     "image_f1_max",
@@ -55,9 +58,11 @@ def detection_metrics(
     threshold: float,
     fpr_limit: float = 0.3,
     has_mask: np.ndarray | None = None,
+    confidence_level: float = 0.95,
 ) -> dict[str, float]:
-    """Image AUROC, pixel AUROC, AUPRO (to ``fpr_limit``, normalised), image F1-max, the
-    paper's SSIM statistics, and accuracy/precision/recall at the calibrated threshold.
+    """Image AUROC with its ``confidence_level`` interval (:func:`auroc_interval`), pixel
+    AUROC, AUPRO (to ``fpr_limit``, normalised), image F1-max, the paper's SSIM statistics,
+    and accuracy/precision/recall at the calibrated threshold.
 
     ``has_mask`` (per image; default all): pixel metrics use only images whose ground truth
     is known (good images, and defective images that have a mask); NaN when no defective
@@ -69,8 +74,11 @@ def detection_metrics(
     defect_mean, defect_std = summarise_ssim(ssim[labels == 1])
     at_threshold = classification_report_at(labels, scores, threshold)
     pixel, pro = _pixel_metrics(np.asarray(masks)[known], np.asarray(maps)[known], fpr_limit)
+    low, high = auroc_interval(labels, scores, confidence_level)
     return {
         "image_auroc": image_auroc(labels, scores),
+        "image_auroc_ci_low": low,
+        "image_auroc_ci_high": high,
         "pixel_auroc": pixel,
         "aupro": pro,
         "image_f1_max": f1,
@@ -92,6 +100,8 @@ PER_TYPE_COLUMNS = (
     "n_images",
     "has_masks",
     "image_auroc",
+    "image_auroc_ci_low",
+    "image_auroc_ci_high",
     "pixel_auroc",
     "aupro",
     *REGION_METRICS,
@@ -112,10 +122,12 @@ def per_defect_type(
     reduction: str = "max",
     topk_fraction: float = 0.01,
     typical: np.ndarray | float = 0.0,
+    confidence_level: float = 0.95,
 ) -> pd.DataFrame:
     """One row per test defect type: that type's images against every good test image.
 
-    Image AUROC, pixel AUROC and AUPRO (good images' pixels as the negatives), the image
+    Image AUROC (with its ``confidence_level`` interval, :func:`auroc_interval`), pixel AUROC
+    and AUPRO (good images' pixels as the negatives), the image
     AUROC at and off the defect (:func:`defect_region_metrics` with ``margin``, ``reduction``,
     ``topk_fraction`` and ``typical``: the map's own score), and the share of the type's images flagged
     at ``threshold``. Pixel metrics are NaN for a type without masks (``has_masks`` False),
@@ -136,12 +148,18 @@ def per_defect_type(
             if with_masks
             else (float("nan"), float("nan"))
         )
+        nan = float("nan")
+        low, high = (
+            auroc_interval(labels[chosen], scores[chosen], confidence_level) if normal.any() else (nan, nan)
+        )
         rows.append(
             {
                 "defect_type": kind,
                 "n_images": int(own.sum()),
                 "has_masks": with_masks,
-                "image_auroc": image_auroc(labels[chosen], scores[chosen]) if normal.any() else float("nan"),
+                "image_auroc": image_auroc(labels[chosen], scores[chosen]) if normal.any() else nan,
+                "image_auroc_ci_low": low,
+                "image_auroc_ci_high": high,
                 "pixel_auroc": pixel,
                 "aupro": pro,
                 **defect_region_metrics(

@@ -28,6 +28,8 @@ SYNTHETIC_WARNING = (
 
 METRIC_LABELS = {
     "image_auroc": "Image AUROC",
+    "image_auroc_ci_low": "Image AUROC, low end of its confidence interval (evaluation.confidence_level)",
+    "image_auroc_ci_high": "Image AUROC, high end of its confidence interval",
     "image_auroc_at_defect": "Image AUROC, defective images scored only near their defect",
     "image_auroc_off_defect": (
         "Image AUROC, defective images scored only away from their defect (≈ 0.5 expected)"
@@ -113,6 +115,18 @@ def html_table(frame: pd.DataFrame, float_format: str = "{:.4f}", empty: str = "
         f'<div class="table-wrap" style="{_WRAP_STYLE}">'
         f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
     )
+
+
+def interval_column(table: pd.DataFrame) -> list[str]:
+    """``low–high`` of each row's image AUROC interval (columns ``image_auroc_ci_low`` and
+    ``image_auroc_ci_high``), ``–`` where it has none: a class of fewer than two images, or a
+    table written before intervals existed."""
+    if "image_auroc_ci_low" not in table:
+        return [MISSING] * len(table)
+    return [
+        f"{low:.3f}–{high:.3f}" if not (_is_missing(low) or _is_missing(high)) else MISSING
+        for low, high in zip(table["image_auroc_ci_low"], table["image_auroc_ci_high"], strict=True)
+    ]
 
 
 def metrics_table(metrics: Mapping[str, Any]) -> pd.DataFrame:

@@ -190,6 +190,7 @@ def compute_metrics(
         threshold["value"],
         evaluation["aupro_fpr_limit"],
         has_mask=has_mask,
+        confidence_level=evaluation["confidence_level"],
     )
     score = MapSettings.from_dict(map_settings)
     region_options = {
@@ -212,11 +213,15 @@ def compute_metrics(
         threshold["value"],
         evaluation["aupro_fpr_limit"],
         **region_options,
+        confidence_level=evaluation["confidence_level"],
     )
     log.info(
-        "image AUROC %.4f (at the defect %.4f, off it %.4f) | pixel AUROC %.4f | AUPRO %.4f | "
-        "F1-max %.4f | threshold %.4f",
+        "image AUROC %.4f (%g %% interval %.4f-%.4f; at the defect %.4f, off it %.4f) | "
+        "pixel AUROC %.4f | AUPRO %.4f | F1-max %.4f | threshold %.4f",
         metrics["image_auroc"],
+        100 * evaluation["confidence_level"],
+        metrics["image_auroc_ci_low"],
+        metrics["image_auroc_ci_high"],
         metrics["image_auroc_at_defect"],
         metrics["image_auroc_off_defect"],
         metrics["pixel_auroc"],
@@ -289,6 +294,7 @@ def stress_test(
             "contrast": tuple(synthetic["contrast"]),
         },
         **_inference_options(evaluation),
+        confidence_level=evaluation["confidence_level"],
     )
     pivot = table[table["contrast"] == "all"].pivot(index="kind", columns="map", values="image_auroc")
     log.info(

@@ -14,7 +14,7 @@ from anomaly_ae.data.transforms import as_unit_float
 from anomaly_ae.evaluation.metrics import image_auroc
 from anomaly_ae.evaluation.summary import known_masks
 from anomaly_ae.reporting import figures
-from anomaly_ae.reporting.report import render_report
+from anomaly_ae.reporting.report import interval_column, render_report
 from anomaly_ae.scoring import anomaly_map
 
 
@@ -202,13 +202,22 @@ def defect_region_section(metrics: dict[str, Any], margin: int) -> str:
     return text
 
 
+def _with_interval(table: pd.DataFrame, after: str = "image_auroc") -> pd.DataFrame:
+    """``table`` with its two interval columns replaced by one readable ``interval`` column
+    right after ``after``."""
+    shown = table.drop(columns=["image_auroc_ci_low", "image_auroc_ci_high"], errors="ignore")
+    shown.insert(shown.columns.get_loc(after) + 1, "interval", interval_column(table))
+    return shown
+
+
 def defect_type_section(table: pd.DataFrame) -> str:
-    """HTML: image AUROC, pixel AUROC, AUPRO and recall at the threshold per test defect type."""
+    """HTML: image AUROC (with its confidence interval), pixel AUROC, AUPRO and recall at the
+    threshold per test defect type."""
     from anomaly_ae.reporting.report import html_table
 
     if table.empty:
         return "<p>No defective test images.</p>"
-    shown = table.copy()
+    shown = _with_interval(table)
     for column in ("pixel_auroc", "aupro"):
         shown[column] = [
             f"{value:.4f}" if has else "— (no masks)"
@@ -222,8 +231,10 @@ def defect_type_section(table: pd.DataFrame) -> str:
         else ""
     )
     return (
-        "<p>Each defect type's test images against every good test image; recall = share of "
-        f"the type's images above the decision threshold.{note}</p>"
+        "<p>Each defect type's test images against every good test image; interval = the image "
+        "AUROC's confidence interval from the sampling of the test images "
+        "(evaluation.confidence_level, DeLong): a few dozen images measure an AUROC only that "
+        f"well. Recall = share of the type's images above the decision threshold.{note}</p>"
         + html_table(shown.drop(columns="has_masks"))
     )
 
@@ -299,14 +310,21 @@ def stress_section(table: pd.DataFrame) -> str:
     wide.columns = [f"{metric.replace('_auroc', ' AUROC')} ({name})" for metric, name in wide.columns]
     counts = overall.drop_duplicates("kind").set_index("kind")["n_defective"]
     wide.insert(0, "defective images", counts)
+    in_use = overall[overall["map"] == "in use"].set_index("kind")
+    if "image AUROC (in use)" in wide and len(in_use):
+        at = wide.columns.get_loc("image AUROC (in use)") + 1
+        wide.insert(at, "interval (in use)", pd.Series(interval_column(in_use), in_use.index))
     page = (
         "<p>Every synthetic defect kind pasted onto the good test images with another seed than "
-        "calibration: a check on images the choice never saw (it chooses nothing).</p>"
+        "calibration: a check on images the choice never saw (it chooses nothing). Interval: "
+        "the image AUROC's confidence interval (evaluation.confidence_level): with few good "
+        "test images it is wide.</p>"
         + html_table(wide.reset_index())
     )
     bands = table[(table["contrast"] != "all") & (table["map"] == "in use")]
     if not bands.empty:
         shown = bands[["kind", "contrast", "n_defective", "median_contrast", "image_auroc", "pixel_auroc"]]
+        shown = shown.assign(image_auroc_interval=interval_column(bands))
         shown = shown.rename(
             columns={
                 "contrast": "mean |change| in the defect",
@@ -314,6 +332,7 @@ def stress_section(table: pd.DataFrame) -> str:
                 "median_contrast": "median change",
                 "image_auroc": "image AUROC (in use)",
                 "pixel_auroc": "pixel AUROC (in use)",
+                "image_auroc_interval": "interval",
             }
         )
         page += (
