@@ -208,7 +208,7 @@ def test_the_loss_study_report_fills_its_detection_table_and_keeps_table2_narrow
     for variant in comparison["variant"]:
         assert f"<td>{variant}</td>" in detection
     assert '<td class="num">0.9900</td>' in detection  # image AUROC
-    assert "<td>0.961–0.999</td>" in detection  # and its interval
+    assert '<td class="num">0.961–0.999</td>' in detection  # and its interval, unbroken
     assert "0.5·MSE + 0.5·(1 − SSIM)" in detection
     assert table2.count("<th>") <= 7  # mean ± std in one cell: it fit on the page
     assert "0.9000 ± 0.0100" in table2 and "0.9055 ± 0.0161" in table2

@@ -16,7 +16,7 @@ import json
 import numbers
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 from PIL import Image
@@ -83,6 +83,8 @@ def _is_missing(value: Any) -> bool:
 
 
 def _cell(value: Any, float_format: str) -> str:
+    if isinstance(value, Interval):
+        return f'<td class="num">{value}</td>'
     if _is_missing(value):
         return f"<td>{MISSING}</td>"
     if isinstance(value, bool):
@@ -117,14 +119,24 @@ def html_table(frame: pd.DataFrame, float_format: str = "{:.4f}", empty: str = "
     )
 
 
-def interval_column(table: pd.DataFrame) -> list[str]:
-    """``low–high`` of each row's image AUROC interval (columns ``image_auroc_ci_low`` and
-    ``image_auroc_ci_high``), ``–`` where it has none: a class of fewer than two images, or a
-    table written before intervals existed."""
+class Interval(NamedTuple):
+    """A confidence interval, shown ``low–high`` in one unbroken table cell."""
+
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        return f"{self.low:.3f}–{self.high:.3f}"
+
+
+def interval_column(table: pd.DataFrame) -> list[Interval | None]:
+    """Each row's image AUROC interval (columns ``image_auroc_ci_low`` and
+    ``image_auroc_ci_high``); None (shown ``–``) where it has none: a class of fewer than two
+    images, or a table written before intervals existed."""
     if "image_auroc_ci_low" not in table:
-        return [MISSING] * len(table)
+        return [None] * len(table)
     return [
-        f"{low:.3f}–{high:.3f}" if not (_is_missing(low) or _is_missing(high)) else MISSING
+        None if _is_missing(low) or _is_missing(high) else Interval(float(low), float(high))
         for low, high in zip(table["image_auroc_ci_low"], table["image_auroc_ci_high"], strict=True)
     ]
 
