@@ -324,7 +324,8 @@ def stress_section(table: pd.DataFrame) -> str:
     )
     bands = table[(table["contrast"] != "all") & (table["map"] == "in use")]
     if not bands.empty:
-        shown = bands[["kind", "contrast", "n_defective", "median_contrast", "image_auroc", "pixel_auroc"]].copy()
+        columns = ["kind", "contrast", "n_defective", "median_contrast", "image_auroc", "pixel_auroc"]
+        shown = bands[columns].copy()
         shown.insert(5, "image_auroc_interval", interval_column(bands))
         shown = shown.rename(
             columns={
