@@ -19,8 +19,8 @@ the spread floored by its mean):
   reference  the z-score's normal images: the training images (the pipeline's), the
              validation images (unseen by training), the training maps rescaled to the
              validation maps' level, or per image its 16 nearest training images (32x32
-             thumbnails): is the reference fitted on images the model was trained on the
-             limit?
+             thumbnails; also with the low-pass channel at sigma 8, per-pixel max): is the
+             reference fitted on images the model was trained on the limit?
   peak       local-peak maps: the z-scored 1 - SSIM(11) at sigma 0 / 2 minus its own blur
              at sigma 8 / 16 (a difference of Gaussians: small peaks over their surroundings);
   flips      test-time flips: the maps of the image and its horizontally / vertically
@@ -28,7 +28,17 @@ the spread floored by its mean):
   denoise    fine-tunes the model --epochs more epochs twice, on clean inputs and on inputs
              carrying a synthetic defect (every kind, probability 0.5; the target stays the
              clean image), and scores the z-scored 1 - SSIM(11) sigma 4 map and its per-pixel
-             max with the low-pass channel at sigma 8 for both.
+             max with the low-pass channel at sigma 8 for both;
+  selfnorm   the pipeline's map (z-scored 1 - SSIM(11) sigma 4, per-pixel max with the
+             z-scored low-pass channel at sigma 8) normalised per image by its own level:
+             minus its median, (map - median) / MAD, minus its 90 % quantile - does an unseen
+             image's overall higher error hide a small defect?
+  inflate    the same map divided by where unseen normal images exceed the training spread:
+             the validation images' RMS (or 90 % quantile) of their positive z-scores, blurred
+             at sigma 4 / 8 / 16, floored at 1 (the validation images are then in-sample for
+             the selection score).
+
+Every row with maps also has the real test AUPRO (FPR 0.3).
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ from kedro.framework.startup import bootstrap_project
 
 from anomaly_ae.data.defects import DEFECT_KINDS, paste_synthetic_defects
 from anomaly_ae.data.transforms import as_unit_float
-from anomaly_ae.evaluation.metrics import rank_auroc
+from anomaly_ae.evaluation.metrics import aupro, rank_auroc
 from anomaly_ae.model.checkpoint import model_from_checkpoint
 from anomaly_ae.scoring.anomaly_map import MapSettings, compose, error_terms
 from anomaly_ae.scoring.anomaly_map import lowpass as lowpass_difference
@@ -179,6 +189,7 @@ def evaluate(name: str, sets: dict, maps: Maps | None = None, scores: dict | Non
         row["real_pixel_auroc"] = rank_auroc(
             sets["test_masks"][known].ravel() > 0, maps["test"].numpy()[known].ravel()
         )
+        row["real_aupro"] = aupro(sets["test_masks"][known], maps["test"].numpy()[known])
     return row
 
 
@@ -250,14 +261,29 @@ def reference(network, sets, args) -> list[dict]:
         k: F.adaptive_avg_pool2d(torch.from_numpy(as_unit_float(v)), 32).flatten(1)
         for k, v in sets["images"].items()
     }
-    floor = train.std(0).mean()
-    nearest = {}
-    for k, m in maps.items():
-        idx = torch.cdist(thumbs[k], thumbs["train"]).topk(16, largest=False).indices
-        neighbours = train[idx]  # (N, 16, H, W); a training image is among its own neighbours
-        nearest[k] = (m - neighbours.mean(1)) / (neighbours.std(1) + floor)
-    rows.append(evaluate("16 nearest training images", sets, nearest))
+    rows.append(evaluate("16 nearest training images", sets, nearest_z(maps, thumbs)))
+    lowpass8 = maps_of(network, sets, {"lowpass s8": ("lowpass", 8)}, args.batch)["lowpass s8"]
+    rows.append(
+        evaluate(
+            "16 nearest, pmax with lowpass s8",
+            sets,
+            pmax(nearest_z(maps, thumbs), nearest_z(lowpass8, thumbs)),
+        )
+    )
     return rows
+
+
+def nearest_z(maps: Maps, thumbs: dict, k: int = 16) -> Maps:
+    """Each image's map z-scored against the maps of its ``k`` nearest training images
+    (by 32x32 thumbnail); the spread floored by the training maps' mean spread."""
+    train = maps["train"]
+    floor = train.std(0).mean()
+    out = {}
+    for name, m in maps.items():
+        idx = torch.cdist(thumbs[name], thumbs["train"]).topk(k, largest=False).indices
+        neighbours = train[idx]  # (N, k, H, W); a training image is among its own neighbours
+        out[name] = (m - neighbours.mean(1)) / (neighbours.std(1) + floor)
+    return out
 
 
 def peak(network, sets, args) -> list[dict]:
@@ -333,7 +359,51 @@ def denoise(network, sets, args) -> list[dict]:
     return rows
 
 
-STUDIES: dict[str, Callable] = {f.__name__: f for f in (smoothing, lowpass, reference, peak, flips, denoise)}
+def _pipeline_map(network, sets, args) -> Maps:
+    """The rule's choice on bottle: z-scored 1 - SSIM(11) sigma 4, per-pixel max with the
+    z-scored low-pass channel at sigma 8."""
+    spec = {"ssim s4": ("ssim", 4), "lowpass s8": ("lowpass", 8)}
+    z = {name: zscored(m) for name, m in maps_of(network, sets, spec, args.batch).items()}
+    return pmax(z["ssim s4"], z["lowpass s8"])
+
+
+def selfnorm(network, sets, args) -> list[dict]:
+    z = _pipeline_map(network, sets, args)
+
+    def per_image(how: str) -> Maps:
+        out = {}
+        for k, m in z.items():
+            flat = m.flatten(1)
+            median = flat.median(1).values[:, None, None]
+            if how == "minus median":
+                out[k] = m - median
+            elif how == "(- median) / MAD":
+                mad = (flat - flat.median(1, keepdim=True).values).abs().median(1).values[:, None, None]
+                out[k] = (m - median) / (mad + mad.mean())
+            else:
+                out[k] = m - flat.quantile(0.9, dim=1)[:, None, None]
+        return out
+
+    rows = [evaluate("pmax ssim s4 + lowpass s8 (pipeline)", sets, z)]
+    rows += [evaluate(how, sets, per_image(how)) for how in ("minus median", "(- median) / MAD", "minus q90")]
+    return rows
+
+
+def inflate(network, sets, args) -> list[dict]:
+    z = _pipeline_map(network, sets, args)
+    val = z["val"].clamp(min=0)
+    rows = [evaluate("pmax ssim s4 + lowpass s8 (pipeline)", sets, z)]
+    for stat, level in (("rms", (val**2).mean(0).sqrt()), ("q90", z["val"].quantile(0.9, dim=0))):
+        for sigma in (4, 8, 16):
+            factor = gaussian_blur(level[None, None], sigma)[0, 0].clamp(min=1.0)
+            scaled = {k: m / factor for k, m in z.items()}
+            rows.append(evaluate(f"/ validation {stat}, blur {sigma}", sets, scaled))
+    return rows
+
+
+STUDIES: dict[str, Callable] = {
+    f.__name__: f for f in (smoothing, lowpass, reference, peak, flips, denoise, selfnorm, inflate)
+}
 
 
 def main() -> None:

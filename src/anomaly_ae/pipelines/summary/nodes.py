@@ -9,9 +9,9 @@ from typing import Any
 
 import pandas as pd
 
-from anomaly_ae.evaluation.categories import category_row, summary_table, to_markdown
+from anomaly_ae.evaluation.categories import INTERVAL, category_row, summary_table, to_markdown
 from anomaly_ae.evaluation.summary import REGION_METRICS
-from anomaly_ae.reporting.report import html_table
+from anomaly_ae.reporting.report import html_table, interval_column
 from anomaly_ae.reporting.report import page as report_page
 from anomaly_ae.scoring import MapSettings
 
@@ -32,16 +32,19 @@ def summarise_node(categories: Sequence[str]) -> Callable[..., tuple[pd.DataFram
         markdown = to_markdown(table)
         log.info("Summary of %d categories:\n%s", len(categories), markdown)
         synthetic = any(inputs[3 * i].get("data_source") == "synthetic" for i in range(len(categories)))
-        # the page: the main table, then where the image score comes from (a second table, so
-        # that neither needs sideways scrolling)
-        regions = table[["category", "image_auroc", *REGION_METRICS]]
+        # the page: the main table, then the image AUROC's interval and where the image score
+        # comes from (a second table, so that neither needs sideways scrolling)
+        regions = table[["category", "image_auroc"]].assign(interval=interval_column(table))
+        regions = pd.concat([regions, table[list(REGION_METRICS)]], axis=1)
         page = report_page(
             f"anomaly-ae — {len(categories)} categories",
             "<p>One row per category (its own namespace, versioned outputs and MLflow run); the "
             "last row is the mean. Pixel metrics are empty where a category has no masks.</p>"
-            f"{html_table(table.drop(columns=list(REGION_METRICS)))}"
-            "<h2>Where the image score comes from</h2><p>Defective test images scored only near "
-            "their labelled defect, and only away from it (the label-leak check: about 0.5 "
+            f"{html_table(table.drop(columns=[*REGION_METRICS, *INTERVAL]))}"
+            "<h2>How precise, and where the image score comes from</h2><p>The image AUROC's "
+            "confidence interval from the sampling of the test images "
+            "(evaluation.confidence_level; none for the mean). Defective test images scored only "
+            "near their labelled defect, and only away from it (the label-leak check: about 0.5 "
             "expected; high when defective images differ from good ones elsewhere).</p>"
             f"{html_table(regions)}<p>Categories: {html.escape(', '.join(categories))}</p>",
             synthetic=synthetic,
