@@ -146,7 +146,7 @@ def auroc_interval(labels: ArrayLike, scores: ArrayLike, level: float = 0.95) ->
     which are not independent samples.
 
     Args:
-        labels: Per-image labels, non-zero = anomalous.
+        labels: Per-image labels, 1 = anomalous, 0 = normal.
         scores: Per-image anomaly scores (higher = more anomalous).
         level: Confidence level in (0, 1), e.g. 0.95.
 
@@ -154,17 +154,12 @@ def auroc_interval(labels: ArrayLike, scores: ArrayLike, level: float = 0.95) ->
         ``(low, high)``; ``(nan, nan)`` when a class has fewer than two images.
 
     Raises:
-        ValueError: If ``level`` is outside (0, 1), lengths differ, scores are not finite or
-            only one class is present.
+        ValueError: If ``level`` is outside (0, 1), or as :func:`image_auroc` (lengths differ,
+            labels not binary, scores not finite, one class only).
     """
     if not 0 < float(level) < 1:
         raise ValueError(f"evaluation.confidence_level must be in (0, 1), got {level!r}")
-    y = np.asarray(labels).ravel() != 0
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    if y.shape != s.shape:
-        raise ValueError(f"labels and scores must have the same length, got {y.size} and {s.size}")
-    if not np.all(np.isfinite(s)):
-        raise ValueError("scores must be finite (found NaN or inf)")
+    y, s = _labels_scores(labels, scores)
     _require_both_classes(y, "auroc_interval")
     positives, negatives = s[y], s[~y]
     m, n = len(positives), len(negatives)

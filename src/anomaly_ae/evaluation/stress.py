@@ -52,10 +52,9 @@ def stress_table(
     confidence_level: float = 0.95,
 ) -> pd.DataFrame:
     """Image AUROC (with its ``confidence_level`` interval,
-    :func:`~anomaly_ae.evaluation.metrics.auroc_interval`: with a few dozen good images
-    a kind's figure is far from exact) and pixel AUROC per defect kind (and ``all``) for each named
-    map; for the
-    contrast-driven kinds (:data:`CONTRAST_KINDS`) also per band of measured contrast
+    :func:`~anomaly_ae.evaluation.metrics.auroc_interval`: with a few dozen good images a
+    kind's figure is far from exact) and pixel AUROC per defect kind (and ``all``) for each
+    named map; for the contrast-driven kinds (:data:`CONTRAST_KINDS`) also per band of measured contrast
     (column ``contrast``: ``all`` or a :data:`CONTRAST_BANDS` label), so a user sees how faint
     a defect of each kind can be and still be found.
 
