@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anomaly_ae.evaluation.summary import defect_region_metrics, near_defect, per_defect_type
+from anomaly_ae.evaluation.summary import defect_region_metrics, hardest_cases, near_defect, per_defect_type
 
 H = W = 48
 
@@ -96,3 +96,37 @@ def test_the_report_section_shows_both_and_warns_when_the_label_leaks():
     )
     assert "the label leaks" in leaky
     assert "Not computed" in defect_region_section({"image_auroc": 0.9}, 16)
+
+
+def test_hardest_cases_are_the_top_scoring_good_and_bottom_scoring_defective_images():
+    labels = np.array([0, 1, 0, 1, 0, 1, 0])
+    scores = np.array([0.2, 0.9, 0.8, 0.1, 0.5, 0.3, 0.8])
+    good, bad = hardest_cases(labels, scores, 2)
+    assert good.tolist() == [2, 6]  # 0.8 and 0.8 (tie: image order), not 0.5 or 0.2
+    assert bad.tolist() == [3, 5]  # 0.1, then 0.3; never the found 0.9
+    good, bad = hardest_cases(labels, scores, 10)  # fewer images than asked: all of them
+    assert good.tolist() == [2, 6, 4, 0] and bad.tolist() == [3, 5, 1]
+    assert [len(x) for x in hardest_cases(labels, scores, 0)] == [0, 0]
+    with pytest.raises(ValueError, match="hardest_cases"):
+        hardest_cases(labels, scores, -1)
+
+
+def test_the_hardest_cases_figure_marks_the_map_peak_inside_the_image():
+    from anomaly_ae.reporting.figures import figure_to_image, hardest_cases_figure, peak_window
+
+    assert peak_window((64, 96), (2, 90), 12) == (slice(0, 24), slice(72, 96))  # moved inside
+    assert peak_window((10, 96), (5, 40), 12) == (slice(0, 10), slice(28, 52))  # no taller than the image
+    image, amap = np.zeros((40, 60)), np.zeros((40, 60))
+    amap[30, 55] = 5.0
+    mask = np.zeros((40, 60), np.uint8)
+    mask[28:33, 52:58] = 1
+    rows = [
+        {"image": image, "map": amap, "mask": mask, "label": "contamination: missed"},
+        {"image": image, "map": amap, "mask": None, "label": "good: flagged"},
+    ]
+    fig = hardest_cases_figure(rows, vmax=4.0)
+    marker = fig.axes[0].lines[0].get_data()
+    assert (marker[0][0], marker[1][0]) == (55, 30)  # the peak, in (x, y)
+    assert len(fig.axes[0].collections) == 1 and not fig.axes[4].collections  # mask outlined only where known
+    assert figure_to_image(fig).size[0] > 500
+    assert figure_to_image(hardest_cases_figure([], vmax=1.0)).size[0] > 0

@@ -88,11 +88,12 @@ def test_quick_run_trains_and_evaluates_with_the_calibrated_map(quick):
 
     table2 = pd.read_csv(quick.latest(f"data/08_reporting/{NS}/table2.csv"))
     assert "paper protocol" in set(table2["subset"])
-    for figure in ("figure1", "image_roc", "pixel_roc", "ssim_histogram", "loss_curve"):
+    for figure in ("figure1", "image_roc", "pixel_roc", "ssim_histogram", "loss_curve", "hardest_cases"):
         assert quick.latest(f"data/08_reporting/{NS}/{figure}.png").stat().st_size > 1000
     assert len(list(quick.latest(f"data/08_reporting/{NS}/heatmaps").rglob("*.png"))) == len(table)
     report = quick.latest(f"data/08_reporting/{NS}/report.html").read_text()
     assert "SYNTHETIC DATA" in report and "Table II" in report and "Figure 1" in report
+    assert "Hardest cases" in report
     assert "which settings and why" in report and chosen["setting"] in report
     # the network the numbers come from, as the checkpoint holds it (tiles included)
     model_line = AutoencoderConfig.from_dict(checkpoint["model_config"]).describe()

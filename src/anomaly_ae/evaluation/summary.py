@@ -190,6 +190,19 @@ def near_defect(masks: np.ndarray, margin: int) -> np.ndarray:
     return grown[:, 0].bool().numpy()
 
 
+def hardest_cases(labels: np.ndarray, scores: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The images an inspector looks at first: the ``count`` good images with the highest
+    image scores (the likeliest false alarms) and the ``count`` defective images with the
+    lowest (the likeliest misses), each worst first; ties keep the images' order."""
+    if count < 0:
+        raise ValueError(f"evaluation.hardest_cases must be >= 0, got {count}")
+    labels, scores = np.asarray(labels) != 0, np.asarray(scores, dtype=np.float64)
+    good, bad = np.flatnonzero(~labels), np.flatnonzero(labels)
+    good = good[np.argsort(-scores[good], kind="stable")][:count]
+    bad = bad[np.argsort(scores[bad], kind="stable")][:count]
+    return good, bad
+
+
 def region_scores(
     maps: torch.Tensor, keep: torch.Tensor, typical: torch.Tensor, reduction: str, topk_fraction: float
 ) -> np.ndarray:

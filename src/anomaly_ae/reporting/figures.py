@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import matplotlib.patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -117,6 +118,64 @@ def heatmap_overlay_image(
     heat = matplotlib.colormaps["jet"](np.clip(np.asarray(amap) / vmax, 0, 1))[..., :3]
     blended = (1 - alpha) * gray + alpha * heat
     return Image.fromarray((blended * 255).round().astype(np.uint8), mode="RGB")
+
+
+def peak_window(shape: tuple[int, int], peak: tuple[int, int], half: int) -> tuple[slice, slice]:
+    """A square window of side ``2 * half`` around ``peak``, moved inside an image of
+    ``shape`` (and no larger than it)."""
+    window = []
+    for size, centre in zip(shape, peak, strict=True):
+        side = min(2 * half, size)
+        start = int(np.clip(centre - side // 2, 0, size - side))
+        window.append(slice(start, start + side))
+    return window[0], window[1]
+
+
+def hardest_cases_figure(rows: list[dict], vmax: float) -> Figure:
+    """One row per image: the input with its map's peak marked (and the labelled defect
+    outlined, when there is a mask), the heat-map overlay (colour scale [0, ``vmax``], as
+    the per-image heat maps), and both again enlarged around the peak - where the image
+    score comes from. ``rows``: dicts with image, map, mask (or None), label."""
+    if not rows:
+        fig, ax = plt.subplots(figsize=(6, 1))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "No test images to show.", ha="center", va="center")
+        return fig
+    height, width = np.shape(rows[0]["image"])[-2:]
+    row_height = min(2.4 * height / width, 5.0) + 0.7
+    fig, axes = plt.subplots(len(rows), 4, figsize=(11, row_height * len(rows)), squeeze=False)
+    half = max(12, min(height, width) // 8)
+    for ax_row, row in zip(axes, rows, strict=True):
+        image, amap = np.clip(row["image"], 0, 1), np.asarray(row["map"], dtype=np.float64)
+        peak = np.unravel_index(int(np.argmax(amap)), amap.shape)
+        window = peak_window(amap.shape, peak, half)
+        overlay = np.asarray(heatmap_overlay_image(image, amap, vmax=vmax))
+        panels = (image, overlay, image[window], overlay[window])
+        for ax, panel in zip(ax_row, panels, strict=True):
+            ax.imshow(panel, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        for ax, origin in ((ax_row[0], (0, 0)), (ax_row[2], (window[0].start, window[1].start))):
+            ax.plot(peak[1] - origin[1], peak[0] - origin[0], "+", color="red", ms=14, mew=2)
+            if row.get("mask") is not None and np.any(row["mask"]):
+                mask = np.asarray(row["mask"]) > 0
+                shown = mask if origin == (0, 0) else mask[window]
+                ax.contour(shown, levels=[0.5], colors="lime", linewidths=1)
+        ax_row[1].add_patch(
+            matplotlib.patches.Rectangle(
+                (window[1].start - 0.5, window[0].start - 0.5),
+                window[1].stop - window[1].start,
+                window[0].stop - window[0].start,
+                fill=False,
+                edgecolor="white",
+                linewidth=1,
+            )
+        )
+        ax_row[0].set_ylabel(row["label"], fontsize=8)
+    names = ("input, peak +", "anomaly map", "input at the peak", "map at the peak")
+    for ax, name in zip(axes[0], names, strict=True):
+        ax.set_title(name, fontsize=10)
+    return fig
 
 
 def variant_comparison_figure(comparison: pd.DataFrame) -> Figure:

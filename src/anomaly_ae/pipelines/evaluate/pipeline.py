@@ -21,7 +21,7 @@ from .nodes import (
     score_images,
     stress_test,
 )
-from .reporting_nodes import build_report, make_figures, make_heatmaps
+from .reporting_nodes import build_report, make_figures, make_hardest_cases, make_heatmaps
 
 
 def evaluation_nodes() -> Pipeline:
@@ -137,6 +137,12 @@ def reporting_nodes() -> Pipeline:
                 name="make_heatmaps",
             ),
             Node(
+                make_hardest_cases,
+                ["test_images", "test_scores", "ssim_table", "decision_threshold", "params:evaluation"],
+                "hardest_cases",
+                name="make_hardest_cases",
+            ),
+            Node(
                 build_report,
                 [
                     "table2",
@@ -145,6 +151,7 @@ def reporting_nodes() -> Pipeline:
                     "image_roc",
                     "pixel_roc",
                     "ssim_histogram",
+                    "hardest_cases",
                     "model_checkpoint",
                     "dataset_info",
                     "map_settings",

@@ -12,7 +12,7 @@ from PIL import Image
 
 from anomaly_ae.data.transforms import as_unit_float
 from anomaly_ae.evaluation.metrics import image_auroc
-from anomaly_ae.evaluation.summary import known_masks
+from anomaly_ae.evaluation.summary import hardest_cases, known_masks
 from anomaly_ae.reporting import figures
 from anomaly_ae.reporting.report import interval_column, render_report
 from anomaly_ae.scoring import anomaly_map
@@ -101,6 +101,40 @@ def make_heatmaps(
     }
 
 
+def make_hardest_cases(
+    test_images: dict[str, np.ndarray],
+    test_scores: dict[str, np.ndarray],
+    ssim_table: pd.DataFrame,
+    decision_threshold: dict[str, Any],
+    evaluation: dict[str, Any],
+) -> Image.Image:
+    """The highest-scoring good test images and the lowest-scoring defective ones
+    (``evaluation.hardest_cases`` of each), with where their map peaks: what a false alarm
+    or a miss looks like to this model."""
+    labels, scores = np.asarray(test_images["labels"]), np.asarray(test_scores["score"])
+    good, bad = hardest_cases(labels, scores, int(evaluation["hardest_cases"]))
+    threshold = float(decision_threshold["value"])
+    vmax = figures.overlay_vmax(threshold, decision_threshold["score"].get("normal_reference", "none"))
+    known = known_masks(test_images.get("has_mask"), len(labels))
+    rows = []
+    for i in (*good, *bad):
+        flagged = scores[i] > threshold
+        verdict = ("flagged: false alarm" if flagged else "passed") if labels[i] == 0 else (
+            "found" if flagged else "missed"
+        )
+        entry = ssim_table.iloc[i]
+        rows.append(
+            {
+                "image": as_unit_float(test_images["images"][i, 0]),
+                "map": test_scores["map"][i],
+                "mask": test_images["masks"][i] if labels[i] != 0 and known[i] else None,
+                "label": f"{entry['defect_type']}: {verdict}\n{PurePosixPath(entry['file']).name}\n"
+                f"score {scores[i]:.3g} (threshold {threshold:.3g})",
+            }
+        )
+    return figures.figure_to_image(figures.hardest_cases_figure(rows, vmax))
+
+
 def build_report(
     table2: pd.DataFrame,
     evaluation_metrics: dict[str, Any],
@@ -108,6 +142,7 @@ def build_report(
     image_roc: Image.Image,
     pixel_roc: Image.Image,
     ssim_histogram: Image.Image,
+    hardest: Image.Image,
     model_checkpoint: dict[str, Any],
     dataset_info: dict[str, Any],
     map_settings: dict[str, Any],
@@ -146,6 +181,7 @@ def build_report(
             "Image-level ROC": image_roc,
             "Pixel-level ROC": pixel_roc,
             "SSIM of normal vs defective test images": ssim_histogram,
+            "Hardest cases: the highest-scoring good images, the lowest-scoring defective ones": hardest,
             "Training loss": loss_curve,
         },
         configuration={
