@@ -258,6 +258,10 @@ def test_two_categories_in_parallel_log_what_a_sequential_run_logs(tmp_path):
     assert len(par["top"]) == 1 and len(par["all"]) == 3  # no stray run from a worker
     (top,) = par["top"]
     assert not [r.info.run_name for r in par["all"] if r.info.status != "FINISHED"]  # none left RUNNING
+    for project, runs in ((parallel_project, par), (sequential_project, seq)):
+        # the version folder the run wrote: retention never deletes it while the run is RUNNING
+        written = project.latest("data/06_models/bottle/model_checkpoint.pt").parent.name
+        assert runs["top"][0].data.tags.get("anomaly_ae.save_version") == written
     assert par["artifacts"][top.info.run_id] == ["summary"]
     for category in ("bottle", "carpet"):
         (run,) = par["children"][category]  # exactly one nested run per category

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -146,6 +148,7 @@ def test_calibration_table_and_rule(quick):
 def test_mlflow_runs_hold_params_metrics_and_the_calibration(quick):
     with sqlite3.connect(quick.path / "mlflow.db") as db:
         (top,) = db.execute("select run_uuid from runs where name='__default__'").fetchone()
+        top_tags = dict(db.execute("select key, value from tags where run_uuid=?", (top,)))
         children = db.execute(
             "select r.name, r.run_uuid, r.status from runs r join tags t on r.run_uuid = t.run_uuid "
             "where t.key = 'mlflow.parentRunId' and t.value = ?",
@@ -166,6 +169,9 @@ def test_mlflow_runs_hold_params_metrics_and_the_calibration(quick):
     stamps = [t for _, t in steps]
     assert stamps == sorted(set(stamps)), stamps  # logged live, as each epoch ended
     assert tags["data_source"] == "synthetic" and tags["category"] == NS and tags["git_commit"]
+    # the version folder the run wrote (retention never deletes it while the run is RUNNING)
+    written = quick.latest(f"data/06_models/{NS}/model_checkpoint.pt").parent.name
+    assert top_tags["anomaly_ae.save_version"] == written
     assert {"image_auroc", "pixel_auroc", "aupro", "image_f1_max", "threshold", "val_loss"} <= logged
     assert {"best_epoch", "best_val_loss", "epoch_seconds"} <= logged
     artifacts = {
@@ -245,6 +251,35 @@ def test_predict_through_the_catalog_with_load_versions(quick, tmp_path):
     good = scored[scored["file"].str.startswith("good/")]["score"]
     defective = scored[scored["file"].str.startswith("missing_rim/")]["score"]
     assert defective.mean() > good.mean()
+
+
+def test_a_deleted_version_is_named_with_the_mlflow_run_that_restores_it(quick, tmp_path):
+    """Retention deletes old versions; --load-versions of one says so, lists what is there, and
+    gives the MLflow run holding the logged copy and the command that restores it (run here)."""
+    from anomaly_ae.model.checkpoint import checkpoint_fingerprint, load_checkpoint
+
+    folder = quick.latest(f"data/06_models/{NS}/model_checkpoint.pt").parent
+    version, kept = folder.name, tmp_path / "kept"
+    shutil.move(folder, kept)
+    try:
+        with pytest.raises(RuntimeError, match=rf"version {version} of '{NS}.model_checkpoint'") as error:
+            quick.session_run(
+                pipeline="predict",
+                env="quick",
+                params={"predict": {"input_dir": str(tmp_path)}},
+                load_versions={f"{NS}.model_checkpoint": version},
+            )
+        message = str(error.value)
+        assert "retention.keep_last" in message and "mlflow artifacts download" in message
+        command = message.split("restore it with: ", 1)[1].split()
+        assert command[0] == "mlflow"  # run as python -m mlflow: the venv's, whatever PATH says
+        subprocess.run([sys.executable, "-m", *command], cwd=quick.path, check=True, timeout=300)
+        restored = load_checkpoint(folder / "model_checkpoint.pt")
+        original = load_checkpoint(kept / "model_checkpoint.pt")
+        assert checkpoint_fingerprint(restored) == checkpoint_fingerprint(original)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.move(kept, folder)
 
 
 def test_a_missing_model_is_reported_with_the_command_that_makes_it(tmp_path):

@@ -59,6 +59,8 @@ class PinRunVersionsHook:
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         from kedro.io.core import Version
 
+        global RUN_SAVE_VERSION
+        RUN_SAVE_VERSION = None  # this run's, never an earlier in-process run's
         pinned = []
         for name in sorted(pipeline.all_outputs()):
             dataset = catalog.get(name)
@@ -72,6 +74,19 @@ class PinRunVersionsHook:
         own = claim_save_version(pinned[0]._version.save)
         for dataset in pinned:
             dataset._version = Version(own, own)
+        RUN_SAVE_VERSION = own
+        # tagged now when kedro-mlflow's run is already open (a ParallelRunner's main process
+        # sees no node hooks); otherwise InterruptedRunsHook tags it at the first node
+        if not parallel.in_worker() and _mlflow_active():
+            from anomaly_ae import prune
+
+            tag_top_run({prune.SAVE_VERSION_TAG: own})
+
+
+#: The version folder the current run writes (set by :class:`PinRunVersionsHook` before any
+#: node runs; tagged on its MLflow run by :class:`InterruptedRunsHook` as
+#: ``anomaly_ae.save_version``, which ``anomaly_ae.prune`` protects while the run is RUNNING).
+RUN_SAVE_VERSION: str | None = None
 
 
 def claim_save_version(version: str, root: Path | None = None) -> str:
@@ -119,6 +134,9 @@ class MissingCheckpointHook:
                 exists = catalog.exists(name)
             except Exception:  # noqa: BLE001 - a missing version also means "not there"
                 exists = False
+            requested = (run_params.get("load_versions") or {}).get(name)
+            if not exists and requested:
+                raise RuntimeError(missing_version_message(name, requested, catalog.get(name)))
             if not exists:
                 what, how = REQUIRED_ARTIFACTS[base]
                 namespace = name[: -len(base)].rstrip(".")
@@ -130,6 +148,38 @@ class MissingCheckpointHook:
                     f"No {what} found for '{name}'. Make one first: `{how}` "
                     f"(or pick an existing version with --load-versions={name}:<version>)."
                 )
+
+
+def missing_version_message(name: str, version: str, dataset) -> str:
+    """Why ``--load-versions name:version`` found nothing, the versions there are, and - when
+    retention deleted it - the MLflow run that holds a copy and the command that restores it."""
+    from anomaly_ae import prune
+    from anomaly_ae import run_params as current_params
+
+    folder = Path(str(dataset._filepath))
+    there = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    text = (
+        f"--load-versions asks for version {version} of '{name}', which is not in {folder} "
+        f"(versions there: {', '.join(there) or 'none'}). Retention keeps the newest "
+        "retention.keep_last versions of each dataset and deletes older ones."
+    )
+    artifact_path = (getattr(dataset, "metadata", None) or {}).get("mlflow_artifact_path")
+    if not artifact_path:
+        return text
+    artifact = f"{artifact_path}/{folder.name}"
+    try:
+        tracking_uri = prune._tracking_uri(current_params.project_root(Path.cwd()))
+        runs = prune.logged_copies(tracking_uri, version, artifact)
+    except Exception as exc:  # noqa: BLE001 - the message must not fail on tracking trouble
+        log.warning("Could not look for a logged copy in MLflow: %s", exc)
+        runs = []
+    if runs:
+        run_id, uri = runs[0]
+        text += (
+            f" MLflow run {run_id} logged it; restore it with: mlflow artifacts download "
+            f"--artifact-uri {uri} --dst-path {folder / version}"
+        )
+    return text
 
 
 #: Cached inputs: written by data_ingestion / data_processing, read by later stages.
@@ -251,12 +301,13 @@ class InterruptedRunsHook:
 
     def __init__(self) -> None:
         self._tagged = False
-        self._save_version: str | None = None
+        self._version_tagged = False
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
-        self._tagged = False
-        self._save_version = run_params.get("session_id")
+        # hooks run last-registered first: PinRunVersionsHook has not claimed this run's
+        # version yet, so only the owner is tagged here and the version at the first node
+        self._tagged = self._version_tagged = False
         try:
             import mlflow
 
@@ -273,22 +324,32 @@ class InterruptedRunsHook:
         self._tag_top_run()
 
     def _tag_top_run(self) -> None:
-        """Tag the top run of the active chain (kedro-mlflow's run for ``kedro run``). Not from a
-        ParallelRunner worker: the main process owns the run (and tagged it)."""
-        if self._tagged or parallel.in_worker() or not _mlflow_active():
+        """Tag the top run of the active chain (kedro-mlflow's run for ``kedro run``): owner,
+        then this run's save version once it is claimed. Not from a ParallelRunner worker: the
+        main process owns the run (and tags it)."""
+        if self._version_tagged or parallel.in_worker() or not _mlflow_active():
             return
-        import mlflow
+        from anomaly_ae import prune
 
-        client = mlflow.MlflowClient()
-        run = mlflow.active_run()
-        while run.data.tags.get("mlflow.parentRunId"):
-            run = client.get_run(run.data.tags["mlflow.parentRunId"])
-        tags = owner_tags()
-        if self._save_version:  # the version folder this run writes (anomaly_ae.prune keeps it)
-            tags["anomaly_ae.save_version"] = self._save_version
-        for key, value in tags.items():
-            retry_locked(client.set_tag, run.info.run_id, key, value)
+        tags = {} if self._tagged else owner_tags()
+        if RUN_SAVE_VERSION:  # the version folder this run writes (anomaly_ae.prune keeps it)
+            tags[prune.SAVE_VERSION_TAG] = RUN_SAVE_VERSION
+        tag_top_run(tags)
         self._tagged = True
+        self._version_tagged = bool(RUN_SAVE_VERSION)
+
+
+def tag_top_run(tags: dict[str, str]) -> None:
+    """Set ``tags`` on the top run of the active MLflow chain (kedro-mlflow's run for
+    ``kedro run``), retrying while the database is locked."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run = mlflow.active_run()
+    while run.data.tags.get("mlflow.parentRunId"):
+        run = client.get_run(run.data.tags["mlflow.parentRunId"])
+    for key, value in tags.items():
+        retry_locked(client.set_tag, run.info.run_id, key, value)
 
 
 class RetentionHook:

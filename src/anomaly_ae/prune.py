@@ -58,8 +58,13 @@ def versioned_datasets(data_dir: Path) -> dict[Path, list[str]]:
     return {dataset: sorted(versions) for dataset, versions in found.items()}
 
 
+#: MLflow tag of a ``kedro run``'s top run: the version folder it writes
+#: (``anomaly_ae.hooks.PinRunVersionsHook``).
+SAVE_VERSION_TAG = "anomaly_ae.save_version"
+
+
 def running_save_versions(tracking_uri: str | None) -> set[str]:
-    """Save versions of MLflow runs that are RUNNING (tag ``anomaly_ae.save_version``)."""
+    """Save versions of MLflow runs that are RUNNING (tag :data:`SAVE_VERSION_TAG`)."""
     if not tracking_uri:
         return set()
     import mlflow
@@ -69,7 +74,32 @@ def running_save_versions(tracking_uri: str | None) -> set[str]:
     if not experiments:
         return set()
     runs = client.search_runs(experiments, filter_string="attributes.status = 'RUNNING'", max_results=5000)
-    return {r.data.tags["anomaly_ae.save_version"] for r in runs if "anomaly_ae.save_version" in r.data.tags}
+    return {r.data.tags[SAVE_VERSION_TAG] for r in runs if SAVE_VERSION_TAG in r.data.tags}
+
+
+def logged_copies(tracking_uri: str | None, version: str, artifact: str) -> list[tuple[str, str]]:
+    """``(run id, artifact URI)`` of each MLflow run (the run tagged with save ``version`` and
+    its child runs) that logged ``artifact`` (e.g. ``checkpoints/model_checkpoint.pt``): where
+    a version this retention deleted can be restored from."""
+    if not tracking_uri:
+        return []
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    tops = client.search_runs(experiments, filter_string=f"tags.`{SAVE_VERSION_TAG}` = '{version}'")
+    runs = list(tops)
+    for top in tops:
+        children = f"tags.`mlflow.parentRunId` = '{top.info.run_id}'"
+        runs += client.search_runs(experiments, filter_string=children)
+    folder, _, name = artifact.rpartition("/")
+    return [
+        (run.info.run_id, f"{run.info.artifact_uri}/{artifact}")
+        for run in runs
+        if any(item.path == artifact for item in client.list_artifacts(run.info.run_id, folder or None))
+    ]
 
 
 def plan(
