@@ -36,7 +36,16 @@ the spread floored by its mean):
   inflate    the same map divided by where unseen normal images exceed the training spread:
              the validation images' RMS (or 90 % quantile) of their positive z-scores, blurred
              at sigma 4 / 8 / 16, floored at 1 (the validation images are then in-sample for
-             the selection score).
+             the selection score);
+  latent     test-time latent optimisation: each image's code refined by --steps Adam steps
+             (--lr) on the hybrid loss between the image and the decoded code, from the
+             encoder's code; the pipeline's map of the refined reconstruction (does a better
+             code for an unseen normal image close its gap to the training images?);
+  ensemble   the pipeline's map of each checkpoint in --checkpoint a+b+..., and the mean of
+             every combination of them (each z-scored against its own training maps);
+  peaks      no variants: with the pipeline's map, the good test images' maxima, and per
+             held-out spot and smudge the maximum inside its mask against them - how many
+             pasted defects rise above every good image?
 
 Every row with maps also has the real test AUPRO (FPR 0.3).
 """
@@ -45,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -72,16 +82,19 @@ KINDS = ("thin_line", "spot", "smudge", "blob", "perlin", "cutpaste")
 
 
 def channel_maps(
-    network, images: np.ndarray, channels: dict, batch: int, flip: int | None = None
+    network, images: np.ndarray, channels: dict, batch: int, flip: int | None = None, rebuild=None
 ) -> Iterator[dict]:
     """Per batch, each channel's (N, H, W) map from the scoring core: 1 - SSIM(11) smoothed by
     sigma (:func:`compose`), or the low-pass difference |blur(x - reconstruction, sigma)|
     (:func:`lowpass_difference`); with ``flip`` (a dimension) the reconstruction of the
-    flipped image, flipped back."""
+    flipped image, flipped back; ``rebuild`` (images -> reconstructions) replaces the
+    network's forward pass."""
     for start in range(0, len(images), batch):
         x = torch.from_numpy(as_unit_float(images[start : start + batch]))
         seen = x.flip(flip).numpy() if flip is not None else x.numpy()
-        recon = torch.from_numpy(reconstruct(network, seen, batch, "cpu"))
+        recon = torch.from_numpy(
+            reconstruct(network, seen, batch, "cpu") if rebuild is None else rebuild(seen)
+        )
         recon = recon.flip(flip) if flip is not None else recon
         terms = error_terms(x, recon, keep_diff=True)
         maps = {}
@@ -93,11 +106,13 @@ def channel_maps(
         yield maps
 
 
-def maps_of(network, sets: dict, channels: dict, batch: int, flip: int | None = None) -> dict[str, Maps]:
+def maps_of(
+    network, sets: dict, channels: dict, batch: int, flip: int | None = None, rebuild=None
+) -> dict[str, Maps]:
     """channel -> set -> maps, for every image set."""
     out: dict[str, Maps] = {name: {} for name in channels}
     for set_name, images in sets["images"].items():
-        parts = list(channel_maps(network, images, channels, batch, flip))
+        parts = list(channel_maps(network, images, channels, batch, flip, rebuild))
         for name in channels:
             out[name][set_name] = torch.cat([part[name] for part in parts])
     return out
@@ -141,7 +156,7 @@ def study_sets(data: dict) -> dict:
     test = data["test"]
     labels = np.asarray(test["labels"]) != 0
     good = as_unit_float(test["images"][~labels])
-    held, _, held_kinds = paste_synthetic_defects(
+    held, held_masks, held_kinds = paste_synthetic_defects(
         good, stress["per_image"], stress["seed"], kinds=DEFECT_KINDS, **options
     )
     return {
@@ -154,6 +169,7 @@ def study_sets(data: dict) -> dict:
         },
         "cal_masks": cal_masks,
         "held_kinds": np.asarray(held_kinds),
+        "held_masks": held_masks,
         "labels": labels,
         "known": np.asarray(test.get("has_mask", np.ones(len(labels), bool)), bool) | ~labels,
         "test_masks": test["masks"],
@@ -359,11 +375,11 @@ def denoise(network, sets, args) -> list[dict]:
     return rows
 
 
-def _pipeline_map(network, sets, args) -> Maps:
+def _pipeline_map(network, sets, args, rebuild=None) -> Maps:
     """The rule's choice on bottle: z-scored 1 - SSIM(11) sigma 4, per-pixel max with the
     z-scored low-pass channel at sigma 8."""
     spec = {"ssim s4": ("ssim", 4), "lowpass s8": ("lowpass", 8)}
-    z = {name: zscored(m) for name, m in maps_of(network, sets, spec, args.batch).items()}
+    z = {name: zscored(m) for name, m in maps_of(network, sets, spec, args.batch, rebuild=rebuild).items()}
     return pmax(z["ssim s4"], z["lowpass s8"])
 
 
@@ -401,8 +417,77 @@ def inflate(network, sets, args) -> list[dict]:
     return rows
 
 
+def refined(network, steps: int, lr: float) -> Callable[[np.ndarray], np.ndarray]:
+    """Images -> reconstructions from codes refined by ``steps`` Adam steps (``lr``) on each
+    image's own hybrid loss (0.5 MSE + 0.5 (1 - SSIM)), starting from the encoder's code."""
+    loss_fn = build_loss(TrainingConfig.from_dict({"compile": False}))
+    network.eval().requires_grad_(False)
+
+    def rebuild(images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(images))
+        with torch.no_grad():
+            code = network.encode(x)
+        code.requires_grad_(True)
+        optimizer = torch.optim.Adam([code], lr=lr)
+        for _ in range(steps):
+            recon = network.decode(code)
+            loss = sum(loss_fn(x[i : i + 1], recon[i : i + 1]) for i in range(len(x)))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            return network.decode(code).numpy()
+
+    return rebuild
+
+
+def latent(network, sets, args) -> list[dict]:
+    if network.config.tile_grid != (1, 1):
+        raise SystemExit("latent: a tiled model is not supported")
+    rows = []
+    for steps in (0, args.steps):
+        z = _pipeline_map(network, sets, args, rebuild=refined(network, steps, args.lr))
+        rows.append(evaluate(f"{steps} steps, lr {args.lr}", sets, z))
+    return rows
+
+
+def ensemble(network, sets, args) -> list[dict]:
+    versions = args.checkpoint.split("+")
+    z = {versions[0]: _pipeline_map(network, sets, args)}
+    for version in versions[1:]:
+        z[version] = _pipeline_map(args.load_network(version), sets, args)
+    rows = [evaluate(version, sets, z[version]) for version in versions]
+    for n in range(2, len(versions) + 1):
+        for combo in itertools.combinations(versions, n):
+            mean = {k: torch.stack([z[v][k] for v in combo]).mean(0) for k in SETS}
+            rows.append(evaluate("mean of " + " + ".join(combo), sets, mean))
+    return rows
+
+
+def peaks(network, sets, args) -> list[dict]:
+    z = _pipeline_map(network, sets, args)
+    good = z["test"][torch.from_numpy(~sets["labels"])].flatten(1).amax(1)
+    print(
+        "good test images' maxima, highest first:",
+        " ".join(f"{v:.1f}" for v in good.sort(descending=True).values),
+    )
+    masks = torch.from_numpy(np.asarray(sets["held_masks"]) > 0)
+    for kind in ("spot", "smudge"):
+        rows = np.flatnonzero(sets["held_kinds"] == kind)
+        inside = torch.stack(
+            [z["held"][i][masks[i]].max() if masks[i].any() else torch.tensor(float("nan")) for i in rows]
+        )
+        above = int((inside > good.max()).sum())
+        print(
+            f"{kind}: {above} of {len(rows)} pasted copies peak inside their mask above every good image; "
+            f"in-mask maxima, sorted: {' '.join(f'{v:.1f}' for v in inside.sort().values)}"
+        )
+    return [evaluate("pipeline map", sets, z)]
+
+
 STUDIES: dict[str, Callable] = {
-    f.__name__: f for f in (smoothing, lowpass, reference, peak, flips, denoise, selfnorm, inflate)
+    f.__name__: f
+    for f in (smoothing, lowpass, reference, peak, flips, denoise, selfnorm, inflate, latent, ensemble, peaks)
 }
 
 
@@ -411,11 +496,17 @@ def main() -> None:
     parser.add_argument("study", choices=sorted(STUDIES))
     parser.add_argument("category")
     parser.add_argument("--params", default="", help="as for kedro run, e.g. data.root=../shared/mvtec_ad")
-    parser.add_argument("--checkpoint", default=None, help="model_checkpoint version (default: latest)")
+    parser.add_argument(
+        "--checkpoint", default=None, help="model_checkpoint version (default: latest); ensemble: a+b+..."
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=30, help="denoise: fine-tuning epochs per arm")
+    parser.add_argument("--steps", type=int, default=60, help="latent: refinement steps")
+    parser.add_argument("--lr", type=float, default=1.0, help="latent: Adam step size on the code")
     args = parser.parse_args()
-    data = load(args.category, args.params, args.checkpoint)
+    first = args.checkpoint.split("+")[0] if args.checkpoint else None
+    data = load(args.category, args.params, first)
+    args.load_network = lambda version: load(args.category, args.params, version)["network"]
     rows = STUDIES[args.study](data["network"], study_sets(data), args)
     pd.set_option("display.width", 250)
     print(pd.DataFrame(rows).round(4).to_string(index=False))
