@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 
 import matplotlib
 
@@ -135,14 +136,15 @@ def hardest_cases_figure(rows: list[dict], vmax: float) -> Figure:
     """One row per image: the input with its map's peak marked (and the labelled defect
     outlined, when there is a mask), the heat-map overlay (colour scale [0, ``vmax``], as
     the per-image heat maps), and both again enlarged around the peak - where the image
-    score comes from. ``rows``: dicts with image, map, mask (or None), label."""
+    score comes from. ``rows``: dicts with image, map, mask (or None), label and file (both
+    shown under the input, the file name wrapped)."""
     if not rows:
         fig, ax = plt.subplots(figsize=(6, 1))
         ax.axis("off")
         ax.text(0.5, 0.5, "No test images to show.", ha="center", va="center")
         return fig
     height, width = np.shape(rows[0]["image"])[-2:]
-    row_height = min(2.4 * height / width, 5.0) + 0.7
+    row_height = min(2.4 * height / width, 5.0) + 1.0  # room for the titles and the file name
     fig, axes = plt.subplots(len(rows), 4, figsize=(11, row_height * len(rows)), squeeze=False)
     half = max(12, min(height, width) // 8)
     for ax_row, row in zip(axes, rows, strict=True):
@@ -171,7 +173,8 @@ def hardest_cases_figure(rows: list[dict], vmax: float) -> Figure:
                 linewidth=1,
             )
         )
-        ax_row[0].set_ylabel(row["label"], fontsize=8)
+        # under the input, horizontal: long file names and short wide images both fit
+        ax_row[0].set_xlabel(f"{row['label']}\n{textwrap.fill(row.get('file', ''), 40)}", fontsize=7.5)
     names = ("input, peak +", "anomaly map", "input at the peak", "map at the peak")
     for ax, name in zip(axes[0], names, strict=True):
         ax.set_title(name, fontsize=10)

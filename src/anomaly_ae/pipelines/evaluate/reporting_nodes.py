@@ -119,17 +119,18 @@ def make_hardest_cases(
     rows = []
     for i in (*good, *bad):
         flagged = scores[i] > threshold
-        verdict = ("flagged: false alarm" if flagged else "passed") if labels[i] == 0 else (
+        verdict = ("flagged (false alarm)" if flagged else "passed") if labels[i] == 0 else (
             "found" if flagged else "missed"
         )
         entry = ssim_table.iloc[i]
+        score = f"score {scores[i]:.3g} (threshold {threshold:.3g})"
         rows.append(
             {
                 "image": as_unit_float(test_images["images"][i, 0]),
                 "map": test_scores["map"][i],
                 "mask": test_images["masks"][i] if labels[i] != 0 and known[i] else None,
-                "label": f"{entry['defect_type']}: {verdict}\n{PurePosixPath(entry['file']).name}\n"
-                f"score {scores[i]:.3g} (threshold {threshold:.3g})",
+                "label": f"{entry['defect_type']}, {verdict}: {score}",
+                "file": str(entry["file"]),
             }
         )
     return figures.figure_to_image(figures.hardest_cases_figure(rows, vmax))
