@@ -317,26 +317,30 @@ class InterruptedRunsHook:
             return
         for run_id in marked:
             log.warning("MLflow run %s was interrupted (its process is gone): marked FAILED.", run_id)
-        self._tag_top_run()
+        self._tag_top_run(with_version=False)  # RUN_SAVE_VERSION may still be an earlier run's
 
     @hook_impl
     def before_node_run(self, node, catalog, inputs, is_async: bool) -> None:
-        self._tag_top_run()
+        self._tag_top_run(with_version=True)
 
-    def _tag_top_run(self) -> None:
-        """Tag the top run of the active chain (kedro-mlflow's run for ``kedro run``): owner,
-        then this run's save version once it is claimed. Not from a ParallelRunner worker: the
-        main process owns the run (and tags it)."""
+    def _tag_top_run(self, with_version: bool) -> None:
+        """Tag the top run of the active chain (kedro-mlflow's run for ``kedro run``) with its
+        owner, and ``with_version`` (once nodes run, the versions are claimed) with this run's
+        save version. Not from a ParallelRunner worker: the main process owns the run (and
+        PinRunVersionsHook tags the version there)."""
         if self._version_tagged or parallel.in_worker() or not _mlflow_active():
             return
         from anomaly_ae import prune
 
         tags = {} if self._tagged else owner_tags()
-        if RUN_SAVE_VERSION:  # the version folder this run writes (anomaly_ae.prune keeps it)
-            tags[prune.SAVE_VERSION_TAG] = RUN_SAVE_VERSION
-        tag_top_run(tags)
+        version = RUN_SAVE_VERSION if with_version else None
+        if version:  # the version folder this run writes (anomaly_ae.prune keeps it)
+            tags[prune.SAVE_VERSION_TAG] = version
+        if tags:
+            tag_top_run(tags)
         self._tagged = True
-        self._version_tagged = bool(RUN_SAVE_VERSION)
+        # a run that writes no versioned dataset has no version to tag: stop looking
+        self._version_tagged = with_version
 
 
 def tag_top_run(tags: dict[str, str]) -> None:
