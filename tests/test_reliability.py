@@ -416,6 +416,39 @@ def test_prune_keeps_the_newest_and_running_versions_and_unfinished_states(tmp_p
         prune.plan(tmp_path / "data", keep=0)
 
 
+def test_a_deleted_version_is_found_in_its_own_categorys_mlflow_run(tmp_path):
+    """Several categories in one run: each nested run logged its own checkpoint under the same
+    artifact path; the copy offered for carpet's version is carpet's, not bottle's."""
+    import mlflow
+
+    from anomaly_ae import prune
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
+    version = "2026-12-02T01.02.03.456Z"
+    top = client.create_run(experiment, tags={prune.SAVE_VERSION_TAG: version}).info.run_id
+    other = client.create_run(experiment, tags={prune.SAVE_VERSION_TAG: "2026-12-01T00.00.00.000Z"})
+    runs = {}
+    nesting = (("bottle", top), ("carpet", top), ("carpet.mse", None), ("carpet", other.info.run_id))
+    for name, parent in nesting:
+        parent = parent or runs["carpet"]
+        run = client.create_run(experiment, run_name=name, tags={"mlflow.parentRunId": parent}).info.run_id
+        runs.setdefault(name, run)
+        weights = tmp_path / name / "model_checkpoint.pt"
+        weights.parent.mkdir(exist_ok=True)
+        weights.write_bytes(name.encode())
+        client.log_artifact(run, str(weights), "checkpoints")
+    artifact = "checkpoints/model_checkpoint.pt"
+    (carpet,) = prune.logged_copies(uri, version, artifact, run_name="carpet")
+    assert carpet[0] == runs["carpet"] and carpet[1].endswith(f"{runs['carpet']}/artifacts/{artifact}")
+    (variant,) = prune.logged_copies(uri, version, artifact, run_name="carpet.mse")  # nested two deep
+    assert variant[0] == runs["carpet.mse"]
+    assert prune.logged_copies(uri, version, artifact, run_name="screw") == []
+    assert prune.logged_copies(uri, "2026-01-01T00.00.00.000Z", artifact, run_name="carpet") == []
+    assert prune.logged_copies(None, version, artifact, run_name="carpet") == []
+
+
 @pytest.mark.slow
 def test_prune_command_dry_run_lists_and_keeps(quick):
     result = subprocess.run(

@@ -169,7 +169,7 @@ def missing_version_message(name: str, version: str, dataset) -> str:
     artifact = f"{artifact_path}/{folder.name}"
     try:
         tracking_uri = prune._tracking_uri(current_params.project_root(Path.cwd()))
-        runs = prune.logged_copies(tracking_uri, version, artifact)
+        runs = prune.logged_copies(tracking_uri, version, artifact, run_name=name.rpartition(".")[0])
     except Exception as exc:  # noqa: BLE001 - the message must not fail on tracking trouble
         log.warning("Could not look for a logged copy in MLflow: %s", exc)
         runs = []

@@ -77,10 +77,13 @@ def running_save_versions(tracking_uri: str | None) -> set[str]:
     return {r.data.tags[SAVE_VERSION_TAG] for r in runs if SAVE_VERSION_TAG in r.data.tags}
 
 
-def logged_copies(tracking_uri: str | None, version: str, artifact: str) -> list[tuple[str, str]]:
-    """``(run id, artifact URI)`` of each MLflow run (the run tagged with save ``version`` and
-    its child runs) that logged ``artifact`` (e.g. ``checkpoints/model_checkpoint.pt``): where
-    a version this retention deleted can be restored from."""
+def logged_copies(
+    tracking_uri: str | None, version: str, artifact: str, run_name: str
+) -> list[tuple[str, str]]:
+    """``(run id, artifact URI)`` of each MLflow run named ``run_name`` (a category's nested
+    run is named after its namespace) under the run tagged with save ``version`` that logged
+    ``artifact`` (e.g. ``checkpoints/model_checkpoint.pt``): where a version retention
+    deleted can be restored from."""
     if not tracking_uri:
         return []
     import mlflow
@@ -89,16 +92,23 @@ def logged_copies(tracking_uri: str | None, version: str, artifact: str) -> list
     experiments = [e.experiment_id for e in client.search_experiments()]
     if not experiments:
         return []
-    tops = client.search_runs(experiments, filter_string=f"tags.`{SAVE_VERSION_TAG}` = '{version}'")
-    runs = list(tops)
-    for top in tops:
-        children = f"tags.`mlflow.parentRunId` = '{top.info.run_id}'"
-        runs += client.search_runs(experiments, filter_string=children)
-    folder, _, name = artifact.rpartition("/")
+    level = client.search_runs(experiments, filter_string=f"tags.`{SAVE_VERSION_TAG}` = '{version}'")
+    runs = []
+    while level:  # the tagged run and every run nested under it
+        runs += level
+        level = [
+            child
+            for run in level
+            for child in client.search_runs(
+                experiments, filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'"
+            )
+        ]
+    folder = artifact.rpartition("/")[0] or None
     return [
         (run.info.run_id, f"{run.info.artifact_uri}/{artifact}")
         for run in runs
-        if any(item.path == artifact for item in client.list_artifacts(run.info.run_id, folder or None))
+        if run.info.run_name == run_name
+        and any(item.path == artifact for item in client.list_artifacts(run.info.run_id, folder))
     ]
 
 
