@@ -129,16 +129,19 @@ def pmax(*maps: Maps) -> Maps:
     return {k: torch.stack([m[k] for m in maps]).amax(0) for k in maps[0]}
 
 
-def load(category: str, params: str, checkpoint: str | None) -> dict:
+def load(category: str, params: str, checkpoint: str | None, images: bool = True) -> dict:
+    """The category's cached images, the ``checkpoint`` version's network and the synthetic
+    defects' parameters, through the Kedro catalog (``images=False``: the network only)."""
     root = Path(__file__).resolve().parents[1]
     bootstrap_project(root)
     runtime = dict(item.split("=", 1) for item in params.split(",") if item)
     with KedroSession.create(root, runtime_params=runtime) as session:
         catalog = session.load_context().catalog
-        data = {s: catalog.load(f"{category}.{s}_images") for s in ("train", "validation", "test")}
-        data["network"] = model_from_checkpoint(catalog.load(f"{category}.model_checkpoint", checkpoint))
-        data["calibration"] = catalog.load("params:calibration")["synthetic_defects"]
-        data["stress"] = catalog.load("params:evaluation")["stress_test"]
+        data = {"network": model_from_checkpoint(catalog.load(f"{category}.model_checkpoint", checkpoint))}
+        if images:
+            data |= {s: catalog.load(f"{category}.{s}_images") for s in ("train", "validation", "test")}
+            data["calibration"] = catalog.load("params:calibration")["synthetic_defects"]
+            data["stress"] = catalog.load("params:evaluation")["stress_test"]
     return data
 
 
@@ -506,7 +509,7 @@ def main() -> None:
     args = parser.parse_args()
     first = args.checkpoint.split("+")[0] if args.checkpoint else None
     data = load(args.category, args.params, first)
-    args.load_network = lambda version: load(args.category, args.params, version)["network"]
+    args.load_network = lambda version: load(args.category, args.params, version, images=False)["network"]
     rows = STUDIES[args.study](data["network"], study_sets(data), args)
     pd.set_option("display.width", 250)
     print(pd.DataFrame(rows).round(4).to_string(index=False))

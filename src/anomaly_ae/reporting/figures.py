@@ -157,11 +157,11 @@ def hardest_cases_figure(rows: list[dict], vmax: float) -> Figure:
             ax.imshow(panel, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-        for ax, origin in ((ax_row[0], (0, 0)), (ax_row[2], (window[0].start, window[1].start))):
-            ax.plot(peak[1] - origin[1], peak[0] - origin[0], "+", color="red", ms=14, mew=2)
+        whole = (slice(0, amap.shape[0]), slice(0, amap.shape[1]))
+        for ax, region in ((ax_row[0], whole), (ax_row[2], window)):
+            ax.plot(peak[1] - region[1].start, peak[0] - region[0].start, "+", color="red", ms=14, mew=2)
             if row.get("mask") is not None and np.any(row["mask"]):
-                mask = np.asarray(row["mask"]) > 0
-                shown = mask if origin == (0, 0) else mask[window]
+                shown = (np.asarray(row["mask"]) > 0)[region]
                 ax.contour(shown, levels=[0.5], colors="lime", linewidths=1)
         ax_row[1].add_patch(
             matplotlib.patches.Rectangle(
