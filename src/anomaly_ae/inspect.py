@@ -159,7 +159,9 @@ class Inspector:
                     f"{self.min_image_side} px, predict.min_image_side)"
                 )
             image.load()
-            array = to_model_array(image, size=self.image_size, resample=self.resample)
+            array = to_model_array(
+                image, size=self.image_size, resample=self.resample, channels=self.model.config.in_channels
+            )
         except Exception as exc:  # noqa: BLE001 - every failure becomes a verdict row
             result.error = f"{type(exc).__name__}: {exc}".replace("\n", " ")
             return result, None
@@ -182,7 +184,9 @@ class Inspector:
     def _flush(self, pending: list[tuple[InspectionResult, np.ndarray | None]]) -> Iterator[InspectionResult]:
         ready = [(result, array) for result, array in pending if array is not None]
         if ready:
-            batch = np.stack([array for _, array in ready])[:, None]
+            batch = np.stack([array for _, array in ready])
+            if batch.ndim == 3:  # grayscale (N, H, W); colour arrays are already (N, 3, H, W)
+                batch = batch[:, None]
             scored = reconstruct_and_score(
                 self.model,
                 batch,

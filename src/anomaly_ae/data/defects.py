@@ -43,6 +43,12 @@ def defect_kinds(value) -> tuple[str, ...]:
     return tuple(value or ())
 
 
+def _per_pixel(values: np.ndarray, img: np.ndarray) -> np.ndarray:
+    """A per-pixel ``(H, W)`` weight made to broadcast over a colour image's ``(H, W, C)``:
+    every defect changes all colour channels alike (a darker or brighter mark)."""
+    return values[..., None] if img.ndim == 3 else values
+
+
 def _local_mean(img: np.ndarray, mask: np.ndarray) -> float:
     return float(img[mask].mean()) if mask.any() else float(img.mean())
 
@@ -52,7 +58,7 @@ def _surroundings(img: np.ndarray, mask: np.ndarray, grow: int = 4) -> float:
     ys, xs = np.nonzero(mask)
     if len(ys) == 0:
         return float(img.mean())
-    h, w = img.shape
+    h, w = img.shape[:2]
     y0, y1 = max(ys.min() - grow, 0), min(ys.max() + grow + 1, h)
     x0, x1 = max(xs.min() - grow, 0), min(xs.max() + grow + 1, w)
     window, inside = img[y0:y1, x0:x1], mask[y0:y1, x0:x1]
@@ -87,7 +93,7 @@ def _blob(img, rng, h, w, contrast):
     alpha = rng.uniform(0.7, 1.0)
     noise = rng.normal(0.0, 0.03, size=(h, w)).astype(np.float32)
     out = img.copy()
-    out[mask] = (1 - alpha) * img[mask] + alpha * (target + noise[mask])
+    out[mask] = (1 - alpha) * img[mask] + alpha * (target + _per_pixel(noise, img)[mask])
     return out, mask
 
 
@@ -158,7 +164,7 @@ def _thin_line(img, rng, h, w, contrast):
     mask[y0:y1, x0:x1] = coverage >= 0.5
     delta = _signed(rng, _surroundings(img, mask), contrast)
     out = img.copy()
-    out[y0:y1, x0:x1] += coverage * delta
+    out[y0:y1, x0:x1] += _per_pixel(coverage, img) * delta
     return out, mask
 
 
@@ -169,7 +175,7 @@ def _smudge(img, rng, h, w, contrast):
     weight = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
     mask = weight >= 0.5
     delta = _signed(rng, _surroundings(img, mask), contrast)
-    out = img + weight * delta
+    out = img + _per_pixel(weight, img) * delta
     return out, mask
 
 
@@ -180,7 +186,7 @@ def _spot(img, rng, h, w, contrast):
     coverage = np.clip(radius + 0.5 - np.hypot(yy - cy, xx - cx), 0.0, 1.0)
     mask = coverage >= 0.5
     delta = _signed(rng, _surroundings(img, mask), contrast)
-    return img + coverage * delta, mask
+    return img + _per_pixel(coverage, img) * delta, mask
 
 
 def perlin_noise(shape: tuple[int, int], cells: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -255,7 +261,7 @@ def paste_synthetic_defects(
     ``contrast`` (``thin_line``, ``smudge``, ``spot``) use at least ``min_contrast``.
 
     Args:
-        images: Normal images ``(N, 1, H, W)`` in [0, 1].
+        images: Normal images ``(N, 1, H, W)`` (or ``(N, 3, H, W)``, colour) in [0, 1].
         per_image: Defective copies per normal image.
         seed: Seed of ``numpy.random.default_rng``.
         min_contrast: Minimum mean |change| inside the defect mask.
@@ -265,12 +271,12 @@ def paste_synthetic_defects(
             (``smudge`` uses the lower half: faint stains).
 
     Returns:
-        ``(defective (N * per_image, 1, H, W) float32, masks (N * per_image, H, W) uint8,
+        ``(defective (N * per_image, C, H, W) float32, masks (N * per_image, H, W) uint8,
         kinds)``.
     """
     images = np.asarray(images, dtype=np.float32)
-    if images.ndim != 4 or images.shape[1] != 1:
-        raise ValueError(f"expected (N, 1, H, W) images, got shape {images.shape}")
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected (N, 1, H, W) or (N, 3, H, W) images, got shape {images.shape}")
     if len(images) == 0 or per_image < 1:
         raise ValueError("need at least one normal image and per_image >= 1")
     kinds = defect_kinds(kinds)
@@ -282,11 +288,13 @@ def paste_synthetic_defects(
         raise ValueError(f"calibration.synthetic_defects.contrast must be 0 < low <= high <= 1, got {contrast}")
     low = max(low, min_contrast)
     rng = np.random.default_rng(seed)
-    n, _, h, w = images.shape
-    sources = [im[0] for im in images]
+    n, channels, h, w = images.shape
+    # each maker works on one (H, W) plane, or (H, W, C) channels-last for colour
+    planes = images[:, 0] if channels == 1 else np.ascontiguousarray(images.transpose(0, 2, 3, 1))
+    sources = list(planes)
     out_images, out_masks, out_kinds = [], [], []
     for i in range(n):
-        base = images[i, 0]
+        base = planes[i]
         for j in range(per_image):
             kind = kinds[(i * per_image + j) % len(kinds)]
             for _ in range(max_tries):
@@ -301,8 +309,9 @@ def paste_synthetic_defects(
             out_images.append(defective)
             out_masks.append(mask.astype(np.uint8))
             out_kinds.append(kind)
+    stacked = np.stack(out_images).astype(np.float32)
     return (
-        np.stack(out_images)[:, None].astype(np.float32),
+        stacked[:, None] if channels == 1 else np.ascontiguousarray(stacked.transpose(0, 3, 1, 2)),
         np.stack(out_masks).astype(np.uint8),
         out_kinds,
     )

@@ -9,7 +9,14 @@ import pandas as pd
 from PIL import Image
 
 from anomaly_ae.data.partitions import file_key
-from anomaly_ae.data.transforms import decode_image, image_shape, mask_to_array, to_model_uint8
+from anomaly_ae.data.transforms import (
+    colourfulness,
+    decode_image,
+    image_shape,
+    mask_to_array,
+    model_channels,
+    to_model_uint8,
+)
 
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
 
@@ -69,20 +76,33 @@ def split_train_validation(manifest: pd.DataFrame, validation_fraction: float, s
     return manifest
 
 
+def image_channels(
+    loaders: dict[str, Callable[[], Image.Image]], files: Sequence[str], folder: str, color: str
+) -> int:
+    """The model's input channels for ``preprocessing.color``
+    (:func:`~anomaly_ae.data.transforms.model_channels`); ``auto`` decodes ``files`` (the
+    normal training images) to measure their colourfulness."""
+    if color != "auto":
+        return model_channels(color)
+    values = [colourfulness(decode_image(loaders[file_key(name)], f"{folder}/{name}")) for name in files]
+    return model_channels(color, values)
+
+
 def stack_images(
     loaders: dict[str, Callable[[], Image.Image]],
     files: Sequence[str],
     folder: str,
     size: int | tuple[int, int],
     resample: str,
+    channels: int = 1,
 ) -> np.ndarray:
-    """Decode and convert images to one ``(N, 1, height, width)`` uint8 array (0..255; see
-    :func:`~anomaly_ae.data.transforms.to_model_uint8`): a quarter of float32's memory, and
-    batches become float32 in [0, 1] only as they are used."""
-    out = np.empty((len(files), 1, *image_shape(size)), dtype=np.uint8)
+    """Decode and convert images to one ``(N, channels, height, width)`` uint8 array (0..255;
+    see :func:`~anomaly_ae.data.transforms.to_model_uint8`): a quarter of float32's memory,
+    and batches become float32 in [0, 1] only as they are used."""
+    out = np.empty((len(files), channels, *image_shape(size)), dtype=np.uint8)
     for i, name in enumerate(files):
         image = decode_image(loaders[file_key(name)], f"{folder}/{name}")
-        out[i, 0] = to_model_uint8(image, size=size, resample=resample)
+        out[i] = to_model_uint8(image, size=size, resample=resample, channels=channels).reshape(out.shape[1:])
     return out
 
 

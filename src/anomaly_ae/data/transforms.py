@@ -20,6 +20,10 @@ __all__ = [
     "image_shape",
     "decode_image",
     "to_grayscale_float",
+    "to_rgb_float",
+    "COLOR_MODES",
+    "colourfulness",
+    "model_channels",
     "to_model_array",
     "to_model_uint8",
     "as_unit_float",
@@ -124,6 +128,21 @@ def decode_image(load: Callable[[], Image.Image], name: str) -> Image.Image:
     return img
 
 
+def _normalise_mode(image: Image.Image) -> Image.Image:
+    """Palette, premultiplied-alpha and other colour spaces brought to L/LA/RGB/RGBA (the
+    first step of both :func:`to_grayscale_float` and :func:`to_rgb_float`)."""
+    mode = image.mode
+    if mode == "P":
+        return image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if mode == "PA":
+        return image.convert("RGBA")
+    if mode in ("RGBa", "La"):  # premultiplied alpha: already composited on black
+        return image.convert("RGB" if mode == "RGBa" else "L")
+    if mode in ("CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
+        return image.convert("RGB")
+    return image
+
+
 def to_grayscale_float(image: Image.Image) -> np.ndarray:
     """Convert an image of any common PIL mode to float32 grayscale in [0, 1].
 
@@ -143,21 +162,8 @@ def to_grayscale_float(image: Image.Image) -> np.ndarray:
       16-bit, divided by 65535, and clipped to [0, 1].
     * ``F``: taken to be already in [0, 1]; values outside are clipped.
     """
+    image = _normalise_mode(image)
     mode = image.mode
-    if mode == "P":
-        has_alpha = "transparency" in image.info
-        image = image.convert("RGBA" if has_alpha else "RGB")
-        mode = image.mode
-    elif mode == "PA":
-        image = image.convert("RGBA")
-        mode = "RGBA"
-    elif mode in ("RGBa", "La"):  # premultiplied alpha: already composited on black
-        image = image.convert("RGB" if mode == "RGBa" else "L")
-        mode = image.mode
-    elif mode in ("CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
-        image = image.convert("RGB")
-        mode = "RGB"
-
     if mode == "1":
         return np.asarray(image, dtype=np.float32)  # bool -> 0.0 / 1.0
     if mode == "L":
@@ -182,6 +188,64 @@ def to_grayscale_float(image: Image.Image) -> np.ndarray:
     except (ValueError, OSError) as exc:
         raise ValueError(f"Unsupported image mode {image.mode!r}") from exc
     return (np.asarray(converted, dtype=np.float32) @ _LUMA) / 255.0
+
+
+def to_rgb_float(image: Image.Image) -> np.ndarray:
+    """Convert an image of any common PIL mode to float32 RGB ``(height, width, 3)`` in
+    [0, 1], with the same rules as :func:`to_grayscale_float`: alpha composited on black,
+    16-bit scaled by 65535, ``F`` clipped; a grayscale image gives three equal channels."""
+    image = _normalise_mode(image)
+    mode = image.mode
+    if mode == "RGB":
+        return np.asarray(image, dtype=np.float32)[..., :3] / 255.0
+    if mode == "RGBA":
+        arr = np.asarray(image, dtype=np.float32)
+        return arr[..., :3] * arr[..., 3:4] / (255.0 * 255.0)
+    if mode in ("1", "L", "LA", "F") or mode in _16BIT_MODES:
+        gray = to_grayscale_float(image)
+        return np.repeat(gray[..., None], 3, axis=2)
+    try:
+        converted = image.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"Unsupported image mode {image.mode!r}") from exc
+    return np.asarray(converted, dtype=np.float32) / 255.0
+
+
+#: ``preprocessing.color``: ``gray`` (the paper: one ITU-R 601 luma channel), ``rgb`` (three
+#: channels), ``auto`` (``rgb`` when the normal training images carry colour, see
+#: :func:`model_channels`).
+COLOR_MODES = ("gray", "rgb", "auto")
+
+#: :func:`model_channels`' ``auto`` rule: colour when the training images' median
+#: :func:`colourfulness` is at least this (on the 0..1 scale): 0.02 is about 5 grey levels
+#: of 255 between the strongest and the weakest channel on an average pixel. JPEG chroma noise
+#: of a gray product, or a gray product under a faintly tinted light, stays below it.
+COLOURFUL = 0.02
+
+
+def colourfulness(image: Image.Image) -> float:
+    """Mean over the pixels of ``max(R, G, B) - min(R, G, B)`` (0 for any grayscale image,
+    1 for pure primaries), from :func:`to_rgb_float`; images without colour channels give 0
+    without decoding them as RGB."""
+    if _normalise_mode(image).mode not in ("RGB", "RGBA"):
+        return 0.0
+    rgb = to_rgb_float(image)
+    return float((rgb.max(axis=2) - rgb.min(axis=2)).mean())
+
+
+def model_channels(color: str, colourfulness_values=None) -> int:
+    """The model's input channels for ``preprocessing.color``: 1 for ``gray``, 3 for ``rgb``;
+    for ``auto`` 3 when the median of ``colourfulness_values`` (the normal training images',
+    :func:`colourfulness`) is at least :data:`COLOURFUL`, else 1. The same rule for every
+    category, from normal images only."""
+    if color not in COLOR_MODES:
+        raise ValueError(f"preprocessing.color must be one of {COLOR_MODES}, got {color!r}")
+    if color != "auto":
+        return 1 if color == "gray" else 3
+    values = np.asarray(list(colourfulness_values or []), dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("preprocessing.color=auto needs the training images' colourfulness; got none")
+    return 3 if float(np.median(values)) >= COLOURFUL else 1
 
 
 def _resample_filter(resample: str) -> Image.Resampling:
@@ -216,7 +280,7 @@ def image_shape(size: int | tuple[int, int] | list[int] | str) -> tuple[int, int
 
 
 def to_model_array(
-    image: Image.Image, size: int | tuple[int, int] = 256, resample: str = "area"
+    image: Image.Image, size: int | tuple[int, int] = 256, resample: str = "area", channels: int = 1
 ) -> np.ndarray:
     """Convert an image to a grayscale float32 array of shape ``(size, size)`` (or
     ``(height, width)`` when ``size`` is that pair) in [0, 1].
@@ -233,28 +297,41 @@ def to_model_array(
         size: Side length of the output in pixels, or ``(height, width)``.
         resample: ``"area"`` (box filter, default; best for downscaling),
             ``"bilinear"``, or ``"bicubic"``, ``"lanczos"``, ``"nearest"``.
+        channels: 1 (grayscale, the paper) or 3 (RGB, :func:`to_rgb_float`; each channel
+            resized alike).
 
     Returns:
-        C-contiguous float32 array of shape ``(height, width)``, values in [0, 1] on the
+        C-contiguous float32 array of shape ``(height, width)`` (``(3, height, width)`` for
+        ``channels=3``), values in [0, 1] on the
         1/255 grid: exactly ``to_model_uint8(...) / 255``, so the compact uint8 cache the
         model trains from and the float input that predict and the inspection runtime feed
         it are the same numbers.
     """
-    return to_model_uint8(image, size, resample).astype(np.float32) / np.float32(255)
+    return to_model_uint8(image, size, resample, channels).astype(np.float32) / np.float32(255)
+
+
+def _resize_plane(plane: np.ndarray, height: int, width: int, flt: Image.Resampling) -> np.ndarray:
+    plane = np.ascontiguousarray(plane, dtype=np.float32)
+    if plane.shape != (height, width):
+        plane = np.asarray(Image.fromarray(plane).resize((width, height), resample=flt), dtype=np.float32)
+    return np.rint(np.clip(plane, 0.0, 1.0) * 255)
 
 
 def to_model_uint8(
-    image: Image.Image, size: int | tuple[int, int] = 256, resample: str = "area"
+    image: Image.Image, size: int | tuple[int, int] = 256, resample: str = "area", channels: int = 1
 ) -> np.ndarray:
     """:func:`to_model_array` as uint8 (0..255): the cached form, 4x smaller than float32.
-    Grayscale conversion and resizing run in float precision; only the result is rounded."""
+    Colour conversion and resizing run in float precision; only the result is rounded."""
     height, width = image_shape(size)
     flt = _resample_filter(resample)
-    gray = np.ascontiguousarray(to_grayscale_float(image), dtype=np.float32)
-    if gray.shape != (height, width):
-        resized = Image.fromarray(gray).resize((width, height), resample=flt)
-        gray = np.asarray(resized, dtype=np.float32)
-    return np.ascontiguousarray(np.rint(np.clip(gray, 0.0, 1.0) * 255), dtype=np.uint8)
+    if channels == 1:
+        gray = _resize_plane(to_grayscale_float(image), height, width, flt)
+        return np.ascontiguousarray(gray, dtype=np.uint8)
+    if channels != 3:
+        raise ValueError(f"model images have 1 (gray) or 3 (RGB) channels, got {channels!r}")
+    rgb = to_rgb_float(image)
+    planes = [_resize_plane(rgb[..., c], height, width, flt) for c in range(3)]
+    return np.ascontiguousarray(np.stack(planes), dtype=np.uint8)
 
 
 def as_unit_float(images: np.ndarray) -> np.ndarray:

@@ -35,8 +35,8 @@ CONTRAST_BANDS = (("< 0.10", 0.0, 0.10), ("0.10-0.20", 0.10, 0.20), (">= 0.20", 
 def measured_contrast(normal: np.ndarray, defective: np.ndarray, masks: np.ndarray, per_image: int) -> np.ndarray:
     """Per defect copy, the mean |intensity change| inside its mask against the normal image it
     was pasted on (copy ``i`` comes from normal image ``i // per_image``)."""
-    source = normal[np.arange(len(defective)) // per_image, 0]
-    change = np.abs(defective[:, 0] - source)
+    source = normal[np.arange(len(defective)) // per_image]
+    change = np.abs(defective - source).mean(axis=1)  # over colour channels
     inside = masks.astype(bool)
     return np.array([change[i][inside[i]].mean() if inside[i].any() else 0.0 for i in range(len(defective))])
 

@@ -131,7 +131,8 @@ def _export_graph(
 ) -> None:
     if exporter not in EXPORTERS:
         raise ValueError(f"export.exporter must be one of {EXPORTERS}, got {exporter!r}")
-    example = torch.rand(2, 1, *image_shape(image_size), generator=torch.Generator().manual_seed(0))
+    channels = graph.model.config.in_channels
+    example = torch.rand(2, channels, *image_shape(image_size), generator=torch.Generator().manual_seed(0))
     common = {"input_names": [INPUT_NAME], "output_names": list(OUTPUT_NAMES), "opset_version": int(opset)}
     with torch.no_grad():
         if exporter == "dynamo":
@@ -197,7 +198,7 @@ def build_bundle(
     """Write ``model.onnx`` and ``bundle.json`` into the existing folder ``staging``; returns
     the manifest (the content of ``bundle.json``).
 
-    Exactly one of ``validation_images`` (``(N, 1, H, W)`` normal validation images: they
+    Exactly one of ``validation_images`` (``(N, C, H, W)`` normal validation images: they
     are scored by the exported graph with onnxruntime, and by the torch scorer as an export
     check that refuses a graph whose scores disagree by more than ``parity_tolerance``, maps
     by more than ``map_parity_tolerance`` or verdicts at all) or
@@ -233,10 +234,13 @@ def build_bundle(
     export_check = None
     if validation_images is not None:
         images = as_unit_float(validation_images)  # uint8 caches -> [0, 1]
-        if images.ndim != 4 or images.shape[1:] != (1, *size) or len(images) == 0:
+        channels = model.config.in_channels
+        if images.ndim != 4 or images.shape[1:] != (channels, *size) or len(images) == 0:
             raise ValueError(
-                f"validation images must be (N >= 1, 1, {size[0]}, {size[1]}), got {tuple(images.shape)}; "
-                "rerun `kedro run --pipeline=data_processing` for this model's image size."
+                f"validation images must be (N >= 1, {channels}, {size[0]}, {size[1]}), "
+                f"got {tuple(images.shape)}; "
+                "rerun `kedro run --pipeline=data_processing` for this model's image size and "
+                "preprocessing.color."
             )
         maps, scores = _ort_scores(model_path, images)
         expected = reconstruct_and_score(
@@ -303,12 +307,14 @@ def build_bundle(
         },
         "input": {
             "layout": "NCHW",
-            "shape": ["batch", 1, *size],
+            "shape": ["batch", model.config.in_channels, *size],
             "dtype": "float32",
             "range": [0.0, 1.0],
-            "color": "grayscale",
+            # grayscale: one channel, ITU-R 601-2 luma of R, G, B applied in float;
+            # rgb: three channels in R, G, B order
+            "color": "grayscale" if model.config.in_channels == 1 else "rgb",
             "channel_order": "RGB",
-            "luma_weights": [float(w) for w in _LUMA],  # ITU-R 601-2, applied in float
+            "luma_weights": [float(w) for w in _LUMA] if model.config.in_channels == 1 else None,
             "alpha": "composited on black",
             "bit_depth": "8-bit / 255, 16-bit / 65535",
             # [height, width]; an image of another aspect ratio is stretched to it

@@ -135,14 +135,17 @@ class AutoencoderConfig:
 AUTO = "auto"
 
 
-def config_for_images(model: dict, shape: tuple[int, int]) -> AutoencoderConfig:
+def config_for_images(model: dict, shape: tuple[int, int], channels: int | None = None) -> AutoencoderConfig:
     """The ``model`` parameters made concrete for images of ``shape`` ``(height, width)``
     (the preprocessed arrays'): ``image_size: auto`` is that shape; ``tile_size: auto`` is
     the shorter side when it divides the longer one and they differ, so a 256x512 image is
     1x2 tiles of the paper's 256 px network, and otherwise null: the paper's one network
     over the whole image (square images; an explicit size such as 208x500). Explicit values
-    are kept (and checked against the data by the caller)."""
+    are kept (and checked against the data by the caller). ``channels`` (the arrays' 1 or 3,
+    ``preprocessing.color``) sets ``in_channels``."""
     data = dict(model or {})
+    if channels is not None:
+        data["in_channels"] = int(channels)
     if data.get("image_size") == AUTO:
         data["image_size"] = tuple(int(v) for v in shape)
     if data.get("tile_size") == AUTO:

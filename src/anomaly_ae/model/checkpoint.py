@@ -151,6 +151,15 @@ def model_from_checkpoint(
             f"The checkpoint was trained on {_px(saved.shape)} images but the data is "
             f"{_px(data_shape)}; set {fix}, or retrain."
         )
+    if expected is not None and saved.in_channels != expected.in_channels:
+        names = {1: "grayscale (1 channel)", 3: "RGB (3 channels)"}
+        colour = {1: "gray", 3: "rgb"}.get(saved.in_channels, saved.in_channels)
+        raise CheckpointError(
+            f"The checkpoint was trained on {names.get(saved.in_channels, saved.in_channels)} images but "
+            f"the data is {names.get(expected.in_channels, expected.in_channels)}; set "
+            f"preprocessing.color={colour} and rebuild the inputs (kedro run --pipeline=data_processing), "
+            "or retrain."
+        )
     if expected is not None and saved.tile_size != expected.tile_size:
         raise CheckpointError(
             f"The checkpoint's network sees {saved.tiling()} but model.tile_size={expected.tile_size} "

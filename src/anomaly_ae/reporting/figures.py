@@ -41,13 +41,13 @@ def reconstruction_figure(
     """The paper's Figure 1: one row per image with input, reconstruction and the error
     map on a 'jet' colormap over [0, 1]. ``rows``: dicts with image, recon, error, label.
     A row is as tall as its images' aspect ratio needs (non-square images leave no gaps)."""
-    height, width = np.shape(rows[0]["image"])[-2:] if rows else (1, 1)
+    height, width = np.shape(rows[0]["error"])[-2:] if rows else (1, 1)
     row_height = min(3 * height / width, 6.0) + 0.6  # 3 in wide panels, room for the labels
     fig, axes = plt.subplots(len(rows), 3, figsize=(9, row_height * len(rows)), squeeze=False)
     for ax_row, row in zip(axes, rows, strict=True):
-        ax_row[0].imshow(row["image"], cmap="gray", vmin=0, vmax=1)
+        ax_row[0].imshow(np.clip(display_image(row["image"]), 0, 1), cmap="gray", vmin=0, vmax=1)
         ax_row[0].set_ylabel(row["label"], fontsize=9)
-        ax_row[1].imshow(row["recon"], cmap="gray", vmin=0, vmax=1)
+        ax_row[1].imshow(np.clip(display_image(row["recon"]), 0, 1), cmap="gray", vmin=0, vmax=1)
         im = ax_row[2].imshow(row["error"], cmap="jet", vmin=0, vmax=1)
         for ax in ax_row:
             ax.set_xticks([])
@@ -110,12 +110,25 @@ def overlay_vmax(threshold: float, normal_reference: str = "none") -> float:
     return 2.0 * float(threshold)
 
 
+def display_image(image: np.ndarray) -> np.ndarray:
+    """A model image as matplotlib and PIL show it: ``(H, W)`` for grayscale (``(H, W)`` or
+    ``(1, H, W)``), ``(H, W, 3)`` for colour (``(3, H, W)``, ``preprocessing.color``)."""
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[0] == 1:
+        return image[0]
+    if image.ndim == 3 and image.shape[0] == 3:
+        return np.moveaxis(image, 0, -1)
+    return image
+
+
 def heatmap_overlay_image(
     image: np.ndarray, amap: np.ndarray, alpha: float = 0.45, vmax: float = 1.0
 ) -> Image.Image:
-    """Grayscale ``image`` in [0, 1] with ``amap`` on [0, ``vmax``] in the 'jet' colormap
-    blended on top, as an RGB PIL image of the same size (fast: no matplotlib figure)."""
-    gray = np.repeat(np.clip(image, 0, 1)[..., None], 3, axis=2)
+    """``image`` in [0, 1] (grayscale, or colour as :func:`display_image` gives it) with
+    ``amap`` on [0, ``vmax``] in the 'jet' colormap blended on top, as an RGB PIL image of
+    the same size (fast: no matplotlib figure)."""
+    image = display_image(image)
+    gray = np.clip(image, 0, 1) if image.ndim == 3 else np.repeat(np.clip(image, 0, 1)[..., None], 3, axis=2)
     heat = matplotlib.colormaps["jet"](np.clip(np.asarray(amap) / vmax, 0, 1))[..., :3]
     blended = (1 - alpha) * gray + alpha * heat
     return Image.fromarray((blended * 255).round().astype(np.uint8), mode="RGB")
@@ -143,12 +156,12 @@ def hardest_cases_figure(rows: list[dict], vmax: float) -> Figure:
         ax.axis("off")
         ax.text(0.5, 0.5, "No test images to show.", ha="center", va="center")
         return fig
-    height, width = np.shape(rows[0]["image"])[-2:]
+    height, width = np.shape(rows[0]["map"])[-2:]
     row_height = min(2.4 * height / width, 5.0) + 1.0  # room for the titles and the file name
     fig, axes = plt.subplots(len(rows), 4, figsize=(11, row_height * len(rows)), squeeze=False)
     half = max(12, min(height, width) // 8)
     for ax_row, row in zip(axes, rows, strict=True):
-        image, amap = np.clip(row["image"], 0, 1), np.asarray(row["map"], dtype=np.float64)
+        image, amap = np.clip(display_image(row["image"]), 0, 1), np.asarray(row["map"], dtype=np.float64)
         peak = np.unravel_index(int(np.argmax(amap)), amap.shape)
         window = peak_window(amap.shape, peak, half)
         overlay = np.asarray(heatmap_overlay_image(image, amap, vmax=vmax))

@@ -103,6 +103,8 @@ class Bundle:
         spec = manifest["input"]
         #: ``(height, width)`` the model takes (bundles of square models store ``[s, s]``).
         self.image_size = tuple(int(v) for v in spec["resize"]["size"])
+        #: 1 (grayscale) or 3 (RGB): ``input.shape[1]`` (bundles before colour: 1).
+        self.channels = int(spec["shape"][1])
         self.resample = spec["resize"]["resample"]
         self.max_image_pixels = int(spec["max_image_pixels"])
         self.min_image_side = int(spec["min_image_side"])
@@ -137,19 +139,21 @@ class Bundle:
 
     # ---- scoring ----
     def score_batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``images (N, 1, H, W)`` or ``(N, H, W)`` float32 in [0, 1] -> ``(maps (N, H, W),
-        scores (N,))``."""
+        """``images (N, C, H, W)`` (or ``(N, H, W)`` for a grayscale bundle) float32 in [0, 1]
+        -> ``(maps (N, H, W), scores (N,))``; ``C`` is :attr:`channels`."""
         x = np.asarray(images, np.float32)
-        if x.ndim == 3:
+        if x.ndim == 3 and self.channels == 1:
             x = x[:, None]
-        expected = (1, *self.image_size)
+        expected = (self.channels, *self.image_size)
         if x.ndim != 4 or x.shape[1:] != expected:
             raise ValueError(f"expected images shaped (N, {', '.join(map(str, expected))}), got {x.shape}")
         return run_in_chunks(self.session, self.input_name, x)
 
     def preprocess(self, source: ImageSource) -> tuple[tuple[int, int] | None, np.ndarray | None, str | None]:
         """One input as the model sees it (see :func:`anomaly_ae.runtime.preprocess.prepare`)."""
-        return prepare(source, self.image_size, self.resample, self.max_image_pixels, self.min_image_side)
+        return prepare(
+            source, self.image_size, self.resample, self.max_image_pixels, self.min_image_side, self.channels
+        )
 
     def iter_inspect(
         self,

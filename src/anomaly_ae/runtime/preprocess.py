@@ -42,8 +42,10 @@ def prepare(
     resample: str,
     max_pixels: int,
     min_side: int,
+    channels: int = 1,
 ) -> tuple[tuple[int, int] | None, np.ndarray | None, str | None]:
     """``((width, height), array (size, size) or (height, width) float32 in [0, 1], None)``
+    (``(3, height, width)`` for an RGB model, ``channels=3``)
     (``size`` a side or ``(height, width)``), or the error as
     ``(size or None, None, "Type: message")``: a bad file never raises. The size limits are
     checked from the header, before any pixel is decoded."""
@@ -62,7 +64,7 @@ def prepare(
                 f"{min_side} px)"
             )
         image.load()
-        array = to_model_array(image, size=size, resample=resample)
+        array = to_model_array(image, size=size, resample=resample, channels=channels)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a row
         return dims, None, f"{type(exc).__name__}: {exc}".replace("\n", " ")
     return dims, array, None

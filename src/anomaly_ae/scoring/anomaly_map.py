@@ -169,12 +169,20 @@ def error_terms(
     which holds many, :func:`map_dtype` for the maps that are shipped): per window the
     same-size SSIM error ``clip(1 - local SSIM, 0, 1)`` (``{"ssim_err": {win: map}}``) and the
     squared error (``"sq"``); with ``keep_ssim`` also the raw SSIM maps (``"ssim"``), with
-    ``keep_diff`` the signed difference ``x - recon`` (``"diff"``, for the low-pass channel)."""
+    ``keep_diff`` the signed difference ``x - recon`` (``"diff"``, for the low-pass channel).
+
+    Colour images (``C`` = 3, ``preprocessing.color``): SSIM and the squared error are
+    computed per colour channel and averaged over them (pytorch_msssim's convention for
+    multi-channel SSIM), so every term has one channel; ``"diff"`` keeps the colour channels
+    (see :func:`lowpass`)."""
     x, recon = x.float(), recon.float()
-    ssim = {w: ssim_map(x, recon, gaussian_taps(w, win_sigma), same_size=True, precise=True) for w in windows}
+    ssim = {
+        w: _colour_mean(ssim_map(x, recon, gaussian_taps(w, win_sigma), same_size=True, precise=True))
+        for w in windows
+    }
     terms = {
         "ssim_err": {w: (1.0 - m).clamp(0.0, 1.0).to(dtype) for w, m in ssim.items()},
-        "sq": (x.to(dtype) - recon.to(dtype)).pow(2),
+        "sq": _colour_mean((x.to(dtype) - recon.to(dtype)).pow(2)),
     }
     if keep_ssim:
         terms["ssim"] = ssim
@@ -183,11 +191,18 @@ def error_terms(
     return terms
 
 
+def _colour_mean(t: Tensor) -> Tensor:
+    """``(N, C, H, W)`` -> ``(N, 1, H, W)``: the mean over colour channels (a no-op for one)."""
+    return t if t.shape[1] == 1 else t.mean(dim=1, keepdim=True)
+
+
 def lowpass(terms: dict, sigma: float) -> Tensor:
     """The low-pass difference ``|blur(x - recon, sigma)|`` from :func:`error_terms`
     (``keep_diff``): blurring the *signed* difference first cancels the reconstruction's
-    fine, zero-mean noise and keeps a faint change that spans many pixels."""
-    return gaussian_blur(terms["diff"], sigma).abs()
+    fine, zero-mean noise and keeps a faint change that spans many pixels. For colour images
+    each channel's is taken, then their mean: a change of hue at equal brightness (red up,
+    blue down) does not cancel."""
+    return _colour_mean(gaussian_blur(terms["diff"], sigma).abs())
 
 
 def smooth_terms(terms: dict, sigma: float) -> dict:

@@ -63,7 +63,8 @@ def score_lever_grid(
     """Reconstruct the three sets once, then score every setting of ``calibration.grid``."""
     started = time.perf_counter()
     shape = train_images["images"].shape[-2:]
-    network = model_from_checkpoint(model_checkpoint, config_for_images(model, shape), image_size=shape)
+    config = config_for_images(model, shape, train_images["images"].shape[1])
+    network = model_from_checkpoint(model_checkpoint, config, image_size=shape)
     batch, device = calibration_params["batch_size"], calibration_params["device"]
     sets = {
         name: (images, reconstruct(network, images, batch, device))

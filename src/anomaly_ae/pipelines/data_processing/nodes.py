@@ -28,7 +28,8 @@ def build_model_inputs(
     preprocessing: dict[str, Any],
     data: dict[str, Any],
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Grayscale, resize and scale every image once; the arrays are cached in the catalog."""
+    """Grayscale (or RGB: ``preprocessing.color``), resize and scale every image once; the arrays
+    are cached in the catalog."""
     folder, suffix = dataset_info["path"], data["image_suffix"]
     size = preprocess.model_shape(image_manifest, preprocessing["image_size"], preprocessing["keep_aspect"])
     log.info(
@@ -39,13 +40,22 @@ def build_model_inputs(
     )
     resample = preprocessing["resample"]
     loaders = image_partitions(folder, suffix, max_pixels=data["max_image_pixels"])
+    train_rows = image_manifest[image_manifest["split"] == preprocess.TRAIN]
+    channels = preprocess.image_channels(
+        loaders, train_rows["image_file"].tolist(), folder, preprocessing["color"]
+    )
+    log.info(
+        "Model images: %s (preprocessing.color=%s)",
+        "RGB, 3 channels" if channels == 3 else "grayscale, 1 channel",
+        preprocessing["color"],
+    )
     stamp = np.array(inputs_stamp(dataset_info, preprocessing))
     outputs = []
     for split in (preprocess.TRAIN, preprocess.VALIDATION, preprocess.TEST):
         rows = image_manifest[image_manifest["split"] == split].sort_values("array_index")
         arrays = {
             "images": preprocess.stack_images(
-                loaders, rows["image_file"].tolist(), folder, size, resample
+                loaders, rows["image_file"].tolist(), folder, size, resample, channels
             ),
             "labels": rows["label"].to_numpy(dtype=np.int64),
             STAMP_KEY: stamp,  # what these arrays were made from (data/fingerprint.py)

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 def _network(model_checkpoint: dict, model: dict[str, Any], images: dict[str, np.ndarray]):
     shape = images["images"].shape[-2:]
-    return model_from_checkpoint(model_checkpoint, config_for_images(model, shape), image_size=shape)
+    config = config_for_images(model, shape, images["images"].shape[1])
+    return model_from_checkpoint(model_checkpoint, config, image_size=shape)
 
 
 def _inference_options(evaluation: dict[str, Any]) -> dict[str, Any]:

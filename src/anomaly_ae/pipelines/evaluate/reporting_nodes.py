@@ -33,8 +33,8 @@ def _figure1_rows(
         error = anomaly_map(x, recon)[0, 0].float().numpy()
         rows.append(
             {
-                "image": x[0, 0].numpy(),
-                "recon": recon[0, 0].numpy(),
+                "image": figures.display_image(x[0].numpy()),
+                "recon": figures.display_image(recon[0].numpy()),
                 "error": error,
                 "label": f"{defect}\n{picks.loc[defect, 'file']}\nSSIM {picks.loc[defect, 'ssim']:.3f}",
             }
@@ -95,7 +95,7 @@ def make_heatmaps(
     )
     return {
         str(PurePosixPath(row.file).with_suffix("")): figures.heatmap_overlay_image(
-            as_unit_float(test_images["images"][i, 0]), test_scores["map"][i], vmax=vmax
+            as_unit_float(test_images["images"][i]), test_scores["map"][i], vmax=vmax
         )
         for i, row in enumerate(ssim_table.itertuples())
     }
@@ -126,7 +126,7 @@ def make_hardest_cases(
         score = f"score {scores[i]:.3g} (threshold {threshold:.3g})"
         rows.append(
             {
-                "image": as_unit_float(test_images["images"][i, 0]),
+                "image": as_unit_float(test_images["images"][i]),
                 "map": test_scores["map"][i],
                 "mask": test_images["masks"][i] if labels[i] != 0 and known[i] else None,
                 "label": f"{entry['defect_type']}, {verdict}: {score}",

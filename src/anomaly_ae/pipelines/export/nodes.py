@@ -79,7 +79,8 @@ def export_bundle(
     images = validation_images["images"]
     shape = images.shape[-2:]
     # refuses another architecture, tiling or image size, saying what to do
-    model_from_checkpoint(model_checkpoint, config_for_images(model, shape), image_size=shape)
+    config = config_for_images(model, shape, images.shape[1])
+    model_from_checkpoint(model_checkpoint, config, image_size=shape)
     with tempfile.TemporaryDirectory(prefix="anomaly_ae_export_") as staging:
         manifest = build_bundle(
             model_checkpoint,

@@ -56,7 +56,7 @@ def train_model(
 ) -> tuple[dict, pd.DataFrame, dict, Image.Image, dict]:
     """Train on the normal training images; validation images drive early stopping."""
     images = train_images["images"]
-    model_config = config_for_images(model, images.shape[-2:])
+    model_config = config_for_images(model, images.shape[-2:], images.shape[1])
     train_config = TrainingConfig.from_dict({**training, **loss})
     if tuple(images.shape[-2:]) != model_config.shape:
         raise ValueError(
