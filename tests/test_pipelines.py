@@ -282,6 +282,31 @@ def test_a_deleted_version_is_named_with_the_mlflow_run_that_restores_it(quick, 
         shutil.move(kept, folder)
 
 
+def test_retention_keeps_a_version_the_run_loaded_however_old(quick, tmp_path):
+    """A version restored from MLflow and scored with --load-versions is older than the newest
+    retention.keep_last: the run that loads it must not delete it at its end (it did)."""
+    from PIL import Image
+
+    project = make_project(tmp_path / "project")
+    for layer in ("06_models", "07_model_output"):
+        shutil.copytree(quick.path / "data" / layer / NS, project.path / "data" / layer / NS)
+    checkpoints = project.path / "data/06_models" / NS / "model_checkpoint.pt"
+    newest = sorted(checkpoints.iterdir())[-1]
+    restored, unused = "2000-01-02T00.00.00.000Z", "2000-01-01T00.00.00.000Z"
+    for version in (restored, unused):
+        shutil.copytree(newest, checkpoints / version)
+    images = tmp_path / "incoming"
+    images.mkdir()
+    Image.new("L", (128, 128), 100).save(images / "a.png")
+    project.session_run(
+        pipeline="predict",
+        env="quick",
+        params={"predict": {"input_dir": str(images)}, "retention": {"keep_last": 1, "prune_after_run": True}},
+        load_versions={f"{NS}.model_checkpoint": restored},
+    )
+    assert sorted(p.name for p in checkpoints.iterdir()) == [restored, newest.name]  # the unused one went
+
+
 def test_a_missing_model_is_reported_with_the_command_that_makes_it(tmp_path):
     project = make_project(tmp_path / "empty")
     for pipeline in ("evaluate", "predict", "calibrate"):

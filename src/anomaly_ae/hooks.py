@@ -358,7 +358,8 @@ def tag_top_run(tags: dict[str, str]) -> None:
 
 class RetentionHook:
     """After a successful run, delete old versions as ``retention`` says
-    (:mod:`anomaly_ae.prune`; ``anomaly-ae-prune`` does the same by hand)."""
+    (:mod:`anomaly_ae.prune`; ``anomaly-ae-prune`` does the same by hand), except the
+    versions this run loaded by name (``--load-versions``)."""
 
     @hook_impl
     def after_pipeline_run(self, run_params, pipeline, catalog) -> None:
@@ -368,7 +369,10 @@ class RetentionHook:
         retention = current_params.current().get("retention") or {}
         if not retention.get("prune_after_run"):
             return
-        done = prune.run(current_params.project_root(Path.cwd()))
+        # a version the run was asked for (--load-versions, e.g. one restored from MLflow) is
+        # in use: it stays, however old
+        loaded = {str(v) for v in (run_params.get("load_versions") or {}).values() if v}
+        done = prune.run(current_params.project_root(Path.cwd()), protected=loaded)
         if done.paths:
             log.info(
                 "Retention: deleted %d old versions and %d finished training states (%.1f MB); keeping "

@@ -164,8 +164,16 @@ def prune(to_delete: PrunePlan) -> None:
             Path(str(path) + ".lock").unlink(missing_ok=True)
 
 
-def run(project: Path, keep: int | None = None, dry_run: bool = False, states: bool = False) -> PrunePlan:
-    """Prune the project at ``project`` with its configured retention (``keep`` overrides)."""
+def run(
+    project: Path,
+    keep: int | None = None,
+    dry_run: bool = False,
+    states: bool = False,
+    protected: set[str] = frozenset(),
+) -> PrunePlan:
+    """Prune the project at ``project`` with its configured retention (``keep`` overrides).
+    Versions in ``protected`` (e.g. those the finishing run loaded with ``--load-versions``)
+    are kept, as are those of RUNNING MLflow runs."""
     import os
 
     from anomaly_ae import run_params
@@ -181,7 +189,7 @@ def run(project: Path, keep: int | None = None, dry_run: bool = False, states: b
             project / "data",
             keep,
             project / state_dir if state_dir else None,
-            protected=running_save_versions(tracking_uri),
+            protected=set(protected) | running_save_versions(tracking_uri),
             states=states,
         )
     finally:
