@@ -138,6 +138,7 @@ def test_a_colour_checkpoint_is_refused_for_gray_data_with_the_setting_to_change
 
     model = build_model(AutoencoderConfig(image_size=32, in_channels=3, latent_dim=8))
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 3, 32, 32)
+    assert model.config.describe() == "paper_table1, 32 px, RGB"
     checkpoint = build_checkpoint(model.eval(), None, epoch=1, history=[], config=TrainingConfig())
     with pytest.raises(CheckpointError, match="preprocessing.color=rgb"):
         gray = AutoencoderConfig(image_size=32, in_channels=1, latent_dim=8)

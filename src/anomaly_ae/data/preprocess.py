@@ -78,14 +78,14 @@ def split_train_validation(manifest: pd.DataFrame, validation_fraction: float, s
 
 def image_channels(
     loaders: dict[str, Callable[[], Image.Image]], files: Sequence[str], folder: str, color: str
-) -> int:
-    """The model's input channels for ``preprocessing.color``
-    (:func:`~anomaly_ae.data.transforms.model_channels`); ``auto`` decodes ``files`` (the
-    normal training images) to measure their colourfulness."""
+) -> tuple[int, float | None]:
+    """``(channels, median colourfulness or None)``: the model's input channels for
+    ``preprocessing.color`` (:func:`~anomaly_ae.data.transforms.model_channels`); ``auto``
+    decodes ``files`` (the normal training images) to measure their colourfulness."""
     if color != "auto":
-        return model_channels(color)
+        return model_channels(color), None
     values = [colourfulness(decode_image(loaders[file_key(name)], f"{folder}/{name}")) for name in files]
-    return model_channels(color, values)
+    return model_channels(color, values), float(np.median(values))
 
 
 def stack_images(

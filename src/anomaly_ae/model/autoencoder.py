@@ -105,10 +105,11 @@ class AutoencoderConfig:
 
     def describe(self) -> str:
         """E.g. ``paper_table1, 256 px``, ``paper_table1, 512 px as 2x2 tiles of 256 px`` or
-        ``paper_table1, 256x512 px (height x width) as 1x2 tiles of 256 px``."""
+        ``paper_table1, 256x512 px (height x width) as 1x2 tiles of 256 px``; a colour model
+        adds ``, RGB`` after the size."""
         height, width = self.shape
         size = f"{height} px" if height == width else f"{height}x{width} px (height x width)"
-        text = f"{self.architecture}, {size}"
+        text = f"{self.architecture}, {size}" + (", RGB" if self.in_channels == 3 else "")
         return f"{text} as {self.tiling()}" if self.tile_size else text
 
     @property

@@ -11,6 +11,7 @@ import pandas as pd
 from anomaly_ae.data import preprocess
 from anomaly_ae.data.fingerprint import STAMP_KEY, inputs_stamp
 from anomaly_ae.data.partitions import image_partitions
+from anomaly_ae.data.transforms import COLOURFUL
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,14 @@ def build_model_inputs(
     resample = preprocessing["resample"]
     loaders = image_partitions(folder, suffix, max_pixels=data["max_image_pixels"])
     train_rows = image_manifest[image_manifest["split"] == preprocess.TRAIN]
-    channels = preprocess.image_channels(
+    channels, colour = preprocess.image_channels(
         loaders, train_rows["image_file"].tolist(), folder, preprocessing["color"]
     )
     log.info(
-        "Model images: %s (preprocessing.color=%s)",
+        "Model images: %s (preprocessing.color=%s%s)",
         "RGB, 3 channels" if channels == 3 else "grayscale, 1 channel",
         preprocessing["color"],
+        "" if colour is None else f"; training images' median colourfulness {colour:.3f}, RGB at {COLOURFUL}",
     )
     stamp = np.array(inputs_stamp(dataset_info, preprocessing))
     outputs = []
