@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from anomaly_ae.data.defects import DEFECT_KINDS, paste_synthetic_defects
+from anomaly_ae.data.defects import DEFAULT_KINDS, paste_synthetic_defects
 from anomaly_ae.evaluation import calibration
 from anomaly_ae.evaluation.metrics import aupro, image_auroc, pixel_auroc
 from anomaly_ae.scoring import MapSettings, NormalReference, anomaly_map, image_score
@@ -116,7 +116,7 @@ def test_a_defect_copy_scores_higher_than_its_normal_image(sets):
     # the stand-in model reconstructs only the normal pattern, so every defect is visible
     assert table["syn_pixel_auroc"].max() > 0.9
     assert table["syn_image_auroc"].max() == 1.0
-    assert set(DEFECT_KINDS) == {
+    assert set(DEFAULT_KINDS) == {
         c.removeprefix("syn_image_auroc_") for c in table if c.startswith("syn_image_auroc_")
     }
 
@@ -139,7 +139,7 @@ def test_synthetic_defects_deterministic_and_inside_the_mask():
     b_img, b_mask, b_kinds = paste_synthetic_defects(images, 3, 7, 0.08, 20)
     np.testing.assert_array_equal(a_img, b_img)
     np.testing.assert_array_equal(a_mask, b_mask)
-    assert a_kinds == b_kinds and set(a_kinds) == set(DEFECT_KINDS)
+    assert a_kinds == b_kinds and set(a_kinds) == set(DEFAULT_KINDS)
     assert a_img.shape == (15, 1, SIZE, SIZE) and a_mask.shape == (15, SIZE, SIZE)
     assert a_img.dtype == np.float32 and a_mask.dtype == np.uint8
     c_img, _, _ = paste_synthetic_defects(images, 3, 8, 0.08, 20)
@@ -151,9 +151,9 @@ SOFT_KINDS = {"thin_line", "smudge", "spot"}  # anti-aliased or blurred edges
 
 def test_every_kind_changes_its_mask_and_soft_edges_stay_faint():
     images = _images(np.random.default_rng(2), 4)
-    per_image = 2 * len(DEFECT_KINDS)
+    per_image = 2 * len(DEFAULT_KINDS)
     out, masks, kinds = paste_synthetic_defects(images, per_image, 3, 0.05, 20)
-    assert sorted(set(kinds)) == sorted(DEFECT_KINDS) and len(kinds) == 4 * per_image
+    assert sorted(set(kinds)) == sorted(DEFAULT_KINDS) and len(kinds) == 4 * per_image
     source = np.repeat(images, per_image, axis=0)[:, 0]
     for img, mask, src, kind in zip(out[:, 0], masks, source, kinds, strict=True):
         assert mask.any() and not mask.all(), kind

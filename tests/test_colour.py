@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from anomaly_ae.data.defects import DEFECT_KINDS, paste_synthetic_defects
+from anomaly_ae.data.defects import DEFAULT_KINDS, paste_synthetic_defects
 from anomaly_ae.data.transforms import (
     COLOURFUL,
     colourfulness,
@@ -121,13 +121,34 @@ def test_synthetic_defects_on_colour_images_match_their_gray_placement():
     rng = np.random.default_rng(3)
     gray = rng.uniform(0.2, 0.8, (3, 1, 48, 48)).astype(np.float32)
     colour = np.repeat(gray, 3, axis=1)
-    d1, m1, k1 = paste_synthetic_defects(gray, 8, 5, 0.05, 10, kinds=DEFECT_KINDS)
-    d3, m3, k3 = paste_synthetic_defects(colour, 8, 5, 0.05, 10, kinds=DEFECT_KINDS)
+    d1, m1, k1 = paste_synthetic_defects(gray, 8, 5, 0.05, 10, kinds=DEFAULT_KINDS)
+    d3, m3, k3 = paste_synthetic_defects(colour, 8, 5, 0.05, 10, kinds=DEFAULT_KINDS)
     assert d3.shape == (24, 3, 48, 48) and np.array_equal(m1, m3) and k1 == k3
     for c in range(3):
         np.testing.assert_allclose(d3[:, c], d1[:, 0], atol=1e-6)
     with pytest.raises(ValueError, match=r"\(N, 1, H, W\) or \(N, 3, H, W\)"):
         paste_synthetic_defects(np.zeros((2, 2, 8, 8), np.float32), 1, 0, 0.05, 3)
+
+
+def test_a_tint_changes_hue_not_brightness_and_is_left_out_for_gray_images():
+    rng = np.random.default_rng(4)
+    gray = rng.uniform(0.3, 0.7, (2, 1, 48, 48)).astype(np.float32)
+    colour = np.repeat(gray, 3, axis=1)
+    defects, masks, kinds = paste_synthetic_defects(colour, 3, 1, 0.05, 10, kinds=["tint"])
+    assert kinds == ["tint"] * 6
+    luma = np.array([0.299, 0.587, 0.114], dtype=np.float32)[None, :, None, None]
+    source = np.repeat(colour, 3, axis=0)
+    inside = masks.astype(bool)
+    change = np.abs(defects - source).mean(axis=1)
+    assert all(change[i][inside[i]].mean() >= 0.05 for i in range(6))  # a visible change of colour ...
+    unclipped = ((defects > 0) & (defects < 1)).all(axis=1)  # [0, 1] clipping may move a pixel's luma
+    assert unclipped.mean() > 0.99
+    same = np.abs((defects * luma).sum(1) - (source * luma).sum(1))
+    assert same[unclipped].max() < 2e-6  # ... at equal luma
+    _, _, gray_kinds = paste_synthetic_defects(gray, 2, 1, 0.05, 10, kinds=["spot", "tint"])
+    assert gray_kinds == ["spot"] * 4
+    with pytest.raises(ValueError, match="need colour images"):
+        paste_synthetic_defects(gray, 1, 1, 0.05, 10, kinds=["tint"])
 
 
 # ---- model, checkpoint, figures ----------------------------------------------------------

@@ -23,16 +23,31 @@ Kinds (``DEFECT_KINDS``; :func:`paste_synthetic_defects` cycles through the chos
 * ``perlin``: a Perlin-noise-shaped region (as DRAEM) filled with texture taken from
   elsewhere in the image (shifted, flipped), blended with opacity 0.5-1.
 * ``cutpaste``: a small patch (2-6 % of the side) of the same image pasted elsewhere.
+* ``tint`` (colour images only; skipped on grayscale ones): a soft stain of another hue at
+  the same brightness - the shape of a ``smudge`` (4-12 % of the side), the colour shifted
+  in a random direction that keeps the ITU-R 601 luma, by a contrast from ``contrast``. A
+  grayscale model cannot see it at all; it tells whether a colour model does.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["DEFECT_KINDS", "DEFAULT_KINDS", "defect_kinds", "paste_synthetic_defects", "perlin_noise"]
+__all__ = [
+    "COLOUR_KINDS",
+    "DEFECT_KINDS",
+    "DEFAULT_KINDS",
+    "defect_kinds",
+    "paste_synthetic_defects",
+    "perlin_noise",
+]
 
-DEFECT_KINDS = ("blob", "scratch", "patch", "thin_line", "smudge", "spot", "perlin", "cutpaste")
-DEFAULT_KINDS = DEFECT_KINDS
+DEFAULT_KINDS = ("blob", "scratch", "patch", "thin_line", "smudge", "spot", "perlin", "cutpaste")
+#: Kinds that exist only in colour: left out for grayscale images.
+COLOUR_KINDS = ("tint",)
+DEFECT_KINDS = (*DEFAULT_KINDS, *COLOUR_KINDS)
+
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 
 
 def defect_kinds(value) -> tuple[str, ...]:
@@ -189,6 +204,19 @@ def _spot(img, rng, h, w, contrast):
     return img + _per_pixel(coverage, img) * delta, mask
 
 
+def _tint(img, rng, h, w, contrast):
+    """A smudge-shaped stain of another hue at the same luma (colour images ``(H, W, 3)``)."""
+    sigma = max(rng.uniform(0.04, 0.12) * min(h, w) / 2, 1.5)
+    cy, cx = rng.uniform(2 * sigma, h - 2 * sigma), rng.uniform(2 * sigma, w - 2 * sigma)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    weight = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
+    mask = weight >= 0.5
+    direction = rng.normal(size=3)
+    direction -= (direction @ _LUMA) / (_LUMA @ _LUMA) * _LUMA  # no change of luma
+    direction /= np.abs(direction).max()
+    return img + weight[..., None] * (contrast * direction).astype(np.float32), mask
+
+
 def perlin_noise(shape: tuple[int, int], cells: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     """2-D gradient (Perlin) noise in about [-1, 1] with ``cells`` lattice cells per axis."""
     h, w = shape
@@ -240,6 +268,7 @@ _MAKERS = {
     "spot": _spot,
     "perlin": _perlin,
     "cutpaste": _cutpaste,
+    "tint": _tint,
 }
 
 
@@ -266,7 +295,8 @@ def paste_synthetic_defects(
         seed: Seed of ``numpy.random.default_rng``.
         min_contrast: Minimum mean |change| inside the defect mask.
         max_tries: Redraws per defect before accepting the last one.
-        kinds: Defect kinds to cycle through (names in :data:`DEFECT_KINDS`).
+        kinds: Defect kinds to cycle through (names in :data:`DEFECT_KINDS`); the
+            :data:`COLOUR_KINDS` are left out for grayscale images.
         contrast: ``(low, high)`` range of the intensity change of the contrast-driven kinds
             (``smudge`` uses the lower half: faint stains).
 
@@ -289,6 +319,13 @@ def paste_synthetic_defects(
     low = max(low, min_contrast)
     rng = np.random.default_rng(seed)
     n, channels, h, w = images.shape
+    if channels == 1:
+        kinds = tuple(k for k in kinds if k not in COLOUR_KINDS)
+        if not kinds:
+            raise ValueError(
+                f"calibration.synthetic_defects.kinds: {COLOUR_KINDS} need colour images "
+                "(preprocessing.color rgb or auto); add a kind that grayscale images can show"
+            )
     # each maker works on one (H, W) plane, or (H, W, C) channels-last for colour
     planes = images[:, 0] if channels == 1 else np.ascontiguousarray(images.transpose(0, 2, 3, 1))
     sources = list(planes)

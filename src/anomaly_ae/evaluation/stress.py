@@ -27,7 +27,7 @@ STRESS_COLUMNS = [
 
 #: The kinds whose contrast is their parameter (``calibration.synthetic_defects.contrast``):
 #: their rows are also split by the contrast each copy really has, a detection limit.
-CONTRAST_KINDS = ("thin_line", "smudge", "spot")
+CONTRAST_KINDS = ("thin_line", "smudge", "spot", "tint")
 #: ``(label, low, high)``: mean |change| inside the mask in ``[low, high)``.
 CONTRAST_BANDS = (("< 0.10", 0.0, 0.10), ("0.10-0.20", 0.10, 0.20), (">= 0.20", 0.20, np.inf))
 
