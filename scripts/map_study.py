@@ -68,6 +68,7 @@ from kedro.framework.startup import bootstrap_project
 from anomaly_ae.data.defects import DEFECT_KINDS, paste_synthetic_defects
 from anomaly_ae.data.transforms import as_unit_float
 from anomaly_ae.evaluation.metrics import aupro, rank_auroc
+from anomaly_ae.evaluation.stress import copies_per_image
 from anomaly_ae.model.checkpoint import model_from_checkpoint
 from anomaly_ae.scoring.anomaly_map import MapSettings, compose, error_terms
 from anomaly_ae.scoring.anomaly_map import lowpass as lowpass_difference
@@ -160,7 +161,11 @@ def study_sets(data: dict) -> dict:
     labels = np.asarray(test["labels"]) != 0
     good = as_unit_float(test["images"][~labels])
     held, held_masks, held_kinds = paste_synthetic_defects(
-        good, stress["per_image"], stress["seed"], kinds=DEFECT_KINDS, **options
+        good,
+        copies_per_image(stress, len(good), DEFECT_KINDS, good.shape[1]),
+        stress["seed"],
+        kinds=DEFECT_KINDS,
+        **options,
     )
     return {
         "images": {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from anomaly_ae.evaluation.stress import CONTRAST_BANDS, CONTRAST_KINDS, measured_contrast, stress_table
@@ -69,3 +70,19 @@ def test_stress_rows_per_kind_and_per_contrast_band_and_the_report_section():
     # a table written before the bands existed still renders (one table)
     old = overall.drop(columns=["contrast", "median_contrast"])
     assert stress_section(pd.DataFrame(old)).count("<table") == 1
+
+
+def test_copies_per_kind_sets_the_copies_per_good_image_for_any_test_set():
+    from anomaly_ae.data.defects import DEFECT_KINDS, DEFAULT_KINDS
+    from anomaly_ae.evaluation.stress import copies_per_image
+
+    auto = {"per_image": "auto", "copies_per_kind": 100}
+    assert copies_per_image(auto, 20, DEFECT_KINDS, channels=1) == 40  # bottle: 8 gray kinds x 100 / 20
+    assert copies_per_image(auto, 20, DEFECT_KINDS, channels=3) == 45  # + tint in colour
+    assert copies_per_image(auto, 97, DEFAULT_KINDS) == 9  # BSData: 800 / 97, rounded up
+    assert copies_per_image(auto, 1000, ["spot"]) == 1
+    assert copies_per_image({"per_image": 8, "copies_per_kind": 100}, 20, DEFECT_KINDS) == 8
+    with pytest.raises(ValueError, match="evaluation.stress_test.per_image"):
+        copies_per_image({"per_image": 0}, 20, DEFECT_KINDS)
+    with pytest.raises(ValueError, match="evaluation.stress_test.copies_per_kind"):
+        copies_per_image({"per_image": "auto", "copies_per_kind": "many"}, 20, DEFECT_KINDS)

@@ -17,7 +17,14 @@ from anomaly_ae.evaluation.metrics import auroc_interval, rank_auroc
 from anomaly_ae.scoring import MapSettings, NormalReference
 from anomaly_ae.scoring.inference import reconstruct_and_score
 
-__all__ = ["CONTRAST_BANDS", "CONTRAST_KINDS", "STRESS_COLUMNS", "measured_contrast", "stress_table"]
+__all__ = [
+    "CONTRAST_BANDS",
+    "CONTRAST_KINDS",
+    "STRESS_COLUMNS",
+    "copies_per_image",
+    "measured_contrast",
+    "stress_table",
+]
 
 #: The columns of :func:`stress_table`, in order (also those of an empty table).
 STRESS_COLUMNS = [
@@ -30,6 +37,32 @@ STRESS_COLUMNS = [
 CONTRAST_KINDS = ("thin_line", "smudge", "spot", "tint")
 #: ``(label, low, high)``: mean |change| inside the mask in ``[low, high)``.
 CONTRAST_BANDS = (("< 0.10", 0.0, 0.10), ("0.10-0.20", 0.10, 0.20), (">= 0.20", 0.20, np.inf))
+
+
+def copies_per_image(options: dict, n_good: int, kinds, channels: int = 1) -> int:
+    """Defective copies per good image: ``evaluation.stress_test.per_image``, or with
+    ``per_image: auto`` enough that every kind the images can show (``kinds`` less the colour
+    kinds on grayscale images) gets at least ``copies_per_kind`` copies across the ``n_good``
+    good images - the same precision per kind whatever the size of a category's test set."""
+    from math import ceil
+
+    from anomaly_ae.data.defects import COLOUR_KINDS, defect_kinds
+
+    def positive(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    per_image = options["per_image"]
+    if per_image != "auto":
+        if not positive(per_image):
+            raise ValueError(
+                f"evaluation.stress_test.per_image must be auto or an integer >= 1, got {per_image!r}"
+            )
+        return per_image
+    wanted = options.get("copies_per_kind")
+    if not positive(wanted):
+        raise ValueError(f"evaluation.stress_test.copies_per_kind must be an integer >= 1, got {wanted!r}")
+    shown = [k for k in defect_kinds(kinds) if channels == 3 or k not in COLOUR_KINDS]
+    return max(1, ceil(wanted * len(shown) / max(n_good, 1)))
 
 
 def measured_contrast(normal: np.ndarray, defective: np.ndarray, masks: np.ndarray, per_image: int) -> np.ndarray:

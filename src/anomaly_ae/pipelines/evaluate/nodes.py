@@ -14,7 +14,7 @@ from anomaly_ae.data.defects import DEFECT_KINDS
 from anomaly_ae.data.transforms import as_unit_float
 from anomaly_ae.evaluation import calibration, tables
 from anomaly_ae.evaluation.metrics import calibrate_threshold
-from anomaly_ae.evaluation.stress import STRESS_COLUMNS, stress_table
+from anomaly_ae.evaluation.stress import STRESS_COLUMNS, copies_per_image, stress_table
 from anomaly_ae.evaluation.summary import (
     HEADLINE_METRICS,
     REGION_METRICS,
@@ -279,6 +279,8 @@ def stress_test(
         log.warning("Stress test skipped: fewer than 2 good test images.")
         return pd.DataFrame(columns=STRESS_COLUMNS)
     synthetic = calibration["synthetic_defects"]
+    per_image = copies_per_image(options, len(normal), DEFECT_KINDS, normal.shape[1])
+    log.info("Stress test: %d defective copies of each of the %d good test images", per_image, len(normal))
     table = stress_table(
         _network(model_checkpoint, model, test_images),
         normal,
@@ -287,7 +289,7 @@ def stress_test(
             "paper": (MapSettings(), None),  # the paper's map (MapSettings' defaults; no reference)
         },
         {
-            "per_image": options["per_image"],
+            "per_image": per_image,
             "seed": options["seed"],
             "min_contrast": synthetic["min_contrast"],
             "max_tries": synthetic["max_tries"],

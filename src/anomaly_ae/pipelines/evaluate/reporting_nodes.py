@@ -355,8 +355,8 @@ def stress_section(table: pd.DataFrame) -> str:
         "<p>Every synthetic defect kind pasted onto the good test images with another seed than "
         "calibration: a check on images the choice never saw (it chooses nothing). Interval: "
         "the image AUROC's confidence interval (evaluation.confidence_level): with few good "
-        "test images it is wide; more defective copies per good image "
-        "(evaluation.stress_test.per_image) narrow it.</p>"
+        "test images it is wide; more defective copies per kind "
+        "(evaluation.stress_test.copies_per_kind) narrow it.</p>"
         + html_table(wide.reset_index())
     )
     bands = table[(table["contrast"] != "all") & (table["map"] == "in use")]
