@@ -183,12 +183,18 @@ def _thin_line(img, rng, h, w, contrast):
     return out, mask
 
 
-def _smudge(img, rng, h, w, contrast):
-    sigma = max(rng.uniform(0.02, 0.08) * min(h, w) / 2, 1.5)
+def _stain(rng, h, w, low: float, high: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(weight, mask)`` of a soft round stain: a Gaussian fall-off whose sigma is
+    ``low``-``high`` of half the shorter side; the mask is where the weight is >= 0.5."""
+    sigma = max(rng.uniform(low, high) * min(h, w) / 2, 1.5)
     cy, cx = rng.uniform(2 * sigma, h - 2 * sigma), rng.uniform(2 * sigma, w - 2 * sigma)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     weight = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
-    mask = weight >= 0.5
+    return weight, weight >= 0.5
+
+
+def _smudge(img, rng, h, w, contrast):
+    weight, mask = _stain(rng, h, w, 0.02, 0.08)
     delta = _signed(rng, _surroundings(img, mask), contrast)
     out = img + _per_pixel(weight, img) * delta
     return out, mask
@@ -206,11 +212,7 @@ def _spot(img, rng, h, w, contrast):
 
 def _tint(img, rng, h, w, contrast):
     """A smudge-shaped stain of another hue at the same luma (colour images ``(H, W, 3)``)."""
-    sigma = max(rng.uniform(0.04, 0.12) * min(h, w) / 2, 1.5)
-    cy, cx = rng.uniform(2 * sigma, h - 2 * sigma), rng.uniform(2 * sigma, w - 2 * sigma)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    weight = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
-    mask = weight >= 0.5
+    weight, mask = _stain(rng, h, w, 0.04, 0.12)
     direction = rng.normal(size=3)
     direction -= (direction @ _LUMA) / (_LUMA @ _LUMA) * _LUMA  # no change of luma
     direction /= np.abs(direction).max()
