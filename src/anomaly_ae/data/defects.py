@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from anomaly_ae.data.transforms import _LUMA as LUMA_WEIGHTS
+
 __all__ = [
     "COLOUR_KINDS",
     "DEFECT_KINDS",
@@ -47,7 +49,7 @@ DEFAULT_KINDS = ("blob", "scratch", "patch", "thin_line", "smudge", "spot", "per
 COLOUR_KINDS = ("tint",)
 DEFECT_KINDS = (*DEFAULT_KINDS, *COLOUR_KINDS)
 
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
+_LUMA = LUMA_WEIGHTS.astype(np.float64)  # the weights of the gray conversion
 
 
 def defect_kinds(value) -> tuple[str, ...]:
