@@ -43,6 +43,12 @@ the spread floored by its mean):
              code for an unseen normal image close its gap to the training images?);
   ensemble   the pipeline's map of each checkpoint in --checkpoint a+b+..., and the mean of
              every combination of them (each z-scored against its own training maps);
+  fcn        a spatial bottleneck (Table I's convolutions, the dense 128-d code replaced by
+             --cb feature maps at 1/16 of the side; :class:`SpatialBottleneck`), started
+             from the checkpoint's convolutions and trained --epochs epochs as a denoiser
+             (Adam 1e-3; a --train-kinds defect on half the inputs, DRAEM's Perlin regions
+             and cut-and-paste by default, so thin lines, spots and smudges stay unseen);
+             z-scored 1 - SSIM(11) at sigma 2 / 4, and the pipeline's pair with low-pass 8;
   peaks      no variants: with the pipeline's map, the good test images' maxima, and per
              held-out spot and smudge the maximum inside its mask against them - how many
              pasted defects rise above every good image?
@@ -333,14 +339,23 @@ def flips(network, sets, args) -> list[dict]:
     return rows
 
 
-def fine_tune(network, images: np.ndarray, epochs: int, defects: float, options: dict, seed: int = 0):
-    """A copy of ``network`` trained ``epochs`` more epochs (Adam 5e-4, batch 8, the hybrid
-    loss), each input carrying a synthetic defect with probability ``defects``; the target
-    is always the clean image."""
+def fine_tune(
+    network,
+    images: np.ndarray,
+    epochs: int,
+    defects: float,
+    options: dict,
+    seed: int = 0,
+    kinds: tuple[str, ...] = DEFECT_KINDS,
+    lr: float = 5e-4,
+):
+    """A copy of ``network`` trained ``epochs`` more epochs (Adam ``lr``, batch 8, the hybrid
+    loss), each input carrying a synthetic defect of ``kinds`` with probability ``defects``;
+    the target is always the clean image."""
     network = copy.deepcopy(network)
     train = as_unit_float(images)
     loss_fn = build_loss(TrainingConfig.from_dict({"compile": False}))
-    optimizer = torch.optim.Adam(network.parameters(), lr=5e-4)
+    optimizer = torch.optim.Adam(network.parameters(), lr=lr)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     for epoch in range(epochs):
@@ -352,7 +367,7 @@ def fine_tune(network, images: np.ndarray, epochs: int, defects: float, options:
             pick = np.nonzero(rng.random(len(clean)) < defects)[0]
             if len(pick):
                 noisy[pick] = paste_synthetic_defects(
-                    clean[pick], 1, int(rng.integers(1 << 30)), kinds=DEFECT_KINDS, **options
+                    clean[pick], 1, int(rng.integers(1 << 30)), kinds=kinds, **options
                 )[0]
             loss = loss_fn(torch.from_numpy(clean), network(torch.from_numpy(noisy)))
             optimizer.zero_grad()
@@ -360,7 +375,7 @@ def fine_tune(network, images: np.ndarray, epochs: int, defects: float, options:
             optimizer.step()
         print(
             f"  {'denoising' if defects else 'clean'} fine-tune: epoch {epoch + 1}/{epochs}",
-            f"loss {float(loss):.4f}",
+            f"loss {float(loss.detach()):.4f}",
             flush=True,
         )
     return network.eval()
@@ -380,6 +395,48 @@ def denoise(network, sets, args) -> list[dict]:
                 pmax(z["ssim s4"], z["lowpass s8"]),
             )
         )
+    return rows
+
+
+class SpatialBottleneck(torch.nn.Module):
+    """Table I with its dense 128-d code replaced by a spatial one: the trained encoder's
+    convolutions, a 1x1 convolution down to ``channels`` feature maps at 1/16 of the image
+    side (16x16 at 256 px: 16 channels = 4,096 numbers), a 1x1 convolution back up (LeakyReLU,
+    BatchNorm), the trained decoder's transposed convolutions. Encoder and decoder start from
+    ``base``'s weights; the 1x1 layers are new. Being convolutional throughout, it takes the
+    whole image whether or not ``base`` was tiled (a 256x512 image: a 16x32 code)."""
+
+    def __init__(self, base, channels: int) -> None:
+        super().__init__()
+        cfg = self.config = base.config
+        wide = cfg.encoder_filters[-1]
+        convs = list(base.encoder.children())[:-2]  # without Flatten and the dense layer
+        self.encoder = torch.nn.Sequential(*copy.deepcopy(convs), torch.nn.Conv2d(wide, channels, 1))
+        self.mid = torch.nn.Sequential(
+            torch.nn.Conv2d(channels, wide, 1),
+            torch.nn.LeakyReLU(cfg.leaky_slope),
+            torch.nn.BatchNorm2d(wide, eps=cfg.batchnorm_eps, momentum=cfg.batchnorm_momentum),
+        )
+        self.decoder = copy.deepcopy(base.decoder)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.mid(self.encoder(x)))
+
+
+def fcn(network, sets, args) -> list[dict]:
+    kinds = tuple(args.train_kinds.split("+"))
+    rows = [evaluate("Table I (pipeline map)", sets, _pipeline_map(network, sets, args))]
+    spatial = SpatialBottleneck(network, args.cb)
+    print(f"spatial bottleneck: {sum(p.numel() for p in spatial.parameters()):,} parameters", flush=True)
+    tuned = fine_tune(
+        spatial, sets["images"]["train"], args.epochs, 0.5, sets["options"], kinds=kinds, lr=1e-3
+    )
+    spec = {"ssim s2": ("ssim", 2), "ssim s4": ("ssim", 4), "lowpass s8": ("lowpass", 8)}
+    z = {name: zscored(m) for name, m in maps_of(tuned, sets, spec, args.batch).items()}
+    label = f"{args.cb} ch, denoising on {args.train_kinds} +{args.epochs}"
+    rows.append(evaluate(f"{label}: ssim s2", sets, z["ssim s2"]))
+    rows.append(evaluate(f"{label}: ssim s4", sets, z["ssim s4"]))
+    rows.append(evaluate(f"{label}: pmax ssim s4 + lowpass s8", sets, pmax(z["ssim s4"], z["lowpass s8"])))
     return rows
 
 
@@ -495,7 +552,20 @@ def peaks(network, sets, args) -> list[dict]:
 
 STUDIES: dict[str, Callable] = {
     f.__name__: f
-    for f in (smoothing, lowpass, reference, peak, flips, denoise, selfnorm, inflate, latent, ensemble, peaks)
+    for f in (
+        smoothing,
+        lowpass,
+        reference,
+        peak,
+        flips,
+        denoise,
+        selfnorm,
+        inflate,
+        latent,
+        ensemble,
+        peaks,
+        fcn,
+    )
 }
 
 
@@ -508,7 +578,11 @@ def main() -> None:
         "--checkpoint", default=None, help="model_checkpoint version (default: latest); ensemble: a+b+..."
     )
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=30, help="denoise: fine-tuning epochs per arm")
+    parser.add_argument("--epochs", type=int, default=30, help="denoise / fcn: fine-tuning epochs (per arm)")
+    parser.add_argument("--cb", type=int, default=16, help="fcn: channels of the spatial bottleneck")
+    parser.add_argument(
+        "--train-kinds", default="perlin+cutpaste", help="fcn: the synthetic kinds it learns to remove"
+    )
     parser.add_argument("--steps", type=int, default=60, help="latent: refinement steps")
     parser.add_argument("--lr", type=float, default=1.0, help="latent: Adam step size on the code")
     args = parser.parse_args()
