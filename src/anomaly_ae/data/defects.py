@@ -40,6 +40,7 @@ __all__ = [
     "DEFECT_KINDS",
     "DEFAULT_KINDS",
     "defect_kinds",
+    "shown_kinds",
     "paste_synthetic_defects",
     "perlin_noise",
 ]
@@ -50,6 +51,13 @@ COLOUR_KINDS = ("tint",)
 DEFECT_KINDS = (*DEFAULT_KINDS, *COLOUR_KINDS)
 
 _LUMA = LUMA_WEIGHTS.astype(np.float64)  # the weights of the gray conversion
+
+
+def shown_kinds(kinds, channels: int) -> tuple[str, ...]:
+    """The ``kinds`` images of ``channels`` (1 or 3) can show: grayscale images leave the
+    :data:`COLOUR_KINDS` out."""
+    kinds = defect_kinds(kinds)
+    return kinds if channels == 3 else tuple(k for k in kinds if k not in COLOUR_KINDS)
 
 
 def defect_kinds(value) -> tuple[str, ...]:
@@ -324,7 +332,7 @@ def paste_synthetic_defects(
     rng = np.random.default_rng(seed)
     n, channels, h, w = images.shape
     if channels == 1:
-        kinds = tuple(k for k in kinds if k not in COLOUR_KINDS)
+        kinds = shown_kinds(kinds, channels)
         if not kinds:
             raise ValueError(
                 f"calibration.synthetic_defects.kinds: {COLOUR_KINDS} need colour images "

@@ -8,11 +8,13 @@ but "good", and nothing here feeds back into any choice: it is a report.
 
 from __future__ import annotations
 
+from math import ceil
+
 import numpy as np
 import pandas as pd
 from torch import nn
 
-from anomaly_ae.data.defects import paste_synthetic_defects
+from anomaly_ae.data.defects import paste_synthetic_defects, shown_kinds
 from anomaly_ae.evaluation.metrics import auroc_interval, rank_auroc
 from anomaly_ae.scoring import MapSettings, NormalReference
 from anomaly_ae.scoring.inference import reconstruct_and_score
@@ -44,9 +46,6 @@ def copies_per_image(options: dict, n_good: int, kinds, channels: int = 1) -> in
     ``per_image: auto`` enough that every kind the images can show (``kinds`` less the colour
     kinds on grayscale images) gets at least ``copies_per_kind`` copies across the ``n_good``
     good images - the same precision per kind whatever the size of a category's test set."""
-    from math import ceil
-
-    from anomaly_ae.data.defects import COLOUR_KINDS, defect_kinds
 
     def positive(value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value >= 1
@@ -61,8 +60,7 @@ def copies_per_image(options: dict, n_good: int, kinds, channels: int = 1) -> in
     wanted = options.get("copies_per_kind")
     if not positive(wanted):
         raise ValueError(f"evaluation.stress_test.copies_per_kind must be an integer >= 1, got {wanted!r}")
-    shown = [k for k in defect_kinds(kinds) if channels == 3 or k not in COLOUR_KINDS]
-    return max(1, ceil(wanted * len(shown) / max(n_good, 1)))
+    return max(1, ceil(wanted * len(shown_kinds(kinds, channels)) / max(n_good, 1)))
 
 
 def measured_contrast(normal: np.ndarray, defective: np.ndarray, masks: np.ndarray, per_image: int) -> np.ndarray:
