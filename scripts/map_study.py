@@ -49,6 +49,11 @@ the spread floored by its mean):
              (Adam 1e-3; a --train-kinds defect on half the inputs, DRAEM's Perlin regions
              and cut-and-paste by default, so thin lines, spots and smudges stay unseen);
              z-scored 1 - SSIM(11) at sigma 2 / 4, and the pipeline's pair with low-pass 8;
+  shifted    the z-score's normal maps from the training images moved by --shift px (up,
+             down, left, right; reflected at the border), which the model has not seen
+             there: with or without the unmoved training images, the maps kept where the
+             moved object lies or moved back onto the unmoved one - does a reference that
+             holds unseen-looking normal maps close the gap of unseen normal images?
   peaks      no variants: with the pipeline's map, the good test images' maxima, and per
              held-out spot and smudge the maximum inside its mask against them - how many
              pasted defects rise above every good image?
@@ -550,6 +555,44 @@ def peaks(network, sets, args) -> list[dict]:
     return [evaluate("pipeline map", sets, z)]
 
 
+def moved(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """(N, C, H, W) images moved by (dy, dx) px, the border reflected in."""
+    pad = max(abs(dy), abs(dx))
+    padded = np.pad(images, ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="reflect")
+    h, w = images.shape[-2:]
+    return padded[..., pad - dy : pad - dy + h, pad - dx : pad - dx + w]
+
+
+def shifted(network, sets, args) -> list[dict]:
+    spec = {"ssim s4": ("ssim", 4), "lowpass s8": ("lowpass", 8)}
+    plain = maps_of(network, sets, spec, args.batch)
+    rows = [evaluate("training images (pipeline)", sets, pmax(*(zscored(plain[n]) for n in spec)))]
+    train = np.asarray(sets["images"]["train"])
+    for d in (int(v) for v in str(args.shift).split("+")):
+        offsets = ((d, 0), (-d, 0), (0, d), (0, -d))
+        kept: dict[str, list] = {n: [] for n in spec}
+        back: dict[str, list] = {n: [] for n in spec}
+        for dy, dx in offsets:
+            parts = list(channel_maps(network, moved(train, dy, dx), spec, args.batch))
+            for n in spec:
+                m = torch.cat([p[n] for p in parts])
+                kept[n].append(m)
+                back[n].append(torch.from_numpy(moved(m[:, None].numpy(), -dy, -dx)[:, 0].copy()))
+        for how, pool in (("kept", kept), ("moved back", back)):
+            for with_train in (True, False):
+                z = []
+                for n in spec:
+                    normal = torch.cat(([plain[n]["train"]] if with_train else []) + pool[n])
+                    z.append(zscored(plain[n], normal))
+                name = f"shift {d} px, {how}" + (", with the unmoved" if with_train else "")
+                rows.append(evaluate(name, sets, pmax(*z)))
+        level = torch.cat(back["ssim s4"]).mean() / plain["ssim s4"]["train"].mean()
+        print(f"shift {d} px: mean 1 - SSIM map x{float(level):.2f} of the unmoved training images'")
+    val_level = plain["ssim s4"]["val"].mean() / plain["ssim s4"]["train"].mean()
+    print(f"validation images: mean 1 - SSIM map x{float(val_level):.2f} of the training images'")
+    return rows
+
+
 STUDIES: dict[str, Callable] = {
     f.__name__: f
     for f in (
@@ -565,6 +608,7 @@ STUDIES: dict[str, Callable] = {
         ensemble,
         peaks,
         fcn,
+        shifted,
     )
 }
 
@@ -583,6 +627,7 @@ def main() -> None:
     parser.add_argument(
         "--train-kinds", default="perlin+cutpaste", help="fcn: the synthetic kinds it learns to remove"
     )
+    parser.add_argument("--shift", default="2+4", help="shifted: the moves in px, a+b+...")
     parser.add_argument("--steps", type=int, default=60, help="latent: refinement steps")
     parser.add_argument("--lr", type=float, default=1.0, help="latent: Adam step size on the code")
     args = parser.parse_args()

@@ -12,6 +12,7 @@ from anomaly_ae.evaluation import calibration
 from anomaly_ae.evaluation.metrics import aupro, image_auroc, pixel_auroc
 from anomaly_ae.scoring import MapSettings, NormalReference, anomaly_map, image_score
 from anomaly_ae.scoring.anomaly_map import raw_map
+from anomaly_ae.scoring.reference import with_moved_copies
 
 SIZE = 64
 FULL_GRID = {
@@ -21,6 +22,7 @@ FULL_GRID = {
     "smoothing_sigma": [0, 2, 4, 8],
     "normal_reference": ["none", "mean", "zscore"],
     "lowpass_sigma": [0, 4, 8],
+    "reference_shift": [0, 1],
     "score_reduction": ["max", "topk_mean", "mean"],
 }
 SMALL_GRID = {
@@ -30,6 +32,7 @@ SMALL_GRID = {
     "smoothing_sigma": [0, 2],
     "normal_reference": ["none", "mean", "zscore"],
     "lowpass_sigma": [0, 4],
+    "reference_shift": [0, 1],
     "score_reduction": ["max", "mean"],
 }
 DEFECTS = {"per_image": 2, "seed": 0, "min_contrast": 0.08, "max_tries": 20}
@@ -53,26 +56,32 @@ def sets():
     rng = np.random.default_rng(0)
     train, normal = _images(rng, 8), _images(rng, 6)
     defects, masks, kinds = paste_synthetic_defects(normal, **DEFECTS)
-    return (train, _recon(train)), (normal, _recon(normal)), (defects, _recon(defects), masks, kinds)
+    # the training images' reconstruction as a function, as the pipeline streams them (the
+    # moved copies of reference_shift need it)
+    return (train, _recon), (normal, _recon(normal)), (defects, _recon(defects), masks, kinds)
 
 
-def test_full_grid_has_the_540_settings_with_the_papers_map_first():
+def test_full_grid_has_the_864_settings_with_the_papers_map_first():
     points = calibration.build_grid(FULL_GRID, MapSettings(), scale=3.0)
     # 252 + the multi-scale max of two blends = 324, + 2 low-pass channels for each of the
-    # 108 z-scored settings
-    assert len(points) == 540
+    # 108 z-scored settings = 540, + the moved-copies reference for each of the 324 z-scored
+    assert len(points) == 864
     assert points[0].settings == MapSettings() and points[0].levers_changed(MapSettings()) == 0
-    assert len({p.settings for p in points}) == 540
+    assert len({p.settings for p in points}) == 864
     low = [p for p in points if p.settings.lowpass_sigma]
-    assert len(low) == 216 and {p.settings.normal_reference for p in low} == {"zscore"}
+    assert len(low) == 432 and {p.settings.normal_reference for p in low} == {"zscore"}
     assert all(p.levers_changed(MapSettings()) >= 2 for p in low)  # the channel and the z-score
+    moved = [p for p in points if p.settings.reference_shift]
+    assert len(moved) == 324 and {p.settings.normal_reference for p in moved} == {"zscore"}
+    assert {p.settings.reference_shift for p in moved} == {1}
+    assert all(p.levers_changed(MapSettings()) >= 2 for p in moved)  # the shift and the z-score
     l2_only = [p for p in points if p.blend == "l2"]
-    assert len(l2_only) == 4 * 5 * 3 and all(p.settings.ssim_weight == 0 for p in l2_only)
+    assert len(l2_only) == 4 * 8 * 3 and all(p.settings.ssim_weight == 0 for p in l2_only)
     blended = next(p for p in points if p.blend == "ssim+l2")
     assert blended.settings.l2_weight == 3.0
-    assert len({p.map_key for p in points}) == 108 + 72
+    assert len({p.map_key for p in points}) == 288  # 36 uncorrected maps x (none, mean, 6 z-scored)
     multi_max = [p for p in points if p.settings.scale_combine == "max"]
-    assert len(multi_max) == 2 * 4 * 5 * 3 and all(len(p.settings.windows) == 3 for p in multi_max)
+    assert len(multi_max) == 2 * 4 * 8 * 3 and all(len(p.settings.windows) == 3 for p in multi_max)
     with pytest.raises(ValueError, match="exactly the keys"):
         calibration.build_grid({**FULL_GRID, "extra": [1]}, MapSettings(), 1.0)
 
@@ -89,10 +98,14 @@ def test_grid_scores_equal_direct_computation_through_the_scoring_core(sets):
     masks = np.concatenate([np.zeros((len(normal[0]), SIZE, SIZE), np.uint8), defects[2]])
     labels = np.r_[np.zeros(len(normal[0])), np.ones(len(defects[0]))]
     first_lowpass = next(i for i, p in enumerate(points) if p.settings.lowpass_sigma)
-    for i in (0, 5, first_lowpass, len(points) // 2, len(points) - 1):
+    first_moved = next(i for i, p in enumerate(points) if p.settings.reference_shift)
+    assert points[-1].settings.reference_shift and points[-1].settings.lowpass_sigma
+    for i in (0, 5, first_lowpass, first_moved, len(points) // 2, len(points) - 1):
         s = points[i].settings
+        # the reference's normal images: the training images and, with a shift, their moved copies
+        normals = with_moved_copies(train[0], s.reference_shift)
         reference = NormalReference.fit(
-            raw_map(torch.from_numpy(train[0]), torch.from_numpy(train[1]), s).float()
+            raw_map(torch.from_numpy(normals), torch.from_numpy(train[1](normals)), s).float()
         )
         ref = None if s.normal_reference == "none" else reference.as_tensors(s.normal_reference)
         maps = anomaly_map(images, recon, s, ref)[:, 0]
@@ -243,7 +256,9 @@ def test_grid_scores_defect_images_at_their_defect_when_given_regions(sets):
     s = calibration.build_grid(SMALL_GRID, MapSettings(), scale)[0].settings  # the paper's map
     maps = anomaly_map(torch.from_numpy(defects[0]), torch.from_numpy(defects[1]), s)[:, 0]
     normal_maps = anomaly_map(torch.from_numpy(normal[0]), torch.from_numpy(normal[1]), s)[:, 0]
-    typical = anomaly_map(torch.from_numpy(train[0]), torch.from_numpy(train[1]), s)[:, 0].mean(dim=0)
+    typical = anomaly_map(torch.from_numpy(train[0]), torch.from_numpy(train[1](train[0])), s)[:, 0].mean(
+        dim=0
+    )
     local = image_score(torch.where(torch.from_numpy(regions), maps, typical)).numpy()
     y = np.r_[np.zeros(len(normal_maps)), np.ones(len(local))]
     expected = image_auroc(y, np.r_[image_score(normal_maps).numpy(), local])
@@ -292,9 +307,21 @@ def test_the_grid_streams_the_training_images_with_the_same_result():
         "smoothing_sigma": [0, 2],
         "normal_reference": ["none", "zscore"],
         "lowpass_sigma": [0, 4],
+        "reference_shift": [0],
         "score_reduction": ["max"],
     }
     args = (grid, MapSettings(), None, (normal, blur(normal)), (defects, blur(defects), masks, kinds), 4)
     held, _ = calibration.score_grid(*args[:2], (train, blur(train)), *args[3:])
     streamed, _ = calibration.score_grid(*args[:2], (train, blur), *args[3:])
     pd.testing.assert_frame_equal(held, streamed)
+    # moved copies of the training images (reference_shift) need the reconstruction function
+    moved = {**grid, "reference_shift": [0, 1]}
+    with pytest.raises(ValueError, match="reference_shift > 0 needs"):
+        calibration.score_grid(moved, MapSettings(), (train, blur(train)), *args[3:])
+    table, _ = calibration.score_grid(moved, MapSettings(), (train, blur), *args[3:])
+    assert set(table["reference_shift"]) == {0, 1}
+    pd.testing.assert_frame_equal(  # the unmoved settings score as before
+        table[table["reference_shift"] == 0].drop(columns="reference_shift").reset_index(drop=True),
+        streamed.drop(columns="reference_shift").reset_index(drop=True),
+        check_dtype=False,
+    )

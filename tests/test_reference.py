@@ -3,6 +3,7 @@ evaluation.anomaly_map.normal_reference)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -15,7 +16,7 @@ from anomaly_ae.model import AutoencoderConfig, build_model
 from anomaly_ae.model.checkpoint import checkpoint_fingerprint
 from anomaly_ae.scoring import MapSettings
 from anomaly_ae.scoring.inference import fit_normal_reference, reconstruct_and_score
-from anomaly_ae.scoring.reference import REFERENCE_MODES, NormalReference, correct
+from anomaly_ae.scoring.reference import REFERENCE_MODES, NormalReference, correct, with_moved_copies
 from anomaly_ae.training.trainer import TrainingConfig, build_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -265,4 +266,59 @@ def test_the_lowpass_channel_needs_the_zscore_and_is_named():
         MapSettings(lowpass_sigma=4.0, normal_reference="mean")
     settings = MapSettings(smoothing_sigma=4.0, normal_reference="zscore", lowpass_sigma=8.0)
     assert settings.describe() == "1-SSIM(11) smooth 4 ref-zscore + lowpass 8 max"
+    assert MapSettings.from_dict(settings.to_dict()) == settings
+
+
+def test_moved_copies_are_the_images_moved_one_way_each_with_the_border_reflected():
+    images = np.arange(2 * 1 * 4 * 5, dtype=np.uint8).reshape(2, 1, 4, 5)
+    assert with_moved_copies(images, 0) is images
+    moved = with_moved_copies(images, 1)
+    assert moved.shape == (10, 1, 4, 5) and moved.dtype == np.uint8
+    np.testing.assert_array_equal(moved[:2], images)
+    down, up, right, left = moved[2:4], moved[4:6], moved[6:8], moved[8:10]
+    np.testing.assert_array_equal(down[..., 1:, :], images[..., :-1, :])
+    np.testing.assert_array_equal(down[..., 0, :], images[..., 1, :])  # reflected, not wrapped
+    np.testing.assert_array_equal(up[..., :-1, :], images[..., 1:, :])
+    np.testing.assert_array_equal(right[..., :, 1:], images[..., :, :-1])
+    np.testing.assert_array_equal(left[..., :, :-1], images[..., :, 1:])
+    with pytest.raises(ValueError, match="reference_shift.*4x5"):
+        with_moved_copies(images, 4)
+
+
+def test_a_shifted_reference_is_fitted_on_the_training_images_and_their_moved_copies(model):
+    """reference_shift: the reference's normal maps are those of the training images and of
+    their copies moved up, down, left and right; both channels of a low-pass map."""
+    rng = np.random.default_rng(6)
+    train = rng.random((3, 1, SIZE, SIZE), dtype=np.float32)
+    settings = MapSettings(
+        smoothing_sigma=2.0, normal_reference="zscore", lowpass_sigma=4.0, reference_shift=1
+    )
+    ref = fit_normal_reference(model, train, settings, batch_size=2, device="cpu", precision="fp32")
+    assert ref.n_images == 15
+    unmoved = dataclasses.replace(settings, reference_shift=0)
+    expected = fit_normal_reference(
+        model, with_moved_copies(train, 1), unmoved, batch_size=2, device="cpu", precision="fp32"
+    )
+    np.testing.assert_allclose(ref.mean, expected.mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ref.std, expected.std, rtol=1e-5, atol=1e-6)
+    plain = fit_normal_reference(model, train, unmoved, batch_size=2, device="cpu", precision="fp32")
+    assert not np.allclose(ref.std, plain.std)  # the moved copies do change the reference
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(reference_shift=1), "reference_shift > 0.*needs normal_reference"),
+        (dict(normal_reference="zscore", reference_shift=-1), "whole number of pixels"),
+        (dict(normal_reference="zscore", reference_shift=1.5), "whole number of pixels"),
+    ],
+)
+def test_invalid_reference_shift_is_refused_naming_the_setting(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MapSettings(**kwargs)
+
+
+def test_a_shifted_reference_is_named_in_the_map_description():
+    settings = MapSettings(smoothing_sigma=4, normal_reference="zscore", lowpass_sigma=8, reference_shift=1)
+    assert settings.describe() == "1-SSIM(11) smooth 4 ref-zscore moved 1 + lowpass 8 max"
     assert MapSettings.from_dict(settings.to_dict()) == settings

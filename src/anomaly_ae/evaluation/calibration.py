@@ -18,12 +18,15 @@ Levers (``calibration.grid``): ``blend`` (``ssim``: 1 - local SSIM; ``l2``: squa
 on the normal validation images, so both terms weigh about the same), ``win_size`` (a window
 or a list of them: the multi-scale mean), ``smoothing_sigma``, ``normal_reference``,
 ``lowpass_sigma`` (with ``zscore`` only: the per-pixel max with the z-scored low-pass
-difference) and ``score_reduction``.
+difference), ``reference_shift`` (with ``zscore`` only: the reference fitted on the training
+images and their copies moved by that many px, :func:`~anomaly_ae.scoring.reference.with_moved_copies`)
+and ``score_reduction``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -35,7 +38,7 @@ from anomaly_ae.evaluation.metrics import rank_auroc
 from anomaly_ae.evaluation.summary import region_scores
 from anomaly_ae.scoring.anomaly_map import MapSettings, blend, error_terms, image_score, lowpass, smooth_terms
 from anomaly_ae.scoring.inference import unit_float
-from anomaly_ae.scoring.reference import NormalReference, ReferenceAccumulator, correct
+from anomaly_ae.scoring.reference import NormalReference, ReferenceAccumulator, correct, with_moved_copies
 
 __all__ = ["BLENDS", "GridPoint", "agreement", "build_grid", "l2_scale", "score_grid", "select"]
 
@@ -59,7 +62,8 @@ class GridPoint:
     @property
     def map_key(self) -> tuple:
         """Settings sharing this key share the corrected map (only the reduction differs)."""
-        return (*self.raw_key, self.settings.normal_reference, self.settings.lowpass_sigma)
+        s = self.settings
+        return (*self.raw_key, s.normal_reference, s.lowpass_sigma, s.reference_shift)
 
     def levers_changed(self, paper: MapSettings) -> int:
         s = self.settings
@@ -75,6 +79,7 @@ class GridPoint:
             + int(s.score_reduction != paper.score_reduction)
             + int(s.normal_reference != paper.normal_reference)
             + int(s.lowpass_sigma != paper.lowpass_sigma)
+            + int(s.reference_shift != paper.reference_shift)
         )
 
 
@@ -87,9 +92,10 @@ def _weights(blend: str, scale: float) -> tuple[float, float]:
 def build_grid(grid: dict, paper: MapSettings, scale: float) -> list[GridPoint]:
     """Every combination of the levers in ``grid`` (keys ``blend``, ``win_size``,
     ``scale_combine``, ``smoothing_sigma``, ``normal_reference``, ``lowpass_sigma``,
-    ``score_reduction``), the paper's map first. A squared-error-only blend has no SSIM
-    window, so it is listed once; ``scale_combine`` only varies for multi-scale windows; a
-    low-pass channel only goes with the ``zscore`` reference."""
+    ``reference_shift``, ``score_reduction``), the paper's map first. A squared-error-only
+    blend has no SSIM window, so it is listed once; ``scale_combine`` only varies for
+    multi-scale windows; a low-pass channel and moved reference images only go with the
+    ``zscore`` reference."""
     expected = {
         "blend",
         "win_size",
@@ -97,6 +103,7 @@ def build_grid(grid: dict, paper: MapSettings, scale: float) -> list[GridPoint]:
         "smoothing_sigma",
         "normal_reference",
         "lowpass_sigma",
+        "reference_shift",
         "score_reduction",
     }
     if set(grid) != expected:
@@ -112,23 +119,27 @@ def build_grid(grid: dict, paper: MapSettings, scale: float) -> list[GridPoint]:
             for combine in grid["scale_combine"] if multi else [paper.scale_combine]:
                 for sigma in grid["smoothing_sigma"]:
                     for reference in grid["normal_reference"]:
-                        lowpasses = grid["lowpass_sigma"] if reference == "zscore" else [0.0]
-                        for low in lowpasses:
-                            for reduction in grid["score_reduction"]:
-                                settings = dataclasses.replace(
-                                    paper,
-                                    ssim_weight=ssim_w,
-                                    l2_weight=l2_w,
-                                    win_size=tuple(window) if isinstance(window, list) else window,
-                                    scale_combine=combine,
-                                    smoothing_sigma=float(sigma),
-                                    normal_reference=reference,
-                                    lowpass_sigma=float(low),
-                                    score_reduction=reduction,
-                                )
-                                if settings not in seen:
-                                    seen.add(settings)
-                                    points.append(GridPoint(blend_name, settings))
+                        zscore = reference == "zscore"
+                        lowpasses = grid["lowpass_sigma"] if zscore else [0.0]
+                        shifts = grid["reference_shift"] if zscore else [0]
+                        for low, shift, reduction in itertools.product(
+                            lowpasses, shifts, grid["score_reduction"]
+                        ):
+                            settings = dataclasses.replace(
+                                paper,
+                                ssim_weight=ssim_w,
+                                l2_weight=l2_w,
+                                win_size=tuple(window) if isinstance(window, list) else window,
+                                scale_combine=combine,
+                                smoothing_sigma=float(sigma),
+                                normal_reference=reference,
+                                lowpass_sigma=float(low),
+                                reference_shift=int(shift),
+                                score_reduction=reduction,
+                            )
+                            if settings not in seen:
+                                seen.add(settings)
+                                points.append(GridPoint(blend_name, settings))
     return points
 
 
@@ -170,18 +181,30 @@ def _train_references(
     batch_size: int,
     by_sigma: dict[float, dict[tuple, list[GridPoint]]],
     lowpass_sigmas: Sequence[float] = (),
+    shifts: Sequence[int] = (0,),
 ) -> dict[tuple, NormalReference]:
-    """The normal reference of every uncorrected map of the grid, fitted one batch of
-    training images at a time (:class:`ReferenceAccumulator`): memory does not grow with the
-    number of training images. ``train[1]`` is the reconstructions, or a function that
-    reconstructs a batch (then not even they are held). The low-pass channels' references
-    are keyed ``("lowpass", sigma)``."""
+    """The normal reference of every uncorrected map of the grid, for every reference shift,
+    fitted one batch of training images at a time (:class:`ReferenceAccumulator`): memory does
+    not grow with the number of training images. ``train[1]`` is the reconstructions, or a
+    function that reconstructs a batch (then not even they are held; moved copies,
+    ``shifts`` other than 0, need it). References are keyed ``(shift, sigma, raw_key)``, the
+    low-pass channels' ``("lowpass", sigma, shift)``. A shift's reference holds the unmoved
+    images and their moved copies (:func:`with_moved_copies`)."""
     images, recon = train
-    accumulators = {(s, key): ReferenceAccumulator() for s, by_raw in by_sigma.items() for key in by_raw}
-    accumulators |= {("lowpass", s): ReferenceAccumulator() for s in lowpass_sigmas}
-    for start in range(0, len(images), batch_size):
-        batch = np.ascontiguousarray(images[start : start + batch_size])
-        rebuilt = recon(batch) if callable(recon) else recon[start : start + batch_size]
+    moves = sorted({int(s) for s in shifts} - {0})
+    if moves and not callable(recon):
+        raise ValueError("reference_shift > 0 needs the training images' reconstruction as a function")
+    accumulators = {
+        (shift, s, key): ReferenceAccumulator()
+        for shift in shifts
+        for s, by_raw in by_sigma.items()
+        for key in by_raw
+    }
+    accumulators |= {
+        ("lowpass", s, shift): ReferenceAccumulator() for s in lowpass_sigmas for shift in shifts
+    }
+
+    def add(batch: np.ndarray, rebuilt: np.ndarray, into: Sequence[int]) -> None:
         terms = error_terms(
             unit_float(torch.from_numpy(batch)),
             torch.from_numpy(np.ascontiguousarray(rebuilt)),
@@ -192,9 +215,22 @@ def _train_references(
         for smoothing, by_raw in by_sigma.items():
             smoothed = smooth_terms(terms, smoothing)
             for key, members in by_raw.items():
-                accumulators[smoothing, key].add(blend(smoothed, members[0].settings)[:, 0])
+                maps = blend(smoothed, members[0].settings)[:, 0]
+                for shift in into:
+                    accumulators[shift, smoothing, key].add(maps)
         for s in lowpass_sigmas:
-            accumulators["lowpass", s].add(lowpass(terms, s)[:, 0])
+            maps = lowpass(terms, s)[:, 0]
+            for shift in into:
+                accumulators["lowpass", s, shift].add(maps)
+
+    for start in range(0, len(images), batch_size):
+        batch = np.ascontiguousarray(images[start : start + batch_size])
+        add(batch, recon(batch) if callable(recon) else recon[start : start + batch_size], shifts)
+        for shift in moves:  # the moved copies, a batch of them at a time
+            copies = with_moved_copies(batch, shift)[len(batch) :]
+            for part in range(0, len(copies), batch_size):
+                moved = np.ascontiguousarray(copies[part : part + batch_size])
+                add(moved, recon(moved), [shift])
     return {key: accumulator.result() for key, accumulator in accumulators.items()}
 
 
@@ -259,27 +295,31 @@ def score_grid(
     by_sigma: dict[float, dict[tuple, list[GridPoint]]] = {}
     for point in points:
         by_sigma.setdefault(point.settings.smoothing_sigma, {}).setdefault(point.raw_key, []).append(point)
-    references = _train_references(train, windows, sigma, batch_size, by_sigma, lowpass_sigmas)
-    # the z-scored low-pass channel of the evaluation images, once per sigma
+    shifts = sorted({p.settings.reference_shift for p in points})
+    references = _train_references(train, windows, sigma, batch_size, by_sigma, lowpass_sigmas, shifts)
+    # the z-scored low-pass channel of the evaluation images, once per sigma and shift
     eval_lowpass = {
-        s: correct(lowpass(eval_terms, s)[:, 0], *references["lowpass", s].as_tensors("zscore"))
+        (s, shift): correct(
+            lowpass(eval_terms, s)[:, 0], *references["lowpass", s, shift].as_tensors("zscore")
+        )
         for s in lowpass_sigmas
+        for shift in shifts
     }
     for smoothing, by_raw in by_sigma.items():
         # smoothing is linear: smooth each error term once, then blend (see smooth_terms)
         eval_smooth = smooth_terms(eval_terms, smoothing)
         for raw_key, members in by_raw.items():
             settings = members[0].settings
-            reference = references[smoothing, raw_key]
             eval_raw = blend(eval_smooth, settings)[:, 0]
-            by_map: dict[tuple[str, float], list[GridPoint]] = {}
+            by_map: dict[tuple[str, float, int], list[GridPoint]] = {}
             for point in members:
-                key = (point.settings.normal_reference, point.settings.lowpass_sigma)
-                by_map.setdefault(key, []).append(point)
-            for (mode, low), group in by_map.items():
+                s = point.settings
+                by_map.setdefault((s.normal_reference, s.lowpass_sigma, s.reference_shift), []).append(point)
+            for (mode, low, shift), group in by_map.items():
+                reference = references[shift, smoothing, raw_key]
                 maps = eval_raw if mode == "none" else correct(eval_raw, *reference.as_tensors(mode))
                 if low:  # the per-pixel max with the z-scored low-pass channel (MapSettings)
-                    maps = torch.maximum(maps, eval_lowpass[low])
+                    maps = torch.maximum(maps, eval_lowpass[low, shift])
                 typical = torch.from_numpy(reference.typical(mode))  # where a defect image is not scored
                 pixel = rank_auroc(masks[pixel_rows].ravel(), maps.numpy()[pixel_rows].ravel())
                 for point in group:
@@ -297,6 +337,7 @@ def score_grid(
                 "smoothing_sigma": p.settings.smoothing_sigma,
                 "normal_reference": p.settings.normal_reference,
                 "lowpass_sigma": p.settings.lowpass_sigma,
+                "reference_shift": p.settings.reference_shift,
                 "score_reduction": p.settings.score_reduction,
                 "levers_changed": p.levers_changed(paper),
                 **rows[p],

@@ -76,6 +76,7 @@ class MapSettings:
     topk_fraction: float = 0.01
     normal_reference: str = "none"
     lowpass_sigma: float = 0.0
+    reference_shift: int = 0
 
     def __post_init__(self) -> None:
         windows = self.win_size if isinstance(self.win_size, list | tuple) else (self.win_size,)
@@ -105,6 +106,18 @@ class MapSettings:
                 f"evaluation.anomaly_map.scale_combine must be one of {SCALE_COMBINES}, got {self.scale_combine!r}"
             )
         check_mode(self.normal_reference)
+        if not (float(self.reference_shift) == int(self.reference_shift) and int(self.reference_shift) >= 0):
+            raise ValueError(
+                "evaluation.anomaly_map.reference_shift must be a whole number of pixels >= 0, "
+                f"got {self.reference_shift!r}"
+            )
+        object.__setattr__(self, "reference_shift", int(self.reference_shift))
+        if self.reference_shift and self.normal_reference == "none":
+            raise ValueError(
+                "evaluation.anomaly_map.reference_shift > 0 moves the training images the normal "
+                "reference is fitted on: it needs normal_reference: mean or zscore (or "
+                f"reference_shift: 0), got normal_reference={self.normal_reference!r}"
+            )
         if self.lowpass_sigma and self.normal_reference != "zscore":
             raise ValueError(
                 "evaluation.anomaly_map.lowpass_sigma > 0 combines two channels in units of their "
@@ -147,6 +160,8 @@ class MapSettings:
             name += f" smooth {self.smoothing_sigma:g}"
         if self.normal_reference != "none":
             name += f" ref-{self.normal_reference}"
+        if self.reference_shift:
+            name += f" moved {self.reference_shift}"
         if self.lowpass_sigma:
             name += f" + lowpass {self.lowpass_sigma:g}"
         red = {"topk_mean": f"top{self.topk_fraction * 100:g}%"}.get(

@@ -11,7 +11,7 @@ from torch import nn
 
 from anomaly_ae.device import autocast, resolve_device, resolve_precision
 from anomaly_ae.scoring.anomaly_map import MapSettings, image_score, raw_map, reference_tensors, score_maps
-from anomaly_ae.scoring.reference import NormalReference, ReferenceAccumulator
+from anomaly_ae.scoring.reference import NormalReference, ReferenceAccumulator, with_moved_copies
 
 __all__ = ["reconstruct", "reconstruct_and_score", "fit_normal_reference"]
 
@@ -126,14 +126,18 @@ def fit_normal_reference(
     model: nn.Module, normal_images: np.ndarray | torch.Tensor, settings: MapSettings, **kwargs
 ) -> NormalReference:
     """Per-pixel mean/std of the uncorrected maps of NORMAL images (the training images; each
-    channel of a two-channel map, :func:`~anomaly_ae.scoring.anomaly_map.raw_map`);
+    channel of a two-channel map, :func:`~anomaly_ae.scoring.anomaly_map.raw_map`), with their
+    moved copies when ``settings.reference_shift`` is set (:func:`with_moved_copies`);
     ``kwargs`` go to :func:`reconstruct_and_score`."""
     chunk = max(int(kwargs.get("batch_size", 32)), 1) * 8  # a few batches at a time, not every map at once
+    if settings.reference_shift:
+        chunk = max(chunk // 5, 1)  # each image comes with its four moved copies
     accumulator = ReferenceAccumulator()
     for start in range(0, len(normal_images), chunk):
-        part = torch.as_tensor(normal_images[start : start + chunk])
+        part = np.asarray(normal_images[start : start + chunk])
+        part = torch.as_tensor(with_moved_copies(part, settings.reference_shift))
         if settings.channels == 1:  # the map as inference computes it (device, precision, compile)
-            raw = dataclasses.replace(settings, normal_reference="none")
+            raw = dataclasses.replace(settings, normal_reference="none", reference_shift=0)
             maps = reconstruct_and_score(model, part, raw, keep_maps=True, **kwargs)["map"]
         else:  # a two-channel map has no "none" form: its raw channels from the reconstructions
             recon = reconstruct_and_score(model, part, MapSettings(), keep_maps=False, **kwargs)["recon"]

@@ -19,7 +19,12 @@ reference per channel: ``mean`` and ``std`` are then ``(2, H, W)``, each channel
 floor.
 
 The reference uses training images only, so the held-out validation images that calibrate
-the decision threshold (and the ablation's synthetic defects) stay unseen.
+the decision threshold (and the ablation's synthetic defects) stay unseen. But the model
+has learnt those very images: it reconstructs them better than any new normal image, so a
+reference of their maps alone understates how much a new normal image lights up.
+``MapSettings.reference_shift`` (px) adds each training image moved by that many pixels up,
+down, left and right (:func:`with_moved_copies`): the same normal content, which the model
+has not seen at those positions.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["REFERENCE_MODES", "NormalReference", "ReferenceAccumulator", "correct"]
+__all__ = ["REFERENCE_MODES", "NormalReference", "ReferenceAccumulator", "correct", "with_moved_copies"]
 
 REFERENCE_MODES = ("none", "mean", "zscore")
 
@@ -171,3 +176,23 @@ def correct(maps: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor | None) 
     """``(maps - mean) / scale`` (``scale`` None: no division); broadcasts over the batch."""
     corrected = maps - mean
     return corrected if scale is None else corrected / scale
+
+
+def with_moved_copies(images: np.ndarray, shift: int) -> np.ndarray:
+    """``(N, C, H, W)`` images followed by their copies moved by ``shift`` px down, up, right
+    and left, the border reflected in: ``(5N, C, H, W)``, or the images themselves for
+    ``shift`` 0. The normal images a ``reference_shift`` reference is fitted on."""
+    if shift == 0:
+        return images
+    height, width = images.shape[-2:]
+    if not 0 < shift < min(height, width):
+        raise ValueError(
+            f"evaluation.anomaly_map.reference_shift must be 0 or between 1 and {min(height, width) - 1} px "
+            f"for {height}x{width} images, got {shift}"
+        )
+    pad = ((0, 0),) * (images.ndim - 2) + ((shift, shift), (shift, shift))
+    padded = np.pad(images, pad, mode="reflect")
+    copies = [images]
+    for dy, dx in ((shift, 0), (-shift, 0), (0, shift), (0, -shift)):
+        copies.append(padded[..., shift - dy : shift - dy + height, shift - dx : shift - dx + width])
+    return np.concatenate(copies)
