@@ -14,7 +14,7 @@ from PIL import Image
 from anomaly_ae.data.synthetic import generate_synthetic_category
 from anomaly_ae.data.transforms import to_model_array
 from anomaly_ae.model import AutoencoderConfig, HybridLoss, SeparableHybridLoss, build_model
-from anomaly_ae.model.checkpoint import load_checkpoint
+from anomaly_ae.model.checkpoint import load_checkpoint, save_checkpoint_atomic, weights_only
 from anomaly_ae.training.trainer import (
     TrainingConfig,
     TrainingDivergedError,
@@ -213,7 +213,9 @@ def test_nan_loss_names_epoch_and_step(data, tmp_path, monkeypatch):
     monkeypatch.setattr(HybridLoss, "components", components)
     path = tmp_path / "ckpt.pt"
     with pytest.raises(TrainingDivergedError) as info:
-        train_autoencoder(data["train"], data["val"], MODEL, _cfg(epochs=5, checkpoint_path=str(path), checkpoint_seconds=0))
+        train_autoencoder(
+            data["train"], data["val"], MODEL, _cfg(epochs=5, checkpoint_path=str(path), checkpoint_seconds=0)
+        )
     message = str(info.value)
     assert re.search(r"epoch 2\b", message), message
     assert re.search(r"step 2/2\b", message), message
@@ -295,6 +297,31 @@ def test_resume_matches_straight_run(data, tmp_path):
         f"straight {_losses(straight.history)} vs resumed {_losses(resumed.history)}"
     )
     assert resumed.best_epoch == straight.best_epoch
+    assert _states_equal(resumed.model.state_dict(), straight.model.state_dict())
+
+
+def test_resume_from_a_finished_runs_checkpoint_goes_on_from_its_last_epoch(data, tmp_path):
+    """A finished run's checkpoint holds the restored best epoch's weights (what evaluation
+    and export use) and, apart, its last epoch's: ``training.resume_from`` goes on from the
+    last, so 3 + 2 epochs equal 5 straight even when the best epoch is not the last."""
+    lr = 0.01  # large steps: on this data the validation loss is best after epoch 1
+    straight = train_autoencoder(data["train"], data["val"], MODEL, _cfg(epochs=5, learning_rate=lr))
+    first = train_autoencoder(data["train"], data["val"], MODEL, _cfg(epochs=3, learning_rate=lr))
+    assert first.best_epoch == 1 and straight.best_epoch == 1  # the case under test: best < last
+    path = tmp_path / "model_checkpoint.pt"
+    save_checkpoint_atomic(first.checkpoint, path)
+    ckpt = load_checkpoint(path)
+    assert _states_equal(ckpt["model_state"], first.model.state_dict())  # the best epoch's weights
+    assert ckpt["last_model_state"] is not None and not _states_equal(
+        ckpt["last_model_state"], ckpt["model_state"]
+    )
+    assert "last_model_state" not in weights_only(ckpt)  # not in the copy logged to MLflow
+
+    resumed = train_autoencoder(
+        data["train"], data["val"], MODEL, _cfg(epochs=5, learning_rate=lr), resume_checkpoint=ckpt
+    )
+    assert _losses(resumed.history) == _losses(straight.history)
+    assert resumed.best_epoch == 1
     assert _states_equal(resumed.model.state_dict(), straight.model.state_dict())
 
 

@@ -98,9 +98,10 @@ def validate_checkpoint(data: Any, name: str = "checkpoint") -> None:
         )
 
 
-#: What only resuming the training needs: Adam's moments and the best epoch's copy of the
-#: weights (twice the model's size together). Dropped from the copy logged to MLflow.
-TRAINING_STATE_KEYS = ("optimizer_state", "best_model_state")
+#: What only resuming the training needs: Adam's moments, the best epoch's copy of the
+#: weights and, in a finished run's checkpoint whose weights are the restored best epoch's, the
+#: last epoch's weights (each up to the model's size). Dropped from the copy logged to MLflow.
+TRAINING_STATE_KEYS = ("optimizer_state", "best_model_state", "last_model_state")
 
 
 def weights_only(checkpoint: dict[str, Any]) -> dict[str, Any]:

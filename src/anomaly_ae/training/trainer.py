@@ -416,7 +416,11 @@ def train_autoencoder(
                 f"training.resume_from holds a model {saved_cfg}, which differs from the "
                 f"configured {model.config.to_dict()}; resume with the same model settings."
             )
-        model.load_state_dict(resume_checkpoint["model_state"])
+        # a finished run's checkpoint holds the best epoch's weights (restore_best) and, when
+        # they are not the last epoch's, the last ones apart: training goes on from where it
+        # stopped, as if it had never stopped
+        last_state = resume_checkpoint.get("last_model_state")
+        model.load_state_dict(last_state if last_state is not None else resume_checkpoint["model_state"])
         if resume_checkpoint.get("optimizer_state"):
             optimizer.load_state_dict(resume_checkpoint["optimizer_state"])
             # load_state_dict also restores the saved implementation flags; keep the configured one.
@@ -426,17 +430,15 @@ def train_autoencoder(
         best_val = float(resume_checkpoint.get("best_val_loss", math.inf))
         best_epoch = int(resume_checkpoint.get("best_epoch", 0))
         best_state = resume_checkpoint.get("best_model_state")
+        if best_state is None and (last_state is not None or best_epoch == start_epoch - 1):
+            best_state = resume_checkpoint["model_state"]  # these weights are the best epoch's
         if resume_checkpoint.get("stopped_early"):  # finished: nothing left to train
             start_epoch = config.epochs + 1
         log.info("Resuming from epoch %d", start_epoch)
 
     # uint8 caches stay uint8 on the device (a quarter of float32); batches become float
     train_data = _compact(train_images).to(device=device)
-    val_data = (
-        _compact(val_images).to(device=device)
-        if val_images is not None and len(val_images)
-        else None
-    )
+    val_data = _compact(val_images).to(device=device) if val_images is not None and len(val_images) else None
     n_train = len(train_data)
     if n_train < 2:
         raise ValueError(f"Need at least 2 training images, got {n_train}.")
@@ -521,7 +523,9 @@ def train_autoencoder(
     bar.close()
 
     final_epoch = history[-1]["epoch"] if history else start_epoch - 1
+    last_state = None
     if config.restore_best and best_state is not None and best_epoch != final_epoch:
+        last_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         model.load_state_dict(best_state)
         log.info("Restored the weights of the best epoch %d", best_epoch)
     model.eval()
@@ -537,6 +541,7 @@ def train_autoencoder(
         stopped_early=stopped_early,
         metadata=metadata,
     )
+    checkpoint["last_model_state"] = last_state  # what training.resume_from goes on from
     return TrainingResult(
         model=model.cpu().to(memory_format=torch.contiguous_format),  # the layout build_model gives
         history=history,
