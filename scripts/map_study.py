@@ -84,7 +84,7 @@ from anomaly_ae.model.checkpoint import model_from_checkpoint
 from anomaly_ae.scoring.anomaly_map import MapSettings, compose, error_terms
 from anomaly_ae.scoring.anomaly_map import lowpass as lowpass_difference
 from anomaly_ae.scoring.inference import reconstruct
-from anomaly_ae.scoring.reference import NormalReference
+from anomaly_ae.scoring.reference import NormalReference, move
 from anomaly_ae.scoring.ssim import gaussian_blur
 from anomaly_ae.training.trainer import TrainingConfig, build_loss
 
@@ -555,14 +555,6 @@ def peaks(network, sets, args) -> list[dict]:
     return [evaluate("pipeline map", sets, z)]
 
 
-def moved(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """(N, C, H, W) images moved by (dy, dx) px, the border reflected in."""
-    pad = max(abs(dy), abs(dx))
-    padded = np.pad(images, ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="reflect")
-    h, w = images.shape[-2:]
-    return padded[..., pad - dy : pad - dy + h, pad - dx : pad - dx + w]
-
-
 def shifted(network, sets, args) -> list[dict]:
     spec = {"ssim s4": ("ssim", 4), "lowpass s8": ("lowpass", 8)}
     plain = maps_of(network, sets, spec, args.batch)
@@ -573,11 +565,11 @@ def shifted(network, sets, args) -> list[dict]:
         kept: dict[str, list] = {n: [] for n in spec}
         back: dict[str, list] = {n: [] for n in spec}
         for dy, dx in offsets:
-            parts = list(channel_maps(network, moved(train, dy, dx), spec, args.batch))
+            parts = list(channel_maps(network, move(train, dy, dx), spec, args.batch))
             for n in spec:
                 m = torch.cat([p[n] for p in parts])
                 kept[n].append(m)
-                back[n].append(torch.from_numpy(moved(m[:, None].numpy(), -dy, -dx)[:, 0].copy()))
+                back[n].append(torch.from_numpy(move(m[:, None].numpy(), -dy, -dx)[:, 0].copy()))
         for how, pool in (("kept", kept), ("moved back", back)):
             for with_train in (True, False):
                 z = []

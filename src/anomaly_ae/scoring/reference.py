@@ -34,7 +34,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["REFERENCE_MODES", "NormalReference", "ReferenceAccumulator", "correct", "with_moved_copies"]
+__all__ = [
+    "REFERENCE_MODES",
+    "NormalReference",
+    "ReferenceAccumulator",
+    "correct",
+    "move",
+    "with_moved_copies",
+]
 
 REFERENCE_MODES = ("none", "mean", "zscore")
 
@@ -178,10 +185,19 @@ def correct(maps: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor | None) 
     return corrected if scale is None else corrected / scale
 
 
+def move(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """``(..., H, W)`` images moved ``dy`` px down and ``dx`` px right (negative: up, left),
+    the border reflected in."""
+    pad = max(abs(dy), abs(dx))
+    height, width = images.shape[-2:]
+    padded = np.pad(images, ((0, 0),) * (images.ndim - 2) + ((pad, pad), (pad, pad)), mode="reflect")
+    return padded[..., pad - dy : pad - dy + height, pad - dx : pad - dx + width]
+
+
 def with_moved_copies(images: np.ndarray, shift: int) -> np.ndarray:
     """``(N, C, H, W)`` images followed by their copies moved by ``shift`` px down, up, right
-    and left, the border reflected in: ``(5N, C, H, W)``, or the images themselves for
-    ``shift`` 0. The normal images a ``reference_shift`` reference is fitted on."""
+    and left (:func:`move`): ``(5N, C, H, W)``, or the images themselves for ``shift`` 0. The
+    normal images a ``reference_shift`` reference is fitted on."""
     if shift == 0:
         return images
     height, width = images.shape[-2:]
@@ -190,9 +206,5 @@ def with_moved_copies(images: np.ndarray, shift: int) -> np.ndarray:
             f"evaluation.anomaly_map.reference_shift must be 0 or between 1 and {min(height, width) - 1} px "
             f"for {height}x{width} images, got {shift}"
         )
-    pad = ((0, 0),) * (images.ndim - 2) + ((shift, shift), (shift, shift))
-    padded = np.pad(images, pad, mode="reflect")
-    copies = [images]
-    for dy, dx in ((shift, 0), (-shift, 0), (0, shift), (0, -shift)):
-        copies.append(padded[..., shift - dy : shift - dy + height, shift - dx : shift - dx + width])
-    return np.concatenate(copies)
+    moves = ((shift, 0), (-shift, 0), (0, shift), (0, -shift))
+    return np.concatenate([images, *(move(images, dy, dx) for dy, dx in moves)])
