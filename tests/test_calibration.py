@@ -325,3 +325,33 @@ def test_the_grid_streams_the_training_images_with_the_same_result():
         streamed.drop(columns="reference_shift").reset_index(drop=True),
         check_dtype=False,
     )
+
+
+def test_references_fitted_once_serve_every_scoring_of_the_grid(sets):
+    """fit_grid_references streams the training images once; scoring the grid with them (as
+    the calibration and then the grid agreement on the test images do) gives the table that
+    fitting inside score_grid gives, and never reconstructs a training image again."""
+    (train, recon), normal, defects = sets
+    calls = []
+
+    def counted(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        return recon(batch)
+
+    paper = MapSettings()
+    scale = calibration.normal_l2_scale(normal, paper, 4)
+    inline, inline_scale = calibration.score_grid(SMALL_GRID, paper, (train, recon), normal, defects, batch_size=4)
+    assert scale == inline_scale  # what score_grid measures when given no scale
+    references = calibration.fit_grid_references(SMALL_GRID, paper, scale, (train, counted), 4)
+    streamed = sum(calls)
+    assert streamed == 5 * len(train)  # the training images and their 4 moved copies (reference_shift 1)
+    for _ in range(2):  # the calibration's scoring, then another set's (the real test images)
+        table, used = calibration.score_grid(SMALL_GRID, paper, references, normal, defects, batch_size=4)
+        pd.testing.assert_frame_equal(table, inline)
+        assert used == scale
+    assert sum(calls) == streamed
+    with pytest.raises(ValueError, match="fitted at ssim\\+l2 scale"):
+        calibration.score_grid(SMALL_GRID, paper, references, normal, defects, 4, scale=2 * scale)
+    wider = {**SMALL_GRID, "smoothing_sigma": [0, 2, 4]}
+    with pytest.raises(ValueError, match="fitted for another grid"):
+        calibration.score_grid(wider, paper, references, normal, defects, 4)

@@ -40,7 +40,18 @@ from anomaly_ae.scoring.anomaly_map import MapSettings, blend, error_terms, imag
 from anomaly_ae.scoring.inference import unit_float
 from anomaly_ae.scoring.reference import NormalReference, ReferenceAccumulator, correct, with_moved_copies
 
-__all__ = ["BLENDS", "GridPoint", "agreement", "build_grid", "l2_scale", "score_grid", "select"]
+__all__ = [
+    "BLENDS",
+    "GridPoint",
+    "GridReferences",
+    "agreement",
+    "build_grid",
+    "fit_grid_references",
+    "l2_scale",
+    "normal_l2_scale",
+    "score_grid",
+    "select",
+]
 
 BLENDS = ("ssim", "ssim+l2", "l2")
 
@@ -234,10 +245,83 @@ def _train_references(
     return {key: accumulator.result() for key, accumulator in accumulators.items()}
 
 
+@dataclass(frozen=True)
+class GridReferences:
+    """The normal references a grid needs, fitted once on the training images
+    (:func:`fit_grid_references`): one per uncorrected map and reference shift, keyed
+    ``(shift, sigma, raw_key)``, and one per low-pass channel, keyed ``("lowpass", sigma,
+    shift)``. ``scale`` is the ``ssim+l2`` scale the blended maps were made with: the same
+    references serve another scoring of the same grid (the calibration's references, the
+    real test images' :func:`agreement`) only at that scale."""
+
+    scale: float
+    maps: dict[tuple, NormalReference]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What scoring a grid needs: its points, the SSIM windows, the points grouped by
+    smoothing and uncorrected map, the low-pass sigmas and the reference shifts."""
+
+    points: list[GridPoint]
+    windows: tuple[int, ...]
+    by_sigma: dict[float, dict[tuple, list[GridPoint]]]
+    lowpass_sigmas: list[float]
+    shifts: list[int]
+
+    @property
+    def reference_keys(self) -> set[tuple]:
+        return {
+            (shift, s, key) for shift in self.shifts for s, by_raw in self.by_sigma.items() for key in by_raw
+        } | {("lowpass", s, shift) for s in self.lowpass_sigmas for shift in self.shifts}
+
+
+def _plan(grid: dict, paper: MapSettings, scale: float) -> _Plan:
+    points = build_grid(grid, paper, scale)
+    grid_windows = {
+        int(w) for entry in grid["win_size"] for w in (entry if isinstance(entry, list) else [entry])
+    }
+    by_sigma: dict[float, dict[tuple, list[GridPoint]]] = {}
+    for point in points:
+        by_sigma.setdefault(point.settings.smoothing_sigma, {}).setdefault(point.raw_key, []).append(point)
+    return _Plan(
+        points,
+        tuple(sorted(grid_windows | set(paper.windows))),
+        by_sigma,
+        sorted({float(s) for s in grid.get("lowpass_sigma", [])} - {0.0}),
+        sorted({p.settings.reference_shift for p in points}),
+    )
+
+
+def normal_l2_scale(normal: tuple[np.ndarray, np.ndarray], paper: MapSettings, batch_size: int) -> float:
+    """The ``ssim+l2`` scale (:func:`l2_scale`) measured on the NORMAL ``(images,
+    reconstructions)``, with the paper's first SSIM window: what :func:`score_grid`
+    measures when it is given no scale."""
+    return l2_scale(_terms(*normal, paper.windows, paper.win_sigma, batch_size), paper.windows[0])
+
+
+def fit_grid_references(
+    grid: dict,
+    paper: MapSettings,
+    scale: float,
+    train: tuple[np.ndarray, np.ndarray | Callable[[np.ndarray], np.ndarray]],
+    batch_size: int,
+) -> GridReferences:
+    """Every normal reference ``grid`` needs at ``scale``, fitted on the training images
+    ``train = (images, reconstructions or a function reconstructing a batch)``, streamed a
+    batch at a time. Pass the result to :func:`score_grid` in place of ``train`` to score the
+    grid on other images without streaming the training images again."""
+    plan = _plan(grid, paper, scale)
+    maps = _train_references(
+        train, plan.windows, paper.win_sigma, batch_size, plan.by_sigma, plan.lowpass_sigmas, plan.shifts
+    )
+    return GridReferences(float(scale), maps)
+
+
 def score_grid(
     grid: dict,
     paper: MapSettings,
-    train: tuple[np.ndarray, np.ndarray],
+    train: tuple[np.ndarray, np.ndarray | Callable[[np.ndarray], np.ndarray]] | GridReferences,
     normal: tuple[np.ndarray, np.ndarray],
     defects: tuple[np.ndarray, np.ndarray, np.ndarray, Sequence[str]],
     batch_size: int,
@@ -248,8 +332,11 @@ def score_grid(
     """Score every setting; returns the table (one row per setting, grid order) and the
     ``ssim+l2`` scale. ``train`` and ``normal`` are ``(images, reconstructions)`` of the
     normal training and validation images (for ``train`` the reconstructions may be a
-    function of a batch of images: the training set is then streamed, never held as maps); ``defects`` is ``(images, reconstructions,
-    masks, kinds)`` of the synthetic-defect copies. All images ``(N, 1, H, W)`` in [0, 1].
+    function of a batch of images: the training set is then streamed, never held as maps);
+    ``train`` may also be the references already fitted on them
+    (:func:`fit_grid_references`), which then also give the scale. ``defects`` is
+    ``(images, reconstructions, masks, kinds)`` of the synthetic-defect copies. All images
+    ``(N, 1, H, W)`` in [0, 1].
 
     ``scale`` fixes the ``ssim+l2`` scale (default: measured on ``normal``), so that the same
     grid can be scored on other images (:func:`agreement`); ``pixel_known`` (per defect
@@ -258,16 +345,28 @@ def score_grid(
     the image AUROC with each defect image (with a known, non-empty mask) scored on its map
     kept in its region and the normal mean map elsewhere (as
     :func:`~anomaly_ae.evaluation.summary.defect_region_metrics` does)."""
-    grid_windows = {
-        int(w) for entry in grid["win_size"] for w in (entry if isinstance(entry, list) else [entry])
-    }
-    windows = tuple(sorted(grid_windows | set(paper.windows)))
-    sigma = paper.win_sigma
-    lowpass_sigmas = sorted({float(s) for s in grid.get("lowpass_sigma", [])} - {0.0})
-    normal_terms = _terms(*normal, windows, sigma, batch_size)
-    if scale is None:
-        scale = l2_scale(normal_terms, paper.windows[0])
-    points = build_grid(grid, paper, scale)
+    fitted = train if isinstance(train, GridReferences) else None
+    if fitted is not None:
+        if scale is not None and not np.isclose(scale, fitted.scale, rtol=1e-9, atol=0.0):
+            raise ValueError(
+                f"the grid's references were fitted at ssim+l2 scale {fitted.scale}, not {scale}: "
+                "fit them again (fit_grid_references) at this scale"
+            )
+        scale = fitted.scale
+    elif scale is None:
+        scale = normal_l2_scale(normal, paper, batch_size)
+    plan = _plan(grid, paper, scale)
+    points, windows, by_sigma = plan.points, plan.windows, plan.by_sigma
+    lowpass_sigmas, shifts, sigma = plan.lowpass_sigmas, plan.shifts, paper.win_sigma
+    if fitted is None:
+        fitted = fit_grid_references(grid, paper, scale, train, batch_size)
+    missing = plan.reference_keys - set(fitted.maps)
+    if missing:
+        raise ValueError(
+            f"the grid's references were fitted for another grid: {len(missing)} missing "
+            f"(e.g. {sorted(map(str, missing))[0]}); fit them for this grid (fit_grid_references)"
+        )
+    references = fitted.maps
 
     eval_terms = _terms(
         np.concatenate([normal[0], defects[0]]),
@@ -277,7 +376,6 @@ def score_grid(
         batch_size,
         keep_diff=bool(lowpass_sigmas),
     )
-    del normal_terms
     n_normal, h, w = len(normal[0]), *normal[0].shape[-2:]
     masks = np.concatenate([np.zeros((n_normal, h, w), np.uint8), np.asarray(defects[2], np.uint8)])
     labels = np.r_[np.zeros(n_normal, int), np.ones(len(defects[0]), int)]
@@ -292,11 +390,6 @@ def score_grid(
         at_defect = (np.flatnonzero(scored), regions[torch.from_numpy(scored)])
 
     rows: dict[GridPoint, dict] = {}
-    by_sigma: dict[float, dict[tuple, list[GridPoint]]] = {}
-    for point in points:
-        by_sigma.setdefault(point.settings.smoothing_sigma, {}).setdefault(point.raw_key, []).append(point)
-    shifts = sorted({p.settings.reference_shift for p in points})
-    references = _train_references(train, windows, sigma, batch_size, by_sigma, lowpass_sigmas, shifts)
     # the z-scored low-pass channel of the evaluation images, once per sigma and shift
     eval_lowpass = {
         (s, shift): correct(

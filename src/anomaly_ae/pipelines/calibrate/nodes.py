@@ -59,13 +59,17 @@ def score_lever_grid(
     model: dict[str, Any],
     evaluation: dict[str, Any],
     calibration_params: dict[str, Any],
-) -> pd.DataFrame:
-    """Reconstruct the three sets once, then score every setting of ``calibration.grid``."""
+) -> tuple[pd.DataFrame, calibration.GridReferences]:
+    """Reconstruct the normal and defective sets once, fit every normal reference of
+    ``calibration.grid`` on the training images, then score every setting. The references
+    are an output too: the evaluate pipeline's grid agreement scores the same grid on the
+    test images with them, instead of streaming the training images again."""
     started = time.perf_counter()
     shape = train_images["images"].shape[-2:]
     config = config_for_images(model, shape, train_images["images"].shape[1])
     network = model_from_checkpoint(model_checkpoint, config, image_size=shape)
     batch, device = calibration_params["batch_size"], calibration_params["device"]
+    grid, paper = calibration_params["grid"], MapSettings.from_dict(evaluation["anomaly_map"])
     sets = {
         name: (images, reconstruct(network, images, batch, device))
         for name, images in (
@@ -73,26 +77,38 @@ def score_lever_grid(
             ("defects", synthetic_defects["images"]),
         )
     }
-    # the training images only feed the normal references: reconstructed batch by batch as
-    # the grid streams them (memory independent of their number)
-    sets["train"] = (train_images["images"], lambda batch_images: reconstruct(network, batch_images, batch, device))
     reconstructed = time.perf_counter()
-    table, scale = calibration.score_grid(
-        calibration_params["grid"],
-        MapSettings.from_dict(evaluation["anomaly_map"]),
-        sets["train"],
+    scale = calibration.normal_l2_scale(sets["normal"], paper, batch)
+    # the training images only feed the normal references: reconstructed batch by batch as
+    # they are streamed (memory independent of their number)
+    references = calibration.fit_grid_references(
+        grid,
+        paper,
+        scale,
+        (train_images["images"], lambda batch_images: reconstruct(network, batch_images, batch, device)),
+        batch,
+    )
+    fitted = time.perf_counter()
+    table, _ = calibration.score_grid(
+        grid,
+        paper,
+        references,
         sets["normal"],
         (*sets["defects"], synthetic_defects["masks"], synthetic_defects["kinds"]),
         batch,
     )
     table["l2_scale"] = scale
     log.info(
-        "Calibration grid: %d settings scored in %.1f s (reconstruction %.1f s)",
+        "Calibration grid: %d settings scored in %.1f s (reconstruction %.1f s, %d normal "
+        "references from %d training images %.1f s)",
         len(table),
         time.perf_counter() - started,
         reconstructed - started,
+        len(references.maps),
+        len(train_images["images"]),
+        fitted - reconstructed,
     )
-    return table
+    return table, references
 
 
 def select_map(

@@ -24,7 +24,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:evaluation",
                     "params:calibration",
                 ],
-                "calibration_grid",
+                ["calibration_grid", "calibration_references"],
                 name="score_lever_grid",
             ),
             Node(

@@ -27,7 +27,7 @@ from anomaly_ae.evaluation.summary import (
 from anomaly_ae.model import AutoencoderConfig, config_for_images
 from anomaly_ae.model.checkpoint import checkpoint_fingerprint, model_from_checkpoint
 from anomaly_ae.scoring import MapSettings, NormalReference
-from anomaly_ae.scoring.inference import fit_normal_reference, reconstruct, reconstruct_and_score
+from anomaly_ae.scoring.inference import fit_normal_reference, reconstruct_and_score
 
 MAP_SOURCES = ("calibrated", "configured")
 
@@ -308,19 +308,19 @@ def stress_test(
 
 
 def grid_agreement(
-    model_checkpoint: dict,
-    train_images: dict[str, np.ndarray],
+    calibration_references: calibration.GridReferences,
     test_images: dict[str, np.ndarray],
     test_scores: dict[str, np.ndarray],
     ssim_table: pd.DataFrame,
     calibration_table: pd.DataFrame,
-    model: dict[str, Any],
     evaluation: dict[str, Any],
     calibration_params: dict[str, Any],
 ) -> tuple[pd.DataFrame, dict[str, dict[str, float]]]:
     """The calibration grid scored on the real test images, beside the synthetic scores,
     and the Spearman correlations over the grid (``evaluation.grid_agreement``): does the
-    label-free rule's score predict the real metrics? Development data: it chooses nothing."""
+    label-free rule's score predict the real metrics? Development data: it chooses nothing.
+    The normal references are the calibration's (``calibration_references``, fitted on the
+    same training images for the same grid): the training images are not streamed again."""
     labels = np.asarray(test_images["labels"])
     if not evaluation.get("grid_agreement") or labels.min() == labels.max():
         log.info(
@@ -328,15 +328,13 @@ def grid_agreement(
             "off" if not evaluation.get("grid_agreement") else "one class",
         )
         return pd.DataFrame(columns=["setting"]), {}
-    network = _network(model_checkpoint, model, test_images)
-    batch, device = calibration_params["batch_size"], calibration_params["device"]
-    train = train_images["images"]
+    batch = calibration_params["batch_size"]
     has_mask = known_masks(test_images.get("has_mask"), len(labels))
     good, bad = labels == 0, labels == 1
     real, _ = calibration.score_grid(
         calibration_params["grid"],
         MapSettings.from_dict(evaluation["anomaly_map"]),
-        (train, lambda batch_images: reconstruct(network, batch_images, batch, device)),
+        calibration_references,
         (test_images["images"][good], test_scores["recon"][good]),
         (
             test_images["images"][bad],

@@ -104,13 +104,11 @@ def evaluation_nodes() -> Pipeline:
             Node(
                 grid_agreement,
                 [
-                    "model_checkpoint",
-                    "train_images",
+                    "calibration_references",
                     "test_images",
                     "test_scores",
                     "ssim_table",
                     "calibration_table",
-                    "params:model",
                     "params:evaluation",
                     "params:calibration",
                 ],
