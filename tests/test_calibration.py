@@ -340,7 +340,9 @@ def test_references_fitted_once_serve_every_scoring_of_the_grid(sets):
 
     paper = MapSettings()
     scale = calibration.normal_l2_scale(normal, paper, 4)
-    inline, inline_scale = calibration.score_grid(SMALL_GRID, paper, (train, recon), normal, defects, batch_size=4)
+    inline, inline_scale = calibration.score_grid(
+        SMALL_GRID, paper, (train, recon), normal, defects, batch_size=4
+    )
     assert scale == inline_scale  # what score_grid measures when given no scale
     references = calibration.fit_grid_references(SMALL_GRID, paper, scale, (train, counted), 4)
     streamed = sum(calls)

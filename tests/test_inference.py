@@ -123,5 +123,13 @@ def test_without_maps_and_reconstruct_only(model, images):
     recon = reconstruct(model, images, 3, device="cpu")
     assert recon.shape == (5, 1, SIZE, SIZE) and recon.dtype == np.float32
     np.testing.assert_allclose(recon, out["recon"], atol=1e-6, rtol=0)
+    # the same batches give the same reconstructions, bit for bit, without any map computed
+    np.testing.assert_array_equal(reconstruct(model, images, 2, device="cpu"), out["recon"])
+    as_bytes = np.round(images * 255).astype(np.uint8)  # the compact cache's uint8
+    np.testing.assert_array_equal(
+        reconstruct(model, as_bytes, 2, device="cpu"),
+        reconstruct_and_score(model, as_bytes, MapSettings(), 2, precision="fp32", keep_maps=False)["recon"],
+    )
+    assert reconstruct(model, images[:0], 2, device="cpu").shape == (0, 1, SIZE, SIZE)
     empty = reconstruct_and_score(model, images[:0], MapSettings(), 2, device="cpu", precision="fp32")
     assert all(len(v) == 0 for v in empty.values())

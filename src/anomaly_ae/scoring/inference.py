@@ -116,10 +116,20 @@ def reconstruct_and_score(
 
 
 def reconstruct(model: nn.Module, images: np.ndarray, batch_size: int, device: str = "cpu") -> np.ndarray:
-    """Reconstructions only (float32), in fp32: the calibration grid scores them many ways."""
-    return reconstruct_and_score(model, images, MapSettings(), batch_size, device, "fp32", keep_maps=False)[
-        "recon"
-    ]
+    """Reconstructions only (float32, in fp32), batch by batch: the calibration grid scores
+    them many ways, so no map or score is computed here (:func:`reconstruct_and_score`
+    gives the same ``recon``)."""
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+    images = torch.as_tensor(images)
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(images), int(batch_size)):
+            x = unit_float(images[start : start + int(batch_size)].to(dev, non_blocking=True))
+            out.append(model(x).float().to("cpu"))
+    if not out:
+        return np.zeros((0, *images.shape[1:]), np.float32)
+    return torch.cat(out).numpy().astype(np.float32)
 
 
 def fit_normal_reference(
