@@ -7,7 +7,14 @@ import pandas as pd
 import pytest
 import torch
 
-from anomaly_ae.evaluation.stress import CONTRAST_BANDS, CONTRAST_KINDS, measured_contrast, stress_table
+from anomaly_ae.evaluation.stress import (
+    CONTRAST_BANDS,
+    CONTRAST_KINDS,
+    SIZE_BANDS,
+    SIZE_KINDS,
+    measured_contrast,
+    stress_table,
+)
 from anomaly_ae.pipelines.evaluate.reporting_nodes import stress_section
 from anomaly_ae.scoring import MapSettings
 
@@ -40,20 +47,34 @@ def test_stress_rows_per_kind_and_per_contrast_band_and_the_report_section():
         {"per_image": 6, "seed": 3, "min_contrast": 0.05, "max_tries": 20, "kinds": ["spot", "thin_line", "blob"], "contrast": (0.05, 0.5)},
         batch_size=16,
     )
-    overall = table[table["contrast"] == "all"]
+    overall = table[(table["contrast"] == "all") & (table["size"] == "all")]
     assert sorted(set(overall["kind"])) == ["all", "blob", "spot", "thin_line"]
+    assert not ((table["contrast"] != "all") & (table["size"] != "all")).any()  # one split per row
     assert set(table.loc[table["contrast"] != "all", "kind"]) <= set(CONTRAST_KINDS) - {"smudge"}
-    labels = {label: (low, high) for label, low, high in CONTRAST_BANDS}
-    for (name, kind), rows in table[table["contrast"] != "all"].groupby(["map", "kind"]):
-        whole = overall[(overall["map"] == name) & (overall["kind"] == kind)]
-        assert rows["n_defective"].sum() == int(whole["n_defective"].iloc[0])  # the bands split the kind
-        for row in rows.itertuples():
-            low, high = labels[row.contrast]
-            assert low <= row.median_contrast < high
+    assert set(table.loc[table["size"] != "all", "kind"]) == {"spot", "thin_line"} <= set(SIZE_KINDS)
+    for column, median, bands in (
+        ("contrast", "median_contrast", CONTRAST_BANDS),
+        ("size", "median_area", SIZE_BANDS),
+    ):
+        labels = {label: (low, high) for label, low, high in bands}
+        for (name, kind), rows in table[table[column] != "all"].groupby(["map", "kind"]):
+            whole = overall[(overall["map"] == name) & (overall["kind"] == kind)]
+            assert rows["n_defective"].sum() == int(whole["n_defective"].iloc[0])  # the bands split the kind
+            for row in rows.itertuples():
+                low, high = labels[getattr(row, column)]
+                assert low <= getattr(row, median) < high
+    # a spot is a disc of radius 1.5-6 px: its area spans the small bands, a 1-3 px wide
+    # curved line is longer
+    sizes = table[(table["size"] != "all") & (table["map"] == "paper")]
+    assert "< 25 px" in set(sizes.loc[sizes["kind"] == "spot", "size"])
+    assert overall.loc[overall["kind"] == "spot", "median_area"].iloc[0] < 114  # pi * 6^2
     assert table["image_auroc"].between(0, 1).all() and (table["n_normal"] == 12).all()
     # every AUROC comes with its interval around it; fewer defective copies, a wider interval
-    assert (table["image_auroc_ci_low"] <= table["image_auroc"]).all()
-    assert (table["image_auroc"] <= table["image_auroc_ci_high"]).all()
+    # (a band of one defective copy has none)
+    assert (table["image_auroc_ci_low"].isna() == (table["n_defective"] < 2)).all()
+    bounded = table.dropna(subset=["image_auroc_ci_low"])
+    assert (bounded["image_auroc_ci_low"] <= bounded["image_auroc"]).all()
+    assert (bounded["image_auroc"] <= bounded["image_auroc_ci_high"]).all()
     paper = overall[overall["map"] == "paper"].set_index("kind")
     width = paper["image_auroc_ci_high"] - paper["image_auroc_ci_low"]
     assert paper.loc["all", "n_defective"] == 3 * paper.loc["spot", "n_defective"]
@@ -63,13 +84,17 @@ def test_stress_rows_per_kind_and_per_contrast_band_and_the_report_section():
     assert spots["image_auroc"].iloc[-1] >= spots["image_auroc"].iloc[0]
 
     page = stress_section(table)
-    assert page.count("<table") == 2 and "how faint a defect of each kind can be" in page
+    assert page.count("<table") == 3 and "how faint a defect of each kind can be" in page
+    assert "how small a defect of each kind can be" in page and "&lt; 25 px" in page
     spot = overall[(overall["map"] == "in use") & (overall["kind"] == "spot")].iloc[0]
     assert f"{spot.image_auroc_ci_low:.3f}–{spot.image_auroc_ci_high:.3f}" in page
     assert "&lt; 0.10" in page or "&gt;= 0.20" in page
-    # a table written before the bands existed still renders (one table)
-    old = overall.drop(columns=["contrast", "median_contrast"])
+    # a table written before the bands existed still renders (one table), and one written
+    # before the size bands (two)
+    old = overall.drop(columns=["contrast", "median_contrast", "size", "median_area"])
     assert stress_section(pd.DataFrame(old)).count("<table") == 1
+    before_sizes = table[table["size"] == "all"].drop(columns=["size", "median_area"])
+    assert stress_section(before_sizes).count("<table") == 2
 
 
 def test_copies_per_kind_sets_the_copies_per_good_image_for_any_test_set():

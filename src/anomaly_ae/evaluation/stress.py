@@ -22,6 +22,8 @@ from anomaly_ae.scoring.inference import reconstruct_and_score
 __all__ = [
     "CONTRAST_BANDS",
     "CONTRAST_KINDS",
+    "SIZE_BANDS",
+    "SIZE_KINDS",
     "STRESS_COLUMNS",
     "copies_per_image",
     "measured_contrast",
@@ -30,7 +32,7 @@ __all__ = [
 
 #: The columns of :func:`stress_table`, in order (also those of an empty table).
 STRESS_COLUMNS = [
-    "map", "kind", "contrast", "n_defective", "n_normal", "median_contrast",
+    "map", "kind", "contrast", "size", "n_defective", "n_normal", "median_contrast", "median_area",
     "image_auroc", "image_auroc_ci_low", "image_auroc_ci_high", "pixel_auroc",
 ]
 
@@ -39,6 +41,12 @@ STRESS_COLUMNS = [
 CONTRAST_KINDS = ("thin_line", "smudge", "spot", "tint")
 #: ``(label, low, high)``: mean |change| inside the mask in ``[low, high)``.
 CONTRAST_BANDS = (("< 0.10", 0.0, 0.10), ("0.10-0.20", 0.10, 0.20), (">= 0.20", 0.20, np.inf))
+#: The kinds that can be small: their rows are also split by the size each copy really has
+#: (its mask's area in pixels at model resolution), a detection limit in size.
+SIZE_KINDS = ("thin_line", "smudge", "spot", "cutpaste", "tint")
+#: ``(label, low, high)``: mask area in px (model resolution) in ``[low, high)``; 25 px is a
+#: 5 x 5 square, 100 px a 10 x 10 one.
+SIZE_BANDS = (("< 25 px", 0, 25), ("25-100 px", 25, 100), (">= 100 px", 100, np.inf))
 
 
 def copies_per_image(options: dict, n_good: int, kinds, channels: int = 1) -> int:
@@ -87,7 +95,9 @@ def stress_table(
     kind's figure is far from exact) and pixel AUROC per defect kind (and ``all``) for each
     named map; for the contrast-driven kinds (:data:`CONTRAST_KINDS`) also per band of measured contrast
     (column ``contrast``: ``all`` or a :data:`CONTRAST_BANDS` label), so a user sees how faint
-    a defect of each kind can be and still be found.
+    a defect of each kind can be and still be found, and for the kinds that can be small
+    (:data:`SIZE_KINDS`) per band of mask area (column ``size``: ``all`` or a
+    :data:`SIZE_BANDS` label): how small. A row splits by one of the two, never both.
 
     Args:
         model: The trained autoencoder (eval mode).
@@ -99,24 +109,30 @@ def stress_table(
     defective, masks, kinds = paste_synthetic_defects(normal, **defects)
     kinds = np.asarray(kinds)
     contrast = measured_contrast(normal, defective, masks, len(defective) // len(normal))
+    area = masks.reshape(len(masks), -1).astype(bool).sum(axis=1)
     images = np.concatenate([normal, defective])
     labels = np.r_[np.zeros(len(normal), int), np.ones(len(defective), int)]
     truth = np.concatenate([np.zeros((len(normal), *masks.shape[1:]), np.uint8), masks])
     groups = [
-        (kind, "all", np.ones(len(defective), bool) if kind == "all" else kinds == kind)
+        (kind, "all", "all", np.ones(len(defective), bool) if kind == "all" else kinds == kind)
         for kind in ["all", *sorted(set(kinds))]
     ]
     for kind in sorted(set(kinds) & set(CONTRAST_KINDS)):
         for label, low, high in CONTRAST_BANDS:
             chosen = (kinds == kind) & (contrast >= low) & (contrast < high)
             if chosen.any():
-                groups.append((kind, label, chosen))
+                groups.append((kind, label, "all", chosen))
+    for kind in sorted(set(kinds) & set(SIZE_KINDS)):
+        for label, low, high in SIZE_BANDS:
+            chosen = (kinds == kind) & (area >= low) & (area < high)
+            if chosen.any():
+                groups.append((kind, "all", label, chosen))
     rows = []
     for name, (settings, reference) in maps.items():
         scored = reconstruct_and_score(
             model, images, settings, batch_size, device, precision, keep_maps=True, reference=reference
         )
-        for kind, band, chosen in groups:
+        for kind, band, size, chosen in groups:
             keep = np.r_[np.ones(len(normal), bool), chosen]
             low, high = auroc_interval(labels[keep], scored["score"][keep], confidence_level)
             rows.append(
@@ -124,9 +140,11 @@ def stress_table(
                     "map": name,
                     "kind": kind,
                     "contrast": band,
+                    "size": size,
                     "n_defective": int(chosen.sum()),
                     "n_normal": len(normal),
                     "median_contrast": float(np.median(contrast[chosen])),
+                    "median_area": float(np.median(area[chosen])),
                     "image_auroc": rank_auroc(labels[keep], scored["score"][keep]),
                     "image_auroc_ci_low": low,
                     "image_auroc_ci_high": high,

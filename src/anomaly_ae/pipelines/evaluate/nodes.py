@@ -299,7 +299,8 @@ def stress_test(
         **_inference_options(evaluation),
         confidence_level=evaluation["confidence_level"],
     )
-    pivot = table[table["contrast"] == "all"].pivot(index="kind", columns="map", values="image_auroc")
+    overall = table[(table["contrast"] == "all") & (table["size"] == "all")]
+    pivot = overall.pivot(index="kind", columns="map", values="image_auroc")
     log.info(
         "Held-out synthetic defects on the good test images, image AUROC per kind:\n%s",
         pivot.round(3).to_string(),

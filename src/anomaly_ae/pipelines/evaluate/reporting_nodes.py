@@ -340,9 +340,10 @@ def stress_section(table: pd.DataFrame) -> str:
 
     if table.empty:
         return "<p>Not computed: fewer than 2 good test images.</p>"
-    if "contrast" not in table:  # tables written before the contrast bands existed
-        table = table.assign(contrast="all")
-    overall = table[table["contrast"] == "all"]
+    for column in ("contrast", "size"):  # tables written before the bands existed
+        if column not in table:
+            table = table.assign(**{column: "all"})
+    overall = table[(table["contrast"] == "all") & (table["size"] == "all")]
     wide = overall.pivot(index="kind", columns="map", values=["image_auroc", "pixel_auroc"])
     wide.columns = [f"{metric.replace('_auroc', ' AUROC')} ({name})" for metric, name in wide.columns]
     counts = overall.drop_duplicates("kind").set_index("kind")["n_defective"]
@@ -359,26 +360,40 @@ def stress_section(table: pd.DataFrame) -> str:
         "(evaluation.stress_test.copies_per_kind) narrow it.</p>"
         + html_table(wide.reset_index())
     )
-    bands = table[(table["contrast"] != "all") & (table["map"] == "in use")]
-    if not bands.empty:
-        columns = ["kind", "contrast", "n_defective", "median_contrast", "image_auroc", "pixel_auroc"]
-        shown = bands[columns].copy()
+    splits = (
+        (
+            "contrast",
+            "median_contrast",
+            {"contrast": "mean |change| in the defect", "median_contrast": "median change"},
+            "<p>The faint kinds split by the contrast each copy really has (mean intensity change "
+            "inside its mask, images in [0, 1]): how faint a defect of each kind can be and still "
+            "be found. Few images per band: read them as a trend.</p>",
+        ),
+        (
+            "size",
+            "median_area",
+            {"size": "defect area (px at model resolution)", "median_area": "median area (px)"},
+            "<p>The kinds that can be small split by the size each copy really has (its mask's "
+            "area in pixels at the model's resolution): how small a defect of each kind can be "
+            "and still be found. Few images per band: read them as a trend.</p>",
+        ),
+    )
+    for column, median, names, caption in splits:
+        bands = table[(table[column] != "all") & (table["map"] == "in use")]
+        if bands.empty or median not in bands:
+            continue
+        shown = bands[["kind", column, "n_defective", median, "image_auroc", "pixel_auroc"]].copy()
         shown.insert(5, "image_auroc_interval", interval_column(bands))
         shown = shown.rename(
             columns={
-                "contrast": "mean |change| in the defect",
+                **names,
                 "n_defective": "defective images",
-                "median_contrast": "median change",
                 "image_auroc": "image AUROC (in use)",
                 "pixel_auroc": "pixel AUROC (in use)",
                 "image_auroc_interval": "interval",
             }
         )
-        page += (
-            "<p>The faint kinds split by the contrast each copy really has (mean intensity change "
-            "inside its mask, images in [0, 1]): how faint a defect of each kind can be and still "
-            "be found. Few images per band: read them as a trend.</p>" + html_table(shown)
-        )
+        page += caption + html_table(shown)
     return page
 
 
