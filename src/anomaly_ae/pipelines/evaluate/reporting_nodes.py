@@ -383,6 +383,8 @@ def stress_section(table: pd.DataFrame) -> str:
         if bands.empty or median not in bands:
             continue
         shown = bands[["kind", column, "n_defective", median, "image_auroc", "pixel_auroc"]].copy()
+        if median == "median_area":  # to the whole pixel, not 4 decimals (the CSV keeps halves)
+            shown[median] = shown[median].round().astype(int)
         shown.insert(5, "image_auroc_interval", interval_column(bands))
         shown = shown.rename(
             columns={
