@@ -357,3 +357,25 @@ def test_references_fitted_once_serve_every_scoring_of_the_grid(sets):
     wider = {**SMALL_GRID, "smoothing_sigma": [0, 2, 4]}
     with pytest.raises(ValueError, match="fitted for another grid"):
         calibration.score_grid(wider, paper, references, normal, defects, 4)
+
+
+def test_grid_maps_are_the_maps_the_grid_is_scored_on(sets):
+    """grid_maps yields each distinct map once, with every setting sharing it: the pixel AUROC
+    of each equals score_grid's for those settings."""
+    (train, recon), normal, defects = sets
+    paper = MapSettings()
+    references = calibration.fit_grid_references(
+        SMALL_GRID, paper, calibration.normal_l2_scale(normal, paper, 4), (train, recon), 4
+    )
+    table, _ = calibration.score_grid(SMALL_GRID, paper, references, normal, defects, batch_size=4)
+    images = (np.concatenate([normal[0], defects[0]]), np.concatenate([normal[1], defects[1]]))
+    truth = np.concatenate([np.zeros((len(normal[0]), SIZE, SIZE), np.uint8), defects[2]])
+    seen = []
+    for group, maps in calibration.grid_maps(SMALL_GRID, paper, references, images, 4):
+        assert maps.shape == (len(images[0]), SIZE, SIZE)
+        assert len({p.map_key for p in group}) == 1
+        rows = table[table["setting"].isin([p.settings.describe() for p in group])]
+        assert len(rows) == len(group)
+        np.testing.assert_allclose(rows["syn_pixel_auroc"], pixel_auroc(truth, maps.numpy()), atol=1e-12)
+        seen += group
+    assert len(seen) == len(table)  # every setting, each once

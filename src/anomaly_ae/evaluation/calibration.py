@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +47,7 @@ __all__ = [
     "agreement",
     "build_grid",
     "fit_grid_references",
+    "grid_maps",
     "l2_scale",
     "normal_l2_scale",
     "score_grid",
@@ -318,6 +319,53 @@ def fit_grid_references(
     return GridReferences(float(scale), maps)
 
 
+def _distinct_maps(
+    plan: _Plan, references: dict[tuple, NormalReference], terms: dict
+) -> Iterator[tuple[list[GridPoint], torch.Tensor, NormalReference]]:
+    """Every distinct corrected map of the grid, once: ``(the settings sharing it (they differ
+    in the score reduction only), the maps (N, H, W), the reference of its uncorrected map)``,
+    from the images' :func:`error_terms` (with ``keep_diff`` when the grid has low-pass
+    channels)."""
+    # the z-scored low-pass channel of the images, once per sigma and shift
+    lowpasses = {
+        (s, shift): correct(lowpass(terms, s)[:, 0], *references["lowpass", s, shift].as_tensors("zscore"))
+        for s in plan.lowpass_sigmas
+        for shift in plan.shifts
+    }
+    for smoothing, by_raw in plan.by_sigma.items():
+        # smoothing is linear: smooth each error term once, then blend (see smooth_terms)
+        smoothed = smooth_terms(terms, smoothing)
+        for raw_key, members in by_raw.items():
+            raw = blend(smoothed, members[0].settings)[:, 0]
+            by_map: dict[tuple[str, float, int], list[GridPoint]] = {}
+            for point in members:
+                s = point.settings
+                by_map.setdefault((s.normal_reference, s.lowpass_sigma, s.reference_shift), []).append(point)
+            for (mode, low, shift), group in by_map.items():
+                reference = references[shift, smoothing, raw_key]
+                maps = raw if mode == "none" else correct(raw, *reference.as_tensors(mode))
+                if low:  # the per-pixel max with the z-scored low-pass channel (MapSettings)
+                    maps = torch.maximum(maps, lowpasses[low, shift])
+                yield group, maps, reference
+
+
+def grid_maps(
+    grid: dict,
+    paper: MapSettings,
+    references: GridReferences,
+    images: tuple[np.ndarray, np.ndarray],
+    batch_size: int,
+) -> Iterator[tuple[list[GridPoint], torch.Tensor]]:
+    """The maps of every distinct setting of ``grid`` for ``images = (images,
+    reconstructions)`` (``(N, C, H, W)`` in [0, 1]), as :func:`score_grid` scores them, one
+    map at a time: ``(the settings sharing it, maps (N, H, W))``. For studies of the grid's
+    maps beyond its metrics (e.g. a real AUPRO per setting)."""
+    plan = _plan(grid, paper, references.scale)
+    terms = _terms(*images, plan.windows, paper.win_sigma, batch_size, keep_diff=bool(plan.lowpass_sigmas))
+    for group, maps, _ in _distinct_maps(plan, references.maps, terms):
+        yield group, maps
+
+
 def score_grid(
     grid: dict,
     paper: MapSettings,
@@ -356,8 +404,7 @@ def score_grid(
     elif scale is None:
         scale = normal_l2_scale(normal, paper, batch_size)
     plan = _plan(grid, paper, scale)
-    points, windows, by_sigma = plan.points, plan.windows, plan.by_sigma
-    lowpass_sigmas, shifts, sigma = plan.lowpass_sigmas, plan.shifts, paper.win_sigma
+    points, windows, lowpass_sigmas = plan.points, plan.windows, plan.lowpass_sigmas
     if fitted is None:
         fitted = fit_grid_references(grid, paper, scale, train, batch_size)
     missing = plan.reference_keys - set(fitted.maps)
@@ -372,7 +419,7 @@ def score_grid(
         np.concatenate([normal[0], defects[0]]),
         np.concatenate([normal[1], defects[1]]),
         windows,
-        sigma,
+        paper.win_sigma,
         batch_size,
         keep_diff=bool(lowpass_sigmas),
     )
@@ -390,35 +437,14 @@ def score_grid(
         at_defect = (np.flatnonzero(scored), regions[torch.from_numpy(scored)])
 
     rows: dict[GridPoint, dict] = {}
-    # the z-scored low-pass channel of the evaluation images, once per sigma and shift
-    eval_lowpass = {
-        (s, shift): correct(
-            lowpass(eval_terms, s)[:, 0], *references["lowpass", s, shift].as_tensors("zscore")
-        )
-        for s in lowpass_sigmas
-        for shift in shifts
-    }
-    for smoothing, by_raw in by_sigma.items():
-        # smoothing is linear: smooth each error term once, then blend (see smooth_terms)
-        eval_smooth = smooth_terms(eval_terms, smoothing)
-        for raw_key, members in by_raw.items():
-            settings = members[0].settings
-            eval_raw = blend(eval_smooth, settings)[:, 0]
-            by_map: dict[tuple[str, float, int], list[GridPoint]] = {}
-            for point in members:
-                s = point.settings
-                by_map.setdefault((s.normal_reference, s.lowpass_sigma, s.reference_shift), []).append(point)
-            for (mode, low, shift), group in by_map.items():
-                reference = references[shift, smoothing, raw_key]
-                maps = eval_raw if mode == "none" else correct(eval_raw, *reference.as_tensors(mode))
-                if low:  # the per-pixel max with the z-scored low-pass channel (MapSettings)
-                    maps = torch.maximum(maps, eval_lowpass[low, shift])
-                typical = torch.from_numpy(reference.typical(mode))  # where a defect image is not scored
-                pixel = rank_auroc(masks[pixel_rows].ravel(), maps.numpy()[pixel_rows].ravel())
-                for point in group:
-                    rows[point] = _image_metrics(
-                        point.settings, maps, labels, kinds, n_normal, pixel, at_defect, typical
-                    )
+    for group, maps, reference in _distinct_maps(plan, references, eval_terms):
+        mode = group[0].settings.normal_reference
+        typical = torch.from_numpy(reference.typical(mode))  # where a defect image is not scored
+        pixel = rank_auroc(masks[pixel_rows].ravel(), maps.numpy()[pixel_rows].ravel())
+        for point in group:
+            rows[point] = _image_metrics(
+                point.settings, maps, labels, kinds, n_normal, pixel, at_defect, typical
+            )
     table = pd.DataFrame(
         [
             {
