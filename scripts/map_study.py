@@ -158,10 +158,11 @@ def load(category: str, params: str, checkpoint: str | None, images: bool = True
         data = {"network": model_from_checkpoint(catalog.load(f"{category}.model_checkpoint", checkpoint))}
         if images:
             data |= {s: catalog.load(f"{category}.{s}_images") for s in ("train", "validation", "test")}
-            data["calibration"] = catalog.load("params:calibration")["synthetic_defects"]
-            data["grid"] = catalog.load("params:calibration")
-            data["paper"] = MapSettings.from_dict(catalog.load("params:evaluation")["anomaly_map"])
-            data["stress"] = catalog.load("params:evaluation")["stress_test"]
+            calibration, evaluation = catalog.load("params:calibration"), catalog.load("params:evaluation")
+            data["calibration_params"] = calibration
+            data["calibration"] = calibration["synthetic_defects"]
+            data["paper"] = MapSettings.from_dict(evaluation["anomaly_map"])
+            data["stress"] = evaluation["stress_test"]
     return data
 
 
@@ -196,7 +197,7 @@ def study_sets(data: dict) -> dict:
         },
         "cal_masks": cal_masks,
         "cal_kinds": cal_kinds,
-        "calibration": data["grid"],
+        "calibration": data["calibration_params"],
         "paper": data["paper"],
         "held_kinds": np.asarray(held_kinds),
         "held_masks": held_masks,
