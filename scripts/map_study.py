@@ -625,10 +625,8 @@ def localise(network, sets, args) -> list[dict]:
     table["map_key"] = [p.map_key for p in points]
     per_map = table.drop_duplicates("map_key").reset_index(drop=True)
     per_map = per_map.join(pd.DataFrame([real[k] for k in per_map["map_key"]]))
-    # the rule on the synthetic pixel AUROC alone (ties as select(): fewest levers changed)
-    localisation = grid_calibration.select(
-        per_map.assign(selection_score=per_map["syn_pixel_auroc"]), params["tie_tolerance"]
-    )
+    # the calibration's own choice of the heat map (the synthetic pixel AUROC, ties as select())
+    localisation = grid_calibration.select_localisation(per_map, params["tie_tolerance"])
     chosen = table.loc[grid_calibration.select(table, params["tie_tolerance"]), "map_key"]
     rows = []
     for name, index in (

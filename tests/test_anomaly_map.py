@@ -347,9 +347,69 @@ def test_score_maps_equals_anomaly_map_and_per_image_ssim(pair, settings, mode) 
     if mode:
         ref = NormalReference.fit(torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(1)))
         reference = ref.as_tensors(mode, "cpu")
-    amap, ssim_values = score_maps(x, y, settings, reference)
+    amap, heat, ssim_values = score_maps(x, y, settings, reference)
+    assert heat is amap  # no localisation map: the heat map is the detection map
     torch.testing.assert_close(amap, anomaly_map(x, y, settings, reference), atol=1e-6, rtol=0)
     torch.testing.assert_close(ssim_values, per_image_ssim(x, y), atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------ a separate localisation map
+
+
+def test_localisation_settings_round_trip_describe_and_collapse() -> None:
+    loc = {"smoothing_sigma": 8, "normal_reference": "zscore", "lowpass_sigma": 4, "score_reduction": "mean"}
+    settings = MapSettings.from_dict(
+        {
+            "smoothing_sigma": 4,
+            "normal_reference": "zscore",
+            "score_reduction": "topk_mean",
+            "localisation": loc,
+        }
+    )
+    assert isinstance(settings.localisation, MapSettings)
+    assert settings.localisation.score_reduction == "max"  # never used: kept at the default
+    assert settings.heatmap is settings.localisation
+    assert MapSettings.from_dict(settings.to_dict()) == settings
+    assert settings.describe() == (
+        "1-SSIM(11) smooth 4 ref-zscore top1%; heat map 1-SSIM(11) smooth 8 ref-zscore + lowpass 4"
+    )
+    assert settings.describe_detection() == "1-SSIM(11) smooth 4 ref-zscore top1%"
+    assert settings.map_part().localisation is None and settings.map_part().score_reduction == "max"
+    # the same map (only the reduction differs) is no second map
+    same = MapSettings(
+        smoothing_sigma=4.0, score_reduction="mean", localisation=MapSettings(smoothing_sigma=4.0)
+    )
+    assert same.localisation is None and same.heatmap is same
+    assert same.describe() == MapSettings(smoothing_sigma=4.0, score_reduction="mean").describe()
+    with pytest.raises(ValueError, match="localisation cannot have a localisation map"):
+        MapSettings(
+            localisation=MapSettings(smoothing_sigma=2.0, localisation=MapSettings(smoothing_sigma=4.0))
+        )
+    with pytest.raises(ValueError, match="Unknown evaluation.anomaly_map.localisation settings"):
+        MapSettings.from_dict({"localisation": {"smoothing": 2}})
+    with pytest.raises(ValueError, match="localisation must be a map's settings"):
+        MapSettings(localisation=3)
+
+
+def test_score_maps_localisation_map_is_its_own_map_and_score_is_detections(pair) -> None:
+    """The heat map equals anomaly_map() of the localisation settings with their own
+    reference; the detection map (and so the score) is unchanged by adding one."""
+    x, y = pair
+    generator = torch.Generator().manual_seed(2)
+    detection = MapSettings(
+        win_size=7, smoothing_sigma=2.0, normal_reference="zscore", score_reduction="topk_mean"
+    )
+    loc = MapSettings(smoothing_sigma=4.0, normal_reference="zscore", lowpass_sigma=3.0)
+    both = MapSettings(**{**vars(detection), "localisation": loc})
+    ref = NormalReference.fit(torch.rand(3, 96, 96, generator=generator)).as_tensors("zscore", "cpu")
+    loc_ref = NormalReference.fit(torch.rand(3, 2, 96, 96, generator=generator)).as_tensors("zscore", "cpu")
+    det_map, heat, ssim_values = score_maps(x, y, both, ref, loc_ref)
+    torch.testing.assert_close(det_map, anomaly_map(x, y, detection, ref), atol=1e-9, rtol=0)
+    torch.testing.assert_close(heat, anomaly_map(x, y, loc, loc_ref), atol=1e-9, rtol=0)
+    assert not torch.allclose(heat, det_map)
+    torch.testing.assert_close(ssim_values, per_image_ssim(x, y), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="needs the normal reference"):
+        score_maps(x, y, both, ref, None)
 
 
 # ------------------------------------------------------------------ image scores

@@ -146,6 +146,22 @@ def test_rule_takes_the_best_and_breaks_ties_towards_the_paper():
         calibration.select(table.iloc[:0], 1e-3)
 
 
+def test_localisation_rule_takes_the_best_pixel_auroc_with_the_rules_ties():
+    import pandas as pd
+
+    table = pd.DataFrame(
+        {
+            "selection_score": [0.90, 0.99, 0.93, 0.92],
+            "syn_pixel_auroc": [0.90, 0.95, 0.9705, 0.971],
+            "levers_changed": [0, 1, 2, 3],
+        }
+    )
+    assert calibration.select(table, tie_tolerance=1e-3) == 1  # the detection map
+    assert calibration.select_localisation(table, tie_tolerance=1e-3) == 2  # ties 0.971, fewer levers
+    assert calibration.select_localisation(table, tie_tolerance=0.0) == 3
+    assert list(table.columns) == ["selection_score", "syn_pixel_auroc", "levers_changed"]  # untouched
+
+
 def test_synthetic_defects_deterministic_and_inside_the_mask():
     images = _images(np.random.default_rng(1), 5)
     a_img, a_mask, a_kinds = paste_synthetic_defects(images, 3, 7, 0.08, 20)

@@ -398,6 +398,15 @@ REAL_PARITY_MAPS = {
         "normal_reference": "zscore",
         "lowpass_sigma": 4.0,
     },
+    # two maps, as the calibration chooses them on bottle: the score from the moved-reference
+    # map, the map output from a smoother one with its own reference (two references as constants)
+    "two_maps": {
+        "smoothing_sigma": 4.0,
+        "normal_reference": "zscore",
+        "reference_shift": 1,
+        "lowpass_sigma": 8.0,
+        "localisation": {"smoothing_sigma": 8.0, "normal_reference": "zscore", "lowpass_sigma": 4.0},
+    },
     "mean_smooth2_top1%": {
         "smoothing_sigma": 2.0,
         "score_reduction": "topk_mean",

@@ -115,7 +115,7 @@ def test_quick_run_trains_and_evaluates_with_the_calibrated_map(quick):
     agreement = pd.read_csv(quick.latest(f"data/08_reporting/{NS}/grid_agreement.csv"))
     assert len(agreement) == len(calibration)
     assert agreement["real_image_auroc"].between(0, 1).all() and agreement["real_pixel_auroc"].between(0, 1).all()
-    in_use = agreement.set_index("setting").loc[chosen["setting"]]
+    in_use = agreement.set_index("setting").loc[chosen["detection_setting"]]  # the image score's map
     assert in_use["real_image_auroc"] == pytest.approx(metrics["image_auroc"], abs=1e-4)
     assert "Spearman" in report
 
@@ -138,7 +138,19 @@ def test_calibration_table_and_rule(quick):
     best = table["selection_score"].max()
     tied = table[table["selection_score"] >= best - chosen["tie_tolerance"]]
     assert selected["levers_changed"] == tied["levers_changed"].min()
-    assert json.loads(selected["map_settings"]) == chosen["map_settings"]
+    assert json.loads(selected["map_settings"]) == {**chosen["map_settings"], "localisation": None}
+    assert chosen["detection_setting"] == selected["setting"]
+    # the heat map: the best synthetic pixel AUROC, ties as the rule's; none when it is the same map
+    assert chosen["separate_localisation"] and table["is_localisation"].sum() == 1
+    located = table[table["is_localisation"]].iloc[0]
+    assert located["syn_pixel_auroc"] >= table["syn_pixel_auroc"].max() - chosen["tie_tolerance"]
+    assert chosen["localisation_syn_pixel_auroc"] == pytest.approx(located["syn_pixel_auroc"])
+    heat = MapSettings.from_dict(json.loads(located["map_settings"]))
+    assert chosen["localisation_setting"] == heat.describe_map()
+    if chosen["map_settings"]["localisation"] is None:
+        assert heat.map_part() == MapSettings.from_dict(chosen["map_settings"]).map_part()
+    else:
+        assert MapSettings.from_dict(chosen["map_settings"]).localisation == heat.map_part()
     assert selected["selection_score"] == pytest.approx(
         (selected["syn_image_auroc"] + selected["syn_pixel_auroc"]) / 2
     )

@@ -322,3 +322,73 @@ def test_a_shifted_reference_is_named_in_the_map_description():
     settings = MapSettings(smoothing_sigma=4, normal_reference="zscore", lowpass_sigma=8, reference_shift=1)
     assert settings.describe() == "1-SSIM(11) smooth 4 ref-zscore moved 1 + lowpass 8 max"
     assert MapSettings.from_dict(settings.to_dict()) == settings
+
+
+# ------------------------------------------------------------------ a separate localisation map
+
+
+TWO_MAPS = MapSettings(
+    smoothing_sigma=1.0,
+    normal_reference="zscore",
+    reference_shift=1,
+    score_reduction="topk_mean",
+    localisation=MapSettings(smoothing_sigma=3.0, normal_reference="zscore", lowpass_sigma=2.0),
+)
+
+
+def test_two_maps_each_with_its_own_reference_score_from_one_and_show_the_other(model, tmp_path):
+    """The reference of each map is fitted as it would be alone; the score is the detection
+    map's, ``map`` the localisation map's, ``detection_map`` the detection map; both travel
+    in one npz (versioned dataset) and come back equal."""
+    rng = np.random.default_rng(7)
+    train = rng.random((4, 1, SIZE, SIZE), dtype=np.float32)
+    test = rng.random((3, 1, SIZE, SIZE), dtype=np.float32)
+    options = {"device": "cpu", "precision": "fp32"}
+    ref = fit_normal_reference(model, train, TWO_MAPS, batch_size=2, **options)
+    alone = fit_normal_reference(model, train, TWO_MAPS.map_part(), batch_size=2, **options)
+    loc_alone = fit_normal_reference(model, train, TWO_MAPS.localisation, batch_size=2, **options)
+    assert ref.n_images == 20 and ref.localisation.n_images == 4  # moved copies for detection only
+    np.testing.assert_array_equal(ref.std, alone.std)
+    np.testing.assert_array_equal(ref.localisation.mean, loc_alone.mean)
+    assert ref.localisation.channels == 2 and ref.channels == 1
+
+    dataset = NpzDataset(filepath=str(tmp_path / "normal_reference.npz"))
+    dataset.save(ref.to_arrays())
+    loaded = NormalReference.from_arrays(dataset.load())
+    np.testing.assert_array_equal(loaded.localisation.std, ref.localisation.std)
+    assert loaded.localisation.n_images == 4
+
+    both = reconstruct_and_score(model, test, TWO_MAPS, 2, reference=loaded, **options)
+    detection = reconstruct_and_score(
+        model, test, dataclasses.replace(TWO_MAPS, localisation=None), 2, reference=alone, **options
+    )
+    heat = reconstruct_and_score(model, test, TWO_MAPS.localisation, 2, reference=loc_alone, **options)
+    np.testing.assert_array_equal(both["score"], detection["score"])
+    np.testing.assert_array_equal(both["detection_map"], detection["map"])
+    np.testing.assert_allclose(both["map"], heat["map"], rtol=0, atol=1e-6)
+    assert not np.allclose(both["map"], both["detection_map"])
+    np.testing.assert_array_equal(both["ssim"], detection["ssim"])
+    without_maps = reconstruct_and_score(model, test, TWO_MAPS, 2, reference=loaded, keep_maps=False, **options)
+    assert "map" not in without_maps and "detection_map" not in without_maps
+    with pytest.raises(ValueError, match="localisation map .* needs its normal reference"):
+        reconstruct_and_score(model, test, TWO_MAPS, 2, reference=alone, **options)
+
+
+def test_inspector_shows_the_localisation_map_and_judges_by_the_detection_score(model):
+    from PIL import Image
+
+    checkpoint = build_checkpoint(model, None, epoch=1, history=[], config=TrainingConfig())
+    train = np.random.default_rng(8).random((4, 1, SIZE, SIZE), dtype=np.float32)
+    options = {"device": "cpu", "precision": "fp32"}
+    ref = fit_normal_reference(model, train, TWO_MAPS, batch_size=2, **options)
+    threshold = {"value": 0.5, "score": TWO_MAPS.to_dict()}
+    with pytest.raises(ValueError, match="normal_reference.npz"):
+        Inspector(checkpoint, threshold)
+    inspector = Inspector(checkpoint, threshold, reference=ref.to_arrays(), **options)
+    image = (np.random.default_rng(9).random((SIZE, SIZE)) * 255).astype(np.uint8)
+    (result,) = inspector.inspect([("a.png", Image.fromarray(image))])
+    expected = reconstruct_and_score(
+        model, image[None, None] / np.float32(255), TWO_MAPS, 1, reference=ref, **options
+    )
+    assert result.score == pytest.approx(float(expected["score"][0]), rel=1e-6)
+    np.testing.assert_allclose(result.anomaly_map, expected["map"][0], rtol=1e-5, atol=1e-5)

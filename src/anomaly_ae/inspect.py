@@ -91,9 +91,10 @@ class Inspector:
         self.map_settings = map_settings or MapSettings()
         if isinstance(reference, dict):
             reference = NormalReference.from_arrays(reference)
-        if self.map_settings.normal_reference != "none" and reference is None:
+        modes = {self.map_settings.normal_reference, self.map_settings.heatmap.normal_reference}
+        if modes != {"none"} and reference is None:
             raise ValueError(
-                f"The calibrated score uses normal_reference={self.map_settings.normal_reference!r}; "
+                f"The calibrated score uses a normal reference ({self.map_settings.describe()}); "
                 "pass the normal_reference.npz written by `kedro run --pipeline=evaluate`."
             )
         self.reference = reference

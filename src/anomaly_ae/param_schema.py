@@ -50,6 +50,7 @@ class CalibrationSettings:
     tie_tolerance: float
     batch_size: int
     device: str
+    separate_localisation: bool
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

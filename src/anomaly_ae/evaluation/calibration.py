@@ -11,7 +11,9 @@ an input here.
 The rule (the same for every category): ``selection_score = (synthetic image AUROC +
 synthetic pixel AUROC) / 2`` (normal validation images vs their defective copies); settings
 within ``tie_tolerance`` of the best are ties, resolved towards the fewest levers changed
-from the paper's map, then grid order.
+from the paper's map, then grid order. The map that gives the image score need not be the
+best to outline a defect: :func:`select_localisation` chooses the heat map (pixel AUROC,
+AUPRO) by the synthetic pixel AUROC alone, with the same ties.
 
 Levers (``calibration.grid``): ``blend`` (``ssim``: 1 - local SSIM; ``l2``: squared error;
 ``ssim+l2``: 1 - SSIM + s * squared error with ``s = mean(1 - SSIM) / mean(squared error)``
@@ -52,6 +54,7 @@ __all__ = [
     "normal_l2_scale",
     "score_grid",
     "select",
+    "select_localisation",
 ]
 
 BLENDS = ("ssim", "ssim+l2", "l2")
@@ -501,6 +504,13 @@ def select(table: pd.DataFrame, tie_tolerance: float) -> int:
     best = table["selection_score"].max()
     tied = table[table["selection_score"] >= best - tie_tolerance]
     return int(tied.sort_values(["levers_changed"], kind="stable").index[0])
+
+
+def select_localisation(table: pd.DataFrame, tie_tolerance: float) -> int:
+    """Index (row) of the localisation map: the best ``syn_pixel_auroc`` (how well the map
+    outlines the synthetic defects, pixel by pixel), ties as :func:`select`'s. The same grid,
+    the same images, label-free; the detection map stays :func:`select`'s."""
+    return select(table.assign(selection_score=table["syn_pixel_auroc"]), tie_tolerance)
 
 
 def spearman(table: pd.DataFrame, a: str, b: str) -> float:

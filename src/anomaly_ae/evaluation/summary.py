@@ -123,6 +123,7 @@ def per_defect_type(
     topk_fraction: float = 0.01,
     typical: np.ndarray | float = 0.0,
     confidence_level: float = 0.95,
+    detection_maps: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """One row per test defect type: that type's images against every good test image.
 
@@ -131,7 +132,10 @@ def per_defect_type(
     AUROC at and off the defect (:func:`defect_region_metrics` with ``margin``, ``reduction``,
     ``topk_fraction`` and ``typical``: the map's own score), and the share of the type's images flagged
     at ``threshold``. Pixel metrics are NaN for a type without masks (``has_masks`` False),
-    so a user sees which kind of defect a model misses."""
+    so a user sees which kind of defect a model misses. ``detection_maps`` (default: ``maps``)
+    are the maps the scores come from, when the heat map ``maps`` is another one: the image
+    AUROC at and off the defect is the image score's question."""
+    detection_maps = np.asarray(maps if detection_maps is None else detection_maps)
     defect_types = np.asarray(defect_types).astype(str)
     labels = np.asarray(labels).astype(int)
     scores = np.asarray(scores)
@@ -164,7 +168,7 @@ def per_defect_type(
                 "aupro": pro,
                 **defect_region_metrics(
                     labels[chosen],
-                    np.asarray(maps)[chosen],
+                    detection_maps[chosen],
                     np.asarray(masks)[chosen],
                     margin,
                     reduction,

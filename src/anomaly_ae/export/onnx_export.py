@@ -34,7 +34,8 @@ from anomaly_ae.data.transforms import _LUMA, RESAMPLE_METHODS, as_unit_float, i
 from anomaly_ae.export.folder import write_bundle
 from anomaly_ae.model.checkpoint import checkpoint_fingerprint, model_from_checkpoint
 from anomaly_ae.runtime.bundle import run_in_chunks
-from anomaly_ae.scoring import MapSettings, NormalReference, anomaly_map, image_score
+from anomaly_ae.scoring import MapSettings, NormalReference, image_score, score_maps
+from anomaly_ae.scoring.anomaly_map import reference_pair
 from anomaly_ae.scoring.inference import reconstruct_and_score
 
 __all__ = [
@@ -67,35 +68,50 @@ class ScoringGraph(nn.Module):
     :func:`~anomaly_ae.scoring.inference.reconstruct_and_score` computes in fp32.
 
     The normal reference (when ``settings.normal_reference`` is not ``none``) becomes two
-    buffers, so it is stored in the exported graph as constants.
+    buffers, so it is stored in the exported graph as constants; so does the localisation
+    map's (``settings.localisation``: the map output is then that map, the score still the
+    detection map's).
     """
 
     def __init__(self, model: nn.Module, settings: MapSettings, reference: NormalReference | None = None):
         super().__init__()
         self.model = model.eval()
         self.settings = settings
-        self.has_scale = False
-        if settings.normal_reference != "none":
-            if reference is None:
-                raise ValueError(
-                    f"The score uses normal_reference={settings.normal_reference!r}; pass the normal "
-                    "reference (normal_reference.npz written by `kedro run --pipeline=evaluate`)."
-                )
-            mean, scale = reference.as_tensors(settings.normal_reference)
-            self.register_buffer("reference_mean", mean)
-            if scale is not None:
-                self.register_buffer("reference_scale", scale)
-                self.has_scale = True
+        if reference is None and (
+            settings.normal_reference != "none" or settings.heatmap.normal_reference != "none"
+        ):
+            raise ValueError(
+                f"The score uses a normal reference ({settings.describe()}); pass the normal "
+                "reference (normal_reference.npz written by `kedro run --pipeline=evaluate`)."
+            )
+        # reference_pair checks the localisation map's reference; as buffers they are constants
+        for prefix, tensors in zip(
+            ("reference", "localisation"), reference_pair(reference, settings, "cpu"), strict=True
+        ):
+            if tensors is not None:
+                self.register_buffer(f"{prefix}_mean", tensors[0])
+                if tensors[1] is not None:
+                    self.register_buffer(f"{prefix}_scale", tensors[1])
 
-    def reference(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        if self.settings.normal_reference == "none":
+    def _tensors(self, prefix: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        buffers = dict(self.named_buffers())
+        if f"{prefix}_mean" not in buffers:
             return None
-        return self.reference_mean, (self.reference_scale if self.has_scale else None)
+        return buffers[f"{prefix}_mean"], buffers.get(f"{prefix}_scale")
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         recon = self.model(images).float()
-        amap = anomaly_map(images, recon, self.settings, self.reference())  # float64 (map_dtype)
-        return amap.float(), image_score(amap, self.settings.score_reduction, self.settings.topk_fraction)
+        detection, heat, _ = score_maps(
+            images,
+            recon,
+            self.settings,
+            self._tensors("reference"),
+            self._tensors("localisation"),
+            paper_ssim=False,
+        )  # float64 (map_dtype)
+        return heat.float(), image_score(
+            detection, self.settings.score_reduction, self.settings.topk_fraction
+        )
 
 
 def check_same_model(fingerprint: str, decision_threshold: Mapping, normal_reference: Mapping | None) -> None:
@@ -216,7 +232,7 @@ def build_bundle(
     check_same_model(fingerprint, decision_threshold, reference_arrays)
     settings = MapSettings.from_dict(dict(decision_threshold["score"]))
     reference = None
-    if settings.normal_reference != "none":
+    if settings.normal_reference != "none" or settings.heatmap.normal_reference != "none":
         if not reference_arrays:
             raise ValueError(
                 f"The calibrated score uses normal_reference={settings.normal_reference!r}; pass the "
@@ -325,7 +341,11 @@ def build_bundle(
         "score": {**settings.to_dict(), "description": settings.describe()},
         "normal_reference": None
         if reference is None
-        else {"mode": settings.normal_reference, "n_images": reference.n_images},
+        else {
+            "mode": settings.normal_reference,
+            "n_images": reference.n_images,
+            "heat_map_mode": settings.heatmap.normal_reference,
+        },
         "threshold": {
             "value": float(decision_threshold["value"]),
             **{k: decision_threshold[k] for k in ("rule", "quantile", "k_sigma") if k in decision_threshold},

@@ -19,6 +19,7 @@ error) once; :func:`compose` turns those terms into the map of any setting. Eval
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 
@@ -50,6 +51,7 @@ __all__ = [
     "image_score",
     "score_maps",
     "reference_tensors",
+    "reference_pair",
     "map_dtype",
 ]
 
@@ -64,6 +66,11 @@ class MapSettings:
     ``win_size`` is one odd window or a tuple of them (multi-scale: the ``1 - SSIM`` maps of
     the windows are combined by ``scale_combine``, their ``mean`` or their ``max``: the max
     keeps a defect that only one scale sees).
+
+    ``localisation`` (default None: the same map) is a second map's settings: the map shown as
+    the heat map and scored per pixel, while this one gives the image score. What finds a
+    defective image (a sharp peak) and what outlines a defect (a smoother map) are not always
+    the same map; the calibration may choose each (``calibration.separate_localisation``).
     """
 
     ssim_weight: float = 1.0
@@ -77,6 +84,7 @@ class MapSettings:
     normal_reference: str = "none"
     lowpass_sigma: float = 0.0
     reference_shift: int = 0
+    localisation: MapSettings | None = None
 
     def __post_init__(self) -> None:
         windows = self.win_size if isinstance(self.win_size, list | tuple) else (self.win_size,)
@@ -124,6 +132,47 @@ class MapSettings:
                 "normal spread: it needs normal_reference: zscore (or lowpass_sigma: 0), got "
                 f"normal_reference={self.normal_reference!r}"
             )
+        self._check_localisation()
+
+    def _check_localisation(self) -> None:
+        """``localisation`` (a dict from YAML/JSON, or MapSettings): the map shown and scored
+        per pixel, when it is not this one. Its own score reduction is never used, so it is
+        kept at the default; it cannot have a localisation map of its own."""
+        loc = self.localisation
+        if loc is None:
+            return
+        if isinstance(loc, dict):
+            loc = from_settings(MapSettings, loc, "evaluation.anomaly_map.localisation")
+        if not isinstance(loc, MapSettings):
+            raise ValueError(
+                "evaluation.anomaly_map.localisation must be a map's settings (a mapping like "
+                f"evaluation.anomaly_map) or null, got {loc!r}"
+            )
+        if loc.localisation is not None:
+            raise ValueError("evaluation.anomaly_map.localisation cannot have a localisation map of its own")
+        loc = dataclasses.replace(loc, score_reduction="max", topk_fraction=0.01)
+        object.__setattr__(self, "localisation", None if loc.map_part() == self.map_part() else loc)
+
+    def map_part(self) -> MapSettings:
+        """These settings without the score reduction and the localisation map: what makes
+        the map itself."""
+        return dataclasses.replace(self, score_reduction="max", topk_fraction=0.01, localisation=None)
+
+    @property
+    def heatmap(self) -> MapSettings:
+        """The map shown as the heat map and scored per pixel (pixel AUROC, AUPRO): the
+        localisation map when there is one, else this map (the detection map)."""
+        return self.localisation or self
+
+    @property
+    def all_windows(self) -> tuple[int, ...]:
+        """The SSIM windows of the detection and the localisation map (computed once)."""
+        extra = self.localisation.windows if self.localisation else ()
+        return tuple(dict.fromkeys((*self.windows, *extra)))
+
+    @property
+    def any_lowpass(self) -> bool:
+        return bool(self.lowpass_sigma or (self.localisation and self.localisation.lowpass_sigma))
 
     @property
     def channels(self) -> int:
@@ -143,10 +192,25 @@ class MapSettings:
         data = asdict(self)
         if isinstance(data["win_size"], tuple):
             data["win_size"] = list(data["win_size"])
+        data["localisation"] = self.localisation.to_dict() if self.localisation else None
         return data
 
     def describe(self) -> str:
-        """A short human-readable name, e.g. ``1-SSIM(11) smooth 4 ref-mean max``."""
+        """A short human-readable name, e.g. ``1-SSIM(11) smooth 4 ref-mean max``; with a
+        localisation map ``<detection map>; heat map <localisation map>``."""
+        if self.localisation:
+            return f"{self.describe_detection()}; heat map {self.localisation.describe_map()}"
+        return self.describe_detection()
+
+    def describe_detection(self) -> str:
+        """The detection map and its score reduction (the image score), e.g. ``1-SSIM(11) max``."""
+        reduction = {"topk_mean": f"top{self.topk_fraction * 100:g}%"}.get(
+            self.score_reduction, self.score_reduction
+        )
+        return f"{self.describe_map()} {reduction}"
+
+    def describe_map(self) -> str:
+        """The map's part of :meth:`describe` (no score reduction)."""
         parts = []
         if self.ssim_weight:
             wins = "/".join(str(w) for w in self.windows)
@@ -164,10 +228,7 @@ class MapSettings:
             name += f" moved {self.reference_shift}"
         if self.lowpass_sigma:
             name += f" + lowpass {self.lowpass_sigma:g}"
-        red = {"topk_mean": f"top{self.topk_fraction * 100:g}%"}.get(
-            self.score_reduction, self.score_reduction
-        )
-        return f"{name} {red}"
+        return name
 
 
 def error_terms(
@@ -309,13 +370,20 @@ def score_maps(
     recon: Tensor,
     settings: MapSettings,
     reference: tuple[Tensor, Tensor | None] | None = None,
-) -> tuple[Tensor, Tensor]:
-    """``(anomaly map in :func:`map_dtype`, the paper's per-image SSIM, float32)`` in one
-    pass: when the map uses the
-    paper's 11x11 window, the interior of its same-size SSIM map IS the valid-mode map of
-    :func:`~anomaly_ae.scoring.ssim.per_image_ssim`, so SSIM is filtered once."""
-    windows = settings.windows
-    paper = PAPER_WIN_SIZE in windows and settings.win_sigma == PAPER_WIN_SIGMA
+    localisation_reference: tuple[Tensor, Tensor | None] | None = None,
+    paper_ssim: bool = True,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(detection map, heat map, the paper's per-image SSIM (float32; None without
+    paper_ssim))`` in one pass, the maps in :func:`map_dtype`. The heat map is the
+    localisation map (``settings.localisation``, corrected with ``localisation_reference``)
+    or, without one, the detection map itself (the same tensor). The error terms of both maps
+    are computed once; when a map uses the paper's 11x11 window, the interior of its same-size
+    SSIM map IS the valid-mode map of :func:`~anomaly_ae.scoring.ssim.per_image_ssim`, so SSIM
+    is filtered once."""
+    windows = settings.all_windows
+    paper = paper_ssim and PAPER_WIN_SIZE in windows and settings.win_sigma == PAPER_WIN_SIGMA
+    if settings.localisation and settings.localisation.win_sigma != settings.win_sigma:
+        raise ValueError("the detection and localisation maps must share win_sigma")
     terms = error_terms(
         x,
         recon,
@@ -323,15 +391,22 @@ def score_maps(
         settings.win_sigma,
         keep_ssim=paper,
         dtype=map_dtype(x.device),
-        keep_diff=bool(settings.lowpass_sigma),
+        keep_diff=settings.any_lowpass,
     )
+    detection = _correct(compose(terms, settings), settings, reference)
+    heat = detection
+    if settings.localisation:
+        loc = settings.localisation
+        heat = _correct(compose(terms, loc), loc, localisation_reference)
+    if not paper_ssim:
+        return detection, heat, None
     p = PAPER_WIN_SIZE // 2
     h, w = x.shape[-2:]
     if paper and 2 * p < min(h, w):
         valid = terms["ssim"][PAPER_WIN_SIZE][..., p : h - p, p : w - p]
     else:
         valid = ssim_map(x.float(), recon.float(), gaussian_taps(), precise=True)
-    return _correct(compose(terms, settings), settings, reference), valid.flatten(1).mean(-1).float()
+    return detection, heat, valid.flatten(1).mean(-1).float()
 
 
 def image_score(amap: Tensor, reduction: str = "max", topk_fraction: float = 0.01) -> Tensor:
@@ -359,3 +434,19 @@ def reference_tensors(reference, mode: str, device) -> tuple[Tensor, Tensor | No
         return None
     _require_reference(reference, mode)
     return reference.as_tensors(mode, torch.device(device))
+
+
+def reference_pair(reference, settings: MapSettings, device) -> tuple:
+    """The reference tensors of the detection map and of the localisation map (None where a
+    map needs none) from a :class:`~anomaly_ae.scoring.reference.NormalReference` (whose
+    ``localisation`` holds the second map's)."""
+    detection = reference_tensors(reference, settings.normal_reference, device)
+    if settings.localisation is None or settings.localisation.normal_reference == "none":
+        return detection, None
+    localisation = getattr(reference, "localisation", None) if reference is not None else None
+    if localisation is None:
+        raise ValueError(
+            f"the localisation map ({settings.localisation.describe_map()}) needs its normal "
+            "reference; refit normal_reference.npz (kedro run --pipeline=evaluate) for this map"
+        )
+    return detection, reference_tensors(localisation, settings.localisation.normal_reference, device)

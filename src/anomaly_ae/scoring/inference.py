@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from anomaly_ae.device import autocast, resolve_device, resolve_precision
-from anomaly_ae.scoring.anomaly_map import MapSettings, image_score, raw_map, reference_tensors, score_maps
+from anomaly_ae.scoring.anomaly_map import MapSettings, image_score, raw_map, reference_pair, score_maps
 from anomaly_ae.scoring.reference import NormalReference, ReferenceAccumulator, with_moved_copies
 
 __all__ = ["reconstruct", "reconstruct_and_score", "fit_normal_reference"]
@@ -30,22 +30,24 @@ def _score_batch_fn(model: nn.Module, settings: MapSettings, dev, dtype, keep_ma
     """The per-batch computation: reconstruction (maybe under autocast), then map and score
     in float64 (:func:`~anomaly_ae.scoring.ssim.map_dtype`), returned as float32 with
     SSIM and MSE. Reference tensors are made once, outside any compiled region."""
-    ref = reference_tensors(reference, settings.normal_reference, dev)
+    ref, loc_ref = reference_pair(reference, settings, dev)
 
     def score_batch(x: torch.Tensor) -> dict[str, torch.Tensor]:
         with autocast(dev, dtype):
             recon = model(x)
         recon = recon.float().contiguous()  # float32, standard layout
         x = x.contiguous()
-        amap, ssim_values = score_maps(x, recon, settings, ref)
+        detection, heat, ssim_values = score_maps(x, recon, settings, ref, loc_ref)
         result = {
             "recon": recon,
             "ssim": ssim_values,
             "mse": ((x - recon) ** 2).mean(dim=(1, 2, 3)),
-            "score": image_score(amap, settings.score_reduction, settings.topk_fraction),
+            "score": image_score(detection, settings.score_reduction, settings.topk_fraction),
         }
         if keep_maps:
-            result["map"] = amap[:, 0].float()
+            result["map"] = heat[:, 0].float()
+            if settings.localisation:
+                result["detection_map"] = detection[:, 0].float()
         return result
 
     return score_batch
@@ -81,8 +83,10 @@ def reconstruct_and_score(
     Returns float32 arrays: ``recon`` (N, 1, H, W), ``map`` (N, H, W) when ``keep_maps``,
     ``ssim`` (the paper's per-image SSIM), ``mse`` and ``score`` (N,). With
     ``settings.normal_reference`` other than ``none``, ``reference`` corrects the map before
-    the score is taken. ``channels_last`` and ``compile`` are speed levers with the same
-    math (the network and the scoring core become one ``torch.compile`` graph).
+    the score is taken. With a localisation map (``settings.localisation``) ``map`` is that
+    map (the heat map) and, when ``keep_maps``, ``detection_map`` the map ``score`` comes
+    from. ``channels_last`` and ``compile`` are speed levers with the same math (the network
+    and the scoring core become one ``torch.compile`` graph).
     """
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
@@ -96,7 +100,12 @@ def reconstruct_and_score(
     images = torch.as_tensor(images)  # uint8 caches stay uint8: one batch at a time becomes float
     if reference is not None and settings.normal_reference != "none":
         reference.check_shape(images.shape, settings.channels)
-    keys = ("recon", "map", "ssim", "mse", "score") if keep_maps else ("recon", "ssim", "mse", "score")
+    if settings.localisation and settings.localisation.normal_reference != "none" and reference is not None:
+        if reference.localisation is not None:
+            reference.localisation.check_shape(images.shape, settings.localisation.channels)
+    keys = ("recon", "ssim", "mse", "score")
+    if keep_maps:
+        keys += ("map", "detection_map") if settings.localisation else ("map",)
     out: dict[str, list] = {key: [] for key in keys}
     with torch.inference_mode():
         for start in range(0, len(images), int(batch_size)):
@@ -111,7 +120,7 @@ def reconstruct_and_score(
     return {
         key: torch.cat(values).numpy().astype(np.float32) if values else np.zeros((0,), np.float32)
         for key, values in out.items()
-        if values or key != "map"
+        if values or not key.endswith("map")
     }
 
 
@@ -138,7 +147,19 @@ def fit_normal_reference(
     """Per-pixel mean/std of the uncorrected maps of NORMAL images (the training images; each
     channel of a two-channel map, :func:`~anomaly_ae.scoring.anomaly_map.raw_map`), with their
     moved copies when ``settings.reference_shift`` is set (:func:`with_moved_copies`);
-    ``kwargs`` go to :func:`reconstruct_and_score`."""
+    ``kwargs`` go to :func:`reconstruct_and_score`. With a localisation map that needs a
+    reference (``settings.localisation``), its reference is fitted too, the same way, and
+    returned as the result's ``localisation``."""
+    reference = _fit_reference(model, normal_images, settings.map_part(), **kwargs)
+    localisation = settings.localisation
+    if localisation is None or localisation.normal_reference == "none":
+        return reference
+    return dataclasses.replace(
+        reference, localisation=_fit_reference(model, normal_images, localisation, **kwargs)
+    )
+
+
+def _fit_reference(model: nn.Module, normal_images, settings: MapSettings, **kwargs) -> NormalReference:
     chunk = max(int(kwargs.get("batch_size", 32)), 1) * 8  # a few batches at a time, not every map at once
     if settings.reference_shift:
         chunk = max(chunk // 5, 1)  # each image comes with its four moved copies

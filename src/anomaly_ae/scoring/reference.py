@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 REFERENCE_MODES = ("none", "mean", "zscore")
+LOCALISATION = "localisation_"  # prefix of the localisation map's arrays in normal_reference.npz
 
 
 def check_mode(mode: str) -> str:
@@ -61,6 +62,8 @@ class NormalReference:
     mean: np.ndarray  # (H, W) float32, or (C, H, W) for a map of C channels
     std: np.ndarray  # the same shape
     n_images: int
+    #: the localisation map's reference (``MapSettings.localisation``), when it needs one
+    localisation: NormalReference | None = None
 
     @classmethod
     def fit(cls, maps: np.ndarray | torch.Tensor) -> NormalReference:
@@ -69,8 +72,12 @@ class NormalReference:
         return ReferenceAccumulator().add(maps).result()
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """For :class:`anomaly_ae.datasets.NpzDataset`."""
-        return {"mean": self.mean, "std": self.std, "n_images": np.asarray(self.n_images)}
+        """For :class:`anomaly_ae.datasets.NpzDataset` (the localisation map's reference, if
+        any, under ``localisation_mean``, ``localisation_std``, ``localisation_n_images``)."""
+        arrays = {"mean": self.mean, "std": self.std, "n_images": np.asarray(self.n_images)}
+        if self.localisation is not None:
+            arrays.update({f"{LOCALISATION}{k}": v for k, v in self.localisation.to_arrays().items()})
+        return arrays
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], source: str = "normal_reference") -> NormalReference:
@@ -85,7 +92,9 @@ class NormalReference:
             raise ValueError(
                 f"{source}: mean {mean.shape} and std {std.shape} must be equal (H, W) or (C, H, W) maps"
             )
-        return cls(mean, std, int(arrays["n_images"]))
+        nested = {k.removeprefix(LOCALISATION): v for k, v in arrays.items() if k.startswith(LOCALISATION)}
+        localisation = cls.from_arrays(nested, f"{source} (localisation map)") if nested else None
+        return cls(mean, std, int(arrays["n_images"]), localisation)
 
     @property
     def channels(self) -> int:

@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 RULE = (
     "selection = (synthetic image AUROC + synthetic pixel AUROC) / 2 on the held-out normal "
     "validation images vs synthetic-defect copies of them; ties within the tolerance go to the "
-    "fewest levers changed from the paper's map, then grid order. Test images are never used."
+    "fewest levers changed from the paper's map, then grid order. The heat map (pixel AUROC, "
+    "AUPRO) is chosen the same way by the synthetic pixel AUROC alone "
+    "(calibration.separate_localisation). Test images are never used."
 )
 
 
@@ -115,21 +117,38 @@ def select_map(
     calibration_table: pd.DataFrame, model_checkpoint: dict, calibration_params: dict[str, Any]
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Apply the rule; the choice (versioned JSON, tied to the model's fingerprint) and the
-    table sorted best first with ``rank`` and ``is_selected`` columns."""
+    table sorted best first with ``rank``, ``is_selected`` and ``is_localisation`` columns.
+    With ``calibration.separate_localisation`` the heat map is chosen on its own, by the
+    synthetic pixel AUROC (:func:`~anomaly_ae.evaluation.calibration.select_localisation`);
+    ``map_settings`` then holds it as ``localisation`` (none when it is the detection map)."""
     tolerance = calibration_params["tie_tolerance"]
     chosen = calibration.select(calibration_table, tolerance)
+    row, paper = calibration_table.loc[chosen], calibration_table[calibration_table["is_paper"]].iloc[0]
+    located = (
+        calibration.select_localisation(calibration_table, tolerance)
+        if calibration_params["separate_localisation"]
+        else chosen
+    )
+    settings = MapSettings.from_dict(
+        {**row["map_settings"], "localisation": calibration_table.loc[located, "map_settings"]}
+    )
+    heat = calibration_table.loc[located] if settings.localisation else row
     table = calibration_table.copy()
     table["is_selected"] = table.index == chosen
+    table["is_localisation"] = table.index == (located if settings.localisation else chosen)
     table = table.sort_values(["selection_score", "levers_changed"], ascending=[False, True], kind="stable")
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     table["map_settings"] = table["map_settings"].map(json.dumps)
-    row, paper = calibration_table.loc[chosen], calibration_table[calibration_table["is_paper"]].iloc[0]
     choice = {
-        "map_settings": row["map_settings"],
-        "setting": row["setting"],
+        "map_settings": settings.to_dict(),
+        "setting": settings.describe(),
+        "detection_setting": row["setting"],
         "selection_score": float(row["selection_score"]),
         "syn_image_auroc": float(row["syn_image_auroc"]),
         "syn_pixel_auroc": float(row["syn_pixel_auroc"]),
+        "localisation_setting": settings.heatmap.describe_map(),
+        "localisation_syn_pixel_auroc": float(heat["syn_pixel_auroc"]),
+        "separate_localisation": bool(calibration_params["separate_localisation"]),
         "paper_setting": paper["setting"],
         "paper_selection_score": float(paper["selection_score"]),
         "n_settings": int(len(table)),
@@ -140,10 +159,13 @@ def select_map(
         "checkpoint_epoch": int(model_checkpoint.get("epoch", 0)),
     }
     log.info(
-        "Calibrated map: %s (selection %.4f; the paper's map %s: %.4f)",
-        choice["setting"],
+        "Calibrated map: %s (selection %.4f; the paper's map %s: %.4f); "
+        "heat map %s (synthetic pixel AUROC %.4f)",
+        choice["detection_setting"],
         choice["selection_score"],
         choice["paper_setting"],
         choice["paper_selection_score"],
+        choice["localisation_setting"],
+        choice["localisation_syn_pixel_auroc"],
     )
     return choice, table.reset_index(drop=True)

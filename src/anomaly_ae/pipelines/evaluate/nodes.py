@@ -85,13 +85,19 @@ def fit_reference(
     reference = fit_normal_reference(
         network, train_images["images"], settings, **_inference_options(evaluation)
     )
-    log.info(
-        "Normal reference from %d training images: mean map %.4f, std map %.4f (applied: %s)",
-        reference.n_images,
-        float(reference.mean.mean()),
-        float(reference.std.mean()),
-        settings.normal_reference,
-    )
+    for what, ref, mode in (
+        ("Normal reference", reference, settings.normal_reference),
+        ("Heat map's normal reference", reference.localisation, settings.heatmap.normal_reference),
+    ):
+        if ref is not None:
+            log.info(
+                "%s from %d training images: mean map %.4f, std map %.4f (applied: %s)",
+                what,
+                ref.n_images,
+                float(ref.mean.mean()),
+                float(ref.std.mean()),
+                mode,
+            )
     return {
         **reference.to_arrays(),
         "checkpoint_fingerprint": np.asarray(checkpoint_fingerprint(model_checkpoint)),
@@ -202,9 +208,9 @@ def compute_metrics(
         # the part of a map not scored looks like the normal images' mean map
         "typical": NormalReference.from_arrays(normal_reference).typical(score.normal_reference),
     }
-    metrics.update(
-        defect_region_metrics(labels, test_scores["map"], test_images["masks"], **region_options)
-    )
+    # the image score's question (at / off the defect) on the map the score comes from
+    detection_maps = test_scores.get("detection_map", test_scores["map"])
+    metrics.update(defect_region_metrics(labels, detection_maps, test_images["masks"], **region_options))
     by_type = per_defect_type(
         ssim_table["defect_type"].to_numpy(),
         labels,
@@ -215,6 +221,7 @@ def compute_metrics(
         evaluation["aupro_fpr_limit"],
         **region_options,
         confidence_level=evaluation["confidence_level"],
+        detection_maps=detection_maps,
     )
     log.info(
         "image AUROC %.4f (%g %% interval %.4f-%.4f; at the defect %.4f, off it %.4f) | "

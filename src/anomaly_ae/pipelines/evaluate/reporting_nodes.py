@@ -83,6 +83,14 @@ def make_figures(
     return figure1, image_roc, pixel_roc, histogram
 
 
+def _overlay_vmax(decision_threshold: dict[str, Any]) -> float:
+    """The heat maps' colour scale for the map they show (the localisation map, if any)."""
+    from anomaly_ae.scoring import MapSettings
+
+    heat = MapSettings.from_dict(decision_threshold["score"]).heatmap
+    return figures.overlay_vmax(float(decision_threshold["value"]), heat.normal_reference)
+
+
 def make_heatmaps(
     test_images: dict[str, np.ndarray],
     test_scores: dict[str, np.ndarray],
@@ -90,9 +98,7 @@ def make_heatmaps(
     decision_threshold: dict[str, Any],
 ) -> dict[str, Image.Image]:
     """One overlay per test image (input with its anomaly map on top), keyed like the data."""
-    vmax = figures.overlay_vmax(
-        decision_threshold["value"], decision_threshold["score"].get("normal_reference", "none")
-    )
+    vmax = _overlay_vmax(decision_threshold)
     return {
         str(PurePosixPath(row.file).with_suffix("")): figures.heatmap_overlay_image(
             as_unit_float(test_images["images"][i]), test_scores["map"][i], vmax=vmax
@@ -114,7 +120,7 @@ def make_hardest_cases(
     labels, scores = np.asarray(test_images["labels"]), np.asarray(test_scores["score"])
     good, bad = hardest_cases(labels, scores, int(evaluation["hardest_cases"]))
     threshold = float(decision_threshold["value"])
-    vmax = figures.overlay_vmax(threshold, decision_threshold["score"].get("normal_reference", "none"))
+    vmax = _overlay_vmax(decision_threshold)
     known = known_masks(test_images.get("has_mask"), len(labels))
     rows = []
     for i in (*good, *bad):
@@ -423,10 +429,24 @@ def map_section(
             "As configured (evaluation.map: configured, evaluation.anomaly_map). Calibration would "
             f"have chosen <code>{html.escape(calibrated_map['setting'])}</code>."
         )
-    shown = table[(table["rank"] <= TOP_ROWS) | table["is_paper"]].copy()
+    settings = MapSettings.from_dict(map_settings)
+    heat = settings.localisation
+    if heat is not None:
+        why += (
+            f" The image score comes from <code>{html.escape(settings.describe_detection())}</code>; "
+            f"the heat maps, pixel AUROC and AUPRO from <code>{html.escape(heat.describe_map())}</code>"
+            + (
+                f" (the best synthetic pixel AUROC, {calibrated_map['localisation_syn_pixel_auroc']:.4f})."
+                if source == "calibrated" and "localisation_syn_pixel_auroc" in calibrated_map
+                else "."
+            )
+        )
+    located = table["is_localisation"] if "is_localisation" in table else table["is_selected"]
+    shown = table[(table["rank"] <= TOP_ROWS) | table["is_paper"] | located].copy()
+    located = located[shown.index]
     shown["setting"] = [
-        s + (" (paper)" if p else "") + (" (chosen)" if c else "")
-        for s, p, c in zip(shown["setting"], shown["is_paper"], shown["is_selected"], strict=True)
+        s + (" (paper)" if p else "") + (" (chosen)" if c else "") + (" (heat map)" if h and not c else "")
+        for s, p, c, h in zip(shown["setting"], shown["is_paper"], shown["is_selected"], located, strict=True)
     ]
     return (
         f"<p>Used: <code>{html.escape(used)}</code>. {why}</p>"

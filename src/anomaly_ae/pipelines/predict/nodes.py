@@ -54,7 +54,7 @@ def predict_folder(
         min_image_side=predict["min_image_side"],
         keep_maps=predict["save_overlays"],
     )
-    vmax = overlay_vmax(inspector.threshold, inspector.map_settings.normal_reference)
+    vmax = overlay_vmax(inspector.threshold, inspector.map_settings.heatmap.normal_reference)
     rows, overlays = [], {}
     for result in inspector.inspect(sorted(loaders.items())):
         rows.append(result.row())
