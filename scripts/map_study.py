@@ -625,12 +625,13 @@ def localise(network, sets, args) -> list[dict]:
     table["map_key"] = [p.map_key for p in points]
     per_map = table.drop_duplicates("map_key").reset_index(drop=True)
     per_map = per_map.join(pd.DataFrame([real[k] for k in per_map["map_key"]]))
-    # the calibration's own choice of the heat map (the synthetic pixel AUROC, ties as select())
-    localisation = grid_calibration.select_localisation(per_map, params["tie_tolerance"])
     chosen = table.loc[grid_calibration.select(table, params["tie_tolerance"]), "map_key"]
+    detection = int(per_map.index[per_map["map_key"] == chosen][0])
+    # the calibration's own choice of the heat map (synthetic pixel AUROC, ties nearest the detection map)
+    localisation = grid_calibration.select_localisation(per_map, params["tie_tolerance"], detection)
     rows = []
     for name, index in (
-        ("the rule's map (detection and localisation)", int(per_map.index[per_map["map_key"] == chosen][0])),
+        ("the rule's map (detection and localisation)", detection),
         ("localisation map by synthetic pixel AUROC", localisation),
         ("best real AUPRO in the grid (not label-free)", int(per_map["real_aupro"].idxmax())),
         ("best real pixel AUROC in the grid (not label-free)", int(per_map["real_pixel_auroc"].idxmax())),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -146,20 +148,38 @@ def test_rule_takes_the_best_and_breaks_ties_towards_the_paper():
         calibration.select(table.iloc[:0], 1e-3)
 
 
-def test_localisation_rule_takes_the_best_pixel_auroc_with_the_rules_ties():
+def test_localisation_rule_takes_the_best_pixel_auroc_ties_nearest_the_detection_map():
     import pandas as pd
 
+    settings = [
+        MapSettings(),  # the paper's map
+        MapSettings(smoothing_sigma=4.0, normal_reference="zscore", reference_shift=1, lowpass_sigma=8.0),
+        MapSettings(smoothing_sigma=8.0, normal_reference="zscore", lowpass_sigma=4.0),  # 3 from row 1
+        MapSettings(
+            smoothing_sigma=8.0, normal_reference="zscore", reference_shift=1, lowpass_sigma=4.0
+        ),  # 2
+        MapSettings(smoothing_sigma=8.0, normal_reference="zscore"),  # 2 from the paper, 3 from row 1
+    ]
     table = pd.DataFrame(
         {
-            "selection_score": [0.90, 0.99, 0.93, 0.92],
-            "syn_pixel_auroc": [0.90, 0.95, 0.9705, 0.971],
-            "levers_changed": [0, 1, 2, 3],
+            "selection_score": [0.90, 0.99, 0.93, 0.92, 0.91],
+            "syn_pixel_auroc": [0.90, 0.95, 0.9712, 0.9705, 0.971],
+            "levers_changed": [0, 4, 3, 4, 2],
+            "map_settings": [s.to_dict() for s in settings],
         }
     )
     assert calibration.select(table, tie_tolerance=1e-3) == 1  # the detection map
-    assert calibration.select_localisation(table, tie_tolerance=1e-3) == 2  # ties 0.971, fewer levers
-    assert calibration.select_localisation(table, tie_tolerance=0.0) == 3
-    assert list(table.columns) == ["selection_score", "syn_pixel_auroc", "levers_changed"]  # untouched
+    assert calibration.map_levers_between(settings[3], settings[1]) == 2
+    # 0.9712, 0.9705 and 0.971 tie: the nearest to the detection map wins, not the fewest levers
+    assert calibration.select_localisation(table, 1e-3, detection=1) == 3
+    assert calibration.select_localisation(table, 0.0, detection=1) == 2
+    # as saved (JSON cells), the same
+    saved = table.assign(map_settings=table["map_settings"].map(json.dumps))
+    assert calibration.select_localisation(saved, 1e-3, detection=1) == 3
+    # when the detection map ties, it is kept: one map
+    table.loc[1, "syn_pixel_auroc"] = 0.9709
+    assert calibration.select_localisation(table, 1e-3, detection=1) == 1
+    assert "_distance" not in table.columns
 
 
 def test_synthetic_defects_deterministic_and_inside_the_mask():
@@ -395,3 +415,39 @@ def test_grid_maps_are_the_maps_the_grid_is_scored_on(sets):
         np.testing.assert_allclose(rows["syn_pixel_auroc"], pixel_auroc(truth, maps.numpy()), atol=1e-12)
         seen += group
     assert len(seen) == len(table)  # every setting, each once
+
+
+def test_the_report_names_both_maps_and_marks_the_heat_maps_row():
+    import pandas as pd
+
+    from anomaly_ae.pipelines.evaluate.reporting_nodes import map_section
+
+    detection = MapSettings(smoothing_sigma=4.0, normal_reference="zscore", score_reduction="topk_mean")
+    heat = MapSettings(smoothing_sigma=8.0, normal_reference="zscore")
+    settings = MapSettings(**{**vars(detection), "localisation": heat})
+    table = pd.DataFrame(
+        {
+            "rank": range(1, 13),
+            "setting": [f"s{i}" for i in range(1, 13)],
+            "syn_image_auroc": 0.9,
+            "syn_pixel_auroc": 0.9,
+            "selection_score": 0.9,
+            "levers_changed": 1,
+            "is_paper": [False] * 11 + [True],
+            "is_selected": [True] + [False] * 11,
+            "is_localisation": [False] * 10 + [True, False],  # rank 11: below the top 10, still shown
+        }
+    )
+    chosen = {
+        "n_settings": 12,
+        "n_tied": 1,
+        "tie_tolerance": 0.001,
+        "rule": "r",
+        "localisation_syn_pixel_auroc": 0.95,
+    }
+    html = map_section(settings.to_dict(), chosen, table, "calibrated")
+    assert "The image score comes from <code>1-SSIM(11) smooth 4 ref-zscore top1%</code>" in html
+    assert "heat maps, pixel AUROC and AUPRO from <code>1-SSIM(11) smooth 8 ref-zscore</code>" in html
+    assert "s11 (heat map)" in html and "s1 (chosen)" in html and "s12 (paper)" in html
+    one_map = map_section(detection.to_dict(), chosen, table.drop(columns="is_localisation"), "calibrated")
+    assert "heat map" not in one_map and "s11" not in one_map

@@ -13,7 +13,8 @@ synthetic pixel AUROC) / 2`` (normal validation images vs their defective copies
 within ``tie_tolerance`` of the best are ties, resolved towards the fewest levers changed
 from the paper's map, then grid order. The map that gives the image score need not be the
 best to outline a defect: :func:`select_localisation` chooses the heat map (pixel AUROC,
-AUPRO) by the synthetic pixel AUROC alone, with the same ties.
+AUPRO) by the synthetic pixel AUROC alone, ties going to the map nearest the detection map
+(the detection map itself, when it ties: then there is one map).
 
 Levers (``calibration.grid``): ``blend`` (``ssim``: 1 - local SSIM; ``l2``: squared error;
 ``ssim+l2``: 1 - SSIM + s * squared error with ``s = mean(1 - SSIM) / mean(squared error)``
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -51,6 +53,7 @@ __all__ = [
     "fit_grid_references",
     "grid_maps",
     "l2_scale",
+    "map_levers_between",
     "normal_l2_scale",
     "score_grid",
     "select",
@@ -81,21 +84,31 @@ class GridPoint:
         return (*self.raw_key, s.normal_reference, s.lowpass_sigma, s.reference_shift)
 
     def levers_changed(self, paper: MapSettings) -> int:
-        s = self.settings
-        window_changed = bool(s.ssim_weight) and s.windows != paper.windows
-        combine_changed = (
-            bool(s.ssim_weight) and len(s.windows) > 1 and s.scale_combine != paper.scale_combine
+        return map_levers_between(self.settings, paper) + int(
+            self.settings.score_reduction != paper.score_reduction
         )
-        return (
-            int(self.blend != "ssim")
-            + int(window_changed)
-            + int(combine_changed)
-            + int(s.smoothing_sigma != paper.smoothing_sigma)
-            + int(s.score_reduction != paper.score_reduction)
-            + int(s.normal_reference != paper.normal_reference)
-            + int(s.lowpass_sigma != paper.lowpass_sigma)
-            + int(s.reference_shift != paper.reference_shift)
-        )
+
+
+def _blend_of(settings: MapSettings) -> str:
+    if not settings.l2_weight:
+        return "ssim"
+    return "l2" if not settings.ssim_weight else "ssim+l2"
+
+
+def map_levers_between(a: MapSettings, b: MapSettings) -> int:
+    """How many of the grid's map levers differ between two maps (the score reduction aside):
+    blend, window(s), their combination, smoothing, reference, low-pass channel, moved copies."""
+    window_changed = bool(a.ssim_weight) and a.windows != b.windows
+    combine_changed = bool(a.ssim_weight) and len(a.windows) > 1 and a.scale_combine != b.scale_combine
+    return (
+        int(_blend_of(a) != _blend_of(b))
+        + int(window_changed)
+        + int(combine_changed)
+        + int(a.smoothing_sigma != b.smoothing_sigma)
+        + int(a.normal_reference != b.normal_reference)
+        + int(a.lowpass_sigma != b.lowpass_sigma)
+        + int(a.reference_shift != b.reference_shift)
+    )
 
 
 def _weights(blend: str, scale: float) -> tuple[float, float]:
@@ -506,11 +519,27 @@ def select(table: pd.DataFrame, tie_tolerance: float) -> int:
     return int(tied.sort_values(["levers_changed"], kind="stable").index[0])
 
 
-def select_localisation(table: pd.DataFrame, tie_tolerance: float) -> int:
+def select_localisation(table: pd.DataFrame, tie_tolerance: float, detection: int) -> int:
     """Index (row) of the localisation map: the best ``syn_pixel_auroc`` (how well the map
-    outlines the synthetic defects, pixel by pixel), ties as :func:`select`'s. The same grid,
-    the same images, label-free; the detection map stays :func:`select`'s."""
-    return select(table.assign(selection_score=table["syn_pixel_auroc"]), tie_tolerance)
+    outlines the synthetic defects, pixel by pixel); settings within ``tie_tolerance`` of it
+    are ties, resolved towards the fewest map levers changed from the detection map (row
+    ``detection``, :func:`select`'s choice; so when the detection map ties, it is kept and
+    there is one map), then the fewest changed from the paper's map, then grid order. The same
+    grid, the same images, label-free."""
+    if table.empty:
+        raise ValueError("the calibration grid is empty")
+    chosen = _settings(table.loc[detection, "map_settings"])
+    tied = table[table["syn_pixel_auroc"] >= table["syn_pixel_auroc"].max() - tie_tolerance]
+    distance = [map_levers_between(_settings(m), chosen) for m in tied["map_settings"]]
+    order = tied.assign(_distance=distance).sort_values(["_distance", "levers_changed"], kind="stable")
+    return int(order.index[0])
+
+
+def _settings(value: dict | str | MapSettings) -> MapSettings:
+    """A ``map_settings`` cell of a grid table (a dict, or its JSON in a saved table)."""
+    if isinstance(value, MapSettings):
+        return value
+    return MapSettings.from_dict(json.loads(value) if isinstance(value, str) else value)
 
 
 def spearman(table: pd.DataFrame, a: str, b: str) -> float:

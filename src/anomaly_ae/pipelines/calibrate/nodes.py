@@ -25,8 +25,9 @@ RULE = (
     "selection = (synthetic image AUROC + synthetic pixel AUROC) / 2 on the held-out normal "
     "validation images vs synthetic-defect copies of them; ties within the tolerance go to the "
     "fewest levers changed from the paper's map, then grid order. The heat map (pixel AUROC, "
-    "AUPRO) is chosen the same way by the synthetic pixel AUROC alone "
-    "(calibration.separate_localisation). Test images are never used."
+    "AUPRO) is chosen by the synthetic pixel AUROC alone, ties going to the map nearest the "
+    "detection map (itself, when it ties) (calibration.separate_localisation). Test images are "
+    "never used."
 )
 
 
@@ -125,7 +126,7 @@ def select_map(
     chosen = calibration.select(calibration_table, tolerance)
     row, paper = calibration_table.loc[chosen], calibration_table[calibration_table["is_paper"]].iloc[0]
     located = (
-        calibration.select_localisation(calibration_table, tolerance)
+        calibration.select_localisation(calibration_table, tolerance, chosen)
         if calibration_params["separate_localisation"]
         else chosen
     )
