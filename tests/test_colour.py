@@ -93,8 +93,8 @@ def test_a_gray_image_in_three_equal_channels_scores_as_in_one():
         colour = raw_map(x.repeat(1, 3, 1, 1), recon.repeat(1, 3, 1, 1), settings)
         assert colour.shape == gray.shape
         torch.testing.assert_close(colour, gray, atol=1e-12, rtol=0)
-    _, ssim_gray = score_maps(x, recon, MapSettings())
-    _, ssim_colour = score_maps(x.repeat(1, 3, 1, 1), recon.repeat(1, 3, 1, 1), MapSettings())
+    _, _, ssim_gray = score_maps(x, recon, MapSettings())
+    _, _, ssim_colour = score_maps(x.repeat(1, 3, 1, 1), recon.repeat(1, 3, 1, 1), MapSettings())
     torch.testing.assert_close(ssim_colour, ssim_gray, atol=1e-6, rtol=0)
 
 
