@@ -368,7 +368,9 @@ def test_two_maps_each_with_its_own_reference_score_from_one_and_show_the_other(
     np.testing.assert_allclose(both["map"], heat["map"], rtol=0, atol=1e-6)
     assert not np.allclose(both["map"], both["detection_map"])
     np.testing.assert_array_equal(both["ssim"], detection["ssim"])
-    without_maps = reconstruct_and_score(model, test, TWO_MAPS, 2, reference=loaded, keep_maps=False, **options)
+    without_maps = reconstruct_and_score(
+        model, test, TWO_MAPS, 2, reference=loaded, keep_maps=False, **options
+    )
     assert "map" not in without_maps and "detection_map" not in without_maps
     with pytest.raises(ValueError, match="localisation map .* needs its normal reference"):
         reconstruct_and_score(model, test, TWO_MAPS, 2, reference=alone, **options)
