@@ -147,7 +147,8 @@ def test_calibration_table_and_rule(quick):
     assert chosen["localisation_syn_pixel_auroc"] == pytest.approx(located["syn_pixel_auroc"])
     heat = MapSettings.from_dict(json.loads(located["map_settings"]))
     assert chosen["localisation_setting"] == heat.describe_map()
-    if chosen["map_settings"]["localisation"] is None:
+    assert chosen["map_settings"]["localisation"] is not None  # always spelt out: the same MLflow keys
+    if MapSettings.from_dict(chosen["map_settings"]).localisation is None:
         assert heat.map_part() == MapSettings.from_dict(chosen["map_settings"]).map_part()
     else:
         assert MapSettings.from_dict(chosen["map_settings"]).localisation == heat.map_part()

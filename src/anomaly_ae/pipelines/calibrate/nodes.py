@@ -121,7 +121,8 @@ def select_map(
     table sorted best first with ``rank``, ``is_selected`` and ``is_localisation`` columns.
     With ``calibration.separate_localisation`` the heat map is chosen on its own, by the
     synthetic pixel AUROC (:func:`~anomaly_ae.evaluation.calibration.select_localisation`);
-    ``map_settings`` then holds it as ``localisation`` (none when it is the detection map)."""
+    ``map_settings`` then holds it as ``localisation`` (the detection map's own settings when
+    one map serves both; :class:`MapSettings` reads that as one map)."""
     tolerance = calibration_params["tie_tolerance"]
     chosen = calibration.select(calibration_table, tolerance)
     row, paper = calibration_table.loc[chosen], calibration_table[calibration_table["is_paper"]].iloc[0]
@@ -141,7 +142,9 @@ def select_map(
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     table["map_settings"] = table["map_settings"].map(json.dumps)
     choice = {
-        "map_settings": settings.to_dict(),
+        # the heat map always spelt out (the detection map's own when there is one map): the
+        # JSON, and the MLflow parameters made from it, have the same keys whatever the choice
+        "map_settings": {**settings.to_dict(), "localisation": settings.heatmap.map_part().to_dict()},
         "setting": settings.describe(),
         "detection_setting": row["setting"],
         "selection_score": float(row["selection_score"]),
