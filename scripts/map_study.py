@@ -657,6 +657,47 @@ def localise(network, sets, args) -> list[dict]:
     return rows
 
 
+def _upper(pool: torch.Tensor, q: float) -> torch.Tensor:
+    """Per pixel, the ``q`` quantile of ``pool`` (N, H, W) (torch.quantile refuses large inputs)."""
+    ordered = pool.sort(0).values
+    return ordered[min(len(pool) - 1, int(round(q * (len(pool) - 1))))]
+
+
+def tail(network, sets, args) -> list[dict]:
+    """Per-pixel normalisation by the normal maps' upper tail instead of their spread: a
+    glint pixel (heavy tail) is damped more than its standard deviation says, a calm pixel
+    less, so that the image's maximum compares like with like."""
+    spec = {"ssim s4": ("ssim", 4), "lowpass s8": ("lowpass", 8)}
+    plain = maps_of(network, sets, spec, args.batch)
+    train = np.asarray(sets["images"]["train"])
+    moved: dict[str, list] = {n: [] for n in spec}
+    for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+        for part in channel_maps(network, move(train, dy, dx), spec, args.batch):
+            for n in spec:
+                moved[n].append(part[n])
+    rows = []
+    for pool_name, with_moved in (("training", False), ("training + moved 1", True)):
+        pools = {n: torch.cat([plain[n]["train"]] + (moved[n] if with_moved else [])) for n in spec}
+        z = [zscored(plain[n], pools[n]) for n in spec]
+        rows.append(evaluate(f"{pool_name}: z-score (pipeline)", sets, pmax(*z)))
+        for q in (0.95, 0.99, 1.0):
+            for blur in (0, 4):
+                normed = []
+                for n in spec:
+                    median, upper = _upper(pools[n], 0.5), _upper(pools[n], q)
+                    width = upper - median
+                    if blur:
+                        width = gaussian_blur(width[None, None], blur)[0, 0]
+                    width = width.clamp(min=float(width.mean()))
+                    normed.append({k: (m - median) / width for k, m in plain[n].items()})
+                rows.append(
+                    evaluate(
+                        f"{pool_name}: (m - median) / (q{q:g} - median), blur {blur}", sets, pmax(*normed)
+                    )
+                )
+    return rows
+
+
 STUDIES: dict[str, Callable] = {
     f.__name__: f
     for f in (
@@ -674,6 +715,7 @@ STUDIES: dict[str, Callable] = {
         fcn,
         shifted,
         localise,
+        tail,
     )
 }
 

@@ -376,6 +376,32 @@ def test_two_maps_each_with_its_own_reference_score_from_one_and_show_the_other(
         reconstruct_and_score(model, test, TWO_MAPS, 2, reference=alone, **options)
 
 
+def test_two_maps_with_the_same_moved_copies_reconstruct_each_image_once(model):
+    """Both references come from one reconstruction of every normal image and its moved
+    copies, and equal each map's reference fitted alone."""
+    rng = np.random.default_rng(8)
+    train = rng.random((4, 1, SIZE, SIZE), dtype=np.float32)
+    options = {"batch_size": 2, "device": "cpu", "precision": "fp32"}
+    settings = dataclasses.replace(
+        TWO_MAPS, localisation=dataclasses.replace(TWO_MAPS.localisation, reference_shift=1)
+    )
+    seen = []
+    handle = model.register_forward_hook(lambda module, inputs, output: seen.append(len(inputs[0])))
+    try:
+        ref = fit_normal_reference(model, train, settings, **options)
+    finally:
+        handle.remove()
+    assert sum(seen) == 20  # 4 images and their 4 moved copies each, once for both maps
+    alone = fit_normal_reference(model, train, settings.map_part(), **options)
+    loc_alone = fit_normal_reference(model, train, settings.localisation, **options)
+    assert ref.n_images == ref.localisation.n_images == 20
+    assert ref.mean.shape == alone.mean.shape and ref.localisation.mean.shape == loc_alone.mean.shape
+    np.testing.assert_allclose(ref.mean, alone.mean, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(ref.std, alone.std, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(ref.localisation.mean, loc_alone.mean)
+    np.testing.assert_array_equal(ref.localisation.std, loc_alone.std)
+
+
 def test_inspector_shows_the_localisation_map_and_judges_by_the_detection_score(model):
     from PIL import Image
 

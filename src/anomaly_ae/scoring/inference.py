@@ -149,29 +149,42 @@ def fit_normal_reference(
     moved copies when ``settings.reference_shift`` is set (:func:`with_moved_copies`);
     ``kwargs`` go to :func:`reconstruct_and_score`. With a localisation map that needs a
     reference (``settings.localisation``), its reference is fitted too, the same way, and
-    returned as the result's ``localisation``."""
-    reference = _fit_reference(model, normal_images, settings.map_part(), **kwargs)
+    returned as the result's ``localisation``; when both maps use the same moved copies, each
+    image is reconstructed once for both."""
     localisation = settings.localisation
     if localisation is None or localisation.normal_reference == "none":
-        return reference
-    return dataclasses.replace(
-        reference, localisation=_fit_reference(model, normal_images, localisation, **kwargs)
-    )
+        return _fit_references(model, normal_images, [settings.map_part()], **kwargs)[0]
+    if localisation.reference_shift == settings.reference_shift:
+        reference, heat = _fit_references(model, normal_images, [settings.map_part(), localisation], **kwargs)
+    else:
+        reference = _fit_references(model, normal_images, [settings.map_part()], **kwargs)[0]
+        heat = _fit_references(model, normal_images, [localisation], **kwargs)[0]
+    return dataclasses.replace(reference, localisation=heat)
 
 
-def _fit_reference(model: nn.Module, normal_images, settings: MapSettings, **kwargs) -> NormalReference:
+def _fit_references(
+    model: nn.Module, normal_images, settings: list[MapSettings], **kwargs
+) -> list[NormalReference]:
+    """One reference per map of ``settings`` (all with the same ``reference_shift``), from one
+    reconstruction of each normal image (and its moved copies), a few batches at a time."""
+    shift = settings[0].reference_shift
     chunk = max(int(kwargs.get("batch_size", 32)), 1) * 8  # a few batches at a time, not every map at once
-    if settings.reference_shift:
+    if shift:
         chunk = max(chunk // 5, 1)  # each image comes with its four moved copies
-    accumulator = ReferenceAccumulator()
+    accumulators = [ReferenceAccumulator() for _ in settings]
     for start in range(0, len(normal_images), chunk):
         part = np.asarray(normal_images[start : start + chunk])
-        part = torch.as_tensor(with_moved_copies(part, settings.reference_shift))
-        if settings.channels == 1:  # the map as inference computes it (device, precision, compile)
-            raw = dataclasses.replace(settings, normal_reference="none", reference_shift=0)
-            maps = reconstruct_and_score(model, part, raw, keep_maps=True, **kwargs)["map"]
-        else:  # a two-channel map has no "none" form: its raw channels from the reconstructions
-            recon = reconstruct_and_score(model, part, MapSettings(), keep_maps=False, **kwargs)["recon"]
-            maps = raw_map(unit_float(part), torch.from_numpy(recon), settings).float()
-        accumulator.add(maps)
-    return accumulator.result()
+        part = torch.as_tensor(with_moved_copies(part, shift))
+        if len(settings) == 1 and settings[0].channels == 1:
+            # the map as inference computes it (device, precision, compile)
+            raw = dataclasses.replace(settings[0], normal_reference="none", reference_shift=0)
+            accumulators[0].add(reconstruct_and_score(model, part, raw, keep_maps=True, **kwargs)["map"])
+            continue
+        # the reconstructions once (device, precision, compile), then each raw map from them
+        recon = torch.from_numpy(
+            reconstruct_and_score(model, part, MapSettings(), keep_maps=False, **kwargs)["recon"]
+        )
+        for accumulator, one in zip(accumulators, settings, strict=True):
+            maps = raw_map(unit_float(part), recon, one).float()
+            accumulator.add(maps[:, 0] if one.channels == 1 else maps)  # (N, H, W) as inference's map
+    return [accumulator.result() for accumulator in accumulators]
