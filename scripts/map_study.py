@@ -59,6 +59,12 @@ the spread floored by its mean):
              would a localisation map chosen apart from the detection map, by the synthetic
              pixel AUROC alone (ties as the rule's), localise the real defects better than the
              map the rule chooses for both?
+  tail       the pipeline's pair of channels normalised per pixel by the normal maps' upper
+             tail, (map - median) / (q - median) for q = 0.95, 0.99, 1 (the maximum), the
+             width blurred at sigma 0 or 4 and floored by its mean, against the pipeline's
+             z-score; the normal maps from the training images, and with their copies
+             moved by 1 px - does a glint pixel's heavy tail, which a spread understates,
+             hold the good images' maxima up?
   peaks      no variants: with the pipeline's map, the good test images' maxima, and per
              held-out spot and smudge the maximum inside its mask against them - how many
              pasted defects rise above every good image?
