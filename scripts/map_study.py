@@ -69,7 +69,8 @@ the spread floored by its mean):
              held-out spot and smudge the maximum inside its mask against them - how many
              pasted defects rise above every good image?
 
-Every row with maps also has the real test AUPRO (FPR 0.3).
+Every row with maps also has the real test AUPRO (FPR 0.3) and the image AUROC at the defect
+(the label-leak check's: each defective map kept within evaluation.defect_margin of its mask).
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ from anomaly_ae.data.transforms import as_unit_float
 from anomaly_ae.evaluation import calibration as grid_calibration
 from anomaly_ae.evaluation.metrics import aupro, rank_auroc
 from anomaly_ae.evaluation.stress import copies_per_image
+from anomaly_ae.evaluation.summary import defect_region_metrics
 from anomaly_ae.model.checkpoint import model_from_checkpoint
 from anomaly_ae.scoring.anomaly_map import MapSettings, compose, error_terms
 from anomaly_ae.scoring.anomaly_map import lowpass as lowpass_difference
@@ -169,6 +171,7 @@ def load(category: str, params: str, checkpoint: str | None, images: bool = True
             data["calibration"] = calibration["synthetic_defects"]
             data["paper"] = MapSettings.from_dict(evaluation["anomaly_map"])
             data["stress"] = evaluation["stress_test"]
+            data["defect_margin"] = evaluation["defect_margin"]
     return data
 
 
@@ -211,6 +214,7 @@ def study_sets(data: dict) -> dict:
         "known": np.asarray(test.get("has_mask", np.ones(len(labels), bool)), bool) | ~labels,
         "test_masks": test["masks"],
         "options": options,
+        "defect_margin": data["defect_margin"],
     }
 
 
@@ -243,6 +247,11 @@ def evaluate(name: str, sets: dict, maps: Maps | None = None, scores: dict | Non
             sets["test_masks"][known].ravel() > 0, maps["test"].numpy()[known].ravel()
         )
         row["real_aupro"] = aupro(sets["test_masks"][known], maps["test"].numpy()[known])
+        # the label-leak check's at-defect figure (the rest of each defective map set to 0,
+        # the z-score's normal level; the other normalisations' normal level is near it)
+        row["real_image_auroc_at_defect"] = defect_region_metrics(
+            labels, maps["test"].numpy(), sets["test_masks"], sets["defect_margin"], has_mask=known
+        )["image_auroc_at_defect"]
     return row
 
 
