@@ -582,21 +582,28 @@ def peaks(network, sets, args) -> list[dict]:
     return [evaluate("pipeline map", sets, z)]
 
 
+def moved_maps(network, train: np.ndarray, channels: dict, batch: int, d: int) -> dict[tuple, Maps]:
+    """Per move ``(dy, dx)`` (``d`` px down, up, right, left; :func:`move`), each channel's
+    maps of the training images moved so."""
+    out = {}
+    for dy, dx in ((d, 0), (-d, 0), (0, d), (0, -d)):
+        parts = list(channel_maps(network, move(train, dy, dx), channels, batch))
+        out[(dy, dx)] = {n: torch.cat([p[n] for p in parts]) for n in channels}
+    return out
+
+
 def shifted(network, sets, args) -> list[dict]:
     spec = {"ssim s4": ("ssim", 4), "lowpass s8": ("lowpass", 8)}
     plain = maps_of(network, sets, spec, args.batch)
     rows = [evaluate("training images (pipeline)", sets, pmax(*(zscored(plain[n]) for n in spec)))]
     train = np.asarray(sets["images"]["train"])
     for d in (int(v) for v in str(args.shift).split("+")):
-        offsets = ((d, 0), (-d, 0), (0, d), (0, -d))
         kept: dict[str, list] = {n: [] for n in spec}
         back: dict[str, list] = {n: [] for n in spec}
-        for dy, dx in offsets:
-            parts = list(channel_maps(network, move(train, dy, dx), spec, args.batch))
+        for (dy, dx), maps in moved_maps(network, train, spec, args.batch, d).items():
             for n in spec:
-                m = torch.cat([p[n] for p in parts])
-                kept[n].append(m)
-                back[n].append(torch.from_numpy(move(m[:, None].numpy(), -dy, -dx)[:, 0].copy()))
+                kept[n].append(maps[n])
+                back[n].append(torch.from_numpy(move(maps[n][:, None].numpy(), -dy, -dx)[:, 0].copy()))
         for how, pool in (("kept", kept), ("moved back", back)):
             for with_train in (True, False):
                 z = []
@@ -672,10 +679,10 @@ def localise(network, sets, args) -> list[dict]:
     return rows
 
 
-def _upper(pool: torch.Tensor, q: float) -> torch.Tensor:
-    """Per pixel, the ``q`` quantile of ``pool`` (N, H, W) (torch.quantile refuses large inputs)."""
-    ordered = pool.sort(0).values
-    return ordered[min(len(pool) - 1, int(round(q * (len(pool) - 1))))]
+def _quantile(ordered: torch.Tensor, q: float) -> torch.Tensor:
+    """Per pixel, the ``q`` quantile of normal maps sorted along their first dimension
+    (torch.quantile refuses inputs this large)."""
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def tail(network, sets, args) -> list[dict]:
@@ -684,22 +691,21 @@ def tail(network, sets, args) -> list[dict]:
     less, so that the image's maximum compares like with like."""
     spec = {"ssim s4": ("ssim", 4), "lowpass s8": ("lowpass", 8)}
     plain = maps_of(network, sets, spec, args.batch)
-    train = np.asarray(sets["images"]["train"])
-    moved: dict[str, list] = {n: [] for n in spec}
-    for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)):
-        for part in channel_maps(network, move(train, dy, dx), spec, args.batch):
-            for n in spec:
-                moved[n].append(part[n])
+    moved = moved_maps(network, np.asarray(sets["images"]["train"]), spec, args.batch, 1).values()
     rows = []
     for pool_name, with_moved in (("training", False), ("training + moved 1", True)):
-        pools = {n: torch.cat([plain[n]["train"]] + (moved[n] if with_moved else [])) for n in spec}
+        pools = {
+            n: torch.cat([plain[n]["train"]] + ([m[n] for m in moved] if with_moved else [])) for n in spec
+        }
         z = [zscored(plain[n], pools[n]) for n in spec]
         rows.append(evaluate(f"{pool_name}: z-score (pipeline)", sets, pmax(*z)))
+        ordered = {n: pools[n].sort(0).values for n in spec}  # once per pool, not per variant
+        del pools, z
         for q in (0.95, 0.99, 1.0):
             for blur in (0, 4):
                 normed = []
                 for n in spec:
-                    median, upper = _upper(pools[n], 0.5), _upper(pools[n], q)
+                    median, upper = _quantile(ordered[n], 0.5), _quantile(ordered[n], q)
                     width = upper - median
                     if blur:
                         width = gaussian_blur(width[None, None], blur)[0, 0]
