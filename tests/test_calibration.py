@@ -22,7 +22,7 @@ FULL_GRID = {
     "win_size": [11, 7, [7, 11, 15]],
     "scale_combine": ["mean", "max"],
     "smoothing_sigma": [0, 2, 4, 8],
-    "normal_reference": ["none", "mean", "zscore"],
+    "normal_reference": ["none", "mean", "zscore", "tail"],
     "lowpass_sigma": [0, 4, 8],
     "reference_shift": [0, 1],
     "score_reduction": ["max", "topk_mean", "mean"],
@@ -32,7 +32,7 @@ SMALL_GRID = {
     "win_size": [11, [7, 11]],
     "scale_combine": ["mean", "max"],
     "smoothing_sigma": [0, 2],
-    "normal_reference": ["none", "mean", "zscore"],
+    "normal_reference": ["none", "mean", "zscore", "tail"],
     "lowpass_sigma": [0, 4],
     "reference_shift": [0, 1],
     "score_reduction": ["max", "mean"],
@@ -63,27 +63,27 @@ def sets():
     return (train, _recon), (normal, _recon(normal)), (defects, _recon(defects), masks, kinds)
 
 
-def test_full_grid_has_the_864_settings_with_the_papers_map_first():
+def test_full_grid_has_the_1512_settings_with_the_papers_map_first():
     points = calibration.build_grid(FULL_GRID, MapSettings(), scale=3.0)
-    # 252 + the multi-scale max of two blends = 324, + 2 low-pass channels for each of the
-    # 108 z-scored settings = 540, + the moved-copies reference for each of the 324 z-scored
-    assert len(points) == 864
+    # 36 uncorrected maps x 3 reductions = 108 per reference: none and mean 108 each; zscore
+    # and tail 108 x (3 low-pass channels) x (2 reference shifts) = 648 each
+    assert len(points) == 1512
     assert points[0].settings == MapSettings() and points[0].levers_changed(MapSettings()) == 0
-    assert len({p.settings for p in points}) == 864
+    assert len({p.settings for p in points}) == 1512
     low = [p for p in points if p.settings.lowpass_sigma]
-    assert len(low) == 432 and {p.settings.normal_reference for p in low} == {"zscore"}
-    assert all(p.levers_changed(MapSettings()) >= 2 for p in low)  # the channel and the z-score
+    assert len(low) == 864 and {p.settings.normal_reference for p in low} == {"zscore", "tail"}
+    assert all(p.levers_changed(MapSettings()) >= 2 for p in low)  # the channel and the reference
     moved = [p for p in points if p.settings.reference_shift]
-    assert len(moved) == 324 and {p.settings.normal_reference for p in moved} == {"zscore"}
+    assert len(moved) == 648 and {p.settings.normal_reference for p in moved} == {"zscore", "tail"}
     assert {p.settings.reference_shift for p in moved} == {1}
-    assert all(p.levers_changed(MapSettings()) >= 2 for p in moved)  # the shift and the z-score
+    assert all(p.levers_changed(MapSettings()) >= 2 for p in moved)  # the shift and the reference
     l2_only = [p for p in points if p.blend == "l2"]
-    assert len(l2_only) == 4 * 8 * 3 and all(p.settings.ssim_weight == 0 for p in l2_only)
+    assert len(l2_only) == 4 * 14 * 3 and all(p.settings.ssim_weight == 0 for p in l2_only)
     blended = next(p for p in points if p.blend == "ssim+l2")
     assert blended.settings.l2_weight == 3.0
-    assert len({p.map_key for p in points}) == 288  # 36 uncorrected maps x (none, mean, 6 z-scored)
+    assert len({p.map_key for p in points}) == 504  # 36 uncorrected maps x (none, mean, 6 z-scored, 6 tail)
     multi_max = [p for p in points if p.settings.scale_combine == "max"]
-    assert len(multi_max) == 2 * 4 * 8 * 3 and all(len(p.settings.windows) == 3 for p in multi_max)
+    assert len(multi_max) == 2 * 4 * 14 * 3 and all(len(p.settings.windows) == 3 for p in multi_max)
     with pytest.raises(ValueError, match="exactly the keys"):
         calibration.build_grid({**FULL_GRID, "extra": [1]}, MapSettings(), 1.0)
 
@@ -101,8 +101,10 @@ def test_grid_scores_equal_direct_computation_through_the_scoring_core(sets):
     labels = np.r_[np.zeros(len(normal[0])), np.ones(len(defects[0]))]
     first_lowpass = next(i for i, p in enumerate(points) if p.settings.lowpass_sigma)
     first_moved = next(i for i, p in enumerate(points) if p.settings.reference_shift)
-    assert points[-1].settings.reference_shift and points[-1].settings.lowpass_sigma
-    for i in (0, 5, first_lowpass, first_moved, len(points) // 2, len(points) - 1):
+    first_tail = next(i for i, p in enumerate(points) if p.settings.normal_reference == "tail")
+    last = points[-1].settings
+    assert last.reference_shift and last.lowpass_sigma and last.normal_reference == "tail"
+    for i in (0, 5, first_lowpass, first_moved, first_tail, len(points) // 2, len(points) - 1):
         s = points[i].settings
         # the reference's normal images: the training images and, with a shift, their moved copies
         normals = with_moved_copies(train[0], s.reference_shift)

@@ -407,6 +407,13 @@ REAL_PARITY_MAPS = {
         "lowpass_sigma": 8.0,
         "localisation": {"smoothing_sigma": 8.0, "normal_reference": "zscore", "lowpass_sigma": 4.0},
     },
+    # the normal maps' upper tail (per-pixel maximum) for both channels, moved copies included
+    "tail_smooth4_lowpass8_moved1": {
+        "smoothing_sigma": 4.0,
+        "normal_reference": "tail",
+        "lowpass_sigma": 8.0,
+        "reference_shift": 1,
+    },
     "mean_smooth2_top1%": {
         "smoothing_sigma": 2.0,
         "score_reduction": "topk_mean",

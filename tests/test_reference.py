@@ -45,17 +45,22 @@ def test_fit_and_apply_formulas():
     np.testing.assert_allclose(ref.apply(new, "mean").numpy(), new.numpy() - ref.mean, rtol=1e-6)
     z = (new.numpy() - ref.mean) / (ref.std + ref.std.mean())
     np.testing.assert_allclose(ref.apply(new, "zscore").numpy(), z, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ref.maximum, maps.max(0), rtol=1e-6)
+    width = maps.max(0) - maps.mean(0)
+    tail = (new.numpy() - ref.mean) / np.maximum(width, width.mean())
+    np.testing.assert_allclose(ref.apply(new, "tail").numpy(), tail, rtol=1e-5, atol=1e-6)
     # a torch stack (the maps of reconstruct_and_score on the device) fits the same reference
     from_torch = NormalReference.fit(torch.from_numpy(maps))
     np.testing.assert_array_equal(from_torch.mean, ref.mean)
     np.testing.assert_array_equal(from_torch.std, ref.std)
+    np.testing.assert_array_equal(from_torch.maximum, ref.maximum)
     assert from_torch.mean.dtype == np.float32 and from_torch.n_images == 6
 
 
 def test_as_tensors_and_correct():
     rng = np.random.default_rng(6)
     ref = NormalReference.fit(rng.random((4, SIZE, SIZE), dtype=np.float32))
-    assert REFERENCE_MODES == ("none", "mean", "zscore")
+    assert REFERENCE_MODES == ("none", "mean", "zscore", "tail")
     mean, scale = ref.as_tensors("mean")
     assert scale is None and mean.dtype == torch.float32 and torch.equal(mean, torch.from_numpy(ref.mean))
     mean, scale = ref.as_tensors("zscore", "cpu")
@@ -77,7 +82,7 @@ def test_reference_removes_a_rim_every_normal_image_has():
     defective = torch.from_numpy(_maps_with_bright_rim(rng, 4, defect=True))
     # raw: the rim is the maximum of every map, so max-scores cannot tell the two apart
     assert (normal.amax((1, 2)) > 0.8).all() and (defective.amax((1, 2)) < 0.9).all()
-    for mode in ("mean", "zscore"):
+    for mode in ("mean", "zscore", "tail"):
         n_scores = ref.apply(normal, mode).amax((1, 2))
         d_scores = ref.apply(defective, mode).amax((1, 2))
         assert d_scores.min() > n_scores.max(), mode
@@ -87,8 +92,37 @@ def test_reference_removes_a_rim_every_normal_image_has():
 
 def test_constant_maps_do_not_divide_by_zero():
     ref = NormalReference.fit(np.zeros((3, SIZE, SIZE), np.float32))
-    out = ref.apply(torch.ones(1, 1, SIZE, SIZE), "zscore")
-    assert torch.isfinite(out).all()
+    for mode in ("zscore", "tail"):
+        assert torch.isfinite(ref.apply(torch.ones(1, 1, SIZE, SIZE), mode)).all(), mode
+
+
+def test_tail_damps_a_pixel_that_glints_now_and_then():
+    """A glint pixel is calm on most normal images and bright on a few: its spread
+    understates how high it reaches, so a z-scored new glint outscores a real, weaker defect
+    elsewhere; in units of the normal maps' per-pixel maximum it does not."""
+    rng = np.random.default_rng(7)
+    normal = rng.uniform(0.0, 0.05, size=(100, SIZE, SIZE)).astype(np.float32)
+    normal[0, 5, 5] = 1.0  # 1 of 100 normal images glints at (5, 5)
+    ref = NormalReference.fit(normal)
+    glint = rng.uniform(0.0, 0.05, size=(1, SIZE, SIZE)).astype(np.float32)
+    glint[0, 5, 5] = 1.0  # a normal image with the glint
+    defect = rng.uniform(0.0, 0.05, size=(1, SIZE, SIZE)).astype(np.float32)
+    defect[0, 20, 20] = 0.25  # a faint defect where normal images never light up
+    score = lambda maps, mode: float(ref.apply(torch.from_numpy(maps), mode).amax())  # noqa: E731
+    assert score(glint, "zscore") > score(defect, "zscore")  # the spread's blind spot
+    assert score(defect, "tail") > score(glint, "tail")
+
+
+def test_tail_needs_the_maximum_an_old_reference_lacks():
+    ref = NormalReference.fit(np.random.default_rng(3).random((3, SIZE, SIZE), dtype=np.float32))
+    old = {k: v for k, v in ref.to_arrays().items() if k != "max"}  # written before tail existed
+    back = NormalReference.from_arrays(old)
+    assert back.maximum is None
+    back.as_tensors("zscore")  # still serves the other modes
+    with pytest.raises(ValueError, match="per-pixel maximum.*refit it with `kedro run --pipeline=evaluate`"):
+        back.as_tensors("tail")
+    with pytest.raises(ValueError, match="max"):
+        NormalReference.from_arrays({**ref.to_arrays(), "max": np.zeros((2, 2), np.float32)})
 
 
 def test_errors_name_the_setting_and_fix():
@@ -116,6 +150,7 @@ def test_versioned_npz_roundtrip(tmp_path):
     )
     np.testing.assert_array_equal(back.mean, ref.mean)
     np.testing.assert_array_equal(back.std, ref.std)
+    np.testing.assert_array_equal(back.maximum, ref.maximum)
     assert back.n_images == 4
     (version_dir,) = (tmp_path / "normal_reference.npz").iterdir()  # saved under a version folder
     assert (version_dir / "normal_reference.npz").is_file()

@@ -20,8 +20,9 @@ Levers (``calibration.grid``): ``blend`` (``ssim``: 1 - local SSIM; ``l2``: squa
 ``ssim+l2``: 1 - SSIM + s * squared error with ``s = mean(1 - SSIM) / mean(squared error)``
 on the normal validation images, so both terms weigh about the same), ``win_size`` (a window
 or a list of them: the multi-scale mean), ``smoothing_sigma``, ``normal_reference``,
-``lowpass_sigma`` (with ``zscore`` only: the per-pixel max with the z-scored low-pass
-difference), ``reference_shift`` (with ``zscore`` only: the reference fitted on the training
+``lowpass_sigma`` (with ``zscore`` or ``tail`` only: the per-pixel max with the low-pass
+difference, normalised the same way), ``reference_shift`` (with ``zscore`` or ``tail`` only:
+the reference fitted on the training
 images and their copies moved by that many px, :func:`~anomaly_ae.scoring.reference.with_moved_copies`)
 and ``score_reduction``.
 """
@@ -42,7 +43,13 @@ from anomaly_ae.evaluation.metrics import rank_auroc
 from anomaly_ae.evaluation.summary import region_scores
 from anomaly_ae.scoring.anomaly_map import MapSettings, blend, error_terms, image_score, lowpass, smooth_terms
 from anomaly_ae.scoring.inference import unit_float
-from anomaly_ae.scoring.reference import NormalReference, ReferenceAccumulator, correct, with_moved_copies
+from anomaly_ae.scoring.reference import (
+    SCALED_MODES,
+    NormalReference,
+    ReferenceAccumulator,
+    correct,
+    with_moved_copies,
+)
 
 __all__ = [
     "BLENDS",
@@ -123,7 +130,7 @@ def build_grid(grid: dict, paper: MapSettings, scale: float) -> list[GridPoint]:
     ``reference_shift``, ``score_reduction``), the paper's map first. A squared-error-only
     blend has no SSIM window, so it is listed once; ``scale_combine`` only varies for
     multi-scale windows; a low-pass channel and moved reference images only go with the
-    ``zscore`` reference."""
+    ``zscore`` and ``tail`` references."""
     expected = {
         "blend",
         "win_size",
@@ -147,9 +154,9 @@ def build_grid(grid: dict, paper: MapSettings, scale: float) -> list[GridPoint]:
             for combine in grid["scale_combine"] if multi else [paper.scale_combine]:
                 for sigma in grid["smoothing_sigma"]:
                     for reference in grid["normal_reference"]:
-                        zscore = reference == "zscore"
-                        lowpasses = grid["lowpass_sigma"] if zscore else [0.0]
-                        shifts = grid["reference_shift"] if zscore else [0]
+                        scaled = reference in SCALED_MODES
+                        lowpasses = grid["lowpass_sigma"] if scaled else [0.0]
+                        shifts = grid["reference_shift"] if scaled else [0]
                         for low, shift, reduction in itertools.product(
                             lowpasses, shifts, grid["score_reduction"]
                         ):
@@ -285,6 +292,7 @@ class _Plan:
     by_sigma: dict[float, dict[tuple, list[GridPoint]]]
     lowpass_sigmas: list[float]
     shifts: list[int]
+    lowpass_modes: list[str]
 
     @property
     def reference_keys(self) -> set[tuple]:
@@ -307,6 +315,7 @@ def _plan(grid: dict, paper: MapSettings, scale: float) -> _Plan:
         by_sigma,
         sorted({float(s) for s in grid.get("lowpass_sigma", [])} - {0.0}),
         sorted({p.settings.reference_shift for p in points}),
+        sorted({p.settings.normal_reference for p in points if p.settings.lowpass_sigma}),
     )
 
 
@@ -342,11 +351,13 @@ def _distinct_maps(
     in the score reduction only), the maps (N, H, W), the reference of its uncorrected map)``,
     from the images' :func:`error_terms` (with ``keep_diff`` when the grid has low-pass
     channels)."""
-    # the z-scored low-pass channel of the images, once per sigma and shift
+    # the normalised low-pass channel of the images, once per sigma, shift and mode
+    raw_lowpass = {s: lowpass(terms, s)[:, 0] for s in plan.lowpass_sigmas}
     lowpasses = {
-        (s, shift): correct(lowpass(terms, s)[:, 0], *references["lowpass", s, shift].as_tensors("zscore"))
+        (s, shift, mode): correct(raw_lowpass[s], *references["lowpass", s, shift].as_tensors(mode))
         for s in plan.lowpass_sigmas
         for shift in plan.shifts
+        for mode in plan.lowpass_modes
     }
     for smoothing, by_raw in plan.by_sigma.items():
         # smoothing is linear: smooth each error term once, then blend (see smooth_terms)
@@ -360,8 +371,8 @@ def _distinct_maps(
             for (mode, low, shift), group in by_map.items():
                 reference = references[shift, smoothing, raw_key]
                 maps = raw if mode == "none" else correct(raw, *reference.as_tensors(mode))
-                if low:  # the per-pixel max with the z-scored low-pass channel (MapSettings)
-                    maps = torch.maximum(maps, lowpasses[low, shift])
+                if low:  # the per-pixel max with the low-pass channel, normalised alike (MapSettings)
+                    maps = torch.maximum(maps, lowpasses[low, shift, mode])
                 yield group, maps, reference
 
 

@@ -1,12 +1,12 @@
 """The anomaly map and the image score, with all their levers, in one place.
 
 ``map = smooth(ssim_weight * mean_w clip(1 - local SSIM_w, 0, 1) + l2_weight * (x - recon)**2)``,
-then compared with the normal reference (``none`` | ``mean`` | ``zscore``, see
+then compared with the normal reference (``none`` | ``mean`` | ``zscore`` | ``tail``, see
 :mod:`anomaly_ae.scoring.reference`), then reduced to one score per image (``max`` | ``mean``
-| ``topk_mean``). With ``lowpass_sigma`` > 0 (z-score only) the map is the per-pixel maximum
-of that z-scored map and the z-scored **low-pass difference** ``|blur(x - recon, lowpass_sigma)|``:
-faint, wide changes (a stain, a shade) that ``1 - SSIM`` barely sees, each channel in units
-of its own normal spread. ``w`` runs over ``win_size`` (one window, or several: the multi-scale
+| ``topk_mean``). With ``lowpass_sigma`` > 0 (``zscore`` or ``tail`` only) the map is the
+per-pixel maximum of that normalised map and the normalised **low-pass difference**
+``|blur(x - recon, lowpass_sigma)|``: faint, wide changes (a stain, a shade) that
+``1 - SSIM`` barely sees, each channel in units of its own normal variation. ``w`` runs over ``win_size`` (one window, or several: the multi-scale
 mean). The defaults of :class:`MapSettings` are the paper's Figure 1 map (``1 - local SSIM``,
 11x11 Gaussian window, sigma 1.5) scored by its maximum; ``conf/base/parameters_evaluation.yml``
 holds the same values (a test keeps them equal).
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from anomaly_ae.config import from_settings
-from anomaly_ae.scoring.reference import check_mode, correct
+from anomaly_ae.scoring.reference import SCALED_MODES, check_mode, correct
 from anomaly_ae.scoring.ssim import (
     PAPER_WIN_SIGMA,
     PAPER_WIN_SIZE,
@@ -123,13 +123,13 @@ class MapSettings:
         if self.reference_shift and self.normal_reference == "none":
             raise ValueError(
                 "evaluation.anomaly_map.reference_shift > 0 moves the training images the normal "
-                "reference is fitted on: it needs normal_reference: mean or zscore (or "
+                "reference is fitted on: it needs normal_reference: mean, zscore or tail (or "
                 f"reference_shift: 0), got normal_reference={self.normal_reference!r}"
             )
-        if self.lowpass_sigma and self.normal_reference != "zscore":
+        if self.lowpass_sigma and self.normal_reference not in SCALED_MODES:
             raise ValueError(
                 "evaluation.anomaly_map.lowpass_sigma > 0 combines two channels in units of their "
-                "normal spread: it needs normal_reference: zscore (or lowpass_sigma: 0), got "
+                "normal variation: it needs normal_reference: zscore or tail (or lowpass_sigma: 0), got "
                 f"normal_reference={self.normal_reference!r}"
             )
         self._check_localisation()

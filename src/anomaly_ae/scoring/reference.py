@@ -12,11 +12,17 @@ and compares each new map against it:
   images;
 * ``zscore`` — ``(map - mean_map) / (std_map + mean(std_map))``: the same in units of the
   pixel's normal spread. The floor ``mean(std_map)`` (scale-free, no tuned constant) keeps
-  pixels that never vary from dividing by ~0.
+  pixels that never vary from dividing by ~0;
+* ``tail`` — ``(map - mean_map) / max(max_map - mean_map, its mean)``: the same in units of
+  how far the pixel's normal maps reach above their mean (their per-pixel maximum), floored
+  by the mean of that width. A pixel that glints now and then has a heavy upper tail that
+  its standard deviation understates; here it is damped by what the normal images actually
+  reached there, so an image's maximum compares like with like across pixels. The maximum,
+  unlike a quantile, is fitted in the same single streaming pass as the mean.
 
 A map with a second channel (the low-pass difference, ``MapSettings.lowpass_sigma``) has a
-reference per channel: ``mean`` and ``std`` are then ``(2, H, W)``, each channel with its own
-floor.
+reference per channel: ``mean``, ``std`` and ``max`` are then ``(2, H, W)``, each channel with
+its own floor.
 
 The reference uses training images only, so the held-out validation images that calibrate
 the decision threshold (and the ablation's synthetic defects) stay unseen. But the model
@@ -36,6 +42,7 @@ import torch
 
 __all__ = [
     "REFERENCE_MODES",
+    "SCALED_MODES",
     "NormalReference",
     "ReferenceAccumulator",
     "correct",
@@ -43,7 +50,10 @@ __all__ = [
     "with_moved_copies",
 ]
 
-REFERENCE_MODES = ("none", "mean", "zscore")
+REFERENCE_MODES = ("none", "mean", "zscore", "tail")
+#: the modes that put a map in units of its normal variation (a low-pass channel and moved
+#: copies go with these: each channel is compared in its own units)
+SCALED_MODES = ("zscore", "tail")
 LOCALISATION = "localisation_"  # prefix of the localisation map's arrays in normal_reference.npz
 
 
@@ -57,13 +67,15 @@ def check_mode(mode: str) -> str:
 
 @dataclass(frozen=True)
 class NormalReference:
-    """Per-pixel mean and standard deviation of the anomaly maps of normal images."""
+    """Per-pixel mean, standard deviation and maximum of the anomaly maps of normal images."""
 
     mean: np.ndarray  # (H, W) float32, or (C, H, W) for a map of C channels
     std: np.ndarray  # the same shape
     n_images: int
     #: the localisation map's reference (``MapSettings.localisation``), when it needs one
     localisation: NormalReference | None = None
+    #: the per-pixel maximum (the same shape; None in a reference fitted before ``tail`` existed)
+    maximum: np.ndarray | None = None
 
     @classmethod
     def fit(cls, maps: np.ndarray | torch.Tensor) -> NormalReference:
@@ -75,6 +87,8 @@ class NormalReference:
         """For :class:`anomaly_ae.datasets.NpzDataset` (the localisation map's reference, if
         any, under ``localisation_mean``, ``localisation_std``, ``localisation_n_images``)."""
         arrays = {"mean": self.mean, "std": self.std, "n_images": np.asarray(self.n_images)}
+        if self.maximum is not None:
+            arrays["max"] = self.maximum
         if self.localisation is not None:
             arrays.update({f"{LOCALISATION}{k}": v for k, v in self.localisation.to_arrays().items()})
         return arrays
@@ -92,9 +106,12 @@ class NormalReference:
             raise ValueError(
                 f"{source}: mean {mean.shape} and std {std.shape} must be equal (H, W) or (C, H, W) maps"
             )
+        maximum = np.asarray(arrays["max"], np.float32) if "max" in arrays else None
+        if maximum is not None and maximum.shape != mean.shape:
+            raise ValueError(f"{source}: max {maximum.shape} must have the shape of mean {mean.shape}")
         nested = {k.removeprefix(LOCALISATION): v for k, v in arrays.items() if k.startswith(LOCALISATION)}
         localisation = cls.from_arrays(nested, f"{source} (localisation map)") if nested else None
-        return cls(mean, std, int(arrays["n_images"]), localisation)
+        return cls(mean, std, int(arrays["n_images"]), localisation, maximum)
 
     @property
     def channels(self) -> int:
@@ -125,13 +142,24 @@ class NormalReference:
         mean = torch.as_tensor(self.mean, dtype=torch.float32).to(device)
         if mode == "mean":
             return mean, None
+        eps = torch.finfo(torch.float32).eps
+        if mode == "tail":
+            if self.maximum is None:
+                raise ValueError(
+                    "normal_reference='tail' needs the normal maps' per-pixel maximum, which this "
+                    "normal_reference.npz lacks (fitted by an older version); refit it with "
+                    "`kedro run --pipeline=evaluate`."
+                )
+            width = (torch.as_tensor(self.maximum, dtype=torch.float32).to(device) - mean).clamp_min(0.0)
+            floor = width.mean(dim=(-2, -1), keepdim=True)  # per channel
+            return mean, torch.maximum(width, floor).clamp_min(eps)
         std = torch.as_tensor(self.std, dtype=torch.float32).to(device)
         floor = std.mean(dim=(-2, -1), keepdim=True)  # per channel
-        return mean, (std + floor).clamp_min(torch.finfo(torch.float32).eps)
+        return mean, (std + floor).clamp_min(eps)
 
     def typical(self, mode: str) -> np.ndarray:
         """The normal images' mean map in the units of ``mode``'s corrected maps: the mean
-        map itself for ``none``, zeros for ``mean`` and ``zscore`` (by construction)."""
+        map itself for ``none``, zeros for the others (by construction)."""
         if check_mode(mode) == "none":
             return self.mean.copy()
         return np.zeros(self.mean.shape[-2:], self.mean.dtype)  # one channel after the max
@@ -153,6 +181,7 @@ class ReferenceAccumulator:
         self.total: torch.Tensor | None = None
         self.shift: torch.Tensor | None = None  # the first map: sums of (map - shift) stay small
         self.squares: torch.Tensor | None = None
+        self.maximum: torch.Tensor | None = None
 
     def add(self, maps: np.ndarray | torch.Tensor) -> ReferenceAccumulator:
         maps = torch.as_tensor(maps)
@@ -169,6 +198,7 @@ class ReferenceAccumulator:
             self.shift = maps[0].clone()
             self.total = torch.zeros_like(self.shift)
             self.squares = torch.zeros_like(self.shift)
+            self.maximum = self.shift.clone()
         elif maps.shape[1:] != self.shift.shape:
             raise ValueError(
                 f"anomaly maps of {tuple(maps.shape[1:])} added to a reference of {tuple(self.shift.shape)}"
@@ -176,6 +206,7 @@ class ReferenceAccumulator:
         centred = maps - self.shift
         self.total += centred.sum(dim=0)
         self.squares += centred.square().sum(dim=0)
+        torch.maximum(self.maximum, maps.amax(dim=0), out=self.maximum)
         self.n += len(maps)
         return self
 
@@ -185,7 +216,9 @@ class ReferenceAccumulator:
         mean_centred = self.total / self.n
         var = (self.squares / self.n - mean_centred.square()).clamp_min(0.0)
         mean = mean_centred + self.shift
-        return NormalReference(mean.float().numpy(), var.sqrt().float().numpy(), self.n)
+        return NormalReference(
+            mean.float().numpy(), var.sqrt().float().numpy(), self.n, maximum=self.maximum.float().numpy()
+        )
 
 
 def correct(maps: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
