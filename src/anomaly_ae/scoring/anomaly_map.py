@@ -6,8 +6,8 @@ then compared with the normal reference (``none`` | ``mean`` | ``zscore`` | ``ta
 | ``topk_mean``). With ``lowpass_sigma`` > 0 (``zscore`` or ``tail`` only) the map is the
 per-pixel maximum of that normalised map and the normalised **low-pass difference**
 ``|blur(x - recon, lowpass_sigma)|``: faint, wide changes (a stain, a shade) that
-``1 - SSIM`` barely sees, each channel in units of its own normal variation. ``w`` runs over ``win_size`` (one window, or several: the multi-scale
-mean). The defaults of :class:`MapSettings` are the paper's Figure 1 map (``1 - local SSIM``,
+``1 - SSIM`` barely sees, each channel in units of its own normal variation. ``w`` runs
+over ``win_size`` (one window, or several: the multi-scale mean). The defaults of :class:`MapSettings` are the paper's Figure 1 map (``1 - local SSIM``,
 11x11 Gaussian window, sigma 1.5) scored by its maximum; ``conf/base/parameters_evaluation.yml``
 holds the same values (a test keeps them equal).
 
