@@ -64,7 +64,9 @@ the spread floored by its mean):
              width blurred at sigma 0 or 4 and floored by its mean, against the pipeline's
              z-score; the normal maps from the training images, and with their copies
              moved by 1 px - does a glint pixel's heavy tail, which a spread understates,
-             hold the good images' maxima up?
+             hold the good images' maxima up? Also centred on the mean, as the pipeline's
+             `tail` reference, with the maximum or the 2nd largest value (robust to one
+             unclean training image)
   peaks      no variants: with the pipeline's map, the good test images' maxima, and per
              held-out spot and smudge the maximum inside its mask against them - how many
              pasted defects rise above every good image?
@@ -716,6 +718,16 @@ def tail(network, sets, args) -> list[dict]:
                         f"{pool_name}: (m - median) / (q{q:g} - median), blur {blur}", sets, pmax(*normed)
                     )
                 )
+        # centred on the mean, as the pipeline's `tail` reference; the k-th largest normal map
+        # value in place of the maximum (k 2: one unclean training image cannot set the width)
+        for k in (1, 2):
+            normed = []
+            for n in spec:
+                mean = ordered[n].mean(0)
+                width = (ordered[n][-k] - mean).clamp(min=0)
+                width = width.clamp(min=float(width.mean()))
+                normed.append({key: (m - mean) / width for key, m in plain[n].items()})
+            rows.append(evaluate(f"{pool_name}: (m - mean) / ({k}. largest - mean)", sets, pmax(*normed)))
     return rows
 
 
