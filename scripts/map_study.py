@@ -67,6 +67,11 @@ the spread floored by its mean):
              hold the good images' maxima up? Also centred on the mean, as the pipeline's
              `tail` reference, with the maximum or the 2nd largest value (robust to one
              unclean training image)
+  unclean    each held-out spot and smudge also copied into one training image at the same
+             place (an unlabelled defect among the normal training images, the worst case),
+             one such image per defect: the z-score, the tail by the maximum and by the 2nd
+             largest value, fitted on the clean and on the unclean training images - how much
+             does one unclean image damp a later defect at its place?
   peaks      no variants: with the pipeline's map, the good test images' maxima, and per
              held-out spot and smudge the maximum inside its mask against them - how many
              pasted defects rise above every good image?
@@ -731,6 +736,112 @@ def tail(network, sets, args) -> list[dict]:
     return rows
 
 
+def _tail_by(pool: torch.Tensor, maps: Maps, how: str) -> Maps:
+    """``maps`` normalised by the normal ``pool``: the pipeline's ``zscore`` or ``tail`` (the
+    per-pixel maximum), or ``second``: the tail by the 2nd largest normal value."""
+    if how != "second":
+        reference = NormalReference.fit(pool)
+        return {k: reference.apply(m, how) for k, m in maps.items()}
+    mean = pool.mean(0)
+    width = (pool.topk(2, dim=0).values[1] - mean).clamp(min=0)
+    width = width.clamp(min=float(width.mean()))
+    return {k: (m - mean) / width for k, m in maps.items()}
+
+
+def _apart(a: tuple, b: tuple) -> bool:
+    """Two (top, bottom, left, right) boxes do not overlap."""
+    return a[1] < b[0] or b[1] < a[0] or a[3] < b[2] or b[3] < a[2]
+
+
+def unclean(network, sets, args) -> list[dict]:
+    """An unlabelled defect among the normal training images, at the place of a later one:
+    each held-out spot and smudge is copied (its change to the good image it was pasted on)
+    into one training image at the same place, the worst case for a per-pixel reference.
+    The copies are grouped so that no two in a group come within 3 sigma of the widest blur
+    of each other; per group the references are refitted with those training images unclean,
+    and the group's held-out defects and the good test images scored with them. So each held-
+    out defect sees exactly one unclean training image at its place. Per reference (z-score,
+    tail by the maximum as the pipeline, tail by the 2nd largest value), the held-out spot and
+    smudge image AUROC against the good test images, with clean and with unclean references;
+    from the training images alone and with their copies moved by 1 px (the unclean image's
+    moved copies unclean too)."""
+    spec = {"ssim s4": ("ssim", 4), "lowpass s8": ("lowpass", 8)}
+    plain = maps_of(network, sets, spec, args.batch)
+    images, labels, kinds = sets["images"], sets["labels"], sets["held_kinds"]
+    train = as_unit_float(np.asarray(images["train"]))
+    good = as_unit_float(np.asarray(images["test"])[~labels])
+    held = np.asarray(images["held"])
+    per = len(held) // len(good)
+    masks = np.asarray(sets["held_masks"]) > 0
+    reach = 3 * max(sigma for _, sigma in spec.values())
+    groups: list[tuple[list[int], list[tuple[int, int, int, int]]]] = []
+    for j in np.flatnonzero(np.isin(kinds, ("spot", "smudge"))):
+        ys, xs = np.nonzero(masks[j])
+        box = (ys.min() - reach, ys.max() + reach, xs.min() - reach, xs.max() + reach)
+        for members, boxes in groups:
+            if len(members) < len(train) and all(_apart(box, b) for b in boxes):
+                members.append(int(j))
+                boxes.append(box)
+                break
+        else:
+            groups.append(([int(j)], [box]))
+    copies = sum(len(g[0]) for g in groups)
+    print(f"{copies} held-out spots and smudges in {len(groups)} groups of copies apart")
+    good_maps = {n: plain[n]["test"][torch.from_numpy(~labels)] for n in spec}
+    modes = {"zscore": "z-score", "tail": "tail: maximum (pipeline)", "second": "tail: 2nd largest"}
+    pools_of = ("training", "training + moved 1")
+    # pool -> state -> mode -> held-out index -> (its score, the good images' scores, same reference)
+    scored: dict = {p: {s: {m: {} for m in modes} for s in ("clean", "unclean")} for p in pools_of}
+
+    def normal_maps(x: np.ndarray, with_moved: bool) -> dict[str, torch.Tensor]:
+        """The maps of ``x`` and, ``with_moved``, of its four copies moved by 1 px, in that order."""
+        parts = [{n: torch.cat([p[n] for p in channel_maps(network, x, spec, args.batch)]) for n in spec}]
+        if with_moved:
+            parts += list(moved_maps(network, x, spec, args.batch, 1).values())
+        return {n: torch.cat([p[n] for p in parts]) for n in spec}
+
+    def score(pools: dict, members: list[int], into: dict) -> None:
+        for how in modes:
+            normed = pmax(
+                *(
+                    _tail_by(pools[n], {"held": plain[n]["held"][members], "good": good_maps[n]}, how)
+                    for n in spec
+                )
+            )
+            held_scores = normed["held"].flatten(1).amax(1).numpy()
+            good_scores = normed["good"].flatten(1).amax(1).numpy()
+            for j, v in zip(members, held_scores, strict=True):
+                into[how][j] = (v, good_scores)
+
+    for pool_name in pools_of:
+        with_moved = pool_name != "training"
+        clean = normal_maps(train, with_moved)
+        for members, _ in groups:
+            score(clean, members, scored[pool_name]["clean"])
+            dirty = train[: len(members)].copy()
+            for k, j in enumerate(members):
+                dirty[k] += held[j] - good[j // per]
+            np.clip(dirty, 0.0, 1.0, out=dirty)
+            replaced = normal_maps(dirty, with_moved)
+            rows_of = np.concatenate(
+                [np.arange(len(members)) + c * len(train) for c in range(5 if with_moved else 1)]
+            )
+            pools = {}
+            for n in spec:
+                pools[n] = clean[n].clone()
+                pools[n][rows_of] = replaced[n]
+            score(pools, members, scored[pool_name]["unclean"])
+        del clean
+    rows = []
+    for pool_name, state, (how, label) in itertools.product(pools_of, ("clean", "unclean"), modes.items()):
+        row = {"variant": f"{pool_name}, {state}: {label}"}
+        for kind in ("spot", "smudge"):
+            pairs = [scored[pool_name][state][how][j] for j in np.flatnonzero(kinds == kind)]
+            row[f"held_{kind}"] = float(np.mean([(g < v).mean() + 0.5 * (g == v).mean() for v, g in pairs]))
+        rows.append(row)
+    return rows
+
+
 STUDIES: dict[str, Callable] = {
     f.__name__: f
     for f in (
@@ -749,6 +860,7 @@ STUDIES: dict[str, Callable] = {
         shifted,
         localise,
         tail,
+        unclean,
     )
 }
 

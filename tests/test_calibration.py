@@ -12,9 +12,9 @@ import torch
 from anomaly_ae.data.defects import DEFAULT_KINDS, paste_synthetic_defects
 from anomaly_ae.evaluation import calibration
 from anomaly_ae.evaluation.metrics import aupro, image_auroc, pixel_auroc
-from anomaly_ae.scoring import MapSettings, NormalReference, anomaly_map, image_score
+from anomaly_ae.scoring import MapSettings, anomaly_map, image_score
 from anomaly_ae.scoring.anomaly_map import raw_map
-from anomaly_ae.scoring.reference import with_moved_copies
+from anomaly_ae.scoring.reference import ReferenceAccumulator, with_moved_copies
 
 SIZE = 64
 FULL_GRID = {
@@ -106,10 +106,14 @@ def test_grid_scores_equal_direct_computation_through_the_scoring_core(sets):
     assert last.reference_shift and last.lowpass_sigma and last.normal_reference == "tail"
     for i in (0, 5, first_lowpass, first_moved, first_tail, len(points) // 2, len(points) - 1):
         s = points[i].settings
-        # the reference's normal images: the training images and, with a shift, their moved copies
+        # the reference's normal images: the training images and, with a shift, their moved
+        # copies, each copy counting as its image (the tail's largest value of a second image)
         normals = with_moved_copies(train[0], s.reference_shift)
-        reference = NormalReference.fit(
-            raw_map(torch.from_numpy(normals), torch.from_numpy(train[1](normals)), s).float()
+        sources = np.tile(np.arange(len(train[0])), len(normals) // len(train[0]))
+        reference = (
+            ReferenceAccumulator()
+            .add(raw_map(torch.from_numpy(normals), torch.from_numpy(train[1](normals)), s).float(), sources)
+            .result()
         )
         ref = None if s.normal_reference == "none" else reference.as_tensors(s.normal_reference)
         maps = anomaly_map(images, recon, s, ref)[:, 0]

@@ -16,7 +16,13 @@ from anomaly_ae.model import AutoencoderConfig, build_model
 from anomaly_ae.model.checkpoint import checkpoint_fingerprint
 from anomaly_ae.scoring import MapSettings
 from anomaly_ae.scoring.inference import fit_normal_reference, reconstruct_and_score
-from anomaly_ae.scoring.reference import REFERENCE_MODES, NormalReference, correct, with_moved_copies
+from anomaly_ae.scoring.reference import (
+    REFERENCE_MODES,
+    NormalReference,
+    ReferenceAccumulator,
+    correct,
+    with_moved_copies,
+)
 from anomaly_ae.training.trainer import TrainingConfig, build_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -45,15 +51,16 @@ def test_fit_and_apply_formulas():
     np.testing.assert_allclose(ref.apply(new, "mean").numpy(), new.numpy() - ref.mean, rtol=1e-6)
     z = (new.numpy() - ref.mean) / (ref.std + ref.std.mean())
     np.testing.assert_allclose(ref.apply(new, "zscore").numpy(), z, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(ref.maximum, maps.max(0), rtol=1e-6)
-    width = maps.max(0) - maps.mean(0)
+    second = np.sort(maps, axis=0)[-2]  # the largest value of a second image
+    np.testing.assert_allclose(ref.upper, second, rtol=1e-6)
+    width = np.clip(second - maps.mean(0), 0, None)  # below the mean where one image is far above
     tail = (new.numpy() - ref.mean) / np.maximum(width, width.mean())
     np.testing.assert_allclose(ref.apply(new, "tail").numpy(), tail, rtol=1e-5, atol=1e-6)
     # a torch stack (the maps of reconstruct_and_score on the device) fits the same reference
     from_torch = NormalReference.fit(torch.from_numpy(maps))
     np.testing.assert_array_equal(from_torch.mean, ref.mean)
     np.testing.assert_array_equal(from_torch.std, ref.std)
-    np.testing.assert_array_equal(from_torch.maximum, ref.maximum)
+    np.testing.assert_array_equal(from_torch.upper, ref.upper)
     assert from_torch.mean.dtype == np.float32 and from_torch.n_images == 6
 
 
@@ -99,30 +106,75 @@ def test_constant_maps_do_not_divide_by_zero():
 def test_tail_damps_a_pixel_that_glints_now_and_then():
     """A glint pixel is calm on most normal images and bright on a few: its spread
     understates how high it reaches, so a z-scored new glint outscores a real, weaker defect
-    elsewhere; in units of the normal maps' per-pixel maximum it does not."""
+    elsewhere; in units of how high the normal maps reach there it does not."""
     rng = np.random.default_rng(7)
     normal = rng.uniform(0.0, 0.05, size=(100, SIZE, SIZE)).astype(np.float32)
-    normal[0, 5, 5] = 1.0  # 1 of 100 normal images glints at (5, 5)
+    normal[:2, 5, 5] = 1.0  # 2 of 100 normal images glint at (5, 5)
     ref = NormalReference.fit(normal)
     glint = rng.uniform(0.0, 0.05, size=(1, SIZE, SIZE)).astype(np.float32)
     glint[0, 5, 5] = 1.0  # a normal image with the glint
     defect = rng.uniform(0.0, 0.05, size=(1, SIZE, SIZE)).astype(np.float32)
-    defect[0, 20, 20] = 0.25  # a faint defect where normal images never light up
+    defect[0, 20, 20] = 0.2  # a faint defect where normal images never light up
     score = lambda maps, mode: float(ref.apply(torch.from_numpy(maps), mode).amax())  # noqa: E731
     assert score(glint, "zscore") > score(defect, "zscore")  # the spread's blind spot
     assert score(defect, "tail") > score(glint, "tail")
 
 
-def test_tail_needs_the_maximum_an_old_reference_lacks():
+def test_one_unclean_training_image_does_not_blind_the_tail():
+    """An unlabelled defect in one normal training image at the place of a later defect: by
+    the normal maps' maximum the width there would be that defect's own level and a later one
+    would score like a normal image; by the largest value of a second image it stands out."""
+    rng = np.random.default_rng(8)
+    normal = rng.uniform(0.0, 0.05, size=(100, SIZE, SIZE)).astype(np.float32)
+    normal[0, 20:23, 20:23] = 0.5  # one unclean training image
+    ref = NormalReference.fit(normal)
+    later = rng.uniform(0.0, 0.05, size=(1, SIZE, SIZE)).astype(np.float32)
+    later[0, 20:23, 20:23] = 0.5
+    clean = rng.uniform(0.0, 0.05, size=(1, SIZE, SIZE)).astype(np.float32)
+    score = lambda maps: float(ref.apply(torch.from_numpy(maps), "tail").amax())  # noqa: E731
+    assert score(later) > 5 * score(clean)
+    maximum = normal.max(0) - normal.mean(0)  # what the maximum would have made of it
+    blinded = (later[0] - normal.mean(0)) / np.maximum(maximum, maximum.mean())
+    assert blinded.max() < 1.5 * score(clean)
+
+
+def test_moved_copies_count_as_their_image():
+    """An image's moved copies are that image: the tail's `upper` is the largest value of a
+    second *image*, however its copies arrive (one batch or several)."""
+    rng = np.random.default_rng(9)
+    maps = rng.uniform(0.0, 0.05, size=(10, SIZE, SIZE)).astype(np.float32)
+    sources = np.arange(10) % 4  # images 0-3, each with two or three copies
+    maps[sources == 1, 7, 7] = [0.9, 0.8, 0.7][: int((sources == 1).sum())]  # image 1's copies, high
+    maps[5, 7, 7] = 0.9  # image 1 again (5 % 4 == 1)
+    maps[2, 7, 7] = 0.3  # image 2
+    per_image = np.stack([maps[sources == i].max(0) for i in range(4)])
+    expected = np.sort(per_image, axis=0)[-2]
+    whole = ReferenceAccumulator().add(maps, sources).result()
+    parts = ReferenceAccumulator()
+    for start in range(0, 10, 3):  # copies of one image split across batches
+        parts.add(maps[start : start + 3], sources[start : start + 3])
+    for ref in (whole, parts.result()):
+        np.testing.assert_allclose(ref.upper, expected, rtol=1e-6)
+        assert ref.upper[7, 7] == pytest.approx(0.3)
+    one = ReferenceAccumulator().add(maps[:3], np.zeros(3, int)).result()  # one image: no width
+    np.testing.assert_allclose(one.upper, one.mean, rtol=1e-6)
+    with pytest.raises(ValueError, match="3 maps but 2 sources"):
+        ReferenceAccumulator().add(maps[:3], [0, 1])
+
+
+def test_tail_needs_the_upper_tail_an_old_reference_lacks():
     ref = NormalReference.fit(np.random.default_rng(3).random((3, SIZE, SIZE), dtype=np.float32))
-    old = {k: v for k, v in ref.to_arrays().items() if k != "max"}  # written before tail existed
-    back = NormalReference.from_arrays(old)
-    assert back.maximum is None
-    back.as_tensors("zscore")  # still serves the other modes
-    with pytest.raises(ValueError, match="per-pixel maximum.*refit it with `kedro run --pipeline=evaluate`"):
-        back.as_tensors("tail")
-    with pytest.raises(ValueError, match="max"):
-        NormalReference.from_arrays({**ref.to_arrays(), "max": np.zeros((2, 2), np.float32)})
+    arrays = ref.to_arrays()
+    # written before tail existed, or when it stored the plain maximum ("max"): not read
+    before = {k: v for k, v in arrays.items() if k != "upper"}
+    for old in (before, {**before, "max": arrays["upper"]}):
+        back = NormalReference.from_arrays(old)
+        assert back.upper is None
+        back.as_tensors("zscore")  # still serves the other modes
+        with pytest.raises(ValueError, match="upper tail.*refit it with `kedro run --pipeline=evaluate`"):
+            back.as_tensors("tail")
+    with pytest.raises(ValueError, match="upper"):
+        NormalReference.from_arrays({**ref.to_arrays(), "upper": np.zeros((2, 2), np.float32)})
 
 
 def test_errors_name_the_setting_and_fix():
@@ -150,7 +202,7 @@ def test_versioned_npz_roundtrip(tmp_path):
     )
     np.testing.assert_array_equal(back.mean, ref.mean)
     np.testing.assert_array_equal(back.std, ref.std)
-    np.testing.assert_array_equal(back.maximum, ref.maximum)
+    np.testing.assert_array_equal(back.upper, ref.upper)
     assert back.n_images == 4
     (version_dir,) = (tmp_path / "normal_reference.npz").iterdir()  # saved under a version folder
     assert (version_dir / "normal_reference.npz").is_file()

@@ -239,7 +239,7 @@ def _train_references(
         ("lowpass", s, shift): ReferenceAccumulator() for s in lowpass_sigmas for shift in shifts
     }
 
-    def add(batch: np.ndarray, rebuilt: np.ndarray, into: Sequence[int]) -> None:
+    def add(batch: np.ndarray, rebuilt: np.ndarray, into: Sequence[int], sources: np.ndarray) -> None:
         terms = error_terms(
             unit_float(torch.from_numpy(batch)),
             torch.from_numpy(np.ascontiguousarray(rebuilt)),
@@ -252,20 +252,22 @@ def _train_references(
             for key, members in by_raw.items():
                 maps = blend(smoothed, members[0].settings)[:, 0]
                 for shift in into:
-                    accumulators[shift, smoothing, key].add(maps)
+                    accumulators[shift, smoothing, key].add(maps, sources)
         for s in lowpass_sigmas:
             maps = lowpass(terms, s)[:, 0]
             for shift in into:
-                accumulators["lowpass", s, shift].add(maps)
+                accumulators["lowpass", s, shift].add(maps, sources)
 
     for start in range(0, len(images), batch_size):
         batch = np.ascontiguousarray(images[start : start + batch_size])
-        add(batch, recon(batch) if callable(recon) else recon[start : start + batch_size], shifts)
+        sources = np.arange(start, start + len(batch))  # an image's moved copies count as it
+        add(batch, recon(batch) if callable(recon) else recon[start : start + batch_size], shifts, sources)
         for shift in moves:  # the moved copies, a batch of them at a time
             copies = with_moved_copies(batch, shift)[len(batch) :]
+            copied = np.tile(sources, len(copies) // len(batch))
             for part in range(0, len(copies), batch_size):
                 moved = np.ascontiguousarray(copies[part : part + batch_size])
-                add(moved, recon(moved), [shift])
+                add(moved, recon(moved), [shift], copied[part : part + batch_size])
     return {key: accumulator.result() for key, accumulator in accumulators.items()}
 
 

@@ -13,16 +13,20 @@ and compares each new map against it:
 * ``zscore`` — ``(map - mean_map) / (std_map + mean(std_map))``: the same in units of the
   pixel's normal spread. The floor ``mean(std_map)`` (scale-free, no tuned constant) keeps
   pixels that never vary from dividing by ~0;
-* ``tail`` — ``(map - mean_map) / max(max_map - mean_map, its mean)``: the same in units of
-  how far the pixel's normal maps reach above their mean (their per-pixel maximum), floored
-  by the mean of that width. A pixel that glints now and then has a heavy upper tail that
-  its standard deviation understates; here it is damped by what the normal images actually
-  reached there, so an image's maximum compares like with like across pixels. The maximum,
-  unlike a quantile, is fitted in the same single streaming pass as the mean.
+* ``tail`` — ``(map - mean_map) / max(upper_map - mean_map, its mean)``: the same in units of
+  how far the pixel's normal maps reach above their mean, floored by the mean of that width.
+  A pixel that glints now and then has a heavy upper tail that its standard deviation
+  understates; here it is damped by what the normal images actually reached there, so an
+  image's maximum compares like with like across pixels. ``upper_map`` is, per pixel, the
+  largest value that a *second* normal image reached (the maximum over images once the
+  highest image is left out; an image's moved copies count as that image): one unclean
+  training image, a defect nobody labelled, cannot set the width at its defect's place and
+  so blind the reference to a later defect there, as the maximum would. It is fitted in the
+  same single streaming pass as the mean.
 
 A map with a second channel (the low-pass difference, ``MapSettings.lowpass_sigma``) has a
-reference per channel: ``mean``, ``std`` and ``max`` are then ``(2, H, W)``, each channel with
-its own floor.
+reference per channel: ``mean``, ``std`` and ``upper`` are then ``(2, H, W)``, each channel
+with its own floor.
 
 The reference uses training images only, so the held-out validation images that calibrate
 the decision threshold (and the ablation's synthetic defects) stay unseen. But the model
@@ -67,15 +71,16 @@ def check_mode(mode: str) -> str:
 
 @dataclass(frozen=True)
 class NormalReference:
-    """Per-pixel mean, standard deviation and maximum of the anomaly maps of normal images."""
+    """Per-pixel mean, standard deviation and upper tail of the anomaly maps of normal images."""
 
     mean: np.ndarray  # (H, W) float32, or (C, H, W) for a map of C channels
     std: np.ndarray  # the same shape
     n_images: int
     #: the localisation map's reference (``MapSettings.localisation``), when it needs one
     localisation: NormalReference | None = None
-    #: the per-pixel maximum (the same shape; None in a reference fitted before ``tail`` existed)
-    maximum: np.ndarray | None = None
+    #: per pixel, the largest value a second normal image reached (the same shape; None in a
+    #: reference fitted before ``tail`` used it)
+    upper: np.ndarray | None = None
 
     @classmethod
     def fit(cls, maps: np.ndarray | torch.Tensor) -> NormalReference:
@@ -87,8 +92,8 @@ class NormalReference:
         """For :class:`anomaly_ae.datasets.NpzDataset` (the localisation map's reference, if
         any, under ``localisation_mean``, ``localisation_std``, ``localisation_n_images``)."""
         arrays = {"mean": self.mean, "std": self.std, "n_images": np.asarray(self.n_images)}
-        if self.maximum is not None:
-            arrays["max"] = self.maximum
+        if self.upper is not None:
+            arrays["upper"] = self.upper
         if self.localisation is not None:
             arrays.update({f"{LOCALISATION}{k}": v for k, v in self.localisation.to_arrays().items()})
         return arrays
@@ -106,12 +111,14 @@ class NormalReference:
             raise ValueError(
                 f"{source}: mean {mean.shape} and std {std.shape} must be equal (H, W) or (C, H, W) maps"
             )
-        maximum = np.asarray(arrays["max"], np.float32) if "max" in arrays else None
-        if maximum is not None and maximum.shape != mean.shape:
-            raise ValueError(f"{source}: max {maximum.shape} must have the shape of mean {mean.shape}")
+        # a reference of an older version may hold "max" (the plain maximum): not read, so
+        # `tail` asks for a refit rather than silently changing its meaning
+        upper = np.asarray(arrays["upper"], np.float32) if "upper" in arrays else None
+        if upper is not None and upper.shape != mean.shape:
+            raise ValueError(f"{source}: upper {upper.shape} must have the shape of mean {mean.shape}")
         nested = {k.removeprefix(LOCALISATION): v for k, v in arrays.items() if k.startswith(LOCALISATION)}
         localisation = cls.from_arrays(nested, f"{source} (localisation map)") if nested else None
-        return cls(mean, std, int(arrays["n_images"]), localisation, maximum)
+        return cls(mean, std, int(arrays["n_images"]), localisation, upper)
 
     @property
     def channels(self) -> int:
@@ -144,13 +151,14 @@ class NormalReference:
             return mean, None
         eps = torch.finfo(torch.float32).eps
         if mode == "tail":
-            if self.maximum is None:
+            if self.upper is None:
                 raise ValueError(
-                    "normal_reference='tail' needs the normal maps' per-pixel maximum, which this "
+                    "normal_reference='tail' needs the normal maps' upper tail (`upper`: per pixel, "
+                    "the largest value a second normal image reached), which this "
                     "normal_reference.npz lacks (fitted by an older version); refit it with "
                     "`kedro run --pipeline=evaluate`."
                 )
-            width = (torch.as_tensor(self.maximum, dtype=torch.float32).to(device) - mean).clamp_min(0.0)
+            width = (torch.as_tensor(self.upper, dtype=torch.float32).to(device) - mean).clamp_min(0.0)
             floor = width.mean(dim=(-2, -1), keepdim=True)  # per channel
             return mean, torch.maximum(width, floor).clamp_min(eps)
         std = torch.as_tensor(self.std, dtype=torch.float32).to(device)
@@ -174,16 +182,25 @@ class NormalReference:
 
 class ReferenceAccumulator:
     """:meth:`NormalReference.fit` one batch at a time: per-pixel sums in float64, so the
-    maps of thousands of images never have to be held at once. ``add`` returns ``self``."""
+    maps of thousands of images never have to be held at once. ``add`` returns ``self``.
+
+    Per pixel it also keeps the largest value, the image it came from, and the largest value
+    of any *other* image (``upper``, the ``tail`` reference's width): ``sources`` names each
+    map's image, so that an image's moved copies count as that one image; by default every
+    map is an image of its own."""
 
     def __init__(self) -> None:
         self.n = 0
         self.total: torch.Tensor | None = None
         self.shift: torch.Tensor | None = None  # the first map: sums of (map - shift) stay small
         self.squares: torch.Tensor | None = None
-        self.maximum: torch.Tensor | None = None
+        self.top: torch.Tensor | None = None  # per pixel, the largest value ...
+        self.top_source: torch.Tensor | None = None  # ... the image it came from ...
+        self.upper: torch.Tensor | None = None  # ... and the largest of every other image
 
-    def add(self, maps: np.ndarray | torch.Tensor) -> ReferenceAccumulator:
+    def add(self, maps: np.ndarray | torch.Tensor, sources: np.ndarray | None = None) -> ReferenceAccumulator:
+        """Add ``(N, H, W)`` or ``(N, C, H, W)`` maps; ``sources``: the image each came from (N
+        integers; maps of one image, e.g. its moved copies, share one), default one each."""
         maps = torch.as_tensor(maps)
         if maps.dim() == 4 and maps.shape[1] == 1:
             maps = maps[:, 0]
@@ -193,12 +210,21 @@ class ReferenceAccumulator:
             )
         if len(maps) == 0:
             return self
-        maps = maps.detach().to("cpu", torch.float64)
+        if sources is None:
+            sources = np.arange(self.n, self.n + len(maps)) - (1 << 62)  # never an image's id
+        sources = np.asarray(sources, np.int64).ravel()
+        if len(sources) != len(maps):
+            raise ValueError(f"{len(maps)} maps but {len(sources)} sources")
+        maps = maps.detach().to("cpu")
+        tops = maps.float()  # the largest values need no float64 (maps are float32)
+        maps = maps.double()
         if self.shift is None:
             self.shift = maps[0].clone()
             self.total = torch.zeros_like(self.shift)
             self.squares = torch.zeros_like(self.shift)
-            self.maximum = self.shift.clone()
+            self.top = torch.full_like(tops[0], -torch.inf)
+            self.top_source = torch.full(self.shift.shape, -1, dtype=torch.int64)
+            self.upper = torch.full_like(tops[0], -torch.inf)
         elif maps.shape[1:] != self.shift.shape:
             raise ValueError(
                 f"anomaly maps of {tuple(maps.shape[1:])} added to a reference of {tuple(self.shift.shape)}"
@@ -206,9 +232,34 @@ class ReferenceAccumulator:
         centred = maps - self.shift
         self.total += centred.sum(dim=0)
         self.squares += centred.square().sum(dim=0)
-        torch.maximum(self.maximum, maps.amax(dim=0), out=self.maximum)
+        self._merge_tops(tops, sources)
         self.n += len(maps)
         return self
+
+    def _merge_tops(self, maps: torch.Tensor, sources: np.ndarray) -> None:
+        """Fold a batch into ``top`` / ``top_source`` / ``upper``, whose invariant is: ``top``
+        the largest value, ``top_source`` its image, ``upper`` the largest of every other image."""
+        ids, groups = np.unique(sources, return_inverse=True)
+        if len(ids) < len(maps):  # an image's copies in this batch: its maximum over them
+            maps = torch.stack([maps[torch.from_numpy(groups == g)].amax(dim=0) for g in range(len(ids))])
+        else:
+            ids = sources  # one map per image, in the batch's order
+        if len(maps) > 1:
+            first, where = maps.max(dim=0)  # (topk along the batch is 3x slower)
+            second = maps.scatter(0, where[None], -torch.inf).amax(dim=0)
+            first_source = torch.as_tensor(ids)[where]
+        else:
+            first, second = maps[0], torch.full_like(maps[0], -torch.inf)
+            first_source = torch.full(maps.shape[1:], int(ids[0]), dtype=torch.int64)
+        same = first_source == self.top_source
+        higher = first > self.top
+        self.upper = torch.where(
+            same,
+            torch.maximum(self.upper, second),
+            torch.where(higher, torch.maximum(self.top, second), torch.maximum(self.upper, first)),
+        )
+        self.top_source = torch.where(higher & ~same, first_source, self.top_source)
+        self.top = torch.maximum(self.top, first)
 
     def result(self) -> NormalReference:
         if self.n < 2:
@@ -216,8 +267,11 @@ class ReferenceAccumulator:
         mean_centred = self.total / self.n
         var = (self.squares / self.n - mean_centred.square()).clamp_min(0.0)
         mean = mean_centred + self.shift
+        # one image only (with its moved copies): no second image, so no width above the
+        # mean; the tail's floor then holds the whole map
+        upper = torch.where(torch.isfinite(self.upper), self.upper.double(), mean)
         return NormalReference(
-            mean.float().numpy(), var.sqrt().float().numpy(), self.n, maximum=self.maximum.float().numpy()
+            mean.float().numpy(), var.sqrt().float().numpy(), self.n, upper=upper.float().numpy()
         )
 
 
