@@ -728,24 +728,27 @@ def tail(network, sets, args) -> list[dict]:
         for k in (1, 2):
             normed = []
             for n in spec:
-                mean = ordered[n].mean(0)
-                width = (ordered[n][-k] - mean).clamp(min=0)
-                width = width.clamp(min=float(width.mean()))
-                normed.append({key: (m - mean) / width for key, m in plain[n].items()})
+                normed.append(_by_upper(ordered[n].mean(0), ordered[n][-k], plain[n]))
             rows.append(evaluate(f"{pool_name}: (m - mean) / ({k}. largest - mean)", sets, pmax(*normed)))
     return rows
 
 
-def _tail_by(pool: torch.Tensor, maps: Maps, how: str) -> Maps:
-    """``maps`` normalised by the normal ``pool``: the pipeline's ``zscore`` or ``tail`` (the
-    per-pixel maximum), or ``second``: the tail by the 2nd largest normal value."""
-    if how != "second":
-        reference = NormalReference.fit(pool)
-        return {k: reference.apply(m, how) for k, m in maps.items()}
-    mean = pool.mean(0)
-    width = (pool.topk(2, dim=0).values[1] - mean).clamp(min=0)
+def _by_upper(mean: torch.Tensor, upper: torch.Tensor, maps: Maps) -> Maps:
+    """``(m - mean) / width``, the width ``upper - mean`` floored by its mean (the pipeline's
+    ``tail`` formula, here for any ``upper``)."""
+    width = (upper - mean).clamp(min=0)
     width = width.clamp(min=float(width.mean()))
     return {k: (m - mean) / width for k, m in maps.items()}
+
+
+def _tail_by(pool: torch.Tensor, maps: Maps, how: str) -> Maps:
+    """``maps`` normalised by the normal ``pool``: the pipeline's ``zscore``, or the tail with
+    ``upper`` the per-pixel ``maximum`` (as first built) or the ``second`` largest map."""
+    if how == "zscore":
+        reference = NormalReference.fit(pool)
+        return {k: reference.apply(m, how) for k, m in maps.items()}
+    upper = pool.amax(0) if how == "maximum" else pool.topk(2, dim=0).values[1]
+    return _by_upper(pool.mean(0), upper, maps)
 
 
 def _apart(a: tuple, b: tuple) -> bool:
@@ -761,7 +764,7 @@ def unclean(network, sets, args) -> list[dict]:
     of each other; per group the references are refitted with those training images unclean,
     and the group's held-out defects and the good test images scored with them. So each held-
     out defect sees exactly one unclean training image at its place. Per reference (z-score,
-    tail by the maximum as the pipeline, tail by the 2nd largest value), the held-out spot and
+    tail by the maximum as first built, tail by the 2nd largest value), the held-out spot and
     smudge image AUROC against the good test images, with clean and with unclean references;
     from the training images alone and with their copies moved by 1 px (the unclean image's
     moved copies unclean too)."""
@@ -788,7 +791,7 @@ def unclean(network, sets, args) -> list[dict]:
     copies = sum(len(g[0]) for g in groups)
     print(f"{copies} held-out spots and smudges in {len(groups)} groups of copies apart")
     good_maps = {n: plain[n]["test"][torch.from_numpy(~labels)] for n in spec}
-    modes = {"zscore": "z-score", "tail": "tail: maximum (pipeline)", "second": "tail: 2nd largest"}
+    modes = {"zscore": "z-score", "maximum": "tail: maximum (as first built)", "second": "tail: 2nd largest"}
     pools_of = ("training", "training + moved 1")
     # pool -> state -> mode -> held-out index -> (its score, the good images' scores, same reference)
     scored: dict = {p: {s: {m: {} for m in modes} for s in ("clean", "unclean")} for p in pools_of}
