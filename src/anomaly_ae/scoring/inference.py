@@ -174,10 +174,9 @@ def _fit_references(
     accumulators = [ReferenceAccumulator() for _ in settings]
     for start in range(0, len(normal_images), chunk):
         part = np.asarray(normal_images[start : start + chunk])
-        sources = np.tile(
-            np.arange(start, start + len(part)), 5 if shift else 1
-        )  # copies count as their image
+        images = np.arange(start, start + len(part))
         part = torch.as_tensor(with_moved_copies(part, shift))
+        sources = np.tile(images, len(part) // len(images))  # moved copies count as their image
         if len(settings) == 1 and settings[0].channels == 1:
             # the map as inference computes it (device, precision, compile)
             raw = dataclasses.replace(settings[0], normal_reference="none", reference_shift=0)
@@ -191,7 +190,6 @@ def _fit_references(
         )
         for accumulator, one in zip(accumulators, settings, strict=True):
             maps = raw_map(unit_float(part), recon, one).float()
-            accumulator.add(
-                maps[:, 0] if one.channels == 1 else maps, sources
-            )  # (N, H, W) as inference's map
+            # (N, H, W) as inference's map
+            accumulator.add(maps[:, 0] if one.channels == 1 else maps, sources)
     return [accumulator.result() for accumulator in accumulators]
