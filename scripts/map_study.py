@@ -66,12 +66,14 @@ the spread floored by its mean):
              moved by 1 px - does a glint pixel's heavy tail, which a spread understates,
              hold the good images' maxima up? Also centred on the mean, as the pipeline's
              `tail` reference, with the maximum or the 2nd largest value (robust to one
-             unclean training image)
+             unclean training image); and the z-score with each pixel's highest image left
+             out (robust to one unclean training image the same way)
   unclean    each held-out spot and smudge also copied into one training image at the same
              place (an unlabelled defect among the normal training images, the worst case),
-             one such image per defect: the z-score, the tail by the maximum and by the 2nd
-             largest value, fitted on the clean and on the unclean training images - how much
-             does one unclean image damp a later defect at its place?
+             one such image per defect: the z-score (also with each pixel's highest image
+             left out), the tail by the maximum and by the 2nd largest value, fitted on
+             the clean and on the unclean training images - how much does one unclean
+             image damp a later defect at its place?
   peaks      no variants: with the pipeline's map, the good test images' maxima, and per
              held-out spot and smudge the maximum inside its mask against them - how many
              pasted defects rise above every good image?
@@ -706,6 +708,9 @@ def tail(network, sets, args) -> list[dict]:
         }
         z = [zscored(plain[n], pools[n]) for n in spec]
         rows.append(evaluate(f"{pool_name}: z-score (pipeline)", sets, pmax(*z)))
+        images = len(plain[next(iter(spec))]["train"])
+        z = [_robust_z(pools[n], images, plain[n]) for n in spec]
+        rows.append(evaluate(f"{pool_name}: z-score, each pixel's highest image left out", sets, pmax(*z)))
         ordered = {n: pools[n].sort(0).values for n in spec}  # once per pool, not per variant
         del pools, z
         for q in (0.95, 0.99, 1.0):
@@ -741,12 +746,38 @@ def _by_upper(mean: torch.Tensor, upper: torch.Tensor, maps: Maps) -> Maps:
     return {k: (m - mean) / width for k, m in maps.items()}
 
 
-def _tail_by(pool: torch.Tensor, maps: Maps, how: str) -> Maps:
-    """``maps`` normalised by the normal ``pool``: the pipeline's ``zscore``, or the tail with
-    ``upper`` the per-pixel ``maximum`` (as first built) or the ``second`` largest map."""
+def _robust_z(pool: torch.Tensor, images: int, maps: Maps) -> Maps:
+    """The pipeline's ``zscore`` formula with each pixel's highest IMAGE left out: per pixel,
+    the mean and spread of the normal ``pool`` (``images`` images, then their moved copies in
+    the same order, as :func:`moved_maps`) over every image but the one whose map (or moved
+    copy) is largest there - one unclean training image cannot widen the spread at its
+    defect's place."""
+    sources = torch.arange(images).repeat(len(pool) // images)
+    top = sources[pool.argmax(0)]  # (H, W): the image of each pixel's largest value
+    total = torch.zeros(pool.shape[1:], dtype=torch.float64)
+    squares, count = torch.zeros_like(total), torch.zeros_like(total)
+    for start in range(0, len(pool), 64):  # a few maps at a time: the pool can be GBs
+        part = pool[start : start + 64].double()
+        keep = (sources[start : start + 64, None, None] != top).double()
+        total += (part * keep).sum(0)
+        squares += (part.square() * keep).sum(0)
+        count += keep.sum(0)
+    mean = total / count
+    std = (squares / count - mean.square()).clamp(min=0).sqrt()
+    scale = (std + std.mean()).float()
+    return {k: (m - mean.float()) / scale for k, m in maps.items()}
+
+
+def _tail_by(pool: torch.Tensor, maps: Maps, how: str, images: int | None = None) -> Maps:
+    """``maps`` normalised by the normal ``pool``: the pipeline's ``zscore``, the z-score with
+    each pixel's highest image left out (``robust``, :func:`_robust_z`; ``images``: how many
+    images the pool holds, before their moved copies), or the tail with ``upper`` the
+    per-pixel ``maximum`` (as first built) or the ``second`` largest map."""
     if how == "zscore":
         reference = NormalReference.fit(pool)
         return {k: reference.apply(m, how) for k, m in maps.items()}
+    if how == "robust":
+        return _robust_z(pool, images or len(pool), maps)
     upper = pool.amax(0) if how == "maximum" else pool.topk(2, dim=0).values[1]
     return _by_upper(pool.mean(0), upper, maps)
 
@@ -791,7 +822,12 @@ def unclean(network, sets, args) -> list[dict]:
     copies = sum(len(g[0]) for g in groups)
     print(f"{copies} held-out spots and smudges in {len(groups)} groups of copies apart")
     good_maps = {n: plain[n]["test"][torch.from_numpy(~labels)] for n in spec}
-    modes = {"zscore": "z-score", "maximum": "tail: maximum (as first built)", "second": "tail: 2nd largest"}
+    modes = {
+        "zscore": "z-score",
+        "robust": "z-score, each pixel's highest image left out",
+        "maximum": "tail: maximum (as first built)",
+        "second": "tail: 2nd largest",
+    }
     pools_of = ("training", "training + moved 1")
     # pool -> state -> mode -> held-out index -> (its score, the good images' scores, same reference)
     scored: dict = {p: {s: {m: {} for m in modes} for s in ("clean", "unclean")} for p in pools_of}
@@ -807,7 +843,9 @@ def unclean(network, sets, args) -> list[dict]:
         for how in modes:
             normed = pmax(
                 *(
-                    _tail_by(pools[n], {"held": plain[n]["held"][members], "good": good_maps[n]}, how)
+                    _tail_by(
+                        pools[n], {"held": plain[n]["held"][members], "good": good_maps[n]}, how, len(train)
+                    )
                     for n in spec
                 )
             )
