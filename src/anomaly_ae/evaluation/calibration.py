@@ -224,7 +224,8 @@ def _train_references(
     function that reconstructs a batch (then not even they are held; moved copies,
     ``shifts`` other than 0, need it). References are keyed ``(shift, sigma, raw_key)``, the
     low-pass channels' ``("lowpass", sigma, shift)``. A shift's reference holds the unmoved
-    images and their moved copies (:func:`with_moved_copies`)."""
+    images and their moved copies (:func:`with_moved_copies`), each image with its copies in
+    one batch (the accumulators leave each pixel's highest image out)."""
     images, recon = train
     moves = sorted({int(s) for s in shifts} - {0})
     if moves and not callable(recon):
@@ -239,7 +240,11 @@ def _train_references(
         ("lowpass", s, shift): ReferenceAccumulator() for s in lowpass_sigmas for shift in shifts
     }
 
-    def add(batch: np.ndarray, rebuilt: np.ndarray, into: Sequence[int], sources: np.ndarray) -> None:
+    def add(
+        batch: np.ndarray, rebuilt: np.ndarray, rows: dict[int, torch.Tensor], sources: dict[int, np.ndarray]
+    ) -> None:
+        """``batch``: images and their moved copies; ``rows[shift]``: those a shift's reference
+        holds, ``sources[shift]``: their images."""
         terms = error_terms(
             unit_float(torch.from_numpy(batch)),
             torch.from_numpy(np.ascontiguousarray(rebuilt)),
@@ -251,23 +256,26 @@ def _train_references(
             smoothed = smooth_terms(terms, smoothing)
             for key, members in by_raw.items():
                 maps = blend(smoothed, members[0].settings)[:, 0]
-                for shift in into:
-                    accumulators[shift, smoothing, key].add(maps, sources)
+                for shift, chosen in rows.items():
+                    accumulators[shift, smoothing, key].add(maps[chosen], sources[shift])
         for s in lowpass_sigmas:
             maps = lowpass(terms, s)[:, 0]
-            for shift in into:
-                accumulators["lowpass", s, shift].add(maps, sources)
+            for shift, chosen in rows.items():
+                accumulators["lowpass", s, shift].add(maps[chosen], sources[shift])
 
-    for start in range(0, len(images), batch_size):
-        batch = np.ascontiguousarray(images[start : start + batch_size])
-        sources = np.arange(start, start + len(batch))  # an image's moved copies count as it
-        add(batch, recon(batch) if callable(recon) else recon[start : start + batch_size], shifts, sources)
-        for shift in moves:  # the moved copies, a batch of them at a time
-            copies = with_moved_copies(batch, shift)[len(batch) :]
-            copied = np.tile(sources, len(copies) // len(batch))
-            for part in range(0, len(copies), batch_size):
-                moved = np.ascontiguousarray(copies[part : part + batch_size])
-                add(moved, recon(moved), [shift], copied[part : part + batch_size])
+    # an image and all its moved copies in one batch (about batch_size maps in all)
+    step = max(batch_size // (1 + 4 * len(moves)), 1)
+    for start in range(0, len(images), step):
+        batch = np.ascontiguousarray(images[start : start + step])
+        n = len(batch)
+        ids = np.arange(start, start + n)
+        parts = [batch] + [with_moved_copies(batch, shift)[n:] for shift in moves]
+        stacked = np.ascontiguousarray(np.concatenate(parts)) if moves else batch
+        rebuilt = recon(stacked) if callable(recon) else recon[start : start + n]
+        rows = {0: torch.arange(n)} if 0 in shifts else {}
+        for k, shift in enumerate(moves):  # the unmoved images, then this shift's 4n copies
+            rows[shift] = torch.cat([torch.arange(n), torch.arange(n + 4 * n * k, n + 4 * n * (k + 1))])
+        add(stacked, rebuilt, rows, {shift: np.tile(ids, len(chosen) // n) for shift, chosen in rows.items()})
     return {key: accumulator.result() for key, accumulator in accumulators.items()}
 
 

@@ -24,6 +24,13 @@ and compares each new map against it:
   so blind the reference to a later defect there, as the maximum would. It is fitted in the
   same single streaming pass as the mean.
 
+Every statistic (mean, spread, upper) is taken over the normal images with each pixel's
+highest image left out (that pixel's largest value, with the rest of that image's maps: its
+moved copies). One unclean training image then shifts none of them at its defect's place:
+with the plain mean and spread, a defect nobody labelled would widen the spread there and
+damp a later defect at that place (measured: ``scripts/map_study.py unclean``). Its cost on
+clean images is one image of ``n``.
+
 A map with a second channel (the low-pass difference, ``MapSettings.lowpass_sigma``) has a
 reference per channel: ``mean``, ``std`` and ``upper`` are then ``(2, H, W)``, each channel
 with its own floor.
@@ -71,7 +78,8 @@ def check_mode(mode: str) -> str:
 
 @dataclass(frozen=True)
 class NormalReference:
-    """Per-pixel mean, standard deviation and upper tail of the anomaly maps of normal images."""
+    """Per-pixel mean, standard deviation and upper tail of the anomaly maps of normal images,
+    each over the images other than that pixel's highest (:class:`ReferenceAccumulator`)."""
 
     mean: np.ndarray  # (H, W) float32, or (C, H, W) for a map of C channels
     std: np.ndarray  # the same shape
@@ -84,8 +92,8 @@ class NormalReference:
 
     @classmethod
     def fit(cls, maps: np.ndarray | torch.Tensor) -> NormalReference:
-        """Fit on ``(N, H, W)`` (or ``(N, C, H, W)``) anomaly maps of normal images (N >= 2);
-        accumulated in float64."""
+        """Fit on ``(N, H, W)`` (or ``(N, C, H, W)``) anomaly maps of normal images (N >= 2),
+        each map an image of its own; accumulated in float64."""
         return ReferenceAccumulator().add(maps).result()
 
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -184,10 +192,14 @@ class ReferenceAccumulator:
     """:meth:`NormalReference.fit` one batch at a time: per-pixel sums in float64, so the
     maps of thousands of images never have to be held at once. ``add`` returns ``self``.
 
-    Per pixel it also keeps the largest value, the image it came from, and the largest value
-    of any *other* image (``upper``, the ``tail`` reference's width): ``sources`` names each
-    map's image, so that an image's moved copies count as that one image; by default every
-    map is an image of its own."""
+    Every statistic leaves each pixel's highest *image* out: per pixel it keeps the largest
+    value, the image it came from, that image's own sums, and the largest value of every
+    *other* image (``upper``, the ``tail`` reference's width). The mean and spread are those
+    of the other images, so one unclean training image (a defect nobody labelled) cannot
+    shift them at its defect's place, as it cannot set the width. ``sources`` names each
+    map's image, so that an image's moved copies count as that one image (default: every map
+    an image of its own); all maps of an image come in one ``add``, which a later ``add``
+    naming the same image refuses (its earlier maps could not be left out)."""
 
     def __init__(self) -> None:
         self.n = 0
@@ -196,11 +208,14 @@ class ReferenceAccumulator:
         self.squares: torch.Tensor | None = None
         self.top: torch.Tensor | None = None  # per pixel, the largest value ...
         self.top_source: torch.Tensor | None = None  # ... the image it came from ...
+        self.top_sums: torch.Tensor | None = None  # ... that image's count, sum and squares ...
         self.upper: torch.Tensor | None = None  # ... and the largest of every other image
+        self.seen: set[int] = set()  # the images added so far
 
     def add(self, maps: np.ndarray | torch.Tensor, sources: np.ndarray | None = None) -> ReferenceAccumulator:
         """Add ``(N, H, W)`` or ``(N, C, H, W)`` maps; ``sources``: the image each came from (N
-        integers; maps of one image, e.g. its moved copies, share one), default one each."""
+        integers; maps of one image, e.g. its moved copies, share one and come in this one
+        call), default one each."""
         maps = torch.as_tensor(maps)
         if maps.dim() == 4 and maps.shape[1] == 1:
             maps = maps[:, 0]
@@ -215,60 +230,79 @@ class ReferenceAccumulator:
         sources = np.asarray(sources, np.int64).ravel()
         if len(sources) != len(maps):
             raise ValueError(f"{len(maps)} maps but {len(sources)} sources")
+        ids, groups = np.unique(sources, return_inverse=True)
+        again = self.seen.intersection(ids.tolist())
+        if again:
+            raise ValueError(
+                f"image(s) {sorted(again)[:5]} were added before: add all maps of an image (its moved "
+                "copies too) in one call, so that each pixel's highest image can be left out"
+            )
         maps = maps.detach().to("cpu")
-        tops = maps.float()  # the largest values need no float64 (maps are float32)
-        maps = maps.double()
         if self.shift is None:
-            self.shift = maps[0].clone()
+            self.shift = maps[0].double().clone()
             self.total = torch.zeros_like(self.shift)
             self.squares = torch.zeros_like(self.shift)
-            self.top = torch.full_like(tops[0], -torch.inf)
+            self.top = torch.full(self.shift.shape, -torch.inf)
             self.top_source = torch.full(self.shift.shape, -1, dtype=torch.int64)
-            self.upper = torch.full_like(tops[0], -torch.inf)
+            self.top_sums = torch.zeros((3, *self.shift.shape), dtype=torch.float64)
+            self.upper = torch.full(self.shift.shape, -torch.inf)
         elif maps.shape[1:] != self.shift.shape:
             raise ValueError(
                 f"anomaly maps of {tuple(maps.shape[1:])} added to a reference of {tuple(self.shift.shape)}"
             )
-        centred = maps - self.shift
-        self.total += centred.sum(dim=0)
-        self.squares += centred.square().sum(dim=0)
-        self._merge_tops(tops, sources)
+        # per image of the batch: its largest value (float32, as the maps), count, sum, squares
+        index = torch.from_numpy(groups)
+        centred = maps.double() - self.shift
+        sums = torch.zeros((3, len(ids), *self.shift.shape), dtype=torch.float64)
+        counts = torch.from_numpy(np.bincount(groups, minlength=len(ids))).double()
+        sums[0] = counts.view(-1, *(1,) * (centred.dim() - 1))
+        sums[1].index_add_(0, index, centred)
+        sums[2].index_add_(0, index, centred.square())
+        tops = maps.float()
+        if len(ids) < len(maps):
+            spread = index.view(-1, *(1,) * (tops.dim() - 1)).expand_as(tops)
+            tops = torch.full((len(ids), *tops.shape[1:]), -torch.inf).scatter_reduce_(
+                0, spread, tops, "amax"
+            )
+        self.total += sums[1].sum(dim=0)
+        self.squares += sums[2].sum(dim=0)
+        self._merge_tops(tops, torch.from_numpy(ids), sums)
+        self.seen.update(ids.tolist())
         self.n += len(maps)
         return self
 
-    def _merge_tops(self, maps: torch.Tensor, sources: np.ndarray) -> None:
-        """Fold a batch into ``top`` / ``top_source`` / ``upper``, whose invariant is: ``top``
-        the largest value, ``top_source`` its image, ``upper`` the largest of every other image."""
-        ids, groups = np.unique(sources, return_inverse=True)
-        if len(ids) < len(maps):  # an image's copies in this batch: its maximum over them
-            maps = torch.stack([maps[torch.from_numpy(groups == g)].amax(dim=0) for g in range(len(ids))])
+    def _merge_tops(self, tops: torch.Tensor, ids: torch.Tensor, sums: torch.Tensor) -> None:
+        """Fold a batch's images (their largest values ``tops``, ids, and ``(count, sum,
+        squares)`` sums) into the per-pixel top image: ``top`` the largest value, ``top_source``
+        its image, ``top_sums`` that image's sums, ``upper`` the largest value of every other
+        image. A batch's images are new ones (:meth:`add`)."""
+        if len(tops) > 1:
+            first, where = tops.max(dim=0)  # (topk along the batch is 3x slower)
+            second = tops.scatter(0, where[None], -torch.inf).amax(dim=0)
         else:
-            ids = sources  # one map per image, in the batch's order
-        if len(maps) > 1:
-            first, where = maps.max(dim=0)  # (topk along the batch is 3x slower)
-            second = maps.scatter(0, where[None], -torch.inf).amax(dim=0)
-            first_source = torch.as_tensor(ids)[where]
-        else:
-            first, second = maps[0], torch.full_like(maps[0], -torch.inf)
-            first_source = torch.full(maps.shape[1:], int(ids[0]), dtype=torch.int64)
-        same = first_source == self.top_source
+            first, where = tops[0], torch.zeros(tops.shape[1:], dtype=torch.int64)
+            second = torch.full_like(tops[0], -torch.inf)
         higher = first > self.top
-        self.upper = torch.where(
-            same,
-            torch.maximum(self.upper, second),
-            torch.where(higher, torch.maximum(self.top, second), torch.maximum(self.upper, first)),
-        )
-        self.top_source = torch.where(higher & ~same, first_source, self.top_source)
+        self.upper = torch.where(higher, torch.maximum(self.top, second), torch.maximum(self.upper, first))
+        self.top_source = torch.where(higher, ids[where], self.top_source)
+        chosen = sums.gather(1, where[None, None].expand(3, 1, *where.shape))[:, 0]
+        self.top_sums = torch.where(higher, chosen, self.top_sums)
         self.top = torch.maximum(self.top, first)
 
     def result(self) -> NormalReference:
         if self.n < 2:
             raise ValueError(f"need the anomaly maps of at least 2 normal images, got {self.n}")
-        mean_centred = self.total / self.n
-        var = (self.squares / self.n - mean_centred.square()).clamp_min(0.0)
+        # every image but each pixel's highest; with one image only (and its moved copies)
+        # there is no other, so its own maps serve, and no width above the mean (the tail's
+        # floor then holds the whole map)
+        count, total, squares = self.top_sums
+        alone = count >= self.n
+        count = torch.where(alone, self.n, self.n - count)
+        total = torch.where(alone, self.total, self.total - total)
+        squares = torch.where(alone, self.squares, self.squares - squares)
+        mean_centred = total / count
+        var = (squares / count - mean_centred.square()).clamp_min(0.0)
         mean = mean_centred + self.shift
-        # one image only (with its moved copies): no second image, so no width above the
-        # mean; the tail's floor then holds the whole map
         upper = torch.where(torch.isfinite(self.upper), self.upper.double(), mean)
         return NormalReference(
             mean.float().numpy(), var.sqrt().float().numpy(), self.n, upper=upper.float().numpy()
