@@ -304,10 +304,11 @@ def test_resume_from_a_finished_runs_checkpoint_goes_on_from_its_last_epoch(data
     """A finished run's checkpoint holds the restored best epoch's weights (what evaluation
     and export use) and, apart, its last epoch's: ``training.resume_from`` goes on from the
     last, so 3 + 2 epochs equal 5 straight even when the best epoch is not the last."""
-    lr = 0.01  # large steps: on this data the validation loss is best after epoch 1
+    lr = 0.01  # large steps: on this data the validation loss is best early (epoch 1 or 2 by machine)
     straight = train_autoencoder(data["train"], data["val"], MODEL, _cfg(epochs=5, learning_rate=lr))
     first = train_autoencoder(data["train"], data["val"], MODEL, _cfg(epochs=3, learning_rate=lr))
-    assert first.best_epoch == 1 and straight.best_epoch == 1  # the case under test: best < last
+    best = straight.best_epoch
+    assert first.best_epoch == best < 3, _losses(straight.history)  # the case under test: best < last
     path = tmp_path / "model_checkpoint.pt"
     save_checkpoint_atomic(first.checkpoint, path)
     ckpt = load_checkpoint(path)
@@ -321,7 +322,7 @@ def test_resume_from_a_finished_runs_checkpoint_goes_on_from_its_last_epoch(data
         data["train"], data["val"], MODEL, _cfg(epochs=5, learning_rate=lr), resume_checkpoint=ckpt
     )
     assert _losses(resumed.history) == _losses(straight.history)
-    assert resumed.best_epoch == 1
+    assert resumed.best_epoch == best
     assert _states_equal(resumed.model.state_dict(), straight.model.state_dict())
 
 
