@@ -139,17 +139,18 @@ def test_one_unclean_training_image_blinds_neither_the_tail_nor_the_zscore():
     later = rng.uniform(0.0, 0.05, size=(1, SIZE, SIZE)).astype(np.float32)
     later[0, 20:23, 20:23] = 0.5
     clean = rng.uniform(0.0, 0.05, size=(1, SIZE, SIZE)).astype(np.float32)
+
+    def score(maps: np.ndarray, mode: str) -> float:
+        return float(ref.apply(torch.from_numpy(maps), mode).amax())
+
     for mode in ("tail", "zscore"):
-        score = lambda maps: float(ref.apply(torch.from_numpy(maps), mode).amax())  # noqa: E731
-        assert score(later) > 5 * score(clean), mode
-    tail = lambda maps: float(ref.apply(torch.from_numpy(maps), "tail").amax())  # noqa: E731
+        assert score(later, mode) > 5 * score(clean, mode), mode
     maximum = normal.max(0) - normal.mean(0)  # what the maximum would have made of it
     blinded = (later[0] - normal.mean(0)) / np.maximum(maximum, maximum.mean())
-    assert blinded.max() < 1.5 * tail(clean)
+    assert blinded.max() < 1.5 * score(clean, "tail")
     spread = normal.std(0)  # what the plain spread would have made of it
     z = lambda maps: ((maps[0] - normal.mean(0)) / (spread + spread.mean())).max()  # noqa: E731
-    robust = float(ref.apply(torch.from_numpy(later), "zscore").amax())
-    assert 2 * z(later) < robust  # the plain spread had damped it to less than half
+    assert 2 * z(later) < score(later, "zscore")  # the plain spread had damped it to less than half
 
 
 def test_moved_copies_count_as_their_image():
