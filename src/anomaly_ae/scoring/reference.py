@@ -193,7 +193,7 @@ class ReferenceAccumulator:
     maps of thousands of images never have to be held at once. ``add`` returns ``self``.
 
     Every statistic leaves each pixel's highest *image* out: per pixel it keeps the largest
-    value, the image it came from, that image's own sums, and the largest value of every
+    value and that image's own sums, and the largest value of every
     *other* image (``upper``, the ``tail`` reference's width). The mean and spread are those
     of the other images, so one unclean training image (a defect nobody labelled) cannot
     shift them at its defect's place, as it cannot set the width. ``sources`` names each
@@ -207,8 +207,7 @@ class ReferenceAccumulator:
         self.shift: torch.Tensor | None = None  # the first map: sums of (map - shift) stay small
         self.squares: torch.Tensor | None = None
         self.top: torch.Tensor | None = None  # per pixel, the largest value ...
-        self.top_source: torch.Tensor | None = None  # ... the image it came from ...
-        self.top_sums: torch.Tensor | None = None  # ... that image's count, sum and squares ...
+        self.top_sums: torch.Tensor | None = None  # ... its image's count, sum and squares ...
         self.upper: torch.Tensor | None = None  # ... and the largest of every other image
         self.seen: set[int] = set()  # the images added so far
 
@@ -243,7 +242,6 @@ class ReferenceAccumulator:
             self.total = torch.zeros_like(self.shift)
             self.squares = torch.zeros_like(self.shift)
             self.top = torch.full(self.shift.shape, -torch.inf)
-            self.top_source = torch.full(self.shift.shape, -1, dtype=torch.int64)
             self.top_sums = torch.zeros((3, *self.shift.shape), dtype=torch.float64)
             self.upper = torch.full(self.shift.shape, -torch.inf)
         elif maps.shape[1:] != self.shift.shape:
@@ -266,16 +264,16 @@ class ReferenceAccumulator:
             )
         self.total += sums[1].sum(dim=0)
         self.squares += sums[2].sum(dim=0)
-        self._merge_tops(tops, torch.from_numpy(ids), sums)
+        self._merge_tops(tops, sums)
         self.seen.update(ids.tolist())
         self.n += len(maps)
         return self
 
-    def _merge_tops(self, tops: torch.Tensor, ids: torch.Tensor, sums: torch.Tensor) -> None:
-        """Fold a batch's images (their largest values ``tops``, ids, and ``(count, sum,
-        squares)`` sums) into the per-pixel top image: ``top`` the largest value, ``top_source``
-        its image, ``top_sums`` that image's sums, ``upper`` the largest value of every other
-        image. A batch's images are new ones (:meth:`add`)."""
+    def _merge_tops(self, tops: torch.Tensor, sums: torch.Tensor) -> None:
+        """Fold a batch's images (their largest values ``tops`` and ``(count, sum, squares)``
+        sums) into the per-pixel top image: ``top`` the largest value, ``top_sums`` its image's
+        sums, ``upper`` the largest value of every other image. A batch's images are new ones
+        (:meth:`add`)."""
         if len(tops) > 1:
             first, where = tops.max(dim=0)  # (topk along the batch is 3x slower)
             second = tops.scatter(0, where[None], -torch.inf).amax(dim=0)
@@ -284,7 +282,6 @@ class ReferenceAccumulator:
             second = torch.full_like(tops[0], -torch.inf)
         higher = first > self.top
         self.upper = torch.where(higher, torch.maximum(self.top, second), torch.maximum(self.upper, first))
-        self.top_source = torch.where(higher, ids[where], self.top_source)
         chosen = sums.gather(1, where[None, None].expand(3, 1, *where.shape))[:, 0]
         self.top_sums = torch.where(higher, chosen, self.top_sums)
         self.top = torch.maximum(self.top, first)
