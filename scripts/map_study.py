@@ -74,6 +74,11 @@ the spread floored by its mean):
              left out), the tail by the maximum and by the 2nd largest value, fitted on
              the clean and on the unclean training images - how much does one unclean
              image damp a later defect at its place?
+  tolerant   shift-tolerant maps: per pixel the smallest map over the reconstruction moved
+             by every (dy, dx) with |dy|, |dx| <= r px (--tolerance, radii a+b+...; 0 is the
+             pipeline's map), z-scored against the training images' maps made the same way,
+             alone and with their copies moved by 1 px - is the good images' residual at
+             edges (bottle's rim) a reconstruction a pixel or two off, which a spot is not?
   peaks      no variants: with the pipeline's map, the good test images' maxima, and per
              held-out spot and smudge the maximum inside its mask against them - how many
              pasted defects rise above every good image?
@@ -116,14 +121,31 @@ SETS = ("train", "val", "cal", "held", "test")
 KINDS = ("thin_line", "spot", "smudge", "blob", "perlin", "cutpaste")
 
 
+def _maps_of_terms(terms: dict, channels: dict) -> dict:
+    maps = {}
+    for name, (kind, sigma) in channels.items():
+        if kind == "ssim":
+            maps[name] = compose(terms, MapSettings(smoothing_sigma=sigma))[:, 0]
+        else:
+            maps[name] = lowpass_difference(terms, sigma)[:, 0]
+    return maps
+
+
 def channel_maps(
-    network, images: np.ndarray, channels: dict, batch: int, flip: int | None = None, rebuild=None
+    network,
+    images: np.ndarray,
+    channels: dict,
+    batch: int,
+    flip: int | None = None,
+    rebuild=None,
+    tolerance: int = 0,
 ) -> Iterator[dict]:
     """Per batch, each channel's (N, H, W) map from the scoring core: 1 - SSIM(11) smoothed by
     sigma (:func:`compose`), or the low-pass difference |blur(x - reconstruction, sigma)|
     (:func:`lowpass_difference`); with ``flip`` (a dimension) the reconstruction of the
     flipped image, flipped back; ``rebuild`` (images -> reconstructions) replaces the
-    network's forward pass."""
+    network's forward pass; ``tolerance`` r > 0: per pixel the smallest map over the
+    reconstruction moved by every (dy, dx) with |dy|, |dx| <= r (:func:`move`)."""
     for start in range(0, len(images), batch):
         x = torch.from_numpy(as_unit_float(images[start : start + batch]))
         seen = x.flip(flip).numpy() if flip is not None else x.numpy()
@@ -131,23 +153,22 @@ def channel_maps(
             reconstruct(network, seen, batch, "cpu") if rebuild is None else rebuild(seen)
         )
         recon = recon.flip(flip) if flip is not None else recon
-        terms = error_terms(x, recon, keep_diff=True)
-        maps = {}
-        for name, (kind, sigma) in channels.items():
-            if kind == "ssim":
-                maps[name] = compose(terms, MapSettings(smoothing_sigma=sigma))[:, 0]
-            else:
-                maps[name] = lowpass_difference(terms, sigma)[:, 0]
+        maps = _maps_of_terms(error_terms(x, recon, keep_diff=True), channels)
+        for dy, dx in itertools.product(range(-tolerance, tolerance + 1), repeat=2):
+            if dy or dx:
+                moved = torch.from_numpy(move(recon.numpy(), dy, dx).copy())
+                other = _maps_of_terms(error_terms(x, moved, keep_diff=True), channels)
+                maps = {n: torch.minimum(maps[n], other[n]) for n in maps}
         yield maps
 
 
 def maps_of(
-    network, sets: dict, channels: dict, batch: int, flip: int | None = None, rebuild=None
+    network, sets: dict, channels: dict, batch: int, flip: int | None = None, rebuild=None, tolerance: int = 0
 ) -> dict[str, Maps]:
     """channel -> set -> maps, for every image set."""
     out: dict[str, Maps] = {name: {} for name in channels}
     for set_name, images in sets["images"].items():
-        parts = list(channel_maps(network, images, channels, batch, flip, rebuild))
+        parts = list(channel_maps(network, images, channels, batch, flip, rebuild, tolerance))
         for name in channels:
             out[name][set_name] = torch.cat([part[name] for part in parts])
     return out
@@ -591,12 +612,14 @@ def peaks(network, sets, args) -> list[dict]:
     return [evaluate("pipeline map", sets, z)]
 
 
-def moved_maps(network, train: np.ndarray, channels: dict, batch: int, d: int) -> dict[tuple, Maps]:
+def moved_maps(
+    network, train: np.ndarray, channels: dict, batch: int, d: int, tolerance: int = 0
+) -> dict[tuple, Maps]:
     """Per move ``(dy, dx)`` (``d`` px down, up, right, left; :func:`move`), each channel's
     maps of the training images moved so."""
     out = {}
     for dy, dx in ((d, 0), (-d, 0), (0, d), (0, -d)):
-        parts = list(channel_maps(network, move(train, dy, dx), channels, batch))
+        parts = list(channel_maps(network, move(train, dy, dx), channels, batch, tolerance=tolerance))
         out[(dy, dx)] = {n: torch.cat([p[n] for p in parts]) for n in channels}
     return out
 
@@ -625,6 +648,21 @@ def shifted(network, sets, args) -> list[dict]:
         print(f"shift {d} px: mean 1 - SSIM map x{float(level):.2f} of the unmoved training images'")
     val_level = plain["ssim s4"]["val"].mean() / plain["ssim s4"]["train"].mean()
     print(f"validation images: mean 1 - SSIM map x{float(val_level):.2f} of the training images'")
+    return rows
+
+
+def tolerant(network, sets, args) -> list[dict]:
+    spec = {"ssim s4": ("ssim", 4), "lowpass s8": ("lowpass", 8)}
+    train = np.asarray(sets["images"]["train"])
+    rows = []
+    for r in (int(v) for v in str(args.tolerance).split("+")):
+        maps = maps_of(network, sets, spec, args.batch, tolerance=r)
+        alone = pmax(*(zscored(maps[n]) for n in spec))
+        rows.append(evaluate(f"tolerance {r} px, training images", sets, alone))
+        moved = moved_maps(network, train, spec, args.batch, 1, tolerance=r)
+        z = [zscored(maps[n], torch.cat([maps[n]["train"], *(m[n] for m in moved.values())])) for n in spec]
+        rows.append(evaluate(f"tolerance {r} px, + moved 1 px", sets, pmax(*z)))
+        print(pd.DataFrame(rows[-2:]).round(4).to_string(index=False), flush=True)
     return rows
 
 
@@ -902,6 +940,7 @@ STUDIES: dict[str, Callable] = {
         localise,
         tail,
         unclean,
+        tolerant,
     )
 }
 
@@ -921,6 +960,7 @@ def main() -> None:
         "--train-kinds", default="perlin+cutpaste", help="fcn: the synthetic kinds it learns to remove"
     )
     parser.add_argument("--shift", default="2+4", help="shifted: the moves in px, a+b+...")
+    parser.add_argument("--tolerance", default="0+1+2", help="tolerant: the radii in px, a+b+...")
     parser.add_argument("--steps", type=int, default=60, help="latent: refinement steps")
     parser.add_argument("--lr", type=float, default=1.0, help="latent: Adam step size on the code")
     args = parser.parse_args()
