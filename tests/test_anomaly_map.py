@@ -24,10 +24,13 @@ from anomaly_ae.scoring.anomaly_map import (
     compose,
     error_terms,
     image_score,
+    lowpass,
     reference_tensors,
     score_maps,
+    shift_offsets,
     smooth_terms,
 )
+from anomaly_ae.scoring.reference import move
 from anomaly_ae.scoring.ssim import (
     blur_taps,
     gaussian_blur,
@@ -223,6 +226,8 @@ def test_map_settings_windows_round_trip_and_describe() -> None:
         ({"score_reduction": "median"}, "score_reduction"),
         ({"topk_fraction": 0.0}, "topk_fraction"),
         ({"normal_reference": "median"}, "normal_reference"),
+        ({"shift_tolerance": -1}, "shift_tolerance"),
+        ({"shift_tolerance": 0.5}, "shift_tolerance"),
     ],
 )
 def test_map_settings_refuse_bad_values(kwargs, message) -> None:
@@ -410,6 +415,83 @@ def test_score_maps_localisation_map_is_its_own_map_and_score_is_detections(pair
     torch.testing.assert_close(ssim_values, per_image_ssim(x, y), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="needs the normal reference"):
         score_maps(x, y, both, ref, None)
+
+
+# ------------------------------------------------------------------ shift tolerance
+
+
+def _edged_pair(size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sharp vertical stripes and a 'reconstruction' drawn one pixel to the right, with a
+    dark spot (rows 30..35, cols 25..28, inside a bright stripe) it does not reproduce at any
+    alignment."""
+    x = torch.zeros(1, 1, size, size)
+    x[..., :, (torch.arange(size) // 6) % 2 == 0] = 0.8
+    x = x + 0.1
+    recon = torch.roll(x, 1, dims=-1)
+    x = x.clone()
+    x[..., 30:36, 25:29] = 0.0
+    return x, recon
+
+
+def test_shift_tolerance_forgives_a_reconstruction_one_pixel_off_but_not_a_defect() -> None:
+    x, recon = _edged_pair()
+    plain = anomaly_map(x, recon, MapSettings()).float()[0, 0]
+    aligned = anomaly_map(x, recon, MapSettings(shift_tolerance=1)).float()[0, 0]
+    inner = (slice(8, 24), slice(8, -8))  # stripes' edges, a window away from spot and border
+    assert float(plain[inner].max()) > 0.5  # every edge the network drew a pixel off lights up
+    assert float(aligned[inner].max()) < 1e-6  # at the best alignment, nothing
+    spot = (slice(30, 36), slice(25, 29))
+    assert float(aligned[spot].mean()) > 0.3  # the spot is missing at every alignment
+    assert float(aligned[spot].max()) == pytest.approx(float(plain[spot].max()), abs=0.1)
+    # every term is the per-pixel minimum over the 9 moved reconstructions: never above plain
+    assert bool((aligned <= plain + 1e-12).all())
+    # the squared error and the low-pass difference are forgiven alike
+    sq = anomaly_map(x, recon, MapSettings(ssim_weight=0.0, l2_weight=1.0, shift_tolerance=1)).float()[0, 0]
+    assert float(sq[inner].max()) < 1e-12 and float(sq[spot].mean()) > 0.01
+    terms = error_terms(x, recon, keep_diff=True, tolerance=1)
+    low = lowpass(terms, 2.0)[0, 0]
+    plain_low = lowpass(error_terms(x, recon, keep_diff=True), 2.0)[0, 0]
+    assert float(low[inner].max()) < 1e-6 < float(plain_low[inner].max())
+    assert float(low[spot].mean()) > 0.1
+
+
+def test_shift_tolerance_is_the_minimum_over_every_move_within_r(pair) -> None:
+    """Tolerance r: per pixel the smallest map over the reconstruction moved by every
+    (dy, dx) with |dy|, |dx| <= r (reflected border), term by term, then the rest of the map."""
+    x, y = pair
+    assert shift_offsets(0) == [(0, 0)] and len(shift_offsets(2)) == 25 and shift_offsets(1)[0] == (0, 0)
+    raw = MapSettings(win_size=(7, 11), scale_combine="max")
+    for r in (1, 2):
+        terms = error_terms(x, y, (7, 11), tolerance=r)
+        for w in (7, 11):
+            each = torch.stack(
+                [error_terms(x, move(y, dy, dx), (w,))["ssim_err"][w] for dy, dx in shift_offsets(r)]
+            )
+            torch.testing.assert_close(terms["ssim_err"][w], each.amin(0), atol=0, rtol=0)
+        each = torch.stack([error_terms(x, move(y, dy, dx))["sq"] for dy, dx in shift_offsets(r)])
+        torch.testing.assert_close(terms["sq"], each.amin(0), atol=0, rtol=0)
+        settings = dataclasses.replace(raw, smoothing_sigma=2.0, shift_tolerance=r)
+        torch.testing.assert_close(
+            anomaly_map(x, y, settings),
+            gaussian_blur(blend(error_terms(x, y, (7, 11), dtype=torch.float64, tolerance=r), settings), 2.0),
+        )
+    # tolerance 0 is the map as before; the paper's per-image SSIM stays the unmoved one
+    torch.testing.assert_close(anomaly_map(x, y, MapSettings(shift_tolerance=0)), anomaly_map(x, y))
+    _, _, ssim_values = score_maps(x, y, MapSettings(shift_tolerance=1))
+    torch.testing.assert_close(ssim_values, per_image_ssim(x, y), atol=1e-6, rtol=0)
+    assert MapSettings(shift_tolerance=1, smoothing_sigma=4).describe() == "1-SSIM(11) smooth 4 align 1 max"
+    assert MapSettings.from_dict(MapSettings(shift_tolerance=2).to_dict()).shift_tolerance == 2
+
+
+def test_score_maps_serves_two_maps_with_different_tolerances(pair) -> None:
+    x, y = pair
+    loc = MapSettings(smoothing_sigma=4.0, lowpass_sigma=3.0, normal_reference="zscore", shift_tolerance=1)
+    detection = MapSettings(smoothing_sigma=2.0)
+    generator = torch.Generator().manual_seed(3)
+    loc_ref = NormalReference.fit(torch.rand(3, 2, 96, 96, generator=generator)).as_tensors("zscore", "cpu")
+    det_map, heat, _ = score_maps(x, y, dataclasses.replace(detection, localisation=loc), None, loc_ref)
+    torch.testing.assert_close(det_map, anomaly_map(x, y, detection), atol=0, rtol=0)
+    torch.testing.assert_close(heat, anomaly_map(x, y, loc, loc_ref), atol=0, rtol=0)
 
 
 # ------------------------------------------------------------------ image scores

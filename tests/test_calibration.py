@@ -25,6 +25,7 @@ FULL_GRID = {
     "normal_reference": ["none", "mean", "zscore", "tail"],
     "lowpass_sigma": [0, 4, 8],
     "reference_shift": [0, 1],
+    "shift_tolerance": [0, 1],
     "score_reduction": ["max", "topk_mean", "mean"],
 }
 SMALL_GRID = {
@@ -35,6 +36,7 @@ SMALL_GRID = {
     "normal_reference": ["none", "mean", "zscore", "tail"],
     "lowpass_sigma": [0, 4],
     "reference_shift": [0, 1],
+    "shift_tolerance": [0, 1],
     "score_reduction": ["max", "mean"],
 }
 DEFECTS = {"per_image": 2, "seed": 0, "min_contrast": 0.08, "max_tries": 20}
@@ -63,27 +65,35 @@ def sets():
     return (train, _recon), (normal, _recon(normal)), (defects, _recon(defects), masks, kinds)
 
 
-def test_full_grid_has_the_1512_settings_with_the_papers_map_first():
+def test_full_grid_has_the_3024_settings_with_the_papers_map_first():
     points = calibration.build_grid(FULL_GRID, MapSettings(), scale=3.0)
     # 36 uncorrected maps x 3 reductions = 108 per reference: none and mean 108 each; zscore
-    # and tail 108 x (3 low-pass channels) x (2 reference shifts) = 648 each
-    assert len(points) == 1512
+    # and tail 108 x (3 low-pass channels) x (2 reference shifts) = 648 each; all x 2 shift
+    # tolerances
+    assert len(points) == 3024
     assert points[0].settings == MapSettings() and points[0].levers_changed(MapSettings()) == 0
-    assert len({p.settings for p in points}) == 1512
+    assert len({p.settings for p in points}) == 3024
     low = [p for p in points if p.settings.lowpass_sigma]
-    assert len(low) == 864 and {p.settings.normal_reference for p in low} == {"zscore", "tail"}
+    assert len(low) == 1728 and {p.settings.normal_reference for p in low} == {"zscore", "tail"}
     assert all(p.levers_changed(MapSettings()) >= 2 for p in low)  # the channel and the reference
     moved = [p for p in points if p.settings.reference_shift]
-    assert len(moved) == 648 and {p.settings.normal_reference for p in moved} == {"zscore", "tail"}
+    assert len(moved) == 1296 and {p.settings.normal_reference for p in moved} == {"zscore", "tail"}
     assert {p.settings.reference_shift for p in moved} == {1}
     assert all(p.levers_changed(MapSettings()) >= 2 for p in moved)  # the shift and the reference
+    tolerant = [p for p in points if p.settings.shift_tolerance]
+    assert len(tolerant) == 1512 and {p.settings.shift_tolerance for p in tolerant} == {1}
+    # the tolerance goes with every reference (none included): the paper's map, aligned, is 1 lever
+    assert min(p.levers_changed(MapSettings()) for p in tolerant) == 1
+    assert tolerant[0].settings.describe() == "1-SSIM(11) align 1 max"
     l2_only = [p for p in points if p.blend == "l2"]
-    assert len(l2_only) == 4 * 14 * 3 and all(p.settings.ssim_weight == 0 for p in l2_only)
+    assert len(l2_only) == 4 * 14 * 3 * 2 and all(p.settings.ssim_weight == 0 for p in l2_only)
     blended = next(p for p in points if p.blend == "ssim+l2")
     assert blended.settings.l2_weight == 3.0
-    assert len({p.map_key for p in points}) == 504  # 36 uncorrected maps x (none, mean, 6 z-scored, 6 tail)
+    # 36 uncorrected maps x (none, mean, 6 z-scored, 6 tail) x 2 tolerances
+    assert len({p.map_key for p in points}) == 1008
+    assert len({p.raw_key for p in points}) == 72
     multi_max = [p for p in points if p.settings.scale_combine == "max"]
-    assert len(multi_max) == 2 * 4 * 14 * 3 and all(len(p.settings.windows) == 3 for p in multi_max)
+    assert len(multi_max) == 2 * 4 * 14 * 3 * 2 and all(len(p.settings.windows) == 3 for p in multi_max)
     with pytest.raises(ValueError, match="exactly the keys"):
         calibration.build_grid({**FULL_GRID, "extra": [1]}, MapSettings(), 1.0)
 
@@ -102,9 +112,15 @@ def test_grid_scores_equal_direct_computation_through_the_scoring_core(sets):
     first_lowpass = next(i for i, p in enumerate(points) if p.settings.lowpass_sigma)
     first_moved = next(i for i, p in enumerate(points) if p.settings.reference_shift)
     first_tail = next(i for i, p in enumerate(points) if p.settings.normal_reference == "tail")
+    first_aligned = next(i for i, p in enumerate(points) if p.settings.shift_tolerance)
+    aligned_lowpass = next(
+        i for i, p in enumerate(points) if p.settings.shift_tolerance and p.settings.lowpass_sigma
+    )
     last = points[-1].settings
     assert last.reference_shift and last.lowpass_sigma and last.normal_reference == "tail"
-    for i in (0, 5, first_lowpass, first_moved, first_tail, len(points) // 2, len(points) - 1):
+    assert last.shift_tolerance == 1
+    checked = (0, 5, first_lowpass, first_moved, first_tail, first_aligned, aligned_lowpass)
+    for i in (*checked, len(points) // 2, len(points) - 1):
         s = points[i].settings
         # the reference's normal images: the training images and, with a shift, their moved
         # copies, each copy counting as its image (the tail's largest value of a second image)
@@ -350,6 +366,7 @@ def test_the_grid_streams_the_training_images_with_the_same_result():
         "normal_reference": ["none", "zscore"],
         "lowpass_sigma": [0, 4],
         "reference_shift": [0],
+        "shift_tolerance": [0, 1],
         "score_reduction": ["max"],
     }
     args = (grid, MapSettings(), None, (normal, blur(normal)), (defects, blur(defects), masks, kinds), 4)

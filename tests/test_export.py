@@ -154,10 +154,14 @@ def test_scoring_in_chunks_equals_one_call(exported, monkeypatch):
     bundle = load_bundle(exported, threads=1)
     x = np.random.default_rng(0).random((5, 1, *bundle.image_size), dtype=np.float32)
     whole_maps, whole_scores = bundle.session.run(None, {bundle.input_name: x})
-    monkeypatch.setattr(runtime_bundle, "CHUNK_PIXELS", 2 * int(np.prod(bundle.image_size)))  # calls of 2, 2, 1
+    monkeypatch.setattr(
+        runtime_bundle, "CHUNK_PIXELS", 2 * int(np.prod(bundle.image_size))
+    )  # calls of 2, 2, 1
     calls = []
     run = bundle.session.run
-    monkeypatch.setattr(bundle, "session", type("S", (), {"run": lambda _, o, f: calls.append(1) or run(o, f)})())
+    monkeypatch.setattr(
+        bundle, "session", type("S", (), {"run": lambda _, o, f: calls.append(1) or run(o, f)})()
+    )
     maps, scores = bundle.score_batch(x)
     assert len(calls) == 3
     np.testing.assert_allclose(scores, whole_scores, rtol=0, atol=1e-6)
@@ -349,7 +353,9 @@ def _briefly_trained(config, arrays: np.ndarray, steps: int):
     return build_checkpoint(model, None, epoch=1, history=[], config=TrainingConfig()), model
 
 
-def _export_with_reference(checkpoint, model, normal: np.ndarray, validation: np.ndarray, settings, path: Path):
+def _export_with_reference(
+    checkpoint, model, normal: np.ndarray, validation: np.ndarray, settings, path: Path
+):
     """Fit a normal reference on ``normal``, set the threshold on ``validation`` (0.99
     quantile), export the bundle to ``path``; ``(bundle, torch Inspector)`` of the same model."""
     from anomaly_ae import Inspector
@@ -416,6 +422,26 @@ REAL_PARITY_MAPS = {
         "lowpass_sigma": 8.0,
         "reference_shift": 1,
     },
+    # every error term at the reconstruction's best alignment within 1 px, with the low-pass
+    # channel (moved by indexing in the graph) and the tail reference
+    "aligned1_tail_smooth4_lowpass4_max": {
+        "smoothing_sigma": 4.0,
+        "normal_reference": "tail",
+        "lowpass_sigma": 4.0,
+        "shift_tolerance": 1,
+    },
+    # two maps with different tolerances: the error terms once per tolerance in one graph
+    "aligned_heat_map": {
+        "smoothing_sigma": 4.0,
+        "normal_reference": "tail",
+        "lowpass_sigma": 4.0,
+        "localisation": {
+            "smoothing_sigma": 4.0,
+            "normal_reference": "zscore",
+            "lowpass_sigma": 4.0,
+            "shift_tolerance": 1,
+        },
+    },
     "mean_smooth2_top1%": {
         "smoothing_sigma": 2.0,
         "score_reduction": "topk_mean",
@@ -436,7 +462,9 @@ def test_onnx_runtime_scores_like_torch_on_real_bottle_images(
 
     checkpoint, model, arrays = briefly_trained_on_real_bottle
     settings = MapSettings(**REAL_PARITY_MAPS[map_name])
-    bundle, inspector = _export_with_reference(checkpoint, model, arrays[:6], arrays[6:12], settings, tmp_path / "bundle")
+    bundle, inspector = _export_with_reference(
+        checkpoint, model, arrays[:6], arrays[6:12], settings, tmp_path / "bundle"
+    )
     files = sorted((REAL_BOTTLE / "test").rglob("*.png"))[::3]
     assert len(files) >= 20
     _parity(bundle, inspector, files)
@@ -694,6 +722,7 @@ def test_the_runtime_extra_installs_no_torch_kedro_or_mlflow():
 
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
     requirements = project["dependencies"] + project["optional-dependencies"]["runtime"]
+
     def names(requirements: list[str]) -> set[str]:
         return {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in requirements}
 
@@ -715,14 +744,18 @@ def test_a_tiled_model_exports_and_scores_like_torch(tmp_path, one_torch_thread,
     from anomaly_ae.model import AutoencoderConfig
     from anomaly_ae.scoring import MapSettings
 
-    root = generate_synthetic_category(tmp_path / "data", "bottle", n_train=16, n_test_good=3, n_test_per_defect=2, size=128)
+    root = generate_synthetic_category(
+        tmp_path / "data", "bottle", n_train=16, n_test_good=3, n_test_per_defect=2, size=128
+    )
     files = sorted((root / "test").rglob("*.png"))
     good = sorted((root / "train" / "good").glob("*.png"))
     arrays = np.stack([to_model_array(Image.open(p), size=image_size) for p in good])[:, None]
     config = AutoencoderConfig(image_size=image_size, tile_size=64, latent_dim=32)
     checkpoint, model = _briefly_trained(config, arrays[8:], steps=30)
     settings = MapSettings(smoothing_sigma=4.0, normal_reference="zscore")
-    bundle, inspector = _export_with_reference(checkpoint, model, arrays[:4], arrays[4:8], settings, tmp_path / "bundle")
+    bundle, inspector = _export_with_reference(
+        checkpoint, model, arrays[:4], arrays[4:8], settings, tmp_path / "bundle"
+    )
     assert bundle.image_size == config.shape == arrays.shape[-2:]
     assert bundle.manifest["input"]["resize"]["size"] == list(config.shape)
     _parity(bundle, inspector, files)

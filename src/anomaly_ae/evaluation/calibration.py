@@ -23,8 +23,10 @@ or a list of them: the multi-scale mean), ``smoothing_sigma``, ``normal_referenc
 ``lowpass_sigma`` (with ``zscore`` or ``tail`` only: the per-pixel max with the low-pass
 difference, normalised the same way), ``reference_shift`` (with ``zscore`` or ``tail`` only:
 the reference fitted on the training
-images and their copies moved by that many px, :func:`~anomaly_ae.scoring.reference.with_moved_copies`)
-and ``score_reduction``.
+images and their copies moved by that many px, :func:`~anomaly_ae.scoring.reference.with_moved_copies`),
+``shift_tolerance`` (every error term at the reconstruction's best alignment within that many
+px, ``MapSettings.shift_tolerance``; the error terms are computed once per tolerance) and
+``score_reduction``.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ __all__ = [
 ]
 
 BLENDS = ("ssim", "ssim+l2", "l2")
+TENSOR_TERMS = ("sq", "diff", "x", "recon")  # error_terms' tensors besides the SSIM errors
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ class GridPoint:
         """Settings sharing this key share the uncorrected map (and its normal reference)."""
         s = self.settings
         combine = s.scale_combine if s.ssim_weight and len(s.windows) > 1 else None
-        return (self.blend, s.windows if s.ssim_weight else (), combine, s.smoothing_sigma)
+        return (self.blend, s.windows if s.ssim_weight else (), combine, s.smoothing_sigma, s.shift_tolerance)
 
     @property
     def map_key(self) -> tuple:
@@ -104,7 +107,8 @@ def _blend_of(settings: MapSettings) -> str:
 
 def map_levers_between(a: MapSettings, b: MapSettings) -> int:
     """How many of the grid's map levers differ between two maps (the score reduction aside):
-    blend, window(s), their combination, smoothing, reference, low-pass channel, moved copies."""
+    blend, window(s), their combination, smoothing, reference, low-pass channel, moved copies,
+    shift tolerance."""
     window_changed = bool(a.ssim_weight) and a.windows != b.windows
     combine_changed = bool(a.ssim_weight) and len(a.windows) > 1 and a.scale_combine != b.scale_combine
     return (
@@ -115,6 +119,7 @@ def map_levers_between(a: MapSettings, b: MapSettings) -> int:
         + int(a.normal_reference != b.normal_reference)
         + int(a.lowpass_sigma != b.lowpass_sigma)
         + int(a.reference_shift != b.reference_shift)
+        + int(a.shift_tolerance != b.shift_tolerance)
     )
 
 
@@ -127,8 +132,8 @@ def _weights(blend: str, scale: float) -> tuple[float, float]:
 def build_grid(grid: dict, paper: MapSettings, scale: float) -> list[GridPoint]:
     """Every combination of the levers in ``grid`` (keys ``blend``, ``win_size``,
     ``scale_combine``, ``smoothing_sigma``, ``normal_reference``, ``lowpass_sigma``,
-    ``reference_shift``, ``score_reduction``), the paper's map first. A squared-error-only
-    blend has no SSIM window, so it is listed once; ``scale_combine`` only varies for
+    ``reference_shift``, ``shift_tolerance``, ``score_reduction``), the paper's map first. A
+    squared-error-only blend has no SSIM window, so it is listed once; ``scale_combine`` only varies for
     multi-scale windows; a low-pass channel and moved reference images only go with the
     ``zscore`` and ``tail`` references."""
     expected = {
@@ -139,6 +144,7 @@ def build_grid(grid: dict, paper: MapSettings, scale: float) -> list[GridPoint]:
         "normal_reference",
         "lowpass_sigma",
         "reference_shift",
+        "shift_tolerance",
         "score_reduction",
     }
     if set(grid) != expected:
@@ -157,8 +163,8 @@ def build_grid(grid: dict, paper: MapSettings, scale: float) -> list[GridPoint]:
                         scaled = reference in SCALED_MODES
                         lowpasses = grid["lowpass_sigma"] if scaled else [0.0]
                         shifts = grid["reference_shift"] if scaled else [0]
-                        for low, shift, reduction in itertools.product(
-                            lowpasses, shifts, grid["score_reduction"]
+                        for low, shift, tolerance, reduction in itertools.product(
+                            lowpasses, shifts, grid["shift_tolerance"], grid["score_reduction"]
                         ):
                             settings = dataclasses.replace(
                                 paper,
@@ -170,6 +176,7 @@ def build_grid(grid: dict, paper: MapSettings, scale: float) -> list[GridPoint]:
                                 normal_reference=reference,
                                 lowpass_sigma=float(low),
                                 reference_shift=int(shift),
+                                shift_tolerance=tolerance,
                                 score_reduction=reduction,
                             )
                             if settings not in seen:
@@ -192,21 +199,33 @@ def _terms(
     win_sigma: float,
     batch: int,
     keep_diff: bool = False,
-) -> dict:
-    parts = [
-        error_terms(
-            unit_float(torch.from_numpy(np.ascontiguousarray(images[i : i + batch]))),
-            torch.from_numpy(np.ascontiguousarray(recon[i : i + batch])),
-            windows,
-            win_sigma,
-            keep_diff=keep_diff,
-        )
-        for i in range(0, len(images), batch)
-    ]
-    return {
-        "ssim_err": {w: torch.cat([p["ssim_err"][w] for p in parts]) for w in windows},
-        **{key: torch.cat([p[key] for p in parts]) for key in ("sq", "diff") if key in parts[0]},
-    }
+    tolerances: Sequence[int] = (0,),
+) -> dict[int, dict]:
+    """The images' :func:`error_terms`, a batch at a time, once per shift tolerance:
+    ``{tolerance: terms}``."""
+    out = {}
+    for tolerance in tolerances:
+        parts = [
+            error_terms(
+                unit_float(torch.from_numpy(np.ascontiguousarray(images[i : i + batch]))),
+                torch.from_numpy(np.ascontiguousarray(recon[i : i + batch])),
+                windows,
+                win_sigma,
+                keep_diff=keep_diff,
+                tolerance=tolerance,
+            )
+            for i in range(0, len(images), batch)
+        ]
+        out[tolerance] = {
+            "ssim_err": {w: torch.cat([p["ssim_err"][w] for p in parts]) for w in windows},
+            **{
+                key: torch.cat([p[key] for p in parts])
+                for key in ("sq", "diff", "x", "recon")
+                if key in parts[0]
+            },
+            **({"tolerance": tolerance} if "tolerance" in parts[0] else {}),
+        }
+    return out
 
 
 def _train_references(
@@ -217,13 +236,15 @@ def _train_references(
     by_sigma: dict[float, dict[tuple, list[GridPoint]]],
     lowpass_sigmas: Sequence[float] = (),
     shifts: Sequence[int] = (0,),
+    tolerances: Sequence[int] = (0,),
 ) -> dict[tuple, NormalReference]:
     """The normal reference of every uncorrected map of the grid, for every reference shift,
     fitted one batch of training images at a time (:class:`ReferenceAccumulator`): memory does
     not grow with the number of training images. ``train[1]`` is the reconstructions, or a
     function that reconstructs a batch (then not even they are held; moved copies,
-    ``shifts`` other than 0, need it). References are keyed ``(shift, sigma, raw_key)``, the
-    low-pass channels' ``("lowpass", sigma, shift)``. A shift's reference holds the unmoved
+    ``shifts`` other than 0, need it). References are keyed ``(shift, sigma, raw_key)`` (the
+    raw key ends with the shift tolerance), the low-pass channels' ``("lowpass", sigma, shift,
+    tolerance)``. A shift's reference holds the unmoved
     images and their moved copies (:func:`with_moved_copies`), each image with its copies in
     one batch (the accumulators leave each pixel's highest image out)."""
     images, recon = train
@@ -237,7 +258,10 @@ def _train_references(
         for key in by_raw
     }
     accumulators |= {
-        ("lowpass", s, shift): ReferenceAccumulator() for s in lowpass_sigmas for shift in shifts
+        ("lowpass", s, shift, r): ReferenceAccumulator()
+        for s in lowpass_sigmas
+        for shift in shifts
+        for r in tolerances
     }
 
     def add(
@@ -245,23 +269,22 @@ def _train_references(
     ) -> None:
         """``batch``: images and their moved copies; ``rows[shift]``: those a shift's reference
         holds, ``sources[shift]``: their images."""
-        terms = error_terms(
-            unit_float(torch.from_numpy(batch)),
-            torch.from_numpy(np.ascontiguousarray(rebuilt)),
-            windows,
-            win_sigma,
-            keep_diff=bool(lowpass_sigmas),
-        )
+        x, y = unit_float(torch.from_numpy(batch)), torch.from_numpy(np.ascontiguousarray(rebuilt))
+        terms = {
+            r: error_terms(x, y, windows, win_sigma, keep_diff=bool(lowpass_sigmas), tolerance=r)
+            for r in tolerances
+        }
         for smoothing, by_raw in by_sigma.items():
-            smoothed = smooth_terms(terms, smoothing)
-            for key, members in by_raw.items():
-                maps = blend(smoothed, members[0].settings)[:, 0]
-                for shift, chosen in rows.items():
-                    accumulators[shift, smoothing, key].add(maps[chosen], sources[shift])
-        for s in lowpass_sigmas:
-            maps = lowpass(terms, s)[:, 0]
+            for r, keys in _by_tolerance(by_raw).items():
+                smoothed = smooth_terms(terms[r], smoothing)
+                for key in keys:
+                    maps = blend(smoothed, by_raw[key][0].settings)[:, 0]
+                    for shift, chosen in rows.items():
+                        accumulators[shift, smoothing, key].add(maps[chosen], sources[shift])
+        for s, r in itertools.product(lowpass_sigmas, tolerances):
+            maps = lowpass(terms[r], s)[:, 0]
             for shift, chosen in rows.items():
-                accumulators["lowpass", s, shift].add(maps[chosen], sources[shift])
+                accumulators["lowpass", s, shift, r].add(maps[chosen], sources[shift])
 
     # an image and all its moved copies in one batch (about batch_size maps in all)
     step = max(batch_size // (1 + 4 * len(moves)), 1)
@@ -284,7 +307,7 @@ class GridReferences:
     """The normal references a grid needs, fitted once on the training images
     (:func:`fit_grid_references`): one per uncorrected map and reference shift, keyed
     ``(shift, sigma, raw_key)``, and one per low-pass channel, keyed ``("lowpass", sigma,
-    shift)``. ``scale`` is the ``ssim+l2`` scale the blended maps were made with: the same
+    shift, tolerance)``. ``scale`` is the ``ssim+l2`` scale the blended maps were made with: the same
     references serve another scoring of the same grid (the calibration's references, the
     real test images' :func:`agreement`) only at that scale."""
 
@@ -295,7 +318,8 @@ class GridReferences:
 @dataclass(frozen=True)
 class _Plan:
     """What scoring a grid needs: its points, the SSIM windows, the points grouped by
-    smoothing and uncorrected map, the low-pass sigmas and the reference shifts."""
+    smoothing and uncorrected map, the low-pass sigmas, the reference shifts and the shift
+    tolerances."""
 
     points: list[GridPoint]
     windows: tuple[int, ...]
@@ -303,12 +327,18 @@ class _Plan:
     lowpass_sigmas: list[float]
     shifts: list[int]
     lowpass_modes: list[str]
+    tolerances: list[int]
 
     @property
     def reference_keys(self) -> set[tuple]:
         return {
             (shift, s, key) for shift in self.shifts for s, by_raw in self.by_sigma.items() for key in by_raw
-        } | {("lowpass", s, shift) for s in self.lowpass_sigmas for shift in self.shifts}
+        } | {
+            ("lowpass", s, shift, r)
+            for s in self.lowpass_sigmas
+            for shift in self.shifts
+            for r in self.tolerances
+        }
 
 
 def _plan(grid: dict, paper: MapSettings, scale: float) -> _Plan:
@@ -326,6 +356,7 @@ def _plan(grid: dict, paper: MapSettings, scale: float) -> _Plan:
         sorted({float(s) for s in grid.get("lowpass_sigma", [])} - {0.0}),
         sorted({p.settings.reference_shift for p in points}),
         sorted({p.settings.normal_reference for p in points if p.settings.lowpass_sigma}),
+        sorted({p.settings.shift_tolerance for p in points}),
     )
 
 
@@ -333,7 +364,8 @@ def normal_l2_scale(normal: tuple[np.ndarray, np.ndarray], paper: MapSettings, b
     """The ``ssim+l2`` scale (:func:`l2_scale`) measured on the NORMAL ``(images,
     reconstructions)``, with the paper's first SSIM window: what :func:`score_grid`
     measures when it is given no scale."""
-    return l2_scale(_terms(*normal, paper.windows, paper.win_sigma, batch_size), paper.windows[0])
+    terms = _terms(*normal, paper.windows, paper.win_sigma, batch_size, tolerances=(paper.shift_tolerance,))
+    return l2_scale(terms[paper.shift_tolerance], paper.windows[0])
 
 
 def fit_grid_references(
@@ -349,41 +381,61 @@ def fit_grid_references(
     grid on other images without streaming the training images again."""
     plan = _plan(grid, paper, scale)
     maps = _train_references(
-        train, plan.windows, paper.win_sigma, batch_size, plan.by_sigma, plan.lowpass_sigmas, plan.shifts
+        train,
+        plan.windows,
+        paper.win_sigma,
+        batch_size,
+        plan.by_sigma,
+        plan.lowpass_sigmas,
+        plan.shifts,
+        plan.tolerances,
     )
     return GridReferences(float(scale), maps)
 
 
 def _distinct_maps(
-    plan: _Plan, references: dict[tuple, NormalReference], terms: dict
+    plan: _Plan, references: dict[tuple, NormalReference], terms: dict[int, dict]
 ) -> Iterator[tuple[list[GridPoint], torch.Tensor, NormalReference]]:
     """Every distinct corrected map of the grid, once: ``(the settings sharing it (they differ
     in the score reduction only), the maps (N, H, W), the reference of its uncorrected map)``,
-    from the images' :func:`error_terms` (with ``keep_diff`` when the grid has low-pass
-    channels)."""
-    # the normalised low-pass channel of the images, once per sigma, shift and mode
-    raw_lowpass = {s: lowpass(terms, s)[:, 0] for s in plan.lowpass_sigmas}
+    from the images' :func:`error_terms` per shift tolerance (with ``keep_diff`` when the grid
+    has low-pass channels)."""
+    # the normalised low-pass channel of the images, once per sigma, shift, mode and tolerance
+    raw_lowpass = {(s, r): lowpass(terms[r], s)[:, 0] for s in plan.lowpass_sigmas for r in plan.tolerances}
     lowpasses = {
-        (s, shift, mode): correct(raw_lowpass[s], *references["lowpass", s, shift].as_tensors(mode))
+        (s, shift, mode, r): correct(raw_lowpass[s, r], *references["lowpass", s, shift, r].as_tensors(mode))
         for s in plan.lowpass_sigmas
         for shift in plan.shifts
         for mode in plan.lowpass_modes
+        for r in plan.tolerances
     }
     for smoothing, by_raw in plan.by_sigma.items():
-        # smoothing is linear: smooth each error term once, then blend (see smooth_terms)
-        smoothed = smooth_terms(terms, smoothing)
-        for raw_key, members in by_raw.items():
-            raw = blend(smoothed, members[0].settings)[:, 0]
-            by_map: dict[tuple[str, float, int], list[GridPoint]] = {}
-            for point in members:
-                s = point.settings
-                by_map.setdefault((s.normal_reference, s.lowpass_sigma, s.reference_shift), []).append(point)
-            for (mode, low, shift), group in by_map.items():
-                reference = references[shift, smoothing, raw_key]
-                maps = raw if mode == "none" else correct(raw, *reference.as_tensors(mode))
-                if low:  # the per-pixel max with the low-pass channel, normalised alike (MapSettings)
-                    maps = torch.maximum(maps, lowpasses[low, shift, mode])
-                yield group, maps, reference
+        for tolerance, keys in _by_tolerance(by_raw).items():
+            # smoothing is linear: smooth each error term once, then blend (see smooth_terms)
+            smoothed = smooth_terms(terms[tolerance], smoothing)
+            for raw_key in keys:
+                raw = blend(smoothed, by_raw[raw_key][0].settings)[:, 0]
+                by_map: dict[tuple[str, float, int], list[GridPoint]] = {}
+                for point in by_raw[raw_key]:
+                    s = point.settings
+                    by_map.setdefault((s.normal_reference, s.lowpass_sigma, s.reference_shift), []).append(
+                        point
+                    )
+                for (mode, low, shift), group in by_map.items():
+                    reference = references[shift, smoothing, raw_key]
+                    maps = raw if mode == "none" else correct(raw, *reference.as_tensors(mode))
+                    if low:  # the per-pixel max with the low-pass channel, normalised alike (MapSettings)
+                        maps = torch.maximum(maps, lowpasses[low, shift, mode, tolerance])
+                    yield group, maps, reference
+
+
+def _by_tolerance(by_raw: dict[tuple, list[GridPoint]]) -> dict[int, list[tuple]]:
+    """The raw keys of one smoothing grouped by their shift tolerance (a raw key's last item),
+    so that one tolerance's smoothed terms are held at a time."""
+    out: dict[int, list[tuple]] = {}
+    for key in by_raw:
+        out.setdefault(key[-1], []).append(key)
+    return out
 
 
 def grid_maps(
@@ -398,7 +450,14 @@ def grid_maps(
     map at a time: ``(the settings sharing it, maps (N, H, W))``. For studies of the grid's
     maps beyond its metrics (e.g. a real AUPRO per setting)."""
     plan = _plan(grid, paper, references.scale)
-    terms = _terms(*images, plan.windows, paper.win_sigma, batch_size, keep_diff=bool(plan.lowpass_sigmas))
+    terms = _terms(
+        *images,
+        plan.windows,
+        paper.win_sigma,
+        batch_size,
+        keep_diff=bool(plan.lowpass_sigmas),
+        tolerances=plan.tolerances,
+    )
     for group, maps, _ in _distinct_maps(plan, references.maps, terms):
         yield group, maps
 
@@ -459,6 +518,7 @@ def score_grid(
         paper.win_sigma,
         batch_size,
         keep_diff=bool(lowpass_sigmas),
+        tolerances=plan.tolerances,
     )
     n_normal, h, w = len(normal[0]), *normal[0].shape[-2:]
     masks = np.concatenate([np.zeros((n_normal, h, w), np.uint8), np.asarray(defects[2], np.uint8)])
@@ -494,6 +554,7 @@ def score_grid(
                 "normal_reference": p.settings.normal_reference,
                 "lowpass_sigma": p.settings.lowpass_sigma,
                 "reference_shift": p.settings.reference_shift,
+                "shift_tolerance": p.settings.shift_tolerance,
                 "score_reduction": p.settings.score_reduction,
                 "levers_changed": p.levers_changed(paper),
                 **rows[p],

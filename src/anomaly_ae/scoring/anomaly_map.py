@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from anomaly_ae.config import from_settings
-from anomaly_ae.scoring.reference import SCALED_MODES, check_mode, correct
+from anomaly_ae.scoring.reference import SCALED_MODES, check_mode, correct, move
 from anomaly_ae.scoring.ssim import (
     PAPER_WIN_SIGMA,
     PAPER_WIN_SIZE,
@@ -42,6 +42,7 @@ __all__ = [
     "REDUCTIONS",
     "MapSettings",
     "error_terms",
+    "shift_offsets",
     "smooth_terms",
     "blend",
     "lowpass",
@@ -67,6 +68,14 @@ class MapSettings:
     the windows are combined by ``scale_combine``, their ``mean`` or their ``max``: the max
     keeps a defect that only one scale sees).
 
+    ``shift_tolerance`` r (px, default 0: the paper) compares each pixel with the
+    reconstruction at its best alignment within r px: every error term (each window's
+    ``1 - SSIM``, the squared error, the low-pass difference) is, per pixel, the smallest over
+    the reconstruction moved by every ``(dy, dx)`` with ``|dy|, |dx| <= r``
+    (:func:`~anomaly_ae.scoring.reference.move`). A normal edge the network draws a pixel off
+    lights up in the plain map; a defect, which the reconstruction lacks at every alignment,
+    does not go away. It costs ``(2r + 1)**2`` SSIM maps per window instead of one.
+
     ``localisation`` (default None: the same map) is a second map's settings: the map shown as
     the heat map and scored per pixel, while this one gives the image score. What finds a
     defective image (a sharp peak) and what outlines a defect (a smoother map) are not always
@@ -84,6 +93,7 @@ class MapSettings:
     normal_reference: str = "none"
     lowpass_sigma: float = 0.0
     reference_shift: int = 0
+    shift_tolerance: int = 0
     localisation: MapSettings | None = None
 
     def __post_init__(self) -> None:
@@ -120,6 +130,12 @@ class MapSettings:
                 f"got {self.reference_shift!r}"
             )
         object.__setattr__(self, "reference_shift", int(self.reference_shift))
+        if not (float(self.shift_tolerance) == int(self.shift_tolerance) and int(self.shift_tolerance) >= 0):
+            raise ValueError(
+                "evaluation.anomaly_map.shift_tolerance must be a whole number of pixels >= 0 "
+                f"(0: the reconstruction as it is), got {self.shift_tolerance!r}"
+            )
+        object.__setattr__(self, "shift_tolerance", int(self.shift_tolerance))
         if self.reference_shift and self.normal_reference == "none":
             raise ValueError(
                 "evaluation.anomaly_map.reference_shift > 0 moves the training images the normal "
@@ -228,6 +244,8 @@ class MapSettings:
             name += f" moved {self.reference_shift}"
         if self.lowpass_sigma:
             name += f" + lowpass {self.lowpass_sigma:g}"
+        if self.shift_tolerance:
+            name += f" align {self.shift_tolerance}"
         return name
 
 
@@ -239,6 +257,7 @@ def error_terms(
     keep_ssim: bool = False,
     dtype: torch.dtype = torch.float32,
     keep_diff: bool = False,
+    tolerance: int = 0,
 ) -> dict:
     """The expensive part of every map, computed once (SSIM's statistics in float64, see
     :mod:`anomaly_ae.scoring.ssim`; the terms in ``dtype``: float32 for the calibration grid,
@@ -250,21 +269,43 @@ def error_terms(
     Colour images (``C`` = 3, ``preprocessing.color``): SSIM and the squared error are
     computed per colour channel and averaged over them (pytorch_msssim's convention for
     multi-channel SSIM), so every term has one channel; ``"diff"`` keeps the colour channels
-    (see :func:`lowpass`)."""
+    (see :func:`lowpass`).
+
+    ``tolerance`` r > 0 (``MapSettings.shift_tolerance``): each term is, per pixel, the
+    smallest over the reconstruction moved by every ``(dy, dx)`` with ``|dy|, |dx| <= r``
+    (:func:`shift_offsets`); ``"ssim"`` stays the unmoved reconstruction's (the paper's
+    per-image SSIM), and instead of ``"diff"`` the images and reconstructions are kept
+    (``"x"``, ``"recon"``, ``"tolerance"``) for the low-pass channel's own minimum."""
     x, recon = x.float(), recon.float()
     ssim = {
         w: _colour_mean(ssim_map(x, recon, gaussian_taps(w, win_sigma), same_size=True, precise=True))
         for w in windows
     }
-    terms = {
-        "ssim_err": {w: (1.0 - m).clamp(0.0, 1.0).to(dtype) for w, m in ssim.items()},
-        "sq": _colour_mean((x.to(dtype) - recon.to(dtype)).pow(2)),
-    }
+    ssim_err = {w: (1.0 - m).clamp(0.0, 1.0).to(dtype) for w, m in ssim.items()}
+    sq = _colour_mean((x.to(dtype) - recon.to(dtype)).pow(2))
+    for dy, dx in shift_offsets(tolerance)[1:]:
+        moved = move(recon, dy, dx)
+        for w in windows:
+            m = _colour_mean(ssim_map(x, moved, gaussian_taps(w, win_sigma), same_size=True, precise=True))
+            ssim_err[w] = torch.minimum(ssim_err[w], (1.0 - m).clamp(0.0, 1.0).to(dtype))
+        sq = torch.minimum(sq, _colour_mean((x.to(dtype) - moved.to(dtype)).pow(2)))
+    terms = {"ssim_err": ssim_err, "sq": sq}
     if keep_ssim:
         terms["ssim"] = ssim
-    if keep_diff:
+    if keep_diff and tolerance:
+        terms |= {"x": x.to(dtype), "recon": recon.to(dtype), "tolerance": int(tolerance)}
+    elif keep_diff:
         terms["diff"] = x.to(dtype) - recon.to(dtype)
     return terms
+
+
+def shift_offsets(tolerance: int) -> list[tuple[int, int]]:
+    """Every ``(dy, dx)`` with ``|dy|, |dx| <= tolerance``, ``(0, 0)`` first."""
+    r = int(tolerance)
+    if r < 0:
+        raise ValueError(f"shift_tolerance must be >= 0, got {tolerance!r}")
+    span = range(-r, r + 1)
+    return [(0, 0)] + [(dy, dx) for dy in span for dx in span if dy or dx]
 
 
 def _colour_mean(t: Tensor) -> Tensor:
@@ -277,8 +318,19 @@ def lowpass(terms: dict, sigma: float) -> Tensor:
     (``keep_diff``): blurring the *signed* difference first cancels the reconstruction's
     fine, zero-mean noise and keeps a faint change that spans many pixels. For colour images
     each channel's is taken, then their mean: a change of hue at equal brightness (red up,
-    blue down) does not cancel."""
-    return _colour_mean(gaussian_blur(terms["diff"], sigma).abs())
+    blue down) does not cancel.
+
+    With a shift tolerance (``terms["tolerance"]`` r > 0, see :func:`error_terms`): per pixel
+    the smallest over every alignment, ``min |blur(x) - move(blur(recon))|`` (blurring is
+    linear and commutes with moving, but for the reflected border)."""
+    tolerance = terms.get("tolerance", 0)
+    if not tolerance:
+        return _colour_mean(gaussian_blur(terms["diff"], sigma).abs())
+    x, recon = gaussian_blur(terms["x"], sigma), gaussian_blur(terms["recon"], sigma)
+    out = _colour_mean((x - recon).abs())
+    for dy, dx in shift_offsets(tolerance)[1:]:
+        out = torch.minimum(out, _colour_mean((x - move(recon, dy, dx)).abs()))
+    return out
 
 
 def smooth_terms(terms: dict, sigma: float) -> dict:
@@ -344,6 +396,7 @@ def raw_map(x: Tensor, recon: Tensor, settings: MapSettings) -> Tensor:
         settings.win_sigma,
         dtype=map_dtype(x.device),
         keep_diff=bool(settings.lowpass_sigma),
+        tolerance=settings.shift_tolerance,
     )
     return compose(terms, settings)
 
@@ -384,26 +437,34 @@ def score_maps(
     paper = paper_ssim and PAPER_WIN_SIZE in windows and settings.win_sigma == PAPER_WIN_SIGMA
     if settings.localisation and settings.localisation.win_sigma != settings.win_sigma:
         raise ValueError("the detection and localisation maps must share win_sigma")
-    terms = error_terms(
-        x,
-        recon,
-        windows,
-        settings.win_sigma,
-        keep_ssim=paper,
-        dtype=map_dtype(x.device),
-        keep_diff=settings.any_lowpass,
-    )
+    tolerances = dict.fromkeys(
+        m.shift_tolerance for m in (settings, settings.localisation) if m is not None
+    )  # the error terms once per shift tolerance (usually one)
+    by_tolerance = {
+        r: error_terms(
+            x,
+            recon,
+            windows,
+            settings.win_sigma,
+            keep_ssim=paper and i == 0,
+            dtype=map_dtype(x.device),
+            keep_diff=settings.any_lowpass,
+            tolerance=r,
+        )
+        for i, r in enumerate(tolerances)
+    }
+    terms = by_tolerance[settings.shift_tolerance]
     detection = _correct(compose(terms, settings), settings, reference)
     heat = detection
     if settings.localisation:
         loc = settings.localisation
-        heat = _correct(compose(terms, loc), loc, localisation_reference)
+        heat = _correct(compose(by_tolerance[loc.shift_tolerance], loc), loc, localisation_reference)
     if not paper_ssim:
         return detection, heat, None
     p = PAPER_WIN_SIZE // 2
     h, w = x.shape[-2:]
     if paper and 2 * p < min(h, w):
-        valid = terms["ssim"][PAPER_WIN_SIZE][..., p : h - p, p : w - p]
+        valid = by_tolerance[settings.shift_tolerance]["ssim"][PAPER_WIN_SIZE][..., p : h - p, p : w - p]
     else:
         valid = ssim_map(x.float(), recon.float(), gaussian_taps(), precise=True)
     return detection, heat, valid.flatten(1).mean(-1).float()

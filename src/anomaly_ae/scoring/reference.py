@@ -312,13 +312,28 @@ def correct(maps: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor | None) 
     return corrected if scale is None else corrected / scale
 
 
-def move(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """``(..., H, W)`` images moved ``dy`` px down and ``dx`` px right (negative: up, left),
-    the border reflected in."""
-    pad = max(abs(dy), abs(dx))
+def move(images, dy: int, dx: int):
+    """``(..., H, W)`` images (a numpy array or a torch tensor, returned as the same kind)
+    moved ``dy`` px down and ``dx`` px right (negative: up, left), the border reflected in
+    (``numpy.pad``'s ``reflect``: the edge pixel is not repeated). Indexing only, so it traces
+    into an ONNX graph as it is (the shift-tolerant map, ``MapSettings.shift_tolerance``)."""
     height, width = images.shape[-2:]
-    padded = np.pad(images, ((0, 0),) * (images.ndim - 2) + ((pad, pad), (pad, pad)), mode="reflect")
-    return padded[..., pad - dy : pad - dy + height, pad - dx : pad - dx + width]
+    if not (abs(dy) < height and abs(dx) < width):
+        raise ValueError(
+            f"cannot move {height}x{width} images by ({dy}, {dx}) px: at most {height - 1}, {width - 1}"
+        )
+    rows, cols = _reflected(height, dy), _reflected(width, dx)
+    if isinstance(images, torch.Tensor):
+        rows = torch.from_numpy(rows).to(images.device)
+        cols = torch.from_numpy(cols).to(images.device)
+        return images.index_select(-2, rows).index_select(-1, cols)
+    return images[..., rows, :][..., cols]
+
+
+def _reflected(n: int, d: int) -> np.ndarray:
+    """The source index of each of ``n`` positions moved by ``d``, reflected at both ends."""
+    index = np.abs(np.arange(n) - d)
+    return np.where(index >= n, 2 * (n - 1) - index, index)
 
 
 def with_moved_copies(images: np.ndarray, shift: int) -> np.ndarray:
