@@ -74,9 +74,9 @@ the spread floored by its mean):
              left out), the tail by the maximum and by the 2nd largest value, fitted on
              the clean and on the unclean training images - how much does one unclean
              image damp a later defect at its place?
-  tolerant   shift-tolerant maps: per pixel the smallest map over the reconstruction moved
-             by every (dy, dx) with |dy|, |dx| <= r px (--tolerance, radii a+b+...; 0 is the
-             pipeline's map), z-scored against the training images' maps made the same way,
+  tolerant   shift-tolerant maps (the scoring core's MapSettings.shift_tolerance): each error
+             term at the reconstruction's best alignment within r px (--tolerance, radii
+             a+b+...; 0 is the pipeline's map), z-scored against the training images' maps made the same way,
              alone and with their copies moved by 1 px - is the good images' residual at
              edges (bottle's rim) a reconstruction a pixel or two off, which a spot is not?
   peaks      no variants: with the pipeline's map, the good test images' maxima, and per
@@ -144,8 +144,10 @@ def channel_maps(
     sigma (:func:`compose`), or the low-pass difference |blur(x - reconstruction, sigma)|
     (:func:`lowpass_difference`); with ``flip`` (a dimension) the reconstruction of the
     flipped image, flipped back; ``rebuild`` (images -> reconstructions) replaces the
-    network's forward pass; ``tolerance`` r > 0: per pixel the smallest map over the
-    reconstruction moved by every (dy, dx) with |dy|, |dx| <= r (:func:`move`)."""
+    network's forward pass; ``tolerance`` r > 0: the scoring core's shift tolerance
+    (``MapSettings.shift_tolerance``: each error term, per pixel, the smallest over the
+    reconstruction moved by every (dy, dx) with |dy|, |dx| <= r, before smoothing; the
+    README's stop-37 rows took the minimum of each smoothed channel instead)."""
     for start in range(0, len(images), batch):
         x = torch.from_numpy(as_unit_float(images[start : start + batch]))
         seen = x.flip(flip).numpy() if flip is not None else x.numpy()
@@ -153,13 +155,7 @@ def channel_maps(
             reconstruct(network, seen, batch, "cpu") if rebuild is None else rebuild(seen)
         )
         recon = recon.flip(flip) if flip is not None else recon
-        maps = _maps_of_terms(error_terms(x, recon, keep_diff=True), channels)
-        for dy, dx in itertools.product(range(-tolerance, tolerance + 1), repeat=2):
-            if dy or dx:
-                moved = torch.from_numpy(move(recon.numpy(), dy, dx).copy())
-                other = _maps_of_terms(error_terms(x, moved, keep_diff=True), channels)
-                maps = {n: torch.minimum(maps[n], other[n]) for n in maps}
-        yield maps
+        yield _maps_of_terms(error_terms(x, recon, keep_diff=True, tolerance=tolerance), channels)
 
 
 def maps_of(
