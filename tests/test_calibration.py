@@ -472,5 +472,15 @@ def test_the_report_names_both_maps_and_marks_the_heat_maps_row():
     assert "The image score comes from <code>1-SSIM(11) smooth 4 ref-zscore top1%</code>" in html
     assert "heat maps, pixel AUROC and AUPRO from <code>1-SSIM(11) smooth 8 ref-zscore</code>" in html
     assert "s11 (heat map)" in html and "s1 (chosen)" in html and "s12 (paper)" in html
+    # every part of a setting's name the grid can produce is explained beside the table
+    assert "<code>align r</code>: each pixel&#x27;s error at the reconstruction&#x27;s best alignment" in html
+    for part in (
+        "smooth s",
+        "ref-mean / ref-zscore / ref-tail",
+        "moved 1",
+        "+ lowpass s",
+        "max / top1% / mean",
+    ):
+        assert f"<code>{part}</code>" in html
     one_map = map_section(detection.to_dict(), chosen, table.drop(columns="is_localisation"), "calibrated")
     assert "heat map" not in one_map and "s11" not in one_map

@@ -40,6 +40,7 @@ from anomaly_ae.scoring.ssim import (
 
 __all__ = [
     "REDUCTIONS",
+    "NAME_LEGEND",
     "MapSettings",
     "error_terms",
     "shift_offsets",
@@ -57,6 +58,17 @@ __all__ = [
 ]
 
 REDUCTIONS = ("max", "mean", "topk_mean")
+#: How to read :meth:`MapSettings.describe` (shown beside the names in the report).
+NAME_LEGEND = (
+    ("1-SSIM(w)", "one minus local SSIM with a w x w window (several: their mean, or max)"),
+    ("sq.err", "the squared error, scaled to weigh about as much as 1 - SSIM"),
+    ("smooth s", "Gaussian smoothing of the map, sigma s px"),
+    ("ref-mean / ref-zscore / ref-tail", "compared per pixel with the normal training images' maps"),
+    ("moved 1", "that reference also fitted on the training images moved by 1 px"),
+    ("+ lowpass s", "per pixel the larger of the map and |blur(image - reconstruction, s)|, both normalised"),
+    ("align r", "each pixel's error at the reconstruction's best alignment within r px"),
+    ("max / top1% / mean", "the image score: the map's largest pixel, mean of its top 1 %, or mean"),
+)
 SCALE_COMBINES = ("mean", "max")
 
 

@@ -125,8 +125,10 @@ def make_hardest_cases(
     rows = []
     for i in (*good, *bad):
         flagged = scores[i] > threshold
-        verdict = ("flagged (false alarm)" if flagged else "passed") if labels[i] == 0 else (
-            "found" if flagged else "missed"
+        verdict = (
+            ("flagged (false alarm)" if flagged else "passed")
+            if labels[i] == 0
+            else ("found" if flagged else "missed")
         )
         entry = ssim_table.iloc[i]
         score = f"score {scores[i]:.3g} (threshold {threshold:.3g})"
@@ -363,8 +365,7 @@ def stress_section(table: pd.DataFrame) -> str:
         "calibration: a check on images the choice never saw (it chooses nothing). Interval: "
         "the image AUROC's confidence interval (evaluation.confidence_level): with few good "
         "test images it is wide; more defective copies per kind "
-        "(evaluation.stress_test.copies_per_kind) narrow it.</p>"
-        + html_table(wide.reset_index())
+        "(evaluation.stress_test.copies_per_kind) narrow it.</p>" + html_table(wide.reset_index())
     )
     splits = (
         (
@@ -417,6 +418,7 @@ def map_section(
 
     from anomaly_ae.reporting.report import html_table
     from anomaly_ae.scoring import MapSettings
+    from anomaly_ae.scoring.anomaly_map import NAME_LEGEND
 
     used = MapSettings.from_dict(map_settings).describe()
     if source == "calibrated":
@@ -448,7 +450,9 @@ def map_section(
         s + (" (paper)" if p else "") + (" (chosen)" if c else "") + (" (heat map)" if h and not c else "")
         for s, p, c, h in zip(shown["setting"], shown["is_paper"], shown["is_selected"], located, strict=True)
     ]
+    legend = "; ".join(f"<code>{html.escape(n)}</code>: {html.escape(m)}" for n, m in NAME_LEGEND)
     return (
         f"<p>Used: <code>{html.escape(used)}</code>. {why}</p>"
-        f"<p>Rule: {html.escape(calibrated_map['rule'])}</p>" + html_table(shown[TABLE_COLUMNS])
+        f"<p>Rule: {html.escape(calibrated_map['rule'])}</p>"
+        f"<p>Reading a setting's name: {legend}.</p>" + html_table(shown[TABLE_COLUMNS])
     )
