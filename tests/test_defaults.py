@@ -134,6 +134,30 @@ def test_shipped_parameters_are_valid():
     validate_parameters(_base_params())  # raises on any invalid value
 
 
+def test_the_tolerant_env_adds_only_the_shift_tolerance_to_the_grid():
+    """``kedro run --env tolerant``: conf/base's grid (1512 settings, no shift tolerance) with
+    ``shift_tolerance: [0, 1]`` (3024), every other lever and parameter as in conf/base."""
+    from kedro.config import OmegaConfigLoader
+
+    from anomaly_ae.evaluation.calibration import build_grid
+    from anomaly_ae.param_schema import validate_parameters
+    from anomaly_ae.scoring import MapSettings
+    from anomaly_ae.settings import CONFIG_LOADER_ARGS
+
+    loader = OmegaConfigLoader(
+        str(REPO_ROOT / "conf"), **{**CONFIG_LOADER_ARGS, "default_run_env": "tolerant"}
+    )
+    tolerant, base = loader["parameters"], _base_params()
+    validate_parameters(tolerant)
+    assert base["calibration"]["grid"]["shift_tolerance"] == [0]
+    assert tolerant["calibration"]["grid"] == {**base["calibration"]["grid"], "shift_tolerance": [0, 1]}
+    assert {k: v for k, v in tolerant.items() if k != "calibration"} == {
+        k: v for k, v in base.items() if k != "calibration"
+    }
+    sizes = [len(build_grid(p["calibration"]["grid"], MapSettings(), 1.0)) for p in (base, tolerant)]
+    assert sizes == [1512, 3024]
+
+
 @pytest.mark.parametrize(
     ("group", "key", "value", "expected"),
     [

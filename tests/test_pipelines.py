@@ -130,9 +130,9 @@ def test_quick_run_trains_and_evaluates_with_the_calibrated_map(quick):
 def test_calibration_table_and_rule(quick):
     table = pd.read_csv(quick.latest(f"data/07_model_output/{NS}/calibration_table.csv"))
     chosen = _json(quick.latest(f"data/07_model_output/{NS}/calibrated_map.json"))
-    assert len(table) == 3024 == chosen["n_settings"]
+    assert len(table) == 1512 == chosen["n_settings"]  # conf/base: shift_tolerance [0]
     assert table["is_paper"].sum() == 1 and table["is_selected"].sum() == 1
-    assert list(table["rank"]) == list(range(1, 3025))
+    assert list(table["rank"]) == list(range(1, 1513))
     assert table["selection_score"].is_monotonic_decreasing
     selected = table[table["is_selected"]].iloc[0]
     best = table["selection_score"].max()
