@@ -59,7 +59,10 @@ def test_short_training_then_calibrate_evaluate_and_predict(real_project, tmp_pa
         pipeline="training",
         params={**BOTTLE, "training": {"epochs": EPOCHS, "progress": False, "compile": False}},
     )
-    real_project.session_run(pipeline="evaluate", params=BOTTLE)  # calibration + evaluation + report
+    # calibration + evaluation + report; without the grid agreement (the whole grid scored again
+    # on the test images: reported only, it chooses nothing; about 7 of a real bottle evaluation's
+    # 20 min), which the quick run's tests check (tests/test_pipelines.py)
+    real_project.session_run(pipeline="evaluate", params={**BOTTLE, "evaluation": {"grid_agreement": False}})
     chosen = json.loads(real_project.latest("data/07_model_output/bottle/calibrated_map.json").read_text())
     metrics = json.loads(real_project.latest("data/08_reporting/bottle/evaluation_metrics.json").read_text())
     table = pd.read_csv(real_project.latest("data/07_model_output/bottle/ssim_table.csv"))
