@@ -60,8 +60,8 @@ def test_short_training_then_calibrate_evaluate_and_predict(real_project, tmp_pa
         params={**BOTTLE, "training": {"epochs": EPOCHS, "progress": False, "compile": False}},
     )
     # calibration + evaluation + report; without the grid agreement (the whole grid scored again
-    # on the test images: reported only, it chooses nothing; about 7 of a real bottle evaluation's
-    # 20 min), which the quick run's tests check (tests/test_pipelines.py)
+    # on the test images: reported only, it chooses nothing; 3.6 of a real bottle evaluation's
+    # 10 min with the default grid), which the quick run's tests check (tests/test_pipelines.py)
     real_project.session_run(pipeline="evaluate", params={**BOTTLE, "evaluation": {"grid_agreement": False}})
     chosen = json.loads(real_project.latest("data/07_model_output/bottle/calibrated_map.json").read_text())
     metrics = json.loads(real_project.latest("data/08_reporting/bottle/evaluation_metrics.json").read_text())
