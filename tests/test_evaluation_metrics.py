@@ -58,6 +58,39 @@ def test_rank_auroc_equals_sklearn_with_ties(seed, dtype) -> None:
     assert rank_auroc(masks, maps) == pytest.approx(expected, abs=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bits", [4, 20])
+def test_binned_pair_count_equals_the_sorted_one(dtype, bits) -> None:
+    """The large-input path of rank_auroc counts exactly the pairs the sort does: ties, -0.0
+    against 0.0, negative scores, subnormals and the dtype's extremes (few bits: most
+    negatives share a bin with a positive; 20, the default: few do)."""
+    from anomaly_ae.evaluation.metrics import _binned_pairs, _sorted_pairs
+
+    rng = np.random.default_rng(bits)
+    info = np.finfo(dtype)
+    special = np.array([0.0, -0.0, info.smallest_subnormal, -info.smallest_subnormal, info.tiny, -3.5, 3.5, info.max, -info.max], dtype)
+    for _ in range(10):
+        n = int(rng.integers(50, 5000))
+        scores = np.where(rng.random(n) < 0.3, rng.choice(special, n), np.round(rng.normal(0, 3, n), 1)).astype(dtype)
+        labels = rng.random(n) < 0.2
+        labels[:2] = [True, False]
+        assert _binned_pairs(labels, scores, bits) == _sorted_pairs(labels, scores)
+    # only -0.0 and 0.0, one class each: every pair a tie
+    assert _binned_pairs(np.array([True, False]), np.array([-0.0, 0.0], dtype), bits) == (0.0, 1.0)
+
+
+def test_rank_auroc_on_a_million_pixels_equals_sklearn() -> None:
+    """From BINNED_FROM scores on, rank_auroc takes the binned count: still scikit-learn's AUROC."""
+    from anomaly_ae.evaluation.metrics import BINNED_FROM
+
+    rng = np.random.default_rng(0)
+    masks = rng.random((BINNED_FROM // 4096 + 1, 64, 64)) < 0.01
+    maps = (rng.gamma(2.0, 1.0, masks.shape) + 1.5 * masks).astype(np.float32)
+    maps[:, :8] = np.round(maps[:, :8], 1)  # ties as well
+    assert masks.size >= BINNED_FROM
+    assert rank_auroc(masks, maps) == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
+
+
 def test_rank_auroc_hand_cases_and_errors() -> None:
     assert rank_auroc([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]) == 1.0
     assert rank_auroc([0, 0, 1, 1], [0.4, 0.3, 0.2, 0.1]) == 0.0

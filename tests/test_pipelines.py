@@ -127,6 +127,27 @@ def test_quick_run_trains_and_evaluates_with_the_calibrated_map(quick):
     assert "Where does the image score come from?" in report and "the label leaks" not in report
 
 
+def test_the_calibration_benchmark_times_what_the_pipeline_runs(quick, monkeypatch):
+    """``python -m anomaly_ae.benchmark --calibration``: the calibrate pipeline's nodes on the
+    cached arrays, with the project's parameters, make the quick run's own choice."""
+    from anomaly_ae import benchmark
+
+    chosen = _json(quick.latest(f"data/07_model_output/{NS}/calibrated_map.json"))
+    monkeypatch.chdir(quick.path)
+    result = benchmark.main(
+        [
+            "--calibration",
+            f"data/05_model_input/{NS}",
+            "--checkpoint",
+            str(quick.latest(f"data/06_models/{NS}/model_checkpoint.pt")),
+            "--json",
+        ]
+    )
+    assert result["settings"] == chosen["n_settings"] == 1512
+    assert result["chosen"] == chosen["setting"]
+    assert result["calibration_seconds"] > 0
+
+
 def test_calibration_table_and_rule(quick):
     table = pd.read_csv(quick.latest(f"data/07_model_output/{NS}/calibration_table.csv"))
     chosen = _json(quick.latest(f"data/07_model_output/{NS}/calibrated_map.json"))

@@ -309,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", help="model checkpoint for --calibration")
     p.add_argument(
+        "--env",
+        default="base",
+        help="for --calibration: the Kedro environment merged over conf/base, as kedro run --env "
+        "(e.g. tolerant: the grid with the shift tolerance)",
+    )
+    p.add_argument(
         "--onnx",
         action="store_true",
         help="instead: time the exported scoring graph in ONNX Runtime against torch eager (same model, "
@@ -525,17 +531,19 @@ def onnx_benchmark(args: argparse.Namespace, say) -> dict[str, Any]:
     return result
 
 
-def calibration_benchmark(model_input: str, checkpoint_path: str, say) -> dict[str, Any]:
+def calibration_benchmark(model_input: str, checkpoint_path: str, say, env: str = "base") -> dict[str, Any]:
     """Wall time of the calibrate pipeline's three nodes, run as the pipeline runs them
-    (parameters from conf/base), on real cached arrays."""
+    (parameters from conf/base, merged with ``conf/<env>`` as ``kedro run --env <env>``
+    merges them), on real cached arrays."""
     from kedro.config import OmegaConfigLoader
     from kedro.io.core import Version
 
     from anomaly_ae.datasets import NpzDataset
     from anomaly_ae.model.checkpoint import load_checkpoint
     from anomaly_ae.pipelines.calibrate.nodes import score_lever_grid, select_map, synthesise_defects
+    from anomaly_ae.settings import CONFIG_LOADER_ARGS
 
-    params = OmegaConfigLoader("conf", base_env="base", default_run_env="base")["parameters"]
+    params = OmegaConfigLoader("conf", **{**CONFIG_LOADER_ARGS, "default_run_env": env})["parameters"]
     folder = Path(model_input)
     latest = Version(None, None)  # the caches are versioned: read the newest
     train = NpzDataset(str(folder / "train_images.npz"), version=latest).load()
@@ -543,7 +551,7 @@ def calibration_benchmark(model_input: str, checkpoint_path: str, say) -> dict[s
     checkpoint = load_checkpoint(checkpoint_path)
     started = time.perf_counter()
     defects = synthesise_defects(validation, params["calibration"])
-    table = score_lever_grid(
+    table, _ = score_lever_grid(
         checkpoint, train, defects, params["model"], params["evaluation"], params["calibration"]
     )
     choice, _ = select_map(table, checkpoint, params["calibration"])
@@ -575,7 +583,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.threads:
             torch.set_num_threads(args.threads)
         result = calibration_benchmark(
-            args.calibration, args.checkpoint, print if not args.json else lambda *a: None
+            args.calibration, args.checkpoint, print if not args.json else lambda *a: None, env=args.env
         )
         if args.json:
             print(json.dumps(result, indent=2, default=str))

@@ -90,7 +90,9 @@ def _as_stack(masks: ArrayLike, maps: ArrayLike) -> tuple[np.ndarray, np.ndarray
 def rank_auroc(labels: ArrayLike, scores: ArrayLike) -> float:
     """Exact AUROC as the Mann-Whitney statistic: the fraction of (anomalous, normal) pairs
     ordered correctly, ties counting one half. Equal to ``roc_auc_score``; scores keep their
-    dtype (float32 maps sort twice as fast as float64); any non-zero label is anomalous."""
+    dtype (float32 maps sort twice as fast as float64); any non-zero label is anomalous.
+    Float scores from :data:`BINNED_FROM` values on are counted by :func:`_binned_pairs`
+    (the same exact count, about three times faster on a calibration grid's pixels)."""
     y = np.asarray(labels).ravel() != 0
     s = np.asarray(scores).ravel()
     if y.shape != s.shape:
@@ -98,13 +100,58 @@ def rank_auroc(labels: ArrayLike, scores: ArrayLike) -> float:
     if not np.all(np.isfinite(s)):
         raise ValueError("scores must be finite (found NaN or inf)")
     _require_both_classes(y, "rank_auroc")
+    n_pos, n_neg = int(y.sum()), int(y.size - y.sum())
+    if s.size >= BINNED_FROM and s.dtype in (np.float32, np.float64):
+        below, equal = _binned_pairs(y, s)
+    else:
+        below, equal = _sorted_pairs(y, s)
+    return float((below + 0.5 * equal) / (n_pos * n_neg))
+
+
+BINNED_FROM = 1 << 20
+"""Score count from which :func:`rank_auroc` counts the pairs by bins instead of one sort."""
+
+
+def _sorted_pairs(y: np.ndarray, s: np.ndarray) -> tuple[float, float]:
+    """(pairs with the positive above the negative, tied pairs), from one sort of the negatives."""
     negatives = np.sort(s[~y])
     positives = s[y]
     below = np.searchsorted(negatives, positives, "left")
     equal = np.searchsorted(negatives, positives, "right") - below
-    return float(
-        (below.sum(dtype=np.float64) + 0.5 * equal.sum(dtype=np.float64)) / (len(positives) * len(negatives))
-    )
+    return below.sum(dtype=np.float64), equal.sum(dtype=np.float64)
+
+
+def _order_keys(s: np.ndarray) -> np.ndarray:
+    """Unsigned integers in the order of the float scores ``s`` (equal floats, -0.0 and 0.0
+    included, get equal keys): the IEEE bit pattern with the sign bit flipped for positive
+    numbers and every bit flipped for negative ones."""
+    width = s.dtype.itemsize * 8
+    unsigned = np.dtype(f"uint{width}")
+    bits = (s + s.dtype.type(0)).view(unsigned)  # + 0 turns -0.0 into 0.0
+    sign = bits >> unsigned.type(width - 1)
+    return bits ^ np.where(sign, unsigned.type(-1 % (1 << width)), unsigned.type(1 << (width - 1)))
+
+
+def _binned_pairs(y: np.ndarray, s: np.ndarray, bits: int = 20) -> tuple[float, float]:
+    """:func:`_sorted_pairs` without sorting every negative: the scores' order keys
+    (:func:`_order_keys`) are binned by their top ``bits``; a negative in a lower bin than a
+    positive is below it (one ``bincount``), and only the negatives that share a bin with some
+    positive (a few per cent of a calibration map's pixels) are sorted to count the pairs
+    within a bin exactly."""
+    keys = _order_keys(s)
+    shift = keys.dtype.type(keys.dtype.itemsize * 8 - bits)
+    bins = (keys >> shift).astype(np.intp)
+    neg_keys, pos_keys, neg_bins, pos_bins = keys[~y], keys[y], bins[~y], bins[y]
+    counts = np.bincount(neg_bins, minlength=1 << bits)
+    in_lower_bins = np.cumsum(counts) - counts
+    shared = np.zeros(1 << bits, bool)
+    shared[pos_bins] = True
+    near = np.sort(neg_keys[shared[neg_bins]])  # the negatives in a bin with a positive
+    first_of_bin = np.searchsorted(near, pos_bins.astype(keys.dtype) << shift, "left")
+    lower = np.searchsorted(near, pos_keys, "left")
+    equal = np.searchsorted(near, pos_keys, "right") - lower
+    below = in_lower_bins[pos_bins].sum(dtype=np.float64) + (lower - first_of_bin).sum(dtype=np.float64)
+    return below, equal.sum(dtype=np.float64)
 
 
 def _hanley_mcneil_variance(theta: float, n_anomalous: int, n_normal: int) -> float:
