@@ -68,10 +68,24 @@ def test_binned_pair_count_equals_the_sorted_one(dtype, bits) -> None:
 
     rng = np.random.default_rng(bits)
     info = np.finfo(dtype)
-    special = np.array([0.0, -0.0, info.smallest_subnormal, -info.smallest_subnormal, info.tiny, -3.5, 3.5, info.max, -info.max], dtype)
+    special = np.array(
+        [
+            0.0,
+            -0.0,
+            info.smallest_subnormal,
+            -info.smallest_subnormal,
+            info.tiny,
+            -3.5,
+            3.5,
+            info.max,
+            -info.max,
+        ],
+        dtype,
+    )
     for _ in range(10):
         n = int(rng.integers(50, 5000))
-        scores = np.where(rng.random(n) < 0.3, rng.choice(special, n), np.round(rng.normal(0, 3, n), 1)).astype(dtype)
+        plain = np.round(rng.normal(0, 3, n), 1)
+        scores = np.where(rng.random(n) < 0.3, rng.choice(special, n), plain).astype(dtype)
         labels = rng.random(n) < 0.2
         labels[:2] = [True, False]
         assert _binned_pairs(labels, scores, bits) == _sorted_pairs(labels, scores)
