@@ -94,7 +94,8 @@ def test_binned_pair_count_equals_the_sorted_one(dtype, bits) -> None:
 
 
 def test_rank_auroc_on_a_million_pixels_equals_sklearn() -> None:
-    """From BINNED_FROM scores on, rank_auroc takes the binned count: still scikit-learn's AUROC."""
+    """From BINNED_FROM scores on, rank_auroc (and pixel_auroc through it) takes the binned
+    count: still scikit-learn's AUROC."""
     from anomaly_ae.evaluation.metrics import BINNED_FROM
 
     rng = np.random.default_rng(0)
@@ -102,7 +103,9 @@ def test_rank_auroc_on_a_million_pixels_equals_sklearn() -> None:
     maps = (rng.gamma(2.0, 1.0, masks.shape) + 1.5 * masks).astype(np.float32)
     maps[:, :8] = np.round(maps[:, :8], 1)  # ties as well
     assert masks.size >= BINNED_FROM
-    assert rank_auroc(masks, maps) == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
+    expected = roc_auc_score(masks.ravel(), maps.ravel())
+    assert rank_auroc(masks, maps) == pytest.approx(expected, abs=1e-12)
+    assert pixel_auroc(masks, maps) == pytest.approx(expected, abs=1e-12)  # the evaluation's pixel AUROC
 
 
 def test_rank_auroc_hand_cases_and_errors() -> None:

@@ -252,7 +252,8 @@ def pixel_auroc(masks: ArrayLike, maps: ArrayLike) -> float:
 
     Every pixel of every image (including normal test images, whose masks are
     empty) is one sample. Maps are cast to float32 and masks to bool to keep
-    memory low (83 x 256 x 256 = 5.4 M pixels is fine).
+    memory low (83 x 256 x 256 = 5.4 M pixels is fine). Counted by :func:`rank_auroc`,
+    as the calibration grid counts its maps' pixels.
 
     Args:
         masks: Ground-truth masks ``(N, H, W)``; non-zero = anomalous.
@@ -267,7 +268,7 @@ def pixel_auroc(masks: ArrayLike, maps: ArrayLike) -> float:
     m, a = _as_stack(masks, maps)
     y = m.ravel()
     _require_both_classes(y, "pixel AUROC")
-    return float(roc_auc_score(y, a.ravel()))
+    return rank_auroc(y, a.ravel())  # scikit-learn's AUROC (tests pin it), the calibration's count
 
 
 # --------------------------------------------------------------------------- PRO
