@@ -79,6 +79,12 @@ the spread floored by its mean):
              a+b+...; 0 is the pipeline's map), z-scored against the training images' maps made the same way,
              alone and with their copies moved by 1 px - is the good images' residual at
              edges (bottle's rim) a reconstruction a pixel or two off, which a spot is not?
+  gms        a gradient-magnitude-similarity channel (RIAD's MSGMS, Zavrtanik et al. 2021):
+             per scale 1, 1/2, 1/4, 1/8 of the gray image and its reconstruction, 1 - GMS
+             with GMS = (2 g g' + c) / (g^2 + g'^2 + c) of their Prewitt gradient magnitudes
+             (c = 0.0026), upsampled and averaged over the scales, smoothed at sigma 0 / 4,
+             z-scored; alone and in the per-pixel max with the pipeline's pair - does a map
+             of lost edges find spots and smudges that 1 - SSIM ranks with normal edges?
   peaks      no variants: with the pipeline's map, the good test images' maxima, and per
              held-out spot and smudge the maximum inside its mask against them - how many
              pasted defects rise above every good image?
@@ -121,10 +127,35 @@ SETS = ("train", "val", "cal", "held", "test")
 KINDS = ("thin_line", "spot", "smudge", "blob", "perlin", "cutpaste")
 
 
+PREWITT = torch.tensor([[1.0, 0.0, -1.0]] * 3) / 3.0
+
+
+def gradient_magnitude(gray: torch.Tensor) -> torch.Tensor:
+    """Prewitt gradient magnitude of (N, 1, H, W) images (replicated border)."""
+    padded = F.pad(gray, (1, 1, 1, 1), mode="replicate")
+    gx = F.conv2d(padded, PREWITT[None, None].to(gray))
+    gy = F.conv2d(padded, PREWITT.T[None, None].to(gray))
+    return (gx.square() + gy.square() + 1e-12).sqrt()
+
+
+def msgms_error(x: torch.Tensor, recon: torch.Tensor, scales: int = 4, c: float = 0.0026) -> torch.Tensor:
+    """RIAD's multi-scale 1 - GMS map (N, 1, H, W) of images in [0, 1], gray by the channel mean."""
+    a, b = x.float().mean(1, keepdim=True), recon.float().mean(1, keepdim=True)
+    out = torch.zeros_like(a)
+    for s in range(scales):
+        pa, pb = (F.avg_pool2d(a, 2**s), F.avg_pool2d(b, 2**s)) if s else (a, b)
+        ga, gb = gradient_magnitude(pa), gradient_magnitude(pb)
+        err = 1.0 - (2 * ga * gb + c) / (ga.square() + gb.square() + c)
+        out += F.interpolate(err, size=a.shape[-2:], mode="bilinear", align_corners=False) if s else err
+    return out / scales
+
+
 def _maps_of_terms(terms: dict, channels: dict) -> dict:
     maps = {}
     for name, (kind, sigma) in channels.items():
-        if kind == "ssim":
+        if kind == "gms":
+            maps[name] = gaussian_blur(terms["gms"], sigma)[:, 0]
+        elif kind == "ssim":
             maps[name] = compose(terms, MapSettings(smoothing_sigma=sigma))[:, 0]
         else:
             maps[name] = lowpass_difference(terms, sigma)[:, 0]
@@ -155,7 +186,10 @@ def channel_maps(
             reconstruct(network, seen, batch, "cpu") if rebuild is None else rebuild(seen)
         )
         recon = recon.flip(flip) if flip is not None else recon
-        yield _maps_of_terms(error_terms(x, recon, keep_diff=True, tolerance=tolerance), channels)
+        terms = error_terms(x, recon, keep_diff=True, tolerance=tolerance)
+        if any(kind == "gms" for kind, _ in channels.values()):
+            terms["gms"] = msgms_error(x, recon)
+        yield _maps_of_terms(terms, channels)
 
 
 def maps_of(
@@ -525,6 +559,17 @@ def selfnorm(network, sets, args) -> list[dict]:
 
     rows = [evaluate("pmax ssim s4 + lowpass s8 (pipeline)", sets, z)]
     rows += [evaluate(how, sets, per_image(how)) for how in ("minus median", "(- median) / MAD", "minus q90")]
+    return rows
+
+
+def gms(network, sets, args) -> list[dict]:
+    spec = {"ssim s4": ("ssim", 4), "lowpass s8": ("lowpass", 8), "gms s0": ("gms", 0), "gms s4": ("gms", 4)}
+    spec |= {"gms s2": ("gms", 2)}
+    z = {name: zscored(m) for name, m in maps_of(network, sets, spec, args.batch).items()}
+    rows = [evaluate("pmax ssim s4 + lowpass s8 (pipeline)", sets, pmax(z["ssim s4"], z["lowpass s8"]))]
+    for g in ("gms s0", "gms s2", "gms s4"):
+        rows.append(evaluate(g, sets, z[g]))
+        rows.append(evaluate(f"pmax pipeline + {g}", sets, pmax(z["ssim s4"], z["lowpass s8"], z[g])))
     return rows
 
 
@@ -928,6 +973,7 @@ STUDIES: dict[str, Callable] = {
         denoise,
         selfnorm,
         inflate,
+        gms,
         latent,
         ensemble,
         peaks,

@@ -10,8 +10,8 @@ from PIL import Image
 
 from anomaly_ae.data.transforms import (
     ImageDecodeError,
-    decode_image,
     as_unit_float,
+    decode_image,
     image_shape,
     mask_to_array,
     to_grayscale_float,

@@ -93,10 +93,18 @@ def test_binned_pair_count_equals_the_sorted_one(dtype, bits) -> None:
     assert _binned_pairs(np.array([True, False]), np.array([-0.0, 0.0], dtype), bits) == (0.0, 1.0)
 
 
-def test_rank_auroc_on_a_million_pixels_equals_sklearn() -> None:
+@pytest.mark.parametrize("binned", [True, False])
+def test_rank_auroc_on_a_million_pixels_equals_sklearn(binned, monkeypatch) -> None:
     """From BINNED_FROM scores on, rank_auroc (and pixel_auroc through it) takes the binned
-    count: still scikit-learn's AUROC."""
+    count where that is faster on the machine: either way scikit-learn's AUROC."""
+    from anomaly_ae.evaluation import metrics
     from anomaly_ae.evaluation.metrics import BINNED_FROM
+
+    assert isinstance(metrics.binned_count_is_faster(), bool)  # the real probe runs
+    monkeypatch.setattr(metrics, "binned_count_is_faster", lambda: binned)
+    calls = []
+    counted = metrics._binned_pairs if binned else metrics._sorted_pairs
+    monkeypatch.setattr(metrics, counted.__name__, lambda *a: calls.append(1) or counted(*a))
 
     rng = np.random.default_rng(0)
     masks = rng.random((BINNED_FROM // 4096 + 1, 64, 64)) < 0.01
@@ -106,6 +114,7 @@ def test_rank_auroc_on_a_million_pixels_equals_sklearn() -> None:
     expected = roc_auc_score(masks.ravel(), maps.ravel())
     assert rank_auroc(masks, maps) == pytest.approx(expected, abs=1e-12)
     assert pixel_auroc(masks, maps) == pytest.approx(expected, abs=1e-12)  # the evaluation's pixel AUROC
+    assert len(calls) == 2  # both took the path asked for
 
 
 def test_rank_auroc_hand_cases_and_errors() -> None:

@@ -388,8 +388,8 @@ def test_prune_keeps_the_newest_and_running_versions_and_unfinished_states(tmp_p
     from filelock import FileLock
 
     from anomaly_ae import prune
-    from anomaly_ae.training.trainer import TrainingConfig, build_checkpoint
     from anomaly_ae.model import AutoencoderConfig, build_model
+    from anomaly_ae.training.trainer import TrainingConfig, build_checkpoint
 
     versions = [f"2026-01-0{d}T00.00.00.000Z" for d in range(1, 6)]
     _version_tree(tmp_path, "model_checkpoint.pt", versions)

@@ -98,7 +98,7 @@ def test_stress_rows_per_kind_and_per_contrast_band_and_the_report_section():
 
 
 def test_copies_per_kind_sets_the_copies_per_good_image_for_any_test_set():
-    from anomaly_ae.data.defects import DEFECT_KINDS, DEFAULT_KINDS
+    from anomaly_ae.data.defects import DEFAULT_KINDS, DEFECT_KINDS
     from anomaly_ae.evaluation.stress import copies_per_image
 
     auto = {"per_image": "auto", "copies_per_kind": 100}

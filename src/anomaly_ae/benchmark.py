@@ -284,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tile-size",
         type=int,
         default=None,
-        help="model.tile_size: the network runs on tiles of this side (e.g. --image-size 512 --tile-size 256)",
+        help="model.tile_size: the network runs on tiles of this side "
+        "(e.g. --image-size 512 --tile-size 256)",
     )
     p.add_argument(
         "--rounds", type=int, default=2, help="timed rounds (each: one epoch + one inference pass)"
@@ -519,7 +520,8 @@ def onnx_benchmark(args: argparse.Namespace, say) -> dict[str, Any]:
         )
     if keras:
         say(
-            f"Keras reference (the paper's model, its script's predict at batch 32): {result['keras']['infer_img_s']:.1f} img/s; "
+            "Keras reference (the paper's model, its script's predict at batch 32): "
+            f"{result['keras']['infer_img_s']:.1f} img/s; "
             + ", ".join(f"{row['engine']} {row['img_s_vs_keras']:.2f}x Keras" for row in rows)
         )
     say(

@@ -12,7 +12,6 @@ from kedro.io.core import AbstractDataset, AbstractVersionedDataset, DatasetErro
 from PIL import Image
 
 from anomaly_ae.data.transforms import ImageTooLargeError, check_image_size
-
 from anomaly_ae.model.checkpoint import atomic_folder, atomic_write, load_checkpoint, save_checkpoint_atomic
 
 

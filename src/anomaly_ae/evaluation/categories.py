@@ -75,7 +75,13 @@ def summary_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=COLUMNS)
     mean = {c: None for c in COLUMNS}
     mean.update({c: table[c].mean() for c in MEANED})
-    mean.update({"category": "mean", "train_images": int(table["train_images"].sum()), "train_minutes": table["train_minutes"].sum()})
+    mean.update(
+        {
+            "category": "mean",
+            "train_images": int(table["train_images"].sum()),
+            "train_minutes": table["train_minutes"].sum(),
+        }
+    )
     return pd.concat([table, pd.DataFrame([mean], columns=COLUMNS)], ignore_index=True)
 
 

@@ -32,8 +32,18 @@ __all__ = [
 
 #: The columns of :func:`stress_table`, in order (also those of an empty table).
 STRESS_COLUMNS = [
-    "map", "kind", "contrast", "size", "n_defective", "n_normal", "median_contrast", "median_area",
-    "image_auroc", "image_auroc_ci_low", "image_auroc_ci_high", "pixel_auroc",
+    "map",
+    "kind",
+    "contrast",
+    "size",
+    "n_defective",
+    "n_normal",
+    "median_contrast",
+    "median_area",
+    "image_auroc",
+    "image_auroc_ci_low",
+    "image_auroc_ci_high",
+    "pixel_auroc",
 ]
 
 #: The kinds whose contrast is their parameter (``calibration.synthetic_defects.contrast``):
@@ -71,7 +81,9 @@ def copies_per_image(options: dict, n_good: int, kinds, channels: int = 1) -> in
     return max(1, ceil(wanted * len(shown_kinds(kinds, channels)) / max(n_good, 1)))
 
 
-def measured_contrast(normal: np.ndarray, defective: np.ndarray, masks: np.ndarray, per_image: int) -> np.ndarray:
+def measured_contrast(
+    normal: np.ndarray, defective: np.ndarray, masks: np.ndarray, per_image: int
+) -> np.ndarray:
     """Per defect copy, the mean |intensity change| inside its mask against the normal image it
     was pasted on (copy ``i`` comes from normal image ``i // per_image``)."""
     source = normal[np.arange(len(defective)) // per_image]

@@ -13,8 +13,8 @@ from PIL import Image
 
 from anomaly_ae.model import config_for_images
 from anomaly_ae.model.checkpoint import load_checkpoint
-from anomaly_ae.training import state as training_state
 from anomaly_ae.reporting.figures import figure_to_image, loss_curve_figure
+from anomaly_ae.training import state as training_state
 from anomaly_ae.training.trainer import TrainingConfig, train_autoencoder
 
 log = logging.getLogger(__name__)
