@@ -125,8 +125,8 @@ def binned_count_is_faster() -> bool:
     kernel. Both count exactly the same pairs, so the answer changes the speed only, never
     an AUROC. numpy's sort is vectorised where the CPU has AVX2 or AVX-512 (x86-simd-sort);
     there one sort of the normal scores beats the bins (on a real calibration map's 6.9 M
-    pixels, AVX-512: 44 ms against 80 ms); on a CPU where it is not, the bins won (the whole
-    bottle calibration 1.8 times faster)."""
+    pixels, AVX-512: 44 ms against 80 ms); on an earlier machine (its CPU flags were not
+    recorded) the bins won (the whole bottle calibration 1.8 times faster)."""
     rng = np.random.default_rng(0)
     labels = rng.random(BINNED_FROM) < 0.005  # a map's few defect pixels, scored higher
     scores = (rng.gamma(2.0, 1.0, BINNED_FROM) + 1.5 * labels).astype(np.float32)
