@@ -191,6 +191,21 @@ def _ort_scores(model_path: Path, images: np.ndarray) -> tuple[np.ndarray, np.nd
     return run_in_chunks(session, INPUT_NAME, images)  # as the runtime scores them
 
 
+def _magnification_hint(settings: MapSettings, reference: NormalReference | None) -> str:
+    """Why a score can miss an absolute parity bound with a sound graph: a ``zscore`` or
+    ``tail`` reference divides the error map by the normal maps' spread, so a narrow spread
+    magnifies the engines' float32 rounding (~1e-7 on the reconstruction)."""
+    mode = settings.normal_reference
+    if reference is None or mode not in ("zscore", "tail"):
+        return ""
+    smallest = float(reference.as_tensors(mode)[1].min())
+    return (
+        f" The {mode} normal reference divides the error map by as little as {smallest:.3g}, "
+        f"magnifying float32 rounding up to {1 / smallest:.0f}-fold; where the verdicts agree and "
+        "that is acceptable, raise export.parity_tolerance and export.map_parity_tolerance."
+    )
+
+
 def build_bundle(
     checkpoint: dict,
     decision_threshold: Mapping[str, Any],
@@ -281,6 +296,7 @@ def build_bundle(
             raise RuntimeError(
                 f"The exported graph disagrees with the torch scorer on the validation images "
                 f"({export_check}); not shipping it. Try export.exporter=torchscript or another opset."
+                + _magnification_hint(settings, reference)
             )
     else:
         scores = np.asarray(validation_scores, np.float32).ravel()
