@@ -48,7 +48,9 @@ def test_bad_categories_are_refused(params, tmp_path, value, message):
 
 
 def test_the_synthetic_generator_makes_an_object_and_a_texture(tmp_path):
-    obj = generate_synthetic_category(tmp_path / "bottle", n_train=2, n_test_good=1, n_test_per_defect=1, size=64)
+    obj = generate_synthetic_category(
+        tmp_path / "bottle", n_train=2, n_test_good=1, n_test_per_defect=1, size=64
+    )
     tex = generate_synthetic_category(
         tmp_path / "carpet", n_train=2, n_test_good=1, n_test_per_defect=1, size=64, kind="texture"
     )
@@ -68,7 +70,9 @@ def test_two_categories_in_one_run_each_with_its_own_outputs_runs_and_a_summary(
     import mlflow
 
     project = make_project(tmp_path / "project")
-    project.session_run(env="quick", params={"categories": ["bottle", "carpet"], "training": {"progress": False}})
+    project.session_run(
+        env="quick", params={"categories": ["bottle", "carpet"], "training": {"progress": False}}
+    )
     for category in ("bottle", "carpet"):
         metrics = project.latest(f"data/08_reporting/{category}/evaluation_metrics.json")
         assert metrics.is_file()
@@ -84,7 +88,11 @@ def test_two_categories_in_one_run_each_with_its_own_outputs_runs_and_a_summary(
     client = mlflow.MlflowClient(f"sqlite:///{project.path / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     (top,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = {r.data.tags.get("category"): r for r in runs if r.data.tags.get("mlflow.parentRunId") == top.info.run_id}
+    children = {
+        r.data.tags.get("category"): r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == top.info.run_id
+    }
     assert set(children) == {"bottle", "carpet"}
     for run in children.values():
         assert run.info.status == "FINISHED" and "image_auroc" in run.data.metrics

@@ -48,7 +48,11 @@ def _normalise(value):
 CASES = [
     ("training", lambda: _params("training")["training"], lambda: _dataclass_defaults(TrainingConfig)),
     ("loss", lambda: _params("training")["loss"], lambda: _dataclass_defaults(TrainingConfig)),
-    ("model", lambda: _paper_sized(_params("training")["model"]), lambda: _dataclass_defaults(AutoencoderConfig)),
+    (
+        "model",
+        lambda: _paper_sized(_params("training")["model"]),
+        lambda: _dataclass_defaults(AutoencoderConfig),
+    ),
     (
         "evaluation.anomaly_map",
         lambda: _params("evaluation")["evaluation"]["anomaly_map"],

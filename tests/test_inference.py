@@ -48,12 +48,15 @@ def test_model_from_checkpoint_rebuilds_the_weights_in_eval_mode(checkpoint, mod
 
 
 def test_checkpoint_of_another_image_size_is_refused(checkpoint):
-    with pytest.raises(CheckpointError, match=r"64px images but the data is 256px; set preprocessing\.image_size=64, or"):
+    with pytest.raises(
+        CheckpointError, match=r"64px images but the data is 256px; set preprocessing\.image_size=64, or"
+    ):
         model_from_checkpoint(checkpoint, image_size=256)
     # a square model against data that kept its aspect: the message names keep_aspect too
     with pytest.raises(
         CheckpointError,
-        match=r"the data is 64x128px \(height x width\); set preprocessing\.image_size=64 and preprocessing\.keep_aspect=false",
+        match=r"the data is 64x128px \(height x width\); set preprocessing\.image_size=64 "
+        r"and preprocessing\.keep_aspect=false",
     ):
         model_from_checkpoint(checkpoint, image_size=(64, 128))
 
@@ -71,14 +74,23 @@ def test_checkpoint_of_another_architecture_is_refused(checkpoint):
 def test_checkpoint_of_another_tiling_is_refused_saying_what_to_set(checkpoint):
     """Params that describe another tiling than the checkpoint's are refused (so the
     report's configuration is the evaluated model's), naming model.tile_size."""
-    with pytest.raises(CheckpointError, match=r"whole image.*model\.tile_size=32 \(2x2 tiles of 32 px\); set model\.tile_size=null"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"whole image.*model\.tile_size=32 \(2x2 tiles of 32 px\); set model\.tile_size=null",
+    ):
         model_from_checkpoint(checkpoint, AutoencoderConfig(image_size=SIZE, tile_size=SIZE // 2))
     tiled = build_checkpoint(
-        build_model(AutoencoderConfig(image_size=SIZE, tile_size=SIZE // 2)), None, epoch=1, history=[], config=TrainingConfig()
+        build_model(AutoencoderConfig(image_size=SIZE, tile_size=SIZE // 2)),
+        None,
+        epoch=1,
+        history=[],
+        config=TrainingConfig(),
     )
     with pytest.raises(CheckpointError, match=r"2x2 tiles of 32 px.*set model\.tile_size=32"):
         model_from_checkpoint(tiled, AutoencoderConfig(image_size=SIZE))
-    assert model_from_checkpoint(tiled, AutoencoderConfig(image_size=SIZE, tile_size=SIZE // 2)).config.tile_grid == (2, 2)
+    assert model_from_checkpoint(
+        tiled, AutoencoderConfig(image_size=SIZE, tile_size=SIZE // 2)
+    ).config.tile_grid == (2, 2)
 
 
 def test_reconstruct_and_score_outputs(model, images):

@@ -265,7 +265,12 @@ def _tiles_match_the_plain_network(image_size, batch: int, seed: int):
         assert out.shape == x.shape
         for row in range(rows):
             for col in range(cols):
-                sl = (slice(None), slice(None), slice(64 * row, 64 * row + 64), slice(64 * col, 64 * col + 64))
+                sl = (
+                    slice(None),
+                    slice(None),
+                    slice(64 * row, 64 * row + 64),
+                    slice(64 * col, 64 * col + 64),
+                )
                 torch.testing.assert_close(out[sl], plain(x[sl]), rtol=0, atol=1e-6)
     return tiled, x, out
 

@@ -114,7 +114,10 @@ def test_quick_run_trains_and_evaluates_with_the_calibrated_map(quick):
     calibration = pd.read_csv(quick.latest(f"data/07_model_output/{NS}/calibration_table.csv"))
     agreement = pd.read_csv(quick.latest(f"data/08_reporting/{NS}/grid_agreement.csv"))
     assert len(agreement) == len(calibration)
-    assert agreement["real_image_auroc"].between(0, 1).all() and agreement["real_pixel_auroc"].between(0, 1).all()
+    assert (
+        agreement["real_image_auroc"].between(0, 1).all()
+        and agreement["real_pixel_auroc"].between(0, 1).all()
+    )
     in_use = agreement.set_index("setting").loc[chosen["detection_setting"]]  # the image score's map
     assert in_use["real_image_auroc"] == pytest.approx(metrics["image_auroc"], abs=1e-4)
     assert "Spearman" in report
@@ -193,7 +196,8 @@ def test_mlflow_runs_hold_params_metrics_and_the_calibration(quick):
         params = dict(db.execute("select key, value from params where run_uuid=?", (child,)))
         tags = dict(db.execute("select key, value from tags where run_uuid=?", (child,)))
         steps = db.execute(
-            "select step, timestamp from metrics where run_uuid=? and key='train_loss' order by step", (child,)
+            "select step, timestamp from metrics where run_uuid=? and key='train_loss' order by step",
+            (child,),
         ).fetchall()
         logged = {k for (k,) in db.execute("select key from latest_metrics where run_uuid=?", (child,))}
     assert params["training.learning_rate"] == "0.002" and params["training.epochs"] == "20"
@@ -214,7 +218,9 @@ def test_mlflow_runs_hold_params_metrics_and_the_calibration(quick):
     assert "calibration" in artifacts
     # the weights once: the logged checkpoint has no training state, the versioned file has it
     logged_checkpoints = list((quick.path / "mlruns" / "1" / child).rglob("checkpoints/model_checkpoint.pt"))
-    versioned = sorted((quick.path / f"data/06_models/{NS}/model_checkpoint.pt").glob("*/model_checkpoint.pt"))[0]
+    versioned = sorted(
+        (quick.path / f"data/06_models/{NS}/model_checkpoint.pt").glob("*/model_checkpoint.pt")
+    )[0]
     assert len(logged_checkpoints) == 1
     slim, full = load_checkpoint(logged_checkpoints[0]), load_checkpoint(versioned)
     assert "optimizer_state" not in slim and full["optimizer_state"]
@@ -335,7 +341,10 @@ def test_retention_keeps_a_version_the_run_loaded_however_old(quick, tmp_path):
     project.session_run(
         pipeline="predict",
         env="quick",
-        params={"predict": {"input_dir": str(images)}, "retention": {"keep_last": 1, "prune_after_run": True}},
+        params={
+            "predict": {"input_dir": str(images)},
+            "retention": {"keep_last": 1, "prune_after_run": True},
+        },
         load_versions={f"{NS}.model_checkpoint": restored},
     )
     assert sorted(p.name for p in checkpoints.iterdir()) == [restored, newest.name]  # the unused one went

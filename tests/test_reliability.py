@@ -75,10 +75,14 @@ def test_state_key_separates_settings_and_data_but_not_speed_levers():
     model = {"image_size": SIZE}
     data = training_state.data_digest(_arrays(0)["images"])
     key = training_state.state_key(model, TrainingConfig(seed=1), data)
-    assert key == training_state.state_key(model, TrainingConfig(seed=1, epochs=9, compile=False, num_threads=2), data)
+    assert key == training_state.state_key(
+        model, TrainingConfig(seed=1, epochs=9, compile=False, num_threads=2), data
+    )
     assert key != training_state.state_key(model, TrainingConfig(seed=2), data)
     assert key != training_state.state_key(model, TrainingConfig(seed=1, learning_rate=0.001), data)
-    assert key != training_state.state_key(model, TrainingConfig(seed=1), training_state.data_digest(_arrays(5)["images"]))
+    assert key != training_state.state_key(
+        model, TrainingConfig(seed=1), training_state.data_digest(_arrays(5)["images"])
+    )
 
 
 @pytest.mark.usefixtures("one_torch_thread")
@@ -152,7 +156,9 @@ def test_image_size_is_checked_from_the_header_before_decoding(tmp_path):
     assert (tmp_path / "bomb.png").stat().st_size < 100_000
     loaders = image_partitions(str(tmp_path), ".png", max_pixels=40_000_000)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with pytest.raises(ImageTooLargeError, match=r"bomb.png is 20000x20000 .* data.max_image_pixels=40,000,000"):
+    with pytest.raises(
+        ImageTooLargeError, match=r"bomb.png is 20000x20000 .* data.max_image_pixels=40,000,000"
+    ):
         decode_image(loaders["bomb"], "bomb.png")
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grown_mb < 100, f"peak memory grew {grown_mb:.0f} MB: the image was decoded"
@@ -206,7 +212,9 @@ def test_evaluate_refuses_caches_of_other_data(quick, tmp_path):
     from anomaly_ae.data.fingerprint import StaleInputsError
 
     with pytest.raises(StaleInputsError, match=r"data.root: cached .*, this run '"):
-        quick.session_run(pipeline="evaluate", env="quick", params={"data": {"root": str(tmp_path / "elsewhere")}})
+        quick.session_run(
+            pipeline="evaluate", env="quick", params={"data": {"root": str(tmp_path / "elsewhere")}}
+        )
     with pytest.raises(StaleInputsError, match="preprocessing"):
         quick.session_run(pipeline="training", env="quick", params={"preprocessing": {"split_seed": 7}})
 
@@ -237,7 +245,11 @@ def test_the_state_is_saved_at_most_every_checkpoint_seconds(tmp_path, monkeypat
 
     saved: list[int] = []
     real_save = trainer.save_checkpoint_atomic
-    monkeypatch.setattr(trainer, "save_checkpoint_atomic", lambda state, path: (saved.append(state["epoch"]), real_save(state, path)))
+    monkeypatch.setattr(
+        trainer,
+        "save_checkpoint_atomic",
+        lambda state, path: (saved.append(state["epoch"]), real_save(state, path)),
+    )
     _train(tmp_path / "every", epochs=4, checkpoint_seconds=0)
     assert saved == [1, 2, 3, 4]
     saved.clear()
@@ -308,7 +320,14 @@ def test_kill_9_then_rerun_resumes_from_the_last_epoch(tmp_path):
     import mlflow
 
     project = make_project(tmp_path / "project")
-    args = ("run", "--env", "quick", "--pipeline=training", "--params", "training.epochs=30,training.progress=false,training.checkpoint_seconds=0")
+    args = (
+        "run",
+        "--env",
+        "quick",
+        "--pipeline=training",
+        "--params",
+        "training.epochs=30,training.progress=false,training.checkpoint_seconds=0",
+    )
     project.run("run", "--env", "quick", f"--to-nodes={NS}.build_model_inputs")
     first = _kedro(project, *args)
     state = _wait_for_epoch(project.path / "data/06_models/training_state", 3, first)
@@ -326,9 +345,17 @@ def test_kill_9_then_rerun_resumes_from_the_last_epoch(tmp_path):
 
     client = mlflow.MlflowClient(f"sqlite:///{project.path / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    top = sorted((r.info.start_time, r.info.status, r.data.tags.get("anomaly_ae.interrupted")) for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    top = sorted(
+        (r.info.start_time, r.info.status, r.data.tags.get("anomaly_ae.interrupted"))
+        for r in runs
+        if "mlflow.parentRunId" not in r.data.tags
+    )
     # data preparation, the killed run (marked FAILED by the rerun), the rerun
-    assert [(status, flag) for _, status, flag in top] == [("FINISHED", None), ("FAILED", "true"), ("FINISHED", None)]
+    assert [(status, flag) for _, status, flag in top] == [
+        ("FINISHED", None),
+        ("FAILED", "true"),
+        ("FINISHED", None),
+    ]
     assert "RUNNING" not in {r.info.status for r in runs}
 
 
@@ -355,7 +382,9 @@ def test_two_concurrent_runs_with_different_seeds_do_not_mix_models(tmp_path):
         own = checkpoint_fingerprint(checkpoint)
         seen.add(checkpoint["training"]["seed"])
         out = project.path / f"data/07_model_output/{NS}"
-        threshold = json.loads((out / "decision_threshold.json" / version.name / "decision_threshold.json").read_text())
+        threshold = json.loads(
+            (out / "decision_threshold.json" / version.name / "decision_threshold.json").read_text()
+        )
         chosen = json.loads((out / "calibrated_map.json" / version.name / "calibrated_map.json").read_text())
         reference = np.load(out / "normal_reference.npz" / version.name / "normal_reference.npz")
         assert threshold["checkpoint_fingerprint"] == chosen["checkpoint_fingerprint"] == own
@@ -397,7 +426,10 @@ def test_prune_keeps_the_newest_and_running_versions_and_unfinished_states(tmp_p
     states.mkdir(parents=True)
     model = build_model(AutoencoderConfig(image_size=SIZE))
     for name, epoch in (("done.pt", 4), ("interrupted.pt", 2), ("busy.pt", 4)):
-        torch.save(build_checkpoint(model, None, epoch=epoch, history=[], config=TrainingConfig(epochs=4)), states / name)
+        torch.save(
+            build_checkpoint(model, None, epoch=epoch, history=[], config=TrainingConfig(epochs=4)),
+            states / name,
+        )
     lock = FileLock(str(states / "busy.pt") + ".lock")
     lock.acquire()
     try:
@@ -459,5 +491,7 @@ def test_prune_command_dry_run_lists_and_keeps(quick):
         check=True,
     )
     assert "would delete" in result.stdout and "old versions" in result.stdout
-    listed = [line.split(" ", 2)[2] for line in result.stdout.splitlines() if line.startswith("would delete data/")]
+    listed = [
+        line.split(" ", 2)[2] for line in result.stdout.splitlines() if line.startswith("would delete data/")
+    ]
     assert listed and all((quick.path / p).exists() for p in listed)  # a dry run deletes nothing

@@ -27,7 +27,9 @@ def test_measured_contrast_is_the_mean_change_inside_the_mask_against_its_own_no
         masks[i, 2:4, 2:4] = 1
         defective[i, 0, 2:4, 2:4] += change
         defective[i, 0, 0, 0] += 0.9  # outside the mask: not counted
-    np.testing.assert_allclose(measured_contrast(normal, defective, masks, 3), [0.05, 0.15, 0.3] * 2, atol=1e-6)
+    np.testing.assert_allclose(
+        measured_contrast(normal, defective, masks, 3), [0.05, 0.15, 0.3] * 2, atol=1e-6
+    )
 
 
 class _Blur(torch.nn.Module):
@@ -44,7 +46,14 @@ def test_stress_rows_per_kind_and_per_contrast_band_and_the_report_section():
         _Blur(),
         normal,
         {"in use": (MapSettings(smoothing_sigma=2.0), None), "paper": (MapSettings(), None)},
-        {"per_image": 6, "seed": 3, "min_contrast": 0.05, "max_tries": 20, "kinds": ["spot", "thin_line", "blob"], "contrast": (0.05, 0.5)},
+        {
+            "per_image": 6,
+            "seed": 3,
+            "min_contrast": 0.05,
+            "max_tries": 20,
+            "kinds": ["spot", "thin_line", "blob"],
+            "contrast": (0.05, 0.5),
+        },
         batch_size=16,
     )
     overall = table[(table["contrast"] == "all") & (table["size"] == "all")]

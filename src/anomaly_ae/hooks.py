@@ -183,7 +183,14 @@ def missing_version_message(name: str, version: str, dataset) -> str:
 
 
 #: Cached inputs: written by data_ingestion / data_processing, read by later stages.
-CACHED_INPUTS = ("dataset_info", "raw_manifest", "image_manifest", "train_images", "validation_images", "test_images")
+CACHED_INPUTS = (
+    "dataset_info",
+    "raw_manifest",
+    "image_manifest",
+    "train_images",
+    "validation_images",
+    "test_images",
+)
 
 
 class CachedInputsHook:
@@ -211,7 +218,9 @@ class CachedInputsHook:
                     return  # MissingCheckpointHook has said what to run
                 infos[info_name] = catalog.load(info_name)
                 category = namespace.split(".")[0] if namespace else params["data"]["category"]
-                fingerprint.check_dataset_info(infos[info_name], {**params["data"], "category": category}, info_name)
+                fingerprint.check_dataset_info(
+                    infos[info_name], {**params["data"], "category": category}, info_name
+                )
             loader = getattr(catalog.get(name), "load_member", None)
             if loader is not None:
                 fingerprint.check_stamp(
@@ -283,7 +292,9 @@ def mark_interrupted_runs(client) -> list[str]:
     if not experiments:
         return []
     marked = []
-    for run in client.search_runs(experiments, filter_string="attributes.status = 'RUNNING'", max_results=1000):
+    for run in client.search_runs(
+        experiments, filter_string="attributes.status = 'RUNNING'", max_results=1000
+    ):
         tags = run.data.tags
         if tags.get(OWNER_HOST) != host or not tags.get(OWNER_PID, "").isdigit():
             continue

@@ -71,9 +71,12 @@ class CalibrationSettings:
                 f"calibration.synthetic_defects.kinds must name kinds among {DEFECT_KINDS}, got {kinds!r}"
             )
         contrast = self.synthetic_defects.get("contrast")
-        if not (isinstance(contrast, list | tuple) and len(contrast) == 2 and 0 < contrast[0] <= contrast[1] <= 1):
+        if not (
+            isinstance(contrast, list | tuple) and len(contrast) == 2 and 0 < contrast[0] <= contrast[1] <= 1
+        ):
             raise ValueError(
-                f"calibration.synthetic_defects.contrast must be [low, high] with 0 < low <= high <= 1, got {contrast!r}"
+                "calibration.synthetic_defects.contrast must be [low, high] with "
+                f"0 < low <= high <= 1, got {contrast!r}"
             )
 
 
@@ -86,7 +89,9 @@ class RetentionSettings:
 
     def __post_init__(self) -> None:
         if self.keep_last < 1:
-            raise ValueError(f"retention.keep_last must be >= 1 (the newest version always stays), got {self.keep_last}")
+            raise ValueError(
+                f"retention.keep_last must be >= 1 (the newest version always stays), got {self.keep_last}"
+            )
 
 
 def _concrete_model(params: dict[str, Any]) -> dict[str, Any] | None:

@@ -123,7 +123,9 @@ def plan(
     from anomaly_ae.training.state import is_complete
 
     if keep < 1:
-        raise ValueError(f"retention.keep_last / --keep must be >= 1 (got {keep}): the newest version always stays")
+        raise ValueError(
+            f"retention.keep_last / --keep must be >= 1 (got {keep}): the newest version always stays"
+        )
     result = PrunePlan()
     for dataset, versions in sorted(versioned_datasets(data_dir).items()):
         for version in versions[:-keep]:
@@ -212,17 +214,23 @@ def main(argv: list[str] | None = None) -> int:
         "the training states of finished trainings.",
     )
     parser.add_argument("--project", type=Path, default=Path("."), help="project folder (default: .)")
-    parser.add_argument("--keep", type=int, default=None, help="versions kept per dataset (default: retention.keep_last)")
+    parser.add_argument(
+        "--keep", type=int, default=None, help="versions kept per dataset (default: retention.keep_last)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
     parser.add_argument(
-        "--states", action="store_true", help="also delete states of interrupted trainings (they cannot be resumed then)"
+        "--states",
+        action="store_true",
+        help="also delete states of interrupted trainings (they cannot be resumed then)",
     )
     args = parser.parse_args(argv)
     from anomaly_ae.run_params import project_root
 
     project = project_root(args.project.resolve())
     if not (project / "pyproject.toml").is_file():
-        parser.error(f"{args.project} is not inside an anomaly-ae project (no pyproject.toml with [tool.kedro])")
+        parser.error(
+            f"{args.project} is not inside an anomaly-ae project (no pyproject.toml with [tool.kedro])"
+        )
     try:
         done = run(project, keep=args.keep, dry_run=args.dry_run, states=args.states)
     except ValueError as exc:
@@ -230,7 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     verb = "would delete" if args.dry_run else "deleted"
     for path in done.paths:
         print(f"{verb} {path.relative_to(project)}")
-    print(f"{verb} {len(done.versions)} old versions and {len(done.states)} training states ({done.freed / 1e6:.1f} MB)")
+    print(
+        f"{verb} {len(done.versions)} old versions and {len(done.states)} training states "
+        f"({done.freed / 1e6:.1f} MB)"
+    )
     return 0
 
 

@@ -91,7 +91,9 @@ def categories() -> list[str]:
         return [category()]
     if value == "all":
         root = Path(params["data"]["root"])
-        found = sorted(d.name for d in root.iterdir() if (d / "train" / "good").is_dir()) if root.is_dir() else []
+        found = (
+            sorted(d.name for d in root.iterdir() if (d / "train" / "good").is_dir()) if root.is_dir() else []
+        )
         if not found:
             raise ValueError(
                 f"categories=all: no folder with train/good under data.root={root}. Point data.root at "
@@ -104,6 +106,7 @@ def categories() -> list[str]:
     if len(set(names)) != len(names):
         raise ValueError(f"categories lists a category twice: {names}")
     return names
+
 
 def loss_variants() -> list[str]:
     """``loss_study.variants``: a list in YAML, or ``mse+hybrid`` on the command line (where

@@ -263,7 +263,9 @@ def _perlin(img, rng, h, w, contrast):
     window = np.zeros((h, w), dtype=bool)
     window[y0 : y0 + wh, x0 : x0 + ww] = True
     mask = (noise > 0.3 * noise[window].max()) & window
-    texture = np.roll(img, (int(rng.integers(h // 4, 3 * h // 4)), int(rng.integers(w // 4, 3 * w // 4))), (0, 1))
+    texture = np.roll(
+        img, (int(rng.integers(h // 4, 3 * h // 4)), int(rng.integers(w // 4, 3 * w // 4))), (0, 1)
+    )
     if rng.random() < 0.5:
         texture = texture[::-1]
     alpha = rng.uniform(0.5, 1.0)
@@ -324,10 +326,14 @@ def paste_synthetic_defects(
     kinds = defect_kinds(kinds)
     unknown = sorted(set(kinds) - set(DEFECT_KINDS))
     if not kinds or unknown:
-        raise ValueError(f"calibration.synthetic_defects.kinds: unknown {unknown} or empty; choose from {DEFECT_KINDS}")
+        raise ValueError(
+            f"calibration.synthetic_defects.kinds: unknown {unknown} or empty; choose from {DEFECT_KINDS}"
+        )
     low, high = (float(c) for c in contrast)
     if not 0 < low <= high <= 1:
-        raise ValueError(f"calibration.synthetic_defects.contrast must be 0 < low <= high <= 1, got {contrast}")
+        raise ValueError(
+            f"calibration.synthetic_defects.contrast must be 0 < low <= high <= 1, got {contrast}"
+        )
     low = max(low, min_contrast)
     rng = np.random.default_rng(seed)
     n, channels, h, w = images.shape

@@ -51,7 +51,9 @@ def data_request(data: dict[str, Any]) -> dict[str, str]:
 
 def inputs_stamp(dataset_info: dict[str, Any], preprocessing: dict[str, Any]) -> str:
     """The stamp processing writes into every cached array file."""
-    text = json.dumps({"data": dataset_info.get("fingerprint"), "preprocessing": preprocessing}, sort_keys=True)
+    text = json.dumps(
+        {"data": dataset_info.get("fingerprint"), "preprocessing": preprocessing}, sort_keys=True
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -80,7 +82,9 @@ def check_dataset_info(dataset_info: dict[str, Any], data: dict[str, Any], where
         )
     folder = Path(dataset_info["path"])
     if not folder.is_dir():
-        raise StaleInputsError(f"{folder}, which the cached inputs ({where}) were made from, is gone. {REBUILD}.")
+        raise StaleInputsError(
+            f"{folder}, which the cached inputs ({where}) were made from, is gone. {REBUILD}."
+        )
     fingerprint, count = folder_fingerprint(folder, data["image_suffix"])
     if fingerprint != dataset_info["fingerprint"]:
         raise StaleInputsError(
@@ -90,7 +94,9 @@ def check_dataset_info(dataset_info: dict[str, Any], data: dict[str, Any], where
         )
 
 
-def check_stamp(stamp: str | None, dataset_info: dict[str, Any], preprocessing: dict[str, Any], where: str) -> None:
+def check_stamp(
+    stamp: str | None, dataset_info: dict[str, Any], preprocessing: dict[str, Any], where: str
+) -> None:
     """Refuse a cached array file not made from ``dataset_info`` with these preprocessing settings."""
     if stamp != inputs_stamp(dataset_info, preprocessing):
         raise StaleInputsError(

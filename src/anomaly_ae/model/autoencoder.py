@@ -54,7 +54,11 @@ class AutoencoderConfig:
             if not str(self.tile_size).isdigit():
                 raise ValueError(
                     f"model.tile_size must be a positive integer, null or auto, got {self.tile_size!r}"
-                    + (" (auto is resolved against the data: config_for_images)" if self.tile_size == AUTO else "")
+                    + (
+                        " (auto is resolved against the data: config_for_images)"
+                        if self.tile_size == AUTO
+                        else ""
+                    )
                 )
             object.__setattr__(self, "tile_size", int(self.tile_size))
             if self.tile_size <= 0 or height % self.tile_size or width % self.tile_size:

@@ -7,7 +7,8 @@ then compared with the normal reference (``none`` | ``mean`` | ``zscore`` | ``ta
 per-pixel maximum of that normalised map and the normalised **low-pass difference**
 ``|blur(x - recon, lowpass_sigma)|``: faint, wide changes (a stain, a shade) that
 ``1 - SSIM`` barely sees, each channel in units of its own normal variation. ``w`` runs
-over ``win_size`` (one window, or several: the multi-scale mean). The defaults of :class:`MapSettings` are the paper's Figure 1 map (``1 - local SSIM``,
+over ``win_size`` (one window, or several: the multi-scale mean). The defaults of
+:class:`MapSettings` are the paper's Figure 1 map (``1 - local SSIM``,
 11x11 Gaussian window, sigma 1.5) scored by its maximum; ``conf/base/parameters_evaluation.yml``
 holds the same values (a test keeps them equal).
 
@@ -133,7 +134,8 @@ class MapSettings:
             )
         if self.scale_combine not in SCALE_COMBINES:
             raise ValueError(
-                f"evaluation.anomaly_map.scale_combine must be one of {SCALE_COMBINES}, got {self.scale_combine!r}"
+                f"evaluation.anomaly_map.scale_combine must be one of {SCALE_COMBINES}, "
+                f"got {self.scale_combine!r}"
             )
         check_mode(self.normal_reference)
         if not (float(self.reference_shift) == int(self.reference_shift) and int(self.reference_shift) >= 0):

@@ -3,7 +3,8 @@ rerunning the same command.
 
 During training the model, the optimizer and the history are written atomically at the end
 of an epoch, every ``checkpoint_every`` epochs once ``checkpoint_seconds`` have passed since
-the last write (and always at the last epoch): a kill loses at most that much training. The file's name carries a key of everything that decides the
+the last write (and always at the last epoch): a kill loses at most that much training. The
+file's name carries a key of everything that decides the
 training trajectory (model settings, the training settings that change the numbers, the loss
 weights and a hash of the training and validation arrays), so
 
@@ -77,7 +78,9 @@ def data_digest(*arrays: np.ndarray) -> str:
 def state_key(model_config: dict[str, Any], training_config: Any, data: str) -> str:
     """A short key of everything that decides the training trajectory."""
     settings = {k: v for k, v in asdict(training_config).items() if k not in NOT_IN_KEY}
-    text = json.dumps({"model": model_config, "training": settings, "data": data}, sort_keys=True, default=str)
+    text = json.dumps(
+        {"model": model_config, "training": settings, "data": data}, sort_keys=True, default=str
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -135,7 +138,13 @@ def resume_state(path: Path, resume: str, epochs: int) -> dict[str, Any] | None:
             path,
         )
     else:
-        log.info("Resuming interrupted training from %s: %s (epoch %d of %d next)", path, describe(state), saved + 1, epochs)
+        log.info(
+            "Resuming interrupted training from %s: %s (epoch %d of %d next)",
+            path,
+            describe(state),
+            saved + 1,
+            epochs,
+        )
     return state
 
 

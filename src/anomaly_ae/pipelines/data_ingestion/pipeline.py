@@ -8,7 +8,9 @@ from .nodes import resolve_dataset, validate_dataset
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
-            Node(resolve_dataset, ["params:data", "category_name"], "dataset_location", name="resolve_dataset"),
+            Node(
+                resolve_dataset, ["params:data", "category_name"], "dataset_location", name="resolve_dataset"
+            ),
             Node(
                 validate_dataset,
                 ["dataset_location", "params:data"],

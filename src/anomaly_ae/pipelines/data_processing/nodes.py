@@ -66,9 +66,7 @@ def build_model_inputs(
             # Ground truth known: good images, and defective ones that have a mask (a defect
             # type may come without masks: pixel metrics skip those images).
             arrays["has_mask"] = ((rows["label"] == 0) | rows["mask_file"].notna()).to_numpy()
-            arrays["masks"] = preprocess.stack_masks(
-                loaders, rows["mask_file"].tolist(), folder, size
-            )
+            arrays["masks"] = preprocess.stack_masks(loaders, rows["mask_file"].tolist(), folder, size)
         log.info("%s: %d images of %dx%d (height x width)", split, len(rows), *size)
         outputs.append(arrays)
     return tuple(outputs)

@@ -38,7 +38,10 @@ def predict_folder(
         )
     try:
         loaders = image_partitions(  # sizes checked from the header, before decoding
-            folder, suffix="", max_pixels=predict["max_image_pixels"], limit_setting="predict.max_image_pixels"
+            folder,
+            suffix="",
+            max_pixels=predict["max_image_pixels"],
+            limit_setting="predict.max_image_pixels",
         )
     except DatasetError as exc:
         raise FileNotFoundError(f"predict.input_dir={folder!r} holds no files to inspect ({exc}).") from exc

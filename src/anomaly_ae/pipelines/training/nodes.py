@@ -31,7 +31,9 @@ def _track_epoch(row: dict[str, float]) -> None:
     from anomaly_ae.parallel import retry_locked
 
     if mlflow.active_run() is not None:  # parallel workers share one SQLite store: retry a lock
-        retry_locked(mlflow.log_metrics, {k: float(row[k]) for k in EPOCH_METRICS if k in row}, step=int(row["epoch"]))
+        retry_locked(
+            mlflow.log_metrics, {k: float(row[k]) for k in EPOCH_METRICS if k in row}, step=int(row["epoch"])
+        )
 
 
 def _log_epoch(row: dict[str, float], every: int = 10) -> None:
@@ -75,7 +77,9 @@ def train_model(
             train_config,
             training_state.data_digest(images, validation_images["images"]),
         )
-        state_file = training_state.state_path(train_config.state_dir, dataset_info["category"], train_config, key)
+        state_file = training_state.state_path(
+            train_config.state_dir, dataset_info["category"], train_config, key
+        )
         train_config.checkpoint_path = str(state_file)
     with training_state.exclusive(state_file) if state_file else nullcontext():
         if state_file and resume is None:
