@@ -105,16 +105,25 @@ def make_project(root: Path) -> KedroProject:
     return KedroProject(root)
 
 
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's intra-op thread count set to ``count`` inside, restored after."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny tensors on 2 shared cores: one intra-op thread is several times faster than
     two threads spinning at barriers while other processes hold the cores."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture

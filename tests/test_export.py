@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REAL_BOTTLE
+from conftest import REAL_BOTTLE, torch_threads
 
 from anomaly_ae.runtime import BundleError, load_bundle
 from anomaly_ae.runtime.cli import main as inspect_main
@@ -189,6 +189,7 @@ def test_export_refuses_a_graph_whose_scores_disagree_and_writes_nothing(quick, 
     bundle (or staging folder) is left behind."""
     from anomaly_ae.export import export_onnx, onnx_export
     from anomaly_ae.model.checkpoint import load_checkpoint
+    from anomaly_ae.scoring import MapSettings
 
     real_scores = onnx_export._ort_scores
 
@@ -206,8 +207,6 @@ def test_export_refuses_a_graph_whose_scores_disagree_and_writes_nothing(quick, 
         export_onnx(checkpoint, threshold, reference, validation[:4], target, category=NS)
     message = str(refused.value)
     assert "'max_abs_score_diff'" in message and "not shipping it" in message
-    from anomaly_ae.scoring import MapSettings
-
     if MapSettings.from_dict(threshold["score"]).normal_reference in ("zscore", "tail"):
         assert "raise export.parity_tolerance" in message
     assert not target.exists() and not [p for p in target.parent.iterdir() if p.name.startswith(".drifting")]
@@ -379,9 +378,7 @@ def _briefly_trained(config, arrays: np.ndarray, steps: int):
     from anomaly_ae.model import build_model
     from anomaly_ae.training.trainer import TrainingConfig, build_checkpoint
 
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         torch.manual_seed(0)
         model = build_model(config)
         batch = torch.from_numpy(arrays)
@@ -390,8 +387,6 @@ def _briefly_trained(config, arrays: np.ndarray, steps: int):
             optimizer.zero_grad()
             torch.nn.functional.mse_loss(model(batch), batch).backward()
             optimizer.step()
-    finally:
-        torch.set_num_threads(previous_threads)
     model.eval()
     return build_checkpoint(model, None, epoch=1, history=[], config=TrainingConfig()), model
 
