@@ -82,7 +82,7 @@ the spread floored by its mean):
   gms        a gradient-magnitude-similarity channel (RIAD's MSGMS, Zavrtanik et al. 2021):
              per scale 1, 1/2, 1/4, 1/8 of the gray image and its reconstruction, 1 - GMS
              with GMS = (2 g g' + c) / (g^2 + g'^2 + c) of their Prewitt gradient magnitudes
-             (c = 0.0026), upsampled and averaged over the scales, smoothed at sigma 0 / 4,
+             (c = 0.0026), upsampled and averaged over the scales, smoothed at sigma 0 / 2 / 4,
              z-scored; alone and in the per-pixel max with the pipeline's pair - does a map
              of lost edges find spots and smudges that 1 - SSIM ranks with normal edges?
   peaks      no variants: with the pipeline's map, the good test images' maxima, and per
@@ -563,8 +563,8 @@ def selfnorm(network, sets, args) -> list[dict]:
 
 
 def gms(network, sets, args) -> list[dict]:
-    spec = {"ssim s4": ("ssim", 4), "lowpass s8": ("lowpass", 8), "gms s0": ("gms", 0), "gms s4": ("gms", 4)}
-    spec |= {"gms s2": ("gms", 2)}
+    spec = {"ssim s4": ("ssim", 4), "lowpass s8": ("lowpass", 8)}
+    spec |= {f"gms s{sigma}": ("gms", sigma) for sigma in (0, 2, 4)}
     z = {name: zscored(m) for name, m in maps_of(network, sets, spec, args.batch).items()}
     rows = [evaluate("pmax ssim s4 + lowpass s8 (pipeline)", sets, pmax(z["ssim s4"], z["lowpass s8"]))]
     for g in ("gms s0", "gms s2", "gms s4"):
