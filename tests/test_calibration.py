@@ -11,7 +11,7 @@ import torch
 
 from anomaly_ae.data.defects import DEFAULT_KINDS, paste_synthetic_defects
 from anomaly_ae.evaluation import calibration
-from anomaly_ae.evaluation.metrics import aupro, image_auroc, pixel_auroc
+from anomaly_ae.evaluation.metrics import aupro, image_auroc, pixel_auroc, rank_auroc
 from anomaly_ae.scoring import MapSettings, anomaly_map, image_score
 from anomaly_ae.scoring.anomaly_map import raw_map
 from anomaly_ae.scoring.reference import ReferenceAccumulator, with_moved_copies
@@ -140,6 +140,13 @@ def test_grid_scores_equal_direct_computation_through_the_scoring_core(sets):
         # the grid's float32 terms against float64 maps: a few near-tied pixel pairs may swap
         tolerance = 1e-5 if s.lowpass_sigma else 1e-6
         assert row["syn_pixel_auroc"] == pytest.approx(pixel_auroc(masks, maps.numpy()), abs=tolerance), i
+        # each kind's defect pixels against the pooled figure's negatives (every pixel outside
+        # a defect: the normal images' and every copy's background); other kinds' defects out
+        kinds = np.r_[[""] * len(normal[0]), np.asarray(defects[3])][:, None, None]
+        for kind in set(defects[3]):
+            keep = (masks == 0) | (kinds == kind)
+            expected = rank_auroc(masks[keep], maps.numpy()[keep])
+            assert row[f"syn_pixel_auroc_{kind}"] == pytest.approx(expected, abs=tolerance), (i, kind)
     assert scale == pytest.approx(
         float(anomaly_map(torch.from_numpy(normal[0]), torch.from_numpy(normal[1])).mean())
         / float(((normal[0] - normal[1]) ** 2).mean()),
@@ -484,3 +491,38 @@ def test_the_report_names_both_maps_and_marks_the_heat_maps_row():
         assert f"<code>{part}</code>" in html
     one_map = map_section(detection.to_dict(), chosen, table.drop(columns="is_localisation"), "calibrated")
     assert "heat map" not in one_map and "s11" not in one_map
+
+
+def test_the_report_gives_the_synthetic_kinds_of_the_chosen_heat_and_paper_maps():
+    import pandas as pd
+
+    from anomaly_ae.pipelines.evaluate.reporting_nodes import calibration_kinds_table, map_section
+
+    table = pd.DataFrame(
+        {
+            "rank": [1, 2, 3],
+            "setting": ["a", "b", "c"],
+            "syn_image_auroc": 0.9,
+            "syn_pixel_auroc": 0.9,
+            "selection_score": 0.9,
+            "levers_changed": 1,
+            "syn_image_auroc_spot": [0.81, 0.82, 0.83],
+            "syn_image_auroc_blob": [0.91, 0.92, 0.93],
+            "syn_pixel_auroc_spot": [0.71, 0.72, 0.73],
+            "syn_pixel_auroc_blob": [0.61, 0.62, 0.63],
+            "is_paper": [False, False, True],
+            "is_selected": [True, False, False],
+            "is_localisation": [False, True, False],
+        }
+    )
+    kinds = calibration_kinds_table(table).set_index("kind")
+    assert list(kinds.index) == ["blob", "spot"]
+    assert kinds.loc["spot"].tolist() == [0.81, 0.72, 0.83, 0.73]  # chosen image, heat pixel, paper's
+    assert kinds.loc["blob"].tolist() == [0.91, 0.62, 0.93, 0.63]
+    chosen = {"n_settings": 3, "n_tied": 1, "tie_tolerance": 0.001, "rule": "r"}
+    html = map_section(MapSettings().to_dict(), chosen, table, "calibrated")
+    assert "The same synthetic defects per kind" in html and "0.7200" in html
+    # a table saved before the per-kind pixel AUROC existed: no such section
+    older = table.drop(columns=["syn_pixel_auroc_spot", "syn_pixel_auroc_blob"])
+    assert calibration_kinds_table(older).empty
+    assert "per kind" not in map_section(MapSettings().to_dict(), chosen, older, "calibrated")

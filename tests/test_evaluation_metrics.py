@@ -373,3 +373,24 @@ def test_auroc_interval_edges() -> None:
         auroc_interval(labels, [0.1, 0.2, 0.3, 0.8, 0.9], level=1.0)
     with pytest.raises(ValueError, match="finite"):
         auroc_interval(labels, [0.1, np.nan, 0.3, 0.8, 0.9])
+
+
+@pytest.mark.parametrize("n, binned", [(3000, False), (1 << 20, False), (1 << 20, True)])
+def test_grouped_auroc_is_each_groups_auroc_against_the_negatives(n, binned, monkeypatch) -> None:
+    """One count gives the AUROC of all positives and of each group's alone against the
+    same negatives (both counting paths: the binned one from BINNED_FROM scores on)."""
+    from anomaly_ae.evaluation import metrics
+    from anomaly_ae.evaluation.metrics import grouped_auroc
+
+    monkeypatch.setattr(metrics, "binned_count_is_faster", lambda: binned)
+    rng = np.random.default_rng(n)
+    groups = np.where(rng.random(n) < 0.05, rng.integers(1, 4, n), 0)
+    scores = (rng.normal(0, 1, n) + 0.4 * groups).astype(np.float32)  # group 3 easiest
+    scores[:50] = np.round(scores[:50], 1)  # ties
+    overall, by_group = grouped_auroc(groups, scores)
+    assert overall == pytest.approx(roc_auc_score(groups != 0, scores), abs=1e-12)
+    assert set(by_group) == {1, 2, 3}
+    for g, value in by_group.items():
+        keep = (groups == 0) | (groups == g)
+        assert value == pytest.approx(roc_auc_score(groups[keep] == g, scores[keep]), abs=1e-12)
+    assert by_group[1] < by_group[2] < by_group[3]

@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from anomaly_ae.evaluation.metrics import rank_auroc
+from anomaly_ae.evaluation.metrics import grouped_auroc, rank_auroc
 from anomaly_ae.evaluation.summary import region_scores
 from anomaly_ae.scoring.anomaly_map import MapSettings, blend, error_terms, image_score, lowpass, smooth_terms
 from anomaly_ae.scoring.inference import unit_float
@@ -521,12 +521,18 @@ def score_grid(
         tolerances=plan.tolerances,
     )
     n_normal, h, w = len(normal[0]), *normal[0].shape[-2:]
-    masks = np.concatenate([np.zeros((n_normal, h, w), np.uint8), np.asarray(defects[2], np.uint8)])
+    # the pixel AUROC per kind (``syn_pixel_auroc_<kind>``): each kind's defect pixels against
+    # the same negatives as the pooled figure (every pixel outside a defect), so the pooled
+    # figure is the kinds' weighted by their defect pixels
+    kinds = np.asarray(defects[3])
+    kind_names = sorted(set(kinds.tolist()))
+    codes = np.searchsorted(kind_names, kinds).astype(np.int16) + 1  # 1 + the kind's index
+    defect_masks = np.where(np.asarray(defects[2]) != 0, codes[:, None, None], 0).astype(np.int16)
+    masks = np.concatenate([np.zeros((n_normal, h, w), np.int16), defect_masks])  # 0: normal pixel
     labels = np.r_[np.zeros(n_normal, int), np.ones(len(defects[0]), int)]
     pixel_rows = np.r_[
         np.ones(n_normal, bool), np.ones(len(defects[0]), bool) if pixel_known is None else pixel_known
     ]
-    kinds = np.asarray(defects[3])
     at_defect = None
     if defect_regions is not None:
         regions = torch.from_numpy(np.asarray(defect_regions, bool))
@@ -537,10 +543,15 @@ def score_grid(
     for group, maps, reference in _distinct_maps(plan, references, eval_terms):
         mode = group[0].settings.normal_reference
         typical = torch.from_numpy(reference.typical(mode))  # where a defect image is not scored
-        pixel = rank_auroc(masks[pixel_rows].ravel(), maps.numpy()[pixel_rows].ravel())
+        pixel, pixel_by_code = grouped_auroc(masks[pixel_rows].ravel(), maps.numpy()[pixel_rows].ravel())
+        pixel_by_kind = {
+            f"syn_pixel_auroc_{name}": pixel_by_code.get(code, float("nan"))
+            for code, name in enumerate(kind_names, start=1)
+        }
         for point in group:
-            rows[point] = _image_metrics(
-                point.settings, maps, labels, kinds, n_normal, pixel, at_defect, typical
+            rows[point] = (
+                _image_metrics(point.settings, maps, labels, kinds, n_normal, pixel, at_defect, typical)
+                | pixel_by_kind
             )
     table = pd.DataFrame(
         [

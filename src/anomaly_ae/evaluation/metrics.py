@@ -98,19 +98,42 @@ def rank_auroc(labels: ArrayLike, scores: ArrayLike) -> float:
     Float scores from :data:`BINNED_FROM` values on are counted by :func:`_binned_pairs`
     where that is faster on this machine (:func:`binned_count_is_faster`): the same exact
     count, faster where numpy's sort is not vectorised."""
-    y = np.asarray(labels).ravel() != 0
-    s = np.asarray(scores).ravel()
-    if y.shape != s.shape:
-        raise ValueError(f"labels and scores must have the same length, got {y.size} and {s.size}")
-    if not np.all(np.isfinite(s)):
-        raise ValueError("scores must be finite (found NaN or inf)")
-    _require_both_classes(y, "rank_auroc")
+    y, s = _checked(labels, scores, "rank_auroc")
     n_pos, n_neg = int(y.sum()), int(y.size - y.sum())
     if s.size >= BINNED_FROM and s.dtype in (np.float32, np.float64) and binned_count_is_faster():
         below, equal = _binned_pairs(y, s)
     else:
         below, equal = _sorted_pairs(y, s)
     return float((below + 0.5 * equal) / (n_pos * n_neg))
+
+
+def grouped_auroc(groups: ArrayLike, scores: ArrayLike) -> tuple[float, dict[int, float]]:
+    """:func:`rank_auroc` of every positive (``groups != 0``) against the negatives (group
+    0), and of each group's positives alone against the same negatives, from one count: e.g.
+    a map's synthetic defect pixels, coded by their kind, against every pixel outside a
+    defect. The first is the groups' AUROCs weighted by their positives' counts."""
+    g = np.asarray(groups).ravel()
+    y, s = _checked(g, scores, "grouped_auroc")
+    n_neg = int(y.size - y.sum())
+    if s.size >= BINNED_FROM and s.dtype in (np.float32, np.float64) and binned_count_is_faster():
+        below, equal = _binned_counts(y, s)
+    else:
+        below, equal = _sorted_counts(y, s)
+    pairs = below + 0.5 * equal  # per positive, in the order of s[y]
+    codes = g[y]
+    by_group = {int(c): float(pairs[codes == c].mean() / n_neg) for c in np.unique(codes)}
+    return float(pairs.mean() / n_neg), by_group
+
+
+def _checked(labels: ArrayLike, scores: ArrayLike, name: str) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(labels).ravel() != 0
+    s = np.asarray(scores).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"labels and scores must have the same length, got {y.size} and {s.size}")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("scores must be finite (found NaN or inf)")
+    _require_both_classes(y, name)
+    return y, s
 
 
 BINNED_FROM = 1 << 20
@@ -144,11 +167,17 @@ def binned_count_is_faster() -> bool:
 
 def _sorted_pairs(y: np.ndarray, s: np.ndarray) -> tuple[float, float]:
     """(pairs with the positive above the negative, tied pairs), from one sort of the negatives."""
+    below, equal = _sorted_counts(y, s)
+    return below.sum(dtype=np.float64), equal.sum(dtype=np.float64)
+
+
+def _sorted_counts(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per positive (in the order of ``s[y]``): the negatives below it and those equal to it."""
     negatives = np.sort(s[~y])
     positives = s[y]
     below = np.searchsorted(negatives, positives, "left")
     equal = np.searchsorted(negatives, positives, "right") - below
-    return below.sum(dtype=np.float64), equal.sum(dtype=np.float64)
+    return below, equal
 
 
 def _order_keys(s: np.ndarray) -> np.ndarray:
@@ -168,6 +197,12 @@ def _binned_pairs(y: np.ndarray, s: np.ndarray, bits: int = 20) -> tuple[float, 
     positive is below it (one ``bincount``), and only the negatives that share a bin with some
     positive (a few per cent of a calibration map's pixels) are sorted to count the pairs
     within a bin exactly."""
+    below, equal = _binned_counts(y, s, bits)
+    return below.sum(dtype=np.float64), equal.sum(dtype=np.float64)
+
+
+def _binned_counts(y: np.ndarray, s: np.ndarray, bits: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_sorted_counts` by :func:`_binned_pairs`' bins."""
     keys = _order_keys(s)
     shift = keys.dtype.type(keys.dtype.itemsize * 8 - bits)
     bins = (keys >> shift).astype(np.intp)
@@ -180,8 +215,7 @@ def _binned_pairs(y: np.ndarray, s: np.ndarray, bits: int = 20) -> tuple[float, 
     first_of_bin = np.searchsorted(near, pos_bins.astype(keys.dtype) << shift, "left")
     lower = np.searchsorted(near, pos_keys, "left")
     equal = np.searchsorted(near, pos_keys, "right") - lower
-    below = in_lower_bins[pos_bins].sum(dtype=np.float64) + (lower - first_of_bin).sum(dtype=np.float64)
-    return below, equal.sum(dtype=np.float64)
+    return in_lower_bins[pos_bins] + (lower - first_of_bin), equal
 
 
 def _hanley_mcneil_variance(theta: float, n_anomalous: int, n_normal: int) -> float:

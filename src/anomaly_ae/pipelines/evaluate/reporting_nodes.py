@@ -451,8 +451,38 @@ def map_section(
         for s, p, c, h in zip(shown["setting"], shown["is_paper"], shown["is_selected"], located, strict=True)
     ]
     legend = "; ".join(f"<code>{html.escape(n)}</code>: {html.escape(m)}" for n, m in NAME_LEGEND)
+    kinds = calibration_kinds_table(table)
     return (
         f"<p>Used: <code>{html.escape(used)}</code>. {why}</p>"
         f"<p>Rule: {html.escape(calibrated_map['rule'])}</p>"
-        f"<p>Reading a setting's name: {legend}.</p>" + html_table(shown[TABLE_COLUMNS])
+        f"<p>Reading a setting's name: {legend}.</p>"
+        + html_table(shown[TABLE_COLUMNS])
+        + (
+            "<p>The same synthetic defects per kind (the calibration's validation images; image AUROC "
+            "of the map that scores the image, pixel AUROC of the heat map, each kind against the "
+            "normal images):</p>" + html_table(kinds)
+            if not kinds.empty
+            else ""
+        )
+    )
+
+
+def calibration_kinds_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Per synthetic kind: the chosen map's image AUROC, the heat map's pixel AUROC, and the
+    paper's map's two, from the calibration table's per-kind columns (empty for a table
+    written before the per-kind pixel AUROC)."""
+    kinds = sorted(c.removeprefix("syn_pixel_auroc_") for c in table if c.startswith("syn_pixel_auroc_"))
+    if not kinds or not table["is_selected"].any():
+        return pd.DataFrame()
+    chosen = table[table["is_selected"]].iloc[0]
+    heat = table[table["is_localisation"]].iloc[0] if "is_localisation" in table else chosen
+    paper = table[table["is_paper"]].iloc[0]
+    return pd.DataFrame(
+        {
+            "kind": kinds,
+            "image AUROC (chosen)": [chosen[f"syn_image_auroc_{k}"] for k in kinds],
+            "pixel AUROC (heat map)": [heat[f"syn_pixel_auroc_{k}"] for k in kinds],
+            "image AUROC (paper's map)": [paper[f"syn_image_auroc_{k}"] for k in kinds],
+            "pixel AUROC (paper's map)": [paper[f"syn_pixel_auroc_{k}"] for k in kinds],
+        }
     )
