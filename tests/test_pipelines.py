@@ -212,6 +212,8 @@ def test_mlflow_runs_hold_params_metrics_and_the_calibration(quick):
     assert top_tags["anomaly_ae.save_version"] == written
     assert {"image_auroc", "pixel_auroc", "aupro", "image_f1_max", "threshold", "val_loss"} <= logged
     assert {"best_epoch", "best_val_loss", "epoch_seconds"} <= logged
+    # the held-out synthetic kinds, per kind, to compare runs by kind
+    assert {"stress_image_auroc.all", "stress_image_auroc.spot", "stress_pixel_auroc.thin_line"} <= logged
     artifacts = {
         p.relative_to(quick.path / "mlruns").parts[-2] for p in (quick.path / "mlruns").rglob("*.csv")
     }

@@ -120,3 +120,23 @@ def test_copies_per_kind_sets_the_copies_per_good_image_for_any_test_set():
         copies_per_image({"per_image": 0}, 20, DEFECT_KINDS)
     with pytest.raises(ValueError, match="evaluation.stress_test.copies_per_kind"):
         copies_per_image({"per_image": "auto", "copies_per_kind": "many"}, 20, DEFECT_KINDS)
+
+
+def test_the_map_in_uses_held_out_figures_per_kind_go_to_mlflow():
+    from anomaly_ae.pipelines.evaluate.nodes import stress_mlflow_metrics
+
+    overall = pd.DataFrame(
+        {
+            "map": ["in use", "in use", "in use", "paper"],
+            "kind": ["all", "spot", "odd kind?", "spot"],
+            "image_auroc": [0.9, 0.8, 0.7, 0.5],
+            "pixel_auroc": [0.99, np.nan, 0.95, 0.6],
+        }
+    )
+    assert stress_mlflow_metrics(overall) == {
+        "stress_image_auroc.all": {"value": 0.9, "step": 0},
+        "stress_pixel_auroc.all": {"value": 0.99, "step": 0},
+        "stress_image_auroc.spot": {"value": 0.8, "step": 0},  # no pixel figure: left out
+        "stress_image_auroc.odd kind_": {"value": 0.7, "step": 0},  # a name MLflow accepts
+        "stress_pixel_auroc.odd kind_": {"value": 0.95, "step": 0},
+    }

@@ -277,14 +277,16 @@ def stress_test(
     model: dict[str, Any],
     evaluation: dict[str, Any],
     calibration: dict[str, Any],
-) -> pd.DataFrame:
+) -> tuple[pd.DataFrame, dict[str, dict[str, float]]]:
     """Image/pixel AUROC per synthetic defect kind on the GOOD test images (another seed than
-    calibration, every kind), for the map in use and the paper's map: a held-out report."""
+    calibration, every kind), for the map in use and the paper's map: a held-out report. Also
+    the map in use's figures per kind for MLflow (``stress_image_auroc.<kind>``,
+    ``stress_pixel_auroc.<kind>``; ``all`` for every kind together), so runs compare by kind."""
     options = evaluation["stress_test"]
     normal = as_unit_float(test_images["images"][np.asarray(test_images["labels"]) == 0])
     if len(normal) < 2:
         log.warning("Stress test skipped: fewer than 2 good test images.")
-        return pd.DataFrame(columns=STRESS_COLUMNS)
+        return pd.DataFrame(columns=STRESS_COLUMNS), {}
     synthetic = calibration["synthetic_defects"]
     per_image = copies_per_image(options, len(normal), DEFECT_KINDS, normal.shape[1])
     log.info("Stress test: %d defective copies of each of the %d good test images", per_image, len(normal))
@@ -312,7 +314,19 @@ def stress_test(
         "Held-out synthetic defects on the good test images, image AUROC per kind:\n%s",
         pivot.round(3).to_string(),
     )
-    return table
+    return table, stress_mlflow_metrics(overall)
+
+
+def stress_mlflow_metrics(overall: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """The map in use's held-out image and pixel AUROC per kind (the stress table's rows over
+    every contrast and size) as MLflow metrics; NaN (a kind without a pixel figure) left out."""
+    metrics = {}
+    for row in overall[overall["map"] == "in use"].itertuples():
+        for name in ("image_auroc", "pixel_auroc"):
+            value = float(getattr(row, name))
+            if np.isfinite(value):
+                metrics[f"stress_{name}.{_metric_name(str(row.kind))}"] = {"value": value, "step": 0}
+    return metrics
 
 
 def grid_agreement(

@@ -98,7 +98,7 @@ def evaluation_nodes() -> Pipeline:
                     "params:evaluation",
                     "params:calibration",
                 ],
-                "stress_table",
+                ["stress_table", "stress_metrics"],
                 name="stress_test",
             ),
             Node(

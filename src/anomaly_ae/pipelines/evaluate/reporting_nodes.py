@@ -458,9 +458,10 @@ def map_section(
         f"<p>Reading a setting's name: {legend}.</p>"
         + html_table(shown[TABLE_COLUMNS])
         + (
-            "<p>The same synthetic defects per kind (the calibration's validation images; image AUROC "
-            "of the map that scores the image, pixel AUROC of the heat map, each kind against the "
-            "normal images):</p>" + html_table(kinds)
+            "<p>The same synthetic defects per kind (the calibration's validation images): the image "
+            "AUROC of the map that scores the image (each kind's copies against the normal images) "
+            "and the pixel AUROC of the heat map (each kind's defect pixels against every pixel "
+            "outside a defect).</p>" + html_table(kinds)
             if not kinds.empty
             else ""
         )
