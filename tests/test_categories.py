@@ -84,6 +84,16 @@ def test_two_categories_in_one_run_each_with_its_own_outputs_runs_and_a_summary(
     assert (summary.loc[:1, "epochs"] == 20).all() and (summary.loc[:1, "train_images"] == 36).all()
     markdown = project.latest("data/08_reporting/summary/summary.md").read_text()
     assert markdown.startswith("| category") and "| carpet" in markdown
+    # which kinds each model misses: one row per category and the mean, a column per kind
+    held_out = markdown.split("image AUROC per kind:")[1]
+    assert "| category " in held_out and " spot |" in held_out and " smudge |" in held_out
+    assert [line.split("|")[1].strip() for line in held_out.strip().splitlines()[2:]] == [
+        "bottle",
+        "carpet",
+        "mean",
+    ]
+    page = project.latest("data/08_reporting/summary/summary.html").read_text()
+    assert "Which kinds of defect each model misses" in page
 
     client = mlflow.MlflowClient(f"sqlite:///{project.path / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -98,3 +108,29 @@ def test_two_categories_in_one_run_each_with_its_own_outputs_runs_and_a_summary(
         assert run.info.status == "FINISHED" and "image_auroc" in run.data.metrics
         assert {"image_auroc_at_defect", "image_auroc_off_defect"} <= set(run.data.metrics)
     assert [a.path for a in client.list_artifacts(top.info.run_id)] == ["summary"]
+
+
+def test_the_held_out_kinds_of_each_category_and_their_mean():
+    from anomaly_ae.evaluation.categories import held_out_table
+    from anomaly_ae.evaluation.stress import STRESS_COLUMNS
+
+    def stress(spot: float, smudge: float) -> pd.DataFrame:
+        rows = [
+            ("in use", "all", "all", "all", 0.9),
+            ("in use", "spot", "all", "all", spot),
+            ("in use", "smudge", "all", "all", smudge),
+            ("in use", "spot", "< 0.10", "all", 0.1),  # a contrast band: not the kind's figure
+            ("paper", "spot", "all", "all", 0.5),  # the paper's map: not the one in use
+        ]
+        return pd.DataFrame(
+            [dict(zip(["map", "kind", "contrast", "size", "image_auroc"], r, strict=True)) for r in rows]
+        )
+
+    table = held_out_table(
+        {"a": stress(0.8, 0.6), "b": stress(1.0, 0.7), "none": pd.DataFrame(columns=STRESS_COLUMNS)}
+    )
+    assert list(table.columns) == ["category", "all", "smudge", "spot"]
+    assert list(table["category"]) == ["a", "b", "none", "mean"]
+    assert table.loc[0, ["spot", "smudge"]].tolist() == [0.8, 0.6]
+    assert table.loc[2, ["all", "spot"]].isna().all()  # no stress test there: an empty row
+    assert table.loc[3, ["spot", "smudge"]].tolist() == pytest.approx([0.9, 0.65])  # over a and b

@@ -85,6 +85,24 @@ def summary_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.concat([table, pd.DataFrame([mean], columns=COLUMNS)], ignore_index=True)
 
 
+def held_out_table(stress_tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per category (rows, plus the ``mean`` over the categories that have it), the held-out
+    synthetic defects' image AUROC per kind (columns, ``all`` first) of the map in use: the
+    stress tables' rows over every contrast and size. A category whose stress test did not run
+    (fewer than 2 good test images) has an empty row."""
+    rows = {}
+    for category, table in stress_tables.items():
+        overall = table[(table["map"] == "in use") & (table["contrast"] == "all") & (table["size"] == "all")]
+        names, values = overall["kind"].astype(str), overall["image_auroc"].astype(float)
+        rows[category] = dict(zip(names, values, strict=True))
+    wide = pd.DataFrame.from_dict(rows, orient="index")
+    kinds = [k for k in ("all", *sorted(c for c in wide.columns if c != "all")) if k in wide.columns]
+    wide = wide.reindex(index=list(stress_tables), columns=kinds)
+    if len(wide):
+        wide.loc["mean"] = wide.mean()
+    return wide.rename_axis("category").reset_index()
+
+
 def to_markdown(table: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table (tabulate), numbers to 4 decimals."""
     return table.to_markdown(index=False, floatfmt=".4f", missingval="–") + "\n"

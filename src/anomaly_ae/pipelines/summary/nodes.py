@@ -9,7 +9,13 @@ from typing import Any
 
 import pandas as pd
 
-from anomaly_ae.evaluation.categories import INTERVAL, category_row, summary_table, to_markdown
+from anomaly_ae.evaluation.categories import (
+    INTERVAL,
+    category_row,
+    held_out_table,
+    summary_table,
+    to_markdown,
+)
 from anomaly_ae.evaluation.summary import REGION_METRICS
 from anomaly_ae.reporting.report import html_table, interval_column
 from anomaly_ae.reporting.report import page as report_page
@@ -20,18 +26,24 @@ log = logging.getLogger(__name__)
 
 def summarise_node(categories: Sequence[str]) -> Callable[..., tuple[pd.DataFrame, str, str]]:
     """A node function taking, per category (in ``categories`` order), its
-    ``evaluation_metrics``, ``training_history`` and ``image_manifest``."""
+    ``evaluation_metrics``, ``training_history``, ``image_manifest`` and ``stress_table``."""
+    per = 4
 
     def summarise_categories(*inputs: Any) -> tuple[pd.DataFrame, str, str]:
-        rows = []
+        rows, stress = [], {}
         for i, category in enumerate(categories):
-            metrics, history, manifest = inputs[3 * i : 3 * i + 3]
+            metrics, history, manifest, stress[category] = inputs[per * i : per * i + per]
             described = MapSettings.from_dict(metrics["anomaly_map"]).describe()
             rows.append(category_row(category, metrics, history, manifest, described))
         table = summary_table(rows)
-        markdown = to_markdown(table)
+        held_out = held_out_table(stress)
+        markdown = (
+            to_markdown(table)
+            + "\nHeld-out synthetic defects (on each category's good test images), image AUROC per kind:\n\n"
+            + to_markdown(held_out)
+        )
         log.info("Summary of %d categories:\n%s", len(categories), markdown)
-        synthetic = any(inputs[3 * i].get("data_source") == "synthetic" for i in range(len(categories)))
+        synthetic = any(inputs[per * i].get("data_source") == "synthetic" for i in range(len(categories)))
         # the page: the main table, then the image AUROC's interval and where the image score
         # comes from (a second table, so that neither needs sideways scrolling)
         regions = table[["category", "image_auroc"]].assign(interval=interval_column(table))
@@ -46,7 +58,12 @@ def summarise_node(categories: Sequence[str]) -> Callable[..., tuple[pd.DataFram
             "(evaluation.confidence_level; none for the mean). Defective test images scored only "
             "near their labelled defect, and only away from it (the label-leak check: about 0.5 "
             "expected; high when defective images differ from good ones elsewhere).</p>"
-            f"{html_table(regions)}<p>Categories: {html.escape(', '.join(categories))}</p>",
+            f"{html_table(regions)}"
+            "<h2>Which kinds of defect each model misses</h2><p>Synthetic defects pasted onto each "
+            "category's good test images (held out: another seed than the calibration's), image "
+            "AUROC per kind of the map in use, the last row the mean; the category's report gives "
+            "each kind by contrast and size, with intervals.</p>"
+            f"{html_table(held_out)}<p>Categories: {html.escape(', '.join(categories))}</p>",
             synthetic=synthetic,
         )
         return table, markdown, page

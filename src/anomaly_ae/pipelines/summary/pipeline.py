@@ -15,7 +15,7 @@ from anomaly_ae import run_params
 
 from .nodes import summarise_node
 
-PER_CATEGORY = ("evaluation_metrics", "training_history", "image_manifest")
+PER_CATEGORY = ("evaluation_metrics", "training_history", "image_manifest", "stress_table")
 
 
 def create_pipeline(**kwargs) -> Pipeline:
