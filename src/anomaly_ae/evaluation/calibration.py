@@ -526,9 +526,10 @@ def score_grid(
     # figure is the kinds' weighted by their defect pixels
     kinds = np.asarray(defects[3])
     kind_names = sorted(set(kinds.tolist()))
-    codes = np.searchsorted(kind_names, kinds).astype(np.int16) + 1  # 1 + the kind's index
-    defect_masks = np.where(np.asarray(defects[2]) != 0, codes[:, None, None], 0).astype(np.int16)
-    masks = np.concatenate([np.zeros((n_normal, h, w), np.int16), defect_masks])  # 0: normal pixel
+    code_type = np.min_scalar_type(len(kind_names))  # uint8 for any realistic number of kinds
+    codes = (np.searchsorted(kind_names, kinds) + 1).astype(code_type)  # 1 + the kind's index
+    defect_masks = np.where(np.asarray(defects[2]) != 0, codes[:, None, None], 0).astype(code_type)
+    masks = np.concatenate([np.zeros((n_normal, h, w), code_type), defect_masks])  # 0: normal pixel
     labels = np.r_[np.zeros(n_normal, int), np.ones(len(defects[0]), int)]
     pixel_rows = np.r_[
         np.ones(n_normal, bool), np.ones(len(defects[0]), bool) if pixel_known is None else pixel_known

@@ -6,6 +6,8 @@ from typing import Any
 
 import pandas as pd
 
+from anomaly_ae.evaluation.stress import per_kind_rows
+
 #: Detection metrics of the summary (means in the ``mean`` row).
 DETECTION = [
     "image_auroc",
@@ -92,7 +94,8 @@ def held_out_table(stress_tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     (fewer than 2 good test images) has an empty row."""
     rows = {}
     for category, table in stress_tables.items():
-        overall = table[(table["map"] == "in use") & (table["contrast"] == "all") & (table["size"] == "all")]
+        overall = per_kind_rows(table)
+        overall = overall[overall["map"] == "in use"]
         names, values = overall["kind"].astype(str), overall["image_auroc"].astype(float)
         rows[category] = dict(zip(names, values, strict=True))
     wide = pd.DataFrame.from_dict(rows, orient="index")

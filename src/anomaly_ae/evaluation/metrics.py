@@ -100,7 +100,7 @@ def rank_auroc(labels: ArrayLike, scores: ArrayLike) -> float:
     count, faster where numpy's sort is not vectorised."""
     y, s = _checked(labels, scores, "rank_auroc")
     n_pos, n_neg = int(y.sum()), int(y.size - y.sum())
-    if s.size >= BINNED_FROM and s.dtype in (np.float32, np.float64) and binned_count_is_faster():
+    if _counts_by_bins(s):
         below, equal = _binned_pairs(y, s)
     else:
         below, equal = _sorted_pairs(y, s)
@@ -115,7 +115,7 @@ def grouped_auroc(groups: ArrayLike, scores: ArrayLike) -> tuple[float, dict[int
     g = np.asarray(groups).ravel()
     y, s = _checked(g, scores, "grouped_auroc")
     n_neg = int(y.size - y.sum())
-    if s.size >= BINNED_FROM and s.dtype in (np.float32, np.float64) and binned_count_is_faster():
+    if _counts_by_bins(s):
         below, equal = _binned_counts(y, s)
     else:
         below, equal = _sorted_counts(y, s)
@@ -123,6 +123,11 @@ def grouped_auroc(groups: ArrayLike, scores: ArrayLike) -> tuple[float, dict[int
     codes = g[y]
     by_group = {int(c): float(pairs[codes == c].mean() / n_neg) for c in np.unique(codes)}
     return float(pairs.mean() / n_neg), by_group
+
+
+def _counts_by_bins(s: np.ndarray) -> bool:
+    """Whether the pairs of scores ``s`` are counted by :func:`_binned_pairs`' bins."""
+    return s.size >= BINNED_FROM and s.dtype in (np.float32, np.float64) and binned_count_is_faster()
 
 
 def _checked(labels: ArrayLike, scores: ArrayLike, name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -27,6 +27,7 @@ __all__ = [
     "STRESS_COLUMNS",
     "copies_per_image",
     "measured_contrast",
+    "per_kind_rows",
     "stress_table",
 ]
 
@@ -45,6 +46,12 @@ STRESS_COLUMNS = [
     "image_auroc_ci_high",
     "pixel_auroc",
 ]
+
+
+def per_kind_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a stress table over every contrast and size: one per map and kind."""
+    return table[(table["contrast"] == "all") & (table["size"] == "all")]
+
 
 #: The kinds whose contrast is their parameter (``calibration.synthetic_defects.contrast``):
 #: their rows are also split by the contrast each copy really has, a detection limit.

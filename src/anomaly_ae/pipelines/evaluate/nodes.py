@@ -14,7 +14,7 @@ from anomaly_ae.data.defects import DEFECT_KINDS
 from anomaly_ae.data.transforms import as_unit_float
 from anomaly_ae.evaluation import calibration, tables
 from anomaly_ae.evaluation.metrics import calibrate_threshold
-from anomaly_ae.evaluation.stress import STRESS_COLUMNS, copies_per_image, stress_table
+from anomaly_ae.evaluation.stress import STRESS_COLUMNS, copies_per_image, per_kind_rows, stress_table
 from anomaly_ae.evaluation.summary import (
     HEADLINE_METRICS,
     REGION_METRICS,
@@ -308,7 +308,7 @@ def stress_test(
         **_inference_options(evaluation),
         confidence_level=evaluation["confidence_level"],
     )
-    overall = table[(table["contrast"] == "all") & (table["size"] == "all")]
+    overall = per_kind_rows(table)
     pivot = overall.pivot(index="kind", columns="map", values="image_auroc")
     log.info(
         "Held-out synthetic defects on the good test images, image AUROC per kind:\n%s",

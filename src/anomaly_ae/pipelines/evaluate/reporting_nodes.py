@@ -344,6 +344,7 @@ def agreement_section(table: pd.DataFrame) -> str:
 
 def stress_section(table: pd.DataFrame) -> str:
     """HTML: image / pixel AUROC per synthetic defect kind, the map in use next to the paper's."""
+    from anomaly_ae.evaluation.stress import per_kind_rows
     from anomaly_ae.reporting.report import html_table
 
     if table.empty:
@@ -351,7 +352,7 @@ def stress_section(table: pd.DataFrame) -> str:
     for column in ("contrast", "size"):  # tables written before the bands existed
         if column not in table:
             table = table.assign(**{column: "all"})
-    overall = table[(table["contrast"] == "all") & (table["size"] == "all")]
+    overall = per_kind_rows(table)
     wide = overall.pivot(index="kind", columns="map", values=["image_auroc", "pixel_auroc"])
     wide.columns = [f"{metric.replace('_auroc', ' AUROC')} ({name})" for metric, name in wide.columns]
     counts = overall.drop_duplicates("kind").set_index("kind")["n_defective"]

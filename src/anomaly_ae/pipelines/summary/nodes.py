@@ -23,11 +23,14 @@ from anomaly_ae.scoring import MapSettings
 
 log = logging.getLogger(__name__)
 
+#: Each category's inputs of the summary node, in this order.
+PER_CATEGORY = ("evaluation_metrics", "training_history", "image_manifest", "stress_table")
+
 
 def summarise_node(categories: Sequence[str]) -> Callable[..., tuple[pd.DataFrame, str, str]]:
     """A node function taking, per category (in ``categories`` order), its
-    ``evaluation_metrics``, ``training_history``, ``image_manifest`` and ``stress_table``."""
-    per = 4
+    :data:`PER_CATEGORY` datasets."""
+    per = len(PER_CATEGORY)
 
     def summarise_categories(*inputs: Any) -> tuple[pd.DataFrame, str, str]:
         rows, stress = [], {}

@@ -13,9 +13,7 @@ from kedro.pipeline import Node, Pipeline
 
 from anomaly_ae import run_params
 
-from .nodes import summarise_node
-
-PER_CATEGORY = ("evaluation_metrics", "training_history", "image_manifest", "stress_table")
+from .nodes import PER_CATEGORY, summarise_node
 
 
 def create_pipeline(**kwargs) -> Pipeline:
