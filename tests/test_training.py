@@ -390,3 +390,26 @@ def test_resume_from_a_checkpoint_written_before_tiles_existed(data):
     tiled = AutoencoderConfig.from_dict({**ckpt["model_config"], "image_size": 2 * SIZE, "tile_size": SIZE})
     with pytest.raises(ValueError, match="resume with the same model settings"):
         train_autoencoder(data["train"], None, tiled, _cfg(epochs=2), resume_checkpoint=ckpt)
+
+
+@pytest.mark.parametrize(
+    ("name", "device", "expected"),
+    [
+        ("auto", "cuda", "reduce-overhead"),
+        ("auto", "cpu", "default"),
+        ("auto", "mps", "default"),
+        ("reduce-overhead", "cpu", "default"),
+        ("max-autotune", "cpu", "max-autotune-no-cudagraphs"),
+        ("max-autotune", "cuda", "max-autotune"),
+        ("default", "cuda", "default"),
+    ],
+)
+def test_compile_mode_auto_is_cuda_graphs_on_cuda_only(name, device, expected):
+    from anomaly_ae.device import resolve_compile_mode
+
+    assert resolve_compile_mode(name, torch.device(device)) == expected
+
+
+def test_unknown_compile_mode_is_refused_with_the_setting_named():
+    with pytest.raises(ValueError, match="training.compile_mode must be one of"):
+        TrainingConfig(compile_mode="fast")

@@ -17,7 +17,8 @@ their ratios are fair on a shared, noisy machine. Figures are medians over round
 
 A configuration spec is ``+``-joined tokens: ``fp32`` | ``bf16`` | ``fp16`` | ``auto``
 (precision), ``cl`` (channels_last), ``compile``, ``ma`` (compile mode
-max-autotune-no-cudagraphs), ``ro`` (compile mode reduce-overhead: CUDA graphs on CUDA),
+max-autotune-no-cudagraphs), ``ro`` (compile mode reduce-overhead: CUDA graphs on CUDA), ``cd`` (compile mode
+default; ``compile`` alone takes the configured mode, ``auto``: ro on CUDA, cd elsewhere),
 ``fused`` | ``foreach`` | ``loop`` (Adam implementation), ``nodet`` (no deterministic
 algorithms), ``t1``/``t2``/... (intra-op threads), ``default`` (TrainingConfig defaults).
 
@@ -90,6 +91,8 @@ def parse_spec(spec: str, base: TrainingConfig) -> Variant:
             changes.update(compile=True, compile_mode="max-autotune-no-cudagraphs")
         elif token == "ro":
             changes.update(compile=True, compile_mode="reduce-overhead")
+        elif token == "cd":
+            changes.update(compile=True, compile_mode="default")
         elif token in ("fused", "foreach", "loop"):
             changes["optimizer_impl"] = token
         elif token == "nodet":

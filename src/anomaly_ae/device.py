@@ -8,6 +8,7 @@ import torch
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -44,6 +45,24 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
             return torch.bfloat16
         return None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def resolve_compile_mode(name: str, device: torch.device) -> str:
+    """The ``torch.compile`` mode to use on ``device``.
+
+    ``auto``: ``reduce-overhead`` (CUDA graphs) on CUDA, ``default`` elsewhere. On an H200
+    (torch 2.11) reduce-overhead trained at 3572 images/s against 1146 for default mode (bf16;
+    README "GPU"). Modes that capture CUDA graphs fall back to their no-graph twin off CUDA.
+    """
+    if name not in COMPILE_MODES:
+        raise ValueError(f"compile_mode {name!r} is not one of {COMPILE_MODES}")
+    if name == "auto":
+        return "reduce-overhead" if device.type == "cuda" else "default"
+    if device.type != "cuda" and name == "reduce-overhead":
+        return "default"
+    if device.type != "cuda" and name == "max-autotune":
+        return "max-autotune-no-cudagraphs"
+    return name
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

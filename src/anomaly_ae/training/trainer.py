@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from anomaly_ae.config import from_settings
-from anomaly_ae.device import autocast, resolve_device, resolve_precision
+from anomaly_ae.device import COMPILE_MODES, autocast, resolve_compile_mode, resolve_device, resolve_precision
 from anomaly_ae.model import AutoencoderConfig, HybridLoss, SeparableHybridLoss, build_model
 from anomaly_ae.model.checkpoint import CHECKPOINT_FORMAT, save_checkpoint_atomic, validate_checkpoint
 from anomaly_ae.scoring.inference import unit_float
@@ -24,7 +24,6 @@ from anomaly_ae.training.augment import AugmentationConfig, augment_batch
 log = logging.getLogger(__name__)
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "loop")
 SSIM_IMPLS = ("auto", "pytorch_msssim", "separable")
 
@@ -54,9 +53,10 @@ class TrainingConfig:
     channels_last: bool = True  # NHWC for the convolutions: same math, faster oneDNN kernels
     compile: bool = True  # torch.compile of forward + loss (as conf/base; tests pass False)
     # Speed levers (see benchmarks/README.md and ``python -m anomaly_ae.benchmark``).
-    # compile_mode: torch.compile mode when compile is true: "default",
-    # "max-autotune-no-cudagraphs", or "reduce-overhead" (CUDA graphs on CUDA).
-    compile_mode: str = "default"
+    # compile_mode: torch.compile mode when compile is true: "auto" (reduce-overhead, i.e.
+    # CUDA graphs, on CUDA; default elsewhere), "default", "max-autotune-no-cudagraphs", or
+    # "reduce-overhead" (see anomaly_ae.device.resolve_compile_mode).
+    compile_mode: str = "auto"
     # optimizer_impl: "auto" (fused Adam on CUDA and CPU when available, else foreach),
     # "fused", "foreach" or "loop" (the reference per-tensor implementation).
     optimizer_impl: str = "auto"
@@ -240,7 +240,7 @@ def make_train_step(
     dtype: torch.dtype | None,
     scaler: torch.amp.GradScaler | None = None,
     compile: bool = False,
-    compile_mode: str = "default",
+    compile_mode: str = "auto",
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """One training step: forward under autocast, loss in float32, backward, optimizer step.
 
@@ -258,11 +258,9 @@ def make_train_step(
             recon = model(x)
         return loss_fn(x, recon)
 
-    cudagraphs = compile and device.type == "cuda" and compile_mode == "reduce-overhead"
+    mode = resolve_compile_mode(compile_mode, device)
+    cudagraphs = compile and device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
     if compile:
-        mode = compile_mode
-        if device.type != "cuda" and mode in ("reduce-overhead", "max-autotune"):
-            mode = "max-autotune-no-cudagraphs" if mode == "max-autotune" else "default"
         forward_loss = torch.compile(forward_loss, mode=mode, dynamic=False)
 
     def train_step(x: torch.Tensor) -> torch.Tensor:
@@ -293,6 +291,13 @@ def prepare_training(
     apply_thread_settings(config.num_threads, config.num_interop_threads)
     if device.type == "cpu" and config.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    if config.compile and device.type == "cuda" and not config.channels_last:
+        log.warning(
+            "training.channels_last=false with training.compile on CUDA: on an H200 (torch 2.11) the "
+            "compiled fp32 step in compile_mode 'default' failed in inductor's convolution backward "
+            "(a stride assertion). If it fails here, set training.channels_last: true (the default) "
+            "or training.compile: false."
+        )
     torch.manual_seed(config.seed)
     model = build_model(model_config).to(device)
     if config.channels_last:
