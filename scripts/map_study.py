@@ -764,6 +764,17 @@ def localise(network, sets, args) -> list[dict]:
         f"{to_pixel:.3f}, vs real AUPRO {to_aupro:.3f}; "
         f"maps with real AUPRO >= 0.92: {int((per_map['real_aupro'] >= 0.92).sum())}"
     )
+    # each synthetic kind's pixel AUROC alone (and the kinds' mean), against the real figures
+    kinds = [c for c in per_map.columns if c.startswith("syn_pixel_auroc_")]
+    per_map["syn_pixel_auroc_kind_mean"] = per_map[kinds].mean(axis=1)
+    for column in [*kinds, "syn_pixel_auroc_kind_mean"]:
+        best = per_map.loc[per_map[column].idxmax()]
+        print(
+            f"  {column}: Spearman vs real pixel AUROC {spearman(column, 'real_pixel_auroc'):.3f}, "
+            f"vs real AUPRO {spearman(column, 'real_aupro'):.3f}; its best map "
+            f"{best['setting'].rsplit(' ', 1)[0]!r}: "
+            f"real {best['real_pixel_auroc']:.4f} / {best['real_aupro']:.4f}"
+        )
     return rows
 
 
