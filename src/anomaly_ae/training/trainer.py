@@ -259,7 +259,7 @@ def make_train_step(
         return loss_fn(x, recon)
 
     mode = resolve_compile_mode(compile_mode, device)
-    cudagraphs = compile and device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
+    cudagraphs = compile and mode in ("reduce-overhead", "max-autotune")  # resolved: CUDA only
     if compile:
         forward_loss = torch.compile(forward_loss, mode=mode, dynamic=False)
 
