@@ -88,6 +88,12 @@ the spread floored by its mean):
   peaks      no variants: with the pipeline's map, the good test images' maxima, and per
              held-out spot and smudge the maximum inside its mask against them - how many
              pasted defects rise above every good image?
+  mahal      image scores from several z-scored channels' maxima at once (1 - SSIM(11) at
+             sigma 0, 1, 2, 4, 8; low-pass sigma 4, 8; subsets with the pipeline's pair): the
+             Mahalanobis distance of an image's log maxima from the normal validation images'
+             (Ledoit-Wolf covariance, or whitened by the training images' correlation), no
+             image scored in its own fit - does a spot raise the fine scales' maximum above
+             what the coarse one predicts, where a glint raises them all?
 
 Every row with maps also has the real test AUPRO (FPR 0.3) and the image AUROC at the defect
 (the label-leak check's: each defective map kept within evaluation.defect_margin of its mask).
@@ -973,6 +979,89 @@ def unclean(network, sets, args) -> list[dict]:
     return rows
 
 
+MAHAL_CHANNELS = {
+    "ssim s0": ("ssim", 0),
+    "ssim s1": ("ssim", 1),
+    "ssim s2": ("ssim", 2),
+    "ssim s4": ("ssim", 4),
+    "ssim s8": ("ssim", 8),
+    "lowpass s4": ("lowpass", 4),
+    "lowpass s8": ("lowpass", 8),
+}
+
+
+def _log_max(maps: Maps) -> dict[str, np.ndarray]:
+    """Per set, each image's log maximum of a z-scored map (floored at 0.1: a maximum below
+    the mean of the normal maps is rare and carries no sign of a defect)."""
+    return {k: np.log(np.maximum(m.flatten(1).amax(1).numpy(), 0.1)) for k, m in maps.items()}
+
+
+def _mahalanobis(fit: np.ndarray, points: np.ndarray, correlation: np.ndarray | None = None) -> np.ndarray:
+    """Distance of ``points`` from the normal feature rows ``fit``: with ``correlation`` None,
+    their mean and Ledoit-Wolf covariance; else standardised by their mean and spread and
+    whitened by that (fixed) correlation matrix."""
+    from sklearn.covariance import LedoitWolf
+
+    mean = fit.mean(0)
+    if correlation is None:
+        precision = LedoitWolf().fit(fit).precision_
+        d = points - mean
+    else:
+        d = (points - mean) / fit.std(0, ddof=1)
+        precision = np.linalg.inv(correlation)
+    return np.sqrt(np.einsum("ni,ij,nj->n", d, precision, d))
+
+
+def _mahal_scores(features: dict, names: tuple, per_image: int, correlation: str | None) -> dict:
+    """Image scores of every set from the feature columns ``names``, fitted on the normal
+    validation images only: a validation image left out of its own fit, each calibration
+    defect scored without the validation image it was pasted on, the held-out and test
+    images against all of them. ``correlation`` "train": the whitening's correlation from
+    the training images (many more, but reconstructed better than unseen ones)."""
+    cols = {k: np.stack([features[n][k] for n in names], 1) for k in SETS}
+    val = cols["val"]
+    corr = None
+    if correlation == "train":
+        from sklearn.covariance import LedoitWolf
+
+        cov = LedoitWolf().fit(cols["train"]).covariance_
+        sd = np.sqrt(np.diag(cov))
+        corr = cov / np.outer(sd, sd)
+    keep = lambda i: np.arange(len(val)) != i  # noqa: E731
+    out = {k: _mahalanobis(val, cols[k], corr) for k in ("train", "held", "test")}
+    out["val"] = np.array([_mahalanobis(val[keep(i)], val[i : i + 1], corr)[0] for i in range(len(val))])
+    cal = cols["cal"]
+    out["cal"] = np.array(
+        [_mahalanobis(val[keep(j // per_image)], cal[j : j + 1], corr)[0] for j in range(len(cal))]
+    )
+    return out
+
+
+def mahal(network, sets, args) -> list[dict]:
+    """Image scores from several z-scored channels' maxima at once: the Mahalanobis distance
+    of an image's log maxima from the normal validation images'. Normal images' maxima rise
+    together (a glint is high at every scale); a spot raises the fine scales' maximum above
+    what the coarse one predicts, a smudge the low-pass channel's."""
+    z = {name: zscored(m) for name, m in maps_of(network, sets, MAHAL_CHANNELS, args.batch).items()}
+    pipeline = pmax(z["ssim s4"], z["lowpass s8"])
+    rows = [evaluate("pipeline pair (ssim s4 + lowpass s8 max)", sets, pipeline)]
+    features = {name: _log_max(m) for name, m in z.items()} | {"pair": _log_max(pipeline)}
+    per_image = sets["calibration"]["synthetic_defects"]["per_image"]
+    combos = {
+        "all 7": tuple(MAHAL_CHANNELS),
+        "ssim s0/s4 + lowpass s8": ("ssim s0", "ssim s4", "lowpass s8"),
+        "ssim s0/s1/s2/s4/s8": ("ssim s0", "ssim s1", "ssim s2", "ssim s4", "ssim s8"),
+        "pair + ssim s0": ("pair", "ssim s0"),
+        "pair + ssim s0/s1/s2": ("pair", "ssim s0", "ssim s1", "ssim s2"),
+        "pair + ssim s1 + lowpass s4": ("pair", "ssim s1", "lowpass s4"),
+    }
+    for label, names in combos.items():
+        for corr in (None, "train"):
+            scores = _mahal_scores(features, names, per_image, corr)
+            rows.append(evaluate(f"mahal {label}" + (" corr train" if corr else ""), sets, scores=scores))
+    return rows
+
+
 STUDIES: dict[str, Callable] = {
     f.__name__: f
     for f in (
@@ -994,6 +1083,7 @@ STUDIES: dict[str, Callable] = {
         tail,
         unclean,
         tolerant,
+        mahal,
     )
 }
 
