@@ -184,7 +184,7 @@ def channel_maps(
     network's forward pass; ``tolerance`` r > 0: the scoring core's shift tolerance
     (``MapSettings.shift_tolerance``: each error term, per pixel, the smallest over the
     reconstruction moved by every (dy, dx) with |dy|, |dx| <= r, before smoothing; the
-    README's stop-37 rows took the minimum of each smoothed channel instead)."""
+    stop-37 rows of docs/STUDIES.md took the minimum of each smoothed channel instead)."""
     for start in range(0, len(images), batch):
         x = torch.from_numpy(as_unit_float(images[start : start + batch]))
         seen = x.flip(flip).numpy() if flip is not None else x.numpy()
