@@ -113,6 +113,7 @@ import torch
 import torch.nn.functional as F
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
+from sklearn.covariance import LedoitWolf
 
 from anomaly_ae.data.defects import DEFECT_KINDS, paste_synthetic_defects
 from anomaly_ae.data.transforms import as_unit_float
@@ -1000,8 +1001,6 @@ def _mahalanobis(fit: np.ndarray, points: np.ndarray, correlation: np.ndarray | 
     """Distance of ``points`` from the normal feature rows ``fit``: with ``correlation`` None,
     their mean and Ledoit-Wolf covariance; else standardised by their mean and spread and
     whitened by that (fixed) correlation matrix."""
-    from sklearn.covariance import LedoitWolf
-
     mean = fit.mean(0)
     if correlation is None:
         precision = LedoitWolf().fit(fit).precision_
@@ -1019,21 +1018,18 @@ def _mahal_scores(features: dict, names: tuple, per_image: int, correlation: str
     images against all of them. ``correlation`` "train": the whitening's correlation from
     the training images (many more, but reconstructed better than unseen ones)."""
     cols = {k: np.stack([features[n][k] for n in names], 1) for k in SETS}
-    val = cols["val"]
+    val, cal = cols["val"], cols["cal"]
     corr = None
     if correlation == "train":
-        from sklearn.covariance import LedoitWolf
-
         cov = LedoitWolf().fit(cols["train"]).covariance_
         sd = np.sqrt(np.diag(cov))
         corr = cov / np.outer(sd, sd)
-    keep = lambda i: np.arange(len(val)) != i  # noqa: E731
-    out = {k: _mahalanobis(val, cols[k], corr) for k in ("train", "held", "test")}
-    out["val"] = np.array([_mahalanobis(val[keep(i)], val[i : i + 1], corr)[0] for i in range(len(val))])
-    cal = cols["cal"]
-    out["cal"] = np.array(
-        [_mahalanobis(val[keep(j // per_image)], cal[j : j + 1], corr)[0] for j in range(len(cal))]
-    )
+    out = {k: _mahalanobis(val, cols[k], corr) for k in ("held", "test")}
+    out["val"], out["cal"] = np.empty(len(val)), np.empty(len(cal))
+    for i in range(len(val)):  # one fit without validation image i, for it and its defects
+        rest, own = np.delete(val, i, axis=0), slice(i * per_image, (i + 1) * per_image)
+        out["val"][i] = _mahalanobis(rest, val[i : i + 1], corr)[0]
+        out["cal"][own] = _mahalanobis(rest, cal[own], corr)
     return out
 
 
