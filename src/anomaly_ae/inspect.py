@@ -26,7 +26,12 @@ import numpy as np
 from PIL import Image
 
 from anomaly_ae.data.transforms import IMAGE_SUFFIXES, to_model_array
-from anomaly_ae.model.checkpoint import checkpoint_fingerprint, load_checkpoint, model_from_checkpoint
+from anomaly_ae.model.checkpoint import (
+    checkpoint_fingerprint,
+    checkpoint_framing,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 from anomaly_ae.scoring import MapSettings
 from anomaly_ae.scoring.inference import reconstruct_and_score
 from anomaly_ae.scoring.reference import NormalReference
@@ -81,6 +86,8 @@ class Inspector:
     ) -> None:
         self.model = model_from_checkpoint(checkpoint)
         self.image_size = self.model.config.image_size
+        #: how an image becomes the model's frame, as in training (:class:`Framing`)
+        self.framing = checkpoint_framing(checkpoint)
         _check_same_model(checkpoint, threshold, reference)
         if isinstance(threshold, dict):
             map_settings = map_settings if map_settings is not None else threshold.get("score")
@@ -161,7 +168,11 @@ class Inspector:
                 )
             image.load()
             array = to_model_array(
-                image, size=self.image_size, resample=self.resample, channels=self.model.config.in_channels
+                image,
+                size=self.image_size,
+                resample=self.resample,
+                channels=self.model.config.in_channels,
+                framing=self.framing,
             )
         except Exception as exc:  # noqa: BLE001 - every failure becomes a verdict row
             result.error = f"{type(exc).__name__}: {exc}".replace("\n", " ")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -10,15 +11,32 @@ from PIL import Image
 
 from anomaly_ae.data.partitions import file_key
 from anomaly_ae.data.transforms import (
+    FIT_MODES,
+    Framing,
     colourfulness,
     decode_image,
     image_shape,
     mask_to_array,
     model_channels,
+    to_grayscale_float,
     to_model_uint8,
 )
 
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
+#: Key of the cached model-input arrays that holds their :class:`Framing` (as JSON).
+FRAMING_KEY = "framing"
+
+
+def framing_array(framing: Framing) -> np.ndarray:
+    return np.array(json.dumps(framing.to_dict()))
+
+
+def framing_of(arrays) -> Framing:
+    """The :class:`Framing` the cached arrays were made with (caches made before framing
+    have none: ``stretch``)."""
+    if FRAMING_KEY not in arrays:
+        return Framing()
+    return Framing.from_dict(json.loads(str(np.asarray(arrays[FRAMING_KEY]))))
 
 
 def model_shape(manifest: pd.DataFrame, image_size, keep_aspect: bool) -> tuple[int, int]:
@@ -53,6 +71,84 @@ def model_shape(manifest: pd.DataFrame, image_size, keep_aspect: bool) -> tuple[
     ratio = max(width, height) / min(width, height)
     k = max(1, int(np.floor(ratio + 0.5)))
     return (side, k * side) if width >= height else (k * side, side)
+
+
+#: ``fit: auto`` looks at the framing only when the normal training images' sizes vary: the
+#: 90th percentile of their widths (or heights) at least this times the 10th.
+SIZES_VARY = 1.2
+#: At most this many normal training images (evenly spaced) are decoded for the ``auto`` rule.
+FRAMING_SAMPLE = 120
+
+
+def _detail(plane: np.ndarray) -> float:
+    """Mean gradient magnitude over the intensity spread, after a Gaussian of 1 px: how
+    finely the content varies per pixel (contrast-free; a finer texture, or the same texture
+    seen smaller, scores higher)."""
+    from scipy import ndimage
+
+    smooth = ndimage.gaussian_filter(plane.astype(np.float64), 1.0)
+    gy, gx = np.gradient(smooth)
+    return float(np.hypot(gx, gy).mean() / (smooth.std() + 1e-6))
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    rx, ry = pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy()
+    if rx.std() == 0 or ry.std() == 0:
+        return 0.0
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def choose_framing(
+    loaders: dict[str, Callable[[], Image.Image]],
+    manifest: pd.DataFrame,
+    folder: str,
+    size: tuple[int, int],
+    fit: str,
+    resample: str = "area",
+) -> tuple[Framing, dict]:
+    """``preprocessing.fit`` made concrete from the NORMAL training (and validation) images
+    only: ``(Framing, what the rule saw)``.
+
+    ``pad``'s one scale is the largest that fits every normal training image in the frame:
+    ``min(height / max image height, width / max image width)``. ``auto`` keeps the paper's
+    ``stretch`` when the images are (about) one size. When sizes vary it asks which framing
+    makes the images alike in scale: each image's fineness of detail (:func:`_detail`) is
+    measured at its own pixel size and stretched to the frame, and the Spearman correlation
+    of each with the image's area says how much that framing's scale depends on the size.
+    Several resolutions of one field of view are alike once stretched (``stretch``); crops
+    of one surface at one pixel size are alike as they are (``pad``, which keeps that pixel
+    size for all).
+    """
+    if fit not in FIT_MODES:
+        raise ValueError(f"preprocessing.fit must be one of {', '.join(FIT_MODES)}, got {fit!r}")
+    train = manifest[manifest["split"].isin([TRAIN, VALIDATION])]
+    widths, heights = train["width"].to_numpy(float), train["height"].to_numpy(float)
+    scale = min(size[0] / heights.max(), size[1] / widths.max())
+    spread = max(
+        np.percentile(widths, 90) / np.percentile(widths, 10),
+        np.percentile(heights, 90) / np.percentile(heights, 10),
+    )
+    seen: dict = {"fit": fit, "size_spread": round(float(spread), 4)}
+    if fit == "stretch" or (fit == "auto" and spread < SIZES_VARY):
+        return Framing(), {**seen, "chosen": "stretch"}
+    if fit == "pad":
+        return Framing("pad", scale), {**seen, "chosen": "pad"}
+    rows = train.iloc[np.unique(np.linspace(0, len(train) - 1, min(len(train), FRAMING_SAMPLE)).astype(int))]
+    native, stretched = [], []
+    for name in rows["image_file"]:
+        image = decode_image(loaders[file_key(name)], f"{folder}/{name}")
+        native.append(_detail(to_grayscale_float(image)))
+        stretched.append(_detail(to_model_uint8(image, size, resample).astype(np.float32) / 255))
+    area = (rows["width"] * rows["height"]).to_numpy(float)
+    rho_native, rho_stretched = _spearman(area, np.array(native)), _spearman(area, np.array(stretched))
+    chosen = "pad" if abs(rho_native) < abs(rho_stretched) else "stretch"
+    seen.update(
+        chosen=chosen,
+        n_images=len(rows),
+        rho_detail_native=round(rho_native, 4),
+        rho_detail_stretched=round(rho_stretched, 4),
+    )
+    return (Framing("pad", scale) if chosen == "pad" else Framing()), seen
 
 
 def split_train_validation(manifest: pd.DataFrame, validation_fraction: float, seed: int) -> pd.DataFrame:
@@ -95,6 +191,7 @@ def stack_images(
     size: int | tuple[int, int],
     resample: str,
     channels: int = 1,
+    framing: Framing | None = None,
 ) -> np.ndarray:
     """Decode and convert images to one ``(N, channels, height, width)`` uint8 array (0..255;
     see :func:`~anomaly_ae.data.transforms.to_model_uint8`): a quarter of float32's memory,
@@ -102,7 +199,7 @@ def stack_images(
     out = np.empty((len(files), channels, *image_shape(size)), dtype=np.uint8)
     for i, name in enumerate(files):
         image = decode_image(loaders[file_key(name)], f"{folder}/{name}")
-        out[i] = to_model_uint8(image, size=size, resample=resample, channels=channels).reshape(out.shape[1:])
+        out[i] = to_model_uint8(image, size, resample, channels, framing).reshape(out.shape[1:])
     return out
 
 
@@ -111,11 +208,12 @@ def stack_masks(
     files: Sequence[str | None],
     folder: str,
     size: int | tuple[int, int],
+    framing: Framing | None = None,
 ) -> np.ndarray:
     """Decode masks to ``(N, height, width)`` uint8 {0, 1}; images without a mask get zeros."""
     out = np.zeros((len(files), *image_shape(size)), dtype=np.uint8)
     for i, name in enumerate(files):
         if isinstance(name, str) and name:
             mask = decode_image(loaders[file_key(name)], f"{folder}/{name}")
-            out[i] = mask_to_array(mask, size=size)
+            out[i] = mask_to_array(mask, size, framing)
     return out

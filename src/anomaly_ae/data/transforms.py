@@ -7,6 +7,7 @@ precision; resizing happens on a float (``"F"`` mode) image.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -24,6 +25,8 @@ __all__ = [
     "COLOR_MODES",
     "colourfulness",
     "model_channels",
+    "FIT_MODES",
+    "Framing",
     "to_model_array",
     "to_model_uint8",
     "as_unit_float",
@@ -279,8 +282,78 @@ def image_shape(size: int | tuple[int, int] | list[int] | str) -> tuple[int, int
     )
 
 
+#: ``preprocessing.fit``: ``stretch`` (the paper: every image resized to the model's
+#: height x width), ``pad`` (one scale for every image, the rest of the frame filled by
+#: mirroring the image), ``auto`` (chosen from the normal training images, see
+#: :func:`anomaly_ae.data.preprocess.choose_framing`).
+FIT_MODES = ("stretch", "pad", "auto")
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How an image of any size becomes the model's ``height x width``.
+
+    ``stretch`` (the paper) resizes every image to the frame, whatever its size: right when
+    images of several sizes show the same field of view at different resolutions.
+    ``pad`` resizes every image by the same ``scale`` (an image larger than the frame at that
+    scale is shrunk further, to fit), centres it and fills the rest of the frame by mirroring
+    the image (``numpy.pad`` ``symmetric``; masks alike): right when images of several
+    sizes are crops of one surface at one pixel size, so a pit or a scratch keeps its size in
+    pixels from image to image instead of being squeezed by each image's own factor.
+    """
+
+    fit: str = "stretch"
+    scale: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.fit not in ("stretch", "pad"):
+            raise ValueError(f"preprocessing.fit must be one of stretch, pad or auto, got {self.fit!r}")
+        if self.fit == "pad" and not (isinstance(self.scale, float | int) and self.scale > 0):
+            raise ValueError(f"fit 'pad' needs a positive scale, got {self.scale!r}")
+
+    def to_dict(self) -> dict:
+        return {"fit": self.fit, "scale": None if self.scale is None else float(self.scale)}
+
+    @classmethod
+    def from_dict(cls, value: dict | None) -> Framing:
+        """``None`` or ``{}`` (checkpoints and bundles made before framing) is ``stretch``."""
+        if not value:
+            return cls()
+        scale = value.get("scale")
+        return cls(str(value.get("fit", "stretch")), None if scale is None else float(scale))
+
+    def describe(self) -> str:
+        if self.fit == "stretch":
+            return "stretched to the frame"
+        return f"scaled by {self.scale:.4g}, mirror-padded"
+
+    def placement(self, width: int, height: int, size) -> tuple[int, int, int, int]:
+        """``(height, width, top, left)`` of an image of ``width x height`` pixels inside the
+        frame ``size``: the whole frame for ``stretch``."""
+        frame_h, frame_w = image_shape(size)
+        if self.fit == "stretch":
+            return frame_h, frame_w, 0, 0
+        scale = min(float(self.scale), frame_h / height, frame_w / width)
+        new_h = min(frame_h, max(1, int(round(height * scale))))
+        new_w = min(frame_w, max(1, int(round(width * scale))))
+        return new_h, new_w, (frame_h - new_h) // 2, (frame_w - new_w) // 2
+
+
+def _frame(plane: np.ndarray, size, top: int, left: int) -> np.ndarray:
+    """Mirror-pad ``plane`` (already at its placed size) to the frame ``size``."""
+    frame_h, frame_w = image_shape(size)
+    bottom, right = frame_h - plane.shape[0] - top, frame_w - plane.shape[1] - left
+    if top == bottom == left == right == 0:
+        return plane
+    return np.pad(plane, ((top, bottom), (left, right)), mode="symmetric")
+
+
 def to_model_array(
-    image: Image.Image, size: int | tuple[int, int] = 256, resample: str = "area", channels: int = 1
+    image: Image.Image,
+    size: int | tuple[int, int] = 256,
+    resample: str = "area",
+    channels: int = 1,
+    framing: Framing | None = None,
 ) -> np.ndarray:
     """Convert an image to a grayscale float32 array of shape ``(size, size)`` (or
     ``(height, width)`` when ``size`` is that pair) in [0, 1].
@@ -289,7 +362,8 @@ def to_model_array(
     :func:`to_grayscale_float` for how each PIL mode is handled, notably RGBA
     is composited on black and 16-bit images are scaled by 65535) and then
     resized in float precision to ``size`` x ``size`` (or ``height`` x ``width``). An
-    image of another aspect ratio is stretched, not cropped (MVTec AD images are square).
+    image of another aspect ratio is stretched, not cropped (MVTec AD images are square),
+    unless ``framing`` is ``pad`` (:class:`Framing`: one scale, mirrored margins).
 
     Args:
         image: A PIL image of mode L, RGB, RGBA, P, LA, 1, I;16, I;16B, I or F
@@ -299,6 +373,7 @@ def to_model_array(
             ``"bilinear"``, or ``"bicubic"``, ``"lanczos"``, ``"nearest"``.
         channels: 1 (grayscale, the paper) or 3 (RGB, :func:`to_rgb_float`; each channel
             resized alike).
+        framing: :class:`Framing`; ``None`` is ``stretch`` (the paper).
 
     Returns:
         C-contiguous float32 array of shape ``(height, width)`` (``(3, height, width)`` for
@@ -307,7 +382,7 @@ def to_model_array(
         model trains from and the float input that predict and the inspection runtime feed
         it are the same numbers.
     """
-    return to_model_uint8(image, size, resample, channels).astype(np.float32) / np.float32(255)
+    return to_model_uint8(image, size, resample, channels, framing).astype(np.float32) / np.float32(255)
 
 
 def _resize_plane(plane: np.ndarray, height: int, width: int, flt: Image.Resampling) -> np.ndarray:
@@ -318,19 +393,23 @@ def _resize_plane(plane: np.ndarray, height: int, width: int, flt: Image.Resampl
 
 
 def to_model_uint8(
-    image: Image.Image, size: int | tuple[int, int] = 256, resample: str = "area", channels: int = 1
+    image: Image.Image,
+    size: int | tuple[int, int] = 256,
+    resample: str = "area",
+    channels: int = 1,
+    framing: Framing | None = None,
 ) -> np.ndarray:
     """:func:`to_model_array` as uint8 (0..255): the cached form, 4x smaller than float32.
     Colour conversion and resizing run in float precision; only the result is rounded."""
-    height, width = image_shape(size)
+    height, width, top, left = (framing or Framing()).placement(image.width, image.height, size)
     flt = _resample_filter(resample)
     if channels == 1:
-        gray = _resize_plane(to_grayscale_float(image), height, width, flt)
+        gray = _frame(_resize_plane(to_grayscale_float(image), height, width, flt), size, top, left)
         return np.ascontiguousarray(gray, dtype=np.uint8)
     if channels != 3:
         raise ValueError(f"model images have 1 (gray) or 3 (RGB) channels, got {channels!r}")
     rgb = to_rgb_float(image)
-    planes = [_resize_plane(rgb[..., c], height, width, flt) for c in range(3)]
+    planes = [_frame(_resize_plane(rgb[..., c], height, width, flt), size, top, left) for c in range(3)]
     return np.ascontiguousarray(np.stack(planes), dtype=np.uint8)
 
 
@@ -343,15 +422,18 @@ def as_unit_float(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32, copy=False)
 
 
-def mask_to_array(mask: Image.Image, size: int | tuple[int, int] = 256) -> np.ndarray:
+def mask_to_array(
+    mask: Image.Image, size: int | tuple[int, int] = 256, framing: Framing | None = None
+) -> np.ndarray:
     """Convert a ground-truth mask to a uint8 array of shape ``(size, size)`` (or
     ``(height, width)``) with values {0, 1}.
 
     Any non-zero pixel counts as defective (for colour masks: any non-zero
     colour channel; alpha is ignored; palette masks are expanded first).
-    Resizing uses nearest-neighbour so no intermediate values appear.
+    Resizing uses nearest-neighbour so no intermediate values appear; with ``framing``
+    ``pad`` the mask is placed and mirrored exactly as its image.
     """
-    height, width = image_shape(size)
+    height, width, top, left = (framing or Framing()).placement(mask.width, mask.height, size)
     if mask.mode in ("P", "PA"):
         mask = mask.convert("RGB")
     arr = np.asarray(mask)
@@ -364,4 +446,4 @@ def mask_to_array(mask: Image.Image, size: int | tuple[int, int] = 256) -> np.nd
             (width, height), resample=Image.Resampling.NEAREST
         )
         binary = (np.asarray(resized) > 0).astype(np.uint8)
-    return np.ascontiguousarray(binary)
+    return np.ascontiguousarray(_frame(binary, size, top, left))

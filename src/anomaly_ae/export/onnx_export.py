@@ -32,7 +32,7 @@ from torch import nn
 import anomaly_ae
 from anomaly_ae.data.transforms import _LUMA, RESAMPLE_METHODS, as_unit_float, image_shape
 from anomaly_ae.export.folder import write_bundle
-from anomaly_ae.model.checkpoint import checkpoint_fingerprint, model_from_checkpoint
+from anomaly_ae.model.checkpoint import checkpoint_fingerprint, checkpoint_framing, model_from_checkpoint
 from anomaly_ae.runtime.bundle import run_in_chunks
 from anomaly_ae.scoring import MapSettings, NormalReference, image_score, score_maps
 from anomaly_ae.scoring.anomaly_map import reference_pair
@@ -256,6 +256,7 @@ def build_bundle(
         reference = NormalReference.from_arrays(dict(reference_arrays))
     model = model_from_checkpoint(checkpoint)
     size = model.config.shape  # (height, width)
+    framing = checkpoint_framing(checkpoint)
     if reference is not None:
         reference.check_shape(size, settings.channels)
     graph = ScoringGraph(model, settings, reference).eval()
@@ -349,8 +350,15 @@ def build_bundle(
             "luma_weights": [float(w) for w in _LUMA] if model.config.in_channels == 1 else None,
             "alpha": "composited on black",
             "bit_depth": "8-bit / 255, 16-bit / 65535",
-            # [height, width]; an image of another aspect ratio is stretched to it
-            "resize": {"size": list(size), "resample": resample, "non_square": "stretched"},
+            # [height, width]; stretched: every image resized to it (the paper); padded: every
+            # image resized by "scale" (smaller when it would not fit), centred, the rest of
+            # the frame mirrored (numpy.pad "symmetric"), as in training
+            "resize": {
+                "size": list(size),
+                "resample": resample,
+                "non_square": "stretched" if framing.fit == "stretch" else "padded",
+                "framing": framing.to_dict(),
+            },
             "max_image_pixels": int(max_image_pixels),
             "min_image_side": int(min_image_side),
         },

@@ -11,7 +11,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from anomaly_ae.data.transforms import image_shape
+from anomaly_ae.data.transforms import Framing, image_shape
 
 CHECKPOINT_FORMAT = 1
 
@@ -121,12 +121,21 @@ def checkpoint_fingerprint(checkpoint: dict[str, Any]) -> str:
     return digest.hexdigest()[:16]
 
 
+def checkpoint_framing(checkpoint: dict[str, Any]) -> Framing:
+    """How the checkpoint's training images were framed (:class:`Framing`; checkpoints made
+    before framing existed were stretched)."""
+    return Framing.from_dict((checkpoint.get("metadata") or {}).get("framing"))
+
+
 def _px(shape: tuple[int, int]) -> str:
     return f"{shape[0]}px" if shape[0] == shape[1] else f"{shape[0]}x{shape[1]}px (height x width)"
 
 
 def model_from_checkpoint(
-    checkpoint: dict[str, Any], expected=None, image_size: int | tuple[int, ...] | None = None
+    checkpoint: dict[str, Any],
+    expected=None,
+    image_size: int | tuple[int, ...] | None = None,
+    framing: Framing | None = None,
 ):
     """Rebuild the trained model in eval mode (the one place a checkpoint becomes a network).
 
@@ -151,6 +160,16 @@ def model_from_checkpoint(
         raise CheckpointError(
             f"The checkpoint was trained on {_px(saved.shape)} images but the data is "
             f"{_px(data_shape)}; set {fix}, or retrain."
+        )
+    saved_framing = checkpoint_framing(checkpoint)
+    if framing is not None and (
+        saved_framing.fit != framing.fit
+        or (framing.fit == "pad" and abs(saved_framing.scale - framing.scale) > 1e-6 * framing.scale)
+    ):
+        raise CheckpointError(
+            f"The checkpoint was trained on images {saved_framing.describe()} but the data's are "
+            f"{framing.describe()}; set preprocessing.fit={saved_framing.fit} and rebuild the inputs "
+            "(kedro run --pipeline=data_processing), or retrain."
         )
     if expected is not None and saved.in_channels != expected.in_channels:
         names = {1: "grayscale (1 channel)", 3: "RGB (3 channels)"}

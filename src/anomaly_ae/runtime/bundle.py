@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from anomaly_ae.data.transforms import Framing
 from anomaly_ae.runtime.preprocess import ImageSource, prepare
 
 __all__ = ["BundleError", "Verdict", "Bundle", "load_bundle"]
@@ -106,6 +107,8 @@ class Bundle:
         #: 1 (grayscale) or 3 (RGB): ``input.shape[1]`` (bundles before colour: 1).
         self.channels = int(spec["shape"][1])
         self.resample = spec["resize"]["resample"]
+        #: how an image becomes the model's frame (bundles before framing: stretched)
+        self.framing = Framing.from_dict(spec["resize"].get("framing"))
         self.max_image_pixels = int(spec["max_image_pixels"])
         self.min_image_side = int(spec["min_image_side"])
         self.threshold = float(manifest["threshold"]["value"])
@@ -152,7 +155,13 @@ class Bundle:
     def preprocess(self, source: ImageSource) -> tuple[tuple[int, int] | None, np.ndarray | None, str | None]:
         """One input as the model sees it (see :func:`anomaly_ae.runtime.preprocess.prepare`)."""
         return prepare(
-            source, self.image_size, self.resample, self.max_image_pixels, self.min_image_side, self.channels
+            source,
+            self.image_size,
+            self.resample,
+            self.max_image_pixels,
+            self.min_image_side,
+            self.channels,
+            self.framing,
         )
 
     def iter_inspect(

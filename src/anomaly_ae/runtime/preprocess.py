@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from anomaly_ae.data.transforms import IMAGE_SUFFIXES, to_model_array
+from anomaly_ae.data.transforms import IMAGE_SUFFIXES, Framing, to_model_array
 
 __all__ = ["IMAGE_SUFFIXES", "ImageSource", "find_files", "prepare"]
 
@@ -43,10 +43,11 @@ def prepare(
     max_pixels: int,
     min_side: int,
     channels: int = 1,
+    framing: Framing | None = None,
 ) -> tuple[tuple[int, int] | None, np.ndarray | None, str | None]:
     """``((width, height), array (size, size) or (height, width) float32 in [0, 1], None)``
     (``(3, height, width)`` for an RGB model, ``channels=3``)
-    (``size`` a side or ``(height, width)``), or the error as
+    (``size`` a side or ``(height, width)``; ``framing`` as in training), or the error as
     ``(size or None, None, "Type: message")``: a bad file never raises. The size limits are
     checked from the header, before any pixel is decoded."""
     dims = None
@@ -64,7 +65,7 @@ def prepare(
                 f"{min_side} px)"
             )
         image.load()
-        array = to_model_array(image, size=size, resample=resample, channels=channels)
+        array = to_model_array(image, size=size, resample=resample, channels=channels, framing=framing)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a row
         return dims, None, f"{type(exc).__name__}: {exc}".replace("\n", " ")
     return dims, array, None

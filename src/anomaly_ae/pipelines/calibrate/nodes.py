@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from anomaly_ae.data.defects import paste_synthetic_defects
+from anomaly_ae.data.preprocess import framing_of
 from anomaly_ae.data.transforms import as_unit_float
 from anomaly_ae.evaluation import calibration
 from anomaly_ae.model import config_for_images
@@ -70,7 +71,9 @@ def score_lever_grid(
     started = time.perf_counter()
     shape = train_images["images"].shape[-2:]
     config = config_for_images(model, shape, train_images["images"].shape[1])
-    network = model_from_checkpoint(model_checkpoint, config, image_size=shape)
+    network = model_from_checkpoint(
+        model_checkpoint, config, image_size=shape, framing=framing_of(train_images)
+    )
     batch, device = calibration_params["batch_size"], calibration_params["device"]
     grid, paper = calibration_params["grid"], MapSettings.from_dict(evaluation["anomaly_map"])
     sets = {

@@ -51,22 +51,34 @@ def build_model_inputs(
         preprocessing["color"],
         "" if colour is None else f"; training images' median colourfulness {colour:.3f}, RGB at {COLOURFUL}",
     )
+    framing, seen = preprocess.choose_framing(
+        loaders, image_manifest, folder, size, preprocessing["fit"], resample
+    )
+    log.info(
+        "Model images: %s (preprocessing.fit=%s; %s)",
+        framing.describe(),
+        preprocessing["fit"],
+        ", ".join(f"{k} {v}" for k, v in seen.items() if k not in ("fit", "chosen")),
+    )
     stamp = np.array(inputs_stamp(dataset_info, preprocessing))
     outputs = []
     for split in (preprocess.TRAIN, preprocess.VALIDATION, preprocess.TEST):
         rows = image_manifest[image_manifest["split"] == split].sort_values("array_index")
         arrays = {
             "images": preprocess.stack_images(
-                loaders, rows["image_file"].tolist(), folder, size, resample, channels
+                loaders, rows["image_file"].tolist(), folder, size, resample, channels, framing
             ),
             "labels": rows["label"].to_numpy(dtype=np.int64),
             STAMP_KEY: stamp,  # what these arrays were made from (data/fingerprint.py)
+            preprocess.FRAMING_KEY: preprocess.framing_array(framing),  # how (checkpoint, bundle)
         }
         if split == preprocess.TEST:
             # Ground truth known: good images, and defective ones that have a mask (a defect
             # type may come without masks: pixel metrics skip those images).
             arrays["has_mask"] = ((rows["label"] == 0) | rows["mask_file"].notna()).to_numpy()
-            arrays["masks"] = preprocess.stack_masks(loaders, rows["mask_file"].tolist(), folder, size)
+            arrays["masks"] = preprocess.stack_masks(
+                loaders, rows["mask_file"].tolist(), folder, size, framing
+            )
         log.info("%s: %d images of %dx%d (height x width)", split, len(rows), *size)
         outputs.append(arrays)
     return tuple(outputs)

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from anomaly_ae.data.defects import DEFECT_KINDS
+from anomaly_ae.data.preprocess import framing_of
 from anomaly_ae.data.transforms import as_unit_float
 from anomaly_ae.evaluation import calibration, tables
 from anomaly_ae.evaluation.metrics import calibrate_threshold
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 def _network(model_checkpoint: dict, model: dict[str, Any], images: dict[str, np.ndarray]):
     shape = images["images"].shape[-2:]
     config = config_for_images(model, shape, images["images"].shape[1])
-    return model_from_checkpoint(model_checkpoint, config, image_size=shape)
+    return model_from_checkpoint(model_checkpoint, config, image_size=shape, framing=framing_of(images))
 
 
 def _inference_options(evaluation: dict[str, Any]) -> dict[str, Any]:

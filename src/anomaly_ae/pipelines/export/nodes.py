@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from anomaly_ae.config import from_settings
+from anomaly_ae.data.preprocess import framing_of
 from anomaly_ae.export.onnx_export import EXPORTERS, MANIFEST_FILE, MODEL_FILE, build_bundle
 from anomaly_ae.model import config_for_images
 from anomaly_ae.model.checkpoint import model_from_checkpoint
@@ -80,7 +81,7 @@ def export_bundle(
     shape = images.shape[-2:]
     # refuses another architecture, tiling or image size, saying what to do
     config = config_for_images(model, shape, images.shape[1])
-    model_from_checkpoint(model_checkpoint, config, image_size=shape)
+    model_from_checkpoint(model_checkpoint, config, image_size=shape, framing=framing_of(validation_images))
     with tempfile.TemporaryDirectory(prefix="anomaly_ae_export_") as staging:
         manifest = build_bundle(
             model_checkpoint,

@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from anomaly_ae.data.preprocess import framing_of
 from anomaly_ae.model import config_for_images
 from anomaly_ae.model.checkpoint import load_checkpoint
 from anomaly_ae.reporting.figures import figure_to_image, loss_curve_figure
@@ -97,7 +98,12 @@ def train_model(
             train_config,
             resume_checkpoint=resume,
             on_epoch_end=_log_epoch,
-            metadata={"data_source": dataset_info["source"], "category": dataset_info["category"]},
+            metadata={
+                "data_source": dataset_info["source"],
+                "category": dataset_info["category"],
+                # how images become the model's frame: predict and the exported bundle do the same
+                "framing": framing_of(train_images).to_dict(),
+            },
         )
     history = pd.DataFrame(result.history)
     log.info(
@@ -114,6 +120,7 @@ def train_model(
     }
     tags = {
         "model": model_config.describe(),  # the concrete network (the params may say auto)
+        "framing": framing_of(train_images).describe(),  # preprocessing.fit made concrete
         "device": result.device,
         "data_source": dataset_info["source"],
         "category": dataset_info["category"],
