@@ -26,7 +26,8 @@ def test_pad_keeps_the_pixel_size_and_mirrors_the_rest_of_the_frame():
     assert array.shape == (64, 96)
     top, left = (64 - 40) // 2, (96 - 70) // 2
     assert np.array_equal(array[top : top + 40, left : left + 70], pixels)  # not resampled at all
-    assert np.array_equal(array[top - 1, left : left + 70], pixels[0]) and np.array_equal(array[:, left - 1], array[:, left])
+    assert np.array_equal(array[top - 1, left : left + 70], pixels[0])  # mirrored margins
+    assert np.array_equal(array[:, left - 1], array[:, left])
     # stretch (the paper, and None) fills the frame with the whole image instead
     stretched = to_model_uint8(Image.fromarray(pixels), (64, 96))
     assert np.array_equal(stretched, to_model_uint8(Image.fromarray(pixels), (64, 96), framing=Framing()))
@@ -67,7 +68,8 @@ def _folder(images: list[np.ndarray]) -> tuple[dict, pd.DataFrame]:
     for i, pixels in enumerate(images):
         name = f"train/good/{i:03d}.png"
         loaders[f"train/good/{i:03d}"] = lambda p=pixels: Image.fromarray(p)
-        rows.append({"split": "train", "image_file": name, "width": pixels.shape[1], "height": pixels.shape[0]})
+        height, width = pixels.shape
+        rows.append({"split": "train", "image_file": name, "width": width, "height": height})
     return loaders, pd.DataFrame(rows)
 
 
@@ -75,7 +77,8 @@ def _surface(seed: int = 0) -> np.ndarray:
     """A grayscale texture with detail at a few pixels' scale, 400x400."""
     rng = np.random.default_rng(seed)
     coarse = rng.random((100, 100)).astype(np.float32)
-    return (np.asarray(Image.fromarray(coarse).resize((400, 400), Image.Resampling.BICUBIC)) * 255).clip(0, 255)
+    fine = np.asarray(Image.fromarray(coarse).resize((400, 400), Image.Resampling.BICUBIC))
+    return (fine * 255).clip(0, 255)
 
 
 def test_auto_pads_crops_of_one_surface_and_stretches_one_view_at_several_resolutions():
@@ -104,9 +107,10 @@ def test_auto_keeps_the_paper_for_images_of_one_size_without_decoding_them():
     def never():
         raise AssertionError("decoded")
 
-    manifest = pd.DataFrame(
-        [{"split": "train", "image_file": f"train/good/{i}.png", "width": 900, "height": 900} for i in range(9)]
-    )
+    rows = [
+        {"split": "train", "image_file": f"train/good/{i}.png", "width": 900, "height": 900} for i in range(9)
+    ]
+    manifest = pd.DataFrame(rows)
     loaders = {f"train/good/{i}": never for i in range(9)}
     framing, seen = choose_framing(loaders, manifest, "data", (256, 256), "auto")
     assert framing == Framing() and seen == {"fit": "auto", "size_spread": 1.0, "chosen": "stretch"}

@@ -26,7 +26,7 @@ from anomaly_ae.evaluation.summary import (
     per_defect_type,
 )
 from anomaly_ae.model import AutoencoderConfig, config_for_images
-from anomaly_ae.model.checkpoint import checkpoint_fingerprint, model_from_checkpoint
+from anomaly_ae.model.checkpoint import checkpoint_fingerprint, checkpoint_framing, model_from_checkpoint
 from anomaly_ae.scoring import MapSettings, NormalReference
 from anomaly_ae.scoring.inference import fit_normal_reference, reconstruct_and_score
 
@@ -252,6 +252,8 @@ def compute_metrics(
         # the evaluated network as the checkpoint holds it (size and tiles included)
         "model": AutoencoderConfig.from_dict(model_checkpoint["model_config"]).describe(),
         "loss_weights": model_checkpoint["loss"],
+        # how images of any size became the model's frame (preprocessing.fit made concrete)
+        "framing": checkpoint_framing(model_checkpoint).to_dict(),
         "anomaly_map": map_settings,
         "map_source": evaluation["map"],
         "threshold_rule": {k: v for k, v in threshold.items() if k != "value"},

@@ -198,6 +198,7 @@ def build_report(
             "training": training,
             "evaluation": evaluation,
             "loss_weights": evaluation_metrics.get("loss_weights"),
+            "framing": evaluation_metrics.get("framing"),
             "checkpoint_epoch": evaluation_metrics.get("checkpoint_epoch"),
         },
         extra_sections={
