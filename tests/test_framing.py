@@ -188,6 +188,7 @@ def test_a_product_in_images_of_many_sizes_is_padded_in_training_predict_and_the
     test = np.load(kedro_project.latest("data/05_model_input/tiles/test_images.npz"))
     framing = framing_of(test)
     assert framing.fit == "pad" and 0 < framing.scale <= 128 / 48
+    assert test["valid"].shape == test["masks"].shape and 0 < test["valid"].mean() < 1
     checkpoint_file = kedro_project.latest("data/06_models/tiles/model_checkpoint.pt")
     assert load_checkpoint(checkpoint_file)["metadata"]["framing"] == framing.to_dict()
     # the spot keeps its 8x8 pixels (times the one scale) in every test image, not each image's own factor
@@ -218,3 +219,24 @@ def test_a_product_in_images_of_many_sizes_is_padded_in_training_predict_and_the
     assert np.array_equal(prepared, test["images"][test["labels"] == 0][0, 0] / np.float32(255))
     metrics = json.loads(kedro_project.latest("data/08_reporting/tiles/evaluation_metrics.json").read_text())
     assert 0 <= metrics["image_auroc"] <= 1
+
+
+def test_pixel_metrics_leave_a_padded_frames_margins_out():
+    from anomaly_ae.data.preprocess import frame_valid
+    from anomaly_ae.evaluation.metrics import aupro, pixel_auroc
+
+    rng = np.random.default_rng(2)
+    masks = np.zeros((4, 20, 30), np.uint8)
+    masks[:2, 8:12, 10:15] = 1
+    maps = rng.random(masks.shape).astype(np.float32) + masks
+    inside = (slice(None), slice(4, 16), slice(5, 25))
+    valid = np.zeros(masks.shape, bool)
+    valid[inside] = True
+    # margins that mirror a defect and score high or low do not move the figures
+    masks[:, :4], maps[:, :4] = 1, 0.0
+    assert pixel_auroc(masks, maps, valid) == pixel_auroc(masks[inside], maps[inside])
+    assert aupro(masks, maps, valid=valid) == pytest.approx(aupro(masks[inside], maps[inside]), abs=1e-12)
+    assert pixel_auroc(masks, maps) < pixel_auroc(masks, maps, valid)
+    rows = pd.DataFrame({"width": [40, 10], "height": [10, 40]})
+    boxes = frame_valid(rows, (20, 20), Framing("pad", 0.5))
+    assert boxes[0].sum() == 20 * 5 and boxes[0, 7:12].all() and boxes[1][:, 7:12].all()

@@ -27,6 +27,21 @@ TRAIN, VALIDATION, TEST = "train", "validation", "test"
 FRAMING_KEY = "framing"
 
 
+#: Key of the test arrays that marks, for a padded frame, the pixels that are the image
+#: (``(N, H, W)`` uint8 1) and not its mirrored margin (0): pixel metrics count only those.
+VALID_KEY = "valid"
+
+
+def frame_valid(rows: pd.DataFrame, size: tuple[int, int], framing: Framing) -> np.ndarray:
+    """``(N, H, W)`` uint8: 1 where each image (``rows``' ``width`` and ``height``) lies in
+    its frame."""
+    out = np.zeros((len(rows), *size), dtype=np.uint8)
+    for i, (width, height) in enumerate(zip(rows["width"], rows["height"], strict=True)):
+        h, w, top, left = framing.placement(int(width), int(height), size)
+        out[i, top : top + h, left : left + w] = 1
+    return out
+
+
 def framing_array(framing: Framing) -> np.ndarray:
     return np.array(json.dumps(framing.to_dict()))
 

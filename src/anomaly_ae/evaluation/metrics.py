@@ -314,7 +314,19 @@ def image_auroc(labels: ArrayLike, scores: ArrayLike) -> float:
     return float(roc_auc_score(y, s))
 
 
-def pixel_auroc(masks: ArrayLike, maps: ArrayLike) -> float:
+def _valid(valid: ArrayLike | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """``valid`` as a bool ``(N, H, W)`` stack (the pixels that are the image, not a frame's
+    mirrored margin: :class:`~anomaly_ae.data.transforms.Framing` ``pad``), or None."""
+    if valid is None:
+        return None
+    v = np.asarray(valid).astype(bool)
+    v = v.reshape(shape) if v.size == int(np.prod(shape)) else v
+    if v.shape != shape:
+        raise ValueError(f"valid must have the masks' shape {shape}, got {np.asarray(valid).shape}")
+    return v
+
+
+def pixel_auroc(masks: ArrayLike, maps: ArrayLike, valid: ArrayLike | None = None) -> float:
     """Pixel-level AUROC pooled over all pixels of all images.
 
     Every pixel of every image (including normal test images, whose masks are
@@ -325,6 +337,8 @@ def pixel_auroc(masks: ArrayLike, maps: ArrayLike) -> float:
     Args:
         masks: Ground-truth masks ``(N, H, W)``; non-zero = anomalous.
         maps: Anomaly maps of the same shape.
+        valid: Optional, same shape: only these pixels count (the image inside a padded
+            frame; its mirrored margins are left out).
 
     Returns:
         AUROC in [0, 1].
@@ -333,13 +347,16 @@ def pixel_auroc(masks: ArrayLike, maps: ArrayLike) -> float:
         ValueError: If shapes differ, maps are not finite, or all pixels share one class.
     """
     m, a = _as_stack(masks, maps)
-    y = m.ravel()
+    v = _valid(valid, m.shape)
+    y, scores = (m.ravel(), a.ravel()) if v is None else (m[v], a[v])
     _require_both_classes(y, "pixel AUROC")
-    return rank_auroc(y, a.ravel())  # scikit-learn's AUROC (tests pin it), the calibration's count
+    return rank_auroc(y, scores)  # scikit-learn's AUROC (tests pin it), the calibration's count
 
 
 # --------------------------------------------------------------------------- PRO
-def pro_curve(masks: ArrayLike, maps: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+def pro_curve(
+    masks: ArrayLike, maps: ArrayLike, valid: ArrayLike | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact per-region-overlap (PRO) curve, as in the MVTec AD evaluation code.
 
     Regions are the connected components (8-connectivity,
@@ -357,6 +374,9 @@ def pro_curve(masks: ArrayLike, maps: ArrayLike) -> tuple[np.ndarray, np.ndarray
     region pixel adds ``1 / (|region| * #regions)`` to the PRO; cumulative sums
     taken at the last position of each group of tied scores give the curve.
 
+    ``valid`` (optional, the masks' shape): only these pixels count, and regions are those of
+    ``mask & valid`` (a padded frame's mirrored margins left out).
+
     Returns:
         ``(fpr, pro)``: non-decreasing float64 arrays starting at ``(0, 0)`` and
         ending at ``(1, 1)``. FPR may repeat (vertical steps).
@@ -366,6 +386,9 @@ def pro_curve(masks: ArrayLike, maps: ArrayLike) -> tuple[np.ndarray, np.ndarray
             differ, or maps are not finite.
     """
     m, a = _as_stack(masks, maps)
+    v = _valid(valid, m.shape)
+    if v is not None:
+        m = m & v
     structure = np.ones((3, 3), dtype=int)
     pro_weight = np.zeros(m.shape, dtype=np.float64)
     num_regions = 0
@@ -380,12 +403,16 @@ def pro_curve(masks: ArrayLike, maps: ArrayLike) -> tuple[np.ndarray, np.ndarray
         num_regions += n
     if num_regions == 0:
         raise ValueError("AUPRO is undefined: the ground-truth masks contain no anomalous regions")
-    normal = ~m.ravel()
+    normal = ~m.ravel() if v is None else (~m & v).ravel()
     num_normal = int(normal.sum())
     if num_normal == 0:
         raise ValueError("AUPRO is undefined: the ground-truth masks contain no normal pixels")
 
     scores = a.ravel()
+    if v is not None:  # left-out pixels: neither normal nor in a region, so they add nothing
+        scores = scores[v.ravel()]
+        normal = normal[v.ravel()]
+        pro_weight = pro_weight.ravel()[v.ravel()]
     order = np.argsort(scores, kind="stable")[::-1]  # descending
     scores_sorted = scores[order]
     # last index of each run of equal scores: every tied pixel enters together
@@ -427,7 +454,7 @@ def _trapezoid_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
     return area
 
 
-def aupro(masks: ArrayLike, maps: ArrayLike, fpr_limit: float = 0.3) -> float:
+def aupro(masks: ArrayLike, maps: ArrayLike, fpr_limit: float = 0.3, valid: ArrayLike | None = None) -> float:
     """Normalised area under the PRO curve up to ``fpr_limit`` (Bergmann et al., IJCV 2021).
 
     The exact PRO curve of :func:`pro_curve` (every distinct map value is a
@@ -442,6 +469,7 @@ def aupro(masks: ArrayLike, maps: ArrayLike, fpr_limit: float = 0.3) -> float:
             the normal test images (empty masks) - they contribute normal pixels.
         maps: Anomaly maps of the same shape (higher = more anomalous).
         fpr_limit: Upper FPR integration limit in (0, 1]; 0.3 is the MVTec AD standard.
+        valid: Optional, the masks' shape: only these pixels count (see :func:`pro_curve`).
 
     Returns:
         AUPRO in [0, 1].
@@ -451,7 +479,7 @@ def aupro(masks: ArrayLike, maps: ArrayLike, fpr_limit: float = 0.3) -> float:
     """
     if not 0 < fpr_limit <= 1:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit!r}")
-    fpr, pro = pro_curve(masks, maps)
+    fpr, pro = pro_curve(masks, maps, valid)
     value = _trapezoid_up_to(fpr, pro, float(fpr_limit)) / float(fpr_limit)
     return float(min(max(value, 0.0), 1.0))
 

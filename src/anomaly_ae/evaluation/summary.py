@@ -42,11 +42,19 @@ def known_masks(has_mask: np.ndarray | None, n_images: int) -> np.ndarray:
     return np.ones(n_images, dtype=bool) if has_mask is None else np.asarray(has_mask, dtype=bool)
 
 
-def _pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float) -> tuple[float, float]:
-    """Pixel AUROC and AUPRO, or NaN for both when no image in the set has a defect pixel."""
-    if len(masks) == 0 or not np.any(np.asarray(masks) > 0):
+def _pixel_metrics(
+    masks: np.ndarray, maps: np.ndarray, fpr_limit: float, valid: np.ndarray | None = None
+) -> tuple[float, float]:
+    """Pixel AUROC and AUPRO (over the ``valid`` pixels only, when given), or NaN for both
+    when no image in the set has a defect pixel."""
+    inside = np.asarray(masks) > 0 if valid is None else (np.asarray(masks) > 0) & (np.asarray(valid) > 0)
+    if len(masks) == 0 or not np.any(inside):
         return float("nan"), float("nan")
-    return pixel_auroc(masks, maps), aupro(masks, maps, fpr_limit=fpr_limit)
+    return pixel_auroc(masks, maps, valid), aupro(masks, maps, fpr_limit=fpr_limit, valid=valid)
+
+
+def _subset(valid: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:
+    return None if valid is None else np.asarray(valid)[rows]
 
 
 def detection_metrics(
@@ -59,6 +67,7 @@ def detection_metrics(
     fpr_limit: float = 0.3,
     has_mask: np.ndarray | None = None,
     confidence_level: float = 0.95,
+    valid: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Image AUROC with its ``confidence_level`` interval (:func:`auroc_interval`), pixel
     AUROC, AUPRO (to ``fpr_limit``, normalised), image F1-max, the paper's SSIM statistics,
@@ -66,14 +75,18 @@ def detection_metrics(
 
     ``has_mask`` (per image; default all): pixel metrics use only images whose ground truth
     is known (good images, and defective images that have a mask); NaN when no defective
-    image has one. Image metrics always use every image."""
+    image has one. ``valid`` (``(N, H, W)``, optional): the pixels that are the image, not a
+    padded frame's mirrored margin; pixel metrics count only those. Image metrics always use
+    every image."""
     labels = np.asarray(labels).astype(int)
     known = known_masks(has_mask, len(labels))
     f1, f1_threshold = f1_max(labels, scores)
     normal_mean, normal_std = summarise_ssim(ssim[labels == 0])
     defect_mean, defect_std = summarise_ssim(ssim[labels == 1])
     at_threshold = classification_report_at(labels, scores, threshold)
-    pixel, pro = _pixel_metrics(np.asarray(masks)[known], np.asarray(maps)[known], fpr_limit)
+    pixel, pro = _pixel_metrics(
+        np.asarray(masks)[known], np.asarray(maps)[known], fpr_limit, _subset(valid, known)
+    )
     low, high = auroc_interval(labels, scores, confidence_level)
     return {
         "image_auroc": image_auroc(labels, scores),
@@ -124,6 +137,7 @@ def per_defect_type(
     typical: np.ndarray | float = 0.0,
     confidence_level: float = 0.95,
     detection_maps: np.ndarray | None = None,
+    valid: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """One row per test defect type: that type's images against every good test image.
 
@@ -134,7 +148,8 @@ def per_defect_type(
     at ``threshold``. Pixel metrics are NaN for a type without masks (``has_masks`` False),
     so a user sees which kind of defect a model misses. ``detection_maps`` (default: ``maps``)
     are the maps the scores come from, when the heat map ``maps`` is another one: the image
-    AUROC at and off the defect is the image score's question."""
+    AUROC at and off the defect is the image score's question. ``valid``: as in
+    :func:`detection_metrics`."""
     detection_maps = np.asarray(maps if detection_maps is None else detection_maps)
     defect_types = np.asarray(defect_types).astype(str)
     labels = np.asarray(labels).astype(int)
@@ -148,7 +163,9 @@ def per_defect_type(
         masked = chosen & known
         with_masks = bool(np.all(known[own]))
         pixel, pro = (
-            _pixel_metrics(np.asarray(masks)[masked], np.asarray(maps)[masked], fpr_limit)
+            _pixel_metrics(
+                np.asarray(masks)[masked], np.asarray(maps)[masked], fpr_limit, _subset(valid, masked)
+            )
             if with_masks
             else (float("nan"), float("nan"))
         )

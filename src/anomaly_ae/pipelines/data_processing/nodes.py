@@ -76,6 +76,8 @@ def build_model_inputs(
             # Ground truth known: good images, and defective ones that have a mask (a defect
             # type may come without masks: pixel metrics skip those images).
             arrays["has_mask"] = ((rows["label"] == 0) | rows["mask_file"].notna()).to_numpy()
+            if framing.fit == "pad":
+                arrays[preprocess.VALID_KEY] = preprocess.frame_valid(rows, size, framing)
             arrays["masks"] = preprocess.stack_masks(
                 loaders, rows["mask_file"].tolist(), folder, size, framing
             )

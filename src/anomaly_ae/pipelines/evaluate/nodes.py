@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from anomaly_ae.data.defects import DEFECT_KINDS
-from anomaly_ae.data.preprocess import framing_of
+from anomaly_ae.data.preprocess import VALID_KEY, framing_of
 from anomaly_ae.data.transforms import as_unit_float
 from anomaly_ae.evaluation import calibration, tables
 from anomaly_ae.evaluation.metrics import calibrate_threshold
@@ -189,6 +189,7 @@ def compute_metrics(
     defect type (versioned CSV; also in the JSON and in MLflow as ``<metric>.<type>``)."""
     labels = test_images["labels"]
     has_mask = test_images.get("has_mask")  # caches made before masks could be missing: all
+    valid = test_images.get(VALID_KEY)  # padded frames: pixel metrics leave the mirrored margins out
     metrics = detection_metrics(
         labels,
         test_scores["score"],
@@ -199,6 +200,7 @@ def compute_metrics(
         evaluation["aupro_fpr_limit"],
         has_mask=has_mask,
         confidence_level=evaluation["confidence_level"],
+        valid=valid,
     )
     score = MapSettings.from_dict(map_settings)
     region_options = {
@@ -223,6 +225,7 @@ def compute_metrics(
         **region_options,
         confidence_level=evaluation["confidence_level"],
         detection_maps=detection_maps,
+        valid=valid,
     )
     log.info(
         "image AUROC %.4f (%g %% interval %.4f-%.4f; at the defect %.4f, off it %.4f) | "
