@@ -181,6 +181,7 @@ def test_a_product_in_images_of_many_sizes_is_padded_in_training_predict_and_the
     params = {
         "data": {"root": str(tmp_path / "data"), "category": "tiles", "source": "mvtec"},
         "training": {"epochs": 2, "progress": False},
+        "preprocessing": {"fit": "auto"},  # the rule, on crops of one surface: pad
     }
     kedro_project.session_run(env="quick", params=params)
     kedro_project.session_run(pipeline="export", env="quick", params=params)
