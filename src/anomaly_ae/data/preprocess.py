@@ -136,7 +136,14 @@ def choose_framing(
     """
     if fit not in FIT_MODES:
         raise ValueError(f"preprocessing.fit must be one of {', '.join(FIT_MODES)}, got {fit!r}")
+    if fit == "stretch":
+        return Framing(), {"fit": fit, "chosen": "stretch"}
     train = manifest[manifest["split"].isin([TRAIN, VALIDATION])]
+    if train.empty or not {"width", "height"} <= set(train.columns):
+        raise ValueError(
+            f"preprocessing.fit={fit} needs the training images' width and height in the raw "
+            "manifest; rerun `kedro run --pipelines=data_ingestion`."
+        )
     widths, heights = train["width"].to_numpy(float), train["height"].to_numpy(float)
     scale = min(size[0] / heights.max(), size[1] / widths.max())
     spread = max(
@@ -144,7 +151,7 @@ def choose_framing(
         np.percentile(heights, 90) / np.percentile(heights, 10),
     )
     seen: dict = {"fit": fit, "size_spread": round(float(spread), 4)}
-    if fit == "stretch" or (fit == "auto" and spread < SIZES_VARY):
+    if fit == "auto" and spread < SIZES_VARY:
         return Framing(), {**seen, "chosen": "stretch"}
     if fit == "pad":
         return Framing("pad", scale), {**seen, "chosen": "pad"}

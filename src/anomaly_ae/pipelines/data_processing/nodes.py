@@ -54,11 +54,12 @@ def build_model_inputs(
     framing, seen = preprocess.choose_framing(
         loaders, image_manifest, folder, size, preprocessing["fit"], resample
     )
+    rule = ", ".join(f"{k} {v}" for k, v in seen.items() if k not in ("fit", "chosen"))
     log.info(
-        "Model images: %s (preprocessing.fit=%s; %s)",
+        "Model images: %s (preprocessing.fit=%s%s)",
         framing.describe(),
         preprocessing["fit"],
-        ", ".join(f"{k} {v}" for k, v in seen.items() if k not in ("fit", "chosen")),
+        rule and f"; {rule}",
     )
     stamp = np.array(inputs_stamp(dataset_info, preprocessing))
     outputs = []
