@@ -67,6 +67,7 @@ def train_model(
             f"{images.shape[-2]}x{images.shape[-1]} px (height x width); set "
             "preprocessing.image_size to the same value."
         )
+    framing = framing_of(train_images)  # how images became the frame: predict and the bundle repeat it
     if dataset_info["source"] == "synthetic":
         log.warning("Training on SYNTHETIC data: results are not comparable to the paper.")
     state_file, resume = None, None
@@ -101,8 +102,7 @@ def train_model(
             metadata={
                 "data_source": dataset_info["source"],
                 "category": dataset_info["category"],
-                # how images become the model's frame: predict and the exported bundle do the same
-                "framing": framing_of(train_images).to_dict(),
+                "framing": framing.to_dict(),
             },
         )
     history = pd.DataFrame(result.history)
@@ -120,7 +120,7 @@ def train_model(
     }
     tags = {
         "model": model_config.describe(),  # the concrete network (the params may say auto)
-        "framing": framing_of(train_images).describe(),  # preprocessing.fit made concrete
+        "framing": framing.describe(),  # preprocessing.fit made concrete
         "device": result.device,
         "data_source": dataset_info["source"],
         "category": dataset_info["category"],
