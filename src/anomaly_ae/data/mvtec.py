@@ -129,9 +129,10 @@ def index_layout(keys: Iterable[str], category_dir: str | os.PathLike[str]) -> l
 
     Raises:
         DatasetLayoutError: There is no ``train/good``, there are train images
-            in other ``train/`` sub-folders, there are no test images, a file
-            sits at an unexpected depth, or a defective test image has no
-            ground-truth mask. The message names the files and how to fix it.
+            in other ``train/`` sub-folders, a file sits at an unexpected depth, or a
+            defective test image has no ground-truth mask. No test images at all is
+            allowed: a new product's normal images alone train, calibrate and export.
+            The message names the files and how to fix it.
     """
     where = os.fspath(category_dir)
     train: list[tuple[str, str]] = []  # (defect_type, name)
@@ -188,9 +189,17 @@ def index_layout(keys: Iterable[str], category_dir: str | os.PathLike[str]) -> l
             f"generate the data."
         )
     if not test:
-        raise DatasetLayoutError(
-            f"No test images found in {_full_path(where, TEST, '/')}. Expected "
-            f"'{TEST}/{GOOD}/*.png' and '{TEST}/<defect_type>/*.png' folders as in MVTec AD."
+        # Normal images only: how a new product starts. Training, the label-free map choice,
+        # the threshold and the export need nothing else; the evaluation says it was skipped.
+        logger.info(
+            "No test images in %s: the model is trained, its map chosen and its threshold set on "
+            "normal images only, and the evaluation is skipped. Add '%s/%s/*.png' and "
+            "'%s/<defect_type>/*.png' (masks in '%s/<defect_type>/') to measure it.",
+            _full_path(where, TEST, "/"),
+            TEST,
+            GOOD,
+            TEST,
+            GROUND_TRUTH,
         )
 
     records: list[ImageRecord] = [

@@ -80,16 +80,31 @@ def detection_metrics(
     every image."""
     labels = np.asarray(labels).astype(int)
     known = known_masks(has_mask, len(labels))
-    f1, f1_threshold = f1_max(labels, scores)
-    normal_mean, normal_std = summarise_ssim(ssim[labels == 0])
-    defect_mean, defect_std = summarise_ssim(ssim[labels == 1])
-    at_threshold = classification_report_at(labels, scores, threshold)
+    nan = float("nan")
+    normal, defective = labels == 0, labels == 1
+    both = bool(normal.any() and defective.any())
+    # a test set of one class (or none: normal images only) has no ranking metric; what is
+    # defined is still measured: the false-alarm rate on good images, the recall on defects
+    f1, f1_threshold = f1_max(labels, scores) if both else (nan, nan)
+    normal_mean, normal_std = summarise_ssim(ssim[normal]) if normal.any() else (nan, nan)
+    defect_mean, defect_std = summarise_ssim(ssim[defective]) if defective.any() else (nan, nan)
+    at_threshold = (
+        classification_report_at(labels, scores, threshold)
+        if len(labels)
+        else dict.fromkeys(("accuracy", "precision", "recall", "f1", "tp", "fp", "tn", "fn"), nan)
+    )
+    if not both:  # ratios a missing class leaves undefined, not 0
+        at_threshold.update(precision=nan, f1=nan, **({} if defective.any() else {"recall": nan}))
+    flagged = np.asarray(scores) > threshold
     pixel, pro = _pixel_metrics(
         np.asarray(masks)[known], np.asarray(maps)[known], fpr_limit, _subset(valid, known)
     )
-    low, high = auroc_interval(labels, scores, confidence_level)
+    low, high = auroc_interval(labels, scores, confidence_level) if both else (nan, nan)
     return {
-        "image_auroc": image_auroc(labels, scores),
+        "test_set": kind_of_test_set(labels),
+        "n_normal": int(normal.sum()),
+        "n_defective": int(defective.sum()),
+        "image_auroc": image_auroc(labels, scores) if both else nan,
         "image_auroc_ci_low": low,
         "image_auroc_ci_high": high,
         "pixel_auroc": pixel,
@@ -104,7 +119,23 @@ def detection_metrics(
         "threshold": float(threshold),
         "n_defective_without_mask": int(np.sum((labels == 1) & ~known)),
         **{f"{key}_at_threshold": float(value) for key, value in at_threshold.items()},
+        "false_alarm_rate_at_threshold": float(flagged[normal].mean()) if normal.any() else nan,
     }
+
+
+#: :func:`kind_of_test_set`'s answers: what a test set allows to be measured.
+TEST_SET_KINDS = ("normal and defective", "normal only", "defective only", "none")
+
+
+def kind_of_test_set(labels: np.ndarray) -> str:
+    """Which classes a test set holds: ``normal and defective`` (every metric), ``normal
+    only`` (false alarms only), ``defective only`` (recall only) or ``none`` (normal
+    training images only: the model is trained, calibrated and thresholded, not tested)."""
+    labels = np.asarray(labels).astype(int)
+    normal, defective = bool((labels == 0).any()), bool((labels == 1).any())
+    return TEST_SET_KINDS[
+        {(True, True): 0, (True, False): 1, (False, True): 2, (False, False): 3}[normal, defective]
+    ]
 
 
 #: Columns of :func:`per_defect_type`.
@@ -262,10 +293,12 @@ def defect_region_metrics(
     NaN when there is no good image or no defective image with a mask (or, for
     ``off_defect``, when the margin covers a whole image)."""
     labels = np.asarray(labels).astype(int)
+    result = {name: float("nan") for name in REGION_METRICS}
+    if len(labels) == 0:
+        return result
     known = known_masks(has_mask, len(labels))
     bad = (labels == 1) & known & (np.asarray(masks) > 0).reshape(len(labels), -1).any(axis=1)
     good = labels == 0
-    result = {name: float("nan") for name in REGION_METRICS}
     if not good.any() or not bad.any():
         return result
     maps = torch.as_tensor(np.asarray(maps))

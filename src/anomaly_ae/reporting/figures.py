@@ -18,6 +18,14 @@ from PIL import Image  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 
+def message_figure(text: str, width: float = 6.0) -> Figure:
+    """A figure that only says why there is nothing to draw (e.g. no test images)."""
+    fig, ax = plt.subplots(figsize=(width, 1.2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, "\n".join(textwrap.wrap(text, 90)), ha="center", va="center", fontsize=10)
+    return fig
+
+
 def loss_curve_figure(history: pd.DataFrame, title: str = "Training loss") -> Figure:
     """Train (and validation) loss per epoch, with the best validation epoch marked."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -41,6 +49,8 @@ def reconstruction_figure(
     """The paper's Figure 1: one row per image with input, reconstruction and the error
     map on a 'jet' colormap over [0, 1]. ``rows``: dicts with image, recon, error, label.
     A row is as tall as its images' aspect ratio needs (non-square images leave no gaps)."""
+    if not rows:
+        return message_figure("No test images to show.")
     height, width = np.shape(rows[0]["error"])[-2:] if rows else (1, 1)
     row_height = min(3 * height / width, 6.0) + 0.6  # 3 in wide panels, room for the labels
     fig, axes = plt.subplots(len(rows), 3, figsize=(9, row_height * len(rows)), squeeze=False)
@@ -59,8 +69,13 @@ def reconstruction_figure(
     return fig
 
 
-def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], title: str) -> Figure:
-    """ROC curves; ``curves`` maps a name to (labels, scores, auroc)."""
+def roc_figure(
+    curves: dict[str, tuple[np.ndarray, np.ndarray, float]], title: str, empty: str | None = None
+) -> Figure:
+    """ROC curves; ``curves`` maps a name to (labels, scores, auroc). No curves and an
+    ``empty`` text: a figure that says why (e.g. a test set of one class)."""
+    if not curves and empty:
+        return message_figure(f"{title}: {empty}")
     fig, ax = plt.subplots(figsize=(5, 5))
     for name, (labels, scores, auc) in curves.items():
         fpr, tpr, _ = roc_curve(labels, scores)
@@ -76,6 +91,8 @@ def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], title: s
 
 def ssim_histogram_figure(ssim_table: pd.DataFrame, threshold_ssim: float | None = None) -> Figure:
     """SSIM(original, reconstruction) of normal vs defective test images."""
+    if ssim_table.empty:
+        return message_figure("SSIM of test images: no test images to show.")
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     bins = np.linspace(ssim_table["ssim"].min(), ssim_table["ssim"].max(), 25)
     for label, name in ((0, "normal"), (1, "defective")):
@@ -152,10 +169,7 @@ def hardest_cases_figure(rows: list[dict], vmax: float) -> Figure:
     score comes from. ``rows``: dicts with image, map, mask (or None), label and file (both
     shown under the input, the file name wrapped)."""
     if not rows:
-        fig, ax = plt.subplots(figsize=(6, 1))
-        ax.axis("off")
-        ax.text(0.5, 0.5, "No test images to show.", ha="center", va="center")
-        return fig
+        return message_figure("No test images to show.")
     height, width = np.shape(rows[0]["map"])[-2:]
     row_height = min(2.4 * height / width, 5.0) + 1.0  # room for the titles and the file name
     fig, axes = plt.subplots(len(rows), 4, figsize=(11, row_height * len(rows)), squeeze=False)

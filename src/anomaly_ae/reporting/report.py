@@ -41,6 +41,7 @@ METRIC_LABELS = {
     "accuracy_at_threshold": "Accuracy at threshold",
     "precision_at_threshold": "Precision at threshold",
     "recall_at_threshold": "Recall at threshold",
+    "false_alarm_rate_at_threshold": "False-alarm rate at threshold (good test images flagged)",
     "ssim_normal_mean": "SSIM normal (mean)",
     "ssim_defect_mean": "SSIM defective (mean)",
     "ssim_gap": "SSIM gap normal − defective",
@@ -61,6 +62,7 @@ PAGE_STYLE = (
     "img{max-width:100%;height:auto}"
     "pre{white-space:pre-wrap;overflow-wrap:anywhere}"
     "p.empty{font-style:italic;color:#555}"
+    ".notice{background:#fff3cd;border:1px solid #d9b44a;padding:.8em;margin:.5em 0}"
 )
 #: Inline on the table container too, so a table keeps its scroll box on a page that does not
 #: use ``PAGE_STYLE``.
@@ -141,6 +143,38 @@ def interval_column(table: pd.DataFrame) -> list[Interval | None]:
     ]
 
 
+def test_set_notice(metrics: Mapping[str, Any]) -> str:
+    """What a test set of one class, or none, leaves unmeasured (empty for a full one)."""
+    kind = metrics.get("test_set")
+    if kind in (None, "normal and defective"):
+        return ""
+    fix = (
+        "Add <code>test/good/</code> and <code>test/&lt;defect_type&gt;/</code> images (masks in "
+        "<code>ground_truth/&lt;defect_type&gt;/</code>) and run <code>kedro run --pipeline=evaluate</code> "
+        "to measure it."
+    )
+    if kind == "none":
+        text = (
+            "<b>No test images.</b> This model was trained, its anomaly map chosen and its threshold "
+            "set on normal images only, label-free; nothing on this page measures it on real defects. "
+            "The calibration's figures on synthetic defects pasted onto the normal validation "
+            "images (<i>Anomaly map</i>, below) are the only estimate. "
+        )
+    else:
+        measured = (
+            "the share of good test images flagged at the threshold, "
+            f"{metrics['false_alarm_rate_at_threshold']:.4f}"
+            if kind == "normal only"
+            else f"the recall at the threshold, {metrics['recall_at_threshold']:.4f}"
+        )
+        text = (
+            f"<b>The test set holds {html.escape(str(kind))}</b> ({metrics.get('n_normal', 0)} good, "
+            f"{metrics.get('n_defective', 0)} defective images): {measured}, is measured; image AUROC, "
+            "its interval and F1-max need both kinds. "
+        )
+    return f'<div class="notice">{text}{fix}</div>'
+
+
 def metrics_table(metrics: Mapping[str, Any]) -> pd.DataFrame:
     """One model's headline metrics as ``metric | value`` rows (``METRIC_LABELS`` order and
     wording; metrics it lacks are left out)."""
@@ -215,6 +249,9 @@ def render_report(
         + " · MLflow run "
         f"<code>{html.escape(str(run_id))}</code> · generated {datetime.now(UTC):%Y-%m-%d %H:%M UTC}"
     )
+    notice = test_set_notice(metrics) if isinstance(metrics, Mapping) else ""
     return page(
-        title, f"<p>{meta}</p>" + "".join(sections), synthetic=dataset_info.get("source") == "synthetic"
+        title,
+        f"<p>{meta}</p>{notice}" + "".join(sections),
+        synthetic=dataset_info.get("source") == "synthetic",
     )

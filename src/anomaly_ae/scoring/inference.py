@@ -117,10 +117,17 @@ def reconstruct_and_score(
                 out[key].append(result[key].to("cpu", non_blocking=True))
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+    # no images (a test set of normal training images only): empty arrays of the right shape
+    empty = {
+        "recon": (0, *images.shape[1:]),
+        "map": (0, *images.shape[2:]),
+        "detection_map": (0, *images.shape[2:]),
+    }
     return {
-        key: torch.cat(values).numpy().astype(np.float32) if values else np.zeros((0,), np.float32)
+        key: torch.cat(values).numpy().astype(np.float32)
+        if values
+        else np.zeros(empty.get(key, (0,)), np.float32)
         for key, values in out.items()
-        if values or not key.endswith("map")
     }
 
 

@@ -21,6 +21,7 @@ from anomaly_ae.evaluation.summary import (
     REGION_METRICS,
     defect_region_metrics,
     detection_metrics,
+    kind_of_test_set,
     known_masks,
     near_defect,
     per_defect_type,
@@ -227,6 +228,19 @@ def compute_metrics(
         detection_maps=detection_maps,
         valid=valid,
     )
+    if metrics["test_set"] != "normal and defective":
+        log.warning(
+            "Test set: %s (%d good, %d defective images): image AUROC, F1-max and their "
+            "interval need both; %s. Add test/good/ and test/<defect_type>/ images (masks in "
+            "ground_truth/<defect_type>/) to measure the model.",
+            metrics["test_set"],
+            metrics["n_normal"],
+            metrics["n_defective"],
+            "the model is trained, its map chosen and its threshold set on normal images only"
+            if metrics["test_set"] == "none"
+            else f"false-alarm rate at the threshold {metrics['false_alarm_rate_at_threshold']:.4f}, "
+            f"recall {metrics['recall_at_threshold']:.4f}",
+        )
     log.info(
         "image AUROC %.4f (%g %% interval %.4f-%.4f; at the defect %.4f, off it %.4f) | "
         "pixel AUROC %.4f | AUPRO %.4f | F1-max %.4f | threshold %.4f",
@@ -263,10 +277,12 @@ def compute_metrics(
         "per_defect_type": json.loads(by_type.to_json(orient="records")),  # NaN -> null
         "defect_types_without_masks": unmasked,
     }
-    mlflow_metrics = {name: {"value": float(metrics[name]), "step": 0} for name in HEADLINE_METRICS}
-    mlflow_metrics.update(
-        {name: {"value": metrics[name], "step": 0} for name in REGION_METRICS if np.isfinite(metrics[name])}
-    )
+    # what a test set of one class (or none) leaves undefined is left out, not logged as NaN
+    mlflow_metrics = {
+        name: {"value": float(metrics[name]), "step": 0}
+        for name in (*HEADLINE_METRICS, *REGION_METRICS, "false_alarm_rate_at_threshold")
+        if np.isfinite(metrics[name])
+    }
     for row in by_type.itertuples():
         for name in ("image_auroc", "pixel_auroc", "aupro", *REGION_METRICS):
             value = getattr(row, name)
@@ -291,7 +307,10 @@ def stress_test(
     options = evaluation["stress_test"]
     normal = as_unit_float(test_images["images"][np.asarray(test_images["labels"]) == 0])
     if len(normal) < 2:
-        log.warning("Stress test skipped: fewer than 2 good test images.")
+        log.warning(
+            "Held-out synthetic check skipped: fewer than 2 good test images to paste defects onto "
+            "(the validation images serve the calibration). Add images to test/good/ for it."
+        )
         return pd.DataFrame(columns=STRESS_COLUMNS), {}
     synthetic = calibration["synthetic_defects"]
     per_image = copies_per_image(options, len(normal), DEFECT_KINDS, normal.shape[1])
@@ -350,10 +369,10 @@ def grid_agreement(
     The normal references are the calibration's (``calibration_references``, fitted on the
     same training images for the same grid): the training images are not streamed again."""
     labels = np.asarray(test_images["labels"])
-    if not evaluation.get("grid_agreement") or labels.min() == labels.max():
+    if not evaluation.get("grid_agreement") or kind_of_test_set(labels) != "normal and defective":
         log.info(
             "Grid agreement not computed (%s).",
-            "off" if not evaluation.get("grid_agreement") else "one class",
+            "off" if not evaluation.get("grid_agreement") else f"test set: {kind_of_test_set(labels)}",
         )
         return pd.DataFrame(columns=["setting"]), {}
     batch = calibration_params["batch_size"]

@@ -12,7 +12,7 @@ from PIL import Image
 
 from anomaly_ae.data.transforms import as_unit_float
 from anomaly_ae.evaluation.metrics import image_auroc
-from anomaly_ae.evaluation.summary import hardest_cases, known_masks
+from anomaly_ae.evaluation.summary import hardest_cases, kind_of_test_set, known_masks
 from anomaly_ae.reporting import figures
 from anomaly_ae.reporting.report import interval_column, render_report
 from anomaly_ae.scoring import anomaly_map
@@ -53,13 +53,17 @@ def make_figures(
         figures.reconstruction_figure(_figure1_rows(test_images, test_scores, ssim_table))
     )
     labels = test_images["labels"]
+    kind = kind_of_test_set(labels)
     image_roc = figures.figure_to_image(
         figures.roc_figure(
             {
                 "image score": (labels, test_scores["score"], evaluation_metrics["image_auroc"]),
                 "1 - SSIM": (labels, 1 - test_scores["ssim"], image_auroc(labels, 1 - test_scores["ssim"])),
-            },
+            }
+            if kind == "normal and defective"
+            else {},
             "Image-level ROC",
+            empty=f"needs good and defective test images; the test set: {kind}.",
         )
     )
     known = known_masks(test_images.get("has_mask"), len(labels))
@@ -77,6 +81,7 @@ def make_figures(
             "Pixel-level ROC (test images with masks)"
             if not known.all()
             else "Pixel-level ROC (all test pixels)",
+            empty="no test image with a defect mask.",
         )
     )
     histogram = figures.figure_to_image(figures.ssim_histogram_figure(ssim_table))
@@ -229,6 +234,9 @@ def defect_region_section(metrics: dict[str, Any], margin: int) -> str:
     defect, and a warning when the away-from-defect score already separates the classes."""
     at, off = metrics.get("image_auroc_at_defect"), metrics.get("image_auroc_off_defect")
     if at is None or off is None or not (np.isfinite(at) or np.isfinite(off)):
+        kind = metrics.get("test_set", "normal and defective")
+        if kind != "normal and defective":  # caught by the notice at the top
+            return f"<p>Not computed: the test set holds {kind}; this needs good and defective images.</p>"
         return "<p>Not computed: no defective test image has a ground-truth mask.</p>"
     text = (
         f"<p>Good test images keep their score; each defective image with a mask is scored "
@@ -349,7 +357,10 @@ def stress_section(table: pd.DataFrame) -> str:
     from anomaly_ae.reporting.report import html_table
 
     if table.empty:
-        return "<p>Not computed: fewer than 2 good test images.</p>"
+        return (
+            "<p>Not computed: fewer than 2 good test images (the held-out check pastes its "
+            "defects onto good test images; the validation images serve the calibration).</p>"
+        )
     for column in ("contrast", "size"):  # tables written before the bands existed
         if column not in table:
             table = table.assign(**{column: "all"})
