@@ -100,7 +100,7 @@ def test_the_report_says_what_a_test_set_of_one_class_or_none_leaves_unmeasured(
 
     assert "No test images." in page({"test_set": "none", "threshold": 1.0})
     only_good = page({"test_set": "normal only", "n_normal": 5, "false_alarm_rate_at_threshold": 0.2})
-    assert "holds normal only" in only_good and "0.2000" in only_good
+    assert "holds good images only" in only_good and "0.2000" in only_good
     assert 'class="notice"' not in page({"test_set": "normal and defective", "image_auroc": 0.9})
 
 

@@ -168,7 +168,8 @@ def test_set_notice(metrics: Mapping[str, Any]) -> str:
             else f"the recall at the threshold, {metrics['recall_at_threshold']:.4f}"
         )
         text = (
-            f"<b>The test set holds {html.escape(str(kind))}</b> ({metrics.get('n_normal', 0)} good, "
+            f"<b>The test set holds {'good' if kind == 'normal only' else 'defective'} images only</b> "
+            f"({metrics.get('n_normal', 0)} good, "
             f"{metrics.get('n_defective', 0)} defective images): {measured}, is measured; image AUROC, "
             "its interval and F1-max need both kinds. "
         )

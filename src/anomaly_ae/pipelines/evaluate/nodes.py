@@ -236,10 +236,12 @@ def compute_metrics(
             metrics["test_set"],
             metrics["n_normal"],
             metrics["n_defective"],
-            "the model is trained, its map chosen and its threshold set on normal images only"
-            if metrics["test_set"] == "none"
-            else f"false-alarm rate at the threshold {metrics['false_alarm_rate_at_threshold']:.4f}, "
-            f"recall {metrics['recall_at_threshold']:.4f}",
+            {
+                "none": "the model is trained, its map chosen and its threshold set on normal images only",
+                "normal only": "false-alarm rate at the threshold "
+                f"{metrics['false_alarm_rate_at_threshold']:.4f}",
+                "defective only": f"recall at the threshold {metrics['recall_at_threshold']:.4f}",
+            }[metrics["test_set"]],
         )
     log.info(
         "image AUROC %.4f (%g %% interval %.4f-%.4f; at the defect %.4f, off it %.4f) | "
