@@ -31,6 +31,16 @@ def test_a_category_with_training_images_only_is_indexed_and_says_the_evaluation
     assert "evaluation is skipped" in caplog.text
 
 
+def test_a_linked_training_folder_is_named_with_the_fix(tmp_path):
+    from anomaly_ae.data.mvtec import DatasetLayoutError
+
+    (tmp_path / "real" / "good").mkdir(parents=True)
+    (tmp_path / "widget").mkdir()
+    (tmp_path / "widget" / "train").symlink_to(tmp_path / "real")
+    with pytest.raises(DatasetLayoutError, match="train is a symbolic link to a folder.*cp -rs"):
+        index_layout([], str(tmp_path / "widget"))
+
+
 def _one_class(labels: list[int]) -> dict:
     labels = np.asarray(labels)
     n = len(labels)

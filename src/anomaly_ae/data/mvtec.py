@@ -181,12 +181,21 @@ def index_layout(keys: Iterable[str], category_dir: str | os.PathLike[str]) -> l
             f"'{GROUND_TRUTH}', with no further sub-folders. Move or remove these files."
         )
     if not train:
+        links = [
+            p for p in (os.path.join(where, TRAIN), os.path.join(where, TRAIN, GOOD)) if os.path.islink(p)
+        ]
         raise DatasetLayoutError(
             f"No training images found in {_full_path(where, f'{TRAIN}/{GOOD}', '/')}. "
-            f"Point the data root at a folder that contains the category folder in the "
-            f"MVTec AD layout ('{TRAIN}/{GOOD}/*.png', 'test/<type>/*.png', "
-            f"'{GROUND_TRUTH}/<type>/*_mask.png'), or let the pipeline download or "
-            f"generate the data."
+            + (
+                f"{links[-1]} is a symbolic link to a folder, which the file listing does not "
+                f"follow: link the files instead (cp -rs <real folder> {os.path.dirname(links[-1])}/) "
+                f"or point data.root at the real folder."
+                if links
+                else f"Point the data root at a folder that contains the category folder in the "
+                f"MVTec AD layout ('{TRAIN}/{GOOD}/*.png', 'test/<type>/*.png', "
+                f"'{GROUND_TRUTH}/<type>/*_mask.png'), or let the pipeline download or "
+                f"generate the data."
+            )
         )
     if not test:
         # Normal images only: how a new product starts. Training, the label-free map choice,
