@@ -41,6 +41,24 @@ def test_a_linked_training_folder_is_named_with_the_fix(tmp_path):
         index_layout([], str(tmp_path / "widget"))
 
 
+def test_a_handful_of_training_images_still_holds_out_enough_to_calibrate():
+    import pandas as pd
+
+    from anomaly_ae.data.preprocess import MIN_VALIDATION, split_train_validation
+
+    def held_out(n: int, fraction: float) -> int:
+        manifest = pd.DataFrame(
+            {"split": "train", "defect_type": "good", "image_key": [f"train/good/{i:03d}" for i in range(n)]}
+        )
+        return int((split_train_validation(manifest, fraction, seed=0)["split"] == "validation").sum())
+
+    assert held_out(8, 0.1) == MIN_VALIDATION == 2  # 10 % of 8 rounds to 1: too few to calibrate
+    assert held_out(209, 0.1) == 21 and held_out(390, 0.1) == 39  # the real categories: unchanged
+    assert held_out(8, 0.0) == 0  # no validation asked for, none taken
+    with pytest.raises(ValueError, match="Only 3 training images"):
+        held_out(3, 0.1)
+
+
 def _one_class(labels: list[int]) -> dict:
     labels = np.asarray(labels)
     n = len(labels)

@@ -173,17 +173,26 @@ def choose_framing(
     return (Framing("pad", scale) if chosen == "pad" else Framing()), seen
 
 
+#: The fewest validation images a split holds out when ``validation_fraction`` > 0: the
+#: calibration compares synthetic defects on them with them (it needs 2).
+MIN_VALIDATION = 2
+
+
 def split_train_validation(manifest: pd.DataFrame, validation_fraction: float, seed: int) -> pd.DataFrame:
     """Mark a seeded random ``validation_fraction`` of the training images as ``validation``.
 
     Validation images are normal images held out from training: they drive early stopping
     and the calibration of the decision threshold, so the test set is never used for either.
+    A fraction above 0 holds out at least :data:`MIN_VALIDATION` images (the calibration's
+    least), so a new product with a dozen images still runs the whole chain.
     """
     if not 0 <= validation_fraction < 1:
         raise ValueError(f"preprocessing.validation_fraction must be in [0, 1), got {validation_fraction}")
     manifest = manifest.sort_values(["split", "defect_type", "image_key"]).reset_index(drop=True).copy()
     train_idx = np.flatnonzero(manifest["split"].to_numpy() == TRAIN)
     n_val = int(round(validation_fraction * len(train_idx)))
+    if validation_fraction > 0:
+        n_val = max(n_val, MIN_VALIDATION)
     if len(train_idx) - n_val < 2:
         raise ValueError(
             f"Only {len(train_idx)} training images: too few to hold out {n_val} for validation."
