@@ -181,3 +181,31 @@ def test_a_users_own_category_runs_end_to_end(kedro_project, tmp_path, one_torch
     assert metrics["n_defective_without_mask"] == 4 and 0 <= metrics["pixel_auroc"] <= 1
     report = kedro_project.latest("data/08_reporting/widget-2/report.html").read_text()
     assert "Per defect type" in report and "no masks" in report
+
+
+def test_table2_compares_with_the_paper_for_the_papers_product_only():
+    from anomaly_ae.pipelines.evaluate.nodes import build_table2
+
+    ssim = pd.DataFrame(
+        {
+            "label": [0, 0, 1, 1],
+            "defect_type": ["good", "good", "scratch", "scratch"],
+            "ssim": [0.9, 0.92, 0.8, 0.7],
+        }
+    )
+    paper = {
+        "hybrid": {
+            "mse_weight": 0.5,
+            "ssim_weight": 0.5,
+            "normal": [0.9055, 0.0161],
+            "defective": [0.8553, 0.0251],
+        }
+    }
+    checkpoint = {"loss": {"mse_weight": 0.5, "ssim_weight": 0.5}}
+    evaluation = {"paper_protocol_defects": ["broken_large"], "paper_category": "bottle"}
+    bottle = build_table2(ssim, checkpoint, {"category": "bottle"}, paper, evaluation)
+    assert "paper protocol" in set(bottle["subset"]) and bottle["paper_ssim_mean"].notna().any()
+    widget = build_table2(ssim, checkpoint, {"category": "widget"}, paper, evaluation)
+    assert set(widget["subset"]) == {"full test set"}  # no broken_large row for a product without one
+    assert widget["paper_ssim_mean"].isna().all() and widget["paper_variant"].isna().all()
+    assert widget.loc[widget["images"] == "defective", "ssim_mean"].item() == pytest.approx(0.75)

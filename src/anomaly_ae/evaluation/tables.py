@@ -36,7 +36,9 @@ def table2(
     protocol_defects: Sequence[str],
 ) -> pd.DataFrame:
     """Mean ± std of SSIM for normal and defective images (full test set, per defect type,
-    and the paper's protocol), with the paper's column for the same loss weights beside."""
+    and the paper's protocol), with the paper's column for the same loss weights beside.
+    Another product than the paper's: ``paper`` empty (the paper's columns stay empty) and no
+    ``protocol_defects`` (no protocol rows)."""
     variant = next(
         (
             name
@@ -57,10 +59,11 @@ def table2(
         ("full test set", f"defective: {kind}", defective[defective["defect_type"] == kind], None)
         for kind in sorted(defective["defect_type"].unique())
     ]
-    groups += [
-        ("paper protocol", "normal", normal, "normal"),
-        ("paper protocol", f"defective: {'+'.join(protocol_defects)}", protocol, "defective"),
-    ]
+    if protocol_defects:  # the paper's protocol, for the paper's product
+        groups += [
+            ("paper protocol", "normal", normal, "normal"),
+            ("paper protocol", f"defective: {'+'.join(protocol_defects)}", protocol, "defective"),
+        ]
     rows = []
     for subset, images, frame, paper_key in groups:
         mean, std = summarise_ssim(frame["ssim"]) if len(frame) else (float("nan"), float("nan"))

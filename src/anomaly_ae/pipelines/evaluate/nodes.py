@@ -161,10 +161,20 @@ def build_ssim_table(
 
 
 def build_table2(
-    ssim_table: pd.DataFrame, model_checkpoint: dict, paper_table2: dict, evaluation: dict[str, Any]
+    ssim_table: pd.DataFrame,
+    model_checkpoint: dict,
+    dataset_info: dict[str, Any],
+    paper_table2: dict,
+    evaluation: dict[str, Any],
 ) -> pd.DataFrame:
+    """Table II: our SSIM statistics, with the paper's beside them for the paper's product
+    only (``evaluation.paper_category``): another product is not compared with bottle."""
+    papers = dataset_info["category"] == evaluation["paper_category"]
     frame = tables.table2(
-        ssim_table, paper_table2, model_checkpoint["loss"], evaluation["paper_protocol_defects"]
+        ssim_table,
+        paper_table2 if papers else {},
+        model_checkpoint["loss"],
+        evaluation["paper_protocol_defects"] if papers else (),
     )
     log.info("Table II (SSIM of original vs reconstruction):\n%s", tables.format_table2(frame))
     return frame

@@ -67,7 +67,13 @@ def evaluation_nodes() -> Pipeline:
             ),
             Node(
                 build_table2,
-                ["ssim_table", "model_checkpoint", "params:paper_table2", "params:evaluation"],
+                [
+                    "ssim_table",
+                    "model_checkpoint",
+                    "dataset_info",
+                    "params:paper_table2",
+                    "params:evaluation",
+                ],
                 "table2",
                 name="build_table2",
             ),
