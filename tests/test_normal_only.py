@@ -195,3 +195,19 @@ def test_normal_images_alone_train_choose_the_map_set_the_threshold_and_ship_the
     verdicts, expected = bundle.inspect(files), other.inspect(files)
     assert all(v.error is None and np.isfinite(v.score) for v in verdicts)
     assert [v.score for v in verdicts] == pytest.approx([v.score for v in expected], rel=1e-5)
+
+
+def test_the_score_histogram_shows_the_thresholds_basis_with_or_without_a_test_set():
+    from anomaly_ae.pipelines.evaluate.reporting_nodes import make_score_histogram, threshold_rule_text
+
+    threshold = {"value": 3.0, "rule": "quantile", "quantile": 0.99, "k_sigma": 3.0, "n_validation_images": 4}
+    assert threshold_rule_text(threshold) == "0.99 quantile of 4 normal validation images"
+    validation = {"score": np.array([1.0, 1.5, 2.0, 2.9])}
+    for labels, scores in (([], []), ([0, 1, 1], [1.2, 5.0, 80.0])):  # none; log-spaced bins
+        image = make_score_histogram(
+            validation,
+            {"score": np.asarray(scores, np.float32)},
+            {"labels": np.asarray(labels, int)},
+            threshold,
+        )
+        assert image.size[0] > 300 and image.size[1] > 200

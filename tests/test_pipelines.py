@@ -90,7 +90,15 @@ def test_quick_run_trains_and_evaluates_with_the_calibrated_map(quick):
 
     table2 = pd.read_csv(quick.latest(f"data/08_reporting/{NS}/table2.csv"))
     assert "paper protocol" in set(table2["subset"])
-    for figure in ("figure1", "image_roc", "pixel_roc", "ssim_histogram", "loss_curve", "hardest_cases"):
+    for figure in (
+        "figure1",
+        "image_roc",
+        "pixel_roc",
+        "ssim_histogram",
+        "score_histogram",
+        "loss_curve",
+        "hardest_cases",
+    ):
         assert quick.latest(f"data/08_reporting/{NS}/{figure}.png").stat().st_size > 1000
     assert len(list(quick.latest(f"data/08_reporting/{NS}/heatmaps").rglob("*.png"))) == len(table)
     report = quick.latest(f"data/08_reporting/{NS}/report.html").read_text()

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 
 import matplotlib.patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
@@ -85,6 +86,30 @@ def roc_figure(
     ax.set_ylabel("true positive rate")
     ax.set_title(title)
     ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def score_histogram_figure(groups: dict[str, np.ndarray], threshold: float, rule: str) -> Figure:
+    """Image scores per group (e.g. the normal validation images the threshold comes from,
+    good and defective test images) with the decision ``threshold`` (``rule`` says how it
+    was set). Empty groups are left out; a wide positive range gets log-spaced bins."""
+    groups = {name: np.asarray(v, dtype=np.float64) for name, v in groups.items() if len(v)}
+    values = np.concatenate([*groups.values(), [threshold]])
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    low, high = float(values.min()), float(values.max())
+    log_scale = low > 0 and high / low > 20
+    bins = np.geomspace(low, high, 31) if log_scale else np.linspace(low, high if high > low else low + 1, 31)
+    for name, v in groups.items():
+        ax.hist(v, bins=bins, alpha=0.55, label=f"{name} (n={len(v)})")
+    ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.4g}")
+    if log_scale:
+        ax.set_xscale("log")
+    ax.set_xlabel("image score" + (" (log scale)" if log_scale else ""))
+    ax.set_ylabel("images")
+    ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_title("\n".join(textwrap.wrap(f"Image scores and the threshold ({rule})", 70)), fontsize=10)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 

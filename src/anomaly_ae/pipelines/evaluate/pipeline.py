@@ -21,7 +21,13 @@ from .nodes import (
     score_images,
     stress_test,
 )
-from .reporting_nodes import build_report, make_figures, make_hardest_cases, make_heatmaps
+from .reporting_nodes import (
+    build_report,
+    make_figures,
+    make_hardest_cases,
+    make_heatmaps,
+    make_score_histogram,
+)
 
 
 def evaluation_nodes() -> Pipeline:
@@ -135,6 +141,12 @@ def reporting_nodes() -> Pipeline:
                 name="make_figures",
             ),
             Node(
+                make_score_histogram,
+                ["validation_scores", "test_scores", "test_images", "decision_threshold"],
+                "score_histogram",
+                name="make_score_histogram",
+            ),
+            Node(
                 make_heatmaps,
                 ["test_images", "test_scores", "ssim_table", "decision_threshold"],
                 "test_heatmaps",
@@ -155,6 +167,7 @@ def reporting_nodes() -> Pipeline:
                     "image_roc",
                     "pixel_roc",
                     "ssim_histogram",
+                    "score_histogram",
                     "hardest_cases",
                     "model_checkpoint",
                     "dataset_info",

@@ -88,6 +88,40 @@ def make_figures(
     return figure1, image_roc, pixel_roc, histogram
 
 
+def threshold_rule_text(decision_threshold: dict[str, Any]) -> str:
+    """How the threshold was set, in words: e.g. "0.99 quantile of 21 normal validation images"."""
+    n = decision_threshold.get("n_validation_images", "?")
+    if decision_threshold.get("rule") == "mean_std":
+        how = f"mean + {decision_threshold.get('k_sigma')} std"
+    else:
+        how = f"{decision_threshold.get('quantile')} quantile"
+    return f"{how} of {n} normal validation images"
+
+
+def make_score_histogram(
+    validation_scores: dict[str, np.ndarray],
+    test_scores: dict[str, np.ndarray],
+    test_images: dict[str, np.ndarray],
+    decision_threshold: dict[str, Any],
+) -> Image.Image:
+    """The image scores the threshold came from (normal validation images) beside the test
+    images' (good, defective): the margin a user chooses a threshold in. Drawn without a
+    test set too: a new product's normal images alone."""
+    labels = np.asarray(test_images["labels"]) != 0
+    scores = np.asarray(test_scores["score"])
+    return figures.figure_to_image(
+        figures.score_histogram_figure(
+            {
+                "normal validation images": validation_scores["score"],
+                "good test images": scores[~labels],
+                "defective test images": scores[labels],
+            },
+            float(decision_threshold["value"]),
+            threshold_rule_text(decision_threshold),
+        )
+    )
+
+
 def _overlay_vmax(decision_threshold: dict[str, Any]) -> float:
     """The heat maps' colour scale for the map they show (the localisation map, if any)."""
     from anomaly_ae.scoring import MapSettings
@@ -156,6 +190,7 @@ def build_report(
     image_roc: Image.Image,
     pixel_roc: Image.Image,
     ssim_histogram: Image.Image,
+    score_histogram: Image.Image,
     hardest: Image.Image,
     model_checkpoint: dict[str, Any],
     dataset_info: dict[str, Any],
@@ -193,6 +228,7 @@ def build_report(
         figures={
             "Figure 1 — input, reconstruction, error map (1 − local SSIM)": figure1,
             "Image-level ROC": image_roc,
+            "Image scores and the decision threshold": score_histogram,
             "Pixel-level ROC": pixel_roc,
             "SSIM of normal vs defective test images": ssim_histogram,
             "Hardest cases: the highest-scoring good images, the lowest-scoring defective ones": hardest,
