@@ -24,6 +24,7 @@ COLUMNS = [
     "category",
     "data_source",
     "train_images",
+    "test_images",
     "epochs",
     "best_epoch",
     "train_minutes",
@@ -58,6 +59,7 @@ def category_row(
         "category": category,
         "data_source": metrics.get("data_source"),
         "train_images": int((manifest["split"] == "train").sum()),
+        "test_images": int((manifest["split"] == "test").sum()),  # 0: normal images only
         "epochs": int(history["epoch"].max()) if len(history) else 0,
         "best_epoch": best,
         "train_minutes": seconds / 60,
@@ -81,6 +83,7 @@ def summary_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
         {
             "category": "mean",
             "train_images": int(table["train_images"].sum()),
+            "test_images": int(table["test_images"].sum()),
             "train_minutes": table["train_minutes"].sum(),
         }
     )

@@ -54,7 +54,8 @@ def summarise_node(categories: Sequence[str]) -> Callable[..., tuple[pd.DataFram
         page = report_page(
             f"anomaly-ae — {len(categories)} categories",
             "<p>One row per category (its own namespace, versioned outputs and MLflow run); the "
-            "last row is the mean. Pixel metrics are empty where a category has no masks.</p>"
+            "last row is the mean. Pixel metrics are empty where a category has no masks; "
+            "detection metrics where it has no test images (normal images only) or one kind.</p>"
             f"{html_table(table.drop(columns=[*REGION_METRICS, *INTERVAL]))}"
             "<h2>How precise, and where the image score comes from</h2><p>The image AUROC's "
             "confidence interval from the sampling of the test images "
