@@ -211,3 +211,51 @@ def test_the_score_histogram_shows_the_thresholds_basis_with_or_without_a_test_s
             threshold,
         )
         assert image.size[0] > 300 and image.size[1] > 200
+
+
+def test_without_good_test_images_the_hardest_cases_are_the_highest_scoring_normal_validation_images(
+    monkeypatch,
+):
+    import pandas as pd
+
+    from anomaly_ae.pipelines.evaluate import reporting_nodes
+
+    seen = {}
+    monkeypatch.setattr(
+        reporting_nodes.figures, "hardest_cases_figure", lambda rows, vmax: seen.setdefault("rows", rows)
+    )
+    monkeypatch.setattr(reporting_nodes.figures, "figure_to_image", lambda figure: figure)
+    n = 4
+    validation_images = {"images": np.zeros((n, 1, 16, 16), np.uint8), "labels": np.zeros(n, int)}
+    validation_scores = {
+        "score": np.array([1.0, 9.0, 3.0, 5.0], np.float32),
+        "ssim": np.ones(n, np.float32),
+        "mse": np.zeros(n, np.float32),
+        "map": np.zeros((n, 16, 16), np.float32),
+    }
+    manifest = pd.DataFrame(
+        {
+            "split": "validation",
+            "image_file": [f"train/good/{i:03d}.png" for i in range(n)],
+            "defect_type": "good",
+            "label": 0,
+            "array_index": range(n),
+        }
+    )
+    empty = {"images": np.zeros((0, 1, 16, 16), np.uint8), "labels": np.zeros(0, int)}
+    scores = {"score": np.zeros(0, np.float32), "map": np.zeros((0, 16, 16), np.float32)}
+    threshold = {"value": 4.0, "score": MapSettings().to_dict()}
+    reporting_nodes.make_hardest_cases(
+        empty,
+        scores,
+        pd.DataFrame(),
+        threshold,
+        validation_images,
+        validation_scores,
+        manifest,
+        {"hardest_cases": 2},
+    )
+    rows = seen["rows"]
+    assert [r["file"] for r in rows] == ["train/good/001.png", "train/good/003.png"]  # 9.0, then 5.0
+    assert rows[0]["label"].startswith("normal validation image, flagged (false alarm): score 9")
+    assert rows[0]["mask"] is None

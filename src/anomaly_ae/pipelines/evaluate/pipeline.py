@@ -154,7 +154,16 @@ def reporting_nodes() -> Pipeline:
             ),
             Node(
                 make_hardest_cases,
-                ["test_images", "test_scores", "ssim_table", "decision_threshold", "params:evaluation"],
+                [
+                    "test_images",
+                    "test_scores",
+                    "ssim_table",
+                    "decision_threshold",
+                    "validation_images",
+                    "validation_scores",
+                    "image_manifest",
+                    "params:evaluation",
+                ],
                 "hardest_cases",
                 name="make_hardest_cases",
             ),

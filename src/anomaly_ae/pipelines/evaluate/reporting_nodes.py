@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 from anomaly_ae.data.transforms import as_unit_float
+from anomaly_ae.evaluation import tables
 from anomaly_ae.evaluation.metrics import image_auroc
 from anomaly_ae.evaluation.summary import hardest_cases, kind_of_test_set, known_masks
 from anomaly_ae.reporting import figures
@@ -146,41 +148,70 @@ def make_heatmaps(
     }
 
 
-def make_hardest_cases(
-    test_images: dict[str, np.ndarray],
-    test_scores: dict[str, np.ndarray],
-    ssim_table: pd.DataFrame,
-    decision_threshold: dict[str, Any],
-    evaluation: dict[str, Any],
-) -> Image.Image:
-    """The highest-scoring good test images and the lowest-scoring defective ones
-    (``evaluation.hardest_cases`` of each), with where their map peaks: what a false alarm
-    or a miss looks like to this model."""
-    labels, scores = np.asarray(test_images["labels"]), np.asarray(test_scores["score"])
-    good, bad = hardest_cases(labels, scores, int(evaluation["hardest_cases"]))
-    threshold = float(decision_threshold["value"])
-    vmax = _overlay_vmax(decision_threshold)
-    known = known_masks(test_images.get("has_mask"), len(labels))
+def _case_rows(
+    images: dict[str, np.ndarray],
+    scores: dict[str, np.ndarray],
+    table: pd.DataFrame,
+    picks: Iterable[int],
+    threshold: float,
+    kind: str | None = None,
+) -> list[dict]:
+    """The hardest-cases figure's rows for ``picks`` of one image set (``kind`` names the
+    set in each label instead of the table's defect type)."""
+    labels = np.asarray(images["labels"])
+    known = known_masks(images.get("has_mask"), len(labels))
     rows = []
-    for i in (*good, *bad):
-        flagged = scores[i] > threshold
+    for i in picks:
+        flagged = scores["score"][i] > threshold
         verdict = (
             ("flagged (false alarm)" if flagged else "passed")
             if labels[i] == 0
             else ("found" if flagged else "missed")
         )
-        entry = ssim_table.iloc[i]
-        score = f"score {scores[i]:.3g} (threshold {threshold:.3g})"
+        entry = table.iloc[i]
+        score = f"score {scores['score'][i]:.3g} (threshold {threshold:.3g})"
         rows.append(
             {
-                "image": as_unit_float(test_images["images"][i]),
-                "map": test_scores["map"][i],
-                "mask": test_images["masks"][i] if labels[i] != 0 and known[i] else None,
-                "label": f"{entry['defect_type']}, {verdict}: {score}",
+                "image": as_unit_float(images["images"][i]),
+                "map": scores["map"][i],
+                "mask": images["masks"][i] if labels[i] != 0 and known[i] and "masks" in images else None,
+                "label": f"{kind or entry['defect_type']}, {verdict}: {score}",
                 "file": str(entry["file"]),
             }
         )
-    return figures.figure_to_image(figures.hardest_cases_figure(rows, vmax))
+    return rows
+
+
+def make_hardest_cases(
+    test_images: dict[str, np.ndarray],
+    test_scores: dict[str, np.ndarray],
+    ssim_table: pd.DataFrame,
+    decision_threshold: dict[str, Any],
+    validation_images: dict[str, np.ndarray],
+    validation_scores: dict[str, np.ndarray],
+    image_manifest: pd.DataFrame,
+    evaluation: dict[str, Any],
+) -> Image.Image:
+    """The highest-scoring good test images and the lowest-scoring defective ones
+    (``evaluation.hardest_cases`` of each), with where their map peaks: what a false alarm
+    or a miss looks like to this model. Without good test images (a new product's normal
+    images only), the highest-scoring normal validation images take their place: the normal
+    variation the model comes closest to flagging."""
+    count = int(evaluation["hardest_cases"])
+    labels, scores = np.asarray(test_images["labels"]), np.asarray(test_scores["score"])
+    good, bad = hardest_cases(labels, scores, count)
+    threshold = float(decision_threshold["value"])
+    rows = []
+    if not len(good) and len(validation_scores["score"]) and "map" in validation_scores:
+        table = tables.ssim_table(
+            image_manifest[image_manifest["split"] == "validation"], validation_scores, threshold
+        )
+        normal, _ = hardest_cases(np.zeros(len(table), int), validation_scores["score"], count)
+        rows += _case_rows(
+            validation_images, validation_scores, table, normal, threshold, "normal validation image"
+        )
+    rows += _case_rows(test_images, test_scores, ssim_table, (*good, *bad), threshold)
+    return figures.figure_to_image(figures.hardest_cases_figure(rows, _overlay_vmax(decision_threshold)))
 
 
 def build_report(
