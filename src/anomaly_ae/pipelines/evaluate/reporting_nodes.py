@@ -303,7 +303,8 @@ def defect_region_section(metrics: dict[str, Any], margin: int) -> str:
     if at is None or off is None or not (np.isfinite(at) or np.isfinite(off)):
         kind = metrics.get("test_set", "normal and defective")
         if kind != "normal and defective":  # caught by the notice at the top
-            return f"<p>Not computed: the test set holds {kind}; this needs good and defective images.</p>"
+            held = {"none": "no images", "normal only": "good images only"}.get(kind, "defective images only")
+            return f"<p>Not computed: the test set holds {held}; this needs good and defective images.</p>"
         return "<p>Not computed: no defective test image has a ground-truth mask.</p>"
     text = (
         f"<p>Good test images keep their score; each defective image with a mask is scored "
