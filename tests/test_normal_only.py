@@ -179,6 +179,13 @@ def test_normal_images_alone_train_choose_the_map_set_the_threshold_and_ship_the
     assert metrics["image_auroc"] is None or math.isnan(metrics["image_auroc"])
     report = kedro_project.latest("data/08_reporting/widget/report.html").read_text()
     assert "No test images." in report and "Anomaly map" in report
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{kedro_project.path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    widget = [r for r in runs if r.data.tags.get("category") == "widget" and "threshold" in r.data.metrics]
+    assert widget and all(r.data.tags.get("test_set") == "none" for r in widget)
+    assert not any("image_auroc" in r.data.metrics for r in widget)  # left out, not logged as NaN
     assert (
         json.loads(with_test.latest("data/08_reporting/widget/evaluation_metrics.json").read_text())[
             "test_set"

@@ -196,9 +196,11 @@ def compute_metrics(
     map_settings: dict[str, Any],
     normal_reference: dict[str, np.ndarray],
     evaluation: dict[str, Any],
-) -> tuple[dict[str, Any], dict[str, dict[str, float]], pd.DataFrame]:
-    """All metrics (versioned JSON), the headline ones for MLflow, and the metrics per test
-    defect type (versioned CSV; also in the JSON and in MLflow as ``<metric>.<type>``)."""
+) -> tuple[dict[str, Any], dict[str, dict[str, float]], pd.DataFrame, dict[str, str]]:
+    """All metrics (versioned JSON), the headline ones for MLflow, the metrics per test
+    defect type (versioned CSV; also in the JSON and in MLflow as ``<metric>.<type>``), and
+    the run's tag ``test_set`` (what the test set allowed to be measured: a run without image
+    AUROC says why in the MLflow UI)."""
     labels = test_images["labels"]
     has_mask = test_images.get("has_mask")  # caches made before masks could be missing: all
     valid = test_images.get(VALID_KEY)  # padded frames: pixel metrics leave the mirrored margins out
@@ -301,7 +303,7 @@ def compute_metrics(
             value = getattr(row, name)
             if np.isfinite(value):
                 mlflow_metrics[f"{name}.{_metric_name(row.defect_type)}"] = {"value": float(value), "step": 0}
-    return record, mlflow_metrics, by_type
+    return record, mlflow_metrics, by_type, {"test_set": metrics["test_set"]}
 
 
 def stress_test(

@@ -96,7 +96,12 @@ def evaluation_nodes() -> Pipeline:
                     "normal_reference",
                     "params:evaluation",
                 ],
-                ["evaluation_metrics", "evaluation_mlflow_metrics", "defect_type_table"],
+                [
+                    "evaluation_metrics",
+                    "evaluation_mlflow_metrics",
+                    "defect_type_table",
+                    "evaluation_run_tags",
+                ],
                 name="compute_metrics",
             ),
             Node(
