@@ -150,7 +150,7 @@ def test_set_notice(metrics: Mapping[str, Any]) -> str:
         return ""
     fix = (
         "Add <code>test/good/</code> and <code>test/&lt;defect_type&gt;/</code> images (masks in "
-        "<code>ground_truth/&lt;defect_type&gt;/</code>) and run <code>kedro run --pipeline=evaluate</code> "
+        "<code>ground_truth/&lt;defect_type&gt;/</code>) and run <code>kedro run --pipelines=evaluate</code> "
         "to measure it."
     )
     if kind == "none":
