@@ -123,19 +123,17 @@ def detection_metrics(
     }
 
 
-#: :func:`kind_of_test_set`'s answers: what a test set allows to be measured.
-TEST_SET_KINDS = ("normal and defective", "normal only", "defective only", "none")
-
-
 def kind_of_test_set(labels: np.ndarray) -> str:
     """Which classes a test set holds: ``normal and defective`` (every metric), ``normal
     only`` (false alarms only), ``defective only`` (recall only) or ``none`` (normal
     training images only: the model is trained, calibrated and thresholded, not tested)."""
     labels = np.asarray(labels).astype(int)
     normal, defective = bool((labels == 0).any()), bool((labels == 1).any())
-    return TEST_SET_KINDS[
-        {(True, True): 0, (True, False): 1, (False, True): 2, (False, False): 3}[normal, defective]
-    ]
+    if normal and defective:
+        return "normal and defective"
+    if normal or defective:
+        return "normal only" if normal else "defective only"
+    return "none"
 
 
 #: Columns of :func:`per_defect_type`.

@@ -52,7 +52,7 @@ def reconstruction_figure(
     A row is as tall as its images' aspect ratio needs (non-square images leave no gaps)."""
     if not rows:
         return message_figure("No test images to show.")
-    height, width = np.shape(rows[0]["error"])[-2:] if rows else (1, 1)
+    height, width = np.shape(rows[0]["error"])[-2:]
     row_height = min(3 * height / width, 6.0) + 0.6  # 3 in wide panels, room for the labels
     fig, axes = plt.subplots(len(rows), 3, figsize=(9, row_height * len(rows)), squeeze=False)
     for ax_row, row in zip(axes, rows, strict=True):

@@ -143,6 +143,14 @@ def interval_column(table: pd.DataFrame) -> list[Interval | None]:
     ]
 
 
+#: What a test set short of a class holds, in words (``evaluation_metrics.json``'s ``test_set``).
+TEST_SET_HOLDS = {
+    "none": "no images",
+    "normal only": "good images only",
+    "defective only": "defective images only",
+}
+
+
 def test_set_notice(metrics: Mapping[str, Any]) -> str:
     """What a test set of one class, or none, leaves unmeasured (empty for a full one)."""
     kind = metrics.get("test_set")
@@ -168,7 +176,7 @@ def test_set_notice(metrics: Mapping[str, Any]) -> str:
             else f"the recall at the threshold, {metrics['recall_at_threshold']:.4f}"
         )
         text = (
-            f"<b>The test set holds {'good' if kind == 'normal only' else 'defective'} images only</b> "
+            f"<b>The test set holds {TEST_SET_HOLDS[kind]}</b> "
             f"({metrics.get('n_normal', 0)} good, "
             f"{metrics.get('n_defective', 0)} defective images): {measured}, is measured; image AUROC, "
             "its interval and F1-max need both kinds. "

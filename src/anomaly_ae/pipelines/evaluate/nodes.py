@@ -384,10 +384,11 @@ def grid_agreement(
     The normal references are the calibration's (``calibration_references``, fitted on the
     same training images for the same grid): the training images are not streamed again."""
     labels = np.asarray(test_images["labels"])
-    if not evaluation.get("grid_agreement") or kind_of_test_set(labels) != "normal and defective":
+    kind = kind_of_test_set(labels)
+    if not evaluation.get("grid_agreement") or kind != "normal and defective":
         log.info(
             "Grid agreement not computed (%s).",
-            "off" if not evaluation.get("grid_agreement") else f"test set: {kind_of_test_set(labels)}",
+            "off" if not evaluation.get("grid_agreement") else f"test set: {kind}",
         )
         return pd.DataFrame(columns=["setting"]), {}
     batch = calibration_params["batch_size"]

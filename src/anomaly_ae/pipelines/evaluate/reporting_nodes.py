@@ -16,7 +16,7 @@ from anomaly_ae.evaluation import tables
 from anomaly_ae.evaluation.metrics import image_auroc
 from anomaly_ae.evaluation.summary import hardest_cases, kind_of_test_set, known_masks
 from anomaly_ae.reporting import figures
-from anomaly_ae.reporting.report import interval_column, render_report
+from anomaly_ae.reporting.report import TEST_SET_HOLDS, interval_column, render_report
 from anomaly_ae.scoring import anomaly_map
 
 
@@ -174,7 +174,7 @@ def _case_rows(
             {
                 "image": as_unit_float(images["images"][i]),
                 "map": scores["map"][i],
-                "mask": images["masks"][i] if labels[i] != 0 and known[i] and "masks" in images else None,
+                "mask": images["masks"][i] if labels[i] != 0 and known[i] else None,
                 "label": f"{kind or entry['defect_type']}, {verdict}: {score}",
                 "file": str(entry["file"]),
             }
@@ -202,7 +202,7 @@ def make_hardest_cases(
     good, bad = hardest_cases(labels, scores, count)
     threshold = float(decision_threshold["value"])
     rows = []
-    if not len(good) and len(validation_scores["score"]) and "map" in validation_scores:
+    if not len(good):
         table = tables.ssim_table(
             image_manifest[image_manifest["split"] == "validation"], validation_scores, threshold
         )
@@ -303,8 +303,10 @@ def defect_region_section(metrics: dict[str, Any], margin: int) -> str:
     if at is None or off is None or not (np.isfinite(at) or np.isfinite(off)):
         kind = metrics.get("test_set", "normal and defective")
         if kind != "normal and defective":  # caught by the notice at the top
-            held = {"none": "no images", "normal only": "good images only"}.get(kind, "defective images only")
-            return f"<p>Not computed: the test set holds {held}; this needs good and defective images.</p>"
+            return (
+                f"<p>Not computed: the test set holds {TEST_SET_HOLDS[kind]}; this needs good and "
+                "defective images.</p>"
+            )
         return "<p>Not computed: no defective test image has a ground-truth mask.</p>"
     text = (
         f"<p>Good test images keep their score; each defective image with a mask is scored "
