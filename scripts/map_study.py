@@ -33,6 +33,12 @@ the spread floored by its mean):
              z-scored low-pass channel at sigma 8) normalised per image by its own level:
              minus its median, (map - median) / MAD, minus its 90 % quantile - does an unseen
              image's overall higher error hide a small defect?
+  segment    DRAEM's discriminative route on the frozen autoencoder: a small U-Net
+             (:class:`SegmentationHead`, --width channels) trained --epochs epochs on random
+             128-px crops of the training images, clean and with --copies synthetic defects
+             of --train-kinds each (the other kinds stay unseen), to segment the defect from
+             the image and its reconstruction; its probability map, and that map mean-pooled
+             over 5 / 9 / 21 px (DRAEM scores an image by the pooled map's maximum);
   inflate    the same map divided by where unseen normal images exceed the training spread:
              the validation images' RMS (or 90 % quantile) of their positive z-scores, blurred
              at sigma 4 / 8 / 16, floored at 1 (the validation images are then in-sample for
@@ -104,6 +110,7 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -536,6 +543,128 @@ def fcn(network, sets, args) -> list[dict]:
     rows.append(evaluate(f"{label}: ssim s2", sets, z["ssim s2"]))
     rows.append(evaluate(f"{label}: ssim s4", sets, z["ssim s4"]))
     rows.append(evaluate(f"{label}: pmax ssim s4 + lowpass s8", sets, pmax(z["ssim s4"], z["lowpass s8"])))
+    return rows
+
+
+class SegmentationHead(torch.nn.Module):
+    """DRAEM's discriminative sub-network, narrowed for a CPU: a small U-Net (``depth``
+    poolings, ``width`` channels at full resolution, doubling per level) that takes the image
+    and the autoencoder's reconstruction (2 x C channels) and gives per-pixel defect logits."""
+
+    def __init__(self, channels: int, width: int = 16, depth: int = 3) -> None:
+        super().__init__()
+        widths = [width * 2**i for i in range(depth + 1)]
+
+        def block(i: int, o: int) -> torch.nn.Sequential:
+            return torch.nn.Sequential(
+                torch.nn.Conv2d(i, o, 3, padding=1),
+                torch.nn.BatchNorm2d(o),
+                torch.nn.ReLU(inplace=True),
+                torch.nn.Conv2d(o, o, 3, padding=1),
+                torch.nn.BatchNorm2d(o),
+                torch.nn.ReLU(inplace=True),
+            )
+
+        self.down = torch.nn.ModuleList(
+            block(2 * channels if i == 0 else widths[i - 1], widths[i]) for i in range(depth + 1)
+        )
+        self.up = torch.nn.ModuleList(
+            block(widths[i + 1] + widths[i], widths[i]) for i in reversed(range(depth))
+        )
+        self.out = torch.nn.Conv2d(width, 1, 1)
+
+    def forward(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        h, skips = torch.cat([x, recon], 1), []
+        for i, down in enumerate(self.down):
+            h = down(h if i == 0 else F.max_pool2d(h, 2))
+            skips.append(h)
+        h = skips.pop()
+        for up in self.up:
+            skip = skips.pop()
+            h = up(
+                torch.cat(
+                    [F.interpolate(h, size=skip.shape[-2:], mode="bilinear", align_corners=False), skip], 1
+                )
+            )
+        return self.out(h)[:, 0]
+
+
+def train_segmentation(network, images: np.ndarray, options: dict, args, kinds: tuple[str, ...]):
+    """A :class:`SegmentationHead` trained ``args.epochs`` epochs (Adam 1e-3, batch 16, BCE +
+    soft Dice) on random 128-px crops of a fixed pool: every training image clean and with
+    ``args.copies`` synthetic defects of ``kinds`` each (seeded), each with the frozen
+    autoencoder's reconstruction of what it was given."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    clean = as_unit_float(images)
+    defective, masks, _ = paste_synthetic_defects(clean, args.copies, 0, kinds=kinds, **options)
+    pool_x = np.concatenate([clean, defective])
+    pool_m = np.concatenate([np.zeros((len(clean), *clean.shape[-2:]), np.uint8), masks]).astype(np.float32)
+    pool_r = reconstruct(network, pool_x, args.batch, "cpu")
+    pool_x, pool_r = torch.from_numpy(pool_x).half(), torch.from_numpy(pool_r).half()
+    pool_m = torch.from_numpy(pool_m)
+    head = SegmentationHead(clean.shape[1], args.width)
+    print(
+        f"segmentation head: {sum(p.numel() for p in head.parameters()):,} parameters, pool {len(pool_x)} "
+        f"({len(clean)} clean, {len(defective)} with {'+'.join(kinds)})",
+        flush=True,
+    )
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-3)
+    size, (h, w) = 128, clean.shape[-2:]
+    began = time.perf_counter()
+    for epoch in range(args.epochs):
+        head.train()
+        order, total = rng.permutation(len(pool_x)), 0.0
+        for start in range(0, len(order), 16):
+            pick = order[start : start + 16]
+            ys, xs = rng.integers(0, h - size + 1, len(pick)), rng.integers(0, w - size + 1, len(pick))
+            crop = [
+                (slice(int(y), int(y) + size), slice(int(x), int(x) + size))
+                for y, x in zip(ys, xs, strict=True)
+            ]
+            xb = torch.stack([pool_x[i][:, cy, cx] for i, (cy, cx) in zip(pick, crop, strict=True)]).float()
+            rb = torch.stack([pool_r[i][:, cy, cx] for i, (cy, cx) in zip(pick, crop, strict=True)]).float()
+            mb = torch.stack([pool_m[i][cy, cx] for i, (cy, cx) in zip(pick, crop, strict=True)])
+            logits = head(xb, rb)
+            prob = torch.sigmoid(logits)
+            dice = 1 - (2 * (prob * mb).sum() + 1) / (prob.sum() + mb.sum() + 1)
+            loss = F.binary_cross_entropy_with_logits(logits, mb) + dice
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(pick)
+        print(
+            f"  segmentation: epoch {epoch + 1}/{args.epochs} loss {total / len(pool_x):.4f}",
+            f"({time.perf_counter() - began:.0f} s)",
+            flush=True,
+        )
+    return head.eval()
+
+
+def segment(network, sets, args) -> list[dict]:
+    """DRAEM's discriminative route on the frozen autoencoder: does a head that learns to tell
+    a defect's residual from the normal residual (trained on the training images with
+    ``--train-kinds`` synthetic defects; the other kinds stay unseen) find the held-out spots
+    and smudges, and the real defects?"""
+    kinds = tuple(args.train_kinds.split("+"))
+    rows = [evaluate("pmax ssim s4 + lowpass s8 (pipeline)", sets, _pipeline_map(network, sets, args))]
+    head = train_segmentation(network, sets["images"]["train"], sets["options"], args, kinds)
+    prob: Maps = {}
+    with torch.no_grad():
+        for name, images in sets["images"].items():
+            parts = []
+            for start in range(0, len(images), args.batch):
+                x = torch.from_numpy(as_unit_float(images[start : start + args.batch]))
+                recon = torch.from_numpy(reconstruct(network, x.numpy(), args.batch, "cpu"))
+                parts.append(torch.sigmoid(head(x, recon)))
+            prob[name] = torch.cat(parts)
+    label = f"segmentation head ({args.train_kinds}, {args.epochs} epochs)"
+    rows.append(evaluate(f"{label}: probability", sets, prob))
+    for k in (5, 9, 21):  # DRAEM scores the image by the max of the mean-pooled mask (21)
+        pooled = {
+            n: F.avg_pool2d(m[:, None], k, 1, k // 2, count_include_pad=False)[:, 0] for n, m in prob.items()
+        }
+        rows.append(evaluate(f"{label}: mean-pooled {k}", sets, pooled))
     return rows
 
 
@@ -1067,6 +1196,7 @@ STUDIES: dict[str, Callable] = {
         peak,
         flips,
         denoise,
+        segment,
         selfnorm,
         inflate,
         gms,
@@ -1096,7 +1226,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30, help="denoise / fcn: fine-tuning epochs (per arm)")
     parser.add_argument("--cb", type=int, default=16, help="fcn: channels of the spatial bottleneck")
     parser.add_argument(
-        "--train-kinds", default="perlin+cutpaste", help="fcn: the synthetic kinds it learns to remove"
+        "--train-kinds", default="perlin+cutpaste", help="fcn / segment: the synthetic kinds it learns"
+    )
+    parser.add_argument("--copies", type=int, default=2, help="segment: synthetic copies per training image")
+    parser.add_argument(
+        "--width", type=int, default=16, help="segment: the head's channels at full resolution"
     )
     parser.add_argument("--shift", default="2+4", help="shifted: the moves in px, a+b+...")
     parser.add_argument("--tolerance", default="0+1+2", help="tolerant: the radii in px, a+b+...")
