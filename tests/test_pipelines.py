@@ -380,6 +380,48 @@ def test_a_missing_model_is_reported_with_the_command_that_makes_it(tmp_path):
     assert len(runs) == 3 and {r.info.status for r in runs} == {"FAILED"}
 
 
+def test_a_failed_node_closes_each_mlflow_run_once_as_failed(tmp_path):
+    """A node fails after the category's nested run is active: kedro-mlflow closes the runs it
+    finds active and logs one line per run. With ``tracking.run.nested: True`` it pushed the
+    top run again before every node (and this project's hook the category's run after it), so
+    a failed run listed the same two runs five times; conf/base/mlflow.yml sets it False."""
+    import logging
+
+    import mlflow
+    from PIL import Image
+
+    good = tmp_path / "data" / "cat" / "train" / "good"
+    good.mkdir(parents=True)
+    for i in range(6):
+        Image.new("L", (64, 64), 40 * i).save(good / f"{i:03d}.png")
+    (good / "006.png").write_bytes(b"not a png")
+    project = make_project(tmp_path / "project")
+
+    class Collect(logging.Handler):  # on kedro-mlflow's logger: Kedro's logging setup replaces the root's
+        records: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record.getMessage())
+
+    logger = logging.getLogger("kedro_mlflow.framework.hooks.mlflow_hook")
+    handler = Collect(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        with pytest.raises(Exception, match=r"006\.png"):
+            project.session_run(
+                params={"data": {"root": str(tmp_path / "data"), "category": "cat", "source": "mvtec"}}
+            )
+    finally:
+        logger.removeHandler(handler)
+    closed = [m for m in handler.records if "was closed because of an error" in m]
+    assert len(closed) == 2 and len(set(closed)) == 2, closed  # the top run and the category's, once each
+    assert mlflow.active_run() is None
+    client = mlflow.MlflowClient(f"sqlite:///{project.path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert sorted(r.info.run_name for r in runs) == ["__default__", "cat"]
+    assert {r.info.status for r in runs} == {"FAILED"}
+
+
 def test_notebook_loads_the_results_through_the_catalog(quick):
     import nbformat
     from nbclient import NotebookClient
