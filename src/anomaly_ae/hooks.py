@@ -506,7 +506,7 @@ class NamespaceRunsHook:
         for run_id in self._children.values():
             retry_locked(client.set_terminated, run_id, status)
         self._children = {}
-        while mlflow.active_run() is not None:  # drop the duplicates kedro-mlflow pushed per node
+        while mlflow.active_run() is not None:  # what is left: the category runs pushed per node, the top run
             mlflow.end_run(status)
 
     @hook_impl
