@@ -398,13 +398,15 @@ def test_a_failed_node_closes_each_mlflow_run_once_as_failed(tmp_path):
     project = make_project(tmp_path / "project")
 
     class Collect(logging.Handler):  # on kedro-mlflow's logger: Kedro's logging setup replaces the root's
-        records: list[str] = []
+        def __init__(self) -> None:
+            super().__init__(logging.INFO)
+            self.records: list[str] = []
 
         def emit(self, record: logging.LogRecord) -> None:
             self.records.append(record.getMessage())
 
     logger = logging.getLogger("kedro_mlflow.framework.hooks.mlflow_hook")
-    handler = Collect(logging.INFO)
+    handler = Collect()
     logger.addHandler(handler)
     try:
         with pytest.raises(Exception, match=r"006\.png"):
