@@ -94,6 +94,12 @@ the spread floored by its mean):
   peaks      no variants: with the pipeline's map, the good test images' maxima, and per
              held-out spot and smudge the maximum inside its mask against them - how many
              pasted defects rise above every good image?
+  features   the network's own encoder as a feature extractor: per block 1, 2, 3 (1/2, 1/4,
+             1/8 of the side), the cosine distance over the channels between the image's
+             and its reconstruction's activations, upsampled, smoothed at sigma 2 / 4, and
+             the three blocks' mean; z-scored, alone and in the per-pixel max with the
+             pipeline's pair - does a distance in features the autoencoder learnt on
+             normal images separate a defect from the normal residual better than pixels?
   mahal      image scores from several z-scored channels' maxima at once (1 - SSIM(11) at
              sigma 0, 1, 2, 4, 8; low-pass sigma 4, 8; subsets with the pipeline's pair): the
              Mahalanobis distance of an image's log maxima from the normal validation images'
@@ -128,6 +134,7 @@ from anomaly_ae.evaluation import calibration as grid_calibration
 from anomaly_ae.evaluation.metrics import aupro, rank_auroc
 from anomaly_ae.evaluation.stress import copies_per_image
 from anomaly_ae.evaluation.summary import defect_region_metrics
+from anomaly_ae.model.autoencoder import to_tiles, untile
 from anomaly_ae.model.checkpoint import model_from_checkpoint
 from anomaly_ae.scoring.anomaly_map import MapSettings, compose, error_terms
 from anomaly_ae.scoring.anomaly_map import lowpass as lowpass_difference
@@ -1187,6 +1194,47 @@ def mahal(network, sets, args) -> list[dict]:
     return rows
 
 
+def encoder_features(network, x: torch.Tensor, depth: int) -> torch.Tensor:
+    """The network's own encoder activations after its ``depth``-th block (convolution,
+    LeakyReLU, BatchNorm; eval mode), for a tiled model put back in place: (N, C, h, w)."""
+    grid = network.config.tile_grid
+    blocks = network.encoder[: 4 * depth - 1]
+    with torch.no_grad():
+        out = blocks(to_tiles(x, grid) if grid != (1, 1) else x)
+    return untile(out, grid) if grid != (1, 1) else out
+
+
+def feature_maps(network, images: np.ndarray, batch: int, sigma: float) -> dict[str, torch.Tensor]:
+    """Per encoder block 1-3, the cosine distance 1 - cos(f(x), f(reconstruction)) over the
+    channels, upsampled (bilinear) to the image and smoothed at ``sigma``; and their mean."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(images), batch):
+        x = torch.from_numpy(as_unit_float(images[start : start + batch]))
+        recon = torch.from_numpy(reconstruct(network, x.numpy(), batch, "cpu"))
+        layers = []
+        for depth in (1, 2, 3):
+            fx, fr = encoder_features(network, x, depth), encoder_features(network, recon, depth)
+            distance = 1.0 - F.cosine_similarity(fx, fr, dim=1, eps=1e-6)[:, None]
+            up = F.interpolate(distance, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            layers.append(gaussian_blur(up, sigma)[:, 0])
+            parts.setdefault(f"block {depth}", []).append(layers[-1])
+        parts.setdefault("blocks 1-3 mean", []).append(torch.stack(layers).mean(0))
+    return {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+
+def features(network, sets, args) -> list[dict]:
+    pair = _pipeline_map(network, sets, args)
+    rows = [evaluate("pmax ssim s4 + lowpass s8 (pipeline)", sets, pair)]
+    network.eval()
+    for sigma in (2, 4):
+        per_set = {k: feature_maps(network, x, args.batch, sigma) for k, x in sets["images"].items()}
+        for name in per_set["train"]:
+            z = zscored({k: maps[name] for k, maps in per_set.items()})
+            rows.append(evaluate(f"{name} cos, sigma {sigma}", sets, z))
+            rows.append(evaluate(f"pmax pipeline + {name} cos, sigma {sigma}", sets, pmax(pair, z)))
+    return rows
+
+
 STUDIES: dict[str, Callable] = {
     f.__name__: f
     for f in (
@@ -1200,6 +1248,7 @@ STUDIES: dict[str, Callable] = {
         selfnorm,
         inflate,
         gms,
+        features,
         latent,
         ensemble,
         peaks,
