@@ -97,9 +97,11 @@ the spread floored by its mean):
   features   the network's own encoder as a feature extractor: per block 1, 2, 3 (1/2, 1/4,
              1/8 of the side), the cosine distance over the channels between the image's
              and its reconstruction's activations, upsampled, smoothed at sigma 2 / 4, and
-             the three blocks' mean; z-scored, alone and in the per-pixel max with the
-             pipeline's pair - does a distance in features the autoencoder learnt on
-             normal images separate a defect from the normal residual better than pixels?
+             the three blocks' mean; z-scored, alone, in the per-pixel max with the
+             pipeline's pair, and (image score only) the max of the two maps' maxima, each
+             standardised by the normal validation images' maxima (``smax``) - does a
+             distance in features the autoencoder learnt on normal images separate a
+             defect from the normal residual better than pixels?
   mahal      image scores from several z-scored channels' maxima at once (1 - SSIM(11) at
              sigma 0, 1, 2, 4, 8; low-pass sigma 4, 8; subsets with the pipeline's pair): the
              Mahalanobis distance of an image's log maxima from the normal validation images'
@@ -348,12 +350,7 @@ def _scales(network, sets, batch, pairs: dict, score_pairs: dict) -> list[dict]:
         if len(names) > 1
     ]
     for names in score_pairs:
-        per = {n: {k: m.flatten(1).amax(1).numpy() for k, m in z[n].items()} for n in names}
-        scores = {
-            k: np.max([(per[n][k] - per[n]["val"].mean()) / per[n]["val"].std() for n in names], axis=0)
-            for k in SETS
-        }
-        rows.append(evaluate("smax " + " + ".join(names), sets, scores=scores))
+        rows.append(evaluate("smax " + " + ".join(names), sets, scores=smax(*(z[n] for n in names))))
     return rows
 
 
@@ -1232,7 +1229,15 @@ def features(network, sets, args) -> list[dict]:
             z = zscored({k: maps[name] for k, maps in per_set.items()})
             rows.append(evaluate(f"{name} cos, sigma {sigma}", sets, z))
             rows.append(evaluate(f"pmax pipeline + {name} cos, sigma {sigma}", sets, pmax(pair, z)))
+            rows.append(evaluate(f"smax pipeline + {name} cos, sigma {sigma}", sets, scores=smax(pair, z)))
     return rows
+
+
+def smax(*maps: Maps) -> dict[str, np.ndarray]:
+    """Per image, the largest of the maps' maxima, each standardised by the normal validation
+    images' maxima (mean and standard deviation): a union of detectors at one false-alarm scale."""
+    per = [{k: m.flatten(1).amax(1).numpy() for k, m in z.items()} for z in maps]
+    return {k: np.max([(p[k] - p["val"].mean()) / p["val"].std() for p in per], axis=0) for k in SETS}
 
 
 STUDIES: dict[str, Callable] = {
