@@ -238,6 +238,13 @@ def pmax(*maps: Maps) -> Maps:
     return {k: torch.stack([m[k] for m in maps]).amax(0) for k in maps[0]}
 
 
+def smax(*maps: Maps) -> dict[str, np.ndarray]:
+    """Per image, the largest of the maps' maxima, each standardised by the normal validation
+    images' maxima (mean and standard deviation): a union of detectors at one false-alarm scale."""
+    per = [{k: m.flatten(1).amax(1).numpy() for k, m in z.items()} for z in maps]
+    return {k: np.max([(p[k] - p["val"].mean()) / p["val"].std() for p in per], axis=0) for k in SETS}
+
+
 def load(category: str, params: str, checkpoint: str | None, images: bool = True) -> dict:
     """The category's cached images, the ``checkpoint`` version's network and the synthetic
     defects' parameters, through the Kedro catalog (``images=False``: the network only)."""
@@ -1231,13 +1238,6 @@ def features(network, sets, args) -> list[dict]:
             rows.append(evaluate(f"pmax pipeline + {name} cos, sigma {sigma}", sets, pmax(pair, z)))
             rows.append(evaluate(f"smax pipeline + {name} cos, sigma {sigma}", sets, scores=smax(pair, z)))
     return rows
-
-
-def smax(*maps: Maps) -> dict[str, np.ndarray]:
-    """Per image, the largest of the maps' maxima, each standardised by the normal validation
-    images' maxima (mean and standard deviation): a union of detectors at one false-alarm scale."""
-    per = [{k: m.flatten(1).amax(1).numpy() for k, m in z.items()} for z in maps]
-    return {k: np.max([(p[k] - p["val"].mean()) / p["val"].std() for p in per], axis=0) for k in SETS}
 
 
 STUDIES: dict[str, Callable] = {
