@@ -102,6 +102,11 @@ the spread floored by its mean):
              standardised by the normal validation images' maxima (``smax``) - does a
              distance in features the autoencoder learnt on normal images separate a
              defect from the normal residual better than pixels?
+  warp       a kind the synthesiser lacks, a local warp (a bent or displaced part: a smooth
+             displacement field, no new intensity), pasted on the validation and the good
+             test images: its image AUROC with the pair and with the encoder-feature channel
+             (blocks 1, 3 at sigma 4; per-pixel max and smax) - would it predict the feature
+             channel's gain on bottle's real defects, and its loss on BSData's?
   mahal      image scores from several z-scored channels' maxima at once (1 - SSIM(11) at
              sigma 0, 1, 2, 4, 8; low-pass sigma 4, 8; subsets with the pipeline's pair): the
              Mahalanobis distance of an image's log maxima from the normal validation images'
@@ -242,7 +247,7 @@ def smax(*maps: Maps) -> dict[str, np.ndarray]:
     """Per image, the largest of the maps' maxima, each standardised by the normal validation
     images' maxima (mean and standard deviation): a union of detectors at one false-alarm scale."""
     per = [{k: m.flatten(1).amax(1).numpy() for k, m in z.items()} for z in maps]
-    return {k: np.max([(p[k] - p["val"].mean()) / p["val"].std() for p in per], axis=0) for k in SETS}
+    return {k: np.max([(p[k] - p["val"].mean()) / p["val"].std() for p in per], axis=0) for k in per[0]}
 
 
 def load(category: str, params: str, checkpoint: str | None, images: bool = True) -> dict:
@@ -1240,6 +1245,73 @@ def features(network, sets, args) -> list[dict]:
     return rows
 
 
+def local_warps(images: np.ndarray, per_image: int, seed: int, min_contrast: float, max_tries: int):
+    """Each normal image moved locally: a Gaussian displacement field (radius 10-32 px at 256,
+    amplitude 0.3-0.8 of the radius, one direction) resampled bilinearly - a bent, dented or
+    displaced part, a change of shape with no new intensity; mask where the move exceeds 1 px;
+    redrawn while the mean |change| inside it is below ``min_contrast``. (N*per_image, C, H, W)."""
+    rng = np.random.default_rng(seed)
+    n, c, h, w = images.shape
+    scale = min(h, w) / 256
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij"
+    )
+    out, masks = [], []
+    for i in range(n):
+        base = torch.from_numpy(np.ascontiguousarray(images[i : i + 1], dtype=np.float32))
+        for _ in range(per_image):
+            for _ in range(max_tries):
+                radius = rng.uniform(10, 32) * scale
+                cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+                angle, amplitude = rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 0.8) * radius
+                bump = amplitude * torch.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / (2 * (radius / 2) ** 2))
+                sy, sx = ys - bump * float(np.sin(angle)), xs - bump * float(np.cos(angle))
+                grid = torch.stack([2 * sx / (w - 1) - 1, 2 * sy / (h - 1) - 1], -1)[None]
+                moved = F.grid_sample(base, grid, mode="bilinear", padding_mode="border", align_corners=True)
+                mask = (bump > 1.0).numpy()
+                if mask.any() and (moved - base).abs()[0].mean(0).numpy()[mask].mean() >= min_contrast:
+                    break
+            out.append(moved[0].numpy())
+            masks.append(mask.astype(np.uint8))
+    return np.stack(out), np.stack(masks)
+
+
+def warp(network, sets, args) -> list[dict]:
+    """A kind the synthesiser lacks, a local warp (:func:`local_warps`), on the validation
+    images (as calibration) and on the good test images (held out), about 100 of each: its
+    image AUROC with the pipeline's pair and with the encoder-feature channel beside it -
+    would such a kind predict the feature channel's gain on a product's real structural defects?"""
+    options = sets["options"]
+    good = as_unit_float(sets["images"]["test"][~sets["labels"]])
+    for name, normal, seed in (("warp_cal", sets["images"]["val"], 11), ("warp_held", good, 12)):
+        per_image = -(-100 // len(normal))
+        sets["images"][name], _ = local_warps(
+            normal, per_image, seed, options["min_contrast"], options["max_tries"]
+        )
+    pair = _pipeline_map(network, sets, args)
+    network.eval()
+    per_set = {k: feature_maps(network, x, args.batch, 4) for k, x in sets["images"].items()}
+    z = {name: zscored({k: maps[name] for k, maps in per_set.items()}) for name in ("block 1", "block 3")}
+    scores = {"pair (pipeline)": {k: m.flatten(1).amax(1).numpy() for k, m in pair.items()}}
+    for name, feature in z.items():
+        scores[f"pmax pair + {name} cos, sigma 4"] = {
+            k: m.flatten(1).amax(1).numpy() for k, m in pmax(pair, feature).items()
+        }
+        scores[f"smax pair + {name} cos, sigma 4"] = smax(pair, feature)
+    good_scores = lambda s: s["test"][~sets["labels"]]  # noqa: E731
+    return [
+        {
+            "variant": name,
+            "syn_image_auroc": _auroc(s["val"], s["cal"]),
+            "warp_cal_auroc": _auroc(s["val"], s["warp_cal"]),
+            "warp_held_auroc": _auroc(good_scores(s), s["warp_held"]),
+            "held_image_auroc": _auroc(good_scores(s), s["held"]),
+            "real_image_auroc": rank_auroc(sets["labels"], s["test"]),
+        }
+        for name, s in scores.items()
+    ]
+
+
 STUDIES: dict[str, Callable] = {
     f.__name__: f
     for f in (
@@ -1254,6 +1326,7 @@ STUDIES: dict[str, Callable] = {
         inflate,
         gms,
         features,
+        warp,
         latent,
         ensemble,
         peaks,
