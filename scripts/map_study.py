@@ -243,10 +243,15 @@ def pmax(*maps: Maps) -> Maps:
     return {k: torch.stack([m[k] for m in maps]).amax(0) for k in maps[0]}
 
 
+def maxima(maps: Maps) -> dict[str, np.ndarray]:
+    """Each image's score: its map's maximum."""
+    return {k: m.flatten(1).amax(1).numpy() for k, m in maps.items()}
+
+
 def smax(*maps: Maps) -> dict[str, np.ndarray]:
     """Per image, the largest of the maps' maxima, each standardised by the normal validation
     images' maxima (mean and standard deviation): a union of detectors at one false-alarm scale."""
-    per = [{k: m.flatten(1).amax(1).numpy() for k, m in z.items()} for z in maps]
+    per = [maxima(z) for z in maps]
     return {k: np.max([(p[k] - p["val"].mean()) / p["val"].std() for p in per], axis=0) for k in per[0]}
 
 
@@ -321,7 +326,7 @@ def evaluate(name: str, sets: dict, maps: Maps | None = None, scores: dict | Non
     """One row: selection score (as calibration: image AUROC of the max score, pixel AUROC
     over every pixel), held-out synthetic image AUROC per kind, real image / pixel AUROC.
     Score-only variants (``scores``) have no pixel figures."""
-    scores = scores or {k: m.flatten(1).amax(1).numpy() for k, m in maps.items()}
+    scores = scores or maxima(maps)
     row = {"variant": name, "syn_image_auroc": _auroc(scores["val"], scores["cal"])}
     if maps is not None:
         normal_pixels, defect_pixels = maps["val"].numpy(), maps["cal"].numpy()
@@ -1139,7 +1144,7 @@ MAHAL_CHANNELS = {
 def _log_max(maps: Maps) -> dict[str, np.ndarray]:
     """Per set, each image's log maximum of a z-scored map (floored at 0.1: a maximum below
     the mean of the normal maps is rare and carries no sign of a defect)."""
-    return {k: np.log(np.maximum(m.flatten(1).amax(1).numpy(), 0.1)) for k, m in maps.items()}
+    return {k: np.log(np.maximum(m, 0.1)) for k, m in maxima(maps).items()}
 
 
 def _mahalanobis(fit: np.ndarray, points: np.ndarray, correlation: np.ndarray | None = None) -> np.ndarray:
@@ -1213,9 +1218,9 @@ def encoder_features(network, x: torch.Tensor, depth: int) -> torch.Tensor:
     return untile(out, grid) if grid != (1, 1) else out
 
 
-def feature_maps(network, images: np.ndarray, batch: int, sigma: float) -> dict[str, torch.Tensor]:
+def feature_maps(network, images: np.ndarray, batch: int) -> dict[str, torch.Tensor]:
     """Per encoder block 1-3, the cosine distance 1 - cos(f(x), f(reconstruction)) over the
-    channels, upsampled (bilinear) to the image and smoothed at ``sigma``; and their mean."""
+    channels, upsampled (bilinear) to the image, (N, 1, H, W); and the three blocks' mean."""
     parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(images), batch):
         x = torch.from_numpy(as_unit_float(images[start : start + batch]))
@@ -1224,24 +1229,33 @@ def feature_maps(network, images: np.ndarray, batch: int, sigma: float) -> dict[
         for depth in (1, 2, 3):
             fx, fr = encoder_features(network, x, depth), encoder_features(network, recon, depth)
             distance = 1.0 - F.cosine_similarity(fx, fr, dim=1, eps=1e-6)[:, None]
-            up = F.interpolate(distance, size=x.shape[-2:], mode="bilinear", align_corners=False)
-            layers.append(gaussian_blur(up, sigma)[:, 0])
+            layers.append(F.interpolate(distance, size=x.shape[-2:], mode="bilinear", align_corners=False))
             parts.setdefault(f"block {depth}", []).append(layers[-1])
         parts.setdefault("blocks 1-3 mean", []).append(torch.stack(layers).mean(0))
     return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
 
+def smoothed_features(
+    network, sets: dict, batch: int, sigmas: tuple[float, ...], names: tuple[str, ...] | None = None
+) -> Iterator[tuple[tuple[str, float], Maps]]:
+    """((feature channel, sigma), its z-scored maps of every image set), one at a time: the
+    features computed once, each sigma a blur of them; ``names``: only those channels."""
+    per_set = {k: feature_maps(network, x, batch) for k, x in sets["images"].items()}
+    for sigma in sigmas:
+        for name in names or tuple(per_set["train"]):
+            yield (
+                (name, sigma),
+                zscored({k: gaussian_blur(maps[name], sigma)[:, 0] for k, maps in per_set.items()}),
+            )
+
+
 def features(network, sets, args) -> list[dict]:
     pair = _pipeline_map(network, sets, args)
     rows = [evaluate("pmax ssim s4 + lowpass s8 (pipeline)", sets, pair)]
-    network.eval()
-    for sigma in (2, 4):
-        per_set = {k: feature_maps(network, x, args.batch, sigma) for k, x in sets["images"].items()}
-        for name in per_set["train"]:
-            z = zscored({k: maps[name] for k, maps in per_set.items()})
-            rows.append(evaluate(f"{name} cos, sigma {sigma}", sets, z))
-            rows.append(evaluate(f"pmax pipeline + {name} cos, sigma {sigma}", sets, pmax(pair, z)))
-            rows.append(evaluate(f"smax pipeline + {name} cos, sigma {sigma}", sets, scores=smax(pair, z)))
+    for (name, sigma), z in smoothed_features(network, sets, args.batch, (2, 4)):
+        rows.append(evaluate(f"{name} cos, sigma {sigma}", sets, z))
+        rows.append(evaluate(f"pmax pipeline + {name} cos, sigma {sigma}", sets, pmax(pair, z)))
+        rows.append(evaluate(f"smax pipeline + {name} cos, sigma {sigma}", sets, scores=smax(pair, z)))
     return rows
 
 
@@ -1251,12 +1265,12 @@ def local_warps(images: np.ndarray, per_image: int, seed: int, min_contrast: flo
     displaced part, a change of shape with no new intensity; mask where the move exceeds 1 px;
     redrawn while the mean |change| inside it is below ``min_contrast``. (N*per_image, C, H, W)."""
     rng = np.random.default_rng(seed)
-    n, c, h, w = images.shape
+    n, _, h, w = images.shape
     scale = min(h, w) / 256
     ys, xs = torch.meshgrid(
         torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij"
     )
-    out, masks = [], []
+    out = []
     for i in range(n):
         base = torch.from_numpy(np.ascontiguousarray(images[i : i + 1], dtype=np.float32))
         for _ in range(per_image):
@@ -1272,8 +1286,7 @@ def local_warps(images: np.ndarray, per_image: int, seed: int, min_contrast: flo
                 if mask.any() and (moved - base).abs()[0].mean(0).numpy()[mask].mean() >= min_contrast:
                     break
             out.append(moved[0].numpy())
-            masks.append(mask.astype(np.uint8))
-    return np.stack(out), np.stack(masks)
+    return np.stack(out)
 
 
 def warp(network, sets, args) -> list[dict]:
@@ -1285,18 +1298,13 @@ def warp(network, sets, args) -> list[dict]:
     good = as_unit_float(sets["images"]["test"][~sets["labels"]])
     for name, normal, seed in (("warp_cal", sets["images"]["val"], 11), ("warp_held", good, 12)):
         per_image = -(-100 // len(normal))
-        sets["images"][name], _ = local_warps(
+        sets["images"][name] = local_warps(
             normal, per_image, seed, options["min_contrast"], options["max_tries"]
         )
     pair = _pipeline_map(network, sets, args)
-    network.eval()
-    per_set = {k: feature_maps(network, x, args.batch, 4) for k, x in sets["images"].items()}
-    z = {name: zscored({k: maps[name] for k, maps in per_set.items()}) for name in ("block 1", "block 3")}
-    scores = {"pair (pipeline)": {k: m.flatten(1).amax(1).numpy() for k, m in pair.items()}}
-    for name, feature in z.items():
-        scores[f"pmax pair + {name} cos, sigma 4"] = {
-            k: m.flatten(1).amax(1).numpy() for k, m in pmax(pair, feature).items()
-        }
+    scores = {"pair (pipeline)": maxima(pair)}
+    for (name, _), feature in smoothed_features(network, sets, args.batch, (4,), ("block 1", "block 3")):
+        scores[f"pmax pair + {name} cos, sigma 4"] = maxima(pmax(pair, feature))
         scores[f"smax pair + {name} cos, sigma 4"] = smax(pair, feature)
     good_scores = lambda s: s["test"][~sets["labels"]]  # noqa: E731
     return [
