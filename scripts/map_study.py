@@ -107,6 +107,15 @@ the spread floored by its mean):
              test images: its image AUROC with the pair and with the encoder-feature channel
              (blocks 1, 3 at sigma 4; per-pixel max and smax) - would it predict the feature
              channel's gain on bottle's real defects, and its loss on BSData's?
+  intensity  no reconstruction: the image itself against the training images, per pixel - the
+             image blurred at sigma 2 / 4 minus the training images' mean image, and its local
+             contrast (blur sigma 1 minus blur sigma 8, a spot's change against its
+             surroundings) minus the training images' mean local contrast, the absolute
+             value blurred at sigma 2 / 4; largest over the colour channels; z-scored, alone,
+             in the per-pixel max with the pipeline's pair, as ``smax`` and as ``umax`` (smax
+             as a map: each map standardised by the validation maxima, then the per-pixel
+             max) - does a spot or a smudge stand out against where the normal images vary,
+             where the reconstruction's residual ranks it with the normal edges?
   mahal      image scores from several z-scored channels' maxima at once (1 - SSIM(11) at
              sigma 0, 1, 2, 4, 8; low-pass sigma 4, 8; subsets with the pipeline's pair): the
              Mahalanobis distance of an image's log maxima from the normal validation images'
@@ -253,6 +262,18 @@ def smax(*maps: Maps) -> dict[str, np.ndarray]:
     images' maxima (mean and standard deviation): a union of detectors at one false-alarm scale."""
     per = [maxima(z) for z in maps]
     return {k: np.max([(p[k] - p["val"].mean()) / p["val"].std() for p in per], axis=0) for k in per[0]}
+
+
+def umax(*maps: Maps) -> Maps:
+    """:func:`smax` as a map: the per-pixel max of the maps, each first standardised by the
+    normal validation images' maxima (mean and standard deviation), so its maximum is smax's
+    score. (The normal level is then below 0: the at-defect figure, which sets the rest of a
+    map to 0, is not comparable for it.)"""
+    scaled = []
+    for z in maps:
+        top = z["val"].flatten(1).amax(1)
+        scaled.append({k: (m - top.mean()) / top.std() for k, m in z.items()})
+    return pmax(*scaled)
 
 
 def load(category: str, params: str, checkpoint: str | None, images: bool = True) -> dict:
@@ -1320,6 +1341,46 @@ def warp(network, sets, args) -> list[dict]:
     ]
 
 
+def intensity_maps(sets: dict, how: str, sigma: float, batch: int = 64) -> Maps:
+    """Per image set, |f(x) - mean of f over the training images|, blurred at ``sigma`` (the
+    ``image`` kind: f = the image blurred at ``sigma`` and no blur after), largest over the colour
+    channels, (N, H, W): ``image`` f(x) = x; ``contrast`` f(x) = blur(x, 1) - blur(x, 8)."""
+
+    def f(x: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(as_unit_float(x))
+        return gaussian_blur(t, sigma) if how == "image" else gaussian_blur(t, 1) - gaussian_blur(t, 8)
+
+    def batches(x: np.ndarray) -> Iterator[torch.Tensor]:
+        for start in range(0, len(x), batch):
+            yield f(x[start : start + batch])
+
+    train = sets["images"]["train"]
+    mean = sum(part.sum(0) for part in batches(train)) / len(train)
+    out = {}
+    for name, images in sets["images"].items():
+        parts = []
+        for part in batches(images):
+            deviation = (part - mean).abs()
+            if how != "image":
+                deviation = gaussian_blur(deviation, sigma)
+            parts.append(deviation.amax(1))
+        out[name] = torch.cat(parts)
+    return out
+
+
+def intensity(network, sets, args) -> list[dict]:
+    pair = _pipeline_map(network, sets, args)
+    rows = [evaluate("pmax ssim s4 + lowpass s8 (pipeline)", sets, pair)]
+    for how, sigma in itertools.product(("image", "contrast"), (2, 4)):
+        z = zscored(intensity_maps(sets, how, sigma))
+        name = f"{how} - mean, sigma {sigma}"
+        rows.append(evaluate(name, sets, z))
+        rows.append(evaluate(f"pmax pipeline + {name}", sets, pmax(pair, z)))
+        rows.append(evaluate(f"smax pipeline + {name}", sets, scores=smax(pair, z)))
+        rows.append(evaluate(f"umax pipeline + {name}", sets, umax(pair, z)))
+    return rows
+
+
 STUDIES: dict[str, Callable] = {
     f.__name__: f
     for f in (
@@ -1335,6 +1396,7 @@ STUDIES: dict[str, Callable] = {
         gms,
         features,
         warp,
+        intensity,
         latent,
         ensemble,
         peaks,
