@@ -18,44 +18,30 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from category_copy import copy_category
 from PIL import Image
 
 
 def crop_category(source: Path, target: Path, low: float = 0.4, seed: int = 7) -> int:
     """Write the cropped copy of ``source`` to ``target``; returns the number of files written."""
-    if not (source / "train").is_dir():
-        raise SystemExit(f"{source} has no train/ folder: pass an MVTec-layout category folder.")
-    if target.exists() and any(target.iterdir()):
-        raise SystemExit(f"{target} is not empty: pass a new folder (nothing is overwritten).")
     rng = np.random.default_rng(seed)
-    written = 0
-    for path in sorted(source.glob("t*/*/*.png")):
-        with Image.open(path) as image:
-            width, height = image.size
-            fraction = rng.uniform(low, 1.0)
-            crop_w, crop_h = int(round(width * fraction)), int(round(height * fraction))
-            mask_path = source / "ground_truth" / path.parent.name / f"{path.stem}_mask.png"
-            if mask_path.exists():
-                with Image.open(mask_path) as mask_image:
-                    ys, xs = np.nonzero(np.asarray(mask_image.convert("L")) > 0)
-                cy, cx = (ys.mean(), xs.mean()) if len(ys) else (height / 2, width / 2)
-                left = int(np.clip(rng.uniform(cx - crop_w + 8, cx - 8), 0, width - crop_w))
-                top = int(np.clip(rng.uniform(cy - crop_h + 8, cy - 8), 0, height - crop_h))
-            else:
-                left = int(rng.integers(0, width - crop_w + 1))
-                top = int(rng.integers(0, height - crop_h + 1))
-            box = (left, top, left + crop_w, top + crop_h)
-            out = target / path.relative_to(source)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            image.crop(box).save(out)
-            written += 1
-        if mask_path.exists():
-            out = target / mask_path.relative_to(source)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with Image.open(mask_path) as mask_image:
-                mask_image.crop(box).save(out)
-            written += 1
-    return written
+
+    def crop(image: Image.Image, mask: Image.Image | None) -> tuple[Image.Image, Image.Image | None]:
+        width, height = image.size
+        fraction = rng.uniform(low, 1.0)
+        crop_w, crop_h = int(round(width * fraction)), int(round(height * fraction))
+        if mask is not None:
+            ys, xs = np.nonzero(np.asarray(mask.convert("L")) > 0)
+            cy, cx = (ys.mean(), xs.mean()) if len(ys) else (height / 2, width / 2)
+            left = int(np.clip(rng.uniform(cx - crop_w + 8, cx - 8), 0, width - crop_w))
+            top = int(np.clip(rng.uniform(cy - crop_h + 8, cy - 8), 0, height - crop_h))
+        else:
+            left = int(rng.integers(0, width - crop_w + 1))
+            top = int(rng.integers(0, height - crop_h + 1))
+        box = (left, top, left + crop_w, top + crop_h)
+        return image.crop(box), None if mask is None else mask.crop(box)
+
+    return copy_category(source, target, crop)
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from category_copy import copy_category
 from PIL import Image
 
 FLIPS = (None, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_180)
@@ -43,30 +44,16 @@ def _turned(image: Image.Image, turn, resample, fill) -> Image.Image:
 
 def turn_category(source: Path, target: Path, turn: str = "any", seed: int = 7) -> int:
     """Write the turned copy of ``source`` to ``target``; returns the number of files written."""
-    if not (source / "train").is_dir():
-        raise SystemExit(f"{source} has no train/ folder: pass an MVTec-layout category folder.")
-    if target.exists() and any(target.iterdir()):
-        raise SystemExit(f"{target} is not empty: pass a new folder (nothing is overwritten).")
     if turn not in ("any", "flip4"):
         raise SystemExit(f"--turn must be any or flip4, got {turn!r}")
     rng = np.random.default_rng(seed)
-    written = 0
-    for path in sorted(source.glob("t*/*/*.png")):
+
+    def turned(image: Image.Image, mask: Image.Image | None) -> tuple[Image.Image, Image.Image | None]:
         how = float(rng.uniform(0.0, 360.0)) if turn == "any" else FLIPS[int(rng.integers(0, 4))]
-        out = target / path.relative_to(source)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with Image.open(path) as image:
-            image.load()
-            _turned(image, how, Image.Resampling.BILINEAR, _border_mean(image)).save(out)
-        written += 1
-        mask_path = source / "ground_truth" / path.parent.name / f"{path.stem}_mask.png"
-        if mask_path.exists():
-            out = target / mask_path.relative_to(source)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with Image.open(mask_path) as mask:
-                _turned(mask.convert("L"), how, Image.Resampling.NEAREST, 0).save(out)
-            written += 1
-    return written
+        new_mask = None if mask is None else _turned(mask.convert("L"), how, Image.Resampling.NEAREST, 0)
+        return _turned(image, how, Image.Resampling.BILINEAR, _border_mean(image)), new_mask
+
+    return copy_category(source, target, turned)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ turned the same way, and nothing is overwritten."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "misalign.py"
 
 
 def _module():
+    if str(SCRIPT.parent) not in sys.path:  # as when run as a script: its folder first on the path
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("misalign", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
