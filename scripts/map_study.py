@@ -91,6 +91,24 @@ the spread floored by its mean):
              (c = 0.0026), upsampled and averaged over the scales, smoothed at sigma 0 / 2 / 4,
              z-scored; alone and in the per-pixel max with the pipeline's pair - does a map
              of lost edges find spots and smudges that 1 - SSIM ranks with normal edges?
+  polarity   the signed low-pass difference blur(x - reconstruction, sigma) at sigma 2 / 4 / 8
+             centred per pixel before its absolute value is taken: z-scored against the
+             training images' signed maps, then |z| (the pipeline's low-pass channel takes
+             |blur| first, then z-scores); less their per-pixel mean, then |.|, then the
+             z-score (what the pipeline's references could hold), and |z| weighted as that
+             z-score of a normal signed map would weigh it (1.66 |z|, less 1.32 s/(s + mean s));
+             and against their per-pixel
+             median, each excursion divided by the RMS of the training maps' excursions on its
+             own side (one-sided spreads) or by one RMS of both (one spread); alone and in
+             the per-pixel max with the z-scored 1 - SSIM(11) sigma 4, beside the pipeline's
+             |blur| at sigma 2 / 8 -
+             does a dark spot stand out where the normal residual swings bright (bottle's
+             glints), which |blur| ranks with them?
+  subspace   the pipeline's z-scored channels less their projection on the 1 / 4 / 16 / 64
+             leading principal components of the training images' maps - is the normal
+             residual that holds the good images' maxima up a pattern that recurs across
+             images (a glint of varying strength, an edge moved), which a per-pixel
+             spread cannot model?
   peaks      no variants: with the pipeline's map, the good test images' maxima, and per
              held-out spot and smudge the maximum inside its mask against them - how many
              pasted defects rise above every good image?
@@ -194,8 +212,10 @@ def _maps_of_terms(terms: dict, channels: dict) -> dict:
             maps[name] = gaussian_blur(terms["gms"], sigma)[:, 0]
         elif kind == "ssim":
             maps[name] = compose(terms, MapSettings(smoothing_sigma=sigma))[:, 0]
-        else:
-            maps[name] = lowpass_difference(terms, sigma)[:, 0]
+        elif kind == "signed":
+            maps[name] = gaussian_blur(terms["diff"], sigma).mean(1)
+        else:  # |blur(x - reconstruction)|: the pipeline's low-pass channel before stop 52 (gray)
+            maps[name] = lowpass_difference(terms, sigma)[:, 0].abs()
     return maps
 
 
@@ -760,6 +780,117 @@ def inflate(network, sets, args) -> list[dict]:
             factor = gaussian_blur(level[None, None], sigma)[0, 0].clamp(min=1.0)
             scaled = {k: m / factor for k, m in z.items()}
             rows.append(evaluate(f"/ validation {stat}, blur {sigma}", sets, scaled))
+    return rows
+
+
+def _one_sided(maps: Maps, polar: bool) -> Maps:
+    """Signed maps (``signed`` channels) against the training images' per-pixel median: an
+    excursion above it divided by the RMS of the training maps' excursions above it, one below
+    by theirs below (``polar``; each spread floored by its own spatial mean, as the z-score's),
+    or both by one RMS of the two (``polar=False``: the same, blind to the sign)."""
+    train = maps["train"]
+    median = train.median(0).values
+    above, below = (train - median).clamp(min=0), (median - train).clamp(min=0)
+    up, down = above.pow(2).mean(0).sqrt(), below.pow(2).mean(0).sqrt()
+    if not polar:
+        up = down = (above.pow(2) + below.pow(2)).mean(0).sqrt()
+    up, down = up + up.mean(), down + down.mean()
+    return {k: torch.maximum((m - median) / up, (median - m) / down) for k, m in maps.items()}
+
+
+def polarity(network, sets, args) -> list[dict]:
+    spec = {"ssim s4": ("ssim", 4), "lowpass s8": ("lowpass", 8), "lowpass s2": ("lowpass", 2)}
+    spec |= {f"signed s{s}": ("signed", s) for s in (2, 4, 8)}
+    maps = maps_of(network, sets, spec, args.batch)
+    z = {name: zscored(maps[name]) for name in ("ssim s4", "lowpass s8", "lowpass s2")}
+    rows = [evaluate("pmax ssim s4 + lowpass s8 (pipeline)", sets, pmax(z["ssim s4"], z["lowpass s8"]))]
+    for s in (2, 8):
+        rows.append(evaluate(f"lowpass s{s} (|blur|, z)", sets, z[f"lowpass s{s}"]))
+    rows.append(evaluate("pmax ssim s4 + lowpass s2 (|blur|, z)", sets, pmax(z["ssim s4"], z["lowpass s2"])))
+    centred = {s: {k: m.abs() for k, m in zscored(maps[f"signed s{s}"]).items()} for s in (2, 4, 8)}
+    for s in (2, 4, 8):
+        label = f"signed s{s}, |z|"
+        rows.append(evaluate(label, sets, centred[s]))
+        rows.append(evaluate(f"pmax ssim s4 + {label}", sets, pmax(z["ssim s4"], centred[s])))
+    rows.append(
+        evaluate(
+            "pmax ssim s4 + signed s2 + signed s8, |z|", sets, pmax(z["ssim s4"], centred[2], centred[8])
+        )
+    )
+    # is it the channel's weight in the per-pixel max? If the signed map is normal, |m - mean| has
+    # mean 0.798 s and spread 0.603 s, so its z-score is about 1.66 |z| - 1.32 s / (s + mean s)
+    spread = maps["signed s2"]["train"].std(0)
+    offset = 1.323 * spread / (spread + spread.mean())
+    for label, scaled in (
+        ("1.66 |z|", {k: 1.658 * m for k, m in centred[2].items()}),
+        ("1.66 |z| - 1.32 s / (s + mean s)", {k: 1.658 * m - offset for k, m in centred[2].items()}),
+    ):
+        rows.append(evaluate(f"pmax ssim s4 + signed s2, {label}", sets, pmax(z["ssim s4"], scaled)))
+    rows.append(
+        evaluate(
+            "pmax ssim s4 + 1.66 x lowpass s2 (|blur|, z)",
+            sets,
+            pmax(z["ssim s4"], {k: 1.658 * m for k, m in z["lowpass s2"].items()}),
+        )
+    )
+    del centred
+    # as the pipeline could hold it: the signed map less the training images' per-pixel mean,
+    # its absolute value, then the usual z-score of that channel
+    folded = {}
+    for s in (2, 8):
+        mean = maps[f"signed s{s}"]["train"].mean(0)
+        folded[s] = zscored({k: (m - mean).abs() for k, m in maps[f"signed s{s}"].items()})
+        rows.append(evaluate(f"signed s{s} less mean, |.|, z", sets, folded[s]))
+        rows.append(
+            evaluate(f"pmax ssim s4 + signed s{s} less mean, |.|, z", sets, pmax(z["ssim s4"], folded[s]))
+        )
+    rows.append(
+        evaluate(
+            "pmax ssim s4 + signed s2 + s8 less mean, |.|, z", sets, pmax(z["ssim s4"], folded[2], folded[8])
+        )
+    )
+    del folded
+    for s in (2, 8):
+        for polar in (False, True):
+            one = _one_sided(maps[f"signed s{s}"], polar)
+            label = f"signed s{s}, median, {'one-sided spreads' if polar else 'one spread'}"
+            rows.append(evaluate(label, sets, one))
+            rows.append(evaluate(f"pmax ssim s4 + {label}", sets, pmax(z["ssim s4"], one)))
+    return rows
+
+
+def _without_subspace(maps: Maps, rank: int) -> Maps:
+    """Each map less its projection on the ``rank`` leading principal components of the
+    training images' maps (centred by their mean, which is kept): the normal variation that
+    recurs across images as one pattern (a glint of varying strength, an edge moved)."""
+    train = maps["train"].flatten(1).double()
+    mean = train.mean(0)
+    basis = torch.linalg.svd(train - mean, full_matrices=False).Vh[:rank].T  # (D, rank)
+    out = {}
+    for k, m in maps.items():
+        flat = m.flatten(1).double() - mean
+        out[k] = (flat - (flat @ basis) @ basis.T + mean).float().view_as(m)
+    return out
+
+
+def subspace(network, sets, args) -> list[dict]:
+    z = {
+        name: zscored(m)
+        for name, m in maps_of(
+            network, sets, {"ssim s4": ("ssim", 4), "lowpass s8": ("lowpass", 8)}, args.batch
+        ).items()
+    }
+    pipeline = pmax(z["ssim s4"], z["lowpass s8"])
+    rows = [
+        evaluate("pmax ssim s4 + lowpass s8 (pipeline)", sets, pipeline),
+        evaluate("ssim s4 (z)", sets, z["ssim s4"]),
+    ]
+    for rank in (1, 4, 16, 64):
+        rows.append(
+            evaluate(f"ssim s4 (z) less {rank} components", sets, _without_subspace(z["ssim s4"], rank))
+        )
+        channels = [_without_subspace(z[name], rank) for name in ("ssim s4", "lowpass s8")]
+        rows.append(evaluate(f"pipeline, each channel less {rank}", sets, pmax(*channels)))
     return rows
 
 
@@ -1394,6 +1525,8 @@ STUDIES: dict[str, Callable] = {
         selfnorm,
         inflate,
         gms,
+        polarity,
+        subspace,
         features,
         warp,
         intensity,
