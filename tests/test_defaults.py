@@ -139,8 +139,8 @@ def test_shipped_parameters_are_valid():
 
 
 def test_the_tolerant_env_adds_only_the_shift_tolerance_to_the_grid():
-    """``kedro run --env tolerant``: conf/base's grid (1944 settings, no shift tolerance) with
-    ``shift_tolerance: [0, 1]`` (3888), every other lever and parameter as in conf/base."""
+    """``kedro run --env tolerant``: conf/base's grid (1512 settings, no shift tolerance) with
+    ``shift_tolerance: [0, 1]`` (3024), every other lever and parameter as in conf/base."""
     from kedro.config import OmegaConfigLoader
 
     from anomaly_ae.evaluation.calibration import build_grid
@@ -159,7 +159,7 @@ def test_the_tolerant_env_adds_only_the_shift_tolerance_to_the_grid():
         k: v for k, v in base.items() if k != "calibration"
     }
     sizes = [len(build_grid(p["calibration"]["grid"], MapSettings(), 1.0)) for p in (base, tolerant)]
-    assert sizes == [1944, 3888]
+    assert sizes == [1512, 3024]
 
 
 @pytest.mark.parametrize(
