@@ -97,13 +97,12 @@ the spread floored by its mean):
              |blur| first, then z-scores); less their per-pixel mean, then |.|, then the
              z-score (what the pipeline's references could hold), and |z| weighted as that
              z-score of a normal signed map would weigh it (1.66 |z|, less 1.32 s/(s + mean s));
-             and against their per-pixel
-             median, each excursion divided by the RMS of the training maps' excursions on its
-             own side (one-sided spreads) or by one RMS of both (one spread); alone and in
-             the per-pixel max with the z-scored 1 - SSIM(11) sigma 4, beside the pipeline's
-             |blur| at sigma 2 / 8 -
-             does a dark spot stand out where the normal residual swings bright (bottle's
-             glints), which |blur| ranks with them?
+             and against their per-pixel median, each excursion divided by the RMS of the
+             training maps' excursions on its own side (one-sided spreads) or by one RMS of
+             both (one spread); alone and in the per-pixel max with the z-scored 1 - SSIM(11)
+             sigma 4, beside the pipeline's |blur| at sigma 2 / 8 - does a change against the
+             network's own bias (a part brighter where it draws too bright) stand out once the
+             difference is centred, which |blur| taken first ranks with the normal images?
   subspace   the pipeline's z-scored channels less their projection on the 1 / 4 / 16 / 64
              leading principal components of the training images' maps - is the normal
              residual that holds the good images' maxima up a pattern that recurs across
@@ -214,8 +213,8 @@ def _maps_of_terms(terms: dict, channels: dict) -> dict:
             maps[name] = compose(terms, MapSettings(smoothing_sigma=sigma))[:, 0]
         elif kind == "signed":
             maps[name] = gaussian_blur(terms["diff"], sigma).mean(1)
-        else:  # |blur(x - reconstruction)|: the pipeline's low-pass channel before stop 52 (gray)
-            maps[name] = lowpass_difference(terms, sigma)[:, 0].abs()
+        else:
+            maps[name] = lowpass_difference(terms, sigma)[:, 0]
     return maps
 
 

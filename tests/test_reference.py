@@ -332,8 +332,7 @@ def test_the_reference_fitted_batch_by_batch_equals_the_one_pass_fit():
 
 def test_the_lowpass_map_is_the_max_of_two_channels_each_in_its_normal_spread(model):
     """lowpass_sigma > 0: the reference holds one (mean, std) per channel, and the map is the
-    per-pixel max of the z-scored map and |z| of the signed blur(x - recon, sigma); the tail
-    mode divides that channel by its spread too."""
+    per-pixel max of the z-scored map and the z-scored |blur(x - recon, sigma)|."""
     from anomaly_ae.scoring.ssim import gaussian_blur
 
     rng = np.random.default_rng(5)
@@ -356,37 +355,13 @@ def test_the_lowpass_map_is_the_max_of_two_channels_each_in_its_normal_spread(mo
 
     def lowpass_of(images):
         recon = reconstruct_and_score(model, images, MapSettings(), 8, device="cpu", keep_maps=False)["recon"]
-        return gaussian_blur(torch.from_numpy(images - recon).double(), 4.0)[:, 0].float()
+        return gaussian_blur(torch.from_numpy(images - recon).double(), 4.0).abs()[:, 0].float()
 
     lp_ref = NormalReference.fit(lowpass_of(train))
     np.testing.assert_allclose(ref.mean[1], lp_ref.mean, rtol=1e-4, atol=1e-6)
-    assert (ref.mean[1] < 0).any()  # signed (a mean of |blur| never is): centred, then its size
-    lp_z = np.abs(lp_ref.apply(lowpass_of(test), "zscore").numpy())
+    lp_z = lp_ref.apply(lowpass_of(test), "zscore").numpy()
     np.testing.assert_allclose(scored["map"], np.maximum(plain["map"], lp_z), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(scored["score"], scored["map"].reshape(3, -1).max(1), rtol=1e-6)
-    # tail: the 1 - SSIM channel by its upper tail, the signed channel still by its spread
-    tail = dataclasses.replace(settings, normal_reference="tail")
-    tail_ref = fit_normal_reference(model, train, tail, batch_size=4, device="cpu", precision="fp32")
-    tail_scored = reconstruct_and_score(
-        model, test, tail, 3, device="cpu", precision="fp32", reference=tail_ref
-    )
-    plain_tail = reconstruct_and_score(
-        model,
-        test,
-        dataclasses.replace(plain_settings, normal_reference="tail"),
-        3,
-        device="cpu",
-        precision="fp32",
-        reference=fit_normal_reference(
-            model,
-            train,
-            dataclasses.replace(plain_settings, normal_reference="tail"),
-            batch_size=4,
-            device="cpu",
-            precision="fp32",
-        ),
-    )
-    np.testing.assert_allclose(tail_scored["map"], np.maximum(plain_tail["map"], lp_z), rtol=1e-4, atol=1e-4)
 
     # the reference of a one-channel map does not serve a two-channel one, and vice versa
     with pytest.raises(ValueError, match=r"2 channel\(s\).*refit"):
@@ -396,10 +371,6 @@ def test_the_lowpass_map_is_the_max_of_two_channels_each_in_its_normal_spread(mo
     # and it survives the npz round trip
     back = NormalReference.from_arrays(ref.to_arrays())
     assert back.channels == 2 and np.array_equal(back.std, ref.std)
-    # a two-channel reference of an older version (fitted on |blur|) is refused, not misread
-    old = {k: v for k, v in ref.to_arrays().items() if k != "lowpass_signed"}
-    with pytest.raises(ValueError, match=r"older version.*signed.*kedro run --pipeline=evaluate"):
-        NormalReference.from_arrays(old)
 
 
 def test_the_lowpass_channel_needs_the_zscore_and_is_named():

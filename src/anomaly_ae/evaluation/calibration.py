@@ -20,9 +20,8 @@ Levers (``calibration.grid``): ``blend`` (``ssim``: 1 - local SSIM; ``l2``: squa
 ``ssim+l2``: 1 - SSIM + s * squared error with ``s = mean(1 - SSIM) / mean(squared error)``
 on the normal validation images, so both terms weigh about the same), ``win_size`` (a window
 or a list of them: the multi-scale mean), ``smoothing_sigma``, ``normal_reference``,
-``lowpass_sigma`` (with ``zscore`` or ``tail`` only: the per-pixel max with the size of the
-signed low-pass difference z-scored, :func:`~anomaly_ae.scoring.anomaly_map.lowpass`),
-``reference_shift`` (with ``zscore`` or ``tail`` only:
+``lowpass_sigma`` (with ``zscore`` or ``tail`` only: the per-pixel max with the low-pass
+difference, normalised the same way), ``reference_shift`` (with ``zscore`` or ``tail`` only:
 the reference fitted on the training
 images and their copies moved by that many px, :func:`~anomaly_ae.scoring.reference.with_moved_copies`),
 ``shift_tolerance`` (every error term at the reconstruction's best alignment within that many
@@ -327,6 +326,7 @@ class _Plan:
     by_sigma: dict[float, dict[tuple, list[GridPoint]]]
     lowpass_sigmas: list[float]
     shifts: list[int]
+    lowpass_modes: list[str]
     tolerances: list[int]
 
     @property
@@ -355,6 +355,7 @@ def _plan(grid: dict, paper: MapSettings, scale: float) -> _Plan:
         by_sigma,
         sorted({float(s) for s in grid.get("lowpass_sigma", [])} - {0.0}),
         sorted({p.settings.reference_shift for p in points}),
+        sorted({p.settings.normal_reference for p in points if p.settings.lowpass_sigma}),
         sorted({p.settings.shift_tolerance for p in points}),
     )
 
@@ -399,15 +400,13 @@ def _distinct_maps(
     in the score reduction only), the maps (N, H, W), the reference of its uncorrected map)``,
     from the images' :func:`error_terms` per shift tolerance (with ``keep_diff`` when the grid
     has low-pass channels)."""
-    # the normalised low-pass channel of the images, once per sigma, shift and tolerance: the
-    # signed difference z-scored (in either mode, see anomaly_ae.scoring.reference), its size
+    # the normalised low-pass channel of the images, once per sigma, shift, mode and tolerance
     raw_lowpass = {(s, r): lowpass(terms[r], s)[:, 0] for s in plan.lowpass_sigmas for r in plan.tolerances}
     lowpasses = {
-        (s, shift, r): correct(
-            raw_lowpass[s, r], *references["lowpass", s, shift, r].as_tensors("zscore")
-        ).abs()
+        (s, shift, mode, r): correct(raw_lowpass[s, r], *references["lowpass", s, shift, r].as_tensors(mode))
         for s in plan.lowpass_sigmas
         for shift in plan.shifts
+        for mode in plan.lowpass_modes
         for r in plan.tolerances
     }
     for smoothing, by_raw in plan.by_sigma.items():
@@ -426,7 +425,7 @@ def _distinct_maps(
                     reference = references[shift, smoothing, raw_key]
                     maps = raw if mode == "none" else correct(raw, *reference.as_tensors(mode))
                     if low:  # the per-pixel max with the low-pass channel, normalised alike (MapSettings)
-                        maps = torch.maximum(maps, lowpasses[low, shift, tolerance])
+                        maps = torch.maximum(maps, lowpasses[low, shift, mode, tolerance])
                     yield group, maps, reference
 
 

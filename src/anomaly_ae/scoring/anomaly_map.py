@@ -4,9 +4,8 @@
 then compared with the normal reference (``none`` | ``mean`` | ``zscore`` | ``tail``, see
 :mod:`anomaly_ae.scoring.reference`), then reduced to one score per image (``max`` | ``mean``
 | ``topk_mean``). With ``lowpass_sigma`` > 0 (``zscore`` or ``tail`` only) the map is the
-per-pixel maximum of that normalised map and the size of the normalised **low-pass
-difference** ``|z(blur(x - recon, lowpass_sigma))|`` (the signed difference z-scored against
-the normal images', then its absolute value): faint, wide changes (a stain, a shade) that
+per-pixel maximum of that normalised map and the normalised **low-pass difference**
+``|blur(x - recon, lowpass_sigma)|``: faint, wide changes (a stain, a shade) that
 ``1 - SSIM`` barely sees, each channel in units of its own normal variation. ``w`` runs
 over ``win_size`` (one window, or several: the multi-scale mean). The defaults of
 :class:`MapSettings` are the paper's Figure 1 map (``1 - local SSIM``,
@@ -67,11 +66,7 @@ NAME_LEGEND = (
     ("smooth s", "Gaussian smoothing of the map, sigma s px"),
     ("ref-mean / ref-zscore / ref-tail", "compared per pixel with the normal training images' maps"),
     ("moved 1", "that reference also fitted on the training images moved by 1 px"),
-    (
-        "+ lowpass s",
-        "per pixel the larger of the map and the low-pass difference blur(image - reconstruction, s), "
-        "both normalised (the difference signed, then its size)",
-    ),
+    ("+ lowpass s", "per pixel the larger of the map and |blur(image - reconstruction, s)|, both normalised"),
     ("align r", "each pixel's error at the reconstruction's best alignment within r px"),
     ("max / top1% / mean", "the image score: the map's largest pixel, mean of its top 1 %, or mean"),
 )
@@ -333,37 +328,23 @@ def _colour_mean(t: Tensor) -> Tensor:
 
 
 def lowpass(terms: dict, sigma: float) -> Tensor:
-    """The *signed* low-pass difference ``blur(x - recon, sigma)`` from :func:`error_terms`
-    (``keep_diff``): blurring the signed difference cancels the reconstruction's fine,
-    zero-mean noise and keeps a faint change that spans many pixels. It stays signed so that
-    the normal reference centres it on the normal images' own mean before its size is taken
-    (:func:`compose`'s second channel; ``|z|`` after the correction): where the network
-    draws a region a little too bright, a dark defect there first cancels that bias, and
-    ``|blur|`` taken first would hide it (measured in docs/STUDIES.md, "The low-pass
-    difference centred before its size"). For colour images, per pixel the colour channel
-    with the largest ``|blur|``, with its sign: a change of hue at equal brightness (red up,
+    """The low-pass difference ``|blur(x - recon, sigma)|`` from :func:`error_terms`
+    (``keep_diff``): blurring the *signed* difference first cancels the reconstruction's
+    fine, zero-mean noise and keeps a faint change that spans many pixels. For colour images
+    each channel's is taken, then their mean: a change of hue at equal brightness (red up,
     blue down) does not cancel.
 
     With a shift tolerance (``terms["tolerance"]`` r > 0, see :func:`error_terms`): per pixel
-    the value smallest in size over every alignment of ``blur(x) - move(blur(recon))``
-    (blurring is linear and commutes with moving, but for the reflected border)."""
+    the smallest over every alignment, ``min |blur(x) - move(blur(recon))|`` (blurring is
+    linear and commutes with moving, but for the reflected border)."""
     tolerance = terms.get("tolerance", 0)
     if not tolerance:
-        return _largest_colour(gaussian_blur(terms["diff"], sigma))
+        return _colour_mean(gaussian_blur(terms["diff"], sigma).abs())
     x, recon = gaussian_blur(terms["x"], sigma), gaussian_blur(terms["recon"], sigma)
-    out = _largest_colour(x - recon)
+    out = _colour_mean((x - recon).abs())
     for dy, dx in shift_offsets(tolerance)[1:]:
-        moved = _largest_colour(x - move(recon, dy, dx))
-        out = torch.where(moved.abs() < out.abs(), moved, out)
+        out = torch.minimum(out, _colour_mean((x - move(recon, dy, dx)).abs()))
     return out
-
-
-def _largest_colour(t: Tensor) -> Tensor:
-    """``(N, C, H, W)`` -> ``(N, 1, H, W)``: per pixel the channel largest in size, with its
-    sign (a no-op for one channel)."""
-    if t.shape[1] == 1:
-        return t
-    return t.gather(1, t.abs().argmax(dim=1, keepdim=True))
 
 
 def smooth_terms(terms: dict, sigma: float) -> dict:
@@ -395,9 +376,8 @@ def blend(terms: dict, settings: MapSettings) -> Tensor:
 
 def compose(terms: dict, settings: MapSettings) -> Tensor:
     """The uncorrected map of ``settings`` from :func:`error_terms`: blend, then smoothing;
-    ``(N, 1, H, W)``, or ``(N, 2, H, W)`` with the signed low-pass difference as the second
-    channel (``lowpass_sigma`` > 0; each channel has its own normal reference, and the
-    correction takes the second one's size, see :func:`lowpass`)."""
+    ``(N, 1, H, W)``, or ``(N, 2, H, W)`` with the low-pass difference as the second channel
+    (``lowpass_sigma`` > 0; each channel has its own normal reference)."""
     amap = gaussian_blur(blend(terms, settings), settings.smoothing_sigma)
     if settings.lowpass_sigma:
         amap = torch.cat([amap, lowpass(terms, settings.lowpass_sigma).to(amap.dtype)], dim=1)
@@ -448,11 +428,8 @@ def _correct(amap: Tensor, settings: MapSettings, reference) -> Tensor:
         return amap
     _require_reference(reference, settings.normal_reference)
     corrected = correct(amap, *reference)
-    if corrected.shape[1] == 1:
-        return corrected
-    # two channels (the signed low-pass difference second): each in units of its normal
-    # spread, the low-pass one by its size, then the larger
-    return torch.maximum(corrected[:, :1], corrected[:, 1:].abs())
+    # two channels (the low-pass difference): each in units of its normal spread, the larger
+    return corrected.amax(dim=1, keepdim=True) if corrected.shape[1] > 1 else corrected
 
 
 def score_maps(

@@ -33,11 +33,7 @@ clean images is one image of ``n``.
 
 A map with a second channel (the low-pass difference, ``MapSettings.lowpass_sigma``) has a
 reference per channel: ``mean``, ``std`` and ``upper`` are then ``(2, H, W)``, each channel
-with its own floor. That channel is signed (the difference is centred on the normal images'
-mean before its size is taken), so it is always divided by its spread (``zscore``'s scale),
-``tail`` too: an upper tail says nothing of the lower one. Its arrays say so
-(``lowpass_signed``); a two-channel reference without that mark was fitted on ``|blur|`` by
-an older version and is refused, to be refitted.
+with its own floor.
 
 The reference uses training images only, so the held-out validation images that calibrate
 the decision threshold (and the ablation's synthetic defects) stay unseen. But the model
@@ -104,8 +100,6 @@ class NormalReference:
         """For :class:`anomaly_ae.datasets.NpzDataset` (the localisation map's reference, if
         any, under ``localisation_mean``, ``localisation_std``, ``localisation_n_images``)."""
         arrays = {"mean": self.mean, "std": self.std, "n_images": np.asarray(self.n_images)}
-        if self.channels > 1:
-            arrays["lowpass_signed"] = np.asarray(1)
         if self.upper is not None:
             arrays["upper"] = self.upper
         if self.localisation is not None:
@@ -124,12 +118,6 @@ class NormalReference:
         if mean.ndim not in (2, 3) or mean.shape != std.shape:
             raise ValueError(
                 f"{source}: mean {mean.shape} and std {std.shape} must be equal (H, W) or (C, H, W) maps"
-            )
-        if mean.ndim == 3 and mean.shape[0] > 1 and "lowpass_signed" not in arrays:
-            raise ValueError(
-                f"{source} holds a low-pass channel fitted on |blur(x - recon)| by an older version; "
-                "the channel is now signed and centred before its size is taken. Refit it with "
-                "`kedro run --pipeline=evaluate` (and export the bundle again)."
             )
         # a reference of an older version may hold "max" (the plain maximum): not read, so
         # `tail` asks for a refit rather than silently changing its meaning
@@ -180,17 +168,10 @@ class NormalReference:
                 )
             width = (torch.as_tensor(self.upper, dtype=torch.float32).to(device) - mean).clamp_min(0.0)
             floor = width.mean(dim=(-2, -1), keepdim=True)  # per channel
-            scale = torch.maximum(width, floor).clamp_min(eps)
-            if self.channels > 1:  # the signed low-pass channel: its spread (module docstring)
-                scale = torch.cat([scale[:1], self._spread(device)[1:]])
-            return mean, scale
-        return mean, self._spread(device)
-
-    def _spread(self, device) -> torch.Tensor:
-        """``zscore``'s scale: the spread plus its mean (per channel), at least float32 eps."""
+            return mean, torch.maximum(width, floor).clamp_min(eps)
         std = torch.as_tensor(self.std, dtype=torch.float32).to(device)
         floor = std.mean(dim=(-2, -1), keepdim=True)  # per channel
-        return (std + floor).clamp_min(torch.finfo(torch.float32).eps)
+        return mean, (std + floor).clamp_min(eps)
 
     def typical(self, mode: str) -> np.ndarray:
         """The normal images' mean map in the units of ``mode``'s corrected maps: the mean
