@@ -858,37 +858,37 @@ def polarity(network, sets, args) -> list[dict]:
     return rows
 
 
-def _without_subspace(maps: Maps, rank: int) -> Maps:
-    """Each map less its projection on the ``rank`` leading principal components of the
-    training images' maps (centred by their mean, which is kept): the normal variation that
-    recurs across images as one pattern (a glint of varying strength, an edge moved)."""
+def _without_subspace(maps: Maps, ranks: tuple[int, ...]) -> dict[int, Maps]:
+    """Per rank, each map less its projection on that many leading principal components of
+    the training images' maps (centred by their mean, which is kept): the normal variation
+    that recurs across images as one pattern (a glint of varying strength, an edge moved).
+    One SVD serves every rank."""
     train = maps["train"].flatten(1).double()
     mean = train.mean(0)
-    basis = torch.linalg.svd(train - mean, full_matrices=False).Vh[:rank].T  # (D, rank)
-    out = {}
-    for k, m in maps.items():
-        flat = m.flatten(1).double() - mean
-        out[k] = (flat - (flat @ basis) @ basis.T + mean).float().view_as(m)
+    components = torch.linalg.svd(train - mean, full_matrices=False).Vh  # (N, D)
+    out: dict[int, Maps] = {}
+    for rank in ranks:
+        basis = components[:rank].T  # (D, rank)
+        out[rank] = {}
+        for k, m in maps.items():
+            flat = m.flatten(1).double() - mean
+            out[rank][k] = (flat - (flat @ basis) @ basis.T + mean).float().view_as(m)
     return out
 
 
 def subspace(network, sets, args) -> list[dict]:
-    z = {
-        name: zscored(m)
-        for name, m in maps_of(
-            network, sets, {"ssim s4": ("ssim", 4), "lowpass s8": ("lowpass", 8)}, args.batch
-        ).items()
-    }
+    spec = {"ssim s4": ("ssim", 4), "lowpass s8": ("lowpass", 8)}
+    z = {name: zscored(m) for name, m in maps_of(network, sets, spec, args.batch).items()}
     pipeline = pmax(z["ssim s4"], z["lowpass s8"])
     rows = [
         evaluate("pmax ssim s4 + lowpass s8 (pipeline)", sets, pipeline),
         evaluate("ssim s4 (z)", sets, z["ssim s4"]),
     ]
-    for rank in (1, 4, 16, 64):
-        rows.append(
-            evaluate(f"ssim s4 (z) less {rank} components", sets, _without_subspace(z["ssim s4"], rank))
-        )
-        channels = [_without_subspace(z[name], rank) for name in ("ssim s4", "lowpass s8")]
+    ranks = (1, 4, 16, 64)
+    removed = {name: _without_subspace(z[name], ranks) for name in ("ssim s4", "lowpass s8")}
+    for rank in ranks:
+        rows.append(evaluate(f"ssim s4 (z) less {rank} components", sets, removed["ssim s4"][rank]))
+        channels = [removed[name][rank] for name in ("ssim s4", "lowpass s8")]
         rows.append(evaluate(f"pipeline, each channel less {rank}", sets, pmax(*channels)))
     return rows
 
