@@ -931,7 +931,8 @@ def blob_score(network, sets, args) -> list[dict]:
     for fit in ("train", "val"):
         scores = {
             k: np.maximum(
-                (top[k] - top[fit].mean()) / top[fit].std(), (blob_top[k] - blob_top[fit].mean()) / blob_top[fit].std()
+                (top[k] - top[fit].mean()) / top[fit].std(),
+                (blob_top[k] - blob_top[fit].mean()) / blob_top[fit].std(),
             )
             for k in pipeline
         }
@@ -964,6 +965,7 @@ def blob(network, sets, args) -> list[dict]:
             del multi
         del per_sigma
     return rows
+
 
 def refined(network, steps: int, lr: float) -> Callable[[np.ndarray], np.ndarray]:
     """Images -> reconstructions from codes refined by ``steps`` Adam steps (``lr``) on each
