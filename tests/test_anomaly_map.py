@@ -517,6 +517,31 @@ def test_image_score_reductions() -> None:
         image_score(torch.zeros(5), "max")
 
 
+def test_blob_score_counts_a_compact_peak_and_not_a_ridge() -> None:
+    """The ``blob`` reduction: a Gaussian spot scores about a quarter of its height at the
+    scale of its width, a ridge of the same height (a residual along an edge) about 0, and
+    a spot on the ridge as much as the spot alone (the ridge adds no curvature along itself);
+    the score is float32, as every reduction's."""
+    yy, xx = torch.meshgrid(torch.arange(96.0), torch.arange(96.0), indexing="ij")
+    spot = torch.exp(-((yy - 48) ** 2 + (xx - 48) ** 2) / (2 * 8.0**2))
+    ridge = torch.exp(-((xx - 48) ** 2) / (2 * 2.0**2))
+    maps = torch.stack([spot, ridge, spot + ridge, torch.zeros_like(spot)])[:, None].double()
+    scores = image_score(maps, "blob")
+    assert scores.dtype == torch.float32
+    # about a / 4 at sigma = its width (8 px, one of BLOB_SIGMAS; the blur's taps end at 2 sigma)
+    assert 0.2 < float(scores[0]) < 0.3
+    assert float(scores[1]) < 1e-6
+    assert float(scores[2]) == pytest.approx(float(scores[0]), rel=0.02)
+    assert float(scores[3]) == 0.0
+    # the max ranks the ridge with the spot; the blob score does not
+    assert float(image_score(maps, "max")[1]) >= float(image_score(maps, "max")[0])
+    # (N, H, W) maps score the same; a map per image must be 2-D
+    assert torch.equal(image_score(maps[:, 0], "blob"), scores)
+    with pytest.raises(ValueError, match="2-D map"):
+        image_score(torch.zeros(2, 3, 16, 16), "blob")
+    assert MapSettings(score_reduction="blob").describe() == "1-SSIM(11) blob"
+
+
 def test_defect_scores_higher_than_a_good_reconstruction(patched) -> None:
     x, recon = patched
     good = (0.98 * x + 0.01).clamp(0, 1)  # a near-perfect reconstruction

@@ -162,6 +162,29 @@ def test_the_tolerant_env_adds_only_the_shift_tolerance_to_the_grid():
     assert sizes == [1512, 3024]
 
 
+def test_the_blob_env_adds_only_the_blob_score_to_the_grid():
+    """``kedro run --env blob``: conf/base's grid with the ``blob`` score reduction added
+    (2016 settings), every other lever and parameter as in conf/base."""
+    from kedro.config import OmegaConfigLoader
+
+    from anomaly_ae.evaluation.calibration import build_grid
+    from anomaly_ae.param_schema import validate_parameters
+    from anomaly_ae.scoring import MapSettings
+    from anomaly_ae.settings import CONFIG_LOADER_ARGS
+
+    loader = OmegaConfigLoader(str(REPO_ROOT / "conf"), **{**CONFIG_LOADER_ARGS, "default_run_env": "blob"})
+    blob, base = loader["parameters"], _base_params()
+    validate_parameters(blob)
+    assert "blob" not in base["calibration"]["grid"]["score_reduction"]
+    reductions = [*base["calibration"]["grid"]["score_reduction"], "blob"]
+    assert blob["calibration"]["grid"] == {**base["calibration"]["grid"], "score_reduction": reductions}
+    assert {k: v for k, v in blob.items() if k != "calibration"} == {
+        k: v for k, v in base.items() if k != "calibration"
+    }
+    grid = build_grid(blob["calibration"]["grid"], MapSettings(), 1.0)
+    assert len(grid) == 2016 and sum(p.settings.score_reduction == "blob" for p in grid) == 504
+
+
 @pytest.mark.parametrize(
     ("group", "key", "value", "expected"),
     [

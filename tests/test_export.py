@@ -472,6 +472,13 @@ REAL_PARITY_MAPS = {
         "shift_tolerance": 1,
         "localisation": {"smoothing_sigma": 4.0, "normal_reference": "zscore", "lowpass_sigma": 4.0},
     },
+    # the blob score (the map's strongest compact peak over three blurs, a Hessian per pixel)
+    "zscore_smooth4_lowpass8_blob": {
+        "smoothing_sigma": 4.0,
+        "normal_reference": "zscore",
+        "lowpass_sigma": 8.0,
+        "score_reduction": "blob",
+    },
     "mean_smooth2_top1%": {
         "smoothing_sigma": 2.0,
         "score_reduction": "topk_mean",

@@ -3,7 +3,8 @@
 ``map = smooth(ssim_weight * mean_w clip(1 - local SSIM_w, 0, 1) + l2_weight * (x - recon)**2)``,
 then compared with the normal reference (``none`` | ``mean`` | ``zscore`` | ``tail``, see
 :mod:`anomaly_ae.scoring.reference`), then reduced to one score per image (``max`` | ``mean``
-| ``topk_mean``). With ``lowpass_sigma`` > 0 (``zscore`` or ``tail`` only) the map is the
+| ``topk_mean`` | ``blob``: the map's strongest compact peak, :func:`blob_response`). With
+``lowpass_sigma`` > 0 (``zscore`` or ``tail`` only) the map is the
 per-pixel maximum of that normalised map and the normalised **low-pass difference**
 ``|blur(x - recon, lowpass_sigma)|``: faint, wide changes (a stain, a shade) that
 ``1 - SSIM`` barely sees, each channel in units of its own normal variation. ``w`` runs
@@ -52,13 +53,17 @@ __all__ = [
     "anomaly_map",
     "raw_map",
     "image_score",
+    "blob_response",
     "score_maps",
     "reference_tensors",
     "reference_pair",
     "map_dtype",
 ]
 
-REDUCTIONS = ("max", "mean", "topk_mean")
+REDUCTIONS = ("max", "mean", "topk_mean", "blob")
+#: The scales (Gaussian sigma, px of the model's image) the ``blob`` score spans: a peak
+#: about 4 to 16 px across at 256 px, from a spot to a broken piece.
+BLOB_SIGMAS = (4.0, 8.0, 16.0)
 #: How to read :meth:`MapSettings.describe` (shown beside the names in the report).
 NAME_LEGEND = (
     ("1-SSIM(w)", "one minus local SSIM with a w x w window (several: their mean, or max)"),
@@ -69,6 +74,7 @@ NAME_LEGEND = (
     ("+ lowpass s", "per pixel the larger of the map and |blur(image - reconstruction, s)|, both normalised"),
     ("align r", "each pixel's error at the reconstruction's best alignment within r px"),
     ("max / top1% / mean", "the image score: the map's largest pixel, mean of its top 1 %, or mean"),
+    ("blob", "the image score: the map's strongest compact peak (a ridge along an edge does not count)"),
 )
 SCALE_COMBINES = ("mean", "max")
 
@@ -484,16 +490,60 @@ def score_maps(
     return detection, heat, valid.flatten(1).mean(-1).float()
 
 
+def blob_response(amap: Tensor, sigma: float) -> Tensor:
+    """How strongly maps ``(N, 1, H, W)`` peak in a compact spot about ``sigma`` px wide:
+    ``sigma**2 * max(0, -l)``, ``l`` the larger eigenvalue of the Hessian of the map blurred
+    at ``sigma``. A peak curves down both ways and counts; a ridge (a normal residual along
+    an edge, a line) curves down only across itself, ``l`` is about 0 and it does not.
+    Scale-normalised: a Gaussian peak of height ``a`` gives about ``a / 4`` at the ``sigma``
+    of its own width. Computed on a grid ``f = sigma // 2`` times coarser (the map averaged
+    over f x f blocks, the rows and columns beyond the last whole block dropped; then
+    blurred at ``sigma / f`` and differentiated by central differences, the border
+    replicated), so every scale costs about as much as the finest: the response per pixel of
+    that grid, ``(N, 1, H // f, W // f)``."""
+    f = max(1, int(sigma // 2))
+    coarse = amap
+    if f > 1:  # block means by a reshape: ONNX Runtime has no float64 AveragePool
+        h, w = amap.shape[-2] // f, amap.shape[-1] // f
+        coarse = amap[..., : h * f, : w * f].reshape(-1, 1, h, f, w, f).mean(dim=(3, 5))
+    m = torch.nn.functional.pad(gaussian_blur(coarse, sigma / f), (1, 1, 1, 1), mode="replicate")
+    c = m[..., 1:-1, 1:-1]
+    dxx = m[..., 1:-1, 2:] - 2 * c + m[..., 1:-1, :-2]
+    dyy = m[..., 2:, 1:-1] - 2 * c + m[..., :-2, 1:-1]
+    dxy = (m[..., 2:, 2:] - m[..., 2:, :-2] - m[..., :-2, 2:] + m[..., :-2, :-2]) * 0.25
+    larger = (dxx + dyy) * 0.5 + (((dxx - dyy) * 0.5).square() + dxy.square()).sqrt()
+    # sigma**2 * curvature per px = (sigma / f)**2 * curvature per coarse px
+    return (-larger).clamp(min=0) * exact_scalar(float(sigma / f) ** 2, larger)
+
+
+def _blob_score(maps: Tensor, chunk: int = 64) -> Tensor:
+    """Per map ``(N, 1, H, W)``, the largest :func:`blob_response` over :data:`BLOB_SIGMAS`
+    (in chunks of maps, to bound the memory of the blurred copies)."""
+    out = []
+    for start in range(0, maps.shape[0], chunk):
+        part = maps[start : start + chunk]
+        per_sigma = [blob_response(part, s).flatten(1).amax(1) for s in BLOB_SIGMAS]
+        out.append(torch.stack(per_sigma).amax(0))
+    return torch.cat(out)
+
+
 def image_score(amap: Tensor, reduction: str = "max", topk_fraction: float = 0.01) -> Tensor:
     """One float32 score per image from maps ``(N, ...)`` (computed in the maps' precision,
-    float32 at least): the maximum pixel, the mean pixel, or the mean of the
-    ``ceil(topk_fraction * pixels)`` highest pixels (``topk_mean``)."""
+    float32 at least): the maximum pixel, the mean pixel, the mean of the
+    ``ceil(topk_fraction * pixels)`` highest pixels (``topk_mean``), or the strongest compact
+    peak (``blob``: the largest :func:`blob_response` over :data:`BLOB_SIGMAS`; maps
+    ``(N, H, W)`` or ``(N, 1, H, W)``)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"score reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not 0 < topk_fraction <= 1:
         raise ValueError(f"topk_fraction must be in (0, 1], got {topk_fraction!r}")
     if amap.dim() < 2:
         raise ValueError(f"maps must have a batch dimension and pixels, got shape {tuple(amap.shape)}")
+    if reduction == "blob":
+        if amap.dim() < 3 or amap[0].numel() != amap.shape[-2] * amap.shape[-1]:
+            raise ValueError(f"the blob score needs one 2-D map per image, got shape {tuple(amap.shape)}")
+        maps = amap if amap.dtype == torch.float64 else amap.float()
+        return _blob_score(maps.reshape(amap.shape[0], 1, *amap.shape[-2:])).float()
     flat = (amap if amap.dtype == torch.float64 else amap.float()).reshape(amap.shape[0], -1)
     if reduction == "max":
         return flat.max(dim=1).values.float()
