@@ -108,6 +108,16 @@ the spread floored by its mean):
              residual that holds the good images' maxima up a pattern that recurs across
              images (a glint of varying strength, an edge moved), which a per-pixel
              spread cannot model?
+  blob       a Hessian blob response (sigma^2 max(0, -l), l the larger eigenvalue of the
+             Hessian of the map blurred at sigma 2 / 4 / 8 / 16; a compact peak counts, a ridge
+             along an edge does not) of the pipeline's z-map and of the unsmoothed 1 - SSIM
+             z-map, as a channel: z-scored against the training images', per scale and as the
+             per-pixel max over scales, alone and ``umax`` with the pipeline's pair - is the
+             good images' residual along bottle's rim a ridge that a spot is not?
+  blob_score the pipeline's map unchanged, only the image score: the largest blob response
+             over one or more sigma (also the scoring core's ``score_reduction: blob``), and the
+             larger of the maximum and that score, each standardised by the normal training or
+             validation images' scores;
   peaks      no variants: with the pipeline's map, the good test images' maxima, and per
              held-out spot and smudge the maximum inside its mask against them - how many
              pasted defects rise above every good image?
@@ -169,7 +179,7 @@ from anomaly_ae.evaluation.stress import copies_per_image
 from anomaly_ae.evaluation.summary import defect_region_metrics
 from anomaly_ae.model.autoencoder import to_tiles, untile
 from anomaly_ae.model.checkpoint import model_from_checkpoint
-from anomaly_ae.scoring.anomaly_map import MapSettings, compose, error_terms
+from anomaly_ae.scoring.anomaly_map import MapSettings, compose, error_terms, image_score
 from anomaly_ae.scoring.anomaly_map import lowpass as lowpass_difference
 from anomaly_ae.scoring.inference import reconstruct
 from anomaly_ae.scoring.reference import NormalReference, move
@@ -924,6 +934,13 @@ def blob_score(network, sets, args) -> list[dict]:
         row["selection_score"] = 0.5 * (row["syn_image_auroc"] + row["syn_pixel_auroc"])
         row["real_image_auroc_at_defect"] = float("nan")  # the max's; not this score's
         rows.append(row)
+    # the scoring core's own blob score (score_reduction: blob; each scale on a coarser grid)
+    scores = {k: image_score(m, "blob").numpy() for k, m in pipeline.items()}
+    row = evaluate("score: image_score blob (the scoring core's)", sets, pipeline)
+    row |= {key: value for key, value in evaluate("", sets, scores=scores).items() if key != "variant"}
+    row["selection_score"] = 0.5 * (row["syn_image_auroc"] + row["syn_pixel_auroc"])
+    row["real_image_auroc_at_defect"] = float("nan")
+    rows.append(row)
     # the union of the two detectors: the larger of the map's maximum and the blob score,
     # each standardised by the normal training (or validation) images' scores
     top = maxima(pipeline)
