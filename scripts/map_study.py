@@ -907,7 +907,9 @@ def blobness(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """Scale-normalised Hessian blob response of (N, H, W) maps at ``sigma``: sigma^2 times the
     smaller of the two downward curvatures, max(0, -lambda_max) with lambda_max the larger
     eigenvalue of the Hessian of the map blurred at ``sigma``. A compact peak curves down both
-    ways; a ridge (a residual along an edge) only across itself, so it gives about 0."""
+    ways; a ridge (a residual along an edge) only across itself, so it gives about 0. The
+    full-resolution form of the scoring core's ``anomaly_map.blob_response`` (which works on a
+    grid sigma // 2 times coarser, for speed): the channel rows need a response per pixel."""
     m = F.pad(gaussian_blur(maps[:, None], sigma), (1, 1, 1, 1), mode="replicate")
     c = m[..., 1:-1, 1:-1]
     dxx = m[..., 1:-1, 2:] - 2 * c + m[..., 1:-1, :-2]
