@@ -539,12 +539,12 @@ def image_score(amap: Tensor, reduction: str = "max", topk_fraction: float = 0.0
         raise ValueError(f"topk_fraction must be in (0, 1], got {topk_fraction!r}")
     if amap.dim() < 2:
         raise ValueError(f"maps must have a batch dimension and pixels, got shape {tuple(amap.shape)}")
+    maps = amap if amap.dtype == torch.float64 else amap.float()
     if reduction == "blob":
         if amap.dim() < 3 or amap[0].numel() != amap.shape[-2] * amap.shape[-1]:
             raise ValueError(f"the blob score needs one 2-D map per image, got shape {tuple(amap.shape)}")
-        maps = amap if amap.dtype == torch.float64 else amap.float()
         return _blob_score(maps.reshape(amap.shape[0], 1, *amap.shape[-2:])).float()
-    flat = (amap if amap.dtype == torch.float64 else amap.float()).reshape(amap.shape[0], -1)
+    flat = maps.reshape(amap.shape[0], -1)
     if reduction == "max":
         return flat.max(dim=1).values.float()
     if reduction == "mean":
