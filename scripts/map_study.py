@@ -143,6 +143,10 @@ the spread floored by its mean):
              as a map: each map standardised by the validation maxima, then the per-pixel
              max) - does a spot or a smudge stand out against where the normal images vary,
              where the reconstruction's residual ranks it with the normal edges?
+  constants  SSIM's contrast constant: z-scored 1 - SSIM(11) sigma 4 with k2 0.03 (the paper's),
+             0.02, 0.01, 0.005 (and k1 0.003 beside k2 0.01), alone and in the per-pixel max
+             with the z-scored low-pass channel at sigma 8 - does C2 = k2^2 hide faint
+             structure in flat regions, where the normal images' local spread is below k2?
   mahal      image scores from several z-scored channels' maxima at once (1 - SSIM(11) at
              sigma 0, 1, 2, 4, 8; low-pass sigma 4, 8; subsets with the pipeline's pair): the
              Mahalanobis distance of an image's log maxima from the normal validation images'
@@ -183,10 +187,11 @@ from anomaly_ae.scoring.anomaly_map import MapSettings, compose, error_terms, im
 from anomaly_ae.scoring.anomaly_map import lowpass as lowpass_difference
 from anomaly_ae.scoring.inference import reconstruct
 from anomaly_ae.scoring.reference import NormalReference, move
-from anomaly_ae.scoring.ssim import gaussian_blur
+from anomaly_ae.scoring.ssim import gaussian_blur, gaussian_taps, ssim_map
 from anomaly_ae.training.trainer import TrainingConfig, build_loss
 
 Maps = dict[str, torch.Tensor]  # set name -> (N, H, W) maps
+PAPER_K1 = 0.01  # SSIM's luminance constant (ssim_map's default), not a lever of the core
 SETS = ("train", "val", "cal", "held", "test")
 KINDS = ("thin_line", "spot", "smudge", "blob", "perlin", "cutpaste")
 
@@ -221,6 +226,16 @@ def _maps_of_terms(terms: dict, channels: dict) -> dict:
             maps[name] = gaussian_blur(terms["gms"], sigma)[:, 0]
         elif kind == "ssim":
             maps[name] = compose(terms, MapSettings(smoothing_sigma=sigma))[:, 0]
+        elif kind == "ssimk":  # 1 - SSIM(11) with SSIM's own constants: sigma = (smoothing, k1, k2)
+            smooth, k1, k2 = sigma
+            if k1 == PAPER_K1:  # the scoring core's map (MapSettings.ssim_k2)
+                settings = MapSettings(smoothing_sigma=smooth, ssim_k2=k2)
+                maps[name] = compose(error_terms(*terms["pair"], k2=k2), settings)[:, 0]
+            else:  # k1 is no lever of the core: SSIM's map with both constants
+                x, recon = terms["pair"]
+                ssim = ssim_map(x, recon, gaussian_taps(), k1=k1, k2=k2, same_size=True, precise=True)
+                err = (1.0 - ssim.mean(1, keepdim=True)).clamp(0.0, 1.0).float()
+                maps[name] = gaussian_blur(err, smooth)[:, 0]
         elif kind == "signed":
             maps[name] = gaussian_blur(terms["diff"], sigma).mean(1)
         else:
@@ -255,6 +270,8 @@ def channel_maps(
         terms = error_terms(x, recon, keep_diff=True, tolerance=tolerance)
         if any(kind == "gms" for kind, _ in channels.values()):
             terms["gms"] = msgms_error(x, recon)
+        if any(kind == "ssimk" for kind, _ in channels.values()):
+            terms["pair"] = (x, recon)
         yield _maps_of_terms(terms, channels)
 
 
@@ -1604,6 +1621,24 @@ def intensity(network, sets, args) -> list[dict]:
     return rows
 
 
+def constants(network, sets, args) -> list[dict]:
+    """SSIM's stabilising constants C1 = (k1)^2, C2 = (k2)^2 (the paper's k1 0.01, k2 0.03):
+    a faint change in a flat region has a local spread below k2, so C2 hides it from the
+    contrast-structure term; smaller constants let 1 - SSIM see it (and the normal noise
+    there, which the z-score then divides by)."""
+    ks = ((0.01, 0.03), (0.01, 0.02), (0.01, 0.01), (0.01, 0.005), (0.003, 0.01))
+    spec = {f"ssim s4 k{k1}/{k2}": ("ssimk", (4, k1, k2)) for k1, k2 in ks}
+    spec["lowpass s8"] = ("lowpass", 8)
+    raw = maps_of(network, sets, spec, args.batch)
+    z = {name: zscored(raw.pop(name)) for name in list(raw)}  # one channel's raw maps freed at a time
+    rows = []
+    for name in spec:
+        if name != "lowpass s8":
+            rows.append(evaluate(name, sets, z[name]))
+            rows.append(evaluate(f"pmax {name} + lowpass s8", sets, pmax(z[name], z["lowpass s8"])))
+    return rows
+
+
 STUDIES: dict[str, Callable] = {
     f.__name__: f
     for f in (
@@ -1621,6 +1656,7 @@ STUDIES: dict[str, Callable] = {
         subspace,
         blob,
         blob_score,
+        constants,
         features,
         warp,
         intensity,

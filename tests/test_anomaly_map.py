@@ -228,6 +228,9 @@ def test_map_settings_windows_round_trip_and_describe() -> None:
         ({"normal_reference": "median"}, "normal_reference"),
         ({"shift_tolerance": -1}, "shift_tolerance"),
         ({"shift_tolerance": 0.5}, "shift_tolerance"),
+        ({"ssim_k2": 0.0}, "ssim_k2"),
+        ({"ssim_k2": 1.0}, "ssim_k2"),
+        ({"ssim_k2": "small"}, "ssim_k2"),
     ],
 )
 def test_map_settings_refuse_bad_values(kwargs, message) -> None:
@@ -492,6 +495,29 @@ def test_score_maps_serves_two_maps_with_different_tolerances(pair) -> None:
     det_map, heat, _ = score_maps(x, y, dataclasses.replace(detection, localisation=loc), None, loc_ref)
     torch.testing.assert_close(det_map, anomaly_map(x, y, detection), atol=0, rtol=0)
     torch.testing.assert_close(heat, anomaly_map(x, y, loc, loc_ref), atol=0, rtol=0)
+
+
+def test_a_smaller_ssim_k2_sees_faint_structure_in_a_flat_region() -> None:
+    """C2 = ssim_k2**2 keeps SSIM's structure term near 1 where the local spread is below about
+    ssim_k2: a faint texture (spread ~0.007) on a flat grey region barely lights up the
+    paper's map (k2 0.03) and clearly lights up k2 0.01's; identical images stay at 0."""
+    flat = torch.full((1, 1, 64, 64), 0.5)
+    generator = torch.Generator().manual_seed(0)
+    faint = flat.clone()
+    faint[..., 24:40, 24:40] += 0.01 * torch.randn(1, 1, 16, 16, generator=generator)
+    paper, small = MapSettings(), MapSettings(ssim_k2=0.01)
+    at_paper = float(anomaly_map(faint, flat, paper)[..., 28:36, 28:36].mean())
+    at_small = float(anomaly_map(faint, flat, small)[..., 28:36, 28:36].mean())
+    assert at_paper < 0.1 and at_small > 3 * at_paper
+    assert float(anomaly_map(faint, faint, small).abs().max()) < 1e-9
+    # the map's constant only: the paper's per-image SSIM (Table II) is the same for both
+    for settings in (small, dataclasses.replace(small, localisation=MapSettings(smoothing_sigma=2.0))):
+        _, _, ssim_values = score_maps(faint, flat, settings)
+        torch.testing.assert_close(ssim_values, per_image_ssim(faint, flat), atol=1e-6, rtol=0)
+    assert small.describe() == "1-SSIM(11, k2 0.01) max"
+    assert MapSettings(win_size=(7, 11), ssim_k2=0.01).describe_map() == "1-SSIM(7/11, k2 0.01)"
+    assert MapSettings.from_dict(small.to_dict()) == small
+    assert small.terms_key == (0, 0.01) and paper.terms_key == (0, 0.03)
 
 
 # ------------------------------------------------------------------ image scores

@@ -26,6 +26,7 @@ FULL_GRID = {
     "lowpass_sigma": [0, 4, 8],
     "reference_shift": [0, 1],
     "shift_tolerance": [0, 1],
+    "ssim_k2": [0.03],
     "score_reduction": ["max", "topk_mean", "mean"],
 }
 SMALL_GRID = {
@@ -37,6 +38,7 @@ SMALL_GRID = {
     "lowpass_sigma": [0, 4],
     "reference_shift": [0, 1],
     "shift_tolerance": [0, 1],
+    "ssim_k2": [0.03, 0.01],
     "score_reduction": ["max", "mean"],
 }
 DEFECTS = {"per_image": 2, "seed": 0, "min_contrast": 0.08, "max_tries": 20}
@@ -116,10 +118,25 @@ def test_grid_scores_equal_direct_computation_through_the_scoring_core(sets):
     aligned_lowpass = next(
         i for i, p in enumerate(points) if p.settings.shift_tolerance and p.settings.lowpass_sigma
     )
+    first_k2 = next(i for i, p in enumerate(points) if p.settings.ssim_k2 != 0.03)
+    aligned_k2 = next(
+        i for i, p in enumerate(points) if p.settings.ssim_k2 != 0.03 and p.settings.shift_tolerance
+    )
     last = points[-1].settings
     assert last.reference_shift and last.lowpass_sigma and last.normal_reference == "tail"
-    assert last.shift_tolerance == 1
-    checked = (0, 5, first_lowpass, first_moved, first_tail, first_aligned, aligned_lowpass)
+    assert last.shift_tolerance == 1 and last.ssim_k2 == 0.01
+    assert "k2 0.01" in points[first_k2].settings.describe()
+    checked = (
+        0,
+        5,
+        first_lowpass,
+        first_moved,
+        first_tail,
+        first_aligned,
+        aligned_lowpass,
+        first_k2,
+        aligned_k2,
+    )
     for i in (*checked, len(points) // 2, len(points) - 1):
         s = points[i].settings
         # the reference's normal images: the training images and, with a shift, their moved
@@ -146,7 +163,10 @@ def test_grid_scores_equal_direct_computation_through_the_scoring_core(sets):
         for kind in set(defects[3]):
             keep = (masks == 0) | (kinds == kind)
             expected = rank_auroc(masks[keep], maps.numpy()[keep])
-            assert row[f"syn_pixel_auroc_{kind}"] == pytest.approx(expected, abs=tolerance), (i, kind)
+            # one kind has fewer defect pixels than the pooled figure: a swapped near-tied pair
+            # moves it more (measured: 1.5e-5 on the last, tail-referenced setting, whose
+            # division by the reference's narrow widths magnifies the float32 rounding)
+            assert row[f"syn_pixel_auroc_{kind}"] == pytest.approx(expected, abs=3 * tolerance), (i, kind)
     assert scale == pytest.approx(
         float(anomaly_map(torch.from_numpy(normal[0]), torch.from_numpy(normal[1])).mean())
         / float(((normal[0] - normal[1]) ** 2).mean()),
@@ -374,6 +394,7 @@ def test_the_grid_streams_the_training_images_with_the_same_result():
         "lowpass_sigma": [0, 4],
         "reference_shift": [0],
         "shift_tolerance": [0, 1],
+        "ssim_k2": [0.03, 0.01],
         "score_reduction": ["max"],
     }
     args = (grid, MapSettings(), None, (normal, blur(normal)), (defects, blur(defects), masks, kinds), 4)

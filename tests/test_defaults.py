@@ -138,9 +138,21 @@ def test_shipped_parameters_are_valid():
     validate_parameters(_base_params())  # raises on any invalid value
 
 
-def test_the_tolerant_env_adds_only_the_shift_tolerance_to_the_grid():
-    """``kedro run --env tolerant``: conf/base's grid (1512 settings, no shift tolerance) with
-    ``shift_tolerance: [0, 1]`` (3024), every other lever and parameter as in conf/base."""
+@pytest.mark.parametrize(
+    ("env", "lever", "values", "size", "changed"),
+    [
+        # the shift tolerance: every setting once more, aligned within 1 px
+        ("tolerant", "shift_tolerance", [0, 1], 3024, 1512),
+        # the blob score: a fourth score reduction
+        ("blob", "score_reduction", ["max", "topk_mean", "mean", "blob"], 2016, 504),
+        # SSIM's contrast constant: every setting with 1 - SSIM once more with C2 = 0.01^2 (the
+        # 168 squared-error-only settings have no SSIM)
+        ("k2", "ssim_k2", [0.03, 0.01], 2856, 1344),
+    ],
+)
+def test_an_env_adds_only_its_lever_to_the_grid(env, lever, values, size, changed):
+    """``kedro run --env <env>``: conf/base's grid (1512 settings) with one lever widened by
+    one value (``changed`` settings have it), every other lever and parameter as in conf/base."""
     from kedro.config import OmegaConfigLoader
 
     from anomaly_ae.evaluation.calibration import build_grid
@@ -148,41 +160,19 @@ def test_the_tolerant_env_adds_only_the_shift_tolerance_to_the_grid():
     from anomaly_ae.scoring import MapSettings
     from anomaly_ae.settings import CONFIG_LOADER_ARGS
 
-    loader = OmegaConfigLoader(
-        str(REPO_ROOT / "conf"), **{**CONFIG_LOADER_ARGS, "default_run_env": "tolerant"}
-    )
-    tolerant, base = loader["parameters"], _base_params()
-    validate_parameters(tolerant)
-    assert base["calibration"]["grid"]["shift_tolerance"] == [0]
-    assert tolerant["calibration"]["grid"] == {**base["calibration"]["grid"], "shift_tolerance": [0, 1]}
-    assert {k: v for k, v in tolerant.items() if k != "calibration"} == {
+    loader = OmegaConfigLoader(str(REPO_ROOT / "conf"), **{**CONFIG_LOADER_ARGS, "default_run_env": env})
+    params, base = loader["parameters"], _base_params()
+    validate_parameters(params)
+    paper = MapSettings()
+    assert base["calibration"]["grid"][lever] != values
+    assert params["calibration"]["grid"] == {**base["calibration"]["grid"], lever: values}
+    assert {k: v for k, v in params.items() if k != "calibration"} == {
         k: v for k, v in base.items() if k != "calibration"
     }
-    sizes = [len(build_grid(p["calibration"]["grid"], MapSettings(), 1.0)) for p in (base, tolerant)]
-    assert sizes == [1512, 3024]
-
-
-def test_the_blob_env_adds_only_the_blob_score_to_the_grid():
-    """``kedro run --env blob``: conf/base's grid with the ``blob`` score reduction added
-    (2016 settings), every other lever and parameter as in conf/base."""
-    from kedro.config import OmegaConfigLoader
-
-    from anomaly_ae.evaluation.calibration import build_grid
-    from anomaly_ae.param_schema import validate_parameters
-    from anomaly_ae.scoring import MapSettings
-    from anomaly_ae.settings import CONFIG_LOADER_ARGS
-
-    loader = OmegaConfigLoader(str(REPO_ROOT / "conf"), **{**CONFIG_LOADER_ARGS, "default_run_env": "blob"})
-    blob, base = loader["parameters"], _base_params()
-    validate_parameters(blob)
-    assert "blob" not in base["calibration"]["grid"]["score_reduction"]
-    reductions = [*base["calibration"]["grid"]["score_reduction"], "blob"]
-    assert blob["calibration"]["grid"] == {**base["calibration"]["grid"], "score_reduction": reductions}
-    assert {k: v for k, v in blob.items() if k != "calibration"} == {
-        k: v for k, v in base.items() if k != "calibration"
-    }
-    grid = build_grid(blob["calibration"]["grid"], MapSettings(), 1.0)
-    assert len(grid) == 2016 and sum(p.settings.score_reduction == "blob" for p in grid) == 504
+    assert len(build_grid(base["calibration"]["grid"], paper, 1.0)) == 1512
+    grid = build_grid(params["calibration"]["grid"], paper, 1.0)
+    assert len(grid) == size
+    assert sum(getattr(p.settings, lever) == values[-1] for p in grid) == changed
 
 
 @pytest.mark.parametrize(

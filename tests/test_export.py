@@ -472,6 +472,16 @@ REAL_PARITY_MAPS = {
         "shift_tolerance": 1,
         "localisation": {"smoothing_sigma": 4.0, "normal_reference": "zscore", "lowpass_sigma": 4.0},
     },
+    # SSIM's contrast constant 0.01 on the score (a smaller C2: flat regions' faint structure
+    # and float64 noise weigh more), the paper's on the heat map: the error terms once per
+    # constant in one graph
+    "k2_001_zscore_smooth2_lowpass8_paper_heat_map": {
+        "smoothing_sigma": 2.0,
+        "normal_reference": "zscore",
+        "lowpass_sigma": 8.0,
+        "ssim_k2": 0.01,
+        "localisation": {"smoothing_sigma": 8.0, "normal_reference": "zscore", "lowpass_sigma": 4.0},
+    },
     # the blob score (the map's strongest compact peak over three blurs, a Hessian per pixel)
     "zscore_smooth4_lowpass8_blob": {
         "smoothing_sigma": 4.0,

@@ -25,7 +25,8 @@ difference, normalised the same way), ``reference_shift`` (with ``zscore`` or ``
 the reference fitted on the training
 images and their copies moved by that many px, :func:`~anomaly_ae.scoring.reference.with_moved_copies`),
 ``shift_tolerance`` (every error term at the reconstruction's best alignment within that many
-px, ``MapSettings.shift_tolerance``; the error terms are computed once per tolerance) and
+px, ``MapSettings.shift_tolerance``), ``ssim_k2`` (SSIM's contrast constant,
+``MapSettings.ssim_k2``; the error terms are computed once per tolerance and constant) and
 ``score_reduction``.
 """
 
@@ -52,6 +53,7 @@ from anomaly_ae.scoring.reference import (
     correct,
     with_moved_copies,
 )
+from anomaly_ae.scoring.ssim import PAPER_K2
 
 __all__ = [
     "BLENDS",
@@ -85,7 +87,8 @@ class GridPoint:
         """Settings sharing this key share the uncorrected map (and its normal reference)."""
         s = self.settings
         combine = s.scale_combine if s.ssim_weight and len(s.windows) > 1 else None
-        return (self.blend, s.windows if s.ssim_weight else (), combine, s.smoothing_sigma, s.shift_tolerance)
+        # the last item is the terms key (a squared-error map's constant is the paper map's)
+        return (self.blend, s.windows if s.ssim_weight else (), combine, s.smoothing_sigma, s.terms_key)
 
     @property
     def map_key(self) -> tuple:
@@ -107,14 +110,16 @@ def _blend_of(settings: MapSettings) -> str:
 
 def map_levers_between(a: MapSettings, b: MapSettings) -> int:
     """How many of the grid's map levers differ between two maps (the score reduction aside):
-    blend, window(s), their combination, smoothing, reference, low-pass channel, moved copies,
-    shift tolerance."""
+    blend, window(s), their combination, SSIM's contrast constant, smoothing, reference, low-pass
+    channel, moved copies, shift tolerance."""
     window_changed = bool(a.ssim_weight) and a.windows != b.windows
     combine_changed = bool(a.ssim_weight) and len(a.windows) > 1 and a.scale_combine != b.scale_combine
+    k2_changed = bool(a.ssim_weight) and a.ssim_k2 != b.ssim_k2
     return (
         int(_blend_of(a) != _blend_of(b))
         + int(window_changed)
         + int(combine_changed)
+        + int(k2_changed)
         + int(a.smoothing_sigma != b.smoothing_sigma)
         + int(a.normal_reference != b.normal_reference)
         + int(a.lowpass_sigma != b.lowpass_sigma)
@@ -132,9 +137,9 @@ def _weights(blend: str, scale: float) -> tuple[float, float]:
 def build_grid(grid: dict, paper: MapSettings, scale: float) -> list[GridPoint]:
     """Every combination of the levers in ``grid`` (keys ``blend``, ``win_size``,
     ``scale_combine``, ``smoothing_sigma``, ``normal_reference``, ``lowpass_sigma``,
-    ``reference_shift``, ``shift_tolerance``, ``score_reduction``), the paper's map first. A
-    squared-error-only blend has no SSIM window, so it is listed once; ``scale_combine`` only varies for
-    multi-scale windows; a low-pass channel and moved reference images only go with the
+    ``reference_shift``, ``shift_tolerance``, ``ssim_k2``, ``score_reduction``), the paper's map
+    first. A squared-error-only blend has no SSIM window (nor constant), so it is listed once;
+    ``scale_combine`` only varies for multi-scale windows; a low-pass channel and moved reference images only go with the
     ``zscore`` and ``tail`` references."""
     expected = {
         "blend",
@@ -145,6 +150,7 @@ def build_grid(grid: dict, paper: MapSettings, scale: float) -> list[GridPoint]:
         "lowpass_sigma",
         "reference_shift",
         "shift_tolerance",
+        "ssim_k2",
         "score_reduction",
     }
     if set(grid) != expected:
@@ -163,8 +169,9 @@ def build_grid(grid: dict, paper: MapSettings, scale: float) -> list[GridPoint]:
                         scaled = reference in SCALED_MODES
                         lowpasses = grid["lowpass_sigma"] if scaled else [0.0]
                         shifts = grid["reference_shift"] if scaled else [0]
-                        for low, shift, tolerance, reduction in itertools.product(
-                            lowpasses, shifts, grid["shift_tolerance"], grid["score_reduction"]
+                        k2s = grid["ssim_k2"] if ssim_w else [paper.ssim_k2]
+                        for low, shift, tolerance, k2, reduction in itertools.product(
+                            lowpasses, shifts, grid["shift_tolerance"], k2s, grid["score_reduction"]
                         ):
                             settings = dataclasses.replace(
                                 paper,
@@ -177,6 +184,7 @@ def build_grid(grid: dict, paper: MapSettings, scale: float) -> list[GridPoint]:
                                 lowpass_sigma=float(low),
                                 reference_shift=int(shift),
                                 shift_tolerance=tolerance,
+                                ssim_k2=k2,
                                 score_reduction=reduction,
                             )
                             if settings not in seen:
@@ -199,12 +207,13 @@ def _terms(
     win_sigma: float,
     batch: int,
     keep_diff: bool = False,
-    tolerances: Sequence[int] = (0,),
-) -> dict[int, dict]:
-    """The images' :func:`error_terms`, a batch at a time, once per shift tolerance:
-    ``{tolerance: terms}``."""
+    term_keys: Sequence[tuple[int, float]] = ((0, PAPER_K2),),
+) -> dict[tuple, dict]:
+    """The images' :func:`error_terms`, a batch at a time, once per terms key
+    (:attr:`MapSettings.terms_key`: shift tolerance, SSIM's contrast constant): ``{key: terms}``."""
     out = {}
-    for tolerance in tolerances:
+    for key in term_keys:
+        tolerance, k2 = key
         parts = [
             error_terms(
                 unit_float(torch.from_numpy(np.ascontiguousarray(images[i : i + batch]))),
@@ -213,10 +222,11 @@ def _terms(
                 win_sigma,
                 keep_diff=keep_diff,
                 tolerance=tolerance,
+                k2=k2,
             )
             for i in range(0, len(images), batch)
         ]
-        out[tolerance] = {
+        out[key] = {
             "ssim_err": {w: torch.cat([p["ssim_err"][w] for p in parts]) for w in windows},
             **{
                 key: torch.cat([p[key] for p in parts])
@@ -228,6 +238,15 @@ def _terms(
     return out
 
 
+def _lowpass_terms(term_keys: Sequence[tuple[int, float]]) -> dict[int, tuple[int, float]]:
+    """Per shift tolerance, the terms key whose terms give its low-pass channel (the channel
+    does not depend on SSIM's constant: the first key with that tolerance)."""
+    out: dict[int, tuple[int, float]] = {}
+    for key in term_keys:
+        out.setdefault(key[0], key)
+    return out
+
+
 def _train_references(
     train: tuple[np.ndarray, np.ndarray | Callable[[np.ndarray], np.ndarray]],
     windows: tuple[int, ...],
@@ -236,15 +255,15 @@ def _train_references(
     by_sigma: dict[float, dict[tuple, list[GridPoint]]],
     lowpass_sigmas: Sequence[float] = (),
     shifts: Sequence[int] = (0,),
-    tolerances: Sequence[int] = (0,),
+    term_keys: Sequence[tuple[int, float]] = ((0, PAPER_K2),),
 ) -> dict[tuple, NormalReference]:
     """The normal reference of every uncorrected map of the grid, for every reference shift,
     fitted one batch of training images at a time (:class:`ReferenceAccumulator`): memory does
     not grow with the number of training images. ``train[1]`` is the reconstructions, or a
     function that reconstructs a batch (then not even they are held; moved copies,
     ``shifts`` other than 0, need it). References are keyed ``(shift, sigma, raw_key)`` (the
-    raw key ends with the shift tolerance), the low-pass channels' ``("lowpass", sigma, shift,
-    tolerance)``. A shift's reference holds the unmoved
+    raw key ends with the terms key: shift tolerance, SSIM constant), the low-pass channels'
+    ``("lowpass", sigma, shift, tolerance)``. A shift's reference holds the unmoved
     images and their moved copies (:func:`with_moved_copies`), each image with its copies in
     one batch (the accumulators leave each pixel's highest image out)."""
     images, recon = train
@@ -257,11 +276,12 @@ def _train_references(
         for s, by_raw in by_sigma.items()
         for key in by_raw
     }
+    by_shift_tolerance = _lowpass_terms(term_keys)
     accumulators |= {
         ("lowpass", s, shift, r): ReferenceAccumulator()
         for s in lowpass_sigmas
         for shift in shifts
-        for r in tolerances
+        for r in by_shift_tolerance
     }
 
     def add(
@@ -271,18 +291,18 @@ def _train_references(
         holds, ``sources[shift]``: their images."""
         x, y = unit_float(torch.from_numpy(batch)), torch.from_numpy(np.ascontiguousarray(rebuilt))
         terms = {
-            r: error_terms(x, y, windows, win_sigma, keep_diff=bool(lowpass_sigmas), tolerance=r)
-            for r in tolerances
+            (r, k2): error_terms(x, y, windows, win_sigma, keep_diff=bool(lowpass_sigmas), tolerance=r, k2=k2)
+            for r, k2 in term_keys
         }
         for smoothing, by_raw in by_sigma.items():
-            for r, keys in _by_tolerance(by_raw).items():
-                smoothed = smooth_terms(terms[r], smoothing)
+            for terms_key, keys in _by_terms(by_raw).items():
+                smoothed = smooth_terms(terms[terms_key], smoothing)
                 for key in keys:
                     maps = blend(smoothed, by_raw[key][0].settings)[:, 0]
                     for shift, chosen in rows.items():
                         accumulators[shift, smoothing, key].add(maps[chosen], sources[shift])
-        for s, r in itertools.product(lowpass_sigmas, tolerances):
-            maps = lowpass(terms[r], s)[:, 0]
+        for s, (r, terms_key) in itertools.product(lowpass_sigmas, by_shift_tolerance.items()):
+            maps = lowpass(terms[terms_key], s)[:, 0]
             for shift, chosen in rows.items():
                 accumulators["lowpass", s, shift, r].add(maps[chosen], sources[shift])
 
@@ -318,8 +338,8 @@ class GridReferences:
 @dataclass(frozen=True)
 class _Plan:
     """What scoring a grid needs: its points, the SSIM windows, the points grouped by
-    smoothing and uncorrected map, the low-pass sigmas, the reference shifts and the shift
-    tolerances."""
+    smoothing and uncorrected map, the low-pass sigmas, the reference shifts and the terms
+    keys (shift tolerance, SSIM constant)."""
 
     points: list[GridPoint]
     windows: tuple[int, ...]
@@ -327,7 +347,11 @@ class _Plan:
     lowpass_sigmas: list[float]
     shifts: list[int]
     lowpass_modes: list[str]
-    tolerances: list[int]
+    term_keys: list[tuple[int, float]]
+
+    @property
+    def tolerances(self) -> list[int]:
+        return sorted(_lowpass_terms(self.term_keys))
 
     @property
     def reference_keys(self) -> set[tuple]:
@@ -356,7 +380,7 @@ def _plan(grid: dict, paper: MapSettings, scale: float) -> _Plan:
         sorted({float(s) for s in grid.get("lowpass_sigma", [])} - {0.0}),
         sorted({p.settings.reference_shift for p in points}),
         sorted({p.settings.normal_reference for p in points if p.settings.lowpass_sigma}),
-        sorted({p.settings.shift_tolerance for p in points}),
+        sorted({p.settings.terms_key for p in points}),
     )
 
 
@@ -364,8 +388,8 @@ def normal_l2_scale(normal: tuple[np.ndarray, np.ndarray], paper: MapSettings, b
     """The ``ssim+l2`` scale (:func:`l2_scale`) measured on the NORMAL ``(images,
     reconstructions)``, with the paper's first SSIM window: what :func:`score_grid`
     measures when it is given no scale."""
-    terms = _terms(*normal, paper.windows, paper.win_sigma, batch_size, tolerances=(paper.shift_tolerance,))
-    return l2_scale(terms[paper.shift_tolerance], paper.windows[0])
+    terms = _terms(*normal, paper.windows, paper.win_sigma, batch_size, term_keys=(paper.terms_key,))
+    return l2_scale(terms[paper.terms_key], paper.windows[0])
 
 
 def fit_grid_references(
@@ -388,20 +412,24 @@ def fit_grid_references(
         plan.by_sigma,
         plan.lowpass_sigmas,
         plan.shifts,
-        plan.tolerances,
+        plan.term_keys,
     )
     return GridReferences(float(scale), maps)
 
 
 def _distinct_maps(
-    plan: _Plan, references: dict[tuple, NormalReference], terms: dict[int, dict]
+    plan: _Plan, references: dict[tuple, NormalReference], terms: dict[tuple, dict]
 ) -> Iterator[tuple[list[GridPoint], torch.Tensor, NormalReference]]:
     """Every distinct corrected map of the grid, once: ``(the settings sharing it (they differ
     in the score reduction only), the maps (N, H, W), the reference of its uncorrected map)``,
-    from the images' :func:`error_terms` per shift tolerance (with ``keep_diff`` when the grid
-    has low-pass channels)."""
+    from the images' :func:`error_terms` per terms key (with ``keep_diff`` when the grid has
+    low-pass channels)."""
     # the normalised low-pass channel of the images, once per sigma, shift, mode and tolerance
-    raw_lowpass = {(s, r): lowpass(terms[r], s)[:, 0] for s in plan.lowpass_sigmas for r in plan.tolerances}
+    raw_lowpass = {
+        (s, r): lowpass(terms[key], s)[:, 0]
+        for s in plan.lowpass_sigmas
+        for r, key in _lowpass_terms(plan.term_keys).items()
+    }
     lowpasses = {
         (s, shift, mode, r): correct(raw_lowpass[s, r], *references["lowpass", s, shift, r].as_tensors(mode))
         for s in plan.lowpass_sigmas
@@ -410,9 +438,9 @@ def _distinct_maps(
         for r in plan.tolerances
     }
     for smoothing, by_raw in plan.by_sigma.items():
-        for tolerance, keys in _by_tolerance(by_raw).items():
+        for terms_key, keys in _by_terms(by_raw).items():
             # smoothing is linear: smooth each error term once, then blend (see smooth_terms)
-            smoothed = smooth_terms(terms[tolerance], smoothing)
+            smoothed = smooth_terms(terms[terms_key], smoothing)
             for raw_key in keys:
                 raw = blend(smoothed, by_raw[raw_key][0].settings)[:, 0]
                 by_map: dict[tuple[str, float, int], list[GridPoint]] = {}
@@ -425,13 +453,13 @@ def _distinct_maps(
                     reference = references[shift, smoothing, raw_key]
                     maps = raw if mode == "none" else correct(raw, *reference.as_tensors(mode))
                     if low:  # the per-pixel max with the low-pass channel, normalised alike (MapSettings)
-                        maps = torch.maximum(maps, lowpasses[low, shift, mode, tolerance])
+                        maps = torch.maximum(maps, lowpasses[low, shift, mode, terms_key[0]])
                     yield group, maps, reference
 
 
-def _by_tolerance(by_raw: dict[tuple, list[GridPoint]]) -> dict[int, list[tuple]]:
-    """The raw keys of one smoothing grouped by their shift tolerance (a raw key's last item),
-    so that one tolerance's smoothed terms are held at a time."""
+def _by_terms(by_raw: dict[tuple, list[GridPoint]]) -> dict[tuple, list[tuple]]:
+    """The raw keys of one smoothing grouped by their terms key (shift tolerance, SSIM
+    constant: a raw key's last item), so that one key's smoothed terms are held at a time."""
     out: dict[int, list[tuple]] = {}
     for key in by_raw:
         out.setdefault(key[-1], []).append(key)
@@ -456,7 +484,7 @@ def grid_maps(
         paper.win_sigma,
         batch_size,
         keep_diff=bool(plan.lowpass_sigmas),
-        tolerances=plan.tolerances,
+        term_keys=plan.term_keys,
     )
     for group, maps, _ in _distinct_maps(plan, references.maps, terms):
         yield group, maps
@@ -518,7 +546,7 @@ def score_grid(
         paper.win_sigma,
         batch_size,
         keep_diff=bool(lowpass_sigmas),
-        tolerances=plan.tolerances,
+        term_keys=plan.term_keys,
     )
     n_normal, h, w = len(normal[0]), *normal[0].shape[-2:]
     # the pixel AUROC per kind (``syn_pixel_auroc_<kind>``): each kind's defect pixels against
@@ -567,6 +595,7 @@ def score_grid(
                 "lowpass_sigma": p.settings.lowpass_sigma,
                 "reference_shift": p.settings.reference_shift,
                 "shift_tolerance": p.settings.shift_tolerance,
+                "ssim_k2": p.settings.ssim_k2,
                 "score_reduction": p.settings.score_reduction,
                 "levers_changed": p.levers_changed(paper),
                 **rows[p],

@@ -31,6 +31,7 @@ from torch import Tensor
 from anomaly_ae.config import from_settings
 from anomaly_ae.scoring.reference import SCALED_MODES, check_mode, correct, move
 from anomaly_ae.scoring.ssim import (
+    PAPER_K2,
     PAPER_WIN_SIGMA,
     PAPER_WIN_SIZE,
     exact_scalar,
@@ -73,6 +74,10 @@ NAME_LEGEND = (
     ("moved 1", "that reference also fitted on the training images moved by 1 px"),
     ("+ lowpass s", "per pixel the larger of the map and |blur(image - reconstruction, s)|, both normalised"),
     ("align r", "each pixel's error at the reconstruction's best alignment within r px"),
+    (
+        "1-SSIM(w, k2 c)",
+        "SSIM's contrast constant C2 = c^2 (the paper's 0.03; smaller sees fainter structure)",
+    ),
     ("max / top1% / mean", "the image score: the map's largest pixel, mean of its top 1 %, or mean"),
     ("blob", "the image score: the map's strongest compact peak (a ridge along an edge does not count)"),
 )
@@ -95,6 +100,13 @@ class MapSettings:
     lights up in the plain map; a defect, which the reconstruction lacks at every alignment,
     does not go away. It costs ``(2r + 1)**2`` SSIM maps per window instead of one.
 
+    ``ssim_k2`` (default 0.03: the paper's, Wang et al.'s) sets SSIM's contrast constant
+    ``C2 = ssim_k2**2``, which keeps the contrast-structure term ``(2 s_xy + C2) / (s_x^2 +
+    s_y^2 + C2)`` near 1 wherever the local spread is below about ``ssim_k2``: a faint change
+    in a flat region is hidden from ``1 - SSIM``. A smaller value lets the map see it, and the
+    flat regions' normal noise with it (which the ``zscore`` / ``tail`` references divide by).
+    It changes the map only, never the training loss.
+
     ``localisation`` (default None: the same map) is a second map's settings: the map shown as
     the heat map and scored per pixel, while this one gives the image score. What finds a
     defective image (a sharp peak) and what outlines a defect (a smoother map) are not always
@@ -113,6 +125,7 @@ class MapSettings:
     lowpass_sigma: float = 0.0
     reference_shift: int = 0
     shift_tolerance: int = 0
+    ssim_k2: float = PAPER_K2
     localisation: MapSettings | None = None
 
     def __post_init__(self) -> None:
@@ -156,6 +169,12 @@ class MapSettings:
                 f"(0: the reconstruction as it is), got {self.shift_tolerance!r}"
             )
         object.__setattr__(self, "shift_tolerance", int(self.shift_tolerance))
+        if not (isinstance(self.ssim_k2, int | float) and 0 < float(self.ssim_k2) < 1):
+            raise ValueError(
+                "evaluation.anomaly_map.ssim_k2 (SSIM's contrast constant, C2 = ssim_k2**2) must be "
+                f"a number in (0, 1); the paper's is {PAPER_K2}; got {self.ssim_k2!r}"
+            )
+        object.__setattr__(self, "ssim_k2", float(self.ssim_k2))
         if self.reference_shift and self.normal_reference == "none":
             raise ValueError(
                 "evaluation.anomaly_map.reference_shift > 0 moves the training images the normal "
@@ -193,6 +212,12 @@ class MapSettings:
         """These settings without the score reduction and the localisation map: what makes
         the map itself."""
         return dataclasses.replace(self, score_reduction="max", topk_fraction=0.01, localisation=None)
+
+    @property
+    def terms_key(self) -> tuple[int, float]:
+        """What the error terms (:func:`error_terms`) depend on besides the windows: the shift
+        tolerance and SSIM's contrast constant. Maps sharing it share their terms."""
+        return (self.shift_tolerance, self.ssim_k2)
 
     @property
     def heatmap(self) -> MapSettings:
@@ -252,6 +277,8 @@ class MapSettings:
             wins = "/".join(str(w) for w in self.windows)
             if len(self.windows) > 1 and self.scale_combine != "mean":
                 wins += f" {self.scale_combine}"
+            if self.ssim_k2 != PAPER_K2:
+                wins += f", k2 {self.ssim_k2:g}"
             parts.append(f"1-SSIM({wins})" + (f"x{self.ssim_weight:g}" if self.ssim_weight != 1 else ""))
         if self.l2_weight:
             parts.append(f"sq.err x{self.l2_weight:.3g}" if self.ssim_weight else "sq.err")
@@ -278,6 +305,7 @@ def error_terms(
     dtype: torch.dtype = torch.float32,
     keep_diff: bool = False,
     tolerance: int = 0,
+    k2: float = PAPER_K2,
 ) -> dict:
     """The expensive part of every map, computed once (SSIM's statistics in float64, see
     :mod:`anomaly_ae.scoring.ssim`; the terms in ``dtype``: float32 for the calibration grid,
@@ -295,10 +323,12 @@ def error_terms(
     smallest over the reconstruction moved by every ``(dy, dx)`` with ``|dy|, |dx| <= r``
     (:func:`shift_offsets`); ``"ssim"`` stays the unmoved reconstruction's (the paper's
     per-image SSIM), and instead of ``"diff"`` the images and reconstructions are kept
-    (``"x"``, ``"recon"``, ``"tolerance"``) for the low-pass channel's own minimum."""
+    (``"x"``, ``"recon"``, ``"tolerance"``) for the low-pass channel's own minimum.
+
+    ``k2``: SSIM's contrast constant (``MapSettings.ssim_k2``; the paper's 0.03)."""
     x, recon = x.float(), recon.float()
     ssim = {
-        w: _colour_mean(ssim_map(x, recon, gaussian_taps(w, win_sigma), same_size=True, precise=True))
+        w: _colour_mean(ssim_map(x, recon, gaussian_taps(w, win_sigma), k2=k2, same_size=True, precise=True))
         for w in windows
     }
     ssim_err = {w: (1.0 - m).clamp(0.0, 1.0).to(dtype) for w, m in ssim.items()}
@@ -306,7 +336,9 @@ def error_terms(
     for dy, dx in shift_offsets(tolerance)[1:]:
         moved = move(recon, dy, dx)
         for w in windows:
-            m = _colour_mean(ssim_map(x, moved, gaussian_taps(w, win_sigma), same_size=True, precise=True))
+            m = _colour_mean(
+                ssim_map(x, moved, gaussian_taps(w, win_sigma), k2=k2, same_size=True, precise=True)
+            )
             ssim_err[w] = torch.minimum(ssim_err[w], (1.0 - m).clamp(0.0, 1.0).to(dtype))
         sq = torch.minimum(sq, _colour_mean((x.to(dtype) - moved.to(dtype)).pow(2)))
     terms = {"ssim_err": ssim_err, "sq": sq}
@@ -417,6 +449,7 @@ def raw_map(x: Tensor, recon: Tensor, settings: MapSettings) -> Tensor:
         dtype=map_dtype(x.device),
         keep_diff=bool(settings.lowpass_sigma),
         tolerance=settings.shift_tolerance,
+        k2=settings.ssim_k2,
     )
     return compose(terms, settings)
 
@@ -457,11 +490,11 @@ def score_maps(
     paper = paper_ssim and PAPER_WIN_SIZE in windows and settings.win_sigma == PAPER_WIN_SIGMA
     if settings.localisation and settings.localisation.win_sigma != settings.win_sigma:
         raise ValueError("the detection and localisation maps must share win_sigma")
-    tolerances = dict.fromkeys(
-        m.shift_tolerance for m in (settings, settings.localisation) if m is not None
-    )  # the error terms once per shift tolerance (usually one)
-    by_tolerance = {
-        r: error_terms(
+    keys = dict.fromkeys(
+        m.terms_key for m in (settings, settings.localisation) if m is not None
+    )  # the error terms once per shift tolerance and SSIM constant (usually one)
+    by_key = {
+        key: error_terms(
             x,
             recon,
             windows,
@@ -469,22 +502,23 @@ def score_maps(
             keep_ssim=paper and i == 0,
             dtype=map_dtype(x.device),
             keep_diff=settings.any_lowpass,
-            tolerance=r,
+            tolerance=key[0],
+            k2=key[1],
         )
-        for i, r in enumerate(tolerances)
+        for i, key in enumerate(keys)
     }
-    terms = by_tolerance[settings.shift_tolerance]
+    terms = by_key[settings.terms_key]
     detection = _correct(compose(terms, settings), settings, reference)
     heat = detection
     if settings.localisation:
         loc = settings.localisation
-        heat = _correct(compose(by_tolerance[loc.shift_tolerance], loc), loc, localisation_reference)
+        heat = _correct(compose(by_key[loc.terms_key], loc), loc, localisation_reference)
     if not paper_ssim:
         return detection, heat, None
     p = PAPER_WIN_SIZE // 2
     h, w = x.shape[-2:]
-    if paper and 2 * p < min(h, w):
-        valid = by_tolerance[settings.shift_tolerance]["ssim"][PAPER_WIN_SIZE][..., p : h - p, p : w - p]
+    if paper and settings.ssim_k2 == PAPER_K2 and 2 * p < min(h, w):
+        valid = terms["ssim"][PAPER_WIN_SIZE][..., p : h - p, p : w - p]
     else:
         valid = ssim_map(x.float(), recon.float(), gaussian_taps(), precise=True)
     return detection, heat, valid.flatten(1).mean(-1).float()

@@ -43,6 +43,7 @@ __all__ = [
     "map_dtype",
     "PAPER_WIN_SIZE",
     "PAPER_WIN_SIGMA",
+    "PAPER_K2",
     "gaussian_taps",
     "blur_taps",
     "gaussian_filter",
@@ -56,6 +57,8 @@ __all__ = [
 #: The SSIM window of the paper (``tf.image.ssim`` / pytorch_msssim defaults).
 PAPER_WIN_SIZE = 11
 PAPER_WIN_SIGMA = 1.5
+#: SSIM's contrast constant ``C2 = (k2 * data_range)**2`` (Wang et al. 2004; the paper's).
+PAPER_K2 = 0.03
 
 
 def gaussian_taps(win_size: int = PAPER_WIN_SIZE, sigma: float = PAPER_WIN_SIGMA) -> tuple[float, ...]:
@@ -156,7 +159,7 @@ def ssim_map(
     taps: tuple[float, ...],
     data_range: float = 1.0,
     k1: float = 0.01,
-    k2: float = 0.03,
+    k2: float = PAPER_K2,
     same_size: bool = False,
     precise: bool = False,
 ) -> Tensor:
