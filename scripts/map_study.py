@@ -147,6 +147,8 @@ the spread floored by its mean):
              0.02, 0.01, 0.005 (and k1 0.003 beside k2 0.01), alone and in the per-pixel max
              with the z-scored low-pass channel at sigma 8 - does C2 = k2^2 hide faint
              structure in flat regions, where the normal images' local spread is below k2?
+  spread     no maps: quantiles of the training images' local spread (SSIM's window), and the
+             share of pixels below k2 0.03 / 0.02 / 0.01;
   mahal      image scores from several z-scored channels' maxima at once (1 - SSIM(11) at
              sigma 0, 1, 2, 4, 8; low-pass sigma 4, 8; subsets with the pipeline's pair): the
              Mahalanobis distance of an image's log maxima from the normal validation images'
@@ -187,7 +189,7 @@ from anomaly_ae.scoring.anomaly_map import MapSettings, compose, error_terms, im
 from anomaly_ae.scoring.anomaly_map import lowpass as lowpass_difference
 from anomaly_ae.scoring.inference import reconstruct
 from anomaly_ae.scoring.reference import NormalReference, move
-from anomaly_ae.scoring.ssim import gaussian_blur, gaussian_taps, ssim_map
+from anomaly_ae.scoring.ssim import gaussian_blur, gaussian_filter, gaussian_taps, ssim_map
 from anomaly_ae.training.trainer import TrainingConfig, build_loss
 
 Maps = dict[str, torch.Tensor]  # set name -> (N, H, W) maps
@@ -1621,6 +1623,24 @@ def intensity(network, sets, args) -> list[dict]:
     return rows
 
 
+def spread(network, sets, args) -> list[dict]:
+    """No maps: the local spread of the normal training images (the standard deviation in
+    SSIM's 11x11 Gaussian window, sigma 1.5, largest over the colour channels), as quantiles
+    over their pixels - how much of a product is flatter than SSIM's constant k2 sees?"""
+    taps, parts = gaussian_taps(), []
+    train = sets["images"]["train"]
+    for start in range(0, len(train), args.batch):
+        x = torch.from_numpy(as_unit_float(train[start : start + args.batch])).double()
+        mean = gaussian_filter(x, taps, same_size=True)
+        variance = (gaussian_filter(x * x, taps, same_size=True) - mean * mean).clamp(min=0)
+        parts.append(variance.sqrt().amax(1).flatten())
+    values = torch.cat(parts).numpy()  # numpy: torch's quantile stops at 2**24 values
+    row = {"images": len(train), "pixels": values.size}
+    row |= {f"q{int(q * 100)}": float(np.quantile(values, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)}
+    row |= {f"below k2 {k}": float((values < k).mean()) for k in (0.03, 0.02, 0.01)}
+    return [row]
+
+
 def constants(network, sets, args) -> list[dict]:
     """SSIM's stabilising constants C1 = (k1)^2, C2 = (k2)^2 (the paper's k1 0.01, k2 0.03):
     a faint change in a flat region has a local spread below k2, so C2 hides it from the
@@ -1657,6 +1677,7 @@ STUDIES: dict[str, Callable] = {
         blob,
         blob_score,
         constants,
+        spread,
         features,
         warp,
         intensity,
