@@ -139,8 +139,8 @@ def build_grid(grid: dict, paper: MapSettings, scale: float) -> list[GridPoint]:
     ``scale_combine``, ``smoothing_sigma``, ``normal_reference``, ``lowpass_sigma``,
     ``reference_shift``, ``shift_tolerance``, ``ssim_k2``, ``score_reduction``), the paper's map
     first. A squared-error-only blend has no SSIM window (nor constant), so it is listed once;
-    ``scale_combine`` only varies for multi-scale windows; a low-pass channel and moved reference images only go with the
-    ``zscore`` and ``tail`` references."""
+    ``scale_combine`` only varies for multi-scale windows; a low-pass channel and moved
+    reference images only go with the ``zscore`` and ``tail`` references."""
     expected = {
         "blend",
         "win_size",

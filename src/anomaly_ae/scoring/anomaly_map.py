@@ -76,7 +76,7 @@ NAME_LEGEND = (
     ("align r", "each pixel's error at the reconstruction's best alignment within r px"),
     (
         "1-SSIM(w, k2 c)",
-        "SSIM's contrast constant C2 = c^2 (the paper's 0.03; smaller sees fainter structure)",
+        "SSIM's contrast constant C2 = c² (the paper's 0.03; smaller sees fainter structure)",
     ),
     ("max / top1% / mean", "the image score: the map's largest pixel, mean of its top 1 %, or mean"),
     ("blob", "the image score: the map's strongest compact peak (a ridge along an edge does not count)"),
