@@ -350,8 +350,13 @@ class _Plan:
     term_keys: list[tuple[int, float]]
 
     @property
+    def lowpass_terms(self) -> dict[int, tuple[int, float]]:
+        """Per shift tolerance, the terms key its low-pass channel is taken from."""
+        return _lowpass_terms(self.term_keys)
+
+    @property
     def tolerances(self) -> list[int]:
-        return sorted(_lowpass_terms(self.term_keys))
+        return sorted(self.lowpass_terms)
 
     @property
     def reference_keys(self) -> set[tuple]:
@@ -428,7 +433,7 @@ def _distinct_maps(
     raw_lowpass = {
         (s, r): lowpass(terms[key], s)[:, 0]
         for s in plan.lowpass_sigmas
-        for r, key in _lowpass_terms(plan.term_keys).items()
+        for r, key in plan.lowpass_terms.items()
     }
     lowpasses = {
         (s, shift, mode, r): correct(raw_lowpass[s, r], *references["lowpass", s, shift, r].as_tensors(mode))
@@ -460,7 +465,7 @@ def _distinct_maps(
 def _by_terms(by_raw: dict[tuple, list[GridPoint]]) -> dict[tuple, list[tuple]]:
     """The raw keys of one smoothing grouped by their terms key (shift tolerance, SSIM
     constant: a raw key's last item), so that one key's smoothed terms are held at a time."""
-    out: dict[int, list[tuple]] = {}
+    out: dict[tuple, list[tuple]] = {}
     for key in by_raw:
         out.setdefault(key[-1], []).append(key)
     return out

@@ -487,7 +487,12 @@ def score_maps(
     SSIM map IS the valid-mode map of :func:`~anomaly_ae.scoring.ssim.per_image_ssim`, so SSIM
     is filtered once."""
     windows = settings.all_windows
-    paper = paper_ssim and PAPER_WIN_SIZE in windows and settings.win_sigma == PAPER_WIN_SIGMA
+    paper = (
+        paper_ssim
+        and PAPER_WIN_SIZE in windows
+        and settings.win_sigma == PAPER_WIN_SIGMA
+        and settings.ssim_k2 == PAPER_K2
+    )  # the detection map's SSIM is the paper's: keep it for the per-image SSIM
     if settings.localisation and settings.localisation.win_sigma != settings.win_sigma:
         raise ValueError("the detection and localisation maps must share win_sigma")
     keys = dict.fromkeys(
@@ -517,7 +522,7 @@ def score_maps(
         return detection, heat, None
     p = PAPER_WIN_SIZE // 2
     h, w = x.shape[-2:]
-    if paper and settings.ssim_k2 == PAPER_K2 and 2 * p < min(h, w):
+    if paper and 2 * p < min(h, w):
         valid = terms["ssim"][PAPER_WIN_SIZE][..., p : h - p, p : w - p]
     else:
         valid = ssim_map(x.float(), recon.float(), gaussian_taps(), precise=True)
