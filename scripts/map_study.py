@@ -149,6 +149,11 @@ the spread floored by its mean):
              structure in flat regions, where the normal images' local spread is below k2?
   spread     no maps: quantiles of the training images' local spread (SSIM's window), and the
              share of pixels below k2 0.03 / 0.02 / 0.01;
+  contrasts  no maps: how strong are the real test defects, and calibration's synthetic ones?
+             Per defect region (a connected part of a mask, at least 4 px): its area, its
+             contrast (|mean inside - mean of a ring 3-6 px outside it|, in luma) and that
+             contrast over the ring's standard deviation; quartiles per group (the real test
+             defects, each synthetic kind as calibration.synthetic_defects makes it);
   mahal      image scores from several z-scored channels' maxima at once (1 - SSIM(11) at
              sigma 0, 1, 2, 4, 8; low-pass sigma 4, 8; subsets with the pipeline's pair): the
              Mahalanobis distance of an image's log maxima from the normal validation images'
@@ -175,9 +180,10 @@ import torch
 import torch.nn.functional as F
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
+from scipy import ndimage
 from sklearn.covariance import LedoitWolf
 
-from anomaly_ae.data.defects import DEFECT_KINDS, paste_synthetic_defects
+from anomaly_ae.data.defects import DEFECT_KINDS, LUMA, paste_synthetic_defects, synthesis_options
 from anomaly_ae.data.transforms import as_unit_float
 from anomaly_ae.evaluation import calibration as grid_calibration
 from anomaly_ae.evaluation.metrics import aupro, rank_auroc
@@ -324,13 +330,15 @@ def umax(*maps: Maps) -> Maps:
     return pmax(*scaled)
 
 
-def load(category: str, params: str, checkpoint: str | None, images: bool = True) -> dict:
+def load(
+    category: str, params: str, checkpoint: str | None, images: bool = True, env: str | None = None
+) -> dict:
     """The category's cached images, the ``checkpoint`` version's network and the synthetic
-    defects' parameters, through the Kedro catalog (``images=False``: the network only)."""
+    defects' parameters, through the Kedro catalog of ``env`` (``images=False``: the network only)."""
     root = Path(__file__).resolve().parents[1]
     bootstrap_project(root)
     runtime = dict(item.split("=", 1) for item in params.split(",") if item)
-    with KedroSession.create(root, runtime_params=runtime) as session:
+    with KedroSession.create(root, env=env, runtime_params=runtime) as session:
         catalog = session.load_context().catalog
         data = {"network": model_from_checkpoint(catalog.load(f"{category}.model_checkpoint", checkpoint))}
         if images:
@@ -349,8 +357,7 @@ def study_sets(data: dict) -> dict:
     on the validation images, the stress test's held-out defects on the good test images,
     and the test set; with the masks and labels the metrics need."""
     calibration, stress = data["calibration"], data["stress"]
-    options = {"min_contrast": calibration["min_contrast"], "max_tries": calibration["max_tries"]}
-    options["contrast"] = tuple(calibration["contrast"])
+    options = synthesis_options(calibration)
     normal = as_unit_float(data["validation"]["images"])
     cal, cal_masks, cal_kinds = paste_synthetic_defects(
         normal, calibration["per_image"], calibration["seed"], kinds=calibration["kinds"], **options
@@ -1641,6 +1648,47 @@ def spread(network, sets, args) -> list[dict]:
     return [row]
 
 
+def region_contrasts(images: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """``(area, contrast, ring spread)`` of every connected defect region of at least 4 px
+    in ``images`` ``(N, C, H, W)`` (unit or uint8) under ``masks`` ``(N, H, W)``: the contrast
+    is |mean inside - mean of the ring 3-6 px outside the region (other defects left out)|
+    in luma, the spread the ring's standard deviation."""
+    rows = []
+    for image, mask in zip(as_unit_float(images), np.asarray(masks) > 0, strict=True):
+        plane = image[0] if len(image) == 1 else np.tensordot(LUMA, image, axes=1)
+        labelled, count = ndimage.label(mask)
+        for k in range(1, count + 1):
+            region = labelled == k
+            ring = ndimage.binary_dilation(region, iterations=6) & ~mask
+            ring &= ~ndimage.binary_dilation(region, iterations=2)
+            if region.sum() >= 4 and ring.sum() >= 4:
+                inside, outside = plane[region], plane[ring]
+                rows.append((region.sum(), abs(inside.mean() - outside.mean()), outside.std()))
+    return np.asarray(rows, dtype=np.float64).reshape(-1, 3)
+
+
+def contrasts(network, sets, args) -> list[dict]:
+    """No maps: the real test defects' area and contrast with their surroundings against
+    each synthetic kind's as calibration makes it - are the synthetic defects as faint as
+    the real ones?"""
+    real = sets["labels"] & sets["known"]
+    groups = {"real test defects": region_contrasts(sets["images"]["test"][real], sets["test_masks"][real])}
+    kinds = np.asarray(sets["cal_kinds"])
+    for kind in dict.fromkeys(kinds):
+        chosen = kinds == kind
+        found = region_contrasts(sets["images"]["cal"][chosen], sets["cal_masks"][chosen])
+        groups[f"synthetic {kind}"] = found
+    rows = []
+    for name, values in groups.items():
+        area, contrast, ring = values.T
+        row = {"group": name, "regions": len(values)}
+        row |= {f"area q{q}": np.percentile(area, q) for q in (25, 50, 75)}
+        row |= {f"contrast q{q}": np.percentile(contrast, q) for q in (25, 50, 75)}
+        row["contrast / ring spread q50"] = float(np.median(contrast / np.maximum(ring, 1e-3)))
+        rows.append(row)
+    return rows
+
+
 def constants(network, sets, args) -> list[dict]:
     """SSIM's stabilising constants C1 = (k1)^2, C2 = (k2)^2 (the paper's k1 0.01, k2 0.03):
     a faint change in a flat region has a local spread below k2, so C2 hides it from the
@@ -1678,6 +1726,7 @@ STUDIES: dict[str, Callable] = {
         blob_score,
         constants,
         spread,
+        contrasts,
         features,
         warp,
         intensity,
@@ -1703,6 +1752,7 @@ def main() -> None:
     parser.add_argument(
         "--checkpoint", default=None, help="model_checkpoint version (default: latest); ensemble: a+b+..."
     )
+    parser.add_argument("--env", default=None, help="as for kedro run, e.g. faint (default: conf/base)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=30, help="denoise / fcn: fine-tuning epochs (per arm)")
     parser.add_argument("--cb", type=int, default=16, help="fcn: channels of the spatial bottleneck")
@@ -1719,8 +1769,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1.0, help="latent: Adam step size on the code")
     args = parser.parse_args()
     first = args.checkpoint.split("+")[0] if args.checkpoint else None
-    data = load(args.category, args.params, first)
-    args.load_network = lambda version: load(args.category, args.params, version, images=False)["network"]
+    data = load(args.category, args.params, first, env=args.env)
+    args.load_network = lambda version: load(args.category, args.params, version, False, args.env)["network"]
     rows = STUDIES[args.study](data["network"], study_sets(data), args)
     pd.set_option("display.width", 250)
     print(pd.DataFrame(rows).round(4).to_string(index=False))

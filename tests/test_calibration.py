@@ -286,6 +286,33 @@ def test_kinds_and_contrast_are_checked():
     assert kinds == ["spot", "smudge", "spot", "smudge"]
 
 
+def test_opacity_makes_every_kind_fainter_and_one_keeps_the_defects_unchanged():
+    images = _images(np.random.default_rng(5), 4)
+    per_image = 2 * len(DEFAULT_KINDS)
+    plain, plain_masks, plain_kinds = paste_synthetic_defects(images, per_image, 3, 0.02, 20)
+    same, same_masks, _ = paste_synthetic_defects(images, per_image, 3, 0.02, 20, opacity=(1.0, 1.0))
+    np.testing.assert_array_equal(plain, same)  # [1, 1] draws nothing: the defects of before
+    np.testing.assert_array_equal(plain_masks, same_masks)
+    faint, faint_masks, faint_kinds = paste_synthetic_defects(
+        images, per_image, 3, 0.02, 20, opacity=(0.2, 0.4)
+    )
+    assert faint_kinds == plain_kinds
+    source = np.repeat(images, per_image, axis=0)[:, 0]
+
+    def change(out, masks):  # mean |change| inside each copy's mask, per kind
+        per_copy = [np.abs(o - s)[m > 0].mean() for o, s, m in zip(out[:, 0], source, masks, strict=True)]
+        return {
+            k: np.mean([c for c, kk in zip(per_copy, plain_kinds, strict=True) if kk == k])
+            for k in DEFAULT_KINDS
+        }
+
+    strong, weak = change(plain, plain_masks), change(faint, faint_masks)
+    for kind in DEFAULT_KINDS:  # scaled by 0.2-0.4 (each copy is a new draw: compare the means)
+        assert weak[kind] < 0.6 * strong[kind], kind
+    with pytest.raises(ValueError, match="opacity"):
+        paste_synthetic_defects(images, 1, 0, 0.05, 5, opacity=(0.0, 1.0))
+
+
 def test_aupro_of_a_perfect_map_is_one():
     masks = np.zeros((2, SIZE, SIZE), np.uint8)
     masks[1, 10:20, 10:20] = 1

@@ -175,6 +175,28 @@ def test_an_env_adds_only_its_lever_to_the_grid(env, lever, values, size, change
     assert sum(getattr(p.settings, lever) == values[-1] for p in grid) == changed
 
 
+def test_the_faint_env_changes_only_the_synthesisers_strength():
+    """``kedro run --env faint``: conf/base with every synthetic defect's change scaled by
+    0.1-1 (``opacity``) and the redraw floor at 0.02; the grid and everything else as in conf/base."""
+    from kedro.config import OmegaConfigLoader
+
+    from anomaly_ae.param_schema import validate_parameters
+    from anomaly_ae.settings import CONFIG_LOADER_ARGS
+
+    loader = OmegaConfigLoader(str(REPO_ROOT / "conf"), **{**CONFIG_LOADER_ARGS, "default_run_env": "faint"})
+    params, base = loader["parameters"], _base_params()
+    validate_parameters(params)
+    faint, plain = params["calibration"]["synthetic_defects"], base["calibration"]["synthetic_defects"]
+    assert plain["opacity"] == [1.0, 1.0] and plain["min_contrast"] == 0.05
+    assert faint == {**plain, "opacity": [0.1, 1.0], "min_contrast": 0.02}
+    assert {k: v for k, v in params["calibration"].items() if k != "synthetic_defects"} == {
+        k: v for k, v in base["calibration"].items() if k != "synthetic_defects"
+    }
+    assert {k: v for k, v in params.items() if k != "calibration"} == {
+        k: v for k, v in base.items() if k != "calibration"
+    }
+
+
 @pytest.mark.parametrize(
     ("group", "key", "value", "expected"),
     [
@@ -196,6 +218,16 @@ def test_a_bad_parameter_is_refused_naming_its_key(group, key, value, expected):
         validate_parameters(params)
     assert expected in str(info.value)
     assert "--params" in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["contrast", "opacity"])
+def test_a_bad_synthesiser_range_is_refused_naming_its_key(key):
+    from anomaly_ae.param_schema import ParameterError, validate_parameters
+
+    params = _base_params()
+    params["calibration"]["synthetic_defects"][key] = [0.5, 0.2]
+    with pytest.raises(ParameterError, match=f"calibration.synthetic_defects.{key} must be"):
+        validate_parameters(params)
 
 
 def test_the_map_settings_are_checked_too():

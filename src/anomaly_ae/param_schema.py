@@ -70,14 +70,13 @@ class CalibrationSettings:
             raise ValueError(
                 f"calibration.synthetic_defects.kinds must name kinds among {DEFECT_KINDS}, got {kinds!r}"
             )
-        contrast = self.synthetic_defects.get("contrast")
-        if not (
-            isinstance(contrast, list | tuple) and len(contrast) == 2 and 0 < contrast[0] <= contrast[1] <= 1
-        ):
-            raise ValueError(
-                "calibration.synthetic_defects.contrast must be [low, high] with "
-                f"0 < low <= high <= 1, got {contrast!r}"
-            )
+        for key in ("contrast", "opacity"):
+            value = self.synthetic_defects.get(key)
+            if not (isinstance(value, list | tuple) and len(value) == 2 and 0 < value[0] <= value[1] <= 1):
+                raise ValueError(
+                    f"calibration.synthetic_defects.{key} must be [low, high] with "
+                    f"0 < low <= high <= 1, got {value!r}"
+                )
 
 
 @dataclass

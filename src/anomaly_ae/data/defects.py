@@ -39,10 +39,12 @@ __all__ = [
     "COLOUR_KINDS",
     "DEFECT_KINDS",
     "DEFAULT_KINDS",
+    "LUMA",
     "defect_kinds",
     "shown_kinds",
     "paste_synthetic_defects",
     "perlin_noise",
+    "synthesis_options",
 ]
 
 DEFAULT_KINDS = ("blob", "scratch", "patch", "thin_line", "smudge", "spot", "perlin", "cutpaste")
@@ -50,7 +52,7 @@ DEFAULT_KINDS = ("blob", "scratch", "patch", "thin_line", "smudge", "spot", "per
 COLOUR_KINDS = ("tint",)
 DEFECT_KINDS = (*DEFAULT_KINDS, *COLOUR_KINDS)
 
-_LUMA = LUMA_WEIGHTS.astype(np.float64)  # the weights of the gray conversion
+LUMA = LUMA_WEIGHTS.astype(np.float64)  # the weights of the gray conversion
 
 
 def shown_kinds(kinds, channels: int) -> tuple[str, ...]:
@@ -224,7 +226,7 @@ def _tint(img, rng, h, w, contrast):
     """A smudge-shaped stain of another hue at the same luma (colour images ``(H, W, 3)``)."""
     weight, mask = _stain(rng, h, w, 0.04, 0.12)
     direction = rng.normal(size=3)
-    direction -= (direction @ _LUMA) / (_LUMA @ _LUMA) * _LUMA  # no change of luma
+    direction -= (direction @ LUMA) / (LUMA @ LUMA) * LUMA  # no change of luma
     direction /= np.abs(direction).max()
     return img + weight[..., None] * (contrast * direction).astype(np.float32), mask
 
@@ -286,6 +288,19 @@ _MAKERS = {
 }
 
 
+def synthesis_options(options: dict) -> dict:
+    """The keyword arguments of :func:`paste_synthetic_defects` that the calibration and the
+    held-out stress test share, from ``calibration.synthetic_defects``: ``min_contrast``,
+    ``max_tries``, ``contrast`` and ``opacity`` (each caller adds its own images, copies,
+    seed and kinds)."""
+    return {
+        "min_contrast": float(options["min_contrast"]),
+        "max_tries": int(options["max_tries"]),
+        "contrast": tuple(float(c) for c in options["contrast"]),
+        "opacity": tuple(float(c) for c in options["opacity"]),
+    }
+
+
 def paste_synthetic_defects(
     images: np.ndarray,
     per_image: int,
@@ -294,6 +309,7 @@ def paste_synthetic_defects(
     max_tries: int,
     kinds: tuple[str, ...] | list[str] = DEFAULT_KINDS,
     contrast: tuple[float, float] = (0.05, 0.5),
+    opacity: tuple[float, float] = (1.0, 1.0),
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Paste synthetic defects onto NORMAL images; category-agnostic and deterministic.
 
@@ -335,6 +351,9 @@ def paste_synthetic_defects(
             f"calibration.synthetic_defects.contrast must be 0 < low <= high <= 1, got {contrast}"
         )
     low = max(low, min_contrast)
+    faint = (float(opacity[0]), float(opacity[1]))
+    if not 0 < faint[0] <= faint[1] <= 1:
+        raise ValueError(f"calibration.synthetic_defects.opacity must be 0 < low <= high <= 1, got {opacity}")
     rng = np.random.default_rng(seed)
     n, channels, h, w = images.shape
     if channels == 1:
@@ -358,6 +377,8 @@ def paste_synthetic_defects(
                     defective, mask = _patch(base, rng, h, w, strength, sources)
                 else:
                     defective, mask = _MAKERS[kind](base, rng, h, w, strength)
+                if faint != (1.0, 1.0):  # the whole change scaled down: subtle to strong
+                    defective = base + rng.uniform(*faint) * (defective - base)
                 defective = np.clip(defective, 0.0, 1.0)
                 if mask.any() and np.abs(defective - base)[mask].mean() >= min_contrast:
                     break

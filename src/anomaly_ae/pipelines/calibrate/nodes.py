@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from anomaly_ae.data.defects import paste_synthetic_defects
+from anomaly_ae.data.defects import paste_synthetic_defects, synthesis_options
 from anomaly_ae.data.preprocess import framing_of
 from anomaly_ae.data.transforms import as_unit_float
 from anomaly_ae.evaluation import calibration
@@ -44,13 +44,7 @@ def synthesise_defects(validation_images: dict[str, np.ndarray], calibration_par
         )
     options = calibration_params["synthetic_defects"]
     defects, masks, kinds = paste_synthetic_defects(
-        images,
-        options["per_image"],
-        options["seed"],
-        options["min_contrast"],
-        options["max_tries"],
-        kinds=options["kinds"],
-        contrast=tuple(options["contrast"]),
+        images, options["per_image"], options["seed"], kinds=options["kinds"], **synthesis_options(options)
     )
     log.info("Synthetic defects on %d validation images: %s", len(images), dict(Counter(kinds)))
     return {"normal": images, "images": defects, "masks": masks, "kinds": kinds}

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from anomaly_ae.data.defects import DEFECT_KINDS
+from anomaly_ae.data.defects import DEFECT_KINDS, synthesis_options
 from anomaly_ae.data.preprocess import VALID_KEY, framing_of
 from anomaly_ae.data.transforms import as_unit_float
 from anomaly_ae.evaluation import calibration, tables
@@ -340,10 +340,8 @@ def stress_test(
         {
             "per_image": per_image,
             "seed": options["seed"],
-            "min_contrast": synthetic["min_contrast"],
-            "max_tries": synthetic["max_tries"],
             "kinds": DEFECT_KINDS,
-            "contrast": tuple(synthetic["contrast"]),
+            **synthesis_options(synthetic),
         },
         **_inference_options(evaluation),
         confidence_level=evaluation["confidence_level"],
