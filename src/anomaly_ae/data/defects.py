@@ -27,6 +27,10 @@ Kinds (``DEFECT_KINDS``; :func:`paste_synthetic_defects` cycles through the chos
   the same brightness - the shape of a ``smudge`` (4-12 % of the side), the colour shifted
   in a random direction that keeps the ITU-R 601 luma, by a contrast from ``contrast``. A
   grayscale model cannot see it at all; it tells whether a colour model does.
+
+``opacity`` (``calibration.synthetic_defects.opacity``) scales every copy's whole change by a
+factor drawn from its range, so every kind runs from subtle to strong (``[1, 1]``, the
+default, scales nothing and draws nothing: the defects above, as drawn).
 """
 
 from __future__ import annotations
@@ -329,6 +333,8 @@ def paste_synthetic_defects(
             :data:`COLOUR_KINDS` are left out for grayscale images.
         contrast: ``(low, high)`` range of the intensity change of the contrast-driven kinds
             (``smudge`` uses the lower half: faint stains).
+        opacity: ``(low, high)``: each copy's change from its normal image scaled by a
+            factor drawn from it (before clipping to [0, 1] and the ``min_contrast`` check).
 
     Returns:
         ``(defective (N * per_image, C, H, W) float32, masks (N * per_image, H, W) uint8,
