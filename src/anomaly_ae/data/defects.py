@@ -292,6 +292,14 @@ _MAKERS = {
 }
 
 
+def _unit_range(key: str, value) -> tuple[float, float]:
+    """``(low, high)`` of ``calibration.synthetic_defects.<key>``, refused unless 0 < low <= high <= 1."""
+    low, high = (float(c) for c in value)
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"calibration.synthetic_defects.{key} must be 0 < low <= high <= 1, got {value}")
+    return low, high
+
+
 def synthesis_options(options: dict) -> dict:
     """The keyword arguments of :func:`paste_synthetic_defects` that the calibration and the
     held-out stress test share, from ``calibration.synthetic_defects``: ``min_contrast``,
@@ -351,15 +359,9 @@ def paste_synthetic_defects(
         raise ValueError(
             f"calibration.synthetic_defects.kinds: unknown {unknown} or empty; choose from {DEFECT_KINDS}"
         )
-    low, high = (float(c) for c in contrast)
-    if not 0 < low <= high <= 1:
-        raise ValueError(
-            f"calibration.synthetic_defects.contrast must be 0 < low <= high <= 1, got {contrast}"
-        )
+    low, high = _unit_range("contrast", contrast)
     low = max(low, min_contrast)
-    faint = (float(opacity[0]), float(opacity[1]))
-    if not 0 < faint[0] <= faint[1] <= 1:
-        raise ValueError(f"calibration.synthetic_defects.opacity must be 0 < low <= high <= 1, got {opacity}")
+    faint = _unit_range("opacity", opacity)
     rng = np.random.default_rng(seed)
     n, channels, h, w = images.shape
     if channels == 1:
