@@ -160,6 +160,16 @@ the spread floored by its mean):
              (Ledoit-Wolf covariance, or whitened by the training images' correlation), no
              image scored in its own fit - does a spot raise the fine scales' maximum above
              what the coarse one predicts, where a glint raises them all?
+  tta        test-time moves: each image moved --shift px (up, down, left, right; reflected
+             at the border), reconstructed and moved back (the strip the move lost taken from
+             the unmoved reconstruction); the pipeline's pair from the mean of the five
+             reconstructions, or the mean / min of the five maps, z-scored against the
+             training images' maps made the same way - is part of the normal residual the
+             strided network's grid phase, which averaging over phases removes and a defect
+             survives?
+  iterate    the reconstruction fed back through the network (2 and 3 passes): the pipeline's
+             pair between the image and that reconstruction - does a defect the first pass
+             partly reproduces fade on the next, more than the normal detail does?
 
 Every row with maps also has the real test AUPRO (FPR 0.3) and the image AUROC at the defect
 (the label-leak check's: each defective map kept within evaluation.defect_margin of its mask).
@@ -1707,6 +1717,69 @@ def constants(network, sets, args) -> list[dict]:
     return rows
 
 
+def moved_back(network, images: np.ndarray, dy: int, dx: int, batch: int, base: np.ndarray) -> np.ndarray:
+    """The reconstruction of ``images`` moved by (dy, dx) (:func:`move`), moved back; the
+    strip the two moves lost (reflected, not the image's own) taken from ``base``, the
+    unmoved reconstruction."""
+    back = move(reconstruct(network, move(images, dy, dx), batch, "cpu"), -dy, -dx)
+    height, width = back.shape[-2:]
+    rows, cols = np.arange(height), np.arange(width)
+    lost = (rows >= height - dy)[:, None] if dy > 0 else (rows < -dy)[:, None]
+    lost = lost | ((cols >= width - dx)[None] if dx > 0 else (cols < -dx)[None])
+    return np.where(lost, base, back)
+
+
+def tta(network, sets, args) -> list[dict]:
+    spec = {"ssim s4": ("ssim", 4), "lowpass s8": ("lowpass", 8)}
+    batch = args.batch
+    plain = maps_of(network, sets, spec, batch)
+    rows = [evaluate("unmoved (pipeline)", sets, pmax(*(zscored(plain[n]) for n in spec)))]
+    for d in (int(v) for v in str(args.shift).split("+")):
+        moves = ((d, 0), (-d, 0), (0, d), (0, -d))
+
+        def mean_recon(images: np.ndarray, moves=moves) -> np.ndarray:
+            base = reconstruct(network, images, batch, "cpu")
+            back = [moved_back(network, images, dy, dx, batch, base) for dy, dx in moves]
+            return np.mean([base, *back], 0)
+
+        z = [zscored(m) for m in maps_of(network, sets, spec, batch, rebuild=mean_recon).values()]
+        rows.append(evaluate(f"moves {d} px: mean reconstruction", sets, pmax(*z)))
+        del z
+        total = {n: {k: m.clone() for k, m in plain[n].items()} for n in spec}
+        low = {n: {k: m.clone() for k, m in plain[n].items()} for n in spec}
+        for dy, dx in moves:
+
+            def one(images: np.ndarray, dy=dy, dx=dx) -> np.ndarray:
+                base = reconstruct(network, images, batch, "cpu")
+                return moved_back(network, images, dy, dx, batch, base)
+
+            for n, maps in maps_of(network, sets, spec, batch, rebuild=one).items():
+                for k, m in maps.items():
+                    total[n][k] += m
+                    low[n][k] = torch.minimum(low[n][k], m)
+        mean = {n: {k: m / (len(moves) + 1) for k, m in total[n].items()} for n in spec}
+        rows.append(evaluate(f"moves {d} px: mean of maps", sets, pmax(*(zscored(mean[n]) for n in spec))))
+        rows.append(evaluate(f"moves {d} px: min of maps", sets, pmax(*(zscored(low[n]) for n in spec))))
+        del total, low, mean
+        print(pd.DataFrame(rows).round(4).to_string(index=False), flush=True)
+    return rows
+
+
+def iterate(network, sets, args) -> list[dict]:
+    batch = args.batch
+    rows = [evaluate("1 pass (pipeline)", sets, _pipeline_map(network, sets, args))]
+    for passes in (2, 3):
+
+        def again(images: np.ndarray, passes=passes) -> np.ndarray:
+            out = images
+            for _ in range(passes):
+                out = reconstruct(network, out, batch, "cpu")
+            return out
+
+        rows.append(evaluate(f"{passes} passes", sets, _pipeline_map(network, sets, args, rebuild=again)))
+    return rows
+
+
 STUDIES: dict[str, Callable] = {
     f.__name__: f
     for f in (
@@ -1740,6 +1813,8 @@ STUDIES: dict[str, Callable] = {
         unclean,
         tolerant,
         mahal,
+        tta,
+        iterate,
     )
 }
 
@@ -1763,7 +1838,7 @@ def main() -> None:
     parser.add_argument(
         "--width", type=int, default=16, help="segment: the head's channels at full resolution"
     )
-    parser.add_argument("--shift", default="2+4", help="shifted: the moves in px, a+b+...")
+    parser.add_argument("--shift", default="2+4", help="shifted / tta: the moves in px, a+b+...")
     parser.add_argument("--tolerance", default="0+1+2", help="tolerant: the radii in px, a+b+...")
     parser.add_argument("--steps", type=int, default=60, help="latent: refinement steps")
     parser.add_argument("--lr", type=float, default=1.0, help="latent: Adam step size on the code")
