@@ -172,7 +172,9 @@ the spread floored by its mean):
              partly reproduces fade on the next, more than the normal detail does?
 
 Every row with maps also has the real test AUPRO (FPR 0.3) and the image AUROC at the defect
-(the label-leak check's: each defective map kept within evaluation.defect_margin of its mask).
+and off it (the label-leak check's: each defective map kept only within, or only beyond,
+evaluation.defect_margin of its mask), and the map's mean level outside the defective images'
+masks and over the good images.
 """
 
 from __future__ import annotations
@@ -435,9 +437,16 @@ def evaluate(name: str, sets: dict, maps: Maps | None = None, scores: dict | Non
         row["real_aupro"] = aupro(sets["test_masks"][known], maps["test"].numpy()[known])
         # the label-leak check's at-defect figure (the rest of each defective map set to 0,
         # the z-score's normal level; the other normalisations' normal level is near it)
-        row["real_image_auroc_at_defect"] = defect_region_metrics(
+        regions = defect_region_metrics(
             labels, maps["test"].numpy(), sets["test_masks"], sets["defect_margin"], has_mask=known
-        )["image_auroc_at_defect"]
+        )
+        row["real_image_auroc_at_defect"] = regions["image_auroc_at_defect"]
+        row["real_image_auroc_off_defect"] = regions.get("image_auroc_off_defect", float("nan"))
+        # the map's mean level outside the masks of the defective images, and over the good images
+        bad = labels & known
+        test = maps["test"].numpy()
+        row["real_level_off_defect"] = float(test[bad][sets["test_masks"][bad] == 0].mean())
+        row["real_level_good"] = float(test[~labels].mean())
     return row
 
 
