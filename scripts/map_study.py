@@ -287,12 +287,17 @@ def channel_maps(
             reconstruct(network, seen, batch, "cpu") if rebuild is None else rebuild(seen)
         )
         recon = recon.flip(flip) if flip is not None else recon
-        terms = error_terms(x, recon, keep_diff=True, tolerance=tolerance)
-        if any(kind == "gms" for kind, _ in channels.values()):
-            terms["gms"] = msgms_error(x, recon)
-        if any(kind == "ssimk" for kind, _ in channels.values()):
-            terms["pair"] = (x, recon)
-        yield _maps_of_terms(terms, channels)
+        yield pair_maps(x, recon, channels, tolerance)
+
+
+def pair_maps(x: torch.Tensor, recon: torch.Tensor, channels: dict, tolerance: int = 0) -> dict:
+    """Each channel's (N, H, W) map of images ``x`` against their reconstructions ``recon``."""
+    terms = error_terms(x, recon, keep_diff=True, tolerance=tolerance)
+    if any(kind == "gms" for kind, _ in channels.values()):
+        terms["gms"] = msgms_error(x, recon)
+    if any(kind == "ssimk" for kind, _ in channels.values()):
+        terms["pair"] = (x, recon)
+    return _maps_of_terms(terms, channels)
 
 
 def maps_of(
@@ -441,7 +446,7 @@ def evaluate(name: str, sets: dict, maps: Maps | None = None, scores: dict | Non
             labels, maps["test"].numpy(), sets["test_masks"], sets["defect_margin"], has_mask=known
         )
         row["real_image_auroc_at_defect"] = regions["image_auroc_at_defect"]
-        row["real_image_auroc_off_defect"] = regions.get("image_auroc_off_defect", float("nan"))
+        row["real_image_auroc_off_defect"] = regions["image_auroc_off_defect"]
         # the map's mean level outside the masks of the defective images, and over the good images
         bad = labels & known
         test = maps["test"].numpy()
@@ -1738,38 +1743,43 @@ def moved_back(network, images: np.ndarray, dy: int, dx: int, batch: int, base: 
     return np.where(lost, base, back)
 
 
+def moved_maps_of(network, sets: dict, channels: dict, batch: int, d: int) -> dict[str, dict[str, Maps]]:
+    """Per variant (``mean reconstruction``, ``mean of maps``, ``min of maps``), channel and
+    set, the maps of the image and its four copies moved ``d`` px (:func:`moved_back`): five
+    reconstructions per image, each made once."""
+    moves = ((d, 0), (-d, 0), (0, d), (0, -d))
+    out: dict[str, dict[str, Maps]] = {v: {n: {} for n in channels} for v in TTA_VARIANTS}
+    for set_name, images in sets["images"].items():
+        parts: dict[str, list[dict]] = {v: [] for v in TTA_VARIANTS}
+        for start in range(0, len(images), batch):
+            x = torch.from_numpy(as_unit_float(images[start : start + batch]))
+            base = reconstruct(network, x.numpy(), batch, "cpu")
+            recons = [base] + [moved_back(network, x.numpy(), dy, dx, batch, base) for dy, dx in moves]
+            each = [pair_maps(x, torch.from_numpy(r), channels) for r in recons]
+            total = {n: each[0][n].clone() for n in channels}
+            low = {n: each[0][n].clone() for n in channels}
+            for maps in each[1:]:
+                for n in channels:
+                    total[n] += maps[n]
+                    low[n] = torch.minimum(low[n], maps[n])
+            parts["mean reconstruction"].append(pair_maps(x, torch.from_numpy(np.mean(recons, 0)), channels))
+            parts["mean of maps"].append({n: total[n] / len(recons) for n in channels})
+            parts["min of maps"].append(low)
+        for v in TTA_VARIANTS:
+            for n in channels:
+                out[v][n][set_name] = torch.cat([part[n] for part in parts[v]])
+    return out
+
+
+TTA_VARIANTS = ("mean reconstruction", "mean of maps", "min of maps")
+
+
 def tta(network, sets, args) -> list[dict]:
     spec = {"ssim s4": ("ssim", 4), "lowpass s8": ("lowpass", 8)}
-    batch = args.batch
-    plain = maps_of(network, sets, spec, batch)
-    rows = [evaluate("unmoved (pipeline)", sets, pmax(*(zscored(plain[n]) for n in spec)))]
+    rows = [evaluate("unmoved (pipeline)", sets, _pipeline_map(network, sets, args))]
     for d in (int(v) for v in str(args.shift).split("+")):
-        moves = ((d, 0), (-d, 0), (0, d), (0, -d))
-
-        def mean_recon(images: np.ndarray, moves=moves) -> np.ndarray:
-            base = reconstruct(network, images, batch, "cpu")
-            back = [moved_back(network, images, dy, dx, batch, base) for dy, dx in moves]
-            return np.mean([base, *back], 0)
-
-        z = [zscored(m) for m in maps_of(network, sets, spec, batch, rebuild=mean_recon).values()]
-        rows.append(evaluate(f"moves {d} px: mean reconstruction", sets, pmax(*z)))
-        del z
-        total = {n: {k: m.clone() for k, m in plain[n].items()} for n in spec}
-        low = {n: {k: m.clone() for k, m in plain[n].items()} for n in spec}
-        for dy, dx in moves:
-
-            def one(images: np.ndarray, dy=dy, dx=dx) -> np.ndarray:
-                base = reconstruct(network, images, batch, "cpu")
-                return moved_back(network, images, dy, dx, batch, base)
-
-            for n, maps in maps_of(network, sets, spec, batch, rebuild=one).items():
-                for k, m in maps.items():
-                    total[n][k] += m
-                    low[n][k] = torch.minimum(low[n][k], m)
-        mean = {n: {k: m / (len(moves) + 1) for k, m in total[n].items()} for n in spec}
-        rows.append(evaluate(f"moves {d} px: mean of maps", sets, pmax(*(zscored(mean[n]) for n in spec))))
-        rows.append(evaluate(f"moves {d} px: min of maps", sets, pmax(*(zscored(low[n]) for n in spec))))
-        del total, low, mean
+        for variant, maps in moved_maps_of(network, sets, spec, args.batch, d).items():
+            rows.append(evaluate(f"moves {d} px: {variant}", sets, pmax(*(zscored(maps[n]) for n in spec))))
         print(pd.DataFrame(rows).round(4).to_string(index=False), flush=True)
     return rows
 
