@@ -170,6 +170,13 @@ the spread floored by its mean):
   iterate    the reconstruction fed back through the network (2 and 3 passes): the pipeline's
              pair between the image and that reconstruction - does a defect the first pass
              partly reproduces fade on the next, more than the normal detail does?
+  misses     no new map: which held-out copies does the pipeline's pair miss, and why? Per
+             kind, the image AUROC against the good test images (the stress test's), against
+             the validation images instead (are the good test images' own maxima what the
+             copies lose to?) and calibration's copies against the validation images; then
+             split by where each copy lies (the stress table's place bands): the percentile
+             over the frame of the training maps' spread (1 - SSIM sigma 4) and of the good
+             images' own spread (the stress table's), averaged inside the copy's mask.
 
 Every row with maps also has the real test AUPRO (FPR 0.3) and the image AUROC at the defect
 and off it (the label-leak check's: each defective map kept only within, or only beyond,
@@ -1799,6 +1806,48 @@ def iterate(network, sets, args) -> list[dict]:
     return rows
 
 
+def misses(network, sets, args) -> list[dict]:
+    from anomaly_ae.evaluation.stress import PLACE_BANDS, spread_percentile
+
+    spec = {"ssim s4": ("ssim", 4), "lowpass s8": ("lowpass", 8)}
+    raw = maps_of(network, sets, spec, args.batch)
+    scores = maxima(pmax(*(zscored(raw[name]) for name in spec)))
+    labels, kinds = sets["labels"], sets["held_kinds"]
+    good, val = scores["test"][~labels], scores["val"]
+    cal_kinds = np.asarray(sets["cal_kinds"])
+    masks = sets["held_masks"].astype(bool)
+    good_images = as_unit_float(sets["images"]["test"][~labels])
+    fields = {
+        "training maps' spread": spread_percentile(raw["ssim s4"]["train"].numpy()[:, None]),
+        "good images' spread": spread_percentile(good_images),
+    }
+    place = {name: np.array([f[m].mean() for m in masks]) for name, f in fields.items()}
+    rows = []
+    for kind in ("thin_line", "spot", "smudge", "cutpaste"):
+        chosen = kinds == kind
+        row = {
+            "kind": kind,
+            "held vs good": _auroc(good, scores["held"][chosen]),
+            "held vs validation": _auroc(val, scores["held"][chosen]),
+            "calibration vs validation": _auroc(val, scores["cal"][cal_kinds == kind]),
+        }
+        for name, where in place.items():
+            for label, low, high in PLACE_BANDS:
+                band = chosen & (where >= low) & (where < high)
+                figure = _auroc(good, scores["held"][band]) if band.any() else float("nan")
+                row[f"{name}: {label}"] = f"{figure:.3f} ({band.sum()})"
+        rows.append(row)
+    print(
+        "maxima, median / 90 % / max: training "
+        + " / ".join(f"{q:.2f}" for q in np.quantile(scores["train"], [0.5, 0.9, 1]))
+        + ", validation "
+        + " / ".join(f"{q:.2f}" for q in np.quantile(val, [0.5, 0.9, 1]))
+        + ", good test "
+        + " / ".join(f"{q:.2f}" for q in np.quantile(good, [0.5, 0.9, 1]))
+    )
+    return rows
+
+
 STUDIES: dict[str, Callable] = {
     f.__name__: f
     for f in (
@@ -1834,6 +1883,7 @@ STUDIES: dict[str, Callable] = {
         mahal,
         tta,
         iterate,
+        misses,
     )
 }
 

@@ -98,12 +98,13 @@ def test_quick_run_trains_and_evaluates_with_the_calibrated_map(quick):
         "score_histogram",
         "loss_curve",
         "hardest_cases",
+        "place_map",
     ):
         assert quick.latest(f"data/08_reporting/{NS}/{figure}.png").stat().st_size > 1000
     assert len(list(quick.latest(f"data/08_reporting/{NS}/heatmaps").rglob("*.png"))) == len(table)
     report = quick.latest(f"data/08_reporting/{NS}/report.html").read_text()
     assert "SYNTHETIC DATA" in report and "Table II" in report and "Figure 1" in report
-    assert "Hardest cases" in report
+    assert "Hardest cases" in report and "Where the good images vary most" in report
     assert "which settings and why" in report and chosen["setting"] in report
     # the network the numbers come from, as the checkpoint holds it (tiles included)
     model_line = AutoencoderConfig.from_dict(checkpoint["model_config"]).describe()

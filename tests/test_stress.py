@@ -10,9 +10,13 @@ import torch
 from anomaly_ae.evaluation.stress import (
     CONTRAST_BANDS,
     CONTRAST_KINDS,
+    PLACE_BANDS,
+    PLACE_KINDS,
     SIZE_BANDS,
     SIZE_KINDS,
     measured_contrast,
+    normal_spread_percentile,
+    per_kind_rows,
     stress_table,
 )
 from anomaly_ae.pipelines.evaluate.reporting_nodes import stress_section
@@ -56,14 +60,18 @@ def test_stress_rows_per_kind_and_per_contrast_band_and_the_report_section():
         },
         batch_size=16,
     )
-    overall = table[(table["contrast"] == "all") & (table["size"] == "all")]
+    overall = table[(table["contrast"] == "all") & (table["size"] == "all") & (table["place"] == "all")]
+    pd.testing.assert_frame_equal(per_kind_rows(table), overall)
     assert sorted(set(overall["kind"])) == ["all", "blob", "spot", "thin_line"]
-    assert not ((table["contrast"] != "all") & (table["size"] != "all")).any()  # one split per row
+    split = (table[["contrast", "size", "place"]] != "all").sum(axis=1)
+    assert split.max() == 1  # one split per row
     assert set(table.loc[table["contrast"] != "all", "kind"]) <= set(CONTRAST_KINDS) - {"smudge"}
     assert set(table.loc[table["size"] != "all", "kind"]) == {"spot", "thin_line"} <= set(SIZE_KINDS)
+    assert set(table.loc[table["place"] != "all", "kind"]) == {"spot", "thin_line"} <= set(PLACE_KINDS)
     for column, median, bands in (
         ("contrast", "median_contrast", CONTRAST_BANDS),
         ("size", "median_area", SIZE_BANDS),
+        ("place", "median_place", PLACE_BANDS),
     ):
         labels = {label: (low, high) for label, low, high in bands}
         for (name, kind), rows in table[table[column] != "all"].groupby(["map", "kind"]):
@@ -93,17 +101,73 @@ def test_stress_rows_per_kind_and_per_contrast_band_and_the_report_section():
     assert spots["image_auroc"].iloc[-1] >= spots["image_auroc"].iloc[0]
 
     page = stress_section(table)
-    assert page.count("<table") == 3 and "how faint a defect of each kind can be" in page
+    assert page.count("<table") == 4 and "how faint a defect of each kind can be" in page
+    assert "split by where each copy lies" in page and "steadiest half" in page
     assert "how small a defect of each kind can be" in page and "&lt; 25 px" in page
     spot = overall[(overall["map"] == "in use") & (overall["kind"] == "spot")].iloc[0]
     assert f"{spot.image_auroc_ci_low:.3f}–{spot.image_auroc_ci_high:.3f}" in page
     assert "&lt; 0.10" in page or "&gt;= 0.20" in page
-    # a table written before the bands existed still renders (one table), and one written
-    # before the size bands (two)
-    old = overall.drop(columns=["contrast", "median_contrast", "size", "median_area"])
+    # a table written before the bands existed still renders (one table), one written
+    # before the size bands (two), one written before the place bands (three)
+    bands = ["contrast", "median_contrast", "size", "median_area", "place", "median_place"]
+    old = overall.drop(columns=bands)
     assert stress_section(pd.DataFrame(old)).count("<table") == 1
-    before_sizes = table[table["size"] == "all"].drop(columns=["size", "median_area"])
+    before_places = table[table["place"] == "all"].drop(columns=["place", "median_place"])
+    assert stress_section(before_places).count("<table") == 3
+    before_sizes = before_places[before_places["size"] == "all"].drop(columns=["size", "median_area"])
     assert stress_section(before_sizes).count("<table") == 2
+    assert len(per_kind_rows(before_sizes)) == len(overall)
+
+
+def test_normal_spread_percentile_ranks_where_the_normal_images_vary():
+    rng = np.random.default_rng(1)
+    normal = np.full((10, 3, 20, 20), 0.5, np.float32)
+    normal[:, :, :, :10] += 0.2 * rng.standard_normal((10, 1, 20, 10)).astype(np.float32)  # left half varies
+    normal[:, :, 0, 19] += np.linspace(-0.01, 0.01, 10, dtype=np.float32)[:, None]  # one pixel barely
+    masks = np.zeros((3, 20, 20), np.uint8)
+    masks[0, 5:8, 2:5] = 1  # on the varying half
+    masks[1, 5:8, 12:15] = 1  # on the steady half
+    masks[2, 0, 19] = 1  # the steady half's one varying pixel: above every constant pixel
+    place = normal_spread_percentile(normal, masks)
+    assert place[0] >= 0.5 > place[1]
+    assert place[2] == pytest.approx(199 / 400)  # ranked over the 400 pixels, from 0
+    assert np.isnan(normal_spread_percentile(normal, np.zeros((1, 20, 20), np.uint8))[0])
+
+
+def test_the_place_split_shows_a_kind_missed_where_the_normal_images_vary():
+    """Spots are found on the steady half of the frame and hidden on the half where every
+    normal image is textured differently: the place bands show what the overall figure mixes."""
+    from anomaly_ae.scoring import NormalReference
+    from anomaly_ae.scoring.inference import reconstruct_and_score
+
+    rng = np.random.default_rng(0)
+    images = np.full((36, 1, 48, 48), 0.5, np.float32)
+    images += 0.004 * rng.standard_normal(images.shape).astype(np.float32)
+    images[:, :, :, :24] += 0.15 * rng.standard_normal((36, 1, 48, 24)).astype(np.float32)
+    images = images.clip(0, 1)
+    train, normal = images[:24], images[24:]
+    settings = MapSettings(smoothing_sigma=1.0, normal_reference="zscore")
+    maps = reconstruct_and_score(_Blur(), train, MapSettings(smoothing_sigma=1.0), 32, keep_maps=True)["map"]
+    table = stress_table(
+        _Blur(),
+        normal,
+        {"in use": (settings, NormalReference.fit(maps))},
+        {
+            "per_image": 10,
+            "seed": 5,
+            "min_contrast": 0.05,
+            "max_tries": 20,
+            "kinds": ["spot"],
+            "contrast": (0.2, 0.5),
+        },
+        batch_size=32,
+    )
+    places = table[(table["kind"] == "spot") & (table["place"] != "all")].set_index("place")
+    steady = places.loc["steadiest half"]
+    varying = places.drop(index="steadiest half")
+    assert steady["n_defective"] >= 20 and varying["n_defective"].sum() >= 20
+    assert steady["image_auroc"] >= 0.95
+    assert (varying["image_auroc"] < steady["image_auroc"] - 0.2).all()
 
 
 def test_copies_per_kind_sets_the_copies_per_good_image_for_any_test_set():
@@ -140,3 +204,14 @@ def test_the_map_in_uses_held_out_figures_per_kind_go_to_mlflow():
         "stress_image_auroc.odd kind_": {"value": 0.7, "step": 0},  # a name MLflow accepts
         "stress_pixel_auroc.odd kind_": {"value": 0.95, "step": 0},
     }
+
+
+def test_the_place_map_figure_and_its_message_without_good_images():
+    from anomaly_ae.pipelines.evaluate.reporting_nodes import make_place_map
+
+    rng = np.random.default_rng(2)
+    images = (255 * rng.uniform(0.3, 0.7, (4, 3, 32, 48))).astype(np.uint8)
+    drawn = make_place_map({"images": images, "labels": np.array([0, 0, 1, 0])})
+    one_good = make_place_map({"images": images, "labels": np.array([1, 1, 1, 0])})
+    assert drawn.mode == one_good.mode == "RGB"
+    assert drawn.size[1] > 2 * one_good.size[1]  # two panels of the frame against one line of text

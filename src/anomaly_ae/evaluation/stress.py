@@ -22,11 +22,15 @@ from anomaly_ae.scoring.inference import reconstruct_and_score
 __all__ = [
     "CONTRAST_BANDS",
     "CONTRAST_KINDS",
+    "PLACE_BANDS",
+    "PLACE_KINDS",
     "SIZE_BANDS",
     "SIZE_KINDS",
     "STRESS_COLUMNS",
     "copies_per_image",
     "measured_contrast",
+    "normal_spread_percentile",
+    "spread_percentile",
     "per_kind_rows",
     "stress_table",
 ]
@@ -37,10 +41,12 @@ STRESS_COLUMNS = [
     "kind",
     "contrast",
     "size",
+    "place",
     "n_defective",
     "n_normal",
     "median_contrast",
     "median_area",
+    "median_place",
     "image_auroc",
     "image_auroc_ci_low",
     "image_auroc_ci_high",
@@ -48,9 +54,18 @@ STRESS_COLUMNS = [
 ]
 
 
+#: The columns that split a kind's copies into bands (a row splits by one of them at most).
+SPLIT_COLUMNS = ("contrast", "size", "place")
+
+
 def per_kind_rows(table: pd.DataFrame) -> pd.DataFrame:
-    """The rows of a stress table over every contrast and size: one per map and kind."""
-    return table[(table["contrast"] == "all") & (table["size"] == "all")]
+    """The rows of a stress table over every contrast, size and place: one per map and kind
+    (a table written before a split existed lacks its column: all its rows are over it)."""
+    whole = np.ones(len(table), bool)
+    for column in SPLIT_COLUMNS:
+        if column in table:
+            whole &= (table[column] == "all").to_numpy()
+    return table[whole]
 
 
 #: The kinds whose contrast is their parameter (``calibration.synthetic_defects.contrast``):
@@ -64,6 +79,18 @@ SIZE_KINDS = ("thin_line", "smudge", "spot", "cutpaste", "tint")
 #: ``(label, low, high)``: mask area in px (model resolution) in ``[low, high)``; 25 px is a
 #: 5 x 5 square, 100 px a 10 x 10 one.
 SIZE_BANDS = (("< 25 px", 0, 25), ("25-100 px", 25, 100), (">= 100 px", 100, np.inf))
+#: The same kinds are also split by *where* each copy lies: how much the normal images vary
+#: there. A map compared with the normal images per pixel is least sensitive where they vary
+#: most (an edge drawn a little off, a glint), so a kind can be found well in the steady part
+#: of the frame and missed in the rest; the overall figure mixes the two.
+PLACE_KINDS = SIZE_KINDS
+#: ``(label, low, high)``: the copy's place as a percentile over the frame of the normal
+#: images' per-pixel spread (:func:`normal_spread_percentile`), in ``[low, high)``.
+PLACE_BANDS = (
+    ("steadiest half", 0.0, 0.5),
+    ("50-90th percentile", 0.5, 0.9),
+    ("most varying 10 %", 0.9, np.inf),
+)
 
 
 def copies_per_image(options: dict, n_good: int, kinds, channels: int = 1) -> int:
@@ -99,6 +126,25 @@ def measured_contrast(
     return np.array([change[i][inside[i]].mean() if inside[i].any() else 0.0 for i in range(len(defective))])
 
 
+def spread_percentile(normal: np.ndarray) -> np.ndarray:
+    """``(H, W)``: each pixel's spread over the ``normal`` images ``(N, C, H, W)`` (the standard
+    deviation of their channel mean), ranked over the frame as a percentile in [0, 1): 0.95
+    where the normal images vary more than at 95 % of the frame's pixels (ties by position)."""
+    normal = np.asarray(normal, np.float64)
+    spread = normal.mean(axis=1).std(axis=0).ravel()
+    percentile = np.empty(spread.size)
+    percentile[np.argsort(spread, kind="stable")] = np.arange(spread.size) / spread.size
+    return percentile.reshape(normal.shape[-2:])
+
+
+def normal_spread_percentile(normal: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Per defect copy, where it lies as the normal images see it: :func:`spread_percentile`
+    of the ``normal`` images averaged inside the copy's mask (NaN for an empty mask)."""
+    percentile = spread_percentile(normal)
+    inside = masks.astype(bool)
+    return np.array([percentile[m].mean() if m.any() else np.nan for m in inside])
+
+
 def stress_table(
     model: nn.Module,
     normal: np.ndarray,
@@ -116,7 +162,10 @@ def stress_table(
     (column ``contrast``: ``all`` or a :data:`CONTRAST_BANDS` label), so a user sees how faint
     a defect of each kind can be and still be found, and for the kinds that can be small
     (:data:`SIZE_KINDS`) per band of mask area (column ``size``: ``all`` or a
-    :data:`SIZE_BANDS` label): how small. A row splits by one of the two, never both.
+    :data:`SIZE_BANDS` label): how small; and, the same kinds, per band of where each copy
+    lies (column ``place``: ``all`` or a :data:`PLACE_BANDS` label,
+    :func:`normal_spread_percentile` over the ``normal`` images): where in the frame. A row
+    splits by one of the three at most.
 
     Args:
         model: The trained autoencoder (eval mode).
@@ -129,41 +178,44 @@ def stress_table(
     kinds = np.asarray(kinds)
     contrast = measured_contrast(normal, defective, masks, len(defective) // len(normal))
     area = masks.reshape(len(masks), -1).astype(bool).sum(axis=1)
+    place = normal_spread_percentile(normal, masks)
     images = np.concatenate([normal, defective])
     labels = np.r_[np.zeros(len(normal), int), np.ones(len(defective), int)]
     truth = np.concatenate([np.zeros((len(normal), *masks.shape[1:]), np.uint8), masks])
+    everything = {column: "all" for column in SPLIT_COLUMNS}
     groups = [
-        (kind, "all", "all", np.ones(len(defective), bool) if kind == "all" else kinds == kind)
+        (kind, everything, np.ones(len(defective), bool) if kind == "all" else kinds == kind)
         for kind in ["all", *sorted(set(kinds))]
     ]
-    for kind in sorted(set(kinds) & set(CONTRAST_KINDS)):
-        for label, low, high in CONTRAST_BANDS:
-            chosen = (kinds == kind) & (contrast >= low) & (contrast < high)
-            if chosen.any():
-                groups.append((kind, label, "all", chosen))
-    for kind in sorted(set(kinds) & set(SIZE_KINDS)):
-        for label, low, high in SIZE_BANDS:
-            chosen = (kinds == kind) & (area >= low) & (area < high)
-            if chosen.any():
-                groups.append((kind, "all", label, chosen))
+    splits = (
+        ("contrast", CONTRAST_KINDS, CONTRAST_BANDS, contrast),
+        ("size", SIZE_KINDS, SIZE_BANDS, area),
+        ("place", PLACE_KINDS, PLACE_BANDS, place),
+    )
+    for column, split_kinds, bands, value in splits:
+        for kind in sorted(set(kinds) & set(split_kinds)):
+            for label, low, high in bands:
+                chosen = (kinds == kind) & (value >= low) & (value < high)
+                if chosen.any():
+                    groups.append((kind, everything | {column: label}, chosen))
     rows = []
     for name, (settings, reference) in maps.items():
         scored = reconstruct_and_score(
             model, images, settings, batch_size, device, precision, keep_maps=True, reference=reference
         )
-        for kind, band, size, chosen in groups:
+        for kind, bands, chosen in groups:
             keep = np.r_[np.ones(len(normal), bool), chosen]
             low, high = auroc_interval(labels[keep], scored["score"][keep], confidence_level)
             rows.append(
                 {
                     "map": name,
                     "kind": kind,
-                    "contrast": band,
-                    "size": size,
+                    **bands,
                     "n_defective": int(chosen.sum()),
                     "n_normal": len(normal),
                     "median_contrast": float(np.median(contrast[chosen])),
                     "median_area": float(np.median(area[chosen])),
+                    "median_place": float(np.median(place[chosen])),
                     "image_auroc": rank_auroc(labels[keep], scored["score"][keep]),
                     "image_auroc_ci_low": low,
                     "image_auroc_ci_high": high,

@@ -233,6 +233,34 @@ def hardest_cases_figure(rows: list[dict], vmax: float) -> Figure:
     return fig
 
 
+def place_figure(image: np.ndarray, percentile: np.ndarray, bands: tuple) -> Figure:
+    """Where on the frame the normal images vary: left, ``image`` (e.g. their mean, in [0, 1])
+    with each band of ``bands`` but the first tinted (``(label, low, high)`` on the
+    ``percentile`` field, as :data:`~anomaly_ae.evaluation.stress.PLACE_BANDS`); right, the
+    field itself."""
+    image = np.clip(display_image(image), 0, 1)
+    gray = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
+    percentile = np.asarray(percentile, dtype=np.float64)
+    height, width = percentile.shape
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, min(5.5 * height / width, 7.0) + 1.4))
+    tinted, handles = gray.copy(), []
+    for (label, low, high), colour in zip(bands[1:], ((1.0, 0.85, 0.0), (1.0, 0.1, 0.1)), strict=False):
+        inside = (percentile >= low) & (percentile < high)
+        tinted[inside] = 0.45 * tinted[inside] + 0.55 * np.asarray(colour)
+        handles.append(matplotlib.patches.Patch(color=colour, label=f"{label} of the frame"))
+    left.imshow(tinted, interpolation="nearest")
+    left.set_title("where the good images vary most", fontsize=10)
+    shown = right.imshow(percentile, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    right.set_title("their per-pixel spread, as a percentile of the frame", fontsize=10)
+    fig.colorbar(shown, ax=right, fraction=0.046, pad=0.04)
+    for ax in (left, right):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    left.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=2, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def variant_comparison_figure(comparison: pd.DataFrame) -> Figure:
     """Left: SSIM of normal vs defective images per variant, ours and the paper's.
     Right: image AUROC, pixel AUROC and AUPRO per variant. Each panel's legend sits below

@@ -26,6 +26,7 @@ from .reporting_nodes import (
     make_figures,
     make_hardest_cases,
     make_heatmaps,
+    make_place_map,
     make_score_histogram,
 )
 
@@ -172,6 +173,7 @@ def reporting_nodes() -> Pipeline:
                 "hardest_cases",
                 name="make_hardest_cases",
             ),
+            Node(make_place_map, "test_images", "place_map", name="make_place_map"),
             Node(
                 build_report,
                 [
@@ -183,6 +185,7 @@ def reporting_nodes() -> Pipeline:
                     "ssim_histogram",
                     "score_histogram",
                     "hardest_cases",
+                    "place_map",
                     "model_checkpoint",
                     "dataset_info",
                     "map_settings",

@@ -214,6 +214,24 @@ def make_hardest_cases(
     return figures.figure_to_image(figures.hardest_cases_figure(rows, _overlay_vmax(decision_threshold)))
 
 
+def make_place_map(test_images: dict[str, np.ndarray]) -> Image.Image:
+    """Where on the frame the good test images vary most: the places of the held-out check's
+    ``place`` bands (:func:`~anomaly_ae.evaluation.stress.spread_percentile`, the same good
+    images the check pastes its defects onto), over their mean image."""
+    from anomaly_ae.evaluation.stress import PLACE_BANDS, spread_percentile
+
+    good = as_unit_float(test_images["images"][np.asarray(test_images["labels"]) == 0])
+    if len(good) < 2:
+        return figures.figure_to_image(
+            figures.message_figure(
+                "Not drawn: fewer than 2 good test images (the held-out check and its place bands "
+                "need them). Add images to test/good/ for it."
+            )
+        )
+    figure = figures.place_figure(good.mean(axis=0), spread_percentile(good), PLACE_BANDS)
+    return figures.figure_to_image(figure)
+
+
 def build_report(
     table2: pd.DataFrame,
     evaluation_metrics: dict[str, Any],
@@ -223,6 +241,7 @@ def build_report(
     ssim_histogram: Image.Image,
     score_histogram: Image.Image,
     hardest: Image.Image,
+    place_map: Image.Image,
     model_checkpoint: dict[str, Any],
     dataset_info: dict[str, Any],
     map_settings: dict[str, Any],
@@ -263,6 +282,7 @@ def build_report(
             "Pixel-level ROC": pixel_roc,
             "SSIM of normal vs defective test images": ssim_histogram,
             "Hardest cases: the highest-scoring good images, the lowest-scoring defective ones": hardest,
+            "Where the good images vary most (the held-out check's place bands)": place_map,
             "Training loss": loss_curve,
         },
         configuration={
@@ -423,7 +443,7 @@ def agreement_section(table: pd.DataFrame) -> str:
 
 def stress_section(table: pd.DataFrame) -> str:
     """HTML: image / pixel AUROC per synthetic defect kind, the map in use next to the paper's."""
-    from anomaly_ae.evaluation.stress import per_kind_rows
+    from anomaly_ae.evaluation.stress import SPLIT_COLUMNS, per_kind_rows
     from anomaly_ae.reporting.report import html_table
 
     if table.empty:
@@ -431,7 +451,7 @@ def stress_section(table: pd.DataFrame) -> str:
             "<p>Not computed: fewer than 2 good test images (the held-out check pastes its "
             "defects onto good test images; the validation images serve the calibration).</p>"
         )
-    for column in ("contrast", "size"):  # tables written before the bands existed
+    for column in SPLIT_COLUMNS:  # tables written before the bands existed
         if column not in table:
             table = table.assign(**{column: "all"})
     overall = per_kind_rows(table)
@@ -467,6 +487,20 @@ def stress_section(table: pd.DataFrame) -> str:
             "area in pixels at the model's resolution): how small a defect of each kind can be "
             "and still be found. Few images per band: read them as a trend.</p>",
         ),
+        (
+            "place",
+            "median_place",
+            {
+                "place": "where the normal images vary (percentile of the frame)",
+                "median_place": "median percentile",
+            },
+            "<p>The same kinds split by where each copy lies: how much the good images vary at "
+            "its place (each pixel's spread over them, ranked over the frame; 0.95: more than at "
+            "95 % of the pixels). The map compares each pixel with the normal images, so it is "
+            "least sensitive where they vary most (an edge drawn a little off, a glint): a kind "
+            "found well in the steady part of the frame can be missed there. Few images per "
+            "band: read them as a trend.</p>",
+        ),
     )
     for column, median, names, caption in splits:
         bands = table[(table[column] != "all") & (table["map"] == "in use")]
@@ -475,6 +509,8 @@ def stress_section(table: pd.DataFrame) -> str:
         shown = bands[["kind", column, "n_defective", median, "image_auroc", "pixel_auroc"]].copy()
         if median == "median_area":  # to the whole pixel, not 4 decimals (the CSV keeps halves)
             shown[median] = shown[median].round().astype(int)
+        elif median == "median_place":
+            shown[median] = shown[median].round(2)
         shown.insert(5, "image_auroc_interval", interval_column(bands))
         shown = shown.rename(
             columns={
