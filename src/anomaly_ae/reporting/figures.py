@@ -252,7 +252,9 @@ def place_figure(image: np.ndarray, percentile: np.ndarray, bands: tuple) -> Fig
     left.set_title("where the good images vary most", fontsize=10)
     shown = right.imshow(percentile, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
     right.set_title("their per-pixel spread, as a percentile of the frame", fontsize=10)
-    fig.colorbar(shown, ax=right, fraction=0.046, pad=0.04)
+    from mpl_toolkits.axes_grid1 import make_axes_locatable
+
+    fig.colorbar(shown, cax=make_axes_locatable(right).append_axes("right", size="4%", pad=0.08))
     for ax in (left, right):
         ax.set_xticks([])
         ax.set_yticks([])

@@ -510,7 +510,7 @@ def stress_section(table: pd.DataFrame) -> str:
         if median == "median_area":  # to the whole pixel, not 4 decimals (the CSV keeps halves)
             shown[median] = shown[median].round().astype(int)
         elif median == "median_place":
-            shown[median] = shown[median].round(2)
+            shown[median] = shown[median].map("{:.2f}".format)
         shown.insert(5, "image_auroc_interval", interval_column(bands))
         shown = shown.rename(
             columns={
