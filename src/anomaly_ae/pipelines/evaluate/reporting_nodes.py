@@ -491,7 +491,7 @@ def stress_section(table: pd.DataFrame) -> str:
             "place",
             "median_place",
             {
-                "place": "where the normal images vary (percentile of the frame)",
+                "place": "where the good images vary (percentile of the frame)",
                 "median_place": "median percentile",
             },
             "<p>The same kinds split by where each copy lies: how much the good images vary at "
