@@ -1807,7 +1807,7 @@ def iterate(network, sets, args) -> list[dict]:
 
 
 def misses(network, sets, args) -> list[dict]:
-    from anomaly_ae.evaluation.stress import PLACE_BANDS, spread_percentile
+    from anomaly_ae.evaluation.stress import PLACE_BANDS, normal_spread_percentile
 
     spec = {"ssim s4": ("ssim", 4), "lowpass s8": ("lowpass", 8)}
     raw = maps_of(network, sets, spec, args.batch)
@@ -1815,13 +1815,13 @@ def misses(network, sets, args) -> list[dict]:
     labels, kinds = sets["labels"], sets["held_kinds"]
     good, val = scores["test"][~labels], scores["val"]
     cal_kinds = np.asarray(sets["cal_kinds"])
-    masks = sets["held_masks"].astype(bool)
-    good_images = as_unit_float(sets["images"]["test"][~labels])
-    fields = {
-        "training maps' spread": spread_percentile(raw["ssim s4"]["train"].numpy()[:, None]),
-        "good images' spread": spread_percentile(good_images),
+    masks = sets["held_masks"]
+    place = {  # the stress table's place, of the training maps (as one-channel images) and of the good images
+        "training maps' spread": normal_spread_percentile(raw["ssim s4"]["train"].numpy()[:, None], masks),
+        "good images' spread": normal_spread_percentile(
+            as_unit_float(sets["images"]["test"][~labels]), masks
+        ),
     }
-    place = {name: np.array([f[m].mean() for m in masks]) for name, f in fields.items()}
     rows = []
     for kind in ("thin_line", "spot", "smudge", "cutpaste"):
         chosen = kinds == kind

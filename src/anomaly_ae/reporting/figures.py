@@ -15,6 +15,7 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from mpl_toolkits.axes_grid1 import make_axes_locatable  # noqa: E402
 from PIL import Image  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
@@ -252,8 +253,6 @@ def place_figure(image: np.ndarray, percentile: np.ndarray, bands: tuple) -> Fig
     left.set_title("where the good images vary most", fontsize=10)
     shown = right.imshow(percentile, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
     right.set_title("their per-pixel spread, as a percentile of the frame", fontsize=10)
-    from mpl_toolkits.axes_grid1 import make_axes_locatable
-
     fig.colorbar(shown, cax=make_axes_locatable(right).append_axes("right", size="4%", pad=0.08))
     for ax in (left, right):
         ax.set_xticks([])
