@@ -527,8 +527,9 @@ def calibrate_threshold(
 
     Rules:
         * ``"quantile"``: ``np.quantile(normal_scores, quantile)`` (linear
-          interpolation), i.e. the expected false-positive rate is about
-          ``1 - quantile``.
+          interpolation). The false-positive rate to expect is about
+          ``1 - quantile`` only with many scores: with ``n`` of them it is at
+          least ``1 / (n + 1)`` (:mod:`anomaly_ae.evaluation.false_alarms`).
         * ``"mean_std"``: ``mean + k_sigma * std`` (population std, ddof=0).
 
     Args:

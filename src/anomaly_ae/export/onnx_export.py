@@ -31,6 +31,7 @@ from torch import nn
 
 import anomaly_ae
 from anomaly_ae.data.transforms import _LUMA, RESAMPLE_METHODS, as_unit_float, image_shape
+from anomaly_ae.evaluation.false_alarms import expected_false_alarm_rate
 from anomaly_ae.export.folder import write_bundle
 from anomaly_ae.model.checkpoint import checkpoint_fingerprint, checkpoint_framing, model_from_checkpoint
 from anomaly_ae.runtime.bundle import run_in_chunks
@@ -377,6 +378,11 @@ def build_bundle(
             "checkpoint_epoch": decision_threshold.get("checkpoint_epoch"),
             "recomputed_on_export": recomputed,
             "comparison": "score > value is anomalous",
+            # a new normal image like the validation images is flagged with a probability in this
+            # range (rank argument, any scores' distribution; anomaly_ae.evaluation.false_alarms)
+            "expected_false_alarm_rate": list(
+                expected_false_alarm_rate(scores, float(decision_threshold["value"]))
+            ),
         },
         "validation_scores": {
             "n": int(scores.size),

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from anomaly_ae.data.transforms import Framing
+from anomaly_ae.evaluation.false_alarms import expected_false_alarm_rate
 from anomaly_ae.runtime.preprocess import ImageSource, prepare
 
 __all__ = ["BundleError", "Verdict", "Bundle", "load_bundle"]
@@ -128,6 +129,14 @@ class Bundle:
         if not 0 <= rate <= 1:
             raise ValueError(f"false_alarm_rate must be in [0, 1], got {false_alarm_rate!r}")
         return float(np.quantile(self._validation, 1.0 - rate))
+
+    def expected_false_alarm_rate(self, threshold: float | None = None) -> tuple[float, float]:
+        """The range of the probability that a new normal image like the bundle's ``n``
+        validation images is flagged at ``threshold`` (default: the calibrated one):
+        ``(m / (n + 1), (m + 1) / (n + 1))`` with ``m`` of them above it. A rate below
+        ``1 / (n + 1)`` cannot be promised with ``n`` images."""
+        limit = self.threshold if threshold is None else float(threshold)
+        return expected_false_alarm_rate(self._validation, limit)
 
     def resolve_threshold(
         self, threshold: float | None = None, false_alarm_rate: float | None = None

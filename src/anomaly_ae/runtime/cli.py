@@ -78,9 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         source = f"false-alarm rate {args.false_alarm_rate:g} on {n} normal validation images"
     else:
         source = f"calibrated ({bundle.manifest['threshold'].get('rule')})"
+    low, high = bundle.expected_false_alarm_rate(limit)
     print(
         f"bundle {bundle.path} | category {manifest.get('category')} | model {bundle.fingerprint} | "
-        f"score {manifest['score']['description']} | threshold {limit:.6f} ({source})"
+        f"score {manifest['score']['description']} | threshold {limit:.6f} ({source}; a normal image "
+        f"like the {manifest['validation_scores']['n']} validation images is flagged at "
+        f"{100 * low:.3g}-{100 * high:.3g} %)"
     )
     print(_table(verdicts))
     n_bad = sum(v.error is not None for v in verdicts)

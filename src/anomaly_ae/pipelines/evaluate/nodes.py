@@ -14,6 +14,12 @@ from anomaly_ae.data.defects import DEFECT_KINDS, synthesis_options
 from anomaly_ae.data.preprocess import VALID_KEY, framing_of
 from anomaly_ae.data.transforms import as_unit_float
 from anomaly_ae.evaluation import calibration, tables
+from anomaly_ae.evaluation.false_alarms import (
+    FalseAlarmOutlook,
+    excess_false_alarm_p,
+    false_alarm_outlook,
+    validation_images_needed,
+)
 from anomaly_ae.evaluation.metrics import calibrate_threshold
 from anomaly_ae.evaluation.stress import STRESS_COLUMNS, copies_per_image, per_kind_rows, stress_table
 from anomaly_ae.evaluation.summary import (
@@ -143,11 +149,33 @@ def calibrate_threshold_node(
             "preprocessing.validation_fraction > 0 and rerun data_processing."
         )
     value = calibrate_threshold(scores, rule=rule["rule"], quantile=rule["quantile"], k_sigma=rule["k_sigma"])
-    log.info("Threshold %.5f (%s on %d normal validation images)", value, rule["rule"], len(scores))
+    outlook = false_alarm_outlook(scores, value)
+    log.info(
+        "Threshold %.5f (%s on %d normal validation images): a normal image like them is flagged at %s",
+        value,
+        rule["rule"],
+        len(scores),
+        outlook.describe(),
+    )
+    if rule["rule"] == "quantile" and rule["quantile"] < 1:
+        needed = validation_images_needed(1 - rule["quantile"])
+        if len(scores) < needed:
+            log.warning(
+                "evaluation.threshold.quantile %g asks for a false-alarm rate of %g %%, which %d "
+                "normal validation images cannot promise (it needs %d; the rate to expect is %s). "
+                "Add normal training images or raise preprocessing.validation_fraction, or set the "
+                "quantile to what they support.",
+                rule["quantile"],
+                100 * (1 - rule["quantile"]),
+                len(scores),
+                needed,
+                outlook.describe(),
+            )
     return {
         "value": float(value),
         **rule,
         "n_validation_images": int(len(scores)),
+        "false_alarm_outlook": outlook.to_dict(),
         "score": map_settings,
         "checkpoint_fingerprint": checkpoint_fingerprint(model_checkpoint),
         "checkpoint_epoch": int(model_checkpoint.get("epoch", 0)),
@@ -186,6 +214,49 @@ def _metric_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-/ ]", "_", text)
 
 
+#: Below this chance the report and the log warn that the good test images are flagged more
+#: often than the validation images promise (a presentation cue; the number is always shown).
+EXCESS_FALSE_ALARM_P = 0.05
+#: the false-alarm figures of ``compute_metrics`` (MLflow metrics where finite); the first
+#: comes from ``detection_metrics``, the rest from ``_false_alarm_check``
+FALSE_ALARM_METRICS = (
+    "false_alarm_rate_at_threshold",
+    "false_alarm_rate_expected_low",
+    "false_alarm_rate_expected_high",
+    "false_alarm_excess_p",
+)
+
+
+def _false_alarm_check(threshold: dict[str, Any], labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """The false-alarm rate the threshold's validation images promise, and the chance of at
+    least as many false alarms on the good test images as were seen, if they were like the
+    validation images (:mod:`anomaly_ae.evaluation.false_alarms`). NaN for a threshold saved
+    before the outlook was (no validation scores to recompute it from)."""
+    nan = float("nan")
+    if "false_alarm_outlook" not in threshold:
+        return dict.fromkeys(FALSE_ALARM_METRICS[1:], nan)
+    outlook = FalseAlarmOutlook.from_dict(threshold["false_alarm_outlook"])
+    good = np.asarray(labels) == 0
+    flagged = int(np.sum(np.asarray(scores)[good] > threshold["value"]))
+    p = excess_false_alarm_p(outlook, flagged, int(good.sum()))
+    if np.isfinite(p) and p < EXCESS_FALSE_ALARM_P:
+        log.warning(
+            "%d of %d good test images flagged, more than %d normal validation images like them "
+            "would give (a rate of %s; chance of this many or more %.3g): the good test images "
+            "differ from the validation images, and the threshold's promise does not carry over.",
+            flagged,
+            int(good.sum()),
+            outlook.n_validation,
+            outlook.describe(),
+            p,
+        )
+    return {
+        "false_alarm_rate_expected_low": outlook.expected_low,
+        "false_alarm_rate_expected_high": outlook.expected_high,
+        "false_alarm_excess_p": p,
+    }
+
+
 def compute_metrics(
     test_scores: dict[str, np.ndarray],
     test_images: dict[str, np.ndarray],
@@ -216,6 +287,7 @@ def compute_metrics(
         confidence_level=evaluation["confidence_level"],
         valid=valid,
     )
+    metrics.update(_false_alarm_check(threshold, labels, test_scores["score"]))
     score = MapSettings.from_dict(map_settings)
     region_options = {
         "margin": int(evaluation["defect_margin"]),
@@ -295,7 +367,7 @@ def compute_metrics(
     # what a test set of one class (or none) leaves undefined is left out, not logged as NaN
     mlflow_metrics = {
         name: {"value": float(metrics[name]), "step": 0}
-        for name in (*HEADLINE_METRICS, *REGION_METRICS, "false_alarm_rate_at_threshold")
+        for name in (*HEADLINE_METRICS, *REGION_METRICS, *FALSE_ALARM_METRICS)
         if np.isfinite(metrics[name])
     }
     for row in by_type.itertuples():

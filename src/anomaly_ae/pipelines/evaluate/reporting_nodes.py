@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from collections.abc import Iterable
 from pathlib import PurePosixPath
 from typing import Any
@@ -294,6 +295,7 @@ def build_report(
             "checkpoint_epoch": evaluation_metrics.get("checkpoint_epoch"),
         },
         extra_sections={
+            "Decision threshold — the false-alarm rate to expect": false_alarm_section(evaluation_metrics),
             "Where does the image score come from?": defect_region_section(
                 evaluation_metrics, evaluation["defect_margin"]
             ),
@@ -314,6 +316,53 @@ def build_report(
 #: Above this, the report warns that the image labels leak through pixels away from the
 #: defects (a presentation cue only; the number itself is always shown).
 LEAK_WARNING = 0.75
+
+
+def false_alarm_section(metrics: dict[str, Any]) -> str:
+    """HTML: the false-alarm rate the threshold's normal validation images promise, how well
+    so few images pin it, and whether the good test images keep the promise."""
+    from anomaly_ae.evaluation.false_alarms import FalseAlarmOutlook, validation_images_needed
+    from anomaly_ae.pipelines.evaluate.nodes import EXCESS_FALSE_ALARM_P
+
+    rule = metrics.get("threshold_rule") or {}
+    if "false_alarm_outlook" not in rule:
+        return "<p>Not computed: this threshold was saved before its false-alarm outlook was.</p>"
+    outlook = FalseAlarmOutlook.from_dict(rule["false_alarm_outlook"])
+    text = (
+        f"<p>The threshold ({metrics['threshold']:.4g}, {html.escape(threshold_rule_text(rule))}) is "
+        f"exceeded by {outlook.above} of the {outlook.n_validation} normal validation images. A new "
+        "normal image <i>like them</i> (the same product, camera and lighting) is flagged at "
+        f"<b>{outlook.describe()}</b>, whatever the scores' distribution: "
+        f"{outlook.n_validation} images pin a rate only that well.</p>"
+    )
+    if rule.get("rule") == "quantile" and rule.get("quantile", 1) < 1:
+        asked = 1 - float(rule["quantile"])
+        needed = validation_images_needed(asked)
+        if outlook.n_validation < needed:
+            text += (
+                f"<p>The rule (<code>evaluation.threshold.quantile: {rule['quantile']:g}</code>) asks for "
+                f"{100 * asked:g} %; a threshold can promise that with at least {needed} normal "
+                "validation images (more normal training images, or a larger "
+                "<code>preprocessing.validation_fraction</code>).</p>"
+            )
+    p = metrics.get("false_alarm_excess_p")
+    n_good = int(metrics.get("n_normal") or 0)
+    if p is None or n_good == 0 or not np.isfinite(p):
+        return text + "<p>No good test images to check the promise on.</p>"
+    flagged = int(round(metrics["false_alarm_rate_at_threshold"] * n_good))
+    text += (
+        f"<p>Good test images: <b>{flagged} of {n_good}</b> flagged. If they were like the "
+        f"validation images, {flagged} or more would happen with probability at most <b>{p:.3g}</b>.</p>"
+    )
+    if p < EXCESS_FALSE_ALARM_P:
+        text += (
+            "<p><b>Warning — the good test images are flagged more often than the validation "
+            "images promise:</b> they differ from the normal images the threshold was set on "
+            "(another batch, lighting or camera, or defects nobody labelled), so the rate above "
+            "does not carry over to them. Check the highest-scoring good images (<i>Hardest "
+            "cases</i>) before trusting the threshold on the line.</p>"
+        )
+    return text
 
 
 def defect_region_section(metrics: dict[str, Any], margin: int) -> str:
