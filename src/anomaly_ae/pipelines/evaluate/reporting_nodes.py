@@ -333,7 +333,8 @@ def false_alarm_section(metrics: dict[str, Any]) -> str:
         f"exceeded by {outlook.above} of the {outlook.n_validation} normal validation images. A new "
         "normal image <i>like them</i> (the same product, camera and lighting) is flagged at "
         f"<b>{outlook.describe()}</b>, whatever the scores' distribution: "
-        f"{outlook.n_validation} images pin a rate only that well.</p>"
+        f"{outlook.n_validation} images pin a rate only that well (their scores: <i>Image scores "
+        "and the decision threshold</i>, below).</p>"
     )
     if rule.get("rule") == "quantile" and rule.get("quantile", 1) < 1:
         asked = 1 - float(rule["quantile"])
