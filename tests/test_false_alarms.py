@@ -4,6 +4,7 @@ sees both (the threshold node, the metrics, the report)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -151,3 +152,63 @@ def test_the_report_says_what_rate_to_expect_and_warns_when_good_images_break_it
     from anomaly_ae.pipelines.evaluate.nodes import _false_alarm_check
 
     assert all(math.isnan(v) for v in _false_alarm_check({"value": 1.0}, np.zeros(3), np.zeros(3)).values())
+
+
+def test_the_false_alarm_rate_rule_keeps_its_promise():
+    """``rule: false_alarm_rate``: the lowest validation score that promises the rate asked
+    for; over many validation sets the true rate averages at most that (simulated), where the
+    0.99-quantile-like rules on the same images do not."""
+    scores = np.arange(1.0, 22.0)
+    by_rate = functools.partial(calibrate_threshold, rule="false_alarm_rate")
+    assert by_rate(scores, false_alarm_rate=0.01) == 21.0  # too few images: the highest score
+    assert by_rate(scores, false_alarm_rate=0.1) == 20.0  # k = ceil(22 * 0.9) = 20
+    assert false_alarm_outlook(scores, 20.0).expected_high <= 0.1
+    rng = np.random.default_rng(2)
+    rates, quantile_rates = [], []
+    for _ in range(3000):
+        normal = rng.exponential(size=50)
+        rates.append(math.exp(-by_rate(normal, false_alarm_rate=0.1)))
+        quantile_rates.append(math.exp(-calibrate_threshold(normal, rule="quantile", quantile=0.9)))
+    assert 0.09 <= np.mean(rates) <= 0.1 + 0.005  # kept, and no more cautious than 50 images need
+    assert np.mean(quantile_rates) > 0.105  # the 0.9 quantile of 50 images: 9.8-11.8 %
+    with pytest.raises(ValueError, match="false_alarm_rate must be in"):
+        calibrate_threshold(scores, rule="false_alarm_rate", false_alarm_rate=1.0)
+
+
+def test_each_threshold_rule_reads_its_own_setting_and_names_a_missing_one():
+    from anomaly_ae.evaluation.false_alarms import asked_false_alarm_rate
+    from anomaly_ae.evaluation.metrics import threshold_options
+
+    assert threshold_options({"rule": "quantile", "quantile": 0.9, "k_sigma": 3}) == {
+        "rule": "quantile",
+        "quantile": 0.9,
+    }
+    assert threshold_options({"rule": "quantile", "quantile": 0.9}) == {"rule": "quantile", "quantile": 0.9}
+    with pytest.raises(ValueError, match="evaluation.threshold.false_alarm_rate"):
+        threshold_options({"rule": "false_alarm_rate", "quantile": 0.99})
+    assert asked_false_alarm_rate({"rule": "quantile", "quantile": 0.99}) == pytest.approx(0.01)
+    assert asked_false_alarm_rate({"rule": "false_alarm_rate", "false_alarm_rate": 0.05}) == 0.05
+    assert asked_false_alarm_rate({"rule": "mean_std", "k_sigma": 3}) is None
+
+
+def test_the_node_calibrates_by_the_rate_rule_and_says_when_it_cannot_promise_it(caplog, monkeypatch):
+    from anomaly_ae.pipelines.evaluate import nodes
+    from anomaly_ae.pipelines.evaluate.reporting_nodes import threshold_rule_text
+
+    monkeypatch.setattr(nodes, "checkpoint_fingerprint", lambda checkpoint: "0" * 16)
+    rule = {"rule": "false_alarm_rate", "quantile": 0.99, "k_sigma": 3.0, "false_alarm_rate": 0.01}
+    with caplog.at_level(logging.WARNING):
+        threshold = nodes.calibrate_threshold_node(
+            {"score": np.arange(21.0)}, {"epoch": 1}, {}, {"threshold": rule}
+        )
+    assert threshold["value"] == 20.0 and threshold["false_alarm_rate"] == 0.01
+    assert "false-alarm rate of 1 %" in caplog.text and "needs 99" in caplog.text
+    assert "lowest promising a 0.01 false-alarm rate" in threshold_rule_text(threshold)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        threshold = nodes.calibrate_threshold_node(
+            {"score": np.arange(200.0)}, {"epoch": 1}, {}, {"threshold": rule}
+        )
+    assert threshold["value"] == 198.0  # k = ceil(201 * 0.99) = 199: the 199th smallest of 0..199
+    assert threshold["false_alarm_outlook"]["expected_high"] <= 0.01
+    assert "cannot promise" not in caplog.text

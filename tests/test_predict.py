@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pandas as pd
@@ -149,15 +150,18 @@ def test_missing_or_empty_folder_and_missing_threshold(tmp_path, checkpoint):
 
 
 @pytest.mark.slow
-def test_predict_pipeline_on_a_folder(quick, junk_folder):
+def test_predict_pipeline_on_a_folder(quick, junk_folder, caplog):
     """The predict pipeline (in process, on the shared quick project): one row per file,
-    errors included, one overlay per scored image; a missing folder is a clear error."""
+    errors included, one overlay per scored image; a missing folder is a clear error. The
+    log says the false-alarm rate the threshold's validation images promise."""
     expected, folder = junk_folder
     with pytest.raises(FileNotFoundError, match="predict.input_dir"):
         quick.session_run(
             pipeline="predict", env="quick", params={"predict": {"input_dir": str(folder / "nope")}}
         )
-    quick.session_run(pipeline="predict", env="quick", params={"predict": {"input_dir": str(folder)}})
+    with caplog.at_level(logging.INFO, logger="anomaly_ae.pipelines.predict.nodes"):
+        quick.session_run(pipeline="predict", env="quick", params={"predict": {"input_dir": str(folder)}})
+    assert "validation images is flagged at" in caplog.text
     table = pd.read_csv(quick.latest("data/07_model_output/bottle/predictions.csv"))
     assert set(table["file"]) == set(expected)
     errors = table.set_index("file")["error"]

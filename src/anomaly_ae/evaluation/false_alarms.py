@@ -146,3 +146,13 @@ def validation_images_needed(rate: float) -> int:
     if not 0 < rate <= 1:
         raise ValueError(f"rate must be in (0, 1], got {rate!r}")
     return max(1, math.ceil(1 / rate - 1 - 1e-9))
+
+
+def asked_false_alarm_rate(rule: dict) -> float | None:
+    """The false-alarm rate a threshold rule asks for (``1 - quantile``, ``false_alarm_rate``);
+    None for ``mean_std``, which asks for none."""
+    if rule.get("rule") == "quantile" and float(rule.get("quantile", 1)) < 1:
+        return 1 - float(rule["quantile"])
+    if rule.get("rule") == "false_alarm_rate":
+        return float(rule["false_alarm_rate"])
+    return None

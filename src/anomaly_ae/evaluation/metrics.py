@@ -16,6 +16,7 @@ Conventions used throughout:
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Sequence
 
@@ -40,7 +41,7 @@ __all__ = [
     "summarise_ssim",
 ]
 
-_THRESHOLD_RULES = ("quantile", "mean_std")
+_THRESHOLD_RULES = ("quantile", "mean_std", "false_alarm_rate")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -518,6 +519,7 @@ def calibrate_threshold(
     rule: str = "quantile",
     quantile: float = 0.99,
     k_sigma: float = 3.0,
+    false_alarm_rate: float = 0.01,
 ) -> float:
     """Choose an image-score decision threshold from NORMAL validation scores.
 
@@ -531,19 +533,27 @@ def calibrate_threshold(
           ``1 - quantile`` only with many scores: with ``n`` of them it is at
           least ``1 / (n + 1)`` (:mod:`anomaly_ae.evaluation.false_alarms`).
         * ``"mean_std"``: ``mean + k_sigma * std`` (population std, ddof=0).
+        * ``"false_alarm_rate"``: the lowest validation score that promises
+          at most ``false_alarm_rate`` (split conformal): the ``k``-th
+          smallest, ``k = ceil((n + 1) * (1 - false_alarm_rate))``, which a
+          new normal image like the validation images exceeds with
+          probability ``(n + 1 - k) / (n + 1)``. With too few scores
+          (``k > n``) the highest one, which promises ``1 / (n + 1)``.
 
     Args:
         normal_scores: 1-D anomaly scores of normal validation images.
-        rule: ``"quantile"`` or ``"mean_std"``.
+        rule: ``"quantile"``, ``"mean_std"`` or ``"false_alarm_rate"``.
         quantile: Quantile in [0, 1] for the ``"quantile"`` rule.
         k_sigma: Number of standard deviations for the ``"mean_std"`` rule.
+        false_alarm_rate: The rate in (0, 1) the ``"false_alarm_rate"`` rule
+            must promise.
 
     Returns:
         Threshold; an image is anomalous iff ``score > threshold``.
 
     Raises:
-        ValueError: Unknown ``rule``, empty or non-finite ``normal_scores``, or
-            ``quantile`` outside [0, 1].
+        ValueError: Unknown ``rule``, empty or non-finite ``normal_scores``,
+            ``quantile`` outside [0, 1] or ``false_alarm_rate`` outside (0, 1).
     """
     s = np.asarray(normal_scores, dtype=np.float64).ravel()
     if rule not in _THRESHOLD_RULES:
@@ -556,7 +566,29 @@ def calibrate_threshold(
         if not 0 <= quantile <= 1:
             raise ValueError(f"quantile must be in [0, 1], got {quantile!r}")
         return float(np.quantile(s, quantile))
+    if rule == "false_alarm_rate":
+        if not 0 < false_alarm_rate < 1:
+            raise ValueError(f"false_alarm_rate must be in (0, 1), got {false_alarm_rate!r}")
+        n = s.size
+        k = min(max(math.ceil((n + 1) * (1 - false_alarm_rate) - 1e-9), 1), n)
+        return float(np.sort(s)[k - 1])
     return float(s.mean() + k_sigma * s.std(ddof=0))
+
+
+def threshold_options(rule: dict) -> dict:
+    """``evaluation.threshold`` as :func:`calibrate_threshold`'s keyword arguments (each rule
+    reads only its own setting, so a configuration written before a rule existed still runs)."""
+    options = {"rule": rule["rule"]}
+    setting = {"quantile": "quantile", "mean_std": "k_sigma", "false_alarm_rate": "false_alarm_rate"}
+    name = setting.get(rule["rule"])
+    if name is not None:
+        if name not in rule:
+            raise ValueError(
+                f"evaluation.threshold.rule {rule['rule']!r} needs evaluation.threshold.{name} "
+                "(conf/base/parameters_evaluation.yml)"
+            )
+        options[name] = rule[name]
+    return options
 
 
 def classification_report_at(labels: ArrayLike, scores: ArrayLike, threshold: float) -> dict[str, float]:

@@ -16,11 +16,12 @@ from anomaly_ae.data.transforms import as_unit_float
 from anomaly_ae.evaluation import calibration, tables
 from anomaly_ae.evaluation.false_alarms import (
     FalseAlarmOutlook,
+    asked_false_alarm_rate,
     excess_false_alarm_p,
     false_alarm_outlook,
     validation_images_needed,
 )
-from anomaly_ae.evaluation.metrics import calibrate_threshold
+from anomaly_ae.evaluation.metrics import calibrate_threshold, threshold_options
 from anomaly_ae.evaluation.stress import STRESS_COLUMNS, copies_per_image, per_kind_rows, stress_table
 from anomaly_ae.evaluation.summary import (
     HEADLINE_METRICS,
@@ -148,7 +149,7 @@ def calibrate_threshold_node(
             "No validation images to calibrate the threshold on; set "
             "preprocessing.validation_fraction > 0 and rerun data_processing."
         )
-    value = calibrate_threshold(scores, rule=rule["rule"], quantile=rule["quantile"], k_sigma=rule["k_sigma"])
+    value = calibrate_threshold(scores, **threshold_options(rule))
     outlook = false_alarm_outlook(scores, value)
     log.info(
         "Threshold %.5f (%s on %d normal validation images): a normal image like them is flagged at %s",
@@ -157,20 +158,17 @@ def calibrate_threshold_node(
         len(scores),
         outlook.describe(),
     )
-    if rule["rule"] == "quantile" and rule["quantile"] < 1:
-        needed = validation_images_needed(1 - rule["quantile"])
-        if len(scores) < needed:
-            log.warning(
-                "evaluation.threshold.quantile %g asks for a false-alarm rate of %g %%, which %d "
-                "normal validation images cannot promise (it needs %d; the rate to expect is %s). "
-                "Add normal training images or raise preprocessing.validation_fraction, or set the "
-                "quantile to what they support.",
-                rule["quantile"],
-                100 * (1 - rule["quantile"]),
-                len(scores),
-                needed,
-                outlook.describe(),
-            )
+    asked = asked_false_alarm_rate(rule)
+    if asked is not None and len(scores) < validation_images_needed(asked):
+        log.warning(
+            "evaluation.threshold asks for a false-alarm rate of %g %%, which %d normal validation "
+            "images cannot promise (it needs %d; the rate to expect is %s). Add normal training "
+            "images or raise preprocessing.validation_fraction, or ask for what they support.",
+            100 * asked,
+            len(scores),
+            validation_images_needed(asked),
+            outlook.describe(),
+        )
     return {
         "value": float(value),
         **rule,

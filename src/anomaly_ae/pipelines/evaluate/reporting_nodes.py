@@ -96,6 +96,8 @@ def threshold_rule_text(decision_threshold: dict[str, Any]) -> str:
     n = decision_threshold.get("n_validation_images", "?")
     if decision_threshold.get("rule") == "mean_std":
         how = f"mean + {decision_threshold.get('k_sigma')} std"
+    elif decision_threshold.get("rule") == "false_alarm_rate":
+        how = f"lowest promising a {decision_threshold.get('false_alarm_rate'):g} false-alarm rate"
     else:
         how = f"{decision_threshold.get('quantile')} quantile"
     return f"{how} of {n} normal validation images"
@@ -321,7 +323,11 @@ LEAK_WARNING = 0.75
 def false_alarm_section(metrics: dict[str, Any]) -> str:
     """HTML: the false-alarm rate the threshold's normal validation images promise, how well
     so few images pin it, and whether the good test images keep the promise."""
-    from anomaly_ae.evaluation.false_alarms import FalseAlarmOutlook, validation_images_needed
+    from anomaly_ae.evaluation.false_alarms import (
+        FalseAlarmOutlook,
+        asked_false_alarm_rate,
+        validation_images_needed,
+    )
     from anomaly_ae.pipelines.evaluate.nodes import EXCESS_FALSE_ALARM_P
 
     rule = metrics.get("threshold_rule") or {}
@@ -336,16 +342,14 @@ def false_alarm_section(metrics: dict[str, Any]) -> str:
         f"{outlook.n_validation} images pin a rate only that well (their scores: <i>Image scores "
         "and the decision threshold</i>, below).</p>"
     )
-    if rule.get("rule") == "quantile" and rule.get("quantile", 1) < 1:
-        asked = 1 - float(rule["quantile"])
-        needed = validation_images_needed(asked)
-        if outlook.n_validation < needed:
-            text += (
-                f"<p>The rule (<code>evaluation.threshold.quantile: {rule['quantile']:g}</code>) asks for "
-                f"{100 * asked:g} %; a threshold can promise that with at least {needed} normal "
-                "validation images (more normal training images, or a larger "
-                "<code>preprocessing.validation_fraction</code>).</p>"
-            )
+    asked = asked_false_alarm_rate(rule)
+    if asked is not None and outlook.n_validation < validation_images_needed(asked):
+        text += (
+            f"<p>The rule (<code>evaluation.threshold</code>) asks for {100 * asked:g} %; a threshold "
+            f"can promise that with at least {validation_images_needed(asked)} normal validation "
+            "images (more normal training images, or a larger "
+            "<code>preprocessing.validation_fraction</code>).</p>"
+        )
     p = metrics.get("false_alarm_excess_p")
     n_good = int(metrics.get("n_normal") or 0)
     if p is None or n_good == 0 or not np.isfinite(p):

@@ -13,6 +13,7 @@ from kedro.io.core import DatasetError
 from PIL import Image
 
 from anomaly_ae.data.partitions import image_partitions
+from anomaly_ae.evaluation.false_alarms import FalseAlarmOutlook
 from anomaly_ae.inspect import Inspector
 from anomaly_ae.reporting.figures import heatmap_overlay_image, overlay_vmax
 
@@ -68,12 +69,17 @@ def predict_folder(
             result.image = result.anomaly_map = None  # keep only the compressed overlay
     table = pd.DataFrame(rows, columns=["file", "score", "ssim", "is_anomalous", "error", "width", "height"])
     failed = int(table["error"].notna().sum())
+    outlook = decision_threshold.get("false_alarm_outlook")  # thresholds saved before: none
     log.info(
-        "predict: %d files scanned, %d anomalous, %d failed (threshold %.5f)",
+        "predict: %d files scanned, %d anomalous, %d failed (threshold %.5f%s)",
         len(table),
         int(table["is_anomalous"].fillna(False).astype(bool).sum()),
         failed,
         inspector.threshold,
+        f"; a normal image like its {outlook['n_validation']} validation images is flagged at "
+        f"{FalseAlarmOutlook.from_dict(outlook).describe()}"
+        if outlook
+        else "",
     )
     for row in table[table["error"].notna()].itertuples():
         log.warning("not judged: %s: %s", row.file, row.error)
