@@ -82,6 +82,9 @@ def test_two_categories_in_one_run_each_with_its_own_outputs_runs_and_a_summary(
     assert summary.loc[2, "image_auroc"] == pytest.approx(summary.loc[:1, "image_auroc"].mean())
     assert summary.loc[:1, ["image_auroc_at_defect", "image_auroc_off_defect"]].notna().all().all()
     assert (summary.loc[:1, "epochs"] == 20).all() and (summary.loc[:1, "train_images"] == 36).all()
+    # the false-alarm rate each threshold promises (its validation images: 4 of 40), and the one seen
+    promised = summary.loc[:1, "false_alarm_rate_expected_high"]
+    assert promised.between(1 / 5, 1).all() and summary.loc[:1, "false_alarm_rate_at_threshold"].notna().all()
     markdown = project.latest("data/08_reporting/summary/summary.md").read_text()
     assert markdown.startswith("| category") and "| carpet" in markdown
     # which kinds each model misses: one row per category and the mean, a column per kind

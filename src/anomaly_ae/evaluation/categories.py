@@ -34,6 +34,10 @@ COLUMNS = [
     *INTERVAL,
     *DETECTION[1:],
     "threshold",
+    # at most this share of normal images like the validation ones is flagged (on average;
+    # anomaly_ae.evaluation.false_alarms), and the share of good test images that was
+    "false_alarm_rate_expected_high",
+    "false_alarm_rate_at_threshold",
     "map",
 ]
 MEANED = [*DETECTION, "ssim_normal_mean", "ssim_defect_mean"]
@@ -49,7 +53,8 @@ def category_row(
     """One row: what was trained (images, epochs, the best epoch by the monitored loss, the
     training time) and what it measured (Table II's SSIM means, AUROCs — with the image
     AUROC's confidence interval, at and off the
-    defect too: the label-leak check —, AUPRO, F1, threshold, the map settings used). A
+    defect too: the label-leak check —, AUPRO, F1, threshold, the false-alarm rate it promises
+    and the one on the good test images, the map settings used). A
     metric that could not be computed (e.g. pixel metrics without masks, or metrics from an
     older run) is NaN."""
     monitored = "val_loss" if "val_loss" in history and history["val_loss"].notna().any() else "train_loss"
@@ -65,6 +70,8 @@ def category_row(
         "train_minutes": seconds / 60,
         **{k: _number(metrics.get(k)) for k in (*MEANED, *INTERVAL)},
         "threshold": _number(metrics.get("threshold")),
+        "false_alarm_rate_expected_high": _number(metrics.get("false_alarm_rate_expected_high")),
+        "false_alarm_rate_at_threshold": _number(metrics.get("false_alarm_rate_at_threshold")),
         "map": map_description,
     }
 
