@@ -53,18 +53,24 @@ def summarise_node(categories: Sequence[str]) -> Callable[..., tuple[pd.DataFram
         # main table within a 1280-px window)
         regions = table[["category", "test_images", "image_auroc"]].assign(interval=interval_column(table))
         regions = pd.concat([regions, table[list(REGION_METRICS)]], axis=1)
+        false_alarms = ["false_alarm_rate_expected_high", "false_alarm_rate_at_threshold"]
         page = report_page(
             f"anomaly-ae — {len(categories)} categories",
             "<p>One row per category (its own namespace, versioned outputs and MLflow run); the "
             "last row is the mean. Pixel metrics are empty where a category has no masks; "
             "detection metrics where it has no test images (normal images only) or one kind.</p>"
-            f"{html_table(table.drop(columns=[*REGION_METRICS, *INTERVAL, 'test_images']))}"
+            f"{html_table(table.drop(columns=[*REGION_METRICS, *INTERVAL, 'test_images', *false_alarms]))}"
             "<h2>How precise, and where the image score comes from</h2><p>The image AUROC's "
             "confidence interval from the sampling of the test images "
             "(evaluation.confidence_level; none for the mean). Defective test images scored only "
             "near their labelled defect, and only away from it (the label-leak check: about 0.5 "
             "expected; high when defective images differ from good ones elsewhere).</p>"
             f"{html_table(regions)}"
+            "<h2>The threshold's false alarms</h2><p>The share of normal images like its normal "
+            "validation images that each category's threshold flags, at most (on average; few "
+            "validation images promise little: the category's report), and the share of its good "
+            "test images it flagged.</p>"
+            f"{html_table(table[['category', 'threshold', *false_alarms]].iloc[:-1])}"
             "<h2>Which kinds of defect each model misses</h2><p>Synthetic defects pasted onto each "
             "category's good test images (held out: another seed than the calibration's), image "
             "AUROC per kind of the map in use, the last row the mean; the category's report gives "
