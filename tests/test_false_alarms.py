@@ -124,14 +124,13 @@ def _metrics(flagged: int, good: int = 20, n_validation: int = 21) -> dict:
     value = calibrate_threshold(validation, quantile=0.99)
     rule = {"rule": "quantile", "quantile": 0.99, "n_validation_images": n_validation}
     rule["false_alarm_outlook"] = false_alarm_outlook(validation, value).to_dict()
-    labels = np.r_[np.zeros(good), np.ones(5)]
-    scores = np.r_[np.where(np.arange(good) < flagged, 1e3, -1.0), np.full(5, 1e3)]
-    metrics = _false_alarm_check({"value": value, **rule}, labels, scores)
+    metrics = _false_alarm_check({"value": value, **rule}, flagged, good)
     return {
         **metrics,
         "threshold": value,
         "threshold_rule": rule,
         "n_normal": good,
+        "fp_at_threshold": float(flagged),
         "false_alarm_rate_at_threshold": flagged / good,
     }
 
@@ -151,7 +150,7 @@ def test_the_report_says_what_rate_to_expect_and_warns_when_good_images_break_it
     assert "Not computed" in false_alarm_section({"threshold": 1.0, "threshold_rule": {"rule": "quantile"}})
     from anomaly_ae.pipelines.evaluate.nodes import _false_alarm_check
 
-    assert all(math.isnan(v) for v in _false_alarm_check({"value": 1.0}, np.zeros(3), np.zeros(3)).values())
+    assert all(math.isnan(v) for v in _false_alarm_check({"value": 1.0}, 0, 3).values())
 
 
 def test_the_false_alarm_rate_rule_keeps_its_promise():

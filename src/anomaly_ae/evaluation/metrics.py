@@ -41,7 +41,9 @@ __all__ = [
     "summarise_ssim",
 ]
 
-_THRESHOLD_RULES = ("quantile", "mean_std", "false_alarm_rate")
+#: Each threshold rule and the one ``evaluation.threshold`` setting it reads.
+THRESHOLD_SETTINGS = {"quantile": "quantile", "mean_std": "k_sigma", "false_alarm_rate": "false_alarm_rate"}
+_THRESHOLD_RULES = tuple(THRESHOLD_SETTINGS)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -579,8 +581,7 @@ def threshold_options(rule: dict) -> dict:
     """``evaluation.threshold`` as :func:`calibrate_threshold`'s keyword arguments (each rule
     reads only its own setting, so a configuration written before a rule existed still runs)."""
     options = {"rule": rule["rule"]}
-    setting = {"quantile": "quantile", "mean_std": "k_sigma", "false_alarm_rate": "false_alarm_rate"}
-    name = setting.get(rule["rule"])
+    name = THRESHOLD_SETTINGS.get(rule["rule"])
     if name is not None:
         if name not in rule:
             raise ValueError(

@@ -32,7 +32,7 @@ from torch import nn
 import anomaly_ae
 from anomaly_ae.data.transforms import _LUMA, RESAMPLE_METHODS, as_unit_float, image_shape
 from anomaly_ae.evaluation.false_alarms import expected_false_alarm_rate
-from anomaly_ae.evaluation.metrics import calibrate_threshold, threshold_options
+from anomaly_ae.evaluation.metrics import THRESHOLD_SETTINGS, calibrate_threshold, threshold_options
 from anomaly_ae.export.folder import write_bundle
 from anomaly_ae.model.checkpoint import checkpoint_fingerprint, checkpoint_framing, model_from_checkpoint
 from anomaly_ae.runtime.bundle import run_in_chunks
@@ -309,7 +309,7 @@ def build_bundle(
         raise ValueError("validation scores must be finite")
 
     recomputed = None
-    if decision_threshold.get("rule") in ("quantile", "mean_std", "false_alarm_rate"):
+    if decision_threshold.get("rule") in THRESHOLD_SETTINGS:
         recomputed = calibrate_threshold(
             scores.astype(np.float64), **threshold_options(dict(decision_threshold))
         )

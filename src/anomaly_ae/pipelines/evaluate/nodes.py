@@ -225,25 +225,23 @@ FALSE_ALARM_METRICS = (
 )
 
 
-def _false_alarm_check(threshold: dict[str, Any], labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+def _false_alarm_check(threshold: dict[str, Any], flagged: float, n_good: int) -> dict[str, float]:
     """The false-alarm rate the threshold's validation images promise, and the chance of at
-    least as many false alarms on the good test images as were seen, if they were like the
+    least ``flagged`` false alarms on the ``n_good`` good test images, if they were like the
     validation images (:mod:`anomaly_ae.evaluation.false_alarms`). NaN for a threshold saved
     before the outlook was (no validation scores to recompute it from)."""
     nan = float("nan")
     if "false_alarm_outlook" not in threshold:
         return dict.fromkeys(FALSE_ALARM_METRICS[1:], nan)
     outlook = FalseAlarmOutlook.from_dict(threshold["false_alarm_outlook"])
-    good = np.asarray(labels) == 0
-    flagged = int(np.sum(np.asarray(scores)[good] > threshold["value"]))
-    p = excess_false_alarm_p(outlook, flagged, int(good.sum()))
+    p = excess_false_alarm_p(outlook, int(flagged), n_good) if n_good else nan
     if np.isfinite(p) and p < EXCESS_FALSE_ALARM_P:
         log.warning(
             "%d of %d good test images flagged, more than %d normal validation images like them "
             "would give (a rate of %s; chance of this many or more %.3g): the good test images "
             "differ from the validation images, and the threshold's promise does not carry over.",
             flagged,
-            int(good.sum()),
+            n_good,
             outlook.n_validation,
             outlook.describe(),
             p,
@@ -285,7 +283,8 @@ def compute_metrics(
         confidence_level=evaluation["confidence_level"],
         valid=valid,
     )
-    metrics.update(_false_alarm_check(threshold, labels, test_scores["score"]))
+    # the good test images flagged: detection_metrics' false positives
+    metrics.update(_false_alarm_check(threshold, metrics["fp_at_threshold"], metrics["n_normal"]))
     score = MapSettings.from_dict(map_settings)
     region_options = {
         "margin": int(evaluation["defect_margin"]),

@@ -354,7 +354,7 @@ def false_alarm_section(metrics: dict[str, Any]) -> str:
     n_good = int(metrics.get("n_normal") or 0)
     if p is None or n_good == 0 or not np.isfinite(p):
         return text + "<p>No good test images to check the promise on.</p>"
-    flagged = int(round(metrics["false_alarm_rate_at_threshold"] * n_good))
+    flagged = int(metrics["fp_at_threshold"])
     text += (
         f"<p>Good test images: <b>{flagged} of {n_good}</b> flagged. If they were like the "
         f"validation images, {flagged} or more would happen with probability at most <b>{p:.3g}</b>.</p>"
