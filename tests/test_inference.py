@@ -145,3 +145,22 @@ def test_without_maps_and_reconstruct_only(model, images):
     assert reconstruct(model, images[:0], 2, device="cpu").shape == (0, 1, SIZE, SIZE)
     empty = reconstruct_and_score(model, images[:0], MapSettings(), 2, device="cpu", precision="fp32")
     assert all(len(v) == 0 for v in empty.values())
+
+
+def test_without_reconstructions_the_same_maps_and_scores(model, images):
+    """``keep_recon=False`` (the stress test, the references) leaves the reconstructions out
+    and changes nothing else, bit for bit."""
+    settings = MapSettings(smoothing_sigma=2.0)
+    full = reconstruct_and_score(model, images, settings, 2, device="cpu", precision="fp32")
+    lean = reconstruct_and_score(model, images, settings, 2, device="cpu", precision="fp32", keep_recon=False)
+    assert set(lean) == {"map", "ssim", "mse", "score"}
+    for key in lean:
+        np.testing.assert_array_equal(lean[key], full[key], err_msg=key)
+    # the last, partial batch lands at the end of each output (5 images in batches of 2)
+    single = reconstruct_and_score(model, images[4:], settings, 2, device="cpu", precision="fp32")
+    np.testing.assert_allclose(full["map"][4], single["map"][0], atol=1e-6, rtol=0)
+    assert reconstruct_and_score(model, images[:0], settings, 2, keep_recon=False)["map"].shape == (
+        0,
+        SIZE,
+        SIZE,
+    )

@@ -374,7 +374,11 @@ def paste_synthetic_defects(
     # each maker works on one (H, W) plane, or (H, W, C) channels-last for colour
     planes = images[:, 0] if channels == 1 else np.ascontiguousarray(images.transpose(0, 2, 3, 1))
     sources = list(planes)
-    out_images, out_masks, out_kinds = [], [], []
+    # the copies written straight into their float32 output, in its (N, C, H, W) layout: a
+    # list of float64 copies stacked and converted at the end held about five times as much
+    out_images = np.empty((n * per_image, channels, h, w), np.float32)
+    out_masks = np.empty((n * per_image, h, w), np.uint8)
+    out_kinds = []
     for i in range(n):
         base = planes[i]
         for j in range(per_image):
@@ -390,12 +394,8 @@ def paste_synthetic_defects(
                 defective = np.clip(defective, 0.0, 1.0)
                 if mask.any() and np.abs(defective - base)[mask].mean() >= min_contrast:
                     break
-            out_images.append(defective)
-            out_masks.append(mask.astype(np.uint8))
+            k = i * per_image + j
+            out_images[k] = defective if channels == 1 else defective.transpose(2, 0, 1)
+            out_masks[k] = mask
             out_kinds.append(kind)
-    stacked = np.stack(out_images).astype(np.float32)
-    return (
-        stacked[:, None] if channels == 1 else np.ascontiguousarray(stacked.transpose(0, 3, 1, 2)),
-        np.stack(out_masks).astype(np.uint8),
-        out_kinds,
-    )
+    return out_images, out_masks, out_kinds

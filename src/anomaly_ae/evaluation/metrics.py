@@ -181,7 +181,8 @@ def _sorted_pairs(y: np.ndarray, s: np.ndarray) -> tuple[float, float]:
 
 def _sorted_counts(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per positive (in the order of ``s[y]``): the negatives below it and those equal to it."""
-    negatives = np.sort(s[~y])
+    negatives = s[~y]  # a copy already: sorted in place, not copied again
+    negatives.sort()
     positives = s[y]
     below = np.searchsorted(negatives, positives, "left")
     equal = np.searchsorted(negatives, positives, "right") - below
@@ -219,7 +220,8 @@ def _binned_counts(y: np.ndarray, s: np.ndarray, bits: int = 20) -> tuple[np.nda
     in_lower_bins = np.cumsum(counts) - counts
     shared = np.zeros(1 << bits, bool)
     shared[pos_bins] = True
-    near = np.sort(neg_keys[shared[neg_bins]])  # the negatives in a bin with a positive
+    near = neg_keys[shared[neg_bins]]  # the negatives in a bin with a positive (a copy) ...
+    near.sort()  # ... sorted in place
     first_of_bin = np.searchsorted(near, pos_bins.astype(keys.dtype) << shift, "left")
     lower = np.searchsorted(near, pos_keys, "left")
     equal = np.searchsorted(near, pos_keys, "right") - lower

@@ -120,10 +120,13 @@ def measured_contrast(
 ) -> np.ndarray:
     """Per defect copy, the mean |intensity change| inside its mask against the normal image it
     was pasted on (copy ``i`` comes from normal image ``i // per_image``)."""
-    source = normal[np.arange(len(defective)) // per_image]
-    change = np.abs(defective - source).mean(axis=1)  # over colour channels
     inside = masks.astype(bool)
-    return np.array([change[i][inside[i]].mean() if inside[i].any() else 0.0 for i in range(len(defective))])
+    out = np.zeros(len(defective), np.float32)  # the maps' dtype, as the copies are
+    for i in range(len(defective)):  # one copy at a time: no array of every copy's change
+        if inside[i].any():
+            change = np.abs(defective[i] - normal[i // per_image]).mean(axis=0)  # over colour channels
+            out[i] = change[inside[i]].mean()
+    return out
 
 
 def spread_percentile(normal: np.ndarray) -> np.ndarray:
@@ -179,12 +182,13 @@ def stress_table(
     contrast = measured_contrast(normal, defective, masks, len(defective) // len(normal))
     area = masks.reshape(len(masks), -1).astype(bool).sum(axis=1)
     place = normal_spread_percentile(normal, masks)
-    images = np.concatenate([normal, defective])
     labels = np.r_[np.zeros(len(normal), int), np.ones(len(defective), int)]
+    images = np.concatenate([normal, defective])
+    del defective  # scored from ``images`` only: not held twice
     truth = np.concatenate([np.zeros((len(normal), *masks.shape[1:]), np.uint8), masks])
     everything = {column: "all" for column in SPLIT_COLUMNS}
     groups = [
-        (kind, everything, np.ones(len(defective), bool) if kind == "all" else kinds == kind)
+        (kind, everything, np.ones(len(kinds), bool) if kind == "all" else kinds == kind)
         for kind in ["all", *sorted(set(kinds))]
     ]
     splits = (
@@ -201,10 +205,20 @@ def stress_table(
     rows = []
     for name, (settings, reference) in maps.items():
         scored = reconstruct_and_score(
-            model, images, settings, batch_size, device, precision, keep_maps=True, reference=reference
+            model,
+            images,
+            settings,
+            batch_size,
+            device,
+            precision,
+            keep_maps=True,
+            keep_recon=False,  # only the maps and scores are compared: no reconstructions held
+            reference=reference,
         )
         for kind, bands, chosen in groups:
             keep = np.r_[np.ones(len(normal), bool), chosen]
+            # every image (the "all" row): the maps as they are, not a copy of them
+            pixels = (truth, scored["map"]) if keep.all() else (truth[keep], scored["map"][keep])
             low, high = auroc_interval(labels[keep], scored["score"][keep], confidence_level)
             rows.append(
                 {
@@ -219,7 +233,7 @@ def stress_table(
                     "image_auroc": rank_auroc(labels[keep], scored["score"][keep]),
                     "image_auroc_ci_low": low,
                     "image_auroc_ci_high": high,
-                    "pixel_auroc": rank_auroc(truth[keep].ravel() > 0, scored["map"][keep].ravel()),
+                    "pixel_auroc": rank_auroc(pixels[0].ravel() > 0, pixels[1].ravel()),
                 }
             )
     return pd.DataFrame(rows, columns=STRESS_COLUMNS)

@@ -73,6 +73,7 @@ def reconstruct_and_score(
     precision: str = "fp32",
     keep_maps: bool = True,
     *,
+    keep_recon: bool = True,
     channels_last: bool = False,
     compile: bool = False,
     compile_mode: str = "default",
@@ -80,7 +81,7 @@ def reconstruct_and_score(
 ) -> dict[str, np.ndarray]:
     """Run ``images`` ``(N, 1, H, W)`` in [0, 1] through the model in batches.
 
-    Returns float32 arrays: ``recon`` (N, 1, H, W), ``map`` (N, H, W) when ``keep_maps``,
+    Returns float32 arrays: ``recon`` (N, 1, H, W) when ``keep_recon``, ``map`` (N, H, W) when ``keep_maps``,
     ``ssim`` (the paper's per-image SSIM), ``mse`` and ``score`` (N,). With
     ``settings.normal_reference`` other than ``none``, ``reference`` corrects the map before
     the score is taken. With a localisation map (``settings.localisation``) ``map`` is that
@@ -103,10 +104,17 @@ def reconstruct_and_score(
     if settings.localisation and settings.localisation.normal_reference != "none" and reference is not None:
         if reference.localisation is not None:
             reference.localisation.check_shape(images.shape, settings.localisation.channels)
-    keys = ("recon", "ssim", "mse", "score")
+    keys = ("recon", "ssim", "mse", "score") if keep_recon else ("ssim", "mse", "score")
     if keep_maps:
         keys += ("map", "detection_map") if settings.localisation else ("map",)
-    out: dict[str, list] = {key: [] for key in keys}
+    per_image = {
+        "recon": tuple(images.shape[1:]),
+        "map": tuple(images.shape[2:]),
+        "detection_map": tuple(images.shape[2:]),
+    }
+    # each output allocated once at its full size and filled batch by batch: no list of
+    # batches concatenated (and copied again) at the end, so the peak is the outputs themselves
+    out = {key: np.empty((len(images), *per_image.get(key, ())), np.float32) for key in keys}
     with torch.inference_mode():
         for start in range(0, len(images), int(batch_size)):
             x = unit_float(images[start : start + int(batch_size)].to(dev, non_blocking=True))
@@ -114,21 +122,8 @@ def reconstruct_and_score(
                 x = x.contiguous(memory_format=torch.channels_last)
             result = score_batch(x)
             for key in keys:
-                out[key].append(result[key].to("cpu", non_blocking=True))
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    # no images (a test set of normal training images only): empty arrays of the right shape
-    empty = {
-        "recon": (0, *images.shape[1:]),
-        "map": (0, *images.shape[2:]),
-        "detection_map": (0, *images.shape[2:]),
-    }
-    return {
-        key: torch.cat(values).numpy().astype(np.float32)
-        if values
-        else np.zeros(empty.get(key, (0,)), np.float32)
-        for key, values in out.items()
-    }
+                out[key][start : start + len(x)] = result[key].float().cpu().numpy()
+    return out
 
 
 def reconstruct(model: nn.Module, images: np.ndarray, batch_size: int, device: str = "cpu") -> np.ndarray:
@@ -138,14 +133,12 @@ def reconstruct(model: nn.Module, images: np.ndarray, batch_size: int, device: s
     dev = resolve_device(device)
     model = model.to(dev).eval()
     images = torch.as_tensor(images)
-    out = []
+    out = np.empty(tuple(images.shape), np.float32)  # filled batch by batch (see reconstruct_and_score)
     with torch.inference_mode():
         for start in range(0, len(images), int(batch_size)):
             x = unit_float(images[start : start + int(batch_size)].to(dev, non_blocking=True))
-            out.append(model(x).float().to("cpu"))
-    if not out:
-        return np.zeros((0, *images.shape[1:]), np.float32)
-    return torch.cat(out).numpy().astype(np.float32)
+            out[start : start + len(x)] = model(x).float().cpu().numpy()
+    return out
 
 
 def fit_normal_reference(
@@ -188,15 +181,24 @@ def _fit_references(
             # the map as inference computes it (device, precision, compile)
             raw = dataclasses.replace(settings[0], normal_reference="none", reference_shift=0)
             accumulators[0].add(
-                reconstruct_and_score(model, part, raw, keep_maps=True, **kwargs)["map"], sources
+                reconstruct_and_score(model, part, raw, keep_maps=True, keep_recon=False, **kwargs)["map"],
+                sources,
             )
             continue
         # the reconstructions once (device, precision, compile), then each raw map from them
         recon = torch.from_numpy(
             reconstruct_and_score(model, part, MapSettings(), keep_maps=False, **kwargs)["recon"]
         )
+        step = max(int(kwargs.get("batch_size", 32)), 1)
         for accumulator, one in zip(accumulators, settings, strict=True):
-            maps = raw_map(unit_float(part), recon, one).float()
+            # a batch at a time: the float64 intermediates of the SSIM of a whole chunk (with
+            # its moved copies, in colour) would hold several GB
+            maps = torch.cat(
+                [
+                    raw_map(unit_float(part[i : i + step]), recon[i : i + step], one).float()
+                    for i in range(0, len(part), step)
+                ]
+            )
             # (N, H, W) as inference's map
             accumulator.add(maps[:, 0] if one.channels == 1 else maps, sources)
     return [accumulator.result() for accumulator in accumulators]
