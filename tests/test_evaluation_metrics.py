@@ -58,13 +58,20 @@ def test_rank_auroc_equals_sklearn_with_ties(seed, dtype) -> None:
     assert rank_auroc(masks, maps) == pytest.approx(expected, abs=1e-12)
 
 
+@pytest.mark.parametrize("chunk", [None, 7])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("bits", [4, 20])
-def test_binned_pair_count_equals_the_sorted_one(dtype, bits) -> None:
+def test_binned_pair_count_equals_the_sorted_one(dtype, bits, chunk, monkeypatch) -> None:
     """The large-input path of rank_auroc counts exactly the pairs the sort does: ties, -0.0
     against 0.0, negative scores, subnormals and the dtype's extremes (few bits: most
-    negatives share a bin with a positive; 20, the default: few do)."""
-    from anomaly_ae.evaluation.metrics import _binned_pairs, _sorted_pairs
+    negatives share a bin with a positive; 20, the default: few do), per positive as well
+    (grouped_auroc's count), whether the scores fit one of its chunks or span many (7: ties
+    and bins split across chunks, chunks without a positive or without a negative)."""
+    from anomaly_ae.evaluation import metrics
+    from anomaly_ae.evaluation.metrics import _binned_counts, _binned_pairs, _sorted_counts, _sorted_pairs
+
+    if chunk is not None:
+        monkeypatch.setattr(metrics, "_BIN_CHUNK", chunk)
 
     rng = np.random.default_rng(bits)
     info = np.finfo(dtype)
@@ -89,6 +96,9 @@ def test_binned_pair_count_equals_the_sorted_one(dtype, bits) -> None:
         labels = rng.random(n) < 0.2
         labels[:2] = [True, False]
         assert _binned_pairs(labels, scores, bits) == _sorted_pairs(labels, scores)
+        per_positive = _binned_counts(labels, scores, bits), _sorted_counts(labels, scores)
+        for binned, plain in zip(*per_positive, strict=True):
+            np.testing.assert_array_equal(binned, plain)
     # only -0.0 and 0.0, one class each: every pair a tie
     assert _binned_pairs(np.array([True, False]), np.array([-0.0, 0.0], dtype), bits) == (0.0, 1.0)
 

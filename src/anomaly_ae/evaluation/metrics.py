@@ -210,19 +210,38 @@ def _binned_pairs(y: np.ndarray, s: np.ndarray, bits: int = 20) -> tuple[float, 
     return below.sum(dtype=np.float64), equal.sum(dtype=np.float64)
 
 
+_BIN_CHUNK = 1 << 20
+"""Scores :func:`_binned_counts` keys and bins at a time: its temporaries stay a few MB (in
+cache) whatever the map's size, instead of an integer array or two per score."""
+
+
 def _binned_counts(y: np.ndarray, s: np.ndarray, bits: int = 20) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_sorted_counts` by :func:`_binned_pairs`' bins."""
-    keys = _order_keys(s)
-    shift = keys.dtype.type(keys.dtype.itemsize * 8 - bits)
-    bins = (keys >> shift).astype(np.intp)
-    neg_keys, pos_keys, neg_bins, pos_bins = keys[~y], keys[y], bins[~y], bins[y]
-    counts = np.bincount(neg_bins, minlength=1 << bits)
+    """:func:`_sorted_counts` by :func:`_binned_pairs`' bins, :data:`_BIN_CHUNK` scores at a
+    time: one pass counts the negatives per bin and keeps the positives' keys, a second keeps
+    the negatives that share a bin with a positive. Besides its input it holds the positives'
+    keys and those negatives only (on a 138 M-pixel map a tenth of the memory of whole-array
+    keys and bins, and several times faster: see README, Performance)."""
+    unsigned = np.dtype(f"uint{s.dtype.itemsize * 8}")
+    shift = unsigned.type(unsigned.itemsize * 8 - bits)
+    chunks = [slice(start, start + _BIN_CHUNK) for start in range(0, s.size, _BIN_CHUNK)]
+    counts = np.zeros(1 << bits, np.intp)
+    pos_keys = []
+    for part in chunks:
+        keys, positive = _order_keys(s[part]), y[part]
+        counts += np.bincount((keys[~positive] >> shift).astype(np.intp), minlength=1 << bits)
+        pos_keys.append(keys[positive])
+    pos_keys = np.concatenate(pos_keys)
+    pos_bins = (pos_keys >> shift).astype(np.intp)
     in_lower_bins = np.cumsum(counts) - counts
     shared = np.zeros(1 << bits, bool)
     shared[pos_bins] = True
-    near = neg_keys[shared[neg_bins]]  # the negatives in a bin with a positive (a copy) ...
+    near = []  # the negatives in a bin with a positive ...
+    for part in chunks:
+        negative_keys = _order_keys(s[part])[~y[part]]
+        near.append(negative_keys[shared[(negative_keys >> shift).astype(np.intp)]])
+    near = np.concatenate(near) if near else np.empty(0, unsigned)
     near.sort()  # ... sorted in place
-    first_of_bin = np.searchsorted(near, pos_bins.astype(keys.dtype) << shift, "left")
+    first_of_bin = np.searchsorted(near, pos_bins.astype(unsigned) << shift, "left")
     lower = np.searchsorted(near, pos_keys, "left")
     equal = np.searchsorted(near, pos_keys, "right") - lower
     return in_lower_bins[pos_bins] + (lower - first_of_bin), equal
