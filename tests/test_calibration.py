@@ -441,6 +441,43 @@ def test_the_grid_streams_the_training_images_with_the_same_result():
     )
 
 
+@pytest.mark.parametrize("keep_diff", [False, True])
+def test_error_terms_filled_batch_by_batch_equal_one_batch_of_every_image(keep_diff):
+    """The grid's error terms, written batch by batch into one tensor per term (a last batch
+    shorter than the others, shift tolerance and SSIM's constant as keys), are the terms of
+    every image in one batch: the same tensors, every term kept."""
+    from anomaly_ae.scoring.anomaly_map import error_terms
+
+    rng = np.random.default_rng(3)
+    images = rng.random((7, 1, 24, 24), dtype=np.float32)
+    recon = np.clip(images * 0.8 + 0.1, 0, 1).astype(np.float32)
+    keys = ((0, 0.03), (1, 0.01))
+    batched = calibration._terms(images, recon, (7, 11), 1.5, 3, keep_diff=keep_diff, term_keys=keys)
+    assert set(batched) == set(keys)
+    for tolerance, k2 in keys:
+        whole = error_terms(
+            torch.from_numpy(images),
+            torch.from_numpy(recon),
+            (7, 11),
+            1.5,
+            keep_diff=keep_diff,
+            tolerance=tolerance,
+            k2=k2,
+        )
+        got = batched[(tolerance, k2)]
+        assert set(got) == set(whole)
+        for name, value in whole.items():
+            if name == "ssim_err":
+                assert set(got[name]) == {7, 11}
+                for w in (7, 11):
+                    torch.testing.assert_close(got[name][w], value[w], rtol=0, atol=1e-12)
+            elif isinstance(value, torch.Tensor):
+                assert got[name].shape[0] == 7
+                torch.testing.assert_close(got[name], value, rtol=0, atol=1e-12)
+            else:
+                assert got[name] == value
+
+
 def test_references_fitted_once_serve_every_scoring_of_the_grid(sets):
     """fit_grid_references streams the training images once; scoring the grid with them (as
     the calibration and then the grid agreement on the test images do) gives the table that

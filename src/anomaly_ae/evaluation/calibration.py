@@ -210,12 +210,15 @@ def _terms(
     term_keys: Sequence[tuple[int, float]] = ((0, PAPER_K2),),
 ) -> dict[tuple, dict]:
     """The images' :func:`error_terms`, a batch at a time, once per terms key
-    (:attr:`MapSettings.terms_key`: shift tolerance, SSIM's contrast constant): ``{key: terms}``."""
+    (:attr:`MapSettings.terms_key`: shift tolerance, SSIM's contrast constant): ``{key: terms}``.
+    Each term is written batch by batch into one tensor for every image (not a list of
+    batches concatenated at the end: that held each term twice)."""
     out = {}
     for key in term_keys:
         tolerance, k2 = key
-        parts = [
-            error_terms(
+        terms: dict = {}
+        for i in range(0, len(images), batch):
+            part = error_terms(
                 unit_float(torch.from_numpy(np.ascontiguousarray(images[i : i + batch]))),
                 torch.from_numpy(np.ascontiguousarray(recon[i : i + batch])),
                 windows,
@@ -224,18 +227,28 @@ def _terms(
                 tolerance=tolerance,
                 k2=k2,
             )
-            for i in range(0, len(images), batch)
-        ]
-        out[key] = {
-            "ssim_err": {w: torch.cat([p["ssim_err"][w] for p in parts]) for w in windows},
-            **{
-                key: torch.cat([p[key] for p in parts])
-                for key in ("sq", "diff", "x", "recon")
-                if key in parts[0]
-            },
-            **({"tolerance": tolerance} if "tolerance" in parts[0] else {}),
-        }
+            if not terms:  # the first batch gives each term's shape and dtype
+                terms = {
+                    "ssim_err": {w: _for_every_image(part["ssim_err"][w], len(images)) for w in windows},
+                    **{
+                        name: _for_every_image(part[name], len(images))
+                        for name in ("sq", "diff", "x", "recon")
+                        if name in part
+                    },
+                    **({"tolerance": tolerance} if "tolerance" in part else {}),
+                }
+            for w in windows:
+                terms["ssim_err"][w][i : i + batch] = part["ssim_err"][w]
+            for name, value in terms.items():
+                if name not in ("ssim_err", "tolerance"):
+                    value[i : i + batch] = part[name]
+        out[key] = terms
     return out
+
+
+def _for_every_image(first: torch.Tensor, n: int) -> torch.Tensor:
+    """An empty tensor like the first batch's ``first``, for ``n`` images."""
+    return first.new_empty((n, *first.shape[1:]))
 
 
 def _lowpass_terms(term_keys: Sequence[tuple[int, float]]) -> dict[int, tuple[int, float]]:
