@@ -377,6 +377,30 @@ def test_grid_scores_defect_images_at_their_defect_when_given_regions(sets):
     assert table.iloc[0]["syn_image_auroc_at_defect"] == pytest.approx(expected, abs=1e-9)
 
 
+def test_grid_pixel_auroc_leaves_out_the_defect_images_without_a_mask(sets):
+    """``pixel_known``: a defect image whose mask is unknown is left out of the pixel AUROC
+    (its pixels are neither defect nor normal), as if it were not there; the image AUROC
+    still counts it."""
+    train, normal, defects = sets
+    known = np.arange(len(defects[0])) % 3 != 0
+    table, scale = calibration.score_grid(
+        SMALL_GRID, MapSettings(), train, normal, defects, batch_size=4, pixel_known=known
+    )
+    subset = tuple(np.asarray(part)[known] for part in defects)
+    without, _ = calibration.score_grid(
+        SMALL_GRID, MapSettings(), train, normal, subset, batch_size=4, scale=scale
+    )
+    everything, _ = calibration.score_grid(SMALL_GRID, MapSettings(), train, normal, defects, batch_size=4)
+    pixel = [c for c in without if c.startswith("syn_pixel_auroc")]
+    assert "syn_pixel_auroc" in pixel and len(pixel) > 2
+    pd.testing.assert_frame_equal(table[pixel], without[pixel])
+    # a kind whose every copy lacks a mask has no pixel figure
+    unknown = [c for c in table if c.startswith("syn_pixel_auroc") and c not in pixel]
+    assert table[unknown].isna().all().all()
+    assert not table["syn_pixel_auroc"].equals(everything["syn_pixel_auroc"])
+    pd.testing.assert_series_equal(table["syn_image_auroc"], everything["syn_image_auroc"])
+
+
 def test_agreement_compares_the_at_defect_image_auroc_when_present():
     settings = [f"s{i}" for i in range(5)]
     syn = pd.DataFrame(
