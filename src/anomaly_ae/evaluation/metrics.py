@@ -237,11 +237,11 @@ def _binned_counts(y: np.ndarray, s: np.ndarray, bits: int = 20) -> tuple[np.nda
     in_lower_bins = np.cumsum(counts) - counts
     shared = np.zeros(1 << bits, bool)
     shared[pos_bins] = True
-    near = []  # the negatives in a bin with a positive ...
+    near = []  # the negatives in a bin with a positive (keys made again: not held for every score) ...
     for part in chunks:
         negative_keys = _order_keys(s[part])[~y[part]]
         near.append(negative_keys[shared[(negative_keys >> shift).astype(np.intp)]])
-    near = np.concatenate(near) if near else np.empty(0, unsigned)
+    near = np.concatenate(near)
     near.sort()  # ... sorted in place
     first_of_bin = np.searchsorted(near, pos_bins.astype(unsigned) << shift, "left")
     lower = np.searchsorted(near, pos_keys, "left")
