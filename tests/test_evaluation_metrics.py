@@ -103,6 +103,35 @@ def test_binned_pair_count_equals_the_sorted_one(dtype, bits, chunk, monkeypatch
     assert _binned_pairs(np.array([True, False]), np.array([-0.0, 0.0], dtype), bits) == (0.0, 1.0)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_binned_count_where_the_positives_span_nothing_or_everything(dtype) -> None:
+    """The bins are spaced between the lowest and the highest positive: one positive, equal
+    positives, positives at the dtype's extremes (a span that overflows float64 for float64
+    scores) and subnormal spans (a scale beyond the dtype's range) still count exactly."""
+    from anomaly_ae.evaluation.metrics import _binned_counts, _sorted_counts
+
+    info = np.finfo(dtype)
+    rng = np.random.default_rng(7)
+    negatives = np.r_[rng.normal(0, 2, 300), 0.0, -0.0, info.max, -info.max, info.smallest_subnormal]
+    cases = {
+        "one positive": [1.5],
+        "equal positives": [0.25, 0.25, 0.25],
+        "the extremes": [-info.max, info.max, 0.0],
+        "a subnormal span": [0.0, info.smallest_subnormal, 2 * info.smallest_subnormal],
+        "minus zero and zero": [-0.0, 0.0],
+    }
+    for name, positives in cases.items():
+        scores = np.r_[negatives, positives].astype(dtype)
+        labels = np.r_[np.zeros(len(negatives), bool), np.ones(len(positives), bool)]
+        order = rng.permutation(len(scores))
+        for binned, plain in zip(
+            _binned_counts(labels[order], scores[order]),
+            _sorted_counts(labels[order], scores[order]),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(binned, plain, err_msg=name)
+
+
 @pytest.mark.parametrize("binned", [True, False])
 def test_rank_auroc_on_a_million_pixels_equals_sklearn(binned, monkeypatch) -> None:
     """From BINNED_FROM scores on, rank_auroc (and pixel_auroc through it) takes the binned

@@ -191,62 +191,75 @@ def _sorted_counts(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return below, equal
 
 
-def _order_keys(s: np.ndarray) -> np.ndarray:
-    """Unsigned integers in the order of the float scores ``s`` (equal floats, -0.0 and 0.0
-    included, get equal keys): the IEEE bit pattern with the sign bit flipped for positive
-    numbers and every bit flipped for negative ones."""
-    width = s.dtype.itemsize * 8
-    unsigned = np.dtype(f"uint{width}")
-    bits = (s + s.dtype.type(0)).view(unsigned)  # + 0 turns -0.0 into 0.0
-    sign = bits >> unsigned.type(width - 1)
-    return bits ^ np.where(sign, unsigned.type(-1 % (1 << width)), unsigned.type(1 << (width - 1)))
-
-
 def _binned_pairs(y: np.ndarray, s: np.ndarray, bits: int = 20) -> tuple[float, float]:
-    """:func:`_sorted_pairs` without sorting every negative: the scores' order keys
-    (:func:`_order_keys`) are binned by their top ``bits``; a negative in a lower bin than a
-    positive is below it (one ``bincount``), and only the negatives that share a bin with some
-    positive (a few per cent of a calibration map's pixels) are sorted to count the pairs
-    within a bin exactly."""
+    """:func:`_sorted_pairs` without sorting every negative: the scores are put in ``2**bits``
+    bins spaced evenly between the lowest and the highest positive (:func:`_bin_index`); a
+    negative in a lower bin than a positive is below it (one ``bincount``), and only the
+    negatives that share a bin with some positive (about 1 % of a real map's pixels) are
+    sorted to count the pairs within a bin exactly."""
     below, equal = _binned_counts(y, s, bits)
     return below.sum(dtype=np.float64), equal.sum(dtype=np.float64)
 
 
 _BIN_CHUNK = 1 << 20
-"""Scores :func:`_binned_counts` keys and bins at a time: its temporaries stay a few MB (in
-cache) whatever the map's size, instead of an integer array or two per score."""
+"""Scores :func:`_binned_counts` bins at a time: its temporaries stay a few MB (in cache)
+whatever the map's size, instead of an integer array or two per score."""
+
+
+def _bin_index(s: np.ndarray, low, scale, top: int, work: np.ndarray) -> np.ndarray:
+    """``trunc(clip((s - low) * scale + 1, 0, top))`` in ``s``' dtype (``work``: a buffer of
+    that dtype, at least ``s``' size): a bin per score that never decreases as the score
+    grows, since every step rounds monotonically. ``low`` (the lowest positive) gets bin 1, so
+    bin 0 holds negatives only. ``scale`` is positive and finite, so no step makes a NaN."""
+    x = work[: s.size]
+    with np.errstate(over="ignore"):  # a score far from the positives overflows to +-inf: bin 0 or top
+        np.subtract(s, low, out=x)
+        x *= scale
+    x += 1
+    np.clip(x, 0, top, out=x)
+    return x.astype(np.intp)
 
 
 def _binned_counts(y: np.ndarray, s: np.ndarray, bits: int = 20) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_sorted_counts` by :func:`_binned_pairs`' bins, :data:`_BIN_CHUNK` scores at a
-    time: one pass counts the negatives per bin and keeps the positives' keys, a second keeps
-    the negatives that share a bin with a positive. Besides its input it holds the positives'
-    keys and those negatives only (on a 138 M-pixel map a tenth of the memory of whole-array
-    keys and bins, and several times faster: see README, Performance)."""
-    unsigned = np.dtype(f"uint{s.dtype.itemsize * 8}")
-    shift = unsigned.type(unsigned.itemsize * 8 - bits)
+    time: one pass counts the negatives per bin, a second keeps the negatives that share a
+    bin with a positive. Besides its input it holds the positives and those negatives only.
+
+    Any bins that keep the scores' order count exactly; bins spaced evenly in value between
+    the positives' extremes leave about 1 % of a real map's negatives sharing a bin with a
+    positive (BSData's detection map, 34.6 M pixels: 1.3 %, against 29 % for bins by the top
+    20 bits of the floats' bit patterns, which spend most bins on exponents no score has).
+    Where one positive lies far from the rest, most negatives share its neighbours' bins and
+    the count costs about one sort of the negatives: slower, never wrong."""
+    n_bins, top = 1 << bits, (1 << bits) - 1
+    positives = s[y]
+    low = positives.min()
+    span = float(positives.max()) - float(low)  # in float64: no overflow for float32 scores
+    info = np.finfo(s.dtype)
+    scale = s.dtype.type(
+        np.clip((n_bins - 3) / span if 0 < span < np.inf else 1.0, info.smallest_subnormal, info.max)
+    )
+    work = np.empty(min(_BIN_CHUNK, s.size), s.dtype)
     chunks = [slice(start, start + _BIN_CHUNK) for start in range(0, s.size, _BIN_CHUNK)]
-    counts = np.zeros(1 << bits, np.intp)
-    pos_keys = []
-    for part in chunks:
-        keys, positive = _order_keys(s[part]), y[part]
-        counts += np.bincount((keys[~positive] >> shift).astype(np.intp), minlength=1 << bits)
-        pos_keys.append(keys[positive])
-    pos_keys = np.concatenate(pos_keys)
-    pos_bins = (pos_keys >> shift).astype(np.intp)
-    in_lower_bins = np.cumsum(counts) - counts
-    shared = np.zeros(1 << bits, bool)
+    counts = np.zeros(n_bins, np.intp)
+    for part in chunks:  # every score's bin: the positives' bins are left out below
+        counts += np.bincount(_bin_index(s[part], low, scale, top, work), minlength=n_bins)
+    pos_bins = _bin_index(positives, low, scale, top, np.empty_like(positives))
+    shared = np.zeros(n_bins, bool)
     shared[pos_bins] = True
-    near = []  # the negatives in a bin with a positive (keys made again: not held for every score) ...
+    # a positive is above every negative in a lower bin that holds no positive (such a bin
+    # holds negatives only); those in a bin with a positive are counted one by one below
+    in_lower_bins = np.cumsum(np.where(shared, 0, counts))
+    near = []  # the negatives in a bin with a positive (bins made again: not held for every score) ...
     for part in chunks:
-        negative_keys = _order_keys(s[part])[~y[part]]
-        near.append(negative_keys[shared[(negative_keys >> shift).astype(np.intp)]])
+        keep = shared[_bin_index(s[part], low, scale, top, work)]
+        keep &= ~y[part]
+        near.append(s[part][keep])
     near = np.concatenate(near)
-    near.sort()  # ... sorted in place
-    first_of_bin = np.searchsorted(near, pos_bins.astype(unsigned) << shift, "left")
-    lower = np.searchsorted(near, pos_keys, "left")
-    equal = np.searchsorted(near, pos_keys, "right") - lower
-    return in_lower_bins[pos_bins] + (lower - first_of_bin), equal
+    near.sort()  # ... sorted in place (-0.0 and 0.0 compare equal, as in the sort of every negative)
+    lower = np.searchsorted(near, positives, "left")
+    equal = np.searchsorted(near, positives, "right") - lower
+    return in_lower_bins[pos_bins] + lower, equal
 
 
 def _hanley_mcneil_variance(theta: float, n_anomalous: int, n_normal: int) -> float:
