@@ -196,7 +196,7 @@ def _binned_pairs(y: np.ndarray, s: np.ndarray, bits: int = 20) -> tuple[float, 
     """:func:`_sorted_pairs` without sorting every negative: the scores are put in ``2**bits``
     bins spaced evenly between the lowest and the highest positive (:func:`_bin_index`); a
     negative in a lower bin than a positive is below it (one ``bincount``), and only the
-    negatives that share a bin with some positive (about 1 % of a real map's pixels) are
+    negatives that share a bin with some positive (few where the positives are few) are
     sorted to count the pairs within a bin exactly."""
     below, equal = _binned_counts(y, s, bits)
     return below.sum(dtype=np.float64), equal.sum(dtype=np.float64)
@@ -226,12 +226,14 @@ def _binned_counts(y: np.ndarray, s: np.ndarray, bits: int = 20) -> tuple[np.nda
     time: one pass counts the negatives per bin, a second keeps the negatives that share a
     bin with a positive. Besides its input it holds the positives and those negatives only.
 
-    Any bins that keep the scores' order count exactly; bins spaced evenly in value between
-    the positives' extremes leave about 1 % of a real map's negatives sharing a bin with a
-    positive (BSData's detection map, 34.6 M pixels: 1.3 %, against 29 % for bins by the top
-    20 bits of the floats' bit patterns, which spend most bins on exponents no score has).
-    Where one positive lies far from the rest, most negatives share its neighbours' bins and
-    the count costs about one sort of the negatives: slower, never wrong."""
+    Any bins that keep the scores' order count exactly. Bins spaced evenly in value between
+    the positives' extremes leave 1.4 % of the negatives of BSData's detection map (34.6 M
+    pixels, 0.16 % of them positive) sharing a bin with a positive, against 29 % for bins by
+    the top 20 bits of the floats' bit patterns, which spend most bins on exponents no score
+    has; on bottle's (5.4 M pixels, 5.8 % positive, so most bins hold a positive) 37 %
+    against 44 %. Where one positive lies far from the rest, most negatives share its
+    neighbours' bins and the count costs about one sort of the negatives: slower, never
+    wrong."""
     n_bins, top = 1 << bits, (1 << bits) - 1
     positives = s[y]
     low = positives.min()
