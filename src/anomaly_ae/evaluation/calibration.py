@@ -43,7 +43,7 @@ import pandas as pd
 import torch
 
 from anomaly_ae.evaluation.metrics import grouped_auroc, rank_auroc
-from anomaly_ae.evaluation.summary import region_scores
+from anomaly_ae.evaluation.summary import keep_region
 from anomaly_ae.scoring.anomaly_map import MapSettings, blend, error_terms, image_score, lowpass, smooth_terms
 from anomaly_ae.scoring.inference import unit_float
 from anomaly_ae.scoring.reference import (
@@ -589,7 +589,10 @@ def score_grid(
     rows: dict[GridPoint, dict] = {}
     for group, maps, reference in _distinct_maps(plan, references, eval_terms):
         mode = group[0].settings.normal_reference
-        typical = torch.from_numpy(reference.typical(mode))  # where a defect image is not scored
+        kept = None  # the defect images' maps kept in their regions: one map for every reduction
+        if at_defect is not None and len(at_defect[0]):
+            typical = torch.from_numpy(reference.typical(mode))  # where a defect image is not scored
+            kept = keep_region(maps[n_normal + at_defect[0]], at_defect[1], typical)
         pixel, pixel_by_code = grouped_auroc(pixel_masks, _rows(maps.numpy(), pixel_rows).ravel())
         pixel_by_kind = {
             f"syn_pixel_auroc_{name}": pixel_by_code.get(code, float("nan"))
@@ -597,7 +600,7 @@ def score_grid(
         }
         for point in group:
             rows[point] = (
-                _image_metrics(point.settings, maps, labels, kinds, n_normal, pixel, at_defect, typical)
+                _image_metrics(point.settings, maps, labels, kinds, n_normal, pixel, at_defect, kept)
                 | pixel_by_kind
             )
     table = pd.DataFrame(
@@ -626,7 +629,7 @@ def score_grid(
     return table, scale
 
 
-def _image_metrics(settings, maps, labels, kinds, n_normal, pixel, at_defect=None, typical=None) -> dict:
+def _image_metrics(settings, maps, labels, kinds, n_normal, pixel, at_defect=None, kept=None) -> dict:
     reduction, fraction = settings.score_reduction, settings.topk_fraction
     scores = image_score(maps, reduction, fraction).numpy()
     image = rank_auroc(labels, scores)
@@ -634,11 +637,13 @@ def _image_metrics(settings, maps, labels, kinds, n_normal, pixel, at_defect=Non
     for kind in sorted(set(kinds)):
         keep = np.r_[np.ones(n_normal, bool), kinds == kind]  # the normals vs this kind
         per_kind[f"syn_image_auroc_{kind}"] = rank_auroc(labels[keep], scores[keep])
-    if at_defect is not None:  # the defect images' maps kept in their regions only
-        rows, regions = at_defect
-        local = region_scores(maps[n_normal + rows], regions, typical, reduction, fraction)
+    if at_defect is not None:  # the defect images scored on ``kept``: their maps in their regions only
+        rows = at_defect[0]
         per_kind["syn_image_auroc_at_defect"] = (
-            rank_auroc(np.r_[np.zeros(n_normal), np.ones(len(rows))], np.r_[scores[:n_normal], local])
+            rank_auroc(
+                np.r_[np.zeros(n_normal), np.ones(len(rows))],
+                np.r_[scores[:n_normal], image_score(kept, reduction, fraction).numpy()],
+            )
             if len(rows)
             else float("nan")
         )

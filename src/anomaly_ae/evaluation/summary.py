@@ -253,14 +253,19 @@ def hardest_cases(labels: np.ndarray, scores: np.ndarray, count: int) -> tuple[n
     return good, bad
 
 
+def keep_region(maps: torch.Tensor, keep: torch.Tensor, typical: torch.Tensor) -> torch.Tensor:
+    """``maps`` with only ``keep`` (bool, the maps' shape) kept and the rest replaced by
+    ``typical`` (the normal images' mean map in the maps' units): as if everything outside
+    ``keep`` looked normal."""
+    return torch.where(keep, maps, torch.as_tensor(typical).to(maps.dtype))
+
+
 def region_scores(
     maps: torch.Tensor, keep: torch.Tensor, typical: torch.Tensor, reduction: str, topk_fraction: float
 ) -> np.ndarray:
-    """Image scores of ``maps`` with only ``keep`` (bool, the maps' shape) kept and the rest
-    replaced by ``typical`` (the normal images' mean map in the maps' units): the score an
-    image would get if everything outside ``keep`` looked normal."""
-    kept = torch.where(keep, maps, torch.as_tensor(typical).to(maps.dtype))
-    return image_score(kept, reduction, topk_fraction).numpy()
+    """Image scores of ``maps`` kept in ``keep`` (:func:`keep_region`): the score an image
+    would get if everything outside ``keep`` looked normal."""
+    return image_score(keep_region(maps, keep, typical), reduction, topk_fraction).numpy()
 
 
 def defect_region_metrics(
