@@ -170,6 +170,17 @@ the spread floored by its mean):
   iterate    the reconstruction fed back through the network (2 and 3 passes): the pipeline's
              pair between the image and that reconstruction - does a defect the first pass
              partly reproduces fade on the next, more than the normal detail does?
+  memory     a memory bank per position (PatchCore's nearest neighbour, kept local): per
+             position at 1/4 of the side, the distance from the image's features to the
+             nearest of every training image's features within r positions (--tolerance,
+             radii a+b+..., each r of 1 position is 4 px; the training images leave
+             themselves out), upsampled, smoothed at sigma 2 / 4; raw, z-scored, in the
+             per-pixel max with the pipeline's pair and as smax. The features
+             (--memory-features): ``pix``, the image averaged over 4x4 px with its 3x3
+             neighbourhood (no network), and ``enc``, the network's encoder after blocks 2
+             and 3, each averaged over 3x3 - does a normal model with several modes per
+             place (a reflection here in some training images, there in others), which a
+             per-pixel mean and spread cannot hold, keep a spot where the normal images vary?
   misses     no new map: which held-out copies does the pipeline's pair miss, and why? Per
              kind, the image AUROC against the good test images (the stress test's), against
              the validation images instead (are the good test images' own maxima what the
@@ -1848,6 +1859,101 @@ def misses(network, sets, args) -> list[dict]:
     return rows
 
 
+def memory_features(network, images: np.ndarray, batch: int, how: str) -> torch.Tensor:
+    """Per image a feature vector at every position of 1/4 of the side, (N, C, h, w):
+    ``enc`` the network's encoder after blocks 2 and 3 (block 3 upsampled), each averaged over
+    its 3x3 neighbourhood (PatchCore's local aggregation); ``pix`` the image averaged over
+    4x4 px with its 3x3 neighbourhood (no network)."""
+    parts = []
+    for start in range(0, len(images), batch):
+        x = torch.from_numpy(as_unit_float(images[start : start + batch]))
+        if how == "pix":
+            small = F.avg_pool2d(x, 4)
+            n, c, h, w = small.shape
+            f = F.unfold(F.pad(small, (1, 1, 1, 1), mode="replicate"), 3).view(n, c * 9, h, w)
+        else:
+            pool = dict(kernel_size=3, stride=1, padding=1, count_include_pad=False)
+            f2 = F.avg_pool2d(encoder_features(network, x, 2), **pool)
+            f3 = F.avg_pool2d(encoder_features(network, x, 3), **pool)
+            f3 = F.interpolate(f3, size=f2.shape[-2:], mode="bilinear", align_corners=False)
+            f = torch.cat([f2, f3], 1)
+        parts.append(f.float())
+    return torch.cat(parts)
+
+
+def knn_distance(
+    queries: torch.Tensor, bank: torch.Tensor, radius: int, own: np.ndarray, rows: int = 2, block: int = 48
+) -> dict[int, torch.Tensor]:
+    """Per query position, the distance to its nearest neighbour among the ``bank`` images'
+    vectors at positions within r of it (each r in 0..``radius``, in feature positions),
+    leaving out the query's own image (``own[b]``: its index in the bank, or -1):
+    ``{r: (B, h, w)}``. A memory bank per position (PatchCore's nearest neighbour, kept
+    local so that an aligned product's parts are compared with the same parts)."""
+    n, c, h, w = bank.shape
+    k = 2 * radius + 1
+    offsets = [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
+    within = {
+        r: [i for i, (dy, dx) in enumerate(offsets) if max(abs(dy), abs(dx)) <= r] for r in range(radius + 1)
+    }
+    padded = F.pad(bank, (radius,) * 4, mode="replicate")
+    out = {r: torch.empty(len(queries), h, w) for r in within}
+    own_t = torch.as_tensor(own)
+    for y0 in range(0, h, rows):
+        y1 = min(y0 + rows, h)
+        strip = padded[:, :, y0 : y1 + 2 * radius]  # (n, c, rows + 2r, w + 2r)
+        windows = F.unfold(strip, k)  # (n, c * k * k, (y1 - y0) * w)
+        p = windows.shape[-1]
+        windows = windows.view(n, c, k * k, p).permute(3, 1, 0, 2).reshape(p, c, n * k * k)
+        sq_bank = windows.square().sum(1)  # (p, n k k)
+        for b0 in range(0, len(queries), block):
+            q = queries[b0 : b0 + block, :, y0:y1].reshape(-1, c, p).permute(2, 0, 1)  # (p, b, c)
+            # |m|^2 - 2 q.m in one pass; |q|^2, the same for every neighbour, added after the min
+            d = torch.baddbmm(sq_bank[:, None].expand(p, len(q[0]), -1), q, windows, alpha=-2)
+            d = d.view(p, len(q[0]), n, k * k)
+            mine = own_t[b0 : b0 + block]
+            if (mine >= 0).any():
+                hit = torch.nonzero(mine >= 0)[:, 0]
+                d[:, hit, mine[hit]] = torch.inf
+            nearest = d.amin(2) + q.square().sum(2, keepdim=True)  # (p, b, k k)
+            for r, idx in within.items():
+                best = nearest[:, :, idx].amin(2).clamp_min(0).sqrt()  # (p, b)
+                out[r][b0 : b0 + len(q[0]), y0:y1] = best.T.reshape(-1, y1 - y0, w)
+    return out
+
+
+def memory(network, sets, args) -> list[dict]:
+    """A per-position memory bank of the training images' features, nearest neighbour."""
+    pair = _pipeline_map(network, sets, args)
+    rows = [evaluate("pmax ssim s4 + lowpass s8 (pipeline)", sets, pair)]
+    radius = max(int(r) for r in args.tolerance.split("+"))
+    names = list(sets["images"])
+    for how in args.memory_features.split("+"):
+        start = time.perf_counter()
+        per_set = {k: memory_features(network, sets["images"][k], args.batch, how) for k in names}
+        bank = per_set["train"]
+        queries = torch.cat([per_set[k] for k in names])
+        own = np.concatenate(
+            [np.arange(len(bank)) if k == "train" else np.full(len(per_set[k]), -1) for k in names]
+        )
+        distances = knn_distance(queries, bank, radius, own)
+        took = time.perf_counter() - start
+        print(f"{how}: {tuple(bank.shape)} bank, {len(queries)} queries, {took:.0f} s", flush=True)
+        bounds = np.cumsum([0] + [len(per_set[k]) for k in names])
+        size = sets["images"]["train"].shape[-2:]
+        for r, dist in distances.items():
+            full = F.interpolate(dist[:, None], size=tuple(size), mode="bilinear", align_corners=False)
+            for sigma in (2, 4):
+                smooth = gaussian_blur(full, sigma)[:, 0]
+                maps = {k: smooth[bounds[i] : bounds[i + 1]] for i, k in enumerate(names)}
+                name = f"knn {how} r{r} s{sigma}"
+                rows.append(evaluate(name, sets, maps))
+                z = zscored(maps)
+                rows.append(evaluate(f"{name} z", sets, z))
+                rows.append(evaluate(f"pmax pipeline + {name} z", sets, pmax(pair, z)))
+                rows.append(evaluate(f"smax pipeline + {name} z", sets, scores=smax(pair, z)))
+    return rows
+
+
 STUDIES: dict[str, Callable] = {
     f.__name__: f
     for f in (
@@ -1884,6 +1990,7 @@ STUDIES: dict[str, Callable] = {
         tta,
         iterate,
         misses,
+        memory,
     )
 }
 
@@ -1911,6 +2018,9 @@ def main() -> None:
     parser.add_argument("--tolerance", default="0+1+2", help="tolerant: the radii in px, a+b+...")
     parser.add_argument("--steps", type=int, default=60, help="latent: refinement steps")
     parser.add_argument("--lr", type=float, default=1.0, help="latent: Adam step size on the code")
+    parser.add_argument(
+        "--memory-features", default="enc+pix", help="memory: the feature kinds, a+b (enc, pix)"
+    )
     args = parser.parse_args()
     first = args.checkpoint.split("+")[0] if args.checkpoint else None
     data = load(args.category, args.params, first, env=args.env)
