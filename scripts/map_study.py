@@ -173,11 +173,11 @@ the spread floored by its mean):
   memory     a memory bank per position (PatchCore's nearest neighbour, kept local): per
              position at 1/4 of the side, the distance from the image's features to the
              nearest of every training image's features within r positions (--tolerance,
-             radii a+b+..., each r of 1 position is 4 px; the training images leave
+             radii a+b+..., in grid positions; the training images leave
              themselves out), upsampled, smoothed at sigma 2 / 4; raw, z-scored, in the
              per-pixel max with the pipeline's pair and as smax. The features
-             (--memory-features): ``pix``, the image averaged over 4x4 px with its 3x3
-             neighbourhood (no network), and ``enc``, the network's encoder after blocks 2
+             (--memory-features): ``pix``, the image averaged over --memory-pool px (4) with
+             its 3x3 neighbourhood (no network), and ``enc``, the network's encoder after blocks 2
              and 3, each averaged over 3x3 - does a normal model with several modes per
              place (a reflection here in some training images, there in others), which a
              per-pixel mean and spread cannot hold, keep a spot where the normal images vary?
@@ -1859,16 +1859,16 @@ def misses(network, sets, args) -> list[dict]:
     return rows
 
 
-def memory_features(network, images: np.ndarray, batch: int, how: str) -> torch.Tensor:
-    """Per image a feature vector at every position of 1/4 of the side, (N, C, h, w):
-    ``enc`` the network's encoder after blocks 2 and 3 (block 3 upsampled), each averaged over
-    its 3x3 neighbourhood (PatchCore's local aggregation); ``pix`` the image averaged over
-    4x4 px with its 3x3 neighbourhood (no network)."""
+def memory_features(network, images: np.ndarray, batch: int, how: str, pool: int = 4) -> torch.Tensor:
+    """Per image a feature vector at every position of a grid, (N, C, h, w): ``enc`` the
+    network's encoder after blocks 2 and 3 (block 3 upsampled; 1/4 of the side), each averaged
+    over its 3x3 neighbourhood (PatchCore's local aggregation); ``pix`` the image averaged over
+    ``pool`` x ``pool`` px with its 3x3 neighbourhood (no network; 1/``pool`` of the side)."""
     parts = []
     for start in range(0, len(images), batch):
         x = torch.from_numpy(as_unit_float(images[start : start + batch]))
         if how == "pix":
-            small = F.avg_pool2d(x, 4)
+            small = F.avg_pool2d(x, pool)
             n, c, h, w = small.shape
             f = F.unfold(F.pad(small, (1, 1, 1, 1), mode="replicate"), 3).view(n, c * 9, h, w)
         else:
@@ -1929,7 +1929,8 @@ def memory(network, sets, args) -> list[dict]:
     names = list(sets["images"])
     for how in args.memory_features.split("+"):
         start = time.perf_counter()
-        per_set = {k: memory_features(network, sets["images"][k], args.batch, how) for k in names}
+        pool = args.memory_pool if how == "pix" else 4
+        per_set = {k: memory_features(network, sets["images"][k], args.batch, how, pool) for k in names}
         bank = per_set["train"]
         queries = torch.cat([per_set[k] for k in names])
         own = np.concatenate(
@@ -1945,7 +1946,7 @@ def memory(network, sets, args) -> list[dict]:
             for sigma in (2, 4):
                 smooth = gaussian_blur(full, sigma)[:, 0]
                 maps = {k: smooth[bounds[i] : bounds[i + 1]] for i, k in enumerate(names)}
-                name = f"knn {how} r{r} s{sigma}"
+                name = f"knn {how}{pool if how == 'pix' and pool != 4 else ''} r{r} s{sigma}"
                 rows.append(evaluate(name, sets, maps))
                 z = zscored(maps)
                 rows.append(evaluate(f"{name} z", sets, z))
@@ -2021,6 +2022,7 @@ def main() -> None:
     parser.add_argument(
         "--memory-features", default="enc+pix", help="memory: the feature kinds, a+b (enc, pix)"
     )
+    parser.add_argument("--memory-pool", type=int, default=4, help="memory: pix's pooling in px")
     args = parser.parse_args()
     first = args.checkpoint.split("+")[0] if args.checkpoint else None
     data = load(args.category, args.params, first, env=args.env)
