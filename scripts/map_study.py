@@ -224,6 +224,7 @@ from anomaly_ae.model.checkpoint import model_from_checkpoint
 from anomaly_ae.scoring.anomaly_map import MapSettings, compose, error_terms, image_score
 from anomaly_ae.scoring.anomaly_map import lowpass as lowpass_difference
 from anomaly_ae.scoring.inference import reconstruct
+from anomaly_ae.scoring.memory import nearest_distance, pooled_patches
 from anomaly_ae.scoring.reference import NormalReference, move
 from anomaly_ae.scoring.ssim import gaussian_blur, gaussian_filter, gaussian_taps, ssim_map
 from anomaly_ae.training.trainer import TrainingConfig, build_loss
@@ -1868,9 +1869,7 @@ def memory_features(network, images: np.ndarray, batch: int, how: str, pool: int
     for start in range(0, len(images), batch):
         x = torch.from_numpy(as_unit_float(images[start : start + batch]))
         if how == "pix":
-            small = F.avg_pool2d(x, pool)
-            n, c, h, w = small.shape
-            f = F.unfold(F.pad(small, (1, 1, 1, 1), mode="replicate"), 3).view(n, c * 9, h, w)
+            f = pooled_patches(x, pool)
         else:
             pool = dict(kernel_size=3, stride=1, padding=1, count_include_pad=False)
             f2 = F.avg_pool2d(encoder_features(network, x, 2), **pool)
@@ -1879,46 +1878,6 @@ def memory_features(network, images: np.ndarray, batch: int, how: str, pool: int
             f = torch.cat([f2, f3], 1)
         parts.append(f.float())
     return torch.cat(parts)
-
-
-def knn_distance(
-    queries: torch.Tensor, bank: torch.Tensor, radius: int, own: np.ndarray, rows: int = 2, block: int = 48
-) -> dict[int, torch.Tensor]:
-    """Per query position, the distance to its nearest neighbour among the ``bank`` images'
-    vectors at positions within r of it (each r in 0..``radius``, in feature positions),
-    leaving out the query's own image (``own[b]``: its index in the bank, or -1):
-    ``{r: (B, h, w)}``. A memory bank per position (PatchCore's nearest neighbour, kept
-    local so that an aligned product's parts are compared with the same parts)."""
-    n, c, h, w = bank.shape
-    k = 2 * radius + 1
-    offsets = [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
-    within = {
-        r: [i for i, (dy, dx) in enumerate(offsets) if max(abs(dy), abs(dx)) <= r] for r in range(radius + 1)
-    }
-    padded = F.pad(bank, (radius,) * 4, mode="replicate")
-    out = {r: torch.empty(len(queries), h, w) for r in within}
-    own_t = torch.as_tensor(own)
-    for y0 in range(0, h, rows):
-        y1 = min(y0 + rows, h)
-        strip = padded[:, :, y0 : y1 + 2 * radius]  # (n, c, rows + 2r, w + 2r)
-        windows = F.unfold(strip, k)  # (n, c * k * k, (y1 - y0) * w)
-        p = windows.shape[-1]
-        windows = windows.view(n, c, k * k, p).permute(3, 1, 0, 2).reshape(p, c, n * k * k)
-        sq_bank = windows.square().sum(1)  # (p, n k k)
-        for b0 in range(0, len(queries), block):
-            q = queries[b0 : b0 + block, :, y0:y1].reshape(-1, c, p).permute(2, 0, 1)  # (p, b, c)
-            # |m|^2 - 2 q.m in one pass; |q|^2, the same for every neighbour, added after the min
-            d = torch.baddbmm(sq_bank[:, None].expand(p, len(q[0]), -1), q, windows, alpha=-2)
-            d = d.view(p, len(q[0]), n, k * k)
-            mine = own_t[b0 : b0 + block]
-            if (mine >= 0).any():
-                hit = torch.nonzero(mine >= 0)[:, 0]
-                d[:, hit, mine[hit]] = torch.inf
-            nearest = d.amin(2) + q.square().sum(2, keepdim=True)  # (p, b, k k)
-            for r, idx in within.items():
-                best = nearest[:, :, idx].amin(2).clamp_min(0).sqrt()  # (p, b)
-                out[r][b0 : b0 + len(q[0]), y0:y1] = best.T.reshape(-1, y1 - y0, w)
-    return out
 
 
 def memory(network, sets, args) -> list[dict]:
@@ -1936,7 +1895,7 @@ def memory(network, sets, args) -> list[dict]:
         own = np.concatenate(
             [np.arange(len(bank)) if k == "train" else np.full(len(per_set[k]), -1) for k in names]
         )
-        distances = knn_distance(queries, bank, radius, own)
+        distances = nearest_distance(queries, bank, radius, own)
         took = time.perf_counter() - start
         print(f"{how}: {tuple(bank.shape)} bank, {len(queries)} queries, {took:.0f} s", flush=True)
         bounds = np.cumsum([0] + [len(per_set[k]) for k in names])

@@ -1,0 +1,82 @@
+"""The memory bank per place (anomaly_ae.scoring.memory): the nearest normal image's vector
+within r positions, checked against a plain loop."""
+
+import numpy as np
+import pytest
+import torch
+
+from anomaly_ae.scoring.memory import nearest_distance, pooled_patches
+
+
+def _brute_force(queries, bank, r, own):
+    """The same distance by explicit loops (the bank's border replicated)."""
+    b, _, h, w = queries.shape
+    best = torch.full((b, h, w), float("inf"))
+    for i in range(b):
+        for y in range(h):
+            for x in range(w):
+                for n in range(len(bank)):
+                    if n == own[i]:
+                        continue
+                    for dy in range(-r, r + 1):
+                        for dx in range(-r, r + 1):
+                            yy, xx = min(max(y + dy, 0), h - 1), min(max(x + dx, 0), w - 1)
+                            gap = (queries[i, :, y, x] - bank[n, :, yy, xx]).norm()
+                            best[i, y, x] = min(best[i, y, x], gap)
+    return best
+
+
+@pytest.mark.parametrize(("rows", "block"), [(2, 48), (3, 2), (1, 1)])
+def test_nearest_distance_matches_a_plain_loop(rows, block):
+    gen = torch.Generator().manual_seed(0)
+    bank = torch.randn(5, 3, 7, 6, generator=gen)
+    queries = torch.randn(4, 3, 7, 6, generator=gen)
+    queries[0] = bank[1]  # a training image against the others: its own copy must not count
+    own = np.array([1, -1, -1, 3])
+    out = nearest_distance(queries, bank, 2, own, rows=rows, block=block)
+    assert sorted(out) == [0, 1, 2]
+    for r in (0, 1, 2):
+        torch.testing.assert_close(out[r], _brute_force(queries, bank, r, own), atol=1e-5, rtol=1e-5)
+    assert (out[0][0] > 0).all()  # not matched to itself
+    # a wider window is never farther
+    assert (out[2] <= out[1] + 1e-6).all() and (out[1] <= out[0] + 1e-6).all()
+
+
+def test_a_moved_look_is_found_within_its_move_and_a_new_one_is_not():
+    gen = torch.Generator().manual_seed(1)
+    bank = torch.rand(3, 9, 10, 10, generator=gen)
+    moved = torch.roll(bank[2:3], shifts=(0, 1), dims=(2, 3))  # every look one position right
+    out = nearest_distance(moved, bank, 1)
+    inner = (slice(None), slice(None), slice(1, None))  # the rolled-in column has no match
+    assert torch.count_nonzero(out[1][inner]) == 0  # exactly: the distance is not the expansion's
+    assert (out[0][inner] > 0).all()
+    spot = moved.clone()
+    spot[0, :, 5, 5] += 5.0  # a look no bank image has, anywhere
+    assert nearest_distance(spot, bank, 1)[1][0, 5, 5] > 4.0
+
+
+def test_pooled_patches_are_each_average_with_its_neighbourhood():
+    images = torch.arange(2 * 1 * 8 * 12, dtype=torch.float32).view(2, 1, 8, 12)
+    patches = pooled_patches(images, 4)
+    assert patches.shape == (2, 9, 2, 3)
+    small = torch.nn.functional.avg_pool2d(images, 4)
+    torch.testing.assert_close(patches[:, 4], small[:, 0])  # the centre of the 3x3 neighbourhood
+    torch.testing.assert_close(patches[:, 5, :, :2], small[:, 0, :, 1:])  # its right neighbour
+    torch.testing.assert_close(patches[:, 5, :, 2], small[:, 0, :, 2])  # replicated at the border
+    assert pooled_patches(torch.rand(1, 3, 8, 8), 2).shape == (1, 27, 4, 4)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: nearest_distance(torch.rand(2, 3, 4, 4), torch.rand(2, 2, 4, 4), 1), "must share C, h, w"),
+        (lambda: nearest_distance(torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4), -1), "radius"),
+        (lambda: nearest_distance(torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4), 1, [0]), "own must"),
+        (lambda: nearest_distance(torch.rand(1, 3, 4, 4), torch.rand(1, 3, 4, 4), 1, [0]), "besides"),
+        (lambda: pooled_patches(torch.rand(1, 1, 4, 4), 8), "pool must"),
+        (lambda: pooled_patches(torch.rand(4, 4), 2), r"\(N, C, H, W\)"),
+    ],
+)
+def test_bad_input_is_named(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
