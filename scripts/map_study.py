@@ -172,8 +172,8 @@ the spread floored by its mean):
              partly reproduces fade on the next, more than the normal detail does?
   memory     a memory bank per position (PatchCore's nearest neighbour, kept local): per
              position at 1/4 of the side, the distance from the image's features to the
-             nearest of every training image's features within r positions (--tolerance,
-             radii a+b+..., in grid positions; the training images leave
+             nearest of every training image's features within r positions (every r up to
+             the largest of --tolerance, in grid positions; the training images leave
              themselves out), upsampled, smoothed at sigma 2 / 4; raw, z-scored, in the
              per-pixel max with the pipeline's pair and as smax. The features
              (--memory-features): ``pix``, the image averaged over --memory-pool px (4) with
@@ -1871,9 +1871,9 @@ def memory_features(network, images: np.ndarray, batch: int, how: str, pool: int
         if how == "pix":
             f = pooled_patches(x, pool)
         else:
-            pool = dict(kernel_size=3, stride=1, padding=1, count_include_pad=False)
-            f2 = F.avg_pool2d(encoder_features(network, x, 2), **pool)
-            f3 = F.avg_pool2d(encoder_features(network, x, 3), **pool)
+            window = dict(kernel_size=3, stride=1, padding=1, count_include_pad=False)
+            f2 = F.avg_pool2d(encoder_features(network, x, 2), **window)
+            f3 = F.avg_pool2d(encoder_features(network, x, 3), **window)
             f3 = F.interpolate(f3, size=f2.shape[-2:], mode="bilinear", align_corners=False)
             f = torch.cat([f2, f3], 1)
         parts.append(f.float())
@@ -1975,7 +1975,11 @@ def main() -> None:
         "--width", type=int, default=16, help="segment: the head's channels at full resolution"
     )
     parser.add_argument("--shift", default="2+4", help="shifted / tta: the moves in px, a+b+...")
-    parser.add_argument("--tolerance", default="0+1+2", help="tolerant: the radii in px, a+b+...")
+    parser.add_argument(
+        "--tolerance",
+        default="0+1+2",
+        help="tolerant: the radii in px, a+b+...; memory: every r up to the largest, in grid positions",
+    )
     parser.add_argument("--steps", type=int, default=60, help="latent: refinement steps")
     parser.add_argument("--lr", type=float, default=1.0, help="latent: Adam step size on the code")
     parser.add_argument(

@@ -69,8 +69,9 @@ def nearest_distance(
     n, c, h, w = bank.shape
     k = 2 * radius + 1
     offsets = [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
-    within = {
-        r: [i for i, (dy, dx) in enumerate(offsets) if max(abs(dy), abs(dx)) <= r] for r in range(radius + 1)
+    within = {  # per r, the offsets' indices in its window
+        r: torch.tensor([i for i, (dy, dx) in enumerate(offsets) if max(abs(dy), abs(dx)) <= r])
+        for r in range(radius + 1)
     }
     bank, queries = bank.float(), queries.float()
     padded = F.pad(bank, (radius,) * 4, mode="replicate")
@@ -96,7 +97,7 @@ def nearest_distance(
             for r, idx in within.items():
                 # the nearest candidate by the product, its distance then taken exactly: the
                 # expansion loses the small distances (a look a bank image shares) to rounding
-                offset = torch.tensor(idx)[nearest[..., idx].argmin(2)]  # (p, b)
+                offset = idx[nearest[..., idx].argmin(2)]  # (p, b)
                 column = image.gather(2, offset[..., None])[..., 0] * k * k + offset
                 chosen = windows.gather(2, column[:, None].expand(p, c, b))  # (p, c, b)
                 best = (q.transpose(1, 2) - chosen).square().sum(1).sqrt()  # (p, b)
