@@ -174,6 +174,71 @@ def test_grid_scores_equal_direct_computation_through_the_scoring_core(sets):
     )
 
 
+MEMORY_GRID = {
+    "blend": ["ssim"],
+    "win_size": [11],
+    "scale_combine": ["mean"],
+    "smoothing_sigma": [2],
+    "normal_reference": ["none", "zscore", "tail"],
+    "lowpass_sigma": [0, 4],
+    "reference_shift": [0, 1],
+    "shift_tolerance": [0],
+    "ssim_k2": [0.03],
+    "memory_pool": [0, 4],
+    "memory_radius": [0, 1],
+    "score_reduction": ["max"],
+}
+
+
+def test_memory_levers_go_with_the_scaled_references_only():
+    points = calibration.build_grid(MEMORY_GRID, MapSettings(), 1.0)
+    memory = [p for p in points if p.settings.memory_pool]
+    # per scaled reference: 2 low-pass x 2 shifts x (no memory, pool 4 at radius 0 or 1)
+    assert len(points) == 1 + 1 + 2 * 2 * 2 * 3  # the paper's map, none smoothed, the scaled
+    assert len(memory) == 2 * 2 * 2 * 2
+    assert {p.settings.normal_reference for p in memory} == {"zscore", "tail"}
+    assert {(p.settings.memory_pool, p.settings.memory_radius) for p in memory} == {(4, 0), (4, 1)}
+    # without the channel the radius stays the paper's (one setting, not one per radius)
+    assert {p.settings.memory_radius for p in points if not p.settings.memory_pool} == {1}
+    assert "memory 4 r1" in memory[-1].settings.describe()
+    assert len({p.map_key for p in points}) == len(points)
+    with pytest.raises(ValueError, match="memory_pool must list"):
+        calibration.build_grid({**MEMORY_GRID, "memory_pool": [-4]}, MapSettings(), 1.0)
+
+
+def test_memory_grid_scores_equal_direct_computation_through_the_scoring_core(sets):
+    """The grid's memory channel (the training images matched against the others for the
+    reference, the bank of every training image for new images) gives the metrics of the
+    scoring core's own maps: the bank and reference as `kedro run --pipeline=evaluate` fits them."""
+    from anomaly_ae.scoring.inference import memory_bank
+    from anomaly_ae.scoring.memory import neighbourhood
+
+    train, normal, defects = sets
+    table, scale = calibration.score_grid(MEMORY_GRID, MapSettings(), train, normal, defects, batch_size=4)
+    points = calibration.build_grid(MEMORY_GRID, MapSettings(), scale)
+    images = torch.from_numpy(np.concatenate([normal[0], defects[0]]))
+    recon = torch.from_numpy(np.concatenate([normal[1], defects[1]]))
+    masks = np.concatenate([np.zeros((len(normal[0]), SIZE, SIZE), np.uint8), defects[2]])
+    labels = np.r_[np.zeros(len(normal[0])), np.ones(len(defects[0]))]
+    bank = neighbourhood(torch.from_numpy(memory_bank(train[0], 4)))
+    checked = [i for i, p in enumerate(points) if p.settings.memory_pool]
+    assert len(checked) == 16
+    for i in checked[::3] + [checked[-1]]:
+        s = points[i].settings
+        normals = with_moved_copies(train[0], s.reference_shift)
+        sources = np.tile(np.arange(len(train[0])), len(normals) // len(train[0]))
+        raw = raw_map(torch.from_numpy(normals), torch.from_numpy(train[1](normals)), s, bank, sources)
+        assert raw.shape[1] == s.channels == 2 + bool(s.lowpass_sigma)
+        reference = ReferenceAccumulator().add(raw.float(), sources).result()
+        maps = anomaly_map(images, recon, s, reference.as_tensors(s.normal_reference), bank)[:, 0]
+        scores = image_score(maps, s.score_reduction, s.topk_fraction).numpy()
+        row = table.iloc[i]
+        assert row["setting"] == s.describe()
+        assert (row["memory_pool"], row["memory_radius"]) == (4, s.memory_radius)
+        assert row["syn_image_auroc"] == pytest.approx(image_auroc(labels, scores), abs=1e-9), i
+        assert row["syn_pixel_auroc"] == pytest.approx(pixel_auroc(masks, maps.numpy()), abs=1e-5), i
+
+
 def test_a_defect_copy_scores_higher_than_its_normal_image(sets):
     train, normal, defects = sets
     table, _ = calibration.score_grid(SMALL_GRID, MapSettings(), train, normal, defects, batch_size=4)

@@ -494,6 +494,16 @@ REAL_PARITY_MAPS = {
         "lowpass_sigma": 8.0,
         "score_reduction": "blob",
     },
+    # the memory channel (the distance to the nearest training image's 4x4-px averages within
+    # one grid step: slices, matrix products, a minimum; its bank a constant) beside the
+    # low-pass channel, on both maps: the heat map shares the detection map's channel
+    "memory4_zscore_smooth4_lowpass8_two_maps": {
+        "smoothing_sigma": 4.0,
+        "normal_reference": "zscore",
+        "lowpass_sigma": 8.0,
+        "memory_pool": 4,
+        "localisation": {"smoothing_sigma": 8.0, "normal_reference": "zscore", "memory_pool": 4},
+    },
     "mean_smooth2_top1%": {
         "smoothing_sigma": 2.0,
         "score_reduction": "topk_mean",

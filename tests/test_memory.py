@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from anomaly_ae.scoring.memory import nearest_distance, pooled_patches
+from anomaly_ae.scoring.memory import memory_map, nearest_distance, pooled_patches, upsample_matrix
 
 
 def _brute_force(queries, bank, r, own):
@@ -26,17 +26,18 @@ def _brute_force(queries, bank, r, own):
     return best
 
 
-@pytest.mark.parametrize(("rows", "block"), [(2, 48), (3, 2), (1, 1)])
-def test_nearest_distance_matches_a_plain_loop(rows, block):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_nearest_distance_matches_a_plain_loop(dtype):
     gen = torch.Generator().manual_seed(0)
     bank = torch.randn(5, 3, 7, 6, generator=gen)
     queries = torch.randn(4, 3, 7, 6, generator=gen)
     queries[0] = bank[1]  # a training image against the others: its own copy must not count
     own = np.array([1, -1, -1, 3])
-    out = nearest_distance(queries, bank, 2, own, rows=rows, block=block)
-    assert sorted(out) == [0, 1, 2]
+    out = {r: nearest_distance(queries.to(dtype), bank, r, own) for r in (0, 1, 2)}
     for r in (0, 1, 2):
-        torch.testing.assert_close(out[r], _brute_force(queries, bank, r, own), atol=1e-5, rtol=1e-5)
+        assert out[r].dtype == dtype and out[r].shape == (4, 7, 6)
+        expected = _brute_force(queries, bank, r, own).to(dtype)
+        torch.testing.assert_close(out[r], expected, atol=1e-4, rtol=1e-4)
     assert (out[0][0] > 0).all()  # not matched to itself
     # a wider window is never farther
     assert (out[2] <= out[1] + 1e-6).all() and (out[1] <= out[0] + 1e-6).all()
@@ -46,13 +47,34 @@ def test_a_moved_look_is_found_within_its_move_and_a_new_one_is_not():
     gen = torch.Generator().manual_seed(1)
     bank = torch.rand(3, 9, 10, 10, generator=gen)
     moved = torch.roll(bank[2:3], shifts=(0, 1), dims=(2, 3))  # every look one position right
-    out = nearest_distance(moved, bank, 1)
+    moved = moved.double()
     inner = (slice(None), slice(None), slice(1, None))  # the rolled-in column has no match
-    assert torch.count_nonzero(out[1][inner]) == 0  # exactly: the distance is not the expansion's
-    assert (out[0][inner] > 0).all()
+    assert nearest_distance(moved, bank, 1)[inner].max() < 1e-6  # float64: the expansion rounds to ~0
+    assert (nearest_distance(moved, bank, 0)[inner] > 1e-3).all()
     spot = moved.clone()
     spot[0, :, 5, 5] += 5.0  # a look no bank image has, anywhere
-    assert nearest_distance(spot, bank, 1)[1][0, 5, 5] > 4.0
+    assert nearest_distance(spot, bank, 1)[0, 5, 5] > 4.0
+
+
+def test_upsample_matrix_is_pytorchs_bilinear_upsampling():
+    small = torch.rand(2, 1, 5, 7, dtype=torch.float64)
+    expected = torch.nn.functional.interpolate(small, size=(19, 23), mode="bilinear", align_corners=False)
+    got = upsample_matrix(19, 5) @ small[:, 0] @ upsample_matrix(23, 7).T
+    torch.testing.assert_close(got, expected[:, 0])
+
+
+def test_memory_map_is_far_at_a_spot_no_training_image_has():
+    gen = torch.Generator().manual_seed(2)
+    train = torch.rand(6, 1, 32, 32, generator=gen) * 0.2 + 0.4
+    bank = pooled_patches(train, 4).double()
+    image = train[2:3].clone()
+    image[..., 12:16, 12:16] = 1.0  # one bright 4x4 block
+    own = np.array([2])  # scored as training image 2 against the others
+    amap = memory_map(image, bank, 4, 1, own)[0, 0]
+    assert amap.shape == (32, 32) and amap.dtype == torch.float64
+    assert amap[12:16, 12:16].mean() > 2 * amap[:8].mean()
+    # as one of the bank's own images without leaving itself out, it matches itself but at the spot
+    assert memory_map(train[2:3], bank, 4, 1).abs().max() < 1e-6
 
 
 def test_pooled_patches_are_each_average_with_its_neighbourhood():
@@ -73,7 +95,8 @@ def test_pooled_patches_are_each_average_with_its_neighbourhood():
         (lambda: nearest_distance(torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4), -1), "radius"),
         (lambda: nearest_distance(torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4), 1, [0]), "own must"),
         (lambda: nearest_distance(torch.rand(1, 3, 4, 4), torch.rand(1, 3, 4, 4), 1, [0]), "besides"),
-        (lambda: pooled_patches(torch.rand(1, 1, 4, 4), 8), "pool must"),
+        (lambda: pooled_patches(torch.rand(1, 1, 4, 4), 8), "memory_pool must"),
+        (lambda: memory_map(torch.rand(1, 1, 16, 16), torch.rand(3, 9, 3, 3), 4, 1), "refit"),
         (lambda: pooled_patches(torch.rand(4, 4), 2), r"\(N, C, H, W\)"),
     ],
 )

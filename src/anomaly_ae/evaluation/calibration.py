@@ -26,8 +26,10 @@ the reference fitted on the training
 images and their copies moved by that many px, :func:`~anomaly_ae.scoring.reference.with_moved_copies`),
 ``shift_tolerance`` (every error term at the reconstruction's best alignment within that many
 px, ``MapSettings.shift_tolerance``), ``ssim_k2`` (SSIM's contrast constant,
-``MapSettings.ssim_k2``; the error terms are computed once per tolerance and constant) and
-``score_reduction``.
+``MapSettings.ssim_k2``; the error terms are computed once per tolerance and constant),
+``memory_pool`` and ``memory_radius`` (with ``zscore`` or ``tail`` only: the per-pixel max with
+the memory channel, the distance to the nearest training image's block averages,
+``MapSettings.memory_pool``; optional keys, absent: no memory channel) and ``score_reduction``.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ import torch
 from anomaly_ae.evaluation.metrics import grouped_auroc, rank_auroc
 from anomaly_ae.evaluation.summary import keep_region
 from anomaly_ae.scoring.anomaly_map import MapSettings, blend, error_terms, image_score, lowpass, smooth_terms
-from anomaly_ae.scoring.inference import unit_float
+from anomaly_ae.scoring.inference import memory_bank, unit_float
+from anomaly_ae.scoring.memory import memory_map, neighbourhood
 from anomaly_ae.scoring.reference import (
     SCALED_MODES,
     NormalReference,
@@ -94,12 +97,17 @@ class GridPoint:
     def map_key(self) -> tuple:
         """Settings sharing this key share the corrected map (only the reduction differs)."""
         s = self.settings
-        return (*self.raw_key, s.normal_reference, s.lowpass_sigma, s.reference_shift)
+        return (*self.raw_key, s.normal_reference, s.lowpass_sigma, s.reference_shift, *_memory_key(s))
 
     def levers_changed(self, paper: MapSettings) -> int:
         return map_levers_between(self.settings, paper) + int(
             self.settings.score_reduction != paper.score_reduction
         )
+
+
+def _memory_key(settings: MapSettings) -> tuple[int, int]:
+    """``(memory_pool, memory_radius)``, ``(0, 0)`` without a memory channel."""
+    return (settings.memory_pool, settings.memory_radius) if settings.memory_pool else (0, 0)
 
 
 def _blend_of(settings: MapSettings) -> str:
@@ -111,7 +119,7 @@ def _blend_of(settings: MapSettings) -> str:
 def map_levers_between(a: MapSettings, b: MapSettings) -> int:
     """How many of the grid's map levers differ between two maps (the score reduction aside):
     blend, window(s), their combination, SSIM's contrast constant, smoothing, reference, low-pass
-    channel, moved copies, shift tolerance."""
+    channel, moved copies, shift tolerance, memory channel (its block size or radius)."""
     window_changed = bool(a.ssim_weight) and a.windows != b.windows
     combine_changed = bool(a.ssim_weight) and len(a.windows) > 1 and a.scale_combine != b.scale_combine
     k2_changed = bool(a.ssim_weight) and a.ssim_k2 != b.ssim_k2
@@ -125,6 +133,7 @@ def map_levers_between(a: MapSettings, b: MapSettings) -> int:
         + int(a.lowpass_sigma != b.lowpass_sigma)
         + int(a.reference_shift != b.reference_shift)
         + int(a.shift_tolerance != b.shift_tolerance)
+        + int(_memory_key(a) != _memory_key(b))
     )
 
 
@@ -137,10 +146,11 @@ def _weights(blend: str, scale: float) -> tuple[float, float]:
 def build_grid(grid: dict, paper: MapSettings, scale: float) -> list[GridPoint]:
     """Every combination of the levers in ``grid`` (keys ``blend``, ``win_size``,
     ``scale_combine``, ``smoothing_sigma``, ``normal_reference``, ``lowpass_sigma``,
-    ``reference_shift``, ``shift_tolerance``, ``ssim_k2``, ``score_reduction``), the paper's map
-    first. A squared-error-only blend has no SSIM window (nor constant), so it is listed once;
-    ``scale_combine`` only varies for multi-scale windows; a low-pass channel and moved
-    reference images only go with the ``zscore`` and ``tail`` references."""
+    ``reference_shift``, ``shift_tolerance``, ``ssim_k2``, ``score_reduction``; optionally
+    ``memory_pool`` and ``memory_radius``), the paper's map first. A squared-error-only blend has
+    no SSIM window (nor constant), so it is listed once; ``scale_combine`` only varies for
+    multi-scale windows; a low-pass channel, a memory channel and moved reference images only go
+    with the ``zscore`` and ``tail`` references."""
     expected = {
         "blend",
         "win_size",
@@ -153,10 +163,13 @@ def build_grid(grid: dict, paper: MapSettings, scale: float) -> list[GridPoint]:
         "ssim_k2",
         "score_reduction",
     }
-    if set(grid) != expected:
+    optional = {"memory_pool", "memory_radius"}
+    if not expected <= set(grid) <= expected | optional:
         raise ValueError(
-            f"calibration.grid must have exactly the keys {sorted(expected)}, got {sorted(grid)}"
+            f"calibration.grid must have exactly the keys {sorted(expected)} (and optionally "
+            f"{sorted(optional)}), got {sorted(grid)}"
         )
+    memories = _memory_levers(grid)
     points = [GridPoint("ssim", paper)]
     seen = {paper}
     for blend_name in grid["blend"]:
@@ -170,8 +183,9 @@ def build_grid(grid: dict, paper: MapSettings, scale: float) -> list[GridPoint]:
                         lowpasses = grid["lowpass_sigma"] if scaled else [0.0]
                         shifts = grid["reference_shift"] if scaled else [0]
                         k2s = grid["ssim_k2"] if ssim_w else [paper.ssim_k2]
-                        for low, shift, tolerance, k2, reduction in itertools.product(
-                            lowpasses, shifts, grid["shift_tolerance"], k2s, grid["score_reduction"]
+                        mems = memories if scaled else [(0, paper.memory_radius)]
+                        for low, shift, memory, tolerance, k2, reduction in itertools.product(
+                            lowpasses, shifts, mems, grid["shift_tolerance"], k2s, grid["score_reduction"]
                         ):
                             settings = dataclasses.replace(
                                 paper,
@@ -185,12 +199,25 @@ def build_grid(grid: dict, paper: MapSettings, scale: float) -> list[GridPoint]:
                                 reference_shift=int(shift),
                                 shift_tolerance=tolerance,
                                 ssim_k2=k2,
+                                memory_pool=memory[0],
+                                memory_radius=memory[1] if memory[0] else paper.memory_radius,
                                 score_reduction=reduction,
                             )
                             if settings not in seen:
                                 seen.add(settings)
                                 points.append(GridPoint(blend_name, settings))
     return points
+
+
+def _memory_levers(grid: dict) -> list[tuple[int, int]]:
+    """The grid's ``(memory_pool, memory_radius)`` pairs (pool 0, no memory channel, once)."""
+    pools = [int(p) for p in grid.get("memory_pool", [0])]
+    radii = [int(r) for r in grid.get("memory_radius", [1])]
+    for name, values in (("memory_pool", pools), ("memory_radius", radii)):
+        if not values or min(values) < 0:
+            raise ValueError(f"calibration.grid.{name} must list whole numbers >= 0, got {grid.get(name)!r}")
+    pairs = [(p, r) for p in pools for r in (radii if p else radii[:1])]
+    return list(dict.fromkeys(pairs))
 
 
 def l2_scale(terms: dict, win_size: int) -> float:
@@ -269,6 +296,8 @@ def _train_references(
     lowpass_sigmas: Sequence[float] = (),
     shifts: Sequence[int] = (0,),
     term_keys: Sequence[tuple[int, float]] = ((0, PAPER_K2),),
+    memories: Sequence[tuple[int, int]] = (),
+    banks: dict[int, np.ndarray] | None = None,
 ) -> dict[tuple, NormalReference]:
     """The normal reference of every uncorrected map of the grid, for every reference shift,
     fitted one batch of training images at a time (:class:`ReferenceAccumulator`): memory does
@@ -276,7 +305,9 @@ def _train_references(
     function that reconstructs a batch (then not even they are held; moved copies,
     ``shifts`` other than 0, need it). References are keyed ``(shift, sigma, raw_key)`` (the
     raw key ends with the terms key: shift tolerance, SSIM constant), the low-pass channels'
-    ``("lowpass", sigma, shift, tolerance)``. A shift's reference holds the unmoved
+    ``("lowpass", sigma, shift, tolerance)``, the memory channels' ``("memory", pool, radius,
+    shift)`` (each training image matched against the others in ``banks[pool]``, the training
+    images' block averages). A shift's reference holds the unmoved
     images and their moved copies (:func:`with_moved_copies`), each image with its copies in
     one batch (the accumulators leave each pixel's highest image out)."""
     images, recon = train
@@ -295,6 +326,14 @@ def _train_references(
         for s in lowpass_sigmas
         for shift in shifts
         for r in by_shift_tolerance
+    }
+    accumulators |= {
+        ("memory", pool, radius, shift): ReferenceAccumulator()
+        for pool, radius in memories
+        for shift in shifts
+    }
+    vectors = {
+        pool: neighbourhood(torch.from_numpy(banks[pool])).double() for pool in {p for p, _ in memories}
     }
 
     def add(
@@ -318,6 +357,11 @@ def _train_references(
             maps = lowpass(terms[terms_key], s)[:, 0]
             for shift, chosen in rows.items():
                 accumulators["lowpass", s, shift, r].add(maps[chosen], sources[shift])
+        for pool, radius in memories:
+            for shift, chosen in rows.items():
+                own = sources[shift]  # each image (and its moved copies) against the others
+                maps = memory_map(x[chosen], vectors[pool], pool, radius, own)[:, 0].float()
+                accumulators["memory", pool, radius, shift].add(maps, own)
 
     # an image and all its moved copies in one batch (about batch_size maps in all)
     step = max(batch_size // (1 + 4 * len(moves)), 1)
@@ -342,10 +386,12 @@ class GridReferences:
     ``(shift, sigma, raw_key)``, and one per low-pass channel, keyed ``("lowpass", sigma,
     shift, tolerance)``. ``scale`` is the ``ssim+l2`` scale the blended maps were made with: the same
     references serve another scoring of the same grid (the calibration's references, the
-    real test images' :func:`agreement`) only at that scale."""
+    real test images' :func:`agreement`) only at that scale. ``banks``: per memory block size,
+    the training images' block averages (the memory channels' bank)."""
 
     scale: float
     maps: dict[tuple, NormalReference]
+    banks: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -360,6 +406,7 @@ class _Plan:
     lowpass_sigmas: list[float]
     shifts: list[int]
     term_keys: list[tuple[int, float]]
+    memories: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def lowpass_terms(self) -> dict[int, tuple[int, float]]:
@@ -372,14 +419,21 @@ class _Plan:
 
     @property
     def reference_keys(self) -> set[tuple]:
-        return {
-            (shift, s, key) for shift in self.shifts for s, by_raw in self.by_sigma.items() for key in by_raw
-        } | {
-            ("lowpass", s, shift, r)
-            for s in self.lowpass_sigmas
-            for shift in self.shifts
-            for r in self.tolerances
-        }
+        return (
+            {
+                (shift, s, key)
+                for shift in self.shifts
+                for s, by_raw in self.by_sigma.items()
+                for key in by_raw
+            }
+            | {
+                ("lowpass", s, shift, r)
+                for s in self.lowpass_sigmas
+                for shift in self.shifts
+                for r in self.tolerances
+            }
+            | {("memory", pool, radius, shift) for pool, radius in self.memories for shift in self.shifts}
+        )
 
 
 def _plan(grid: dict, paper: MapSettings, scale: float) -> _Plan:
@@ -397,6 +451,7 @@ def _plan(grid: dict, paper: MapSettings, scale: float) -> _Plan:
         sorted({float(s) for s in grid.get("lowpass_sigma", [])} - {0.0}),
         sorted({p.settings.reference_shift for p in points}),
         sorted({p.settings.terms_key for p in points}),
+        sorted({_memory_key(p.settings) for p in points} - {(0, 0)}),
     )
 
 
@@ -420,6 +475,7 @@ def fit_grid_references(
     batch at a time. Pass the result to :func:`score_grid` in place of ``train`` to score the
     grid on other images without streaming the training images again."""
     plan = _plan(grid, paper, scale)
+    banks = {pool: memory_bank(train[0], pool) for pool in sorted({p for p, _ in plan.memories})}
     maps = _train_references(
         train,
         plan.windows,
@@ -429,17 +485,44 @@ def fit_grid_references(
         plan.lowpass_sigmas,
         plan.shifts,
         plan.term_keys,
+        plan.memories,
+        banks,
     )
-    return GridReferences(float(scale), maps)
+    return GridReferences(float(scale), maps, banks)
+
+
+def _memory_maps(
+    plan: _Plan, banks: dict[int, np.ndarray], images: np.ndarray, batch_size: int
+) -> dict[tuple[int, int], torch.Tensor]:
+    """The memory channel of ``images`` per ``(pool, radius)`` of the grid, ``(N, H, W)``
+    float32, a batch at a time (against the training images' ``banks``)."""
+    out = {}
+    for pool, radius in plan.memories:
+        vectors = neighbourhood(torch.from_numpy(banks[pool])).double()
+        out[pool, radius] = torch.cat(
+            [
+                memory_map(
+                    unit_float(torch.from_numpy(np.asarray(images[i : i + batch_size]))),
+                    vectors,
+                    pool,
+                    radius,
+                )[:, 0].float()
+                for i in range(0, len(images), batch_size)
+            ]
+        )
+    return out
 
 
 def _distinct_maps(
-    plan: _Plan, references: dict[tuple, NormalReference], terms: dict[tuple, dict]
+    plan: _Plan,
+    references: dict[tuple, NormalReference],
+    terms: dict[tuple, dict],
+    memory: dict[tuple[int, int], torch.Tensor] | None = None,
 ) -> Iterator[tuple[list[GridPoint], torch.Tensor, NormalReference]]:
     """Every distinct corrected map of the grid, once: ``(the settings sharing it (they differ
     in the score reduction only), the maps (N, H, W), the reference of its uncorrected map)``,
     from the images' :func:`error_terms` per terms key (with ``keep_diff`` when the grid has
-    low-pass channels)."""
+    low-pass channels) and their memory channels (:func:`_memory_maps`)."""
     # the low-pass channel of the images, once per sigma and tolerance; normalised per map
     # where it is used (one subtraction and division: holding it normalised for every shift
     # and mode cost BSData's grid agreement 1.8 GB at its peak; this costs it about 12 % more time)
@@ -454,18 +537,20 @@ def _distinct_maps(
             smoothed = smooth_terms(terms[terms_key], smoothing)
             for raw_key in keys:
                 raw = blend(smoothed, by_raw[raw_key][0].settings)[:, 0]
-                by_map: dict[tuple[str, float, int], list[GridPoint]] = {}
+                by_map: dict[tuple, list[GridPoint]] = {}
                 for point in by_raw[raw_key]:
                     s = point.settings
-                    by_map.setdefault((s.normal_reference, s.lowpass_sigma, s.reference_shift), []).append(
-                        point
-                    )
-                for (mode, low, shift), group in by_map.items():
+                    key = (s.normal_reference, s.lowpass_sigma, s.reference_shift, _memory_key(s))
+                    by_map.setdefault(key, []).append(point)
+                for (mode, low, shift, mem), group in by_map.items():
                     reference = references[shift, smoothing, raw_key]
                     maps = raw if mode == "none" else correct(raw, *reference.as_tensors(mode))
                     if low:  # the per-pixel max with the low-pass channel, normalised alike (MapSettings)
                         channel = references["lowpass", low, shift, terms_key[0]].as_tensors(mode)
                         maps = torch.maximum(maps, correct(raw_lowpass[low, terms_key[0]], *channel))
+                    if mem[0]:  # the per-pixel max with the memory channel, normalised alike
+                        channel = references["memory", *mem, shift].as_tensors(mode)
+                        maps = torch.maximum(maps, correct(memory[mem], *channel))
                     yield group, maps, reference
 
 
@@ -503,7 +588,8 @@ def grid_maps(
         keep_diff=bool(plan.lowpass_sigmas),
         term_keys=plan.term_keys,
     )
-    for group, maps, _ in _distinct_maps(plan, references.maps, terms):
+    memory = _memory_maps(plan, references.banks, images[0], batch_size)
+    for group, maps, _ in _distinct_maps(plan, references.maps, terms, memory):
         yield group, maps
 
 
@@ -556,8 +642,10 @@ def score_grid(
         )
     references = fitted.maps
 
+    eval_images = np.concatenate([normal[0], defects[0]])
+    memory = _memory_maps(plan, fitted.banks, eval_images, batch_size)
     eval_terms = _terms(
-        np.concatenate([normal[0], defects[0]]),
+        eval_images,
         np.concatenate([normal[1], defects[1]]),
         windows,
         paper.win_sigma,
@@ -587,7 +675,7 @@ def score_grid(
 
     pixel_masks = _rows(masks, pixel_rows).ravel()  # the same for every map: taken once
     rows: dict[GridPoint, dict] = {}
-    for group, maps, reference in _distinct_maps(plan, references, eval_terms):
+    for group, maps, reference in _distinct_maps(plan, references, eval_terms, memory):
         mode = group[0].settings.normal_reference
         kept = None  # the defect images' maps kept in their regions: one map for every reduction
         if at_defect is not None and len(at_defect[0]):
@@ -617,6 +705,8 @@ def score_grid(
                 "reference_shift": p.settings.reference_shift,
                 "shift_tolerance": p.settings.shift_tolerance,
                 "ssim_k2": p.settings.ssim_k2,
+                "memory_pool": p.settings.memory_pool,
+                "memory_radius": p.settings.memory_radius if p.settings.memory_pool else 0,
                 "score_reduction": p.settings.score_reduction,
                 "levers_changed": p.levers_changed(paper),
                 **rows[p],

@@ -37,7 +37,7 @@ from anomaly_ae.export.folder import write_bundle
 from anomaly_ae.model.checkpoint import checkpoint_fingerprint, checkpoint_framing, model_from_checkpoint
 from anomaly_ae.runtime.bundle import run_in_chunks
 from anomaly_ae.scoring import MapSettings, NormalReference, image_score, score_maps
-from anomaly_ae.scoring.anomaly_map import reference_pair
+from anomaly_ae.scoring.anomaly_map import memory_pair, reference_pair
 from anomaly_ae.scoring.inference import reconstruct_and_score
 
 __all__ = [
@@ -94,12 +94,21 @@ class ScoringGraph(nn.Module):
                 self.register_buffer(f"{prefix}_mean", tensors[0])
                 if tensors[1] is not None:
                     self.register_buffer(f"{prefix}_scale", tensors[1])
+        # the memory channels' banks (the training images' block averages with their neighbours)
+        for prefix, bank in zip(
+            ("reference", "localisation"), memory_pair(reference, settings, "cpu"), strict=True
+        ):
+            if bank is not None:
+                self.register_buffer(f"{prefix}_memory", bank)
 
     def _tensors(self, prefix: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         buffers = dict(self.named_buffers())
         if f"{prefix}_mean" not in buffers:
             return None
         return buffers[f"{prefix}_mean"], buffers.get(f"{prefix}_scale")
+
+    def _bank(self, prefix: str) -> torch.Tensor | None:
+        return dict(self.named_buffers()).get(f"{prefix}_memory")
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         recon = self.model(images).float()
@@ -110,6 +119,7 @@ class ScoringGraph(nn.Module):
             self._tensors("reference"),
             self._tensors("localisation"),
             paper_ssim=False,
+            banks=(self._bank("reference"), self._bank("localisation")),
         )  # float64 (map_dtype)
         return heat.float(), image_score(
             detection, self.settings.score_reduction, self.settings.topk_fraction

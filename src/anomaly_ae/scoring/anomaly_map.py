@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from anomaly_ae.config import from_settings
+from anomaly_ae.scoring.memory import memory_map
 from anomaly_ae.scoring.reference import SCALED_MODES, check_mode, correct, move
 from anomaly_ae.scoring.ssim import (
     PAPER_K2,
@@ -58,6 +59,8 @@ __all__ = [
     "score_maps",
     "reference_tensors",
     "reference_pair",
+    "memory_pair",
+    "memory_channel",
     "map_dtype",
 ]
 
@@ -74,6 +77,11 @@ NAME_LEGEND = (
     ("moved 1", "that reference also fitted on the training images moved by 1 px"),
     ("+ lowpass s", "per pixel the larger of the map and |blur(image - reconstruction, s)|, both normalised"),
     ("align r", "each pixel's error at the reconstruction's best alignment within r px"),
+    (
+        "+ memory p r",
+        "per pixel the larger of the map and the distance to the nearest training image's p x p-px "
+        "averages (with their neighbours) within r grid steps, both normalised",
+    ),
     (
         "1-SSIM(w, k2 c)",
         "SSIM's contrast constant C2 = c² (the paper's 0.03; smaller sees fainter structure)",
@@ -107,6 +115,15 @@ class MapSettings:
     flat regions' normal noise with it (which the ``zscore`` / ``tail`` references divide by).
     It changes the map only, never the training loss.
 
+    ``memory_pool`` p px (default 0: off, the paper) adds the memory channel
+    (:func:`~anomaly_ae.scoring.memory.memory_map`): per pixel, how far its place's p x p-px
+    averages (with their 3x3 neighbourhood) are from the nearest training image's within
+    ``memory_radius`` grid steps of p px. A place with several normal looks (a reflection that
+    moves) is near one of them; a spot no training image has there is far. Like the low-pass
+    channel it needs the ``zscore`` or ``tail`` reference, is normalised by the training images'
+    own channel (each image matched against the others) and joins the map by the per-pixel
+    max. The bank (the training images' averages) is part of the normal reference.
+
     ``localisation`` (default None: the same map) is a second map's settings: the map shown as
     the heat map and scored per pixel, while this one gives the image score. What finds a
     defective image (a sharp peak) and what outlines a defect (a smoother map) are not always
@@ -126,6 +143,8 @@ class MapSettings:
     reference_shift: int = 0
     shift_tolerance: int = 0
     ssim_k2: float = PAPER_K2
+    memory_pool: int = 0
+    memory_radius: int = 1
     localisation: MapSettings | None = None
 
     def __post_init__(self) -> None:
@@ -187,6 +206,20 @@ class MapSettings:
                 "normal variation: it needs normal_reference: zscore or tail (or lowpass_sigma: 0), got "
                 f"normal_reference={self.normal_reference!r}"
             )
+        for name in ("memory_pool", "memory_radius"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and float(value) == int(value) and int(value) >= 0):
+                raise ValueError(
+                    f"evaluation.anomaly_map.{name} must be a whole number >= 0 "
+                    f"(memory_pool 0: no memory channel), got {value!r}"
+                )
+            object.__setattr__(self, name, int(value))
+        if self.memory_pool and self.normal_reference not in SCALED_MODES:
+            raise ValueError(
+                "evaluation.anomaly_map.memory_pool > 0 combines the memory channel with the map in "
+                "units of their normal variation: it needs normal_reference: zscore or tail (or "
+                f"memory_pool: 0), got normal_reference={self.normal_reference!r}"
+            )
         self._check_localisation()
 
     def _check_localisation(self) -> None:
@@ -236,9 +269,14 @@ class MapSettings:
         return bool(self.lowpass_sigma or (self.localisation and self.localisation.lowpass_sigma))
 
     @property
+    def any_memory(self) -> bool:
+        return bool(self.memory_pool or (self.localisation and self.localisation.memory_pool))
+
+    @property
     def channels(self) -> int:
-        """Uncorrected map channels: the map, and the low-pass difference when it is on."""
-        return 2 if self.lowpass_sigma else 1
+        """Uncorrected map channels: the map, then the low-pass difference and the memory
+        channel when they are on."""
+        return 1 + int(bool(self.lowpass_sigma)) + int(bool(self.memory_pool))
 
     @property
     def windows(self) -> tuple[int, ...]:
@@ -291,6 +329,8 @@ class MapSettings:
             name += f" moved {self.reference_shift}"
         if self.lowpass_sigma:
             name += f" + lowpass {self.lowpass_sigma:g}"
+        if self.memory_pool:
+            name += f" + memory {self.memory_pool} r{self.memory_radius}"
         if self.shift_tolerance:
             name += f" align {self.shift_tolerance}"
         return name
@@ -412,14 +452,34 @@ def blend(terms: dict, settings: MapSettings) -> Tensor:
     return amap
 
 
-def compose(terms: dict, settings: MapSettings) -> Tensor:
+def compose(terms: dict, settings: MapSettings, memory: Tensor | None = None) -> Tensor:
     """The uncorrected map of ``settings`` from :func:`error_terms`: blend, then smoothing;
-    ``(N, 1, H, W)``, or ``(N, 2, H, W)`` with the low-pass difference as the second channel
-    (``lowpass_sigma`` > 0; each channel has its own normal reference)."""
+    ``(N, 1, H, W)``, then as further channels the low-pass difference (``lowpass_sigma`` > 0)
+    and ``memory``, the images' memory channel (``memory_pool`` > 0,
+    :func:`~anomaly_ae.scoring.memory.memory_map`); each channel has its own normal reference."""
     amap = gaussian_blur(blend(terms, settings), settings.smoothing_sigma)
+    channels = [amap]
     if settings.lowpass_sigma:
-        amap = torch.cat([amap, lowpass(terms, settings.lowpass_sigma).to(amap.dtype)], dim=1)
-    return amap
+        channels.append(lowpass(terms, settings.lowpass_sigma).to(amap.dtype))
+    if settings.memory_pool:
+        if memory is None:
+            raise ValueError(f"the map {settings.describe_map()} needs its memory channel (memory_map)")
+        channels.append(memory.to(amap.dtype))
+    return channels[0] if len(channels) == 1 else torch.cat(channels, dim=1)
+
+
+def memory_channel(x: Tensor, settings: MapSettings, bank: Tensor | None, own=None) -> Tensor | None:
+    """The memory channel of images ``x`` for ``settings`` (None when it has none), from the
+    bank of :meth:`~anomaly_ae.scoring.reference.NormalReference.memory_tensor`; ``own``: each
+    image's index in the bank (a training image matched against the others), or None."""
+    if not settings.memory_pool:
+        return None
+    if bank is None:
+        raise ValueError(
+            f"the map {settings.describe_map()} needs the memory bank of the normal reference "
+            "(normal_reference.npz) fitted by `kedro run --pipeline=evaluate`"
+        )
+    return memory_map(x, bank, settings.memory_pool, settings.memory_radius, own)
 
 
 def anomaly_map(
@@ -427,20 +487,24 @@ def anomaly_map(
     recon: Tensor,
     settings: MapSettings = MapSettings(),
     reference: tuple[Tensor, Tensor | None] | None = None,
+    bank: Tensor | None = None,
 ) -> Tensor:
     """Per-pixel anomaly map ``(N, C, H, W)`` of images and their reconstructions, in
     :func:`map_dtype` (float64; ``.float()`` it to keep or ship it; :func:`image_score`
     takes it as it is).
 
     ``reference`` is ``(mean, scale)`` from :meth:`NormalReference.as_tensors`; it is needed
-    (and applied) exactly when ``settings.normal_reference`` is not ``none``.
+    (and applied) exactly when ``settings.normal_reference`` is not ``none``; ``bank`` (its
+    :meth:`~anomaly_ae.scoring.reference.NormalReference.memory_tensor`) when
+    ``settings.memory_pool`` is set.
     """
-    return _correct(raw_map(x, recon, settings), settings, reference)
+    return _correct(raw_map(x, recon, settings, bank), settings, reference)
 
 
-def raw_map(x: Tensor, recon: Tensor, settings: MapSettings) -> Tensor:
-    """The uncorrected map of ``settings`` (:func:`compose`; one or two channels), in
-    :func:`map_dtype`: what the normal reference is fitted on."""
+def raw_map(x: Tensor, recon: Tensor, settings: MapSettings, bank: Tensor | None = None, own=None) -> Tensor:
+    """The uncorrected map of ``settings`` (:func:`compose`; one to three channels), in
+    :func:`map_dtype`: what the normal reference is fitted on (``bank`` and ``own`` as
+    :func:`memory_channel`'s)."""
     terms = error_terms(
         x,
         recon,
@@ -451,7 +515,11 @@ def raw_map(x: Tensor, recon: Tensor, settings: MapSettings) -> Tensor:
         tolerance=settings.shift_tolerance,
         k2=settings.ssim_k2,
     )
-    return compose(terms, settings)
+    return compose(terms, settings, memory_channel(x, settings, _as_map_dtype(bank, x), own))
+
+
+def _as_map_dtype(bank: Tensor | None, x: Tensor) -> Tensor | None:
+    return None if bank is None else bank.to(map_dtype(x.device))
 
 
 def _require_reference(reference, mode: str) -> None:
@@ -467,7 +535,7 @@ def _correct(amap: Tensor, settings: MapSettings, reference) -> Tensor:
         return amap
     _require_reference(reference, settings.normal_reference)
     corrected = correct(amap, *reference)
-    # two channels (the low-pass difference): each in units of its normal spread, the larger
+    # more channels (low-pass, memory): each in units of its normal spread, the largest
     return corrected.amax(dim=1, keepdim=True) if corrected.shape[1] > 1 else corrected
 
 
@@ -478,6 +546,7 @@ def score_maps(
     reference: tuple[Tensor, Tensor | None] | None = None,
     localisation_reference: tuple[Tensor, Tensor | None] | None = None,
     paper_ssim: bool = True,
+    banks: tuple[Tensor | None, Tensor | None] = (None, None),
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(detection map, heat map, the paper's per-image SSIM (float32; None without
     paper_ssim))`` in one pass, the maps in :func:`map_dtype`. The heat map is the
@@ -485,7 +554,8 @@ def score_maps(
     or, without one, the detection map itself (the same tensor). The error terms of both maps
     are computed once; when a map uses the paper's 11x11 window, the interior of its same-size
     SSIM map IS the valid-mode map of :func:`~anomaly_ae.scoring.ssim.per_image_ssim`, so SSIM
-    is filtered once."""
+    is filtered once. ``banks``: the memory banks of the detection and the localisation map
+    (:func:`memory_pair`), where they have a memory channel."""
     windows = settings.all_windows
     paper = (
         paper_ssim
@@ -513,11 +583,19 @@ def score_maps(
         for i, key in enumerate(keys)
     }
     terms = by_key[settings.terms_key]
-    detection = _correct(compose(terms, settings), settings, reference)
+    memory = memory_channel(x, settings, _as_map_dtype(banks[0], x))
+    detection = _correct(compose(terms, settings, memory), settings, reference)
     heat = detection
     if settings.localisation:
         loc = settings.localisation
-        heat = _correct(compose(by_key[loc.terms_key], loc), loc, localisation_reference)
+        if loc.memory_pool and (loc.memory_pool, loc.memory_radius) == (
+            settings.memory_pool,
+            settings.memory_radius,
+        ):
+            loc_memory = memory  # the same channel: computed once
+        else:
+            loc_memory = memory_channel(x, loc, _as_map_dtype(banks[1], x))
+        heat = _correct(compose(by_key[loc.terms_key], loc, loc_memory), loc, localisation_reference)
     if not paper_ssim:
         return detection, heat, None
     p = PAPER_WIN_SIZE // 2
@@ -614,3 +692,21 @@ def reference_pair(reference, settings: MapSettings, device) -> tuple:
             "reference; refit normal_reference.npz (kedro run --pipeline=evaluate) for this map"
         )
     return detection, reference_tensors(localisation, settings.localisation.normal_reference, device)
+
+
+def memory_pair(reference, settings: MapSettings, device) -> tuple[Tensor | None, Tensor | None]:
+    """The memory banks (:meth:`~anomaly_ae.scoring.reference.NormalReference.memory_tensor`)
+    of the detection and the localisation map, None where a map has no memory channel."""
+
+    def bank(ref, one: MapSettings | None) -> Tensor | None:
+        if one is None or not one.memory_pool:
+            return None
+        if ref is None or ref.memory_bank is None:
+            raise ValueError(
+                f"the map {one.describe_map()} needs the memory bank of the normal reference, which "
+                "this normal_reference.npz lacks; refit it (kedro run --pipeline=evaluate) for this map"
+            )
+        return ref.memory_tensor(one.memory_pool, torch.device(device))
+
+    loc = settings.localisation
+    return bank(reference, settings), bank(getattr(reference, "localisation", None), loc)

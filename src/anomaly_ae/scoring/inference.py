@@ -10,7 +10,15 @@ import torch
 from torch import nn
 
 from anomaly_ae.device import autocast, resolve_device, resolve_precision
-from anomaly_ae.scoring.anomaly_map import MapSettings, image_score, raw_map, reference_pair, score_maps
+from anomaly_ae.scoring.anomaly_map import (
+    MapSettings,
+    image_score,
+    memory_pair,
+    raw_map,
+    reference_pair,
+    score_maps,
+)
+from anomaly_ae.scoring.memory import neighbourhood, pooled_images
 from anomaly_ae.scoring.reference import NormalReference, ReferenceAccumulator, with_moved_copies
 
 __all__ = ["reconstruct", "reconstruct_and_score", "fit_normal_reference"]
@@ -31,13 +39,14 @@ def _score_batch_fn(model: nn.Module, settings: MapSettings, dev, dtype, keep_ma
     in float64 (:func:`~anomaly_ae.scoring.ssim.map_dtype`), returned as float32 with
     SSIM and MSE. Reference tensors are made once, outside any compiled region."""
     ref, loc_ref = reference_pair(reference, settings, dev)
+    banks = memory_pair(reference, settings, dev)
 
     def score_batch(x: torch.Tensor) -> dict[str, torch.Tensor]:
         with autocast(dev, dtype):
             recon = model(x)
         recon = recon.float().contiguous()  # float32, standard layout
         x = x.contiguous()
-        detection, heat, ssim_values = score_maps(x, recon, settings, ref, loc_ref)
+        detection, heat, ssim_values = score_maps(x, recon, settings, ref, loc_ref, banks=banks)
         result = {
             "recon": recon,
             "ssim": ssim_values,
@@ -172,6 +181,13 @@ def _fit_references(
     if shift:
         chunk = max(chunk // 5, 1)  # each image comes with its four moved copies
     accumulators = [ReferenceAccumulator() for _ in settings]
+    # the memory channels' banks: every normal image's block averages (unmoved), once per pool
+    banks = {
+        one.memory_pool: memory_bank(normal_images, one.memory_pool, chunk)
+        for one in settings
+        if one.memory_pool
+    }
+    vectors = {pool: neighbourhood(torch.from_numpy(bank)) for pool, bank in banks.items()}
     for start in range(0, len(normal_images), chunk):
         part = np.asarray(normal_images[start : start + chunk])
         images = np.arange(start, start + len(part))
@@ -195,10 +211,29 @@ def _fit_references(
             # its moved copies, in colour) would hold several GB
             maps = torch.cat(
                 [
-                    raw_map(unit_float(part[i : i + step]), recon[i : i + step], one).float()
+                    raw_map(
+                        unit_float(part[i : i + step]),
+                        recon[i : i + step],
+                        one,
+                        vectors.get(one.memory_pool),
+                        sources[i : i + step],  # each image matched against the others
+                    ).float()
                     for i in range(0, len(part), step)
                 ]
             )
             # (N, H, W) as inference's map
             accumulator.add(maps[:, 0] if one.channels == 1 else maps, sources)
-    return [accumulator.result() for accumulator in accumulators]
+    return [
+        dataclasses.replace(accumulator.result(), memory_bank=banks.get(one.memory_pool))
+        for accumulator, one in zip(accumulators, settings, strict=True)
+    ]
+
+
+def memory_bank(images: np.ndarray | torch.Tensor, pool: int, chunk: int = 256) -> np.ndarray:
+    """The memory channel's bank: the NORMAL ``images``' ``pool`` x ``pool``-px averages
+    (:func:`~anomaly_ae.scoring.memory.pooled_images`), float32, ``chunk`` images at a time."""
+    parts = [
+        pooled_images(unit_float(torch.as_tensor(np.asarray(images[i : i + chunk]))), pool).float().numpy()
+        for i in range(0, len(images), chunk)
+    ]
+    return np.concatenate(parts)

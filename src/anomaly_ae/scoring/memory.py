@@ -10,8 +10,16 @@ positions away (PatchCore's nearest neighbour, kept local so that an aligned pro
 are compared with the same parts). A look that some training image has is near; a spot that
 none has is far.
 
-Measured, not yet a channel of the pipeline's maps: ``scripts/map_study.py memory`` and
-docs/STUDIES.md ("A memory bank per place"). Plain PyTorch, no Kedro.
+The vectors need no network: at each position of a grid ``pool`` px apart, the image's
+``pool`` x ``pool`` averages with their 3x3 neighbourhood (9 values per colour channel,
+:func:`pooled_patches`). The map channel (``MapSettings.memory_pool``) is the distance to the
+nearest training vector within ``radius`` positions, brought back to the image's size and
+smoothed over one grid step (:func:`memory_map`); the normal reference then z-scores it like
+the other channels. Measured: ``scripts/map_study.py memory``, docs/STUDIES.md ("A memory
+bank per place").
+
+Everything here is slices, matrix products and minima, so it traces into the exported ONNX
+graph as it is. Plain PyTorch, no Kedro.
 """
 
 from __future__ import annotations
@@ -21,85 +29,112 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from anomaly_ae.scoring.ssim import gaussian_blur
 
-def pooled_patches(images: Tensor, pool: int) -> Tensor:
-    """``(N, C, H, W)`` images in [0, 1] -> ``(N, 9 C, H // pool, W // pool)``: each ``pool`` x
-    ``pool`` average with its 3x3 neighbourhood of averages (the border replicated), the
-    vector compared at each position."""
+__all__ = ["memory_map", "nearest_distance", "neighbourhood", "pooled_images", "pooled_patches"]
+
+
+def pooled_images(images: Tensor, pool: int) -> Tensor:
+    """``(N, C, H, W)`` images in [0, 1] -> their ``pool`` x ``pool`` averages ``(N, C, H //
+    pool, W // pool)`` (the rows and columns beyond the last whole block dropped): what the
+    memory bank stores (``NormalReference.memory_bank``)."""
     if images.dim() != 4:
         raise ValueError(f"images must be shaped (N, C, H, W), got {tuple(images.shape)}")
-    if pool < 1 or images.shape[-2] < pool or images.shape[-1] < pool:
-        raise ValueError(f"pool must be 1 to the image's shorter side {min(images.shape[-2:])}, got {pool}")
-    small = F.avg_pool2d(images.float(), pool)
-    n, c, h, w = small.shape
-    return F.unfold(F.pad(small, (1, 1, 1, 1), mode="replicate"), 3).view(n, c * 9, h, w)
+    if not 1 <= pool <= min(images.shape[-2:]):
+        raise ValueError(
+            f"evaluation.anomaly_map.memory_pool must be 1 to the image's shorter side "
+            f"{min(images.shape[-2:])} px, got {pool}"
+        )
+    n, c, height, width = images.shape
+    h, w = height // pool, width // pool
+    # block means by a reshape: traces into ONNX in any float type (AveragePool has no float64)
+    blocks = images[..., : h * pool, : w * pool].reshape(n, c, h, pool, w, pool)
+    return blocks.mean(dim=(3, 5))
 
 
-def nearest_distance(
-    queries: Tensor,
-    bank: Tensor,
-    radius: int,
-    own: np.ndarray | None = None,
-    rows: int = 2,
-    block: int = 48,
-) -> dict[int, Tensor]:
+def neighbourhood(small: Tensor) -> Tensor:
+    """``(N, C, h, w)`` -> ``(N, 9 C, h, w)``: each position's values with those of its 3x3
+    neighbourhood (the border replicated), the vector compared at each position."""
+    h, w = small.shape[-2:]
+    padded = F.pad(small, (1, 1, 1, 1), mode="replicate")
+    return torch.cat([padded[:, :, dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)], dim=1)
+
+
+def pooled_patches(images: Tensor, pool: int) -> Tensor:
+    """``(N, C, H, W)`` images -> ``(N, 9 C, H // pool, W // pool)``: :func:`neighbourhood` of
+    :func:`pooled_images`."""
+    return neighbourhood(pooled_images(images, pool))
+
+
+def nearest_distance(queries: Tensor, bank: Tensor, radius: int, own: np.ndarray | None = None) -> Tensor:
     """Per query position, the Euclidean distance to the nearest of the ``bank`` images'
-    vectors at positions up to ``r`` away (the square window, each ``r`` in ``0..radius``; the
-    bank's border replicated): ``{r: (B, h, w)}``.
+    vectors at positions up to ``radius`` away (the square window; the bank's border
+    replicated): ``(B, h, w)``, in the queries' dtype.
 
-    queries: ``(B, C, h, w)``; bank: ``(N, C, h, w)``, the normal images' vectors (e.g.
-    :func:`pooled_patches` of the training images). ``own[b]``: query ``b``'s own index in the
-    bank, which it never matches (a training image scored against the others), or -1.
-    ``rows`` positions' rows and ``block`` queries at a time bound the memory:
-    ``rows * w * block * N * (2 radius + 1)^2`` floats."""
+    queries: ``(B, C, h, w)``; bank: ``(N, C, h, w)``, the normal images' vectors
+    (:func:`pooled_patches` of the training images). ``own[b]``: query ``b``'s own index in
+    the bank, which it never matches (a training image scored against the others), or -1.
+
+    One matrix product per offset: ``|q|^2 + |m|^2 - 2 q.m``, whose rounding is relative to
+    ``|q|^2``; the maps are float64 (:func:`~anomaly_ae.scoring.ssim.map_dtype`), where it is
+    about 1e-8 of a distance. Memory: ``B N h w`` numbers, twice (the caller batches)."""
     if queries.dim() != 4 or bank.dim() != 4 or queries.shape[1:] != bank.shape[1:]:
         raise ValueError(
             f"queries (B, C, h, w) and bank (N, C, h, w) must share C, h, w: got {tuple(queries.shape)} "
             f"and {tuple(bank.shape)}"
         )
     if radius < 0:
-        raise ValueError(f"radius must be 0 or more positions, got {radius}")
-    own = np.full(len(queries), -1) if own is None else np.asarray(own, np.int64)
-    if own.shape != (len(queries),) or (own >= len(bank)).any():
+        raise ValueError(f"evaluation.anomaly_map.memory_radius must be 0 or more positions, got {radius}")
+    if own is not None:
+        own = np.asarray(own, np.int64)
+        if own.shape != (len(queries),) or (own >= len(bank)).any():
+            raise ValueError(
+                f"own must give each of the {len(queries)} queries a bank index below {len(bank)}, or -1"
+            )
+        if len(bank) < 1 + int((own >= 0).any()):
+            raise ValueError("the memory bank needs an image besides a query's own")
+    h, w = bank.shape[-2:]
+    bank = bank.to(queries.dtype)
+    padded = F.pad(bank, (radius,) * 4, mode="replicate") if radius else bank
+    q = queries.permute(2, 3, 0, 1)  # (h, w, B, C)
+    q_sq = q.square().sum(-1, keepdim=True)  # (h, w, B, 1)
+    best = None
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            m = padded[:, :, dy : dy + h, dx : dx + w].permute(2, 3, 1, 0)  # (h, w, C, N)
+            d = torch.matmul(q, m).mul_(-2).add_(m.square().sum(2, keepdim=True)).add_(q_sq)  # (h, w, B, N)
+            best = d if best is None else torch.minimum(best, d)
+    if own is not None and (own >= 0).any():
+        rows = np.flatnonzero(own >= 0)
+        best[:, :, torch.from_numpy(rows), torch.from_numpy(own[rows])] = torch.inf
+    return best.amin(-1).clamp_min(0).sqrt().permute(2, 0, 1)
+
+
+def upsample_matrix(n_out: int, n_in: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``(n_out, n_in)``: linear interpolation from ``n_in`` samples to ``n_out`` (PyTorch's
+    ``align_corners=False``, the border clamped) as a matrix, so that the bilinear upsampling of
+    a map is two matrix products (any float type, in ONNX too)."""
+    eye = torch.eye(n_in, dtype=torch.float64)[:, None]  # (n_in, 1, n_in)
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[:, 0].T.to(dtype).contiguous()
+
+
+def memory_map(images: Tensor, bank: Tensor, pool: int, radius: int, own: np.ndarray | None = None) -> Tensor:
+    """The memory channel of ``(N, C, H, W)`` images: per pixel, the distance of its
+    position's vector (:func:`pooled_patches`) to the nearest of ``bank``'s within ``radius``
+    positions (:func:`nearest_distance`, ``own`` as there), bilinearly upsampled to ``H x W``
+    and smoothed with a Gaussian of sigma ``pool`` px (one grid step): ``(N, 1, H, W)`` in
+    ``bank``'s dtype. ``bank``: :func:`neighbourhood` of the training images'
+    :func:`pooled_images` (``NormalReference.memory_tensor``)."""
+    height, width = images.shape[-2:]
+    queries = pooled_patches(images.to(bank.dtype), pool)
+    if queries.shape[1:] != bank.shape[1:]:
         raise ValueError(
-            f"own must give each of the {len(queries)} queries a bank index below {len(bank)}, or -1"
+            f"the memory bank holds {tuple(bank.shape[1:])} vectors but these images give "
+            f"{tuple(queries.shape[1:])} at memory_pool {pool}; refit the normal reference "
+            "(kedro run --pipeline=evaluate) for this image size, colour mode and memory_pool."
         )
-    if len(bank) < 1 + int((own >= 0).any()):
-        raise ValueError("the bank needs an image besides a query's own")
-    n, c, h, w = bank.shape
-    k = 2 * radius + 1
-    offsets = [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
-    within = {  # per r, the offsets' indices in its window
-        r: torch.tensor([i for i, (dy, dx) in enumerate(offsets) if max(abs(dy), abs(dx)) <= r])
-        for r in range(radius + 1)
-    }
-    bank, queries = bank.float(), queries.float()
-    padded = F.pad(bank, (radius,) * 4, mode="replicate")
-    out = {r: torch.empty(len(queries), h, w) for r in within}
-    own_t = torch.from_numpy(own)
-    for y0 in range(0, h, rows):
-        y1 = min(y0 + rows, h)
-        # every bank vector each position of these rows may match: (p, c, n k k)
-        windows = F.unfold(padded[:, :, y0 : y1 + 2 * radius], k)  # (n, c k k, p)
-        p = windows.shape[-1]
-        windows = windows.view(n, c, k * k, p).permute(3, 1, 0, 2).reshape(p, c, n * k * k)
-        sq_bank = windows.square().sum(1)[:, None]  # (p, 1, n k k)
-        for b0 in range(0, len(queries), block):
-            q = queries[b0 : b0 + block, :, y0:y1].reshape(-1, c, p).permute(2, 0, 1)  # (p, b, c)
-            b = q.shape[1]
-            # |m|^2 - 2 q.m in one product (|q|^2 is the same for every candidate): the ranking
-            d = torch.baddbmm(sq_bank.expand(p, b, -1), q, windows, alpha=-2).view(p, b, n, k * k)
-            mine = own_t[b0 : b0 + block]
-            hit = torch.nonzero(mine >= 0)[:, 0]
-            if len(hit):
-                d[:, hit, mine[hit]] = torch.inf
-            nearest, image = d.min(2)  # per offset, the nearest bank image: (p, b, k k)
-            for r, idx in within.items():
-                # the nearest candidate by the product, its distance then taken exactly: the
-                # expansion loses the small distances (a look a bank image shares) to rounding
-                offset = idx[nearest[..., idx].argmin(2)]  # (p, b)
-                column = image.gather(2, offset[..., None])[..., 0] * k * k + offset
-                chosen = windows.gather(2, column[:, None].expand(p, c, b))  # (p, c, b)
-                best = (q.transpose(1, 2) - chosen).square().sum(1).sqrt()  # (p, b)
-                out[r][b0 : b0 + b, y0:y1] = best.T.reshape(b, y1 - y0, w)
-    return out
+    distance = nearest_distance(queries, bank, radius, own)  # (N, h, w)
+    rows = upsample_matrix(height, distance.shape[-2], distance.dtype)
+    cols = upsample_matrix(width, distance.shape[-1], distance.dtype)
+    full = torch.matmul(torch.matmul(rows, distance), cols.T)  # (N, H, W)
+    return gaussian_blur(full[:, None], float(pool))

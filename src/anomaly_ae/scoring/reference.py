@@ -31,9 +31,11 @@ with the plain mean and spread, a defect nobody labelled would widen the spread 
 damp a later defect at that place (measured: ``scripts/map_study.py unclean``). Its cost on
 clean images is one image of ``n``.
 
-A map with a second channel (the low-pass difference, ``MapSettings.lowpass_sigma``) has a
-reference per channel: ``mean``, ``std`` and ``upper`` are then ``(2, H, W)``, each channel
-with its own floor.
+A map with more channels (the low-pass difference, ``MapSettings.lowpass_sigma``; the memory
+channel, ``MapSettings.memory_pool``) has a reference per channel: ``mean``, ``std`` and
+``upper`` are then ``(C, H, W)``, each channel with its own floor. A memory channel's bank, the
+training images' ``memory_pool`` x ``memory_pool`` averages
+(:func:`~anomaly_ae.scoring.memory.pooled_images`), is ``memory_bank``.
 
 The reference uses training images only, so the held-out validation images that calibrate
 the decision threshold (and the ablation's synthetic defects) stay unseen. But the model
@@ -50,6 +52,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from anomaly_ae.scoring.memory import neighbourhood
 
 __all__ = [
     "REFERENCE_MODES",
@@ -89,6 +93,9 @@ class NormalReference:
     #: per pixel, the largest value a second normal image reached (the same shape; None in a
     #: reference fitted before ``tail`` used it)
     upper: np.ndarray | None = None
+    #: the training images' block averages ``(N, C, H // p, W // p)`` float32 that the memory
+    #: channel (``MapSettings.memory_pool`` p) compares with, or None
+    memory_bank: np.ndarray | None = None
 
     @classmethod
     def fit(cls, maps: np.ndarray | torch.Tensor) -> NormalReference:
@@ -102,6 +109,8 @@ class NormalReference:
         arrays = {"mean": self.mean, "std": self.std, "n_images": np.asarray(self.n_images)}
         if self.upper is not None:
             arrays["upper"] = self.upper
+        if self.memory_bank is not None:
+            arrays["memory_bank"] = self.memory_bank
         if self.localisation is not None:
             arrays.update({f"{LOCALISATION}{k}": v for k, v in self.localisation.to_arrays().items()})
         return arrays
@@ -124,9 +133,15 @@ class NormalReference:
         upper = np.asarray(arrays["upper"], np.float32) if "upper" in arrays else None
         if upper is not None and upper.shape != mean.shape:
             raise ValueError(f"{source}: upper {upper.shape} must have the shape of mean {mean.shape}")
+        bank = np.asarray(arrays["memory_bank"], np.float32) if "memory_bank" in arrays else None
+        if bank is not None and (bank.ndim != 4 or len(bank) < 2):
+            raise ValueError(
+                f"{source}: memory_bank must hold (N >= 2, C, h, w) block averages, got {bank.shape}; "
+                "refit it with `kedro run --pipeline=evaluate`."
+            )
         nested = {k.removeprefix(LOCALISATION): v for k, v in arrays.items() if k.startswith(LOCALISATION)}
         localisation = cls.from_arrays(nested, f"{source} (localisation map)") if nested else None
-        return cls(mean, std, int(arrays["n_images"]), localisation, upper)
+        return cls(mean, std, int(arrays["n_images"]), localisation, upper, bank)
 
     @property
     def channels(self) -> int:
@@ -142,10 +157,29 @@ class NormalReference:
             )
         if channels is not None and channels != self.channels:
             raise ValueError(
-                f"the map has {channels} channel(s) (lowpass_sigma {'on' if channels > 1 else 'off'}) but "
+                f"the map has {channels} channel(s) (the map, then lowpass_sigma's and memory_pool's "
+                "when on) but "
                 f"the normal reference has {self.channels}; refit it (kedro run --pipeline=evaluate) "
                 "for this map."
             )
+
+    def memory_tensor(self, pool: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The memory bank as the vectors the memory channel compares with (each block average
+        with its 3x3 neighbourhood, :func:`~anomaly_ae.scoring.memory.neighbourhood`), float32
+        on ``device``. Refuses a bank of another block size than ``pool`` (``memory_pool``)."""
+        if self.memory_bank is None:
+            raise ValueError(
+                "the memory channel needs the normal reference's memory bank, which this "
+                "normal_reference.npz lacks; refit it with `kedro run --pipeline=evaluate`."
+            )
+        expected = (self.mean.shape[-2] // pool, self.mean.shape[-1] // pool)
+        if tuple(self.memory_bank.shape[-2:]) != expected:
+            raise ValueError(
+                f"the memory bank holds {tuple(self.memory_bank.shape[-2:])} block averages, not the "
+                f"{expected} of memory_pool {pool} on {tuple(self.mean.shape[-2:])} maps; refit the "
+                "normal reference (kedro run --pipeline=evaluate) for this memory_pool."
+            )
+        return neighbourhood(torch.as_tensor(self.memory_bank, dtype=torch.float32)).to(device)
 
     def as_tensors(
         self, mode: str, device: torch.device | str = "cpu"
