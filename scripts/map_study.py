@@ -1895,7 +1895,15 @@ def memory(network, sets, args) -> list[dict]:
         own = np.concatenate(
             [np.arange(len(bank)) if k == "train" else np.full(len(per_set[k]), -1) for k in names]
         )
-        distances = nearest_distance(queries, bank, radius, own)
+        distances = {  # float64, as the pipeline's maps; 32 queries at a time bound the memory
+            r: torch.cat(
+                [
+                    nearest_distance(queries[i : i + 32].double(), bank, r, own[i : i + 32]).float()
+                    for i in range(0, len(queries), 32)
+                ]
+            )
+            for r in range(radius + 1)
+        }
         took = time.perf_counter() - start
         print(f"{how}: {tuple(bank.shape)} bank, {len(queries)} queries, {took:.0f} s", flush=True)
         bounds = np.cumsum([0] + [len(per_set[k]) for k in names])

@@ -211,7 +211,6 @@ def test_memory_grid_scores_equal_direct_computation_through_the_scoring_core(se
     reference, the bank of every training image for new images) gives the metrics of the
     scoring core's own maps: the bank and reference as `kedro run --pipeline=evaluate` fits them."""
     from anomaly_ae.scoring.inference import memory_bank
-    from anomaly_ae.scoring.memory import neighbourhood
 
     train, normal, defects = sets
     table, scale = calibration.score_grid(MEMORY_GRID, MapSettings(), train, normal, defects, batch_size=4)
@@ -220,7 +219,7 @@ def test_memory_grid_scores_equal_direct_computation_through_the_scoring_core(se
     recon = torch.from_numpy(np.concatenate([normal[1], defects[1]]))
     masks = np.concatenate([np.zeros((len(normal[0]), SIZE, SIZE), np.uint8), defects[2]])
     labels = np.r_[np.zeros(len(normal[0])), np.ones(len(defects[0]))]
-    bank = neighbourhood(torch.from_numpy(memory_bank(train[0], 4)))
+    bank = torch.from_numpy(memory_bank(train[0], 4))
     checked = [i for i, p in enumerate(points) if p.settings.memory_pool]
     assert len(checked) == 16
     for i in checked[::3] + [checked[-1]]:

@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from anomaly_ae.scoring.memory import memory_map, nearest_distance, pooled_patches, upsample_matrix
+from anomaly_ae.scoring.memory import (
+    memory_map,
+    nearest_distance,
+    pooled_images,
+    pooled_patches,
+    upsample_matrix,
+)
 
 
 def _brute_force(queries, bank, r, own):
@@ -66,7 +72,7 @@ def test_upsample_matrix_is_pytorchs_bilinear_upsampling():
 def test_memory_map_is_far_at_a_spot_no_training_image_has():
     gen = torch.Generator().manual_seed(2)
     train = torch.rand(6, 1, 32, 32, generator=gen) * 0.2 + 0.4
-    bank = pooled_patches(train, 4).double()
+    bank = pooled_images(train, 4).double()
     image = train[2:3].clone()
     image[..., 12:16, 12:16] = 1.0  # one bright 4x4 block
     own = np.array([2])  # scored as training image 2 against the others
@@ -96,7 +102,7 @@ def test_pooled_patches_are_each_average_with_its_neighbourhood():
         (lambda: nearest_distance(torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4), 1, [0]), "own must"),
         (lambda: nearest_distance(torch.rand(1, 3, 4, 4), torch.rand(1, 3, 4, 4), 1, [0]), "besides"),
         (lambda: pooled_patches(torch.rand(1, 1, 4, 4), 8), "memory_pool must"),
-        (lambda: memory_map(torch.rand(1, 1, 16, 16), torch.rand(3, 9, 3, 3), 4, 1), "refit"),
+        (lambda: memory_map(torch.rand(1, 1, 16, 16), torch.rand(3, 1, 3, 3), 4, 1), "refit"),
         (lambda: pooled_patches(torch.rand(4, 4), 2), r"\(N, C, H, W\)"),
     ],
 )

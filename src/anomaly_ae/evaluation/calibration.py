@@ -48,7 +48,7 @@ from anomaly_ae.evaluation.metrics import grouped_auroc, rank_auroc
 from anomaly_ae.evaluation.summary import keep_region
 from anomaly_ae.scoring.anomaly_map import MapSettings, blend, error_terms, image_score, lowpass, smooth_terms
 from anomaly_ae.scoring.inference import memory_bank, unit_float
-from anomaly_ae.scoring.memory import memory_map, neighbourhood
+from anomaly_ae.scoring.memory import memory_map
 from anomaly_ae.scoring.reference import (
     SCALED_MODES,
     NormalReference,
@@ -332,9 +332,7 @@ def _train_references(
         for pool, radius in memories
         for shift in shifts
     }
-    vectors = {
-        pool: neighbourhood(torch.from_numpy(banks[pool])).double() for pool in {p for p, _ in memories}
-    }
+    vectors = {pool: torch.from_numpy(banks[pool]).double() for pool in {p for p, _ in memories}}
 
     def add(
         batch: np.ndarray, rebuilt: np.ndarray, rows: dict[int, torch.Tensor], sources: dict[int, np.ndarray]
@@ -498,7 +496,7 @@ def _memory_maps(
     float32, a batch at a time (against the training images' ``banks``)."""
     out = {}
     for pool, radius in plan.memories:
-        vectors = neighbourhood(torch.from_numpy(banks[pool])).double()
+        vectors = torch.from_numpy(banks[pool]).double()
         out[pool, radius] = torch.cat(
             [
                 memory_map(

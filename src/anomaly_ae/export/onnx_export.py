@@ -94,7 +94,7 @@ class ScoringGraph(nn.Module):
                 self.register_buffer(f"{prefix}_mean", tensors[0])
                 if tensors[1] is not None:
                     self.register_buffer(f"{prefix}_scale", tensors[1])
-        # the memory channels' banks (the training images' block averages with their neighbours)
+        # the memory channels' banks (the training images' block averages)
         for prefix, bank in zip(
             ("reference", "localisation"), memory_pair(reference, settings, "cpu"), strict=True
         ):

@@ -18,7 +18,7 @@ from anomaly_ae.scoring.anomaly_map import (
     reference_pair,
     score_maps,
 )
-from anomaly_ae.scoring.memory import neighbourhood, pooled_images
+from anomaly_ae.scoring.memory import pooled_images
 from anomaly_ae.scoring.reference import NormalReference, ReferenceAccumulator, with_moved_copies
 
 __all__ = ["reconstruct", "reconstruct_and_score", "fit_normal_reference"]
@@ -187,7 +187,7 @@ def _fit_references(
         for one in settings
         if one.memory_pool
     }
-    vectors = {pool: neighbourhood(torch.from_numpy(bank)) for pool, bank in banks.items()}
+    vectors = {pool: torch.from_numpy(bank) for pool, bank in banks.items()}
     for start in range(0, len(normal_images), chunk):
         part = np.asarray(normal_images[start : start + chunk])
         images = np.arange(start, start + len(part))

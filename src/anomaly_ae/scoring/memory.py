@@ -123,10 +123,12 @@ def memory_map(images: Tensor, bank: Tensor, pool: int, radius: int, own: np.nda
     position's vector (:func:`pooled_patches`) to the nearest of ``bank``'s within ``radius``
     positions (:func:`nearest_distance`, ``own`` as there), bilinearly upsampled to ``H x W``
     and smoothed with a Gaussian of sigma ``pool`` px (one grid step): ``(N, 1, H, W)`` in
-    ``bank``'s dtype. ``bank``: :func:`neighbourhood` of the training images'
-    :func:`pooled_images` (``NormalReference.memory_tensor``)."""
+    ``bank``'s dtype. ``bank``: the training images' :func:`pooled_images` (``(N, C, h, w)``,
+    ``NormalReference.memory_tensor``); their neighbourhoods are taken here, so that the bank
+    stored (and shipped in the ONNX graph) is 9 times smaller."""
     height, width = images.shape[-2:]
     queries = pooled_patches(images.to(bank.dtype), pool)
+    bank = neighbourhood(bank)
     if queries.shape[1:] != bank.shape[1:]:
         raise ValueError(
             f"the memory bank holds {tuple(bank.shape[1:])} vectors but these images give "

@@ -53,8 +53,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from anomaly_ae.scoring.memory import neighbourhood
-
 __all__ = [
     "REFERENCE_MODES",
     "SCALED_MODES",
@@ -164,9 +162,9 @@ class NormalReference:
             )
 
     def memory_tensor(self, pool: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The memory bank as the vectors the memory channel compares with (each block average
-        with its 3x3 neighbourhood, :func:`~anomaly_ae.scoring.memory.neighbourhood`), float32
-        on ``device``. Refuses a bank of another block size than ``pool`` (``memory_pool``)."""
+        """The memory bank (the training images' block averages, ``(N, C, h, w)``) as a float32
+        tensor on ``device``, for :func:`~anomaly_ae.scoring.memory.memory_map`. Refuses a bank
+        of another block size than ``pool`` (``memory_pool``)."""
         if self.memory_bank is None:
             raise ValueError(
                 "the memory channel needs the normal reference's memory bank, which this "
@@ -179,7 +177,7 @@ class NormalReference:
                 f"{expected} of memory_pool {pool} on {tuple(self.mean.shape[-2:])} maps; refit the "
                 "normal reference (kedro run --pipeline=evaluate) for this memory_pool."
             )
-        return neighbourhood(torch.as_tensor(self.memory_bank, dtype=torch.float32)).to(device)
+        return torch.as_tensor(self.memory_bank, dtype=torch.float32).to(device)
 
     def as_tensors(
         self, mode: str, device: torch.device | str = "cpu"
