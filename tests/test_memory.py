@@ -109,3 +109,36 @@ def test_pooled_patches_are_each_average_with_its_neighbourhood():
 def test_bad_input_is_named(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_memory_channel_through_the_normal_reference_and_inference(channels):
+    """Fitted as `kedro run --pipeline=evaluate` fits it (the bank: every training image's
+    block averages, in the reference; each training image matched against the others), then
+    scored by inference: a spot no training image has raises the score, in gray and colour."""
+    from torch import nn
+
+    from anomaly_ae.scoring import MapSettings
+    from anomaly_ae.scoring.inference import fit_normal_reference, reconstruct_and_score
+    from anomaly_ae.scoring.reference import NormalReference
+
+    class Blurry(nn.Module):  # a 'model' that reconstructs a blurred image, as an autoencoder
+        def forward(self, x):
+            return torch.nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:48, 0:40] / 48
+    base = 0.5 + 0.2 * np.sin(5 * yy) * np.cos(3 * xx)
+    train = np.clip(base + rng.normal(0, 0.02, (10, channels, 48, 40)), 0, 1).astype(np.float32)
+    settings = MapSettings(normal_reference="zscore", smoothing_sigma=2, memory_pool=4)
+    reference = fit_normal_reference(Blurry(), train, settings, batch_size=4)
+    assert reference.memory_bank.shape == (10, channels, 12, 10)
+    assert reference.mean.shape == (2, 48, 40)  # the map and the memory channel, each referenced
+    reference = NormalReference.from_arrays(reference.to_arrays())  # as normal_reference.npz
+    test = np.clip(base + rng.normal(0, 0.02, (4, channels, 48, 40)), 0, 1).astype(np.float32)
+    test[2:, :, 20:24, 16:20] = 0.95  # a bright 4x4 spot
+    out = reconstruct_and_score(Blurry(), test, settings, 4, reference=reference)
+    assert out["score"][2:].min() > out["score"][:2].max()
+    with pytest.raises(ValueError, match="memory bank"):
+        without = NormalReference(reference.mean, reference.std, reference.n_images)
+        reconstruct_and_score(Blurry(), test, settings, 4, reference=without)
