@@ -77,7 +77,7 @@ def nearest_distance(queries: Tensor, bank: Tensor, radius: int, own: np.ndarray
 
     One matrix product per offset: ``|q|^2 + |m|^2 - 2 q.m``, whose rounding is relative to
     ``|q|^2``; the maps are float64 (:func:`~anomaly_ae.scoring.ssim.map_dtype`), where it is
-    about 1e-8 of a distance. Memory: ``B N h w`` numbers, twice (the caller batches)."""
+    about 1e-8 of a distance. Memory: ``B N h w`` numbers (the caller batches)."""
     if queries.dim() != 4 or bank.dim() != 4 or queries.shape[1:] != bank.shape[1:]:
         raise ValueError(
             f"queries (B, C, h, w) and bank (N, C, h, w) must share C, h, w: got {tuple(queries.shape)} "
@@ -98,16 +98,20 @@ def nearest_distance(queries: Tensor, bank: Tensor, radius: int, own: np.ndarray
     padded = F.pad(bank, (radius,) * 4, mode="replicate") if radius else bank
     q = queries.permute(2, 3, 0, 1)  # (h, w, B, C)
     q_sq = q.square().sum(-1, keepdim=True)  # (h, w, B, 1)
+    mine = None
+    if own is not None and (own >= 0).any():
+        rows = np.flatnonzero(own >= 0)
+        mine = (torch.from_numpy(rows), torch.from_numpy(own[rows]))
     best = None
     for dy in range(2 * radius + 1):
         for dx in range(2 * radius + 1):
             m = padded[:, :, dy : dy + h, dx : dx + w].permute(2, 3, 1, 0)  # (h, w, C, N)
             d = torch.matmul(q, m).mul_(-2).add_(m.square().sum(2, keepdim=True)).add_(q_sq)  # (h, w, B, N)
-            best = d if best is None else torch.minimum(best, d)
-    if own is not None and (own >= 0).any():
-        rows = np.flatnonzero(own >= 0)
-        best[:, :, torch.from_numpy(rows), torch.from_numpy(own[rows])] = torch.inf
-    return best.amin(-1).clamp_min(0).sqrt().permute(2, 0, 1)
+            if mine is not None:
+                d[:, :, mine[0], mine[1]] = torch.inf  # a training image never matches itself
+            nearest = d.amin(-1)  # (h, w, B)
+            best = nearest if best is None else torch.minimum(best, nearest)
+    return best.clamp_min(0).sqrt().permute(2, 0, 1)
 
 
 def upsample_matrix(n_out: int, n_in: int, dtype: torch.dtype = torch.float64) -> Tensor:
