@@ -821,3 +821,32 @@ def test_a_tiled_model_exports_and_scores_like_torch(tmp_path, one_torch_thread,
     assert bundle.image_size == config.shape == arrays.shape[-2:]
     assert bundle.manifest["input"]["resize"]["size"] == list(config.shape)
     _parity(bundle, inspector, files)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_the_memory_channel_exports_with_either_exporter(exporter, tmp_path, one_torch_thread):
+    """The memory channel's graph (its bank a constant; the upsampling a constant matrix, not a
+    Resize, which ONNX Runtime has no float64 kernel for) runs in ONNX Runtime from either
+    exporter, as torch scores it. A network trained briefly on smooth synthetic images: an
+    untrained one's flat grey makes z-scores hypersensitive (see briefly_trained_on_real_bottle)."""
+    import torch
+
+    from anomaly_ae.export.onnx_export import ScoringGraph, _export_graph, _ort_scores
+    from anomaly_ae.model import AutoencoderConfig
+    from anomaly_ae.scoring import MapSettings
+    from anomaly_ae.scoring.inference import fit_normal_reference, reconstruct_and_score
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:64, 0:64] / 64
+    base = 0.5 + 0.2 * np.sin(5 * yy) * np.cos(3 * xx)
+    images = np.clip(base + rng.normal(0, 0.03, (12, 1, 64, 64)), 0, 1).astype(np.float32)
+    _, model = _briefly_trained(AutoencoderConfig(image_size=64), images[:8], steps=20)
+    settings = MapSettings(normal_reference="zscore", smoothing_sigma=4, memory_pool=4)
+    reference = fit_normal_reference(model, images[:8], settings, batch_size=4)
+    path = tmp_path / "model.onnx"
+    _export_graph(ScoringGraph(model, settings, reference), 64, 18, exporter, path)
+    maps, scores = _ort_scores(path, images[8:])
+    expected = reconstruct_and_score(model, torch.from_numpy(images[8:]), settings, 4, reference=reference)
+    np.testing.assert_allclose(scores, expected["score"], atol=SCORE_TOL, rtol=0)
+    np.testing.assert_allclose(maps, expected["map"], atol=MAP_TOL, rtol=0)

@@ -116,10 +116,17 @@ def nearest_distance(queries: Tensor, bank: Tensor, radius: int, own: np.ndarray
 
 def upsample_matrix(n_out: int, n_in: int, dtype: torch.dtype = torch.float64) -> Tensor:
     """``(n_out, n_in)``: linear interpolation from ``n_in`` samples to ``n_out`` (PyTorch's
-    ``align_corners=False``, the border clamped) as a matrix, so that the bilinear upsampling of
-    a map is two matrix products (any float type, in ONNX too)."""
-    eye = torch.eye(n_in, dtype=torch.float64)[:, None]  # (n_in, 1, n_in)
-    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[:, 0].T.to(dtype).contiguous()
+    ``align_corners=False``: source ``(i + 0.5) n_in / n_out - 0.5``, clamped at 0 and at the
+    last sample) as a matrix, so that the bilinear upsampling of a map is two matrix products
+    (any float type, in ONNX too). Built in numpy: a constant in a traced graph."""
+    source = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    low = np.minimum(source.astype(np.int64), n_in - 1)
+    high = np.minimum(low + 1, n_in - 1)
+    weight = source - low
+    matrix = np.zeros((n_out, n_in))
+    np.add.at(matrix, (np.arange(n_out), low), 1.0 - weight)
+    np.add.at(matrix, (np.arange(n_out), high), weight)
+    return torch.from_numpy(matrix).to(dtype)
 
 
 def memory_map(images: Tensor, bank: Tensor, pool: int, radius: int, own: np.ndarray | None = None) -> Tensor:
@@ -140,7 +147,8 @@ def memory_map(images: Tensor, bank: Tensor, pool: int, radius: int, own: np.nda
             "(kedro run --pipeline=evaluate) for this image size, colour mode and memory_pool."
         )
     distance = nearest_distance(queries, bank, radius, own)  # (N, h, w)
-    rows = upsample_matrix(height, distance.shape[-2], distance.dtype)
-    cols = upsample_matrix(width, distance.shape[-1], distance.dtype)
+    # the sizes as ints: constants of a traced graph (only the batch is dynamic)
+    rows = upsample_matrix(int(height), int(distance.shape[-2]), distance.dtype)
+    cols = upsample_matrix(int(width), int(distance.shape[-1]), distance.dtype)
     full = torch.matmul(torch.matmul(rows, distance), cols.T)  # (N, H, W)
     return gaussian_blur(full[:, None], float(pool))
