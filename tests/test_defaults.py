@@ -142,16 +142,18 @@ def test_shipped_parameters_are_valid():
     ("env", "lever", "values", "size", "changed"),
     [
         # the shift tolerance: every setting once more, aligned within 1 px
-        ("tolerant", "shift_tolerance", [0, 1], 5616, 2808),
+        ("tolerant", "shift_tolerance", [0, 1], 3024, 1512),
         # the blob score: a fourth score reduction
-        ("blob", "score_reduction", ["max", "topk_mean", "mean", "blob"], 3744, 936),
+        ("blob", "score_reduction", ["max", "topk_mean", "mean", "blob"], 2016, 504),
         # SSIM's contrast constant: every setting with 1 - SSIM once more with C2 = 0.01^2 (the
-        # 312 squared-error-only settings have no SSIM)
-        ("k2", "ssim_k2", [0.03, 0.01], 5304, 2496),
+        # 168 squared-error-only settings have no SSIM)
+        ("k2", "ssim_k2", [0.03, 0.01], 2856, 1344),
+        # the memory channel: every zscore / tail setting once more with it
+        ("memory", "memory_pool", [0, 4], 2808, 1296),
     ],
 )
 def test_an_env_adds_only_its_lever_to_the_grid(env, lever, values, size, changed):
-    """``kedro run --env <env>``: conf/base's grid (2808 settings) with one lever widened by
+    """``kedro run --env <env>``: conf/base's grid (1512 settings) with one lever widened by
     one value (``changed`` settings have it), every other lever and parameter as in conf/base."""
     from kedro.config import OmegaConfigLoader
 
@@ -169,7 +171,7 @@ def test_an_env_adds_only_its_lever_to_the_grid(env, lever, values, size, change
     assert {k: v for k, v in params.items() if k != "calibration"} == {
         k: v for k, v in base.items() if k != "calibration"
     }
-    assert len(build_grid(base["calibration"]["grid"], paper, 1.0)) == 2808
+    assert len(build_grid(base["calibration"]["grid"], paper, 1.0)) == 1512
     grid = build_grid(params["calibration"]["grid"], paper, 1.0)
     assert len(grid) == size
     assert sum(getattr(p.settings, lever) == values[-1] for p in grid) == changed

@@ -155,7 +155,7 @@ def test_the_calibration_benchmark_times_what_the_pipeline_runs(quick, monkeypat
             "--json",
         ]
     )
-    assert result["settings"] == chosen["n_settings"] == 2808
+    assert result["settings"] == chosen["n_settings"] == 1512
     assert result["chosen"] == chosen["setting"]
     assert result["calibration_seconds"] > 0
 
@@ -163,9 +163,9 @@ def test_the_calibration_benchmark_times_what_the_pipeline_runs(quick, monkeypat
 def test_calibration_table_and_rule(quick):
     table = pd.read_csv(quick.latest(f"data/07_model_output/{NS}/calibration_table.csv"))
     chosen = _json(quick.latest(f"data/07_model_output/{NS}/calibrated_map.json"))
-    assert len(table) == 2808 == chosen["n_settings"]  # conf/base: shift_tolerance [0]
+    assert len(table) == 1512 == chosen["n_settings"]  # conf/base: shift_tolerance, memory_pool [0]
     assert table["is_paper"].sum() == 1 and table["is_selected"].sum() == 1
-    assert list(table["rank"]) == list(range(1, 2809))
+    assert list(table["rank"]) == list(range(1, 1513))
     assert table["selection_score"].is_monotonic_decreasing
     selected = table[table["is_selected"]].iloc[0]
     best = table["selection_score"].max()
