@@ -269,10 +269,6 @@ class MapSettings:
         return bool(self.lowpass_sigma or (self.localisation and self.localisation.lowpass_sigma))
 
     @property
-    def any_memory(self) -> bool:
-        return bool(self.memory_pool or (self.localisation and self.localisation.memory_pool))
-
-    @property
     def channels(self) -> int:
         """Uncorrected map channels: the map, then the low-pass difference and the memory
         channel when they are on."""
