@@ -355,11 +355,16 @@ def _train_references(
             maps = lowpass(terms[terms_key], s)[:, 0]
             for shift, chosen in rows.items():
                 accumulators["lowpass", s, shift, r].add(maps[chosen], sources[shift])
-        for pool, radius in memories:
+        if memories:  # each map once (the unmoved images serve every shift), its image left out
+            own = np.full(len(x), -1)
             for shift, chosen in rows.items():
-                own = sources[shift]  # each image (and its moved copies) against the others
-                maps = memory_map(x[chosen], vectors[pool], pool, radius, own)[:, 0].float()
-                accumulators["memory", pool, radius, shift].add(maps, own)
+                own[chosen.numpy()] = sources[shift]
+            used = torch.from_numpy(np.flatnonzero(own >= 0))
+        for pool, radius in memories:
+            maps = torch.zeros(len(x), *x.shape[-2:])
+            maps[used] = memory_map(x[used], vectors[pool], pool, radius, own[used.numpy()])[:, 0].float()
+            for shift, chosen in rows.items():
+                accumulators["memory", pool, radius, shift].add(maps[chosen], sources[shift])
 
     # an image and all its moved copies in one batch (about batch_size maps in all)
     step = max(batch_size // (1 + 4 * len(moves)), 1)
