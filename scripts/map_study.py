@@ -471,6 +471,8 @@ def evaluate(name: str, sets: dict, maps: Maps | None = None, scores: dict | Non
         test = maps["test"].numpy()
         row["real_level_off_defect"] = float(test[bad][sets["test_masks"][bad] == 0].mean())
         row["real_level_good"] = float(test[~labels].mean())
+    # good test images above the validation images' 0.99 quantile (the pipeline's threshold)
+    row["good_flagged"] = float((good > np.quantile(scores["val"], 0.99)).mean())
     return row
 
 
@@ -1880,6 +1882,19 @@ def memory_features(network, images: np.ndarray, batch: int, how: str, pool: int
     return torch.cat(parts)
 
 
+def centred(features: torch.Tensor, how: str, channels: int) -> torch.Tensor:
+    """``none``: as they are; ``image``: each image's mean per feature taken away (a global
+    brightness change leaves them); ``local``: each position's 3x3 neighbourhood mean per
+    colour channel taken away (``pix`` only: what is left is the local pattern, not its level)."""
+    if how == "none":
+        return features
+    if how == "image":
+        return features - features.mean(dim=(2, 3), keepdim=True)
+    n, c, h, w = features.shape
+    grouped = features.view(n, 9, channels, h, w)
+    return (grouped - grouped.mean(1, keepdim=True)).view(n, c, h, w)
+
+
 def memory(network, sets, args) -> list[dict]:
     """A per-position memory bank of the training images' features, nearest neighbour."""
     pair = _pipeline_map(network, sets, args)
@@ -1887,38 +1902,51 @@ def memory(network, sets, args) -> list[dict]:
     radius = max(int(r) for r in args.tolerance.split("+"))
     names = list(sets["images"])
     for how in args.memory_features.split("+"):
-        start = time.perf_counter()
         pool = args.memory_pool if how == "pix" else 4
-        per_set = {k: memory_features(network, sets["images"][k], args.batch, how, pool) for k in names}
-        bank = per_set["train"]
-        queries = torch.cat([per_set[k] for k in names])
-        own = np.concatenate(
-            [np.arange(len(bank)) if k == "train" else np.full(len(per_set[k]), -1) for k in names]
-        )
-        distances = {  # float64, as the pipeline's maps; 32 queries at a time bound the memory
-            r: torch.cat(
-                [
-                    nearest_distance(queries[i : i + 32].double(), bank, r, own[i : i + 32]).float()
-                    for i in range(0, len(queries), 32)
-                ]
+        raw = {k: memory_features(network, sets["images"][k], args.batch, how, pool) for k in names}
+        for centre in args.memory_centre.split("+"):
+            per_set = {k: centred(v, centre, v.shape[1] // 9) for k, v in raw.items()}
+            rows += _memory_rows(
+                sets, pair, f"{how}{pool if how == 'pix' and pool != 4 else ''}", radius, per_set, centre
             )
-            for r in range(radius + 1)
-        }
-        took = time.perf_counter() - start
-        print(f"{how}: {tuple(bank.shape)} bank, {len(queries)} queries, {took:.0f} s", flush=True)
-        bounds = np.cumsum([0] + [len(per_set[k]) for k in names])
-        size = sets["images"]["train"].shape[-2:]
-        for r, dist in distances.items():
-            full = F.interpolate(dist[:, None], size=tuple(size), mode="bilinear", align_corners=False)
-            for sigma in (2, 4):
-                smooth = gaussian_blur(full, sigma)[:, 0]
-                maps = {k: smooth[bounds[i] : bounds[i + 1]] for i, k in enumerate(names)}
-                name = f"knn {how}{pool if how == 'pix' and pool != 4 else ''} r{r} s{sigma}"
-                rows.append(evaluate(name, sets, maps))
-                z = zscored(maps)
-                rows.append(evaluate(f"{name} z", sets, z))
-                rows.append(evaluate(f"pmax pipeline + {name} z", sets, pmax(pair, z)))
-                rows.append(evaluate(f"smax pipeline + {name} z", sets, scores=smax(pair, z)))
+    return rows
+
+
+def _memory_rows(sets, pair, label: str, radius: int, per_set: dict, centre: str) -> list[dict]:
+    """The memory study's rows for one feature kind and centring: every radius up to
+    ``radius``, smoothed at sigma 2 and 4; raw, z-scored, and with the pipeline's pair."""
+    rows, names = [], list(per_set)
+    start = time.perf_counter()
+    bank = per_set["train"]
+    queries = torch.cat([per_set[k] for k in names])
+    own = np.concatenate(
+        [np.arange(len(bank)) if k == "train" else np.full(len(per_set[k]), -1) for k in names]
+    )
+    distances = {  # float64, as the pipeline's maps; 32 queries at a time bound the memory
+        r: torch.cat(
+            [
+                nearest_distance(queries[i : i + 32].double(), bank, r, own[i : i + 32]).float()
+                for i in range(0, len(queries), 32)
+            ]
+        )
+        for r in range(radius + 1)
+    }
+    took = time.perf_counter() - start
+    print(f"{label} {centre}: {tuple(bank.shape)} bank, {len(queries)} queries, {took:.0f} s", flush=True)
+    bounds = np.cumsum([0] + [len(per_set[k]) for k in names])
+    size = sets["images"]["train"].shape[-2:]
+    for r, dist in distances.items():
+        full = F.interpolate(dist[:, None], size=tuple(size), mode="bilinear", align_corners=False)
+        for sigma in (2, 4):
+            smooth = gaussian_blur(full, sigma)[:, 0]
+            maps = {k: smooth[bounds[i] : bounds[i + 1]] for i, k in enumerate(names)}
+            name = f"knn {label} r{r} s{sigma}"
+            name += "" if centre == "none" else f" c-{centre}"
+            rows.append(evaluate(name, sets, maps))
+            z = zscored(maps)
+            rows.append(evaluate(f"{name} z", sets, z))
+            rows.append(evaluate(f"pmax pipeline + {name} z", sets, pmax(pair, z)))
+            rows.append(evaluate(f"smax pipeline + {name} z", sets, scores=smax(pair, z)))
     return rows
 
 
@@ -1994,6 +2022,9 @@ def main() -> None:
         "--memory-features", default="enc+pix", help="memory: the feature kinds, a+b (enc, pix)"
     )
     parser.add_argument("--memory-pool", type=int, default=4, help="memory: pix's pooling in px")
+    parser.add_argument(
+        "--memory-centre", default="none", help="memory: the features' centring, a+b (none, image, local)"
+    )
     args = parser.parse_args()
     first = args.checkpoint.split("+")[0] if args.checkpoint else None
     data = load(args.category, args.params, first, env=args.env)

@@ -1,0 +1,126 @@
+"""Which normal images does the memory channel lift above the decision threshold, and where?
+
+The memory channel (``MapSettings.memory_pool``) compares each place of an image with the
+nearest training image's same place. A good image with a look at some place that no training
+image has (a speck, a reflection that falls differently) is far there. This prints, for the
+held-out validation images and the good test images of a category, with the calibrated map
+(``calibrated_map.json``, its detection map) and the fitted ``normal_reference.npz``:
+
+* the image score with the map as chosen, and with the same map without its memory channel
+  (the same reference's other channels), each against its own threshold (the validation
+  scores' quantile of ``evaluation.threshold``, as the pipeline sets it);
+* the memory channel's peak after the reference's correction, its place in the model's
+  pixels, the raw distance there and the normal images' mean distance there.
+
+    python scripts/memory_alarms.py bottle --params data.root=../shared/mvtec_ad
+
+The good test images are read only to report on them; nothing here chooses a setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
+
+from anomaly_ae.data.transforms import as_unit_float
+from anomaly_ae.evaluation.metrics import calibrate_threshold, threshold_options
+from anomaly_ae.model.checkpoint import model_from_checkpoint
+from anomaly_ae.scoring.anomaly_map import MapSettings
+from anomaly_ae.scoring.inference import reconstruct_and_score
+from anomaly_ae.scoring.memory import memory_map
+from anomaly_ae.scoring.reference import NormalReference, correct
+
+
+def without_memory(reference: NormalReference) -> NormalReference:
+    """The reference of the same map without its memory channel (its last channel)."""
+    keep = slice(0, reference.mean.shape[0] - 1)
+    return dataclasses.replace(
+        reference,
+        mean=reference.mean[keep],
+        std=reference.std[keep],
+        upper=None if reference.upper is None else reference.upper[keep],
+        memory_bank=None,
+        localisation=None,
+    )
+
+
+def memory_peaks(images: np.ndarray, settings: MapSettings, reference: NormalReference, batch: int) -> list:
+    """Per image ``(corrected peak, (row, col), raw distance there, normal mean there)``."""
+    bank = torch.from_numpy(reference.memory_bank).double()
+    mean, scale = NormalReference(
+        mean=reference.mean[-1],
+        std=reference.std[-1],
+        n_images=reference.n_images,
+        upper=None if reference.upper is None else reference.upper[-1],
+    ).as_tensors(settings.normal_reference)
+    peaks = []
+    for start in range(0, len(images), batch):
+        x = torch.from_numpy(as_unit_float(images[start : start + batch])).double()
+        raw = memory_map(x, bank, settings.memory_pool, settings.memory_radius)[:, 0].float()
+        corrected = correct(raw, mean, scale)
+        for r, c in zip(raw.numpy(), corrected.numpy(), strict=True):
+            place = np.unravel_index(int(c.argmax()), c.shape)
+            peaks.append((float(c.max()), place, float(r[place]), float(mean[place])))
+    return peaks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("category")
+    parser.add_argument("--params", default="", help="as for kedro run, e.g. data.root=../shared/mvtec_ad")
+    parser.add_argument("--env", default=None)
+    parser.add_argument("--batch", type=int, default=16)
+    args = parser.parse_args()
+    root = Path(__file__).resolve().parents[1]
+    bootstrap_project(root)
+    runtime = dict(item.split("=", 1) for item in args.params.split(",") if item)
+    with KedroSession.create(root, env=args.env, runtime_params=runtime) as session:
+        catalog = session.load_context().catalog
+        network = model_from_checkpoint(catalog.load(f"{args.category}.model_checkpoint"))
+        reference = NormalReference.from_arrays(catalog.load(f"{args.category}.normal_reference"))
+        chosen = catalog.load(f"{args.category}.calibrated_map")
+        validation = catalog.load(f"{args.category}.validation_images")["images"]
+        test = catalog.load(f"{args.category}.test_images")
+        rule = catalog.load("params:evaluation")["threshold"]
+    settings = dataclasses.replace(MapSettings.from_dict(chosen["map_settings"]), localisation=None)
+    if not settings.memory_pool:
+        raise SystemExit(f"the calibrated map of {args.category} has no memory channel: {chosen['setting']}")
+    good = test["images"][np.asarray(test["labels"]) == 0]
+    print(f"{args.category}: detection map {chosen.get('detection_setting', chosen['setting'])}")
+    arms = {
+        "as chosen": (settings, reference),
+        "without memory": (dataclasses.replace(settings, memory_pool=0), without_memory(reference)),
+    }
+    scores = {}
+    for arm, (s, ref) in arms.items():
+        score = {
+            k: reconstruct_and_score(
+                network, v, s, args.batch, keep_maps=False, keep_recon=False, reference=ref
+            )["score"]
+            for k, v in (("validation", validation), ("good test", good))
+        }
+        threshold = calibrate_threshold(score["validation"], **threshold_options(rule))
+        flagged = int((score["good test"] > threshold).sum())
+        print(f"{arm}: threshold {threshold:.3f}; good test images above it: {flagged} of {len(good)}")
+        scores[arm] = score
+    print("\nper image: score as chosen / without memory; the memory channel's corrected peak at (row, col):")
+    print("the raw distance there / the normal images' mean distance there")
+    for what, images in (("validation", validation), ("good test", good)):
+        peaks = memory_peaks(images, settings, reference, args.batch)
+        for i, (peak, place, raw, normal) in enumerate(peaks):
+            chosen_score, plain = scores["as chosen"][what][i], scores["without memory"][what][i]
+            where = tuple(int(p) for p in place)
+            print(
+                f"  {what} {i}: {chosen_score:.2f} / {plain:.2f}; "
+                f"{peak:.2f} at {where}: {raw:.4f} / {normal:.4f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
