@@ -1,0 +1,69 @@
+"""scripts/memory_alarms.py: the reference without its memory channel, and the memory
+channel's peak where a normal image has a look no training image has."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from anomaly_ae.scoring.anomaly_map import MapSettings
+from anomaly_ae.scoring.inference import memory_bank
+from anomaly_ae.scoring.memory import memory_map
+from anomaly_ae.scoring.reference import NormalReference
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "memory_alarms.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("memory_alarms", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _normal_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    """Smooth gray images that differ a little: (n, 1, size, size) in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0.3, 0.7, size)[None, :] * np.ones((size, 1))
+    return np.clip(ramp + rng.normal(0, 0.01, (n, 1, size, size)), 0, 1).astype(np.float32)
+
+
+def _reference(train: np.ndarray, pool: int) -> NormalReference:
+    """A two-channel reference (a map channel, then the memory channel) fitted by hand: the
+    memory channel's statistics from the training images each matched against the others."""
+    bank = memory_bank(train, pool)
+    own = np.arange(len(train))
+    memory = memory_map(torch.from_numpy(train).double(), torch.from_numpy(bank).double(), pool, 1, own)
+    memory = memory[:, 0].float().numpy()
+    ssim_like = np.abs(np.random.default_rng(1).normal(0, 0.1, memory.shape)).astype(np.float32)
+    maps = np.stack([ssim_like, memory], axis=1)
+    fitted = NormalReference.fit(maps)
+    return NormalReference(
+        mean=fitted.mean, std=fitted.std, n_images=fitted.n_images, upper=fitted.upper, memory_bank=bank
+    )
+
+
+def test_without_memory_keeps_the_other_channels_only():
+    module = _module()
+    reference = _reference(_normal_images(12), pool=4)
+    plain = module.without_memory(reference)
+    assert plain.mean.shape == (1, 32, 32) and plain.memory_bank is None
+    np.testing.assert_array_equal(plain.mean[0], reference.mean[0])
+    np.testing.assert_array_equal(plain.upper[0], reference.upper[0])
+
+
+def test_memory_peak_lies_at_a_look_no_training_image_has():
+    module = _module()
+    train = _normal_images(12)
+    reference = _reference(train, pool=4)
+    settings = MapSettings(normal_reference="tail", memory_pool=4, memory_radius=1)
+    normal, marked = _normal_images(2, seed=5), _normal_images(1, seed=6)
+    marked[0, 0, 18:22, 8:12] = 1.0  # a bright speck
+    peaks = module.memory_peaks(np.concatenate([normal, marked]), settings, reference, batch=2)
+    (speck_peak, (row, col), raw, normal_mean) = peaks[-1]
+    assert 14 <= row <= 26 and 4 <= col <= 16, (row, col)
+    assert speck_peak > 3 * max(p[0] for p in peaks[:2])
+    assert raw > 5 * normal_mean
