@@ -6,13 +6,14 @@ image has (a speck, a reflection that falls differently) is far there. This prin
 held-out validation images and the good test images of a category, with the calibrated map
 (``calibrated_map.json``, its detection map) and the fitted ``normal_reference.npz``:
 
-* the image score with the map as chosen, and with the same map without its memory channel
-  (the same reference's other channels), each against its own threshold (the validation
-  scores' quantile of ``evaluation.threshold``, as the pipeline sets it);
+* the image score with the map as chosen, with the same map without its memory channel
+  (the same reference's other channels), and with the same reference's other scaling
+  (``tail`` for ``zscore`` and back), each against its own threshold (the validation scores'
+  quantile of ``evaluation.threshold``, as the pipeline sets it);
 * the memory channel's peak after the reference's correction, its place in the model's
   pixels, the raw distance there and the normal images' mean distance there.
 
-    python scripts/memory_alarms.py bottle --params data.root=../shared/mvtec_ad
+    python scripts/memory_alarms.py bottle --params data.root=../shared/mvtec_ad [--version V]
 
 The good test images are read only to report on them; nothing here chooses a setting.
 """
@@ -76,6 +77,11 @@ def main() -> None:
     parser.add_argument("--params", default="", help="as for kedro run, e.g. data.root=../shared/mvtec_ad")
     parser.add_argument("--env", default=None)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument(
+        "--version",
+        default=None,
+        help="the evaluation run's version of calibrated_map.json and normal_reference.npz (default: latest)",
+    )
     args = parser.parse_args()
     root = Path(__file__).resolve().parents[1]
     bootstrap_project(root)
@@ -83,8 +89,10 @@ def main() -> None:
     with KedroSession.create(root, env=args.env, runtime_params=runtime) as session:
         catalog = session.load_context().catalog
         network = model_from_checkpoint(catalog.load(f"{args.category}.model_checkpoint"))
-        reference = NormalReference.from_arrays(catalog.load(f"{args.category}.normal_reference"))
-        chosen = catalog.load(f"{args.category}.calibrated_map")
+        reference = NormalReference.from_arrays(
+            catalog.load(f"{args.category}.normal_reference", args.version)
+        )
+        chosen = catalog.load(f"{args.category}.calibrated_map", args.version)
         validation = catalog.load(f"{args.category}.validation_images")["images"]
         test = catalog.load(f"{args.category}.test_images")
         rule = catalog.load("params:evaluation")["threshold"]
@@ -97,6 +105,9 @@ def main() -> None:
         "as chosen": (settings, reference),
         "without memory": (dataclasses.replace(settings, memory_pool=0), without_memory(reference)),
     }
+    other = {"tail": "zscore", "zscore": "tail"}[settings.normal_reference]
+    if other == "zscore" or reference.upper is not None:  # the same reference, the other scaling
+        arms[f"as chosen, {other}"] = (dataclasses.replace(settings, normal_reference=other), reference)
     scores = {}
     for arm, (s, ref) in arms.items():
         score = {
