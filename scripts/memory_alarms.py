@@ -29,18 +29,17 @@ import torch
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
-from anomaly_ae.data.transforms import as_unit_float
 from anomaly_ae.evaluation.metrics import calibrate_threshold, threshold_options
 from anomaly_ae.model.checkpoint import model_from_checkpoint
-from anomaly_ae.scoring.anomaly_map import MapSettings
-from anomaly_ae.scoring.inference import reconstruct_and_score
-from anomaly_ae.scoring.memory import memory_map
+from anomaly_ae.scoring.anomaly_map import MapSettings, memory_channel
+from anomaly_ae.scoring.inference import reconstruct_and_score, unit_float
 from anomaly_ae.scoring.reference import NormalReference, correct
+from anomaly_ae.scoring.ssim import map_dtype
 
 
-def without_memory(reference: NormalReference) -> NormalReference:
-    """The reference of the same map without its memory channel (its last channel)."""
-    keep = slice(0, reference.mean.shape[0] - 1)
+def _channels(reference: NormalReference, keep: slice | int) -> NormalReference:
+    """The reference's channels ``keep`` (a slice, or one index for a single-channel
+    reference), without the memory bank and the localisation map's reference."""
     return dataclasses.replace(
         reference,
         mean=reference.mean[keep],
@@ -51,19 +50,19 @@ def without_memory(reference: NormalReference) -> NormalReference:
     )
 
 
+def without_memory(reference: NormalReference) -> NormalReference:
+    """The reference of the same map without its memory channel (its last channel)."""
+    return _channels(reference, slice(0, reference.mean.shape[0] - 1))
+
+
 def memory_peaks(images: np.ndarray, settings: MapSettings, reference: NormalReference, batch: int) -> list:
     """Per image ``(corrected peak, (row, col), raw distance there, normal mean there)``."""
-    bank = torch.from_numpy(reference.memory_bank).double()
-    mean, scale = NormalReference(
-        mean=reference.mean[-1],
-        std=reference.std[-1],
-        n_images=reference.n_images,
-        upper=None if reference.upper is None else reference.upper[-1],
-    ).as_tensors(settings.normal_reference)
+    bank = reference.memory_tensor(settings.memory_pool).to(map_dtype(torch.device("cpu")))
+    mean, scale = _channels(reference, -1).as_tensors(settings.normal_reference)
     peaks = []
     for start in range(0, len(images), batch):
-        x = torch.from_numpy(as_unit_float(images[start : start + batch])).double()
-        raw = memory_map(x, bank, settings.memory_pool, settings.memory_radius)[:, 0].float()
+        x = unit_float(torch.as_tensor(images[start : start + batch]))
+        raw = memory_channel(x, settings, bank)[:, 0].float()
         corrected = correct(raw, mean, scale)
         for r, c in zip(raw.numpy(), corrected.numpy(), strict=True):
             place = np.unravel_index(int(c.argmax()), c.shape)
