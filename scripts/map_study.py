@@ -216,7 +216,7 @@ from sklearn.covariance import LedoitWolf
 from anomaly_ae.data.defects import DEFECT_KINDS, LUMA, paste_synthetic_defects, synthesis_options
 from anomaly_ae.data.transforms import as_unit_float
 from anomaly_ae.evaluation import calibration as grid_calibration
-from anomaly_ae.evaluation.metrics import aupro, rank_auroc
+from anomaly_ae.evaluation.metrics import aupro, calibrate_threshold, rank_auroc, threshold_options
 from anomaly_ae.evaluation.stress import copies_per_image
 from anomaly_ae.evaluation.summary import defect_region_metrics
 from anomaly_ae.model.autoencoder import to_tiles, untile
@@ -385,6 +385,7 @@ def load(
             data["paper"] = MapSettings.from_dict(evaluation["anomaly_map"])
             data["stress"] = evaluation["stress_test"]
             data["defect_margin"] = evaluation["defect_margin"]
+            data["threshold"] = evaluation["threshold"]
     return data
 
 
@@ -427,6 +428,7 @@ def study_sets(data: dict) -> dict:
         "test_masks": test["masks"],
         "options": options,
         "defect_margin": data["defect_margin"],
+        "threshold": data["threshold"],
     }
 
 
@@ -471,8 +473,9 @@ def evaluate(name: str, sets: dict, maps: Maps | None = None, scores: dict | Non
         test = maps["test"].numpy()
         row["real_level_off_defect"] = float(test[bad][sets["test_masks"][bad] == 0].mean())
         row["real_level_good"] = float(test[~labels].mean())
-    # good test images above the validation images' 0.99 quantile (the pipeline's threshold)
-    row["good_flagged"] = float((good > np.quantile(scores["val"], 0.99)).mean())
+    # good test images above the threshold the pipeline's rule sets on the validation scores
+    threshold = calibrate_threshold(scores["val"], **threshold_options(sets["threshold"]))
+    row["good_flagged"] = float((good > threshold).mean())
     return row
 
 
