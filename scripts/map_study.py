@@ -181,6 +181,8 @@ the spread floored by its mean):
              and 3, each averaged over 3x3 - does a normal model with several modes per
              place (a reflection here in some training images, there in others), which a
              per-pixel mean and spread cannot hold, keep a spot where the normal images vary?
+             With several --memory-centre, also every centring's z-scored channel in one
+             max with the pair (e.g. none+local: the level and the level-free pattern).
   misses     no new map: which held-out copies does the pipeline's pair miss, and why? Per
              kind, the image AUROC against the good test images (the stress test's), against
              the validation images instead (are the good test images' own maxima what the
@@ -1907,17 +1909,27 @@ def memory(network, sets, args) -> list[dict]:
     for how in args.memory_features.split("+"):
         pool = args.memory_pool if how == "pix" else 4
         raw = {k: memory_features(network, sets["images"][k], args.batch, how, pool) for k in names}
+        label = f"{how}{pool if how == 'pix' and pool != 4 else ''}"
+        kept = {}
         for centre in args.memory_centre.split("+"):
             per_set = {k: centred(v, centre, v.shape[1] // 9) for k, v in raw.items()}
-            rows += _memory_rows(
-                sets, pair, f"{how}{pool if how == 'pix' and pool != 4 else ''}", radius, per_set, centre
-            )
+            rows += _memory_rows(sets, pair, label, radius, per_set, centre, kept)
+        if len(kept) > 1:  # every centring's z-scored channel beside the others, in one max
+            for (r, sigma) in sorted({key[1:] for key in kept}):
+                chosen = [z for key, z in kept.items() if key[1:] == (r, sigma)]
+                name = f"pmax pipeline + knn {label} r{r} s{sigma} z " + "+".join(
+                    key[0] for key in kept if key[1:] == (r, sigma)
+                )
+                rows.append(evaluate(name, sets, pmax(pair, *chosen)))
     return rows
 
 
-def _memory_rows(sets, pair, label: str, radius: int, per_set: dict, centre: str) -> list[dict]:
+def _memory_rows(
+    sets, pair, label: str, radius: int, per_set: dict, centre: str, kept: dict | None = None
+) -> list[dict]:
     """The memory study's rows for one feature kind and centring: every radius up to
-    ``radius``, smoothed at sigma 2 and 4; raw, z-scored, and with the pipeline's pair."""
+    ``radius``, smoothed at sigma 2 and 4; raw, z-scored, and with the pipeline's pair.
+    ``kept`` collects the z-scored maps by (centre, radius, sigma) for combined rows."""
     rows, names = [], list(per_set)
     start = time.perf_counter()
     bank = per_set["train"]
@@ -1947,6 +1959,8 @@ def _memory_rows(sets, pair, label: str, radius: int, per_set: dict, centre: str
             name += "" if centre == "none" else f" c-{centre}"
             rows.append(evaluate(name, sets, maps))
             z = zscored(maps)
+            if kept is not None:
+                kept[(centre, r, sigma)] = z
             rows.append(evaluate(f"{name} z", sets, z))
             rows.append(evaluate(f"pmax pipeline + {name} z", sets, pmax(pair, z)))
             rows.append(evaluate(f"smax pipeline + {name} z", sets, scores=smax(pair, z)))
