@@ -1915,7 +1915,7 @@ def memory(network, sets, args) -> list[dict]:
             per_set = {k: centred(v, centre, v.shape[1] // 9) for k, v in raw.items()}
             rows += _memory_rows(sets, pair, label, radius, per_set, centre, kept)
         if len(kept) > 1:  # every centring's z-scored channel beside the others, in one max
-            for (r, sigma) in sorted({key[1:] for key in kept}):
+            for r, sigma in sorted({key[1:] for key in kept}):
                 chosen = [z for key, z in kept.items() if key[1:] == (r, sigma)]
                 name = f"pmax pipeline + knn {label} r{r} s{sigma} z " + "+".join(
                     key[0] for key in kept if key[1:] == (r, sigma)
