@@ -11,7 +11,9 @@ held-out validation images and the good test images of a category, with the cali
   (``tail`` for ``zscore`` and back), each against its own threshold (the validation scores'
   quantile of ``evaluation.threshold``, as the pipeline sets it);
 * the memory channel's peak after the reference's correction, its place in the model's
-  pixels, the raw distance there and the normal images' mean distance there.
+  pixels, the raw distance there and the normal images' mean distance there;
+* the memory channel's scale under each scaling (``tail``, ``zscore``) as a multiple of its
+  floor: over the frame, and at each peak.
 
     python scripts/memory_alarms.py bottle --params data.root=../shared/mvtec_ad [--version V]
 
@@ -70,6 +72,23 @@ def memory_peaks(images: np.ndarray, settings: MapSettings, reference: NormalRef
     return peaks
 
 
+def memory_scales(reference: NormalReference) -> dict[str, tuple[np.ndarray, float]]:
+    """The memory channel's scale per pixel and its floor under each scaling the reference
+    can give: ``tail``, the larger of the width (how far a second normal image reached above
+    the mean) and the mean width; ``zscore``, the spread plus the mean spread (as
+    :meth:`~anomaly_ae.scoring.reference.NormalReference.as_tensors`)."""
+    memory = _channels(reference, -1)
+    out = {}
+    for mode in ("tail", "zscore") if memory.upper is not None else ("zscore",):
+        _, scale = memory.as_tensors(mode)
+        if mode == "tail":
+            floor = float(np.clip(memory.upper - memory.mean, 0, None).mean())
+        else:
+            floor = float(memory.std.mean())
+        out[mode] = (scale.numpy(), floor)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("category")
@@ -119,16 +138,27 @@ def main() -> None:
         flagged = int((score["good test"] > threshold).sum())
         print(f"{arm}: threshold {threshold:.3f}; good test images above it: {flagged} of {len(good)}")
         scores[arm] = score
+    scales = memory_scales(reference)
+    print("\nthe memory channel's scale, as a multiple of its floor (the share of pixels at the floor):")
+    for mode, (scale, floor) in scales.items():
+        ratio = scale / floor
+        print(
+            f"  {mode}: floor {floor:.4f}; median {np.median(ratio):.2f}, "
+            f"90 % {np.quantile(ratio, 0.9):.2f}, largest {ratio.max():.2f} "
+            f"({(ratio <= 1 + 1e-6).mean():.0%} at the floor)"
+        )
     print("\nper image: score as chosen / without memory; the memory channel's corrected peak at (row, col):")
-    print("the raw distance there / the normal images' mean distance there")
+    print("the raw distance there / the normal images' mean distance there; the scale there over its floor")
+    print("(" + ", ".join(scales) + ")")
     for what, images in (("validation", validation), ("good test", good)):
         peaks = memory_peaks(images, settings, reference, args.batch)
         for i, (peak, place, raw, normal) in enumerate(peaks):
             chosen_score, plain = scores["as chosen"][what][i], scores["without memory"][what][i]
             where = tuple(int(p) for p in place)
+            there = " / ".join(f"{scale[place] / floor:.2f}" for scale, floor in scales.values())
             print(
                 f"  {what} {i}: {chosen_score:.2f} / {plain:.2f}; "
-                f"{peak:.2f} at {where}: {raw:.4f} / {normal:.4f}"
+                f"{peak:.2f} at {where}: {raw:.4f} / {normal:.4f}; {there}"
             )
 
 

@@ -67,3 +67,21 @@ def test_memory_peak_lies_at_a_look_no_training_image_has():
     assert 14 <= row <= 26 and 4 <= col <= 16, (row, col)
     assert speck_peak > 3 * max(p[0] for p in peaks[:2])
     assert raw > 5 * normal_mean
+
+
+def test_memory_scales_are_the_references_own():
+    """Each scaling's scale is what the reference corrects the memory channel by
+    (as_tensors): the larger of the width and its mean for tail, the spread plus its mean
+    for zscore; never below its floor."""
+    module = _module()
+    reference = _reference(_normal_images(12), pool=4)
+    scales = module.memory_scales(reference)
+    assert set(scales) == {"tail", "zscore"}
+    width = np.clip(reference.upper[-1] - reference.mean[-1], 0, None)
+    tail, tail_floor = scales["tail"]
+    np.testing.assert_allclose(tail_floor, width.mean(), rtol=1e-5)
+    np.testing.assert_allclose(tail, np.maximum(width, width.mean()), rtol=1e-5)
+    z, z_floor = scales["zscore"]
+    np.testing.assert_allclose(z_floor, reference.std[-1].mean(), rtol=1e-5)
+    np.testing.assert_allclose(z, reference.std[-1] + reference.std[-1].mean(), rtol=1e-5)
+    assert (tail >= tail_floor * (1 - 1e-6)).all() and (z >= z_floor * (1 - 1e-6)).all()
