@@ -8,8 +8,10 @@ held-out validation images and the good test images of a category, with the cali
 
 * the image score with the map as chosen, with the same map without its memory channel
   (the same reference's other channels), and with the same reference's other scaling
-  (``tail`` for ``zscore`` and back), each against its own threshold (the validation scores'
-  quantile of ``evaluation.threshold``, as the pipeline sets it);
+  (``tail`` for ``zscore`` and back), and, for a tail-scaled map, with the memory channel's
+  tail floor added to its width instead of taken as a lower bound (``AdditiveTail``), each
+  against its own threshold (the validation scores' quantile of ``evaluation.threshold``, as
+  the pipeline sets it);
 * the memory channel's peak after the reference's correction, its place in the model's
   pixels, the raw distance there and the normal images' mean distance there;
 * the memory channel's scale under each scaling (``tail``, ``zscore``) as a multiple of its
@@ -72,6 +74,21 @@ def memory_peaks(images: np.ndarray, settings: MapSettings, reference: NormalRef
     return peaks
 
 
+@dataclasses.dataclass(frozen=True)
+class AdditiveTail(NormalReference):
+    """The same reference, but the memory channel (the last) tail-scaled with an additive
+    floor, its width plus the mean width (as the z-score adds its floor), instead of the
+    larger of the two: a check of why the tail flags more good images, not a lever."""
+
+    def as_tensors(self, mode: str, device: torch.device | str = "cpu"):
+        mean, scale = super().as_tensors(mode, device)
+        if mode == "tail":
+            width = (torch.as_tensor(self.upper[-1], dtype=torch.float32).to(device) - mean[-1]).clamp_min(0)
+            scale = scale.clone()
+            scale[-1] = width + width.mean()
+        return mean, scale
+
+
 def memory_scales(reference: NormalReference) -> dict[str, tuple[np.ndarray, float]]:
     """The memory channel's scale per pixel and its floor under each scaling the reference
     can give: ``tail``, the larger of the width (how far a second normal image reached above
@@ -126,6 +143,9 @@ def main() -> None:
     other = {"tail": "zscore", "zscore": "tail"}[settings.normal_reference]
     if other == "zscore" or reference.upper is not None:  # the same reference, the other scaling
         arms[f"as chosen, {other}"] = (dataclasses.replace(settings, normal_reference=other), reference)
+    if settings.normal_reference == "tail":  # the tail with the z-score's kind of floor
+        additive = AdditiveTail(**{f.name: getattr(reference, f.name) for f in dataclasses.fields(reference)})
+        arms["as chosen, the memory channel's tail floor added"] = (settings, additive)
     scores = {}
     for arm, (s, ref) in arms.items():
         score = {

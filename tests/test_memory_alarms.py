@@ -3,6 +3,7 @@ channel's peak where a normal image has a look no training image has."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -85,3 +86,20 @@ def test_memory_scales_are_the_references_own():
     np.testing.assert_allclose(z_floor, reference.std[-1].mean(), rtol=1e-5)
     np.testing.assert_allclose(z, reference.std[-1] + reference.std[-1].mean(), rtol=1e-5)
     assert (tail >= tail_floor * (1 - 1e-6)).all() and (z >= z_floor * (1 - 1e-6)).all()
+
+
+def test_additive_tail_changes_only_the_memory_channels_scale():
+    """AdditiveTail: the memory channel's scale is its width plus the mean width; the other
+    channels' scales and every mean are the reference's own."""
+    module = _module()
+    reference = _reference(_normal_images(12), pool=4)
+    fields = {f.name: getattr(reference, f.name) for f in dataclasses.fields(reference)}
+    additive = module.AdditiveTail(**fields)
+    mean, scale = reference.as_tensors("tail")
+    mean2, scale2 = additive.as_tensors("tail")
+    torch.testing.assert_close(mean2, mean)
+    torch.testing.assert_close(scale2[0], scale[0])
+    width = np.clip(reference.upper[-1] - reference.mean[-1], 0, None)
+    np.testing.assert_allclose(scale2[-1].numpy(), width + width.mean(), rtol=1e-5)
+    assert (scale2[-1] > scale[-1]).all()  # width + mean > max(width, mean) for a positive width
+    torch.testing.assert_close(additive.as_tensors("zscore")[1], reference.as_tensors("zscore")[1])
