@@ -33,7 +33,10 @@ import torch
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
+from anomaly_ae.data.defects import DEFECT_KINDS, synthesis_options
+from anomaly_ae.data.transforms import as_unit_float
 from anomaly_ae.evaluation.metrics import calibrate_threshold, threshold_options
+from anomaly_ae.evaluation.stress import copies_per_image, per_kind_rows, stress_table
 from anomaly_ae.model.checkpoint import model_from_checkpoint
 from anomaly_ae.scoring.anomaly_map import MapSettings, memory_channel
 from anomaly_ae.scoring.inference import reconstruct_and_score, unit_float
@@ -106,6 +109,33 @@ def memory_scales(reference: NormalReference) -> dict[str, tuple[np.ndarray, flo
     return out
 
 
+def held_out(network, test: dict, arms: dict, evaluation: dict, synthetic: dict, batch: int) -> None:
+    """Per arm: the real test image AUROC, and the image AUROC per held-out synthetic kind on
+    the good test images (:func:`~anomaly_ae.evaluation.stress.stress_table` with the
+    evaluation's own options: the same copies as its stress test)."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(test["labels"])
+    normal = as_unit_float(test["images"][labels == 0])
+    options = evaluation["stress_test"]
+    defects = {
+        "per_image": copies_per_image(options, len(normal), DEFECT_KINDS, normal.shape[1]),
+        "seed": options["seed"],
+        "kinds": DEFECT_KINDS,
+        **synthesis_options(synthetic),
+    }
+    table = per_kind_rows(stress_table(network, normal, arms, defects, batch))
+    kinds = table.pivot(index="map", columns="kind", values="image_auroc")
+    print("\nimage AUROC: real test set; held-out synthetic kinds on the good test images")
+    for arm, (s, ref) in arms.items():
+        score = reconstruct_and_score(
+            network, test["images"], s, batch, keep_maps=False, keep_recon=False, reference=ref
+        )
+        real = roc_auc_score(labels > 0, score["score"])
+        held = ", ".join(f"{k} {kinds.loc[arm, k]:.3f}" for k in kinds.columns)
+        print(f"  {arm}: real {real:.4f}; {held}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("category")
@@ -116,6 +146,12 @@ def main() -> None:
         "--version",
         default=None,
         help="the evaluation run's version of calibrated_map.json and normal_reference.npz (default: latest)",
+    )
+    parser.add_argument(
+        "--held-out",
+        action="store_true",
+        help="also each arm's real test image AUROC and its image AUROC per held-out synthetic kind "
+        "(the evaluation's stress test: the same copies on the good test images)",
     )
     args = parser.parse_args()
     root = Path(__file__).resolve().parents[1]
@@ -130,7 +166,9 @@ def main() -> None:
         chosen = catalog.load(f"{args.category}.calibrated_map", args.version)
         validation = catalog.load(f"{args.category}.validation_images")["images"]
         test = catalog.load(f"{args.category}.test_images")
-        rule = catalog.load("params:evaluation")["threshold"]
+        evaluation = catalog.load("params:evaluation")
+        synthetic = catalog.load("params:calibration")["synthetic_defects"]
+        rule = evaluation["threshold"]
     settings = dataclasses.replace(MapSettings.from_dict(chosen["map_settings"]), localisation=None)
     if not settings.memory_pool:
         raise SystemExit(f"the calibrated map of {args.category} has no memory channel: {chosen['setting']}")
@@ -158,6 +196,8 @@ def main() -> None:
         flagged = int((score["good test"] > threshold).sum())
         print(f"{arm}: threshold {threshold:.3f}; good test images above it: {flagged} of {len(good)}")
         scores[arm] = score
+    if args.held_out:
+        held_out(network, test, arms, evaluation, synthetic, args.batch)
     scales = memory_scales(reference)
     print("\nthe memory channel's scale, as a multiple of its floor (the share of pixels at the floor):")
     for mode, (scale, floor) in scales.items():
