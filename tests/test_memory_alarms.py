@@ -103,3 +103,37 @@ def test_additive_tail_changes_only_the_memory_channels_scale():
     np.testing.assert_allclose(scale2[-1].numpy(), width + width.mean(), rtol=1e-5)
     assert (scale2[-1] > scale[-1]).all()  # width + mean > max(width, mean) for a positive width
     torch.testing.assert_close(additive.as_tensors("zscore")[1], reference.as_tensors("zscore")[1])
+
+
+class _Blur(torch.nn.Module):
+    """A stand-in 'reconstruction': the image blurred, so a defect leaves an error."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(x, 5, stride=1, padding=2, count_include_pad=False)
+
+
+def test_held_out_prints_each_arms_real_auroc_and_every_kind(capsys):
+    """--held-out: a line per arm with the real test image AUROC (bright specks on smooth
+    images: found by the blurred stand-in's map, so near 1) and every held-out kind."""
+    import yaml
+
+    module = _module()
+    root = SCRIPT.parents[1] / "conf" / "base"
+    evaluation = yaml.safe_load((root / "parameters_evaluation.yml").read_text())["evaluation"]
+    synthetic = yaml.safe_load((root / "parameters_calibrate.yml").read_text())["calibration"][
+        "synthetic_defects"
+    ]
+    evaluation["stress_test"] = {**evaluation["stress_test"], "per_image": 8}  # a few copies: fast
+    good = _normal_images(6, seed=2)
+    marked = _normal_images(6, seed=3)
+    marked[:, 0, 12:16, 12:16] = 1.0
+    images = (np.concatenate([good, marked]) * 255).round().astype(np.uint8)
+    test = {"images": images, "labels": np.r_[np.zeros(6, int), np.ones(6, int)]}
+    arms = {"smoothed": (MapSettings(smoothing_sigma=2.0), None), "paper": (MapSettings(), None)}
+    module.held_out(_Blur(), test, arms, evaluation, synthetic, batch=8)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert [line.split(":")[0].strip() for line in lines] == ["smoothed", "paper"]
+    for line in lines:
+        real = float(line.split("real ")[1].split(";")[0])
+        assert real > 0.9, line
+        assert all(f"{kind} " in line for kind in ("all", "spot", "thin_line", "smudge")), line
