@@ -1915,12 +1915,12 @@ def memory(network, sets, args) -> list[dict]:
             per_set = {k: centred(v, centre, v.shape[1] // 9) for k, v in raw.items()}
             rows += _memory_rows(sets, pair, label, radius, per_set, centre, kept)
         if len(kept) > 1:  # every centring's z-scored channel beside the others, in one max
-            for r, sigma in sorted({key[1:] for key in kept}):
-                chosen = [z for key, z in kept.items() if key[1:] == (r, sigma)]
-                name = f"pmax pipeline + knn {label} r{r} s{sigma} z " + "+".join(
-                    key[0] for key in kept if key[1:] == (r, sigma)
-                )
-                rows.append(evaluate(name, sets, pmax(pair, *chosen)))
+            by_setting: dict[tuple[int, int], dict[str, Maps]] = {}
+            for (centre, r, sigma), z in kept.items():
+                by_setting.setdefault((r, sigma), {})[centre] = z
+            for (r, sigma), maps in sorted(by_setting.items()):
+                name = f"pmax pipeline + knn {label} r{r} s{sigma} z " + "+".join(maps)
+                rows.append(evaluate(name, sets, pmax(pair, *maps.values())))
     return rows
 
 

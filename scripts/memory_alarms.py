@@ -109,10 +109,19 @@ def memory_scales(reference: NormalReference) -> dict[str, tuple[np.ndarray, flo
     return out
 
 
-def held_out(network, test: dict, arms: dict, evaluation: dict, synthetic: dict, batch: int) -> None:
+def held_out(
+    network,
+    test: dict,
+    arms: dict,
+    evaluation: dict,
+    synthetic: dict,
+    batch: int,
+    good_scores: dict | None = None,
+) -> None:
     """Per arm: the real test image AUROC, and the image AUROC per held-out synthetic kind on
     the good test images (:func:`~anomaly_ae.evaluation.stress.stress_table` with the
-    evaluation's own options: the same copies as its stress test)."""
+    evaluation's own options: the same copies as its stress test). ``good_scores[arm]``: the
+    good test images' scores already taken (then only the defective images are scored)."""
     from sklearn.metrics import roc_auc_score
 
     labels = np.asarray(test["labels"])
@@ -128,10 +137,16 @@ def held_out(network, test: dict, arms: dict, evaluation: dict, synthetic: dict,
     kinds = table.pivot(index="map", columns="kind", values="image_auroc")
     print("\nimage AUROC: real test set; held-out synthetic kinds on the good test images")
     for arm, (s, ref) in arms.items():
+        chosen = labels > 0 if good_scores else np.ones(len(labels), bool)
         score = reconstruct_and_score(
-            network, test["images"], s, batch, keep_maps=False, keep_recon=False, reference=ref
-        )
-        real = roc_auc_score(labels > 0, score["score"])
+            network, test["images"][chosen], s, batch, keep_maps=False, keep_recon=False, reference=ref
+        )["score"]
+        if good_scores:  # the good images' scores as main took them, then the defective ones
+            real = roc_auc_score(
+                np.r_[np.zeros(len(good_scores[arm])), np.ones(len(score))], np.r_[good_scores[arm], score]
+            )
+        else:
+            real = roc_auc_score(labels > 0, score)
         held = ", ".join(f"{k} {kinds.loc[arm, k]:.3f}" for k in kinds.columns)
         print(f"  {arm}: real {real:.4f}; {held}")
 
@@ -197,7 +212,8 @@ def main() -> None:
         print(f"{arm}: threshold {threshold:.3f}; good test images above it: {flagged} of {len(good)}")
         scores[arm] = score
     if args.held_out:
-        held_out(network, test, arms, evaluation, synthetic, args.batch)
+        good_scores = {arm: score["good test"] for arm, score in scores.items()}
+        held_out(network, test, arms, evaluation, synthetic, args.batch, good_scores)
     scales = memory_scales(reference)
     print("\nthe memory channel's scale, as a multiple of its floor (the share of pixels at the floor):")
     for mode, (scale, floor) in scales.items():

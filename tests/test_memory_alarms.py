@@ -137,3 +137,15 @@ def test_held_out_prints_each_arms_real_auroc_and_every_kind(capsys):
         real = float(line.split("real ")[1].split(";")[0])
         assert real > 0.9, line
         assert all(f"{kind} " in line for kind in ("all", "spot", "thin_line", "smudge")), line
+    # the good images' scores handed in (as main does): only the defective ones scored again
+    from anomaly_ae.scoring.inference import reconstruct_and_score
+
+    good_scores = {
+        arm: reconstruct_and_score(_Blur(), images[:6], s, 8, keep_maps=False, keep_recon=False, reference=r)[
+            "score"
+        ]
+        for arm, (s, r) in arms.items()
+    }
+    module.held_out(_Blur(), test, arms, evaluation, synthetic, batch=8, good_scores=good_scores)
+    again = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert again == lines
