@@ -15,7 +15,10 @@ held-out validation images and the good test images of a category, with the cali
 * the memory channel's peak after the reference's correction, its place in the model's
   pixels, the raw distance there and the normal images' mean distance there;
 * the memory channel's scale under each scaling (``tail``, ``zscore``) as a multiple of its
-  floor: over the frame, and at each peak.
+  floor: over the frame, and at each peak;
+* with ``--selection``, each arm's selection score by the label-free rule (synthetic image
+  AUROC + pixel AUROC, halved) on the calibration's own synthetic copies of the validation
+  images: the figure by which the rule would choose between the arms.
 
     python scripts/memory_alarms.py bottle --params data.root=../shared/mvtec_ad [--version V]
 
@@ -35,9 +38,10 @@ from kedro.framework.startup import bootstrap_project
 
 from anomaly_ae.data.defects import DEFECT_KINDS, synthesis_options
 from anomaly_ae.data.transforms import as_unit_float
-from anomaly_ae.evaluation.metrics import calibrate_threshold, threshold_options
+from anomaly_ae.evaluation.metrics import calibrate_threshold, rank_auroc, threshold_options
 from anomaly_ae.evaluation.stress import copies_per_image, per_kind_rows, stress_table
 from anomaly_ae.model.checkpoint import model_from_checkpoint
+from anomaly_ae.pipelines.calibrate.nodes import synthesise_defects
 from anomaly_ae.scoring.anomaly_map import MapSettings, memory_channel
 from anomaly_ae.scoring.inference import reconstruct_and_score, unit_float
 from anomaly_ae.scoring.reference import NormalReference, correct
@@ -151,6 +155,30 @@ def held_out(
         print(f"  {arm}: real {real:.4f}; {held}")
 
 
+def selection(network, validation: dict, calibration: dict, arms: dict, batch: int) -> dict[str, dict]:
+    """Per arm: the rule's selection score and its two halves on the calibration's synthetic
+    copies of the normal validation images (the calibrate pipeline's own
+    ``synthesise_defects``: the same copies, the same seed), as ``score_grid`` scores a
+    setting: image AUROC of the copies against the normal images, pixel AUROC of every
+    defect pixel against every other pixel of both sets."""
+    synthetic = synthesise_defects(validation, calibration)
+    normal, copies = synthetic["normal"], synthetic["images"]
+    images = np.concatenate([normal, copies])
+    labels = np.r_[np.zeros(len(normal)), np.ones(len(copies))]
+    masks = np.concatenate(
+        [np.zeros((len(normal), *normal.shape[-2:]), bool), np.asarray(synthetic["masks"]) != 0]
+    )
+    out = {}
+    for arm, (s, ref) in arms.items():
+        scored = reconstruct_and_score(
+            network, images, s, batch, keep_maps=True, keep_recon=False, reference=ref
+        )
+        maps = scored.get("detection_map", scored["map"])
+        image, pixel = rank_auroc(labels, scored["score"]), rank_auroc(masks.ravel(), maps.ravel())
+        out[arm] = {"selection_score": 0.5 * (image + pixel), "image_auroc": image, "pixel_auroc": pixel}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("category")
@@ -168,6 +196,11 @@ def main() -> None:
         help="also each arm's real test image AUROC and its image AUROC per held-out synthetic kind "
         "(the evaluation's stress test: the same copies on the good test images)",
     )
+    parser.add_argument(
+        "--selection",
+        action="store_true",
+        help="also each arm's selection score by the label-free rule on the calibration's synthetic copies",
+    )
     args = parser.parse_args()
     root = Path(__file__).resolve().parents[1]
     bootstrap_project(root)
@@ -182,7 +215,8 @@ def main() -> None:
         validation = catalog.load(f"{args.category}.validation_images")["images"]
         test = catalog.load(f"{args.category}.test_images")
         evaluation = catalog.load("params:evaluation")
-        synthetic = catalog.load("params:calibration")["synthetic_defects"]
+        calibration = catalog.load("params:calibration")
+        synthetic = calibration["synthetic_defects"]
         rule = evaluation["threshold"]
     settings = dataclasses.replace(MapSettings.from_dict(chosen["map_settings"]), localisation=None)
     if not settings.memory_pool:
@@ -211,6 +245,16 @@ def main() -> None:
         flagged = int((score["good test"] > threshold).sum())
         print(f"{arm}: threshold {threshold:.3f}; good test images above it: {flagged} of {len(good)}")
         scores[arm] = score
+    if args.selection:
+        print("\nselection score (image AUROC, pixel AUROC) on the calibration's synthetic copies:")
+        print(
+            f"  the calibration's own figure for the chosen map: {chosen['selection_score']:.4f} "
+            f"({chosen['syn_image_auroc']:.4f}, {chosen['syn_pixel_auroc']:.4f})"
+        )
+        for arm, got in selection(network, {"images": validation}, calibration, arms, args.batch).items():
+            print(
+                f"  {arm}: {got['selection_score']:.4f} ({got['image_auroc']:.4f}, {got['pixel_auroc']:.4f})"
+            )
     if args.held_out:
         good_scores = {arm: score["good test"] for arm, score in scores.items()}
         held_out(network, test, arms, evaluation, synthetic, args.batch, good_scores)

@@ -8,6 +8,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from anomaly_ae.scoring.anomaly_map import MapSettings
@@ -149,3 +150,53 @@ def test_held_out_prints_each_arms_real_auroc_and_every_kind(capsys):
     module.held_out(_Blur(), test, arms, evaluation, synthetic, batch=8, good_scores=good_scores)
     again = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
     assert again == lines
+
+
+def test_selection_is_the_calibration_grids_own_figure():
+    """--selection: each arm's selection score (and its image and pixel AUROC) on the
+    calibration's synthetic copies is the figure ``score_grid`` gives the same setting; a
+    map that sees the defects better scores higher."""
+    import yaml
+
+    from anomaly_ae.evaluation.calibration import score_grid
+    from anomaly_ae.pipelines.calibrate.nodes import synthesise_defects
+
+    module = _module()
+    root = SCRIPT.parents[1] / "conf" / "base"
+    calibration = yaml.safe_load((root / "parameters_calibrate.yml").read_text())["calibration"]
+    calibration["synthetic_defects"] = {**calibration["synthetic_defects"], "per_image": 3}
+    validation = {"images": (_normal_images(8, seed=4) * 255).round().astype(np.uint8)}
+    train = _normal_images(6, seed=5)
+    smoothed = MapSettings(smoothing_sigma=2.0)
+    arms = {"paper": (MapSettings(), None), "smoothed": (smoothed, None)}
+    got = module.selection(_Blur(), validation, calibration, arms, batch=8)
+
+    synthetic = synthesise_defects(validation, calibration)
+    recon = lambda x: _Blur()(torch.from_numpy(np.asarray(x, np.float32))).numpy()  # noqa: E731
+    grid = {
+        "blend": ["ssim"],
+        "win_size": [11],
+        "scale_combine": ["mean"],
+        "smoothing_sigma": [2],
+        "normal_reference": ["none"],
+        "lowpass_sigma": [0],
+        "reference_shift": [0],
+        "shift_tolerance": [0],
+        "ssim_k2": [0.03],
+        "score_reduction": ["max"],
+    }
+    table, _ = score_grid(
+        grid,
+        MapSettings(),
+        (train, recon),
+        (synthetic["normal"], recon(synthetic["normal"])),
+        (synthetic["images"], recon(synthetic["images"]), synthetic["masks"], synthetic["kinds"]),
+        batch_size=8,
+    )
+    by_setting = table.set_index("setting")
+    for arm, (settings, _) in arms.items():
+        row = by_setting.loc[settings.describe()]
+        assert got[arm]["selection_score"] == pytest.approx(row["selection_score"], abs=1e-6), arm
+        assert got[arm]["image_auroc"] == pytest.approx(row["syn_image_auroc"], abs=1e-6), arm
+        assert got[arm]["pixel_auroc"] == pytest.approx(row["syn_pixel_auroc"], abs=1e-6), arm
+    assert len({round(g["selection_score"], 6) for g in got.values()}) == 2  # the two maps differ
