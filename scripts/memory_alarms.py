@@ -20,7 +20,8 @@ held-out validation images and the good test images of a category, with the cali
   AUROC + pixel AUROC, halved) on the calibration's own synthetic copies of the validation
   images: the figure by which the rule would choose between the arms.
 
-    python scripts/memory_alarms.py bottle --params data.root=../shared/mvtec_ad [--version V] [--held-out] [--selection]
+    python scripts/memory_alarms.py bottle --params data.root=../shared/mvtec_ad
+        [--version V] [--held-out] [--selection]
 
 The good test images are read only to report on them; nothing here chooses a setting.
 """
