@@ -450,7 +450,9 @@ def evaluate(name: str, sets: dict, maps: Maps | None = None, scores: dict | Non
             np.r_[np.zeros(normal_pixels.size), sets["cal_masks"].ravel() > 0],
             np.r_[normal_pixels.ravel(), defect_pixels.ravel()],
         )
-        row["selection_score"] = 0.5 * (row["syn_image_auroc"] + row["syn_pixel_auroc"])
+        row["selection_score"] = grid_calibration.selection_score(
+            row["syn_image_auroc"], row["syn_pixel_auroc"]
+        )
     labels, kinds = sets["labels"], sets["held_kinds"]
     good = scores["test"][~labels]
     row["held_image_auroc"] = _auroc(good, scores["held"])
@@ -1009,14 +1011,16 @@ def blob_score(network, sets, args) -> list[dict]:
         scores = {k: np.max([tops[s][k] for s in sigmas], axis=0) for k in pipeline}
         row = evaluate(f"score: blob s{'/'.join(map(str, sigmas))} of the map", sets, pipeline)
         row |= {key: value for key, value in evaluate("", sets, scores=scores).items() if key != "variant"}
-        row["selection_score"] = 0.5 * (row["syn_image_auroc"] + row["syn_pixel_auroc"])
+        row["selection_score"] = grid_calibration.selection_score(
+            row["syn_image_auroc"], row["syn_pixel_auroc"]
+        )
         row["real_image_auroc_at_defect"] = float("nan")  # the max's; not this score's
         rows.append(row)
     # the scoring core's own blob score (score_reduction: blob; each scale on a coarser grid)
     scores = {k: image_score(m, "blob").numpy() for k, m in pipeline.items()}
     row = evaluate("score: image_score blob (the scoring core's)", sets, pipeline)
     row |= {key: value for key, value in evaluate("", sets, scores=scores).items() if key != "variant"}
-    row["selection_score"] = 0.5 * (row["syn_image_auroc"] + row["syn_pixel_auroc"])
+    row["selection_score"] = grid_calibration.selection_score(row["syn_image_auroc"], row["syn_pixel_auroc"])
     row["real_image_auroc_at_defect"] = float("nan")
     rows.append(row)
     # the union of the two detectors: the larger of the map's maximum and the blob score,
@@ -1033,7 +1037,9 @@ def blob_score(network, sets, args) -> list[dict]:
         }
         row = evaluate(f"score: max | blob s4/8/16, standardised on {fit}", sets, pipeline)
         row |= {key: value for key, value in evaluate("", sets, scores=scores).items() if key != "variant"}
-        row["selection_score"] = 0.5 * (row["syn_image_auroc"] + row["syn_pixel_auroc"])
+        row["selection_score"] = grid_calibration.selection_score(
+            row["syn_image_auroc"], row["syn_pixel_auroc"]
+        )
         row["real_image_auroc_at_defect"] = float("nan")
         rows.append(row)
     return rows

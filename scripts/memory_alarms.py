@@ -39,6 +39,7 @@ from kedro.framework.startup import bootstrap_project
 
 from anomaly_ae.data.defects import DEFECT_KINDS, synthesis_options
 from anomaly_ae.data.transforms import as_unit_float
+from anomaly_ae.evaluation.calibration import selection_score
 from anomaly_ae.evaluation.metrics import calibrate_threshold, rank_auroc, threshold_options
 from anomaly_ae.evaluation.stress import copies_per_image, per_kind_rows, stress_table
 from anomaly_ae.model.checkpoint import model_from_checkpoint
@@ -176,7 +177,11 @@ def selection(network, validation: dict, calibration: dict, arms: dict, batch: i
         )
         maps = scored.get("detection_map", scored["map"])
         image, pixel = rank_auroc(labels, scored["score"]), rank_auroc(masks.ravel(), maps.ravel())
-        out[arm] = {"selection_score": 0.5 * (image + pixel), "image_auroc": image, "pixel_auroc": pixel}
+        out[arm] = {
+            "selection_score": selection_score(image, pixel),
+            "image_auroc": image,
+            "pixel_auroc": pixel,
+        }
     return out
 
 

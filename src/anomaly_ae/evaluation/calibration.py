@@ -72,6 +72,7 @@ __all__ = [
     "score_grid",
     "select",
     "select_localisation",
+    "selection_score",
 ]
 
 BLENDS = ("ssim", "ssim+l2", "l2")
@@ -722,6 +723,12 @@ def score_grid(
     return table, scale
 
 
+def selection_score(image_auroc, pixel_auroc):
+    """The rule's figure for a setting: the mean of its image AUROC and its pixel AUROC
+    (floats, or columns of a table)."""
+    return 0.5 * (image_auroc + pixel_auroc)
+
+
 def _image_metrics(settings, maps, labels, kinds, n_normal, pixel, at_defect=None, kept=None) -> dict:
     reduction, fraction = settings.score_reduction, settings.topk_fraction
     scores = image_score(maps, reduction, fraction).numpy()
@@ -743,7 +750,7 @@ def _image_metrics(settings, maps, labels, kinds, n_normal, pixel, at_defect=Non
     return {
         "syn_image_auroc": image,
         "syn_pixel_auroc": pixel,
-        "selection_score": 0.5 * (image + pixel),
+        "selection_score": selection_score(image, pixel),
         **per_kind,
     }
 
@@ -820,7 +827,7 @@ def agreement(
             f"the real-test grid has {len(real_table)} settings, calibration {len(calibration_table)}: "
             "they must be scored on the same grid"
         )
-    table["real_selection_score"] = 0.5 * (table["real_image_auroc"] + table["real_pixel_auroc"])
+    table["real_selection_score"] = selection_score(table["real_image_auroc"], table["real_pixel_auroc"])
 
     correlations = {
         "spearman_selection_vs_real_image_auroc": spearman(table, "selection_score", "real_image_auroc"),
