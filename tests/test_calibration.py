@@ -210,7 +210,13 @@ def test_memory_grid_scores_equal_direct_computation_through_the_scoring_core(se
     """The grid's memory channel (the training images matched against the others for the
     reference, the bank of every training image for new images) gives the metrics of the
     scoring core's own maps: the bank and reference as `kedro run --pipeline=evaluate` fits them."""
-    from anomaly_ae.scoring.inference import memory_bank
+    from torch import nn
+
+    from anomaly_ae.scoring.inference import fit_normal_reference
+
+    class Pattern(nn.Module):  # _recon as a model, for the scoring core's own reference fit
+        def forward(self, x):
+            return torch.from_numpy(_recon(x.numpy()))
 
     train, normal, defects = sets
     table, scale = calibration.score_grid(MEMORY_GRID, MapSettings(), train, normal, defects, batch_size=4)
@@ -219,16 +225,14 @@ def test_memory_grid_scores_equal_direct_computation_through_the_scoring_core(se
     recon = torch.from_numpy(np.concatenate([normal[1], defects[1]]))
     masks = np.concatenate([np.zeros((len(normal[0]), SIZE, SIZE), np.uint8), defects[2]])
     labels = np.r_[np.zeros(len(normal[0])), np.ones(len(defects[0]))]
-    bank = torch.from_numpy(memory_bank(train[0], 4))
     checked = [i for i, p in enumerate(points) if p.settings.memory_pool]
     assert len(checked) == 16
+    assert {points[i].settings.reference_shift for i in checked[::3] + [checked[-1]]} == {0, 1}
     for i in checked[::3] + [checked[-1]]:
         s = points[i].settings
-        normals = with_moved_copies(train[0], s.reference_shift)
-        sources = np.tile(np.arange(len(train[0])), len(normals) // len(train[0]))
-        raw = raw_map(torch.from_numpy(normals), torch.from_numpy(train[1](normals)), s, bank, sources)
-        assert raw.shape[1] == s.channels == 2 + bool(s.lowpass_sigma)
-        reference = ReferenceAccumulator().add(raw.float(), sources).result()
+        reference = fit_normal_reference(Pattern(), train[0], s, batch_size=4, device="cpu")
+        assert reference.mean.shape[0] == s.channels == 2 + bool(s.lowpass_sigma)
+        bank = torch.from_numpy(reference.memory_bank)
         maps = anomaly_map(images, recon, s, reference.as_tensors(s.normal_reference), bank)[:, 0]
         scores = image_score(maps, s.score_reduction, s.topk_fraction).numpy()
         row = table.iloc[i]

@@ -1,6 +1,8 @@
 """The memory bank per place (anomaly_ae.scoring.memory): the nearest normal image's vector
 within r positions, checked against a plain loop."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -142,3 +144,40 @@ def test_the_memory_channel_through_the_normal_reference_and_inference(channels)
     with pytest.raises(ValueError, match="memory bank"):
         without = NormalReference(reference.mean, reference.std, reference.n_images)
         reconstruct_and_score(Blurry(), test, settings, 4, reference=without)
+
+
+def test_the_memory_channels_reference_holds_the_unmoved_images_only():
+    """With moved copies (reference_shift), the map's own channels are fitted on the training
+    images and their copies, the memory channel on the unmoved images alone (its search leaves
+    each image out of the bank already; the copies would quadruple it): channel by channel, the
+    reference equals the one without the memory channel and the one without moved copies."""
+    from torch import nn
+
+    from anomaly_ae.scoring import MapSettings
+    from anomaly_ae.scoring.inference import fit_normal_reference
+
+    class Blurry(nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:40, 0:32] / 40
+    base = 0.5 + 0.2 * np.sin(5 * yy) * np.cos(3 * xx)
+    train = np.clip(base + rng.normal(0, 0.03, (9, 1, 40, 32)), 0, 1).astype(np.float32)
+    settings = MapSettings(
+        normal_reference="tail", smoothing_sigma=2, lowpass_sigma=4, reference_shift=1, memory_pool=4
+    )
+    fit = fit_normal_reference(Blurry(), train, settings, batch_size=2, device="cpu")
+    without_memory = fit_normal_reference(
+        Blurry(), train, dataclasses.replace(settings, memory_pool=0), batch_size=2, device="cpu"
+    )
+    unmoved = fit_normal_reference(
+        Blurry(), train, dataclasses.replace(settings, reference_shift=0), batch_size=2, device="cpu"
+    )
+    assert fit.mean.shape == (3, 40, 32) and fit.n_images == without_memory.n_images == 45
+    for field in ("mean", "std", "upper"):
+        np.testing.assert_array_equal(getattr(fit, field)[:2], getattr(without_memory, field))
+        np.testing.assert_array_equal(getattr(fit, field)[2], getattr(unmoved, field)[2])
+    # the moved copies do change the map's own channels (else the test would show nothing)
+    assert not np.array_equal(fit.std[0], unmoved.std[0])
+    np.testing.assert_array_equal(fit.memory_bank, unmoved.memory_bank)

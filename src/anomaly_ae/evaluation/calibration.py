@@ -310,7 +310,8 @@ def _train_references(
     shift)`` (each training image matched against the others in ``banks[pool]``, the training
     images' block averages). A shift's reference holds the unmoved
     images and their moved copies (:func:`with_moved_copies`), each image with its copies in
-    one batch (the accumulators leave each pixel's highest image out)."""
+    one batch (the accumulators leave each pixel's highest image out); the memory channel's,
+    the same for every shift, the unmoved images only (as ``fit_normal_reference`` fits it)."""
     images, recon = train
     moves = sorted({int(s) for s in shifts} - {0})
     if moves and not callable(recon):
@@ -328,18 +329,20 @@ def _train_references(
         for shift in shifts
         for r in by_shift_tolerance
     }
-    accumulators |= {
-        ("memory", pool, radius, shift): ReferenceAccumulator()
-        for pool, radius in memories
-        for shift in shifts
-    }
+    # the memory channel's reference: the unmoved images only, one for every shift (its search
+    # leaves each image out of the bank, so an unmoved image is already one the bank has not seen)
+    memory_references = {(pool, radius): ReferenceAccumulator() for pool, radius in memories}
     vectors = {pool: torch.from_numpy(banks[pool]).double() for pool in {p for p, _ in memories}}
 
     def add(
-        batch: np.ndarray, rebuilt: np.ndarray, rows: dict[int, torch.Tensor], sources: dict[int, np.ndarray]
+        batch: np.ndarray,
+        rebuilt: np.ndarray,
+        rows: dict[int, torch.Tensor],
+        sources: dict[int, np.ndarray],
+        ids: np.ndarray,
     ) -> None:
-        """``batch``: images and their moved copies; ``rows[shift]``: those a shift's reference
-        holds, ``sources[shift]``: their images."""
+        """``batch``: images (``ids``, first) and their moved copies; ``rows[shift]``: those a
+        shift's reference holds, ``sources[shift]``: their images."""
         x, y = unit_float(torch.from_numpy(batch)), torch.from_numpy(np.ascontiguousarray(rebuilt))
         terms = {
             (r, k2): error_terms(x, y, windows, win_sigma, keep_diff=bool(lowpass_sigmas), tolerance=r, k2=k2)
@@ -356,16 +359,9 @@ def _train_references(
             maps = lowpass(terms[terms_key], s)[:, 0]
             for shift, chosen in rows.items():
                 accumulators["lowpass", s, shift, r].add(maps[chosen], sources[shift])
-        if memories:  # each map once (the unmoved images serve every shift), its image left out
-            own = np.full(len(x), -1)
-            for shift, chosen in rows.items():
-                own[chosen.numpy()] = sources[shift]
-            used = torch.from_numpy(np.flatnonzero(own >= 0))
-        for pool, radius in memories:
-            maps = torch.zeros(len(x), *x.shape[-2:])
-            maps[used] = memory_map(x[used], vectors[pool], pool, radius, own[used.numpy()])[:, 0].float()
-            for shift, chosen in rows.items():
-                accumulators["memory", pool, radius, shift].add(maps[chosen], sources[shift])
+        for pool, radius in memories:  # each unmoved image matched against the others
+            maps = memory_map(x[: len(ids)], vectors[pool], pool, radius, ids)[:, 0].float()
+            memory_references[pool, radius].add(maps, ids)
 
     # an image and all its moved copies in one batch (about batch_size maps in all)
     step = max(batch_size // (1 + 4 * len(moves)), 1)
@@ -379,8 +375,13 @@ def _train_references(
         rows = {0: torch.arange(n)} if 0 in shifts else {}
         for k, shift in enumerate(moves):  # the unmoved images, then this shift's 4n copies
             rows[shift] = torch.cat([torch.arange(n), torch.arange(n + 4 * n * k, n + 4 * n * (k + 1))])
-        add(stacked, rebuilt, rows, {shift: np.tile(ids, len(chosen) // n) for shift, chosen in rows.items()})
-    return {key: accumulator.result() for key, accumulator in accumulators.items()}
+        sources = {shift: np.tile(ids, len(chosen) // n) for shift, chosen in rows.items()}
+        add(stacked, rebuilt, rows, sources, ids)
+    references = {key: accumulator.result() for key, accumulator in accumulators.items()}
+    for (pool, radius), accumulator in memory_references.items():
+        fitted = accumulator.result()
+        references |= {("memory", pool, radius, shift): fitted for shift in shifts}
+    return references
 
 
 @dataclass(frozen=True)

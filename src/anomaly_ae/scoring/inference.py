@@ -13,6 +13,8 @@ from anomaly_ae.device import autocast, resolve_device, resolve_precision
 from anomaly_ae.scoring.anomaly_map import (
     MapSettings,
     image_score,
+    map_dtype,
+    memory_channel,
     memory_pair,
     raw_map,
     reference_pair,
@@ -181,6 +183,12 @@ def _fit_references(
     if shift:
         chunk = max(chunk // 5, 1)  # each image comes with its four moved copies
     accumulators = [ReferenceAccumulator() for _ in settings]
+    # with moved copies, a memory channel's reference is fitted apart, on the unmoved images
+    # only: its search leaves each image out of the bank, so an unmoved image is already one the
+    # bank has not seen, and the copies would quadruple the search (docs/STUDIES.md, "A memory
+    # bank per place")
+    apart = [bool(shift and one.memory_pool) for one in settings]
+    memory_accumulators = [ReferenceAccumulator() if split else None for split in apart]
     # the memory channels' banks: every normal image's block averages (unmoved), once per pool
     banks = {
         one.memory_pool: memory_bank(normal_images, one.memory_pool, chunk)
@@ -206,7 +214,8 @@ def _fit_references(
             reconstruct_and_score(model, part, MapSettings(), keep_maps=False, **kwargs)["recon"]
         )
         step = max(int(kwargs.get("batch_size", 32)), 1)
-        for accumulator, one in zip(accumulators, settings, strict=True):
+        for accumulator, memory, one in zip(accumulators, memory_accumulators, settings, strict=True):
+            mapped = dataclasses.replace(one, memory_pool=0) if memory else one
             # a batch at a time: the float64 intermediates of the SSIM of a whole chunk (with
             # its moved copies, in colour) would hold several GB
             maps = torch.cat(
@@ -214,19 +223,44 @@ def _fit_references(
                     raw_map(
                         unit_float(part[i : i + step]),
                         recon[i : i + step],
-                        one,
-                        vectors.get(one.memory_pool),
+                        mapped,
+                        vectors.get(mapped.memory_pool),
                         sources[i : i + step],  # each image matched against the others
                     ).float()
                     for i in range(0, len(part), step)
                 ]
             )
             # (N, H, W) as inference's map
-            accumulator.add(maps[:, 0] if one.channels == 1 else maps, sources)
+            accumulator.add(maps[:, 0] if mapped.channels == 1 else maps, sources)
+            if memory:  # the unmoved images come first
+                x = unit_float(part[: len(images)])
+                bank = vectors[one.memory_pool].to(map_dtype(x.device))  # as raw_map's
+                memory.add(memory_channel(x, one, bank, images)[:, 0].float(), images)
     return [
-        dataclasses.replace(accumulator.result(), memory_bank=banks.get(one.memory_pool))
-        for accumulator, one in zip(accumulators, settings, strict=True)
+        dataclasses.replace(
+            _with_channel(accumulator.result(), memory.result()) if memory else accumulator.result(),
+            memory_bank=banks.get(one.memory_pool),
+        )
+        for accumulator, memory, one in zip(accumulators, memory_accumulators, settings, strict=True)
     ]
+
+
+def _with_channel(reference: NormalReference, last: NormalReference) -> NormalReference:
+    """``reference`` with the single-channel ``last`` as its last channel: the memory channel's
+    reference, fitted apart on the unmoved images (:func:`_fit_references`; ``n_images`` stays
+    ``reference``'s, the maps the map's own channels were fitted on)."""
+
+    def stacked(first: np.ndarray | None, second: np.ndarray | None) -> np.ndarray | None:
+        if first is None or second is None:
+            return None
+        return np.concatenate([first.reshape(-1, *first.shape[-2:]), second[None]])
+
+    return dataclasses.replace(
+        reference,
+        mean=stacked(reference.mean, last.mean),
+        std=stacked(reference.std, last.std),
+        upper=stacked(reference.upper, last.upper),
+    )
 
 
 def memory_bank(images: np.ndarray | torch.Tensor, pool: int, chunk: int = 256) -> np.ndarray:
