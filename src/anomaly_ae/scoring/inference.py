@@ -232,10 +232,14 @@ def _fit_references(
             )
             # (N, H, W) as inference's map
             accumulator.add(maps[:, 0] if mapped.channels == 1 else maps, sources)
-            if memory:  # the unmoved images come first
+            if memory:  # the unmoved images come first, a batch at a time as above
                 x = unit_float(part[: len(images)])
                 bank = vectors[one.memory_pool].to(map_dtype(x.device))  # as raw_map's
-                memory.add(memory_channel(x, one, bank, images)[:, 0].float(), images)
+                channel = [
+                    memory_channel(x[i : i + step], one, bank, images[i : i + step])
+                    for i in range(0, len(images), step)
+                ]
+                memory.add(torch.cat(channel)[:, 0].float(), images)
     return [
         dataclasses.replace(
             _with_channel(accumulator.result(), memory.result()) if memory else accumulator.result(),
