@@ -157,7 +157,8 @@ def fit_normal_reference(
 ) -> NormalReference:
     """Per-pixel mean/std of the uncorrected maps of NORMAL images (the training images; each
     channel of a two-channel map, :func:`~anomaly_ae.scoring.anomaly_map.raw_map`), with their
-    moved copies when ``settings.reference_shift`` is set (:func:`with_moved_copies`);
+    moved copies when ``settings.reference_shift`` is set (:func:`with_moved_copies`; a memory
+    channel's reference is fitted on the unmoved images only, :func:`_fit_references`);
     ``kwargs`` go to :func:`reconstruct_and_score`. With a localisation map that needs a
     reference (``settings.localisation``), its reference is fitted too, the same way, and
     returned as the result's ``localisation``; when both maps use the same moved copies, each
@@ -187,8 +188,7 @@ def _fit_references(
     # only: its search leaves each image out of the bank, so an unmoved image is already one the
     # bank has not seen, and the copies would quadruple the search (docs/STUDIES.md, "A memory
     # bank per place")
-    apart = [bool(shift and one.memory_pool) for one in settings]
-    memory_accumulators = [ReferenceAccumulator() if split else None for split in apart]
+    memory_accumulators = [ReferenceAccumulator() if shift and one.memory_pool else None for one in settings]
     # the memory channels' banks: every normal image's block averages (unmoved), once per pool
     banks = {
         one.memory_pool: memory_bank(normal_images, one.memory_pool, chunk)
