@@ -177,10 +177,13 @@ the spread floored by its mean):
              themselves out), upsampled, smoothed at sigma 2 / 4; raw, z-scored, in the
              per-pixel max with the pipeline's pair and as smax. The features
              (--memory-features): ``pix``, the image averaged over --memory-pool px (4) with
-             its 3x3 neighbourhood (no network), and ``enc``, the network's encoder after blocks 2
-             and 3, each averaged over 3x3 - does a normal model with several modes per
-             place (a reflection here in some training images, there in others), which a
-             per-pixel mean and spread cannot hold, keep a spot where the normal images vary?
+             its 3x3 neighbourhood (no network); ``ext``, each block's mean with its darkest
+             and brightest pixel, and ``std``, its mean with its spread (a spot smaller than a
+             block is diluted 16 times in the mean, not in its extremes); and ``enc``, the
+             network's encoder after blocks 2 and 3, each averaged over 3x3 - does a normal
+             model with several modes per place (a reflection here in some training images,
+             there in others), which a per-pixel mean and spread cannot hold, keep a spot
+             where the normal images vary?
              With several --memory-centre, also every centring's z-scored channel in one
              max with the pair (e.g. none+local: the level and the level-free pattern).
   misses     no new map: which held-out copies does the pipeline's pair miss, and why? Per
@@ -226,7 +229,7 @@ from anomaly_ae.model.checkpoint import model_from_checkpoint
 from anomaly_ae.scoring.anomaly_map import MapSettings, compose, error_terms, image_score
 from anomaly_ae.scoring.anomaly_map import lowpass as lowpass_difference
 from anomaly_ae.scoring.inference import reconstruct
-from anomaly_ae.scoring.memory import nearest_distance, pooled_patches
+from anomaly_ae.scoring.memory import nearest_distance, neighbourhood, pooled_images, pooled_patches
 from anomaly_ae.scoring.reference import NormalReference, move
 from anomaly_ae.scoring.ssim import gaussian_blur, gaussian_filter, gaussian_taps, ssim_map
 from anomaly_ae.training.trainer import TrainingConfig, build_loss
@@ -1877,12 +1880,21 @@ def memory_features(network, images: np.ndarray, batch: int, how: str, pool: int
     """Per image a feature vector at every position of a grid, (N, C, h, w): ``enc`` the
     network's encoder after blocks 2 and 3 (block 3 upsampled; 1/4 of the side), each averaged
     over its 3x3 neighbourhood (PatchCore's local aggregation); ``pix`` the image averaged over
-    ``pool`` x ``pool`` px with its 3x3 neighbourhood (no network; 1/``pool`` of the side)."""
+    ``pool`` x ``pool`` px with its 3x3 neighbourhood (no network; 1/``pool`` of the side);
+    ``ext`` each block's mean, maximum and minimum, ``std`` its mean and standard deviation, with
+    their 3x3 neighbourhood as ``pix``."""
     parts = []
     for start in range(0, len(images), batch):
         x = torch.from_numpy(as_unit_float(images[start : start + batch]))
         if how == "pix":
             f = pooled_patches(x, pool)
+        elif how in ("ext", "std"):  # the block's mean with its extremes, or with its spread
+            mean = pooled_images(x, pool)
+            if how == "ext":
+                extra = [F.max_pool2d(x, pool), -F.max_pool2d(-x, pool)]
+            else:
+                extra = [(pooled_images(x.square(), pool) - mean.square()).clamp_min(0).sqrt()]
+            f = neighbourhood(torch.cat([mean, *extra], 1))
         else:
             window = dict(kernel_size=3, stride=1, padding=1, count_include_pad=False)
             f2 = F.avg_pool2d(encoder_features(network, x, 2), **window)
@@ -1913,9 +1925,9 @@ def memory(network, sets, args) -> list[dict]:
     radius = max(int(r) for r in args.tolerance.split("+"))
     names = list(sets["images"])
     for how in args.memory_features.split("+"):
-        pool = args.memory_pool if how == "pix" else 4
+        pool = args.memory_pool if how in ("pix", "ext", "std") else 4
         raw = {k: memory_features(network, sets["images"][k], args.batch, how, pool) for k in names}
-        label = f"{how}{pool if how == 'pix' and pool != 4 else ''}"
+        label = f"{how}{pool if how != 'enc' and pool != 4 else ''}"
         kept = {}
         for centre in args.memory_centre.split("+"):
             per_set = {k: centred(v, centre, v.shape[1] // 9) for k, v in raw.items()}
@@ -2042,7 +2054,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="latent: refinement steps")
     parser.add_argument("--lr", type=float, default=1.0, help="latent: Adam step size on the code")
     parser.add_argument(
-        "--memory-features", default="enc+pix", help="memory: the feature kinds, a+b (enc, pix)"
+        "--memory-features", default="enc+pix", help="memory: the feature kinds, a+b (enc, pix, ext, std)"
     )
     parser.add_argument("--memory-pool", type=int, default=4, help="memory: pix's pooling in px")
     parser.add_argument(
