@@ -186,6 +186,8 @@ the spread floored by its mean):
              where the normal images vary?
              With several --memory-centre, also every centring's z-scored channel in one
              max with the pair (e.g. none+local: the level and the level-free pattern).
+             --memory-bank 1+0.5+0.25: the same with a random half or quarter of the
+             training images in the bank - how much do more normal images help?
   misses     no new map: which held-out copies does the pipeline's pair miss, and why? Per
              kind, the image AUROC against the good test images (the stress test's), against
              the validation images instead (are the good test images' own maxima what the
@@ -1931,7 +1933,16 @@ def memory(network, sets, args) -> list[dict]:
         kept = {}
         for centre in args.memory_centre.split("+"):
             per_set = {k: centred(v, centre, v.shape[1] // 9) for k, v in raw.items()}
-            rows += _memory_rows(sets, pair, label, radius, per_set, centre, kept)
+            for share in (float(f) for f in args.memory_bank.split("+")):
+                held = None
+                if share < 1:  # a random part of the training images as the bank
+                    n = len(per_set["train"])
+                    held = np.sort(
+                        np.random.default_rng(0).choice(n, max(2, round(share * n)), replace=False)
+                    )
+                tag = label if held is None else f"{label} bank{share:g}"
+                keep = kept if held is None else None  # the combined rows: the whole bank's
+                rows += _memory_rows(sets, pair, tag, radius, per_set, centre, keep, held)
         if len(kept) > 1:  # every centring's z-scored channel beside the others, in one max
             by_setting: dict[tuple[int, int], dict[str, Maps]] = {}
             for (centre, r, sigma), z in kept.items():
@@ -1943,18 +1954,28 @@ def memory(network, sets, args) -> list[dict]:
 
 
 def _memory_rows(
-    sets, pair, label: str, radius: int, per_set: dict, centre: str, kept: dict | None = None
+    sets,
+    pair,
+    label: str,
+    radius: int,
+    per_set: dict,
+    centre: str,
+    kept: dict | None = None,
+    held: np.ndarray | None = None,
 ) -> list[dict]:
     """The memory study's rows for one feature kind and centring: every radius up to
     ``radius``, smoothed at sigma 2 and 4; raw, z-scored, and with the pipeline's pair.
-    ``kept`` collects the z-scored maps by (centre, radius, sigma) for combined rows."""
+    ``kept`` collects the z-scored maps by (centre, radius, sigma) for combined rows. ``held``:
+    the training images the bank holds (default all); the others are scored as unseen."""
     rows, names = [], list(per_set)
     start = time.perf_counter()
-    bank = per_set["train"]
+    n_train = len(per_set["train"])
+    held = np.arange(n_train) if held is None else held
+    bank = per_set["train"][torch.from_numpy(held)]
+    position = np.full(n_train, -1)
+    position[held] = np.arange(len(held))  # each training image's place in the bank, or -1
     queries = torch.cat([per_set[k] for k in names])
-    own = np.concatenate(
-        [np.arange(len(bank)) if k == "train" else np.full(len(per_set[k]), -1) for k in names]
-    )
+    own = np.concatenate([position if k == "train" else np.full(len(per_set[k]), -1) for k in names])
     distances = {  # float64, as the pipeline's maps; 32 queries at a time bound the memory
         r: torch.cat(
             [
@@ -2057,6 +2078,12 @@ def main() -> None:
         "--memory-features", default="enc+pix", help="memory: the feature kinds, a+b (enc, pix, ext, std)"
     )
     parser.add_argument("--memory-pool", type=int, default=4, help="memory: pix's pooling in px")
+    parser.add_argument(
+        "--memory-bank",
+        default="1",
+        help="memory: the share of the training images the bank holds, a+b (1, 0.5, ...); "
+        "a random part (seed 0), the rest scored as unseen",
+    )
     parser.add_argument(
         "--memory-centre", default="none", help="memory: the features' centring, a+b (none, image, local)"
     )
