@@ -179,7 +179,7 @@ the spread floored by its mean):
              (--memory-features): ``pix``, the image averaged over --memory-pool px (4) with
              its 3x3 neighbourhood (no network); ``ext``, each block's mean with its darkest
              and brightest pixel, and ``std``, its mean with its spread (a spot smaller than a
-             block is diluted 16 times in the mean, not in its extremes); and ``enc``, the
+             block is diluted in the mean, not in its extremes); and ``enc``, the
              network's encoder after blocks 2 and 3, each averaged over 3x3 - does a normal
              model with several modes per place (a reflection here in some training images,
              there in others), which a per-pixel mean and spread cannot hold, keep a spot
@@ -1931,15 +1931,16 @@ def memory(network, sets, args) -> list[dict]:
         raw = {k: memory_features(network, sets["images"][k], args.batch, how, pool) for k in names}
         label = f"{how}{pool if how != 'enc' and pool != 4 else ''}"
         kept = {}
+        n = len(raw["train"])
+        banks = {  # the training images each bank holds: None for all, else a random part (seed 0)
+            share: None
+            if share == 1
+            else np.sort(np.random.default_rng(0).choice(n, max(2, round(share * n)), replace=False))
+            for share in args.memory_shares
+        }
         for centre in args.memory_centre.split("+"):
             per_set = {k: centred(v, centre, v.shape[1] // 9) for k, v in raw.items()}
-            for share in (float(f) for f in args.memory_bank.split("+")):
-                held = None
-                if share < 1:  # a random part of the training images as the bank
-                    n = len(per_set["train"])
-                    held = np.sort(
-                        np.random.default_rng(0).choice(n, max(2, round(share * n)), replace=False)
-                    )
+            for share, held in banks.items():
                 tag = label if held is None else f"{label} bank{share:g}"
                 keep = kept if held is None else None  # the combined rows: the whole bank's
                 rows += _memory_rows(sets, pair, tag, radius, per_set, centre, keep, held)
@@ -2077,7 +2078,9 @@ def main() -> None:
     parser.add_argument(
         "--memory-features", default="enc+pix", help="memory: the feature kinds, a+b (enc, pix, ext, std)"
     )
-    parser.add_argument("--memory-pool", type=int, default=4, help="memory: pix's pooling in px")
+    parser.add_argument(
+        "--memory-pool", type=int, default=4, help="memory: pix's, ext's and std's pooling in px"
+    )
     parser.add_argument(
         "--memory-bank",
         default="1",
@@ -2088,6 +2091,12 @@ def main() -> None:
         "--memory-centre", default="none", help="memory: the features' centring, a+b (none, image, local)"
     )
     args = parser.parse_args()
+    try:
+        args.memory_shares = [float(f) for f in args.memory_bank.split("+")]
+    except ValueError:
+        parser.error(f"--memory-bank takes shares a+b such as 1+0.5, got {args.memory_bank!r}")
+    if not all(0 < share <= 1 for share in args.memory_shares):
+        parser.error(f"--memory-bank's shares must lie in (0, 1], got {args.memory_bank!r}")
     first = args.checkpoint.split("+")[0] if args.checkpoint else None
     data = load(args.category, args.params, first, env=args.env)
     args.load_network = lambda version: load(args.category, args.params, version, False, args.env)["network"]

@@ -186,8 +186,8 @@ def _fit_references(
     accumulators = [ReferenceAccumulator() for _ in settings]
     # with moved copies, a memory channel's reference is fitted apart, on the unmoved images
     # only: its search leaves each image out of the bank, so an unmoved image is already one the
-    # bank has not seen, and the copies would quadruple the search (docs/STUDIES.md, "A memory
-    # bank per place")
+    # bank has not seen, and the four copies would make the search five times as long
+    # (docs/STUDIES.md, "A memory bank per place")
     memory_accumulators = [ReferenceAccumulator() if shift and one.memory_pool else None for one in settings]
     # the memory channels' banks: every normal image's block averages (unmoved), once per pool
     banks = {
