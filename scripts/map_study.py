@@ -188,6 +188,11 @@ the spread floored by its mean):
              max with the pair (e.g. none+local: the level and the level-free pattern).
              --memory-bank 1+0.5+0.25: the same with a random half or quarter of the
              training images in the bank - how much do more normal images help?
+             --memory-copies none+phase2+flip: the bank also holds copies of every
+             training image: phase2, moved by multiples of 2 px within a block (left, up,
+             both; the far border replicated), so a query is compared with blocks on a grid
+             2 px apart, not --memory-pool px; flip, mirrored left-right, top-bottom and
+             both - a denser bank from the images at hand (pix, ext, std only)?
   misses     no new map: which held-out copies does the pipeline's pair miss, and why? Per
              kind, the image AUROC against the good test images (the stress test's), against
              the validation images instead (are the good test images' own maxima what the
@@ -1907,6 +1912,42 @@ def memory_features(network, images: np.ndarray, batch: int, how: str, pool: int
     return torch.cat(parts)
 
 
+def moved_copies(images: np.ndarray, step: int, pool: int) -> Iterator[np.ndarray]:
+    """Each of ``images`` (N, C, H, W) moved left by ``dx`` and up by ``dy`` px for every
+    ``dx, dy`` in 0, ``step``, ... below ``pool`` but the unmoved (0, 0); the rows and columns
+    that move in replicate the far border. Its blocks then start ``dx, dy`` px into the
+    original's: a bank grid phase the unmoved blocks do not have."""
+    if not 0 < step < pool:
+        raise ValueError(
+            f"--memory-copies' phase step must lie in 1 to --memory-pool - 1 ({pool - 1}), got {step}"
+        )
+    height, width = images.shape[-2:]
+    for dy in range(0, pool, step):
+        for dx in range(0, pool, step):
+            if dy or dx:
+                rows = np.minimum(np.arange(height) + dy, height - 1)
+                cols = np.minimum(np.arange(width) + dx, width - 1)
+                yield images[..., rows, :][..., cols]
+
+
+def flipped_copies(images: np.ndarray) -> Iterator[np.ndarray]:
+    """Each of ``images`` (N, C, H, W) mirrored left-right, top-bottom and both (a half turn):
+    normal looks the training images do not have at those places, if the product's normal
+    appearance is symmetric (the selection score tells whether it is)."""
+    for axes in ((-1,), (-2,), (-2, -1)):
+        yield np.flip(images, axes).copy()
+
+
+def bank_copies(images: np.ndarray, how: str, pool: int) -> Iterator[np.ndarray]:
+    """The training images' copies a ``--memory-copies`` kind adds to the bank: ``none`` no
+    copies, ``phase<s>`` :func:`moved_copies` by ``s`` px, ``flip`` :func:`flipped_copies`."""
+    if how == "flip":
+        return flipped_copies(images)
+    if how.startswith("phase"):
+        return moved_copies(images, int(how[5:]), pool)
+    return iter(())
+
+
 def centred(features: torch.Tensor, how: str, channels: int) -> torch.Tensor:
     """``none``: as they are; ``image``: each image's mean per feature taken away (a global
     brightness change leaves them); ``local``: each position's 3x3 neighbourhood mean per
@@ -1929,6 +1970,15 @@ def memory(network, sets, args) -> list[dict]:
     for how in args.memory_features.split("+"):
         pool = args.memory_pool if how in ("pix", "ext", "std") else 4
         raw = {k: memory_features(network, sets["images"][k], args.batch, how, pool) for k in names}
+        copies = {  # the training images' copies' features, per --memory-copies kind
+            kind: []
+            if how == "enc"
+            else [
+                memory_features(network, m, args.batch, how, pool)
+                for m in bank_copies(sets["images"]["train"], kind, pool)
+            ]
+            for kind in args.memory_copies.split("+")
+        }
         label = f"{how}{pool if how != 'enc' and pool != 4 else ''}"
         kept = {}
         n = len(raw["train"])
@@ -1940,10 +1990,15 @@ def memory(network, sets, args) -> list[dict]:
         }
         for centre in args.memory_centre.split("+"):
             per_set = {k: centred(v, centre, v.shape[1] // 9) for k, v in raw.items()}
-            for share, held in banks.items():
+            for (share, held), (kind, moved) in itertools.product(banks.items(), copies.items()):
+                if kind != "none" and not moved:
+                    continue  # enc: no copies
                 tag = label if held is None else f"{label} bank{share:g}"
-                keep = kept if held is None else None  # the combined rows: the whole bank's
-                rows += _memory_rows(sets, pair, tag, radius, per_set, centre, keep, held)
+                tag += f" {kind}" if kind != "none" else ""
+                plain = held is None and kind == "none"
+                keep = kept if plain else None  # the combined rows: the plain bank's
+                moved = [centred(m, centre, m.shape[1] // 9) for m in moved]
+                rows += _memory_rows(sets, pair, tag, radius, per_set, centre, keep, held, moved)
         if len(kept) > 1:  # every centring's z-scored channel beside the others, in one max
             by_setting: dict[tuple[int, int], dict[str, Maps]] = {}
             for (centre, r, sigma), z in kept.items():
@@ -1963,16 +2018,20 @@ def _memory_rows(
     centre: str,
     kept: dict | None = None,
     held: np.ndarray | None = None,
+    moved: list | None = None,
 ) -> list[dict]:
     """The memory study's rows for one feature kind and centring: every radius up to
     ``radius``, smoothed at sigma 2 and 4; raw, z-scored, and with the pipeline's pair.
     ``kept`` collects the z-scored maps by (centre, radius, sigma) for combined rows. ``held``:
-    the training images the bank holds (default all); the others are scored as unseen."""
+    the training images the bank holds (default all); the others are scored as unseen.
+    ``moved``: the training images' copies' features (:func:`bank_copies`), each a bank
+    beside the unmoved one (the same images held; an image never matches its own copies)."""
     rows, names = [], list(per_set)
     start = time.perf_counter()
     n_train = len(per_set["train"])
     held = np.arange(n_train) if held is None else held
-    bank = per_set["train"][torch.from_numpy(held)]
+    banks = [b[torch.from_numpy(held)] for b in [per_set["train"], *(moved or [])]]
+    bank = banks[0]
     position = np.full(n_train, -1)
     position[held] = np.arange(len(held))  # each training image's place in the bank, or -1
     queries = torch.cat([per_set[k] for k in names])
@@ -1980,14 +2039,19 @@ def _memory_rows(
     distances = {  # float64, as the pipeline's maps; 32 queries at a time bound the memory
         r: torch.cat(
             [
-                nearest_distance(queries[i : i + 32].double(), bank, r, own[i : i + 32]).float()
+                torch.stack(
+                    [nearest_distance(queries[i : i + 32].double(), b, r, own[i : i + 32]) for b in banks]
+                )
+                .amin(0)
+                .float()
                 for i in range(0, len(queries), 32)
             ]
         )
         for r in range(radius + 1)
     }
     took = time.perf_counter() - start
-    print(f"{label} {centre}: {tuple(bank.shape)} bank, {len(queries)} queries, {took:.0f} s", flush=True)
+    shape = (len(banks) * len(bank), *bank.shape[1:])
+    print(f"{label} {centre}: {shape} bank, {len(queries)} queries, {took:.0f} s", flush=True)
     bounds = np.cumsum([0] + [len(per_set[k]) for k in names])
     size = sets["images"]["train"].shape[-2:]
     for r, dist in distances.items():
@@ -2088,6 +2152,12 @@ def main() -> None:
         "a random part (seed 0), the rest scored as unseen",
     )
     parser.add_argument(
+        "--memory-copies",
+        default="none",
+        help="memory: the training images' copies the bank also holds, a+b: none; phase<s>, moved by "
+        "multiples of s px within a block; flip, mirrored (pix, ext, std)",
+    )
+    parser.add_argument(
         "--memory-centre", default="none", help="memory: the features' centring, a+b (none, image, local)"
     )
     args = parser.parse_args()
@@ -2097,6 +2167,13 @@ def main() -> None:
         parser.error(f"--memory-bank takes shares a+b such as 1+0.5, got {args.memory_bank!r}")
     if not all(0 < share <= 1 for share in args.memory_shares):
         parser.error(f"--memory-bank's shares must lie in (0, 1], got {args.memory_bank!r}")
+    for kind in args.memory_copies.split("+"):
+        step = kind[5:] if kind.startswith("phase") else ""
+        if kind not in ("none", "flip") and not (step.isdigit() and 0 < int(step) < args.memory_pool):
+            parser.error(
+                f"--memory-copies takes none, flip or phase<s> with s from 1 to --memory-pool - 1 "
+                f"({args.memory_pool - 1}), a+b; got {kind!r}"
+            )
     first = args.checkpoint.split("+")[0] if args.checkpoint else None
     data = load(args.category, args.params, first, env=args.env)
     args.load_network = lambda version: load(args.category, args.params, version, False, args.env)["network"]
